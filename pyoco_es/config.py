@@ -1,0 +1,147 @@
+"""Settings from the environment (and an optional ``.env``), with pyoco-server's variable names.
+
+Read once at start-up.  Invalid values fall back to the default with a warning naming the
+variable (pyoco-server's behaviour), except where a wrong value would be dangerous.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+log = logging.getLogger(__name__)
+
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"0", "false", "no", "off"}
+_LINE: Final = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a ``.env`` file (KEY=VALUE, quotes, ``export``, comments); missing file: {}."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        key, value = m.group(1), m.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            quote, value = value[0], value[1:-1]
+            if quote == '"':
+                value = value.encode("utf-8").decode("unicode_escape")
+        else:
+            value = value.split(" #", 1)[0].strip()
+        out[key] = value
+    return out
+
+
+def environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The process environment merged over ``.env`` (unless PYOCO_LOAD_DOTENV is off)."""
+    base = dict(os.environ if env is None else env)
+    if base.get("PYOCO_LOAD_DOTENV", "1").strip().lower() in _FALSE:
+        return base
+    dotenv = read_dotenv(Path(os.path.expanduser(base.get("PYOCO_ENV_FILE", ".env"))))
+    merged = dict(dotenv)
+    merged.update({k: v for k, v in base.items() if v != ""})
+    return merged
+
+
+def _num(env: Mapping[str, str], name: str, default: float, minimum: float | None = None) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        log.warning("%s=%r is not a number; using %s", name, raw, default)
+        return default
+    if minimum is not None and value < minimum:
+        return minimum
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    return int(_num(env, name, default))
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    return default
+
+
+def _csv(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    nats_url: str | None = None  # None: start the embedded server (pyoco-server up)
+    data_dir: Path = Path(".pyoco-es")
+    nats_sync: str = "1s"
+    nats_replicas: int = 1
+    default_tag: str = "default"
+    work_subject_prefix: str = "pyoco.work"
+    max_attempts: int = 3
+    # workers
+    worker_heartbeat_interval: float = 5.0
+    worker_disconnect_timeout: float = 20.0
+    run_lease_seconds: float = 15.0
+    cancel_grace_period: float = 30.0
+    ack_progress_interval: float = 10.0
+    consumer_ack_wait: float = 30.0
+    consumer_max_deliver: int = 20
+    consumer_max_ack_pending: int = 1000
+    dlq_publish_execution_error: bool = True
+    allowed_modules: tuple[str, ...] = ()
+    # snapshots and uploads
+    max_run_snapshot_bytes: int = 262144
+    workflow_yaml_max_bytes: int = 262144
+    max_output_bytes: int = 65536
+    # gateway
+    http_auth_mode: str = "none"
+    api_key_header: str = "X-API-Key"
+    dashboard_lang: str = "auto"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = environment(env)
+        return cls(
+            nats_url=e.get("PYOCO_NATS_URL") or None,
+            data_dir=Path(e.get("PYOCO_DATA_DIR") or ".pyoco-es"),
+            nats_sync=e.get("PYOCO_NATS_SYNC") or "1s",
+            nats_replicas=_int(e, "PYOCO_NATS_REPLICAS", 1),
+            default_tag=(e.get("PYOCO_DEFAULT_TAG") or "default").strip(),
+            work_subject_prefix=e.get("PYOCO_WORK_SUBJECT_PREFIX") or "pyoco.work",
+            max_attempts=max(1, _int(e, "PYOCO_MAX_ATTEMPTS", 3)),
+            worker_heartbeat_interval=_num(e, "PYOCO_WORKER_HEARTBEAT_INTERVAL_SEC", 5.0, 0.1),
+            worker_disconnect_timeout=_num(e, "PYOCO_WORKER_DISCONNECT_TIMEOUT_SEC", 20.0),
+            run_lease_seconds=_num(e, "PYOCO_RUN_LEASE_SEC", 15.0, 0.5),
+            cancel_grace_period=_num(e, "PYOCO_CANCEL_GRACE_PERIOD_SEC", 30.0, 0.0),
+            ack_progress_interval=_num(e, "PYOCO_ACK_PROGRESS_INTERVAL_SEC", 10.0),
+            consumer_ack_wait=_num(e, "PYOCO_CONSUMER_ACK_WAIT_SEC", 30.0, 0.1),
+            consumer_max_deliver=_int(e, "PYOCO_CONSUMER_MAX_DELIVER", 20),
+            consumer_max_ack_pending=_int(e, "PYOCO_CONSUMER_MAX_ACK_PENDING", 1000),
+            dlq_publish_execution_error=_bool(e, "PYOCO_DLQ_PUBLISH_EXECUTION_ERROR", True),
+            allowed_modules=_csv(e, "PYOCO_ALLOWED_MODULES"),
+            max_run_snapshot_bytes=_int(e, "PYOCO_MAX_RUN_SNAPSHOT_BYTES", 262144),
+            workflow_yaml_max_bytes=_int(e, "PYOCO_WORKFLOW_YAML_MAX_BYTES", 262144),
+            max_output_bytes=_int(e, "PYOCO_MAX_TASK_OUTPUT_BYTES", 65536),
+            http_auth_mode=(e.get("PYOCO_HTTP_AUTH_MODE") or "none").strip().lower(),
+            api_key_header=e.get("PYOCO_HTTP_API_KEY_HEADER") or "X-API-Key",
+            dashboard_lang=e.get("PYOCO_DASHBOARD_LANG") or "auto",
+        )

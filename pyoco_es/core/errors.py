@@ -1,0 +1,114 @@
+"""The one error tree of pyoco-es.
+
+Every error carries an ``http_status`` hint (like h11's ``error_status_hint``) so the gateway maps
+errors to responses in one handler, without guessing.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class PyocoError(Exception):
+    """Root of every error pyoco-es raises on purpose."""
+
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DomainError(PyocoError):
+    """A command is not allowed in the run's current state (the caller's fault, or a lost race)."""
+
+    http_status: ClassVar[int] = 409
+
+
+class RunNotFound(DomainError):
+    """The run has no events at all."""
+
+    http_status: ClassVar[int] = 404
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__("run not found")
+        self.run_id = run_id
+
+
+class IllegalTransition(DomainError):
+    """An event does not apply to the run's state (raised by decisions before anything is appended)."""
+
+
+class RunAlreadyExists(DomainError):
+    """``run.submitted`` was decided for a run id that already has events.
+
+    ``same_request`` tells an idempotent retry (same request fingerprint) from a reused key.
+    """
+
+    def __init__(self, run_id: str, *, same_request: bool) -> None:
+        super().__init__(
+            "run already exists"
+            if same_request
+            else "Idempotency-Key was already used for a different request; use a new key"
+        )
+        self.run_id = run_id
+        self.same_request = same_request
+
+
+class StaleAttempt(DomainError):
+    """A worker acted for an attempt it no longer owns (fencing): it must stop that run."""
+
+    def __init__(self, run_id: str, attempt: int, current: int, status: str) -> None:
+        super().__init__(
+            f"attempt {attempt} of run {run_id} is no longer current "
+            f"(current attempt {current}, status {status})"
+        )
+        self.run_id = run_id
+        self.attempt = attempt
+        self.current = current
+        self.status = status
+
+
+class ConcurrencyConflict(DomainError):
+    """An append lost an optimistic-concurrency race: re-read the run and decide again."""
+
+    def __init__(self, subject: str, expected: int) -> None:
+        super().__init__(f"wrong last sequence on {subject} (expected {expected})")
+        self.subject = subject
+        self.expected = expected
+
+
+class ValidationError(PyocoError):
+    """A request or document is malformed; the message names the exact problem."""
+
+    http_status: ClassVar[int] = 422
+
+
+class PayloadTooLarge(ValidationError):
+    """A request body or upload exceeds its configured limit."""
+
+    http_status: ClassVar[int] = 413
+
+
+class CorruptStreamError(PyocoError):
+    """An event on the stream cannot be decoded or folded: unknown type, bad JSON, a gap or an
+    illegal transition.  The run is marked as not projectable; other runs are unaffected."""
+
+    def __init__(self, message: str, *, run_id: str | None = None, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.seq = seq
+
+
+class InfraError(PyocoError):
+    """The infrastructure (NATS) failed; the operation may be retried later."""
+
+    http_status: ClassVar[int] = 503
+
+
+class EventLogUnavailable(InfraError):
+    """The event stream could not be reached or did not acknowledge in time."""
+
+
+class SnapshotStoreUnavailable(InfraError):
+    """A KV bucket could not be reached."""

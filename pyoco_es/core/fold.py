@@ -1,0 +1,211 @@
+"""Fold events into run snapshots.
+
+``apply`` is pure and total on every legal history: no clock, no randomness, no logging.  It
+returns the snapshot unchanged for an event it has already applied (``seq <= version``), so a
+redelivered event is a no-op.  A gap, a foreign run id, a stale attempt or an illegal transition
+raises :class:`CorruptStreamError` (the shell marks that run as not projectable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from .errors import CorruptStreamError
+from .events import (
+    Envelope,
+    Event,
+    RunCancelled,
+    RunCancelRequested,
+    RunClaimed,
+    RunCompleted,
+    RunFailed,
+    RunReleased,
+    RunSubmitted,
+    RunWorkerLost,
+    TaskCompleted,
+    TaskFailed,
+    TaskStarted,
+)
+from .model import RunSnapshot, RunStatus, TaskRecord, TaskState
+from .transitions import next_status
+
+
+class SequenceGap(CorruptStreamError):
+    """The next event's ``seq`` is beyond ``version + 1``.
+
+    On a stream this is corruption; a conductor that received events out of order (several
+    conductors share one consumer) reads the missing events from the stream and folds again.
+    """
+
+    def __init__(self, run_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"run {run_id}: expected event seq {expected}, got {actual}", run_id=run_id, seq=actual
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+def apply(snapshot: RunSnapshot | None, env: Envelope) -> RunSnapshot:
+    """Return the snapshot after ``env``.
+
+    Raises:
+        SequenceGap: when ``env.seq`` skips ahead of ``snapshot.version + 1``.
+        CorruptStreamError: for any other event that cannot follow the snapshot.
+    """
+    version = 0 if snapshot is None else snapshot.version
+    if env.seq <= version:
+        return snapshot  # type: ignore[return-value]  # version > 0 implies a snapshot
+    if env.seq != version + 1:
+        raise SequenceGap(env.run_id, version + 1, env.seq)
+    if snapshot is not None and env.run_id != snapshot.run_id:
+        raise CorruptStreamError(
+            f"event {env.event_id} of run {env.run_id} folded onto run {snapshot.run_id}",
+            run_id=snapshot.run_id,
+            seq=env.seq,
+        )
+    status = None if snapshot is None else snapshot.status
+    new_status = next_status(status, env.type)
+    if new_status is None:
+        raise CorruptStreamError(
+            f"run {env.run_id}: {env.type} cannot follow status {status.value if status else 'none'}"
+            f" (event seq {env.seq})",
+            run_id=env.run_id,
+            seq=env.seq,
+        )
+    event = env.event
+    if snapshot is None:
+        assert isinstance(event, RunSubmitted)  # the table only allows run.submitted first
+        return _submitted(env, event)
+    _check_attempt(snapshot, env, event)
+    changes = _mutate(snapshot, env, event)
+    return attrs.evolve(
+        snapshot,
+        status=new_status,
+        version=env.seq,
+        last_stream_seq=env.stream_seq or 0,
+        updated_at=env.occurred_at,
+        **changes,
+    )
+
+
+def fold(snapshot: RunSnapshot | None, envelopes: Iterable[Envelope]) -> RunSnapshot | None:
+    """Apply ``envelopes`` in order (see :func:`apply`)."""
+    for env in envelopes:
+        snapshot = apply(snapshot, env)
+    return snapshot
+
+
+def _submitted(env: Envelope, e: RunSubmitted) -> RunSnapshot:
+    return RunSnapshot(
+        run_id=env.run_id,
+        flow_name=e.flow_name,
+        tag=e.tag,
+        tags=e.tags,
+        params=e.params,
+        status=RunStatus.PENDING,
+        submitted_at=e.submitted_at,
+        updated_at=env.occurred_at,
+        version=env.seq,
+        last_stream_seq=env.stream_seq or 0,
+        max_attempts=e.max_attempts,
+        tenant_id=e.tenant_id,
+        api_key_id=e.api_key_id,
+        workflow_yaml_sha256=e.workflow_yaml_sha256,
+        workflow_yaml_bytes=e.workflow_yaml_bytes,
+        schedule_id=e.schedule_id,
+        idempotency_key=e.idempotency_key,
+        request_sha256=e.request_sha256,
+    )
+
+
+def _check_attempt(snap: RunSnapshot, env: Envelope, event: Event) -> None:
+    attempt = getattr(event, "attempt", None)
+    if attempt is not None and attempt != snap.attempt:
+        raise CorruptStreamError(
+            f"run {env.run_id}: {env.type} for attempt {attempt} while attempt {snap.attempt} is current",
+            run_id=env.run_id,
+            seq=env.seq,
+        )
+
+
+def _task(snap: RunSnapshot, name: str) -> TaskRecord:
+    return snap.tasks.get(name) or TaskRecord()
+
+
+def _with_task(snap: RunSnapshot, name: str, rec: TaskRecord) -> dict[str, TaskRecord]:
+    tasks = dict(snap.tasks)
+    tasks[name] = rec
+    return tasks
+
+
+def _mutate(snap: RunSnapshot, env: Envelope, event: Event) -> dict[str, object]:  # noqa: C901
+    at = env.occurred_at
+    if isinstance(event, RunClaimed):
+        return {
+            "worker_id": event.worker_id,
+            "lease_seconds": event.lease_seconds,
+            "start_time": snap.start_time if snap.start_time is not None else at,
+            "tasks": {name: TaskRecord() for name in event.tasks},
+            "error": None,
+        }
+    if isinstance(event, TaskStarted):
+        rec = attrs.evolve(_task(snap, event.task), state=TaskState.RUNNING, started_at=event.started_at)
+        return {"tasks": _with_task(snap, event.task, rec)}
+    if isinstance(event, TaskCompleted):
+        old = _task(snap, event.task)
+        rec = TaskRecord(
+            state=TaskState.SUCCEEDED,
+            started_at=event.started_at if event.started_at is not None else old.started_at,
+            ended_at=event.ended_at,
+            duration_ms=event.duration_ms,
+            inputs=event.inputs,
+            output=event.output,
+            output_truncated=event.truncated,
+        )
+        return {"tasks": _with_task(snap, event.task, rec)}
+    if isinstance(event, TaskFailed):
+        old = _task(snap, event.task)
+        rec = TaskRecord(
+            state=TaskState.FAILED,
+            started_at=event.started_at if event.started_at is not None else old.started_at,
+            ended_at=event.ended_at,
+            duration_ms=event.duration_ms,
+            inputs=event.inputs,
+            error=event.error,
+            traceback=event.traceback,
+        )
+        return {"tasks": _with_task(snap, event.task, rec)}
+    if isinstance(event, RunCancelRequested):
+        return {
+            "cancel_requested_at": event.requested_at,
+            "cancel_requested_by": event.by,
+        }
+    if isinstance(event, RunCompleted):
+        return {"end_time": event.ended_at, "error": None}
+    if isinstance(event, RunFailed):
+        return {"end_time": event.ended_at, "error": event.error, "failure_reason": event.reason}
+    if isinstance(event, RunCancelled):
+        tasks = {
+            name: (
+                attrs.evolve(rec, state=TaskState.CANCELLED)
+                if rec.state in (TaskState.PENDING, TaskState.RUNNING)
+                else rec
+            )
+            for name, rec in snap.tasks.items()
+        }
+        changes: dict[str, object] = {
+            "end_time": event.ended_at,
+            "cancel_reason": event.reason,
+            "tasks": tasks,
+        }
+        if snap.cancel_requested_at is None:
+            changes["cancel_requested_at"] = at
+            changes["cancel_requested_by"] = event.by
+        return changes
+    if isinstance(event, (RunWorkerLost, RunReleased)):
+        return {"attempt": snap.attempt + 1, "worker_id": None}
+    raise CorruptStreamError(  # pragma: no cover - the table rejects unknown types first
+        f"no fold rule for {env.type}", run_id=env.run_id, seq=env.seq
+    )

@@ -1,0 +1,639 @@
+"""NatsClient: the Trio face of nats-py.
+
+Every public method is a Trio coroutine; the work happens on the bridge's asyncio loop and
+NATS errors are translated into the :mod:`pyoco_es.core.errors` tree there, so no nats
+exception crosses this module.  Batch methods (``append_many``, ``kv_update_many``,
+``ack_many``...) cross the bridge once for many operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, TypeVar
+
+import attrs
+import nats
+import nats.errors
+import nats.js.errors
+import trio
+from nats.js import api
+
+from ..core.codec import decode_envelope, encode_envelope
+from ..core.errors import (
+    ConcurrencyConflict,
+    CorruptStreamError,
+    EventLogUnavailable,
+    InfraError,
+    PyocoError,
+)
+from ..core.events import Envelope
+from . import subjects
+from .bridge import AsyncioThread
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
+_TRANSIENT: Final = (
+    nats.errors.TimeoutError,
+    asyncio.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    ConnectionError,
+    OSError,
+)
+
+
+def _translate(exc: BaseException, what: str) -> PyocoError:
+    if isinstance(exc, PyocoError):
+        return exc
+    if isinstance(exc, nats.js.errors.NoStreamResponseError):
+        return EventLogUnavailable(f"{what}: no JetStream stream answered (are the resources created?)")
+    if isinstance(exc, _TRANSIENT):
+        return EventLogUnavailable(f"{what}: NATS unavailable ({type(exc).__name__})")
+    if isinstance(exc, nats.js.errors.APIError):
+        return InfraError(f"{what}: JetStream error {exc.err_code}: {exc.description}")
+    if isinstance(exc, nats.errors.Error):
+        return InfraError(f"{what}: {type(exc).__name__}: {exc}")
+    return InfraError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+async def _guard(what: str, coro: Awaitable[T]) -> T:
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # translated into the pyoco error tree, on the asyncio side
+        raise _translate(exc, what) from exc
+
+
+@attrs.frozen
+class PubAck:
+    seq: int
+    duplicate: bool
+
+
+@attrs.frozen
+class KVEntry:
+    key: str
+    value: bytes | None  # None for a delete / purge marker
+    revision: int
+
+
+WATCH_CAUGHT_UP: Final = None  # sent once on a watch channel when the initial values are delivered
+
+
+@attrs.define(eq=False)
+class Delivered:
+    """A message delivered by a pull consumer, with its JetStream metadata."""
+
+    data: bytes
+    subject: str
+    headers: dict[str, str] | None
+    stream_seq: int
+    num_delivered: int
+    num_pending: int
+    msg: Any = attrs.field(repr=False)
+
+
+@attrs.define(eq=False)
+class PullSubscription:
+    """A bound pull subscription on a durable consumer (one per fetching task)."""
+
+    client: NatsClient
+    psub: Any
+
+    async def fetch(self, batch: int, timeout: float) -> list[Delivered]:
+        """Long-poll for up to ``batch`` messages; ``[]`` when none arrived within ``timeout``."""
+        return await self.client._call("fetch", self._fetch, batch, timeout)
+
+    async def _fetch(self, batch: int, timeout: float) -> list[Delivered]:
+        try:
+            msgs = await self.psub.fetch(batch, timeout=timeout)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            return []
+        out = []
+        for m in msgs:
+            md = m.metadata
+            out.append(
+                Delivered(
+                    data=m.data,
+                    subject=m.subject,
+                    headers=m.headers,
+                    stream_seq=md.sequence.stream,
+                    num_delivered=md.num_delivered,
+                    num_pending=md.num_pending,
+                    msg=m,
+                )
+            )
+        return out
+
+
+class NatsClient:
+    """One NATS connection plus its JetStream context, usable from Trio."""
+
+    def __init__(self, thread: AsyncioThread, nc: Any, *, url: str, op_timeout: float) -> None:
+        self._thread = thread
+        self._nc = nc
+        self._js = nc.jetstream(timeout=op_timeout)
+        self.url = url
+        self.op_timeout = op_timeout
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        async def run() -> T:
+            return await _guard(what, fn(*args))
+
+        try:
+            return await self._thread.call(run)
+        except asyncio.CancelledError as exc:  # the loop is shutting down under us
+            raise EventLogUnavailable(f"{what}: NATS client is closing") from exc
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    @property
+    def js(self) -> Any:
+        """The raw JetStream context, for this package's own modules only."""
+        return self._js
+
+    async def run(self, what: str, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run an asyncio coroutine function against this client (package-internal)."""
+        return await self._call(what, fn, *args)
+
+    # -- events -------------------------------------------------------------------------------
+
+    async def append(self, run_id: str, envelopes: Sequence[Envelope], *, expected_last: int) -> list[int]:
+        """Append one run's events in order, each fenced by the previous one's stream seq.
+
+        Returns the stream seqs.  Raises:
+            ConcurrencyConflict: the run's last stream seq was not ``expected_last`` (somebody
+                else appended): re-read, re-decide.  Events before the conflicting one are stored.
+            EventLogUnavailable: NATS did not acknowledge (the event may or may not be stored;
+                a retry with the same event ids deduplicates).
+        """
+        payloads = [(e.event_id, encode_envelope(e)) for e in envelopes]
+        return await self._call("append", self._append, run_id, payloads, expected_last)
+
+    async def append_many(
+        self, batches: Sequence[tuple[str, Sequence[Envelope], int]]
+    ) -> list[list[int] | PyocoError]:
+        """``append`` for many runs at once, pipelined, one crossing.  Per-run results or errors."""
+        prepared = [
+            (run_id, [(e.event_id, encode_envelope(e)) for e in envs], last) for run_id, envs, last in batches
+        ]
+        return await self._call("append", self._append_many, prepared)
+
+    async def _append_many(self, prepared: list[tuple[str, list[tuple[str, bytes]], int]]) -> list[Any]:
+        results = await asyncio.gather(
+            *(_guard("append", self._append(r, p, last)) for r, p, last in prepared), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, PyocoError):
+                raise r
+        return list(results)
+
+    async def _append(self, run_id: str, payloads: list[tuple[str, bytes]], expected_last: int) -> list[int]:
+        subject = subjects.run_events_subject(run_id)
+        last = expected_last
+        seqs: list[int] = []
+        for event_id, data in payloads:
+            headers = {
+                "Nats-Msg-Id": event_id,
+                "Nats-Expected-Last-Subject-Sequence": str(last),
+                "Nats-Expected-Stream": subjects.EVENTS_STREAM,
+            }
+            try:
+                ack = await self._js.publish(subject, data, headers=headers)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in WRONG_LAST_SEQUENCE:
+                    raise ConcurrencyConflict(subject, last) from exc
+                raise
+            last = ack.seq
+            seqs.append(ack.seq)
+        return seqs
+
+    async def read_run(self, run_id: str, *, after_stream_seq: int = 0) -> list[Envelope]:
+        """A run's events in order (after ``after_stream_seq``), read with batched direct gets.
+
+        Raises:
+            CorruptStreamError: an event on the subject cannot be decoded.
+        """
+        raw = await self._call("read run", self._read_subject, subjects.run_events_subject(run_id), after_stream_seq)
+        return [decode_envelope(data, stream_seq=seq) for seq, data in raw]
+
+    async def _read_subject(self, subject: str, after: int, batch: int = 256) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        start = after + 1
+        api_subject = subjects.direct_get_subject(subjects.EVENTS_STREAM)
+        while True:
+            inbox = self._nc.new_inbox()
+            sub = await self._nc.subscribe(inbox)
+            got = 0
+            try:
+                req = json.dumps({"seq": start, "next_by_subj": subject, "batch": batch}).encode()
+                await self._nc.publish(api_subject, req, reply=inbox)
+                while True:
+                    msg = await sub.next_msg(timeout=self.op_timeout)
+                    hdrs = msg.headers or {}
+                    status = hdrs.get("Status")
+                    if status is not None:
+                        if status in ("404", "204"):
+                            break
+                        raise InfraError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
+                    seq = int(hdrs["Nats-Sequence"])
+                    out.append((seq, msg.data))
+                    got += 1
+                    start = seq + 1
+                    if hdrs.get("Nats-Num-Pending") == "0":
+                        break
+            finally:
+                await sub.unsubscribe()
+            if got < batch:
+                return out
+
+    async def last_run_seq(self, run_id: str) -> int:
+        """The stream seq of the run's last event, 0 when it has none."""
+
+        async def go() -> int:
+            try:
+                msg = await self._js.get_msg(
+                    subjects.EVENTS_STREAM, subject=subjects.run_events_subject(run_id), direct=True
+                )
+            except nats.js.errors.NotFoundError:
+                return 0
+            return int(msg.seq)
+
+        return await self._call("last run seq", go)
+
+    # -- plain JetStream publish ----------------------------------------------------------------
+
+    async def publish(
+        self, subject: str, data: bytes, *, msg_id: str | None = None, headers: dict[str, str] | None = None
+    ) -> PubAck:
+        return (await self.publish_many([(subject, data, msg_id, headers)]))[0]  # type: ignore[return-value]
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, bytes, str | None, dict[str, str] | None]]
+    ) -> list[PubAck | PyocoError]:
+        """JetStream publishes with optional ``Nats-Msg-Id``, pipelined; per-item result or error."""
+
+        async def one(subject: str, data: bytes, msg_id: str | None, headers: dict[str, str] | None) -> PubAck:
+            h = dict(headers or {})
+            if msg_id:
+                h["Nats-Msg-Id"] = msg_id
+            ack = await self._js.publish(subject, data, headers=h or None)
+            return PubAck(seq=ack.seq, duplicate=bool(ack.duplicate))
+
+        async def go() -> list[Any]:
+            res = await asyncio.gather(*(_guard("publish", one(*it)) for it in items), return_exceptions=True)
+            return list(res)
+
+        return await self._call("publish", go)
+
+    # -- key/value ------------------------------------------------------------------------------
+
+    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+        return (await self.kv_get_many(bucket, [key]))[0]
+
+    async def kv_get_many(self, bucket: str, keys: Sequence[str]) -> list[KVEntry | None]:
+        async def one(key: str) -> KVEntry | None:
+            try:
+                msg = await self._js.get_msg(subjects.kv_stream(bucket), subject=subjects.kv_subject(bucket, key), direct=True)
+            except nats.js.errors.NotFoundError:
+                return None
+            hdrs = msg.headers or {}
+            if hdrs.get("KV-Operation") in ("DEL", "PURGE"):
+                return None
+            return KVEntry(key=key, value=msg.data, revision=int(msg.seq))
+
+        async def go() -> list[KVEntry | None]:
+            return list(await asyncio.gather(*(one(k) for k in keys)))
+
+        return await self._call("kv get", go)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        async def go() -> int:
+            ack = await self._js.publish(subjects.kv_subject(bucket, key), value)
+            return int(ack.seq)
+
+        return await self._call("kv put", go)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, *, last: int) -> int:
+        """Compare-and-swap (``last=0``: create).  Raises ConcurrencyConflict on a lost race."""
+        res = (await self.kv_update_many(bucket, [(key, value, last)]))[0]
+        if isinstance(res, PyocoError):
+            raise res
+        return res
+
+    async def kv_update_many(
+        self, bucket: str, items: Sequence[tuple[str, bytes, int]]
+    ) -> list[int | PyocoError]:
+        """Pipelined compare-and-swap writes, one crossing; per-item new revision or error."""
+
+        async def one(key: str, value: bytes, last: int) -> int:
+            subject = subjects.kv_subject(bucket, key)
+            try:
+                ack = await self._js.publish(
+                    subject, value, headers={"Nats-Expected-Last-Subject-Sequence": str(last)}
+                )
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in WRONG_LAST_SEQUENCE:
+                    raise ConcurrencyConflict(subject, last) from exc
+                raise
+            return int(ack.seq)
+
+        async def go() -> list[Any]:
+            res = await asyncio.gather(*(_guard("kv update", one(*it)) for it in items), return_exceptions=True)
+            for r in res:
+                if isinstance(r, BaseException) and not isinstance(r, PyocoError):
+                    raise r
+            return list(res)
+
+        return await self._call("kv update", go)
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        async def go() -> None:
+            kv = await self._js.key_value(bucket)
+            await kv.delete(key)
+
+        await self._call("kv delete", go)
+
+    async def kv_keys(self, bucket: str) -> list[str]:
+        """All live keys ([] for an empty bucket, unlike nats-py's NoKeysError)."""
+
+        async def go() -> list[str]:
+            kv = await self._js.key_value(bucket)
+            try:
+                return list(await kv.keys())
+            except nats.js.errors.NoKeysError:
+                return []
+
+        return await self._call("kv keys", go)
+
+    @asynccontextmanager
+    async def kv_watch(
+        self, bucket: str, key: str = ">"
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[KVEntry | None]]:
+        """Watch keys: current values first, then ``WATCH_CAUGHT_UP`` (None), then live changes."""
+
+        async def start(kv_key: str) -> Any:
+            kv = await self._js.key_value(bucket)
+            return await kv.watch(kv_key, include_history=False, ignore_deletes=False)
+
+        watcher = await self._call("kv watch", start, key)
+
+        async def produce(emit: Callable[[object], None]) -> None:
+            while True:
+                entry = await watcher.updates(timeout=None)
+                if entry is None:
+                    emit(WATCH_CAUGHT_UP)
+                    continue
+                value = None if entry.operation in ("DEL", "PURGE") else entry.value
+                emit(KVEntry(key=entry.key, value=value, revision=int(entry.revision)))
+
+        async with self._forward(produce, cleanup=watcher.stop) as channel:
+            yield channel
+
+    # -- core pub/sub ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(self, subject: str) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, bytes]]]:
+        """A core NATS subscription (sees JetStream publishes on the subject too)."""
+        sub = await self._call("subscribe", self._nc.subscribe, subject)
+
+        async def produce(emit: Callable[[object], None]) -> None:
+            async for msg in sub.messages:
+                emit((msg.subject, msg.data))
+
+        async with self._forward(produce, cleanup=sub.unsubscribe) as channel:
+            yield channel
+
+    async def flush(self) -> None:
+        await self._call("flush", self._nc.flush)
+
+    @asynccontextmanager
+    async def _forward(
+        self, produce: Callable[[Callable[[object], None]], Awaitable[None]], *, cleanup: Callable[[], Awaitable[Any]]
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Any]]:
+        send, receive = trio.open_memory_channel[Any](math.inf)
+        token = trio.lowlevel.current_trio_token()
+
+        def emit(item: object) -> None:
+            try:
+                token.run_sync_soon(_send_or_drop, send, item)
+            except trio.RunFinishedError:  # pragma: no cover
+                pass
+
+        async def runner() -> None:
+            try:
+                await produce(emit)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the stream broke: tell the Trio side by closing
+                log.warning("NATS stream ended: %s", exc)
+            finally:
+                try:
+                    token.run_sync_soon(send.close)
+                except trio.RunFinishedError:  # pragma: no cover
+                    pass
+
+        task_holder: list[asyncio.Task[None]] = []
+
+        async def begin() -> None:
+            task_holder.append(asyncio.get_running_loop().create_task(runner()))
+
+        await self._call("stream", begin)
+        try:
+            yield receive
+        finally:
+
+            async def end() -> None:
+                task_holder[0].cancel()
+                try:
+                    await cleanup()
+                except Exception:  # noqa: BLE001 - best effort on close
+                    pass
+
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    try:
+                        await self._call("stream close", end)
+                    except PyocoError:
+                        pass
+
+    # -- consumers ------------------------------------------------------------------------------
+
+    async def ensure_pull_consumer(self, stream: str, durable: str, config: dict[str, Any]) -> None:
+        """Create the durable pull consumer, or update it when its config differs."""
+
+        async def go() -> None:
+            cfg = api.ConsumerConfig(durable_name=durable, **config)
+            try:
+                info = await self._js.consumer_info(stream, durable)
+            except nats.js.errors.NotFoundError:
+                await self._js.add_consumer(stream, cfg)
+                return
+            current = info.config
+            changed = {k: v for k, v in config.items() if getattr(current, k, None) != v}
+            if changed:
+                log.info("updating consumer %s on %s: %s", durable, stream, sorted(changed))
+                try:
+                    await self._js.add_consumer(stream, cfg)  # same name + new config = update
+                except nats.js.errors.BadRequestError as exc:
+                    log.warning("cannot update consumer %s (%s); keeping its old config", durable, exc.description)
+
+        await self._call("ensure consumer", go)
+
+    @asynccontextmanager
+    async def pull_subscription(self, stream: str, durable: str) -> AsyncIterator[PullSubscription]:
+        psub = await self._call("bind consumer", self._js.pull_subscribe_bind, durable, stream)
+        try:
+            yield PullSubscription(self, psub)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await self._call("unbind consumer", psub.unsubscribe)
+                except PyocoError:
+                    pass
+
+    async def ack_many(self, msgs: Sequence[Delivered]) -> None:
+        async def go() -> None:
+            for m in msgs:
+                await m.msg.ack()
+
+        await self._call("ack", go)
+
+    async def ack_sync(self, msg: Delivered) -> None:
+        await self._call("ack", msg.msg.ack_sync)
+
+    async def nak(self, msg: Delivered, delay: float | None = None) -> None:
+        await self._call("nak", msg.msg.nak, delay)
+
+    async def term(self, msg: Delivered) -> None:
+        await self._call("term", msg.msg.term)
+
+    async def in_progress_many(self, msgs: Sequence[Delivered]) -> None:
+        async def go() -> None:
+            for m in msgs:
+                await m.msg.in_progress()
+
+        await self._call("in progress", go)
+
+    async def stream_info(self, stream: str) -> dict[str, int]:
+        async def go() -> dict[str, int]:
+            info = await self._js.stream_info(stream)
+            return {"messages": info.state.messages, "last_seq": info.state.last_seq, "first_seq": info.state.first_seq}
+
+        return await self._call("stream info", go)
+
+    async def consumer_pending(self, stream: str, durable: str) -> dict[str, int]:
+        async def go() -> dict[str, int]:
+            try:
+                info = await self._js.consumer_info(stream, durable)
+            except nats.js.errors.NotFoundError:
+                return {"num_pending": 0, "num_ack_pending": 0, "delivered_stream_seq": 0}
+            return {
+                "num_pending": info.num_pending or 0,
+                "num_ack_pending": info.num_ack_pending or 0,
+                "delivered_stream_seq": info.delivered.stream_seq if info.delivered else 0,
+                "ack_floor_stream_seq": info.ack_floor.stream_seq if info.ack_floor else 0,
+            }
+
+        return await self._call("consumer info", go)
+
+    async def close(self) -> None:
+        async def go() -> None:
+            try:
+                await self._nc.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+        with trio.CancelScope(shield=True):
+            try:
+                await self._thread.call(go)
+            except BaseException:  # noqa: BLE001 - the loop may already be gone
+                pass
+
+
+def _send_or_drop(send: trio.MemorySendChannel[Any], item: object) -> None:
+    try:
+        send.send_nowait(item)
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+
+
+@asynccontextmanager
+async def open_nats(
+    url: str, *, name: str = "pyoco-es", op_timeout: float = 5.0, connect_timeout: float = 5.0
+) -> AsyncIterator[NatsClient]:
+    """Connect to NATS (reconnecting forever in the background) and close cleanly on exit.
+
+    Raises:
+        EventLogUnavailable: the server could not be reached within ``connect_timeout``.
+    """
+    thread = AsyncioThread(name=f"nats:{name}")
+    try:
+
+        async def connect() -> Any:
+            async def _noop_err(exc: Exception) -> None:
+                log.debug("nats error: %s", exc)
+
+            async def _disc() -> None:
+                log.warning("disconnected from NATS at %s", url)
+
+            async def _reco() -> None:
+                log.warning("reconnected to NATS at %s", url)
+
+            return await nats.connect(
+                url,
+                name=name,
+                connect_timeout=connect_timeout,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                error_cb=_noop_err,
+                disconnected_cb=_disc,
+                reconnected_cb=_reco,
+                pending_size=64 * 1024 * 1024,
+            )
+
+        try:
+            nc = await thread.call(_guard, f"connect to {url}", connect())
+        except PyocoError as exc:
+            raise EventLogUnavailable(
+                f"cannot connect to NATS at {url}: {exc.message}. Start one with `pyoco-server up` "
+                "(embedded) or pass --nats-url"
+            ) from exc
+        client = NatsClient(thread, nc, url=url, op_timeout=op_timeout)
+        try:
+            yield client
+        finally:
+            await client.close()
+    finally:
+        thread.stop()
+
+
+__all__ = [
+    "CorruptStreamError",
+    "Delivered",
+    "KVEntry",
+    "NatsClient",
+    "PubAck",
+    "PullSubscription",
+    "WATCH_CAUGHT_UP",
+    "open_nats",
+]

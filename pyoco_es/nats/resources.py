@@ -1,0 +1,154 @@
+"""Idempotent bootstrap of the streams, buckets and consumers pyoco-es needs.
+
+Unlike pyoco-server (which never updates an existing resource), a changed setting is applied to
+the existing stream, and a setting that JetStream cannot change in place is reported loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import nats.js.errors
+from nats.js import api
+
+from . import subjects
+from .client import NatsClient
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen(kw_only=True)
+class ResourceConfig:
+    replicas: int = 1
+    duplicate_window: float = 120.0
+    max_msg_size: int = 4 * 1024 * 1024
+    work_prefix: str = subjects.WORK_PREFIX
+    dlq_prefix: str = subjects.DLQ_PREFIX
+    dlq_stream: str = subjects.DLQ_STREAM
+    dlq_max_age: float = 604800.0
+    dlq_max_msgs: int = 100000
+    dlq_max_bytes: int = 536870912
+
+
+def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
+    return [
+        api.StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[f"{subjects.EVENTS_PREFIX}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=cfg.replicas,
+            duplicate_window=cfg.duplicate_window,
+            deny_delete=True,
+            deny_purge=True,
+            allow_direct=True,
+            max_msg_size=cfg.max_msg_size,
+        ),
+        api.StreamConfig(
+            name=subjects.WORK_STREAM,
+            subjects=[f"{cfg.work_prefix}.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            num_replicas=cfg.replicas,
+            duplicate_window=cfg.duplicate_window,
+        ),
+        api.StreamConfig(
+            name=cfg.dlq_stream,
+            subjects=[f"{cfg.dlq_prefix}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=cfg.replicas,
+            max_age=cfg.dlq_max_age,
+            max_msgs=cfg.dlq_max_msgs,
+            max_bytes=cfg.dlq_max_bytes,
+            duplicate_window=cfg.duplicate_window,
+        ),
+        _kv_config(subjects.RUNS_BUCKET, cfg, history=1),
+        _kv_config(subjects.WORKERS_BUCKET, cfg, history=1),
+    ]
+
+
+def _kv_config(bucket: str, cfg: ResourceConfig, *, history: int) -> api.StreamConfig:
+    # The layout nats-py's create_key_value produces, so its KeyValue API binds to it.
+    return api.StreamConfig(
+        name=subjects.kv_stream(bucket),
+        subjects=[f"$KV.{bucket}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=cfg.replicas,
+        max_msgs_per_subject=history,
+        discard=api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        max_msg_size=cfg.max_msg_size,
+        duplicate_window=120.0,
+    )
+
+
+_COMPARED = (
+    "subjects",
+    "retention",
+    "num_replicas",
+    "duplicate_window",
+    "deny_delete",
+    "deny_purge",
+    "allow_direct",
+    "max_msg_size",
+    "max_age",
+    "max_msgs",
+    "max_bytes",
+    "max_msgs_per_subject",
+    "discard",
+    "allow_rollup_hdrs",
+)
+
+
+def _diff(want: api.StreamConfig, have: api.StreamConfig) -> dict[str, tuple[Any, Any]]:
+    out = {}
+    for name in _COMPARED:
+        w = getattr(want, name, None)
+        if w is None:
+            continue
+        h = getattr(have, name, None)
+        if isinstance(w, float) and isinstance(h, (int, float)):
+            if abs(w - h) < 1e-6:
+                continue
+        if w != h:
+            out[name] = (h, w)
+    return out
+
+
+async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None) -> list[str]:
+    """Create what is missing and update what changed.  Returns a log of what it did."""
+    cfg = cfg or ResourceConfig()
+
+    async def go() -> list[str]:
+        js = client.js
+        done: list[str] = []
+        for want in _stream_configs(cfg):
+            try:
+                info = await js.stream_info(want.name)
+            except nats.js.errors.NotFoundError:
+                await js.add_stream(want)
+                done.append(f"created {want.name}")
+                continue
+            diff = _diff(want, info.config)
+            if diff:
+                log.warning("stream %s config changed, updating: %s", want.name, diff)
+                merged = attrs_merge(info.config, want)
+                await js.update_stream(merged)
+                done.append(f"updated {want.name}: {sorted(diff)}")
+        return done
+
+    return await client.run("ensure resources", go)
+
+
+def attrs_merge(have: api.StreamConfig, want: api.StreamConfig) -> api.StreamConfig:
+    """``have`` with every field ``want`` sets (keeps server-assigned fields)."""
+    data = have.as_dict()
+    for k, v in want.as_dict().items():
+        data[k] = v
+    return api.StreamConfig.from_response(data)

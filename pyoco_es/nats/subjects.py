@@ -1,0 +1,64 @@
+"""Every NATS subject, stream, bucket and consumer name pyoco-es uses is built here."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+EVENTS_STREAM: Final = "PYOCO_EVENTS"
+WORK_STREAM: Final = "PYOCO_WORK"
+DLQ_STREAM: Final = "PYOCO_DLQ"
+RUNS_BUCKET: Final = "pyoco_runs"
+WORKERS_BUCKET: Final = "pyoco_workers"
+
+EVENTS_PREFIX: Final = "pyoco.evt"
+RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
+WORK_PREFIX: Final = "pyoco.work"
+DLQ_PREFIX: Final = "pyoco.dlq"
+
+PROJECTOR_DURABLE: Final = "pyoco_projector"
+DISPATCHER_DURABLE: Final = "pyoco_dispatcher"
+
+TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def is_token(value: str) -> bool:
+    """A single subject token: what run ids, tags and worker ids must be."""
+    return bool(TOKEN_RE.match(value))
+
+
+def run_events_subject(run_id: str) -> str:
+    return f"{EVENTS_PREFIX}.run.{run_id}"
+
+
+def run_id_from_subject(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+def work_subject(tag: str, prefix: str = WORK_PREFIX) -> str:
+    return f"{prefix}.{tag}"
+
+
+def work_durable(tag: str) -> str:
+    """Shared by every worker serving ``tag`` (pyoco-server's consumer name)."""
+    return f"pyoco_workers_{tag}"
+
+
+def dlq_subject(tag: str, prefix: str = DLQ_PREFIX) -> str:
+    return f"{prefix}.{tag}"
+
+
+def work_msg_id(run_id: str, attempt: int) -> str:
+    return f"{run_id}:{attempt}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    return f"$KV.{bucket}.{key}"
+
+
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def direct_get_subject(stream: str) -> str:
+    return f"$JS.API.DIRECT.GET.{stream}"
