@@ -147,6 +147,7 @@ def _mutate(snap: RunSnapshot, env: Envelope, event: Event) -> dict[str, object]
             "worker_id": event.worker_id,
             "lease_seconds": event.lease_seconds,
             "start_time": snap.start_time if snap.start_time is not None else at,
+            "claimed_at": at,
             "tasks": {name: TaskRecord() for name in event.tasks},
             "error": None,
         }

@@ -110,6 +110,7 @@ class RunSnapshot:
     worker_id: str | None = None
     lease_seconds: float | None = None
     start_time: float | None = None
+    claimed_at: float | None = None  # when the current attempt was claimed
     end_time: float | None = None
     error: str | None = None
     failure_reason: str | None = None
@@ -137,6 +138,7 @@ class RunSnapshot:
             "task_records": {name: rec.to_json() for name, rec in self.tasks.items()},
             "task_records_truncated": False,
             "start_time": self.start_time,
+            "claimed_at": self.claimed_at,
             "end_time": self.end_time,
             "heartbeat_at": self.updated_at,
             "updated_at": self.updated_at,

@@ -235,7 +235,13 @@ class NatsClient:
         raw = await self._call("read run", self._read_subject, subjects.run_events_subject(run_id), after_stream_seq)
         return [decode_envelope(data, stream_seq=seq) for seq, data in raw]
 
-    async def _read_subject(self, subject: str, after: int, batch: int = 256) -> list[tuple[int, bytes]]:
+    async def read_events(self, subject_filter: str, *, after_stream_seq: int, limit: int = 1024) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` raw events on ``subject_filter`` (wildcards allowed) after a position."""
+        return await self._call("read events", self._read_subject, subject_filter, after_stream_seq, limit, True)
+
+    async def _read_subject(
+        self, subject: str, after: int, batch: int = 256, once: bool = False
+    ) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         start = after + 1
         api_subject = subjects.direct_get_subject(subjects.EVENTS_STREAM)
@@ -262,7 +268,7 @@ class NatsClient:
                         break
             finally:
                 await sub.unsubscribe()
-            if got < batch:
+            if got < batch or once:
                 return out
 
     async def last_run_seq(self, run_id: str) -> int:
@@ -478,7 +484,16 @@ class NatsClient:
     # -- consumers ------------------------------------------------------------------------------
 
     async def ensure_pull_consumer(self, stream: str, durable: str, config: dict[str, Any]) -> None:
-        """Create the durable pull consumer, or update it when its config differs."""
+        """Create the durable pull consumer, or update it when its config differs.
+
+        ``config`` holds ConsumerConfig fields; ``ack_policy`` / ``deliver_policy`` may be given
+        as plain strings ("explicit", "all", ...), so callers need no nats import.
+        """
+        config = dict(config)
+        if isinstance(config.get("ack_policy"), str):
+            config["ack_policy"] = api.AckPolicy(config["ack_policy"])
+        if isinstance(config.get("deliver_policy"), str):
+            config["deliver_policy"] = api.DeliverPolicy(config["deliver_policy"])
 
         async def go() -> None:
             cfg = api.ConsumerConfig(durable_name=durable, **config)

@@ -1,0 +1,1 @@
+"""The conductor: projector (events → KV snapshots), dispatcher (work items) and reaper."""

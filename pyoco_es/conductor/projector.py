@@ -1,0 +1,366 @@
+"""The projector: a durable pull consumer over every run event, folded into KV snapshots.
+
+Per fetched batch: decode, group by run, fold onto the cached snapshot (the projector is
+normally the only writer, so snapshots and KV revisions are cached), write each touched
+snapshot once with compare-and-swap (the checkpoint ``version``/``last_stream_seq`` lives inside
+the snapshot, so re-applying an event is a no-op), publish the work items the batch calls for,
+then ack.  Under load, writes are coalesced across fetches (at most ``max_delay`` seconds or
+``max_events``), which keeps KV writes per run near one; when idle every fetch is flushed at
+once, so a watcher sees a change within milliseconds.
+
+Several projectors may share the consumer: events of one run can then arrive out of order at
+different projectors.  A gap is filled by reading the run's events from the stream; a CAS
+conflict means someone else wrote, so the projector re-reads and folds again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+import trio
+
+from ..core.codec import decode_envelope, decode_snapshot, dumps, encode_snapshot
+from ..core.errors import ConcurrencyConflict, CorruptStreamError, PyocoError
+from ..core.events import Envelope, RunReleased, RunSubmitted, RunWorkerLost
+from ..core.fold import SequenceGap, apply, fold
+from ..core.model import RunSnapshot, RunStatus
+from ..nats import subjects
+from ..nats.client import Delivered, NatsClient
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EVENTS: Final = (RunSubmitted.TYPE, RunWorkerLost.TYPE, RunReleased.TYPE)
+
+
+@attrs.frozen
+class ProjectorStatistics:
+    events_projected: int
+    kv_writes: int
+    kv_conflicts: int
+    work_items_published: int
+    corrupt_events: int
+    runs_cached: int
+
+
+@attrs.define
+class _Cached:
+    snapshot: RunSnapshot | None
+    revision: int  # KV revision of the stored value (0: no value)
+    blocked: str | None = None  # why this run cannot be projected any further
+
+
+def projector_consumer_config(ack_wait: float = 10.0) -> dict[str, Any]:
+    return {
+        "filter_subject": subjects.RUN_EVENTS_WILDCARD,
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": ack_wait,
+        "max_ack_pending": -1,
+        "max_deliver": -1,
+    }
+
+
+def work_item(submitted: RunSubmitted, *, run_id: str, attempt: int) -> bytes:
+    """The job message for one attempt (pyoco-server's job fields plus ``attempt``)."""
+    body: dict[str, object] = {
+        "run_id": run_id,
+        "attempt": attempt,
+        "max_attempts": submitted.max_attempts,
+        "flow_name": submitted.flow_name,
+        "tag": submitted.tag,
+        "tags": list(submitted.tags),
+        "tenant_id": submitted.tenant_id,
+        "api_key_id": submitted.api_key_id,
+        "params": submitted.params,
+        "submitted_at": submitted.submitted_at,
+        "schedule_id": submitted.schedule_id,
+    }
+    if submitted.workflow_yaml is not None:
+        body["workflow_yaml"] = submitted.workflow_yaml
+        body["workflow_yaml_sha256"] = submitted.workflow_yaml_sha256
+        body["workflow_yaml_bytes"] = submitted.workflow_yaml_bytes
+    return dumps(body)
+
+
+class Projector:
+    """Folds fetched events into snapshots and writes them; also dispatches work items."""
+
+    def __init__(
+        self,
+        nats: NatsClient,
+        *,
+        work_prefix: str = subjects.WORK_PREFIX,
+        max_snapshot_bytes: int = 262144,
+        cache_size: int = 100_000,
+        bucket: str = subjects.RUNS_BUCKET,
+        on_corrupt: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.nats = nats
+        self.work_prefix = work_prefix
+        self.max_snapshot_bytes = max_snapshot_bytes
+        self.bucket = bucket
+        self.cache_size = cache_size
+        self.on_corrupt = on_corrupt
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._dirty: dict[str, _Cached] = {}
+        self._to_dispatch: dict[str, tuple[int, RunSubmitted | None]] = {}
+        self._unacked: list[Delivered] = []
+        self._pending_corrupt: dict[str, str] = {}
+        self._events = self._writes = self._conflicts = self._published = self._corrupt = 0
+
+    def statistics(self) -> ProjectorStatistics:
+        return ProjectorStatistics(
+            events_projected=self._events,
+            kv_writes=self._writes,
+            kv_conflicts=self._conflicts,
+            work_items_published=self._published,
+            corrupt_events=self._corrupt,
+            runs_cached=len(self._cache),
+        )
+
+    @property
+    def pending(self) -> int:
+        return len(self._unacked)
+
+    # -- folding ----------------------------------------------------------------------------
+
+    async def absorb(self, msgs: list[Delivered]) -> None:
+        """Fold a fetched batch into the (dirty) cache; nothing is written or acked yet."""
+        by_run: dict[str, list[Envelope]] = {}
+        for m in msgs:
+            run_id = subjects.run_id_from_subject(m.subject)
+            try:
+                env = decode_envelope(m.data, stream_seq=m.stream_seq)
+                if env.run_id != run_id:
+                    raise CorruptStreamError(
+                        f"event {env.event_id} names run {env.run_id} but is on subject {m.subject}",
+                        run_id=run_id,
+                    )
+            except CorruptStreamError as exc:
+                by_run.setdefault(run_id, [])
+                self._mark_corrupt_later(run_id, exc)
+                continue
+            by_run.setdefault(run_id, []).append(env)
+        self._unacked.extend(msgs)
+        missing = [r for r in by_run if r not in self._cache]
+        if missing:
+            await self._load(missing)
+        for run_id, envs in by_run.items():
+            await self._fold_run(run_id, envs)
+
+    def _mark_corrupt_later(self, run_id: str, exc: CorruptStreamError) -> None:
+        self._pending_corrupt[run_id] = str(exc)
+
+    def reset(self) -> None:
+        """Forget everything not yet written and acked (after a NATS failure mid-batch): the
+        unacked events are redelivered and folded again from the stored snapshots."""
+        self._cache.clear()
+        self._dirty.clear()
+        self._to_dispatch.clear()
+        self._unacked.clear()
+        self._pending_corrupt.clear()
+
+    async def _load(self, run_ids: list[str]) -> None:
+        entries = await self.nats.kv_get_many(self.bucket, run_ids)
+        for run_id, entry in zip(run_ids, entries, strict=True):
+            cached = _Cached(None, 0)
+            if entry is not None and entry.value:
+                cached.revision = entry.revision
+                try:
+                    doc = json.loads(entry.value)
+                    if doc.get("projection_error"):
+                        cached.blocked = str(doc["projection_error"])
+                    cached.snapshot = decode_snapshot(entry.value) if doc.get("status") in RunStatus.__members__ else None
+                except (ValueError, KeyError, TypeError):
+                    cached.snapshot = None
+            self._remember(run_id, cached)
+
+    def _remember(self, run_id: str, cached: _Cached) -> None:
+        self._cache[run_id] = cached
+        self._cache.move_to_end(run_id)
+        while len(self._cache) > self.cache_size:
+            old, c = self._cache.popitem(last=False)
+            if old in self._dirty:  # never evict unwritten work
+                self._cache[old] = c
+                break
+
+    async def _fold_run(self, run_id: str, envs: list[Envelope]) -> None:
+        cached = self._cache[run_id]
+        corrupt = self._pending_corrupt.pop(run_id, None)
+        if cached.blocked:
+            self._corrupt += len(envs)
+            log.error("run %s is not projectable (%s); %d more event(s) not applied", run_id, cached.blocked, len(envs), extra={"run_id": run_id})
+            return
+        snap = cached.snapshot
+        try:
+            for env in envs:
+                try:
+                    new = apply(snap, env)
+                except SequenceGap:
+                    new = await self._catch_up(run_id, snap, upto=env.stream_seq or 0)
+                    new = apply(new, env)
+                if new is not snap:
+                    self._events += 1
+                    if env.type in REQUEUE_EVENTS and new is not None:
+                        event = env.event if isinstance(env.event, RunSubmitted) else None
+                        self._to_dispatch[run_id] = (new.attempt, event)
+                snap = new
+            if corrupt:
+                raise CorruptStreamError(corrupt, run_id=run_id)
+        except CorruptStreamError as exc:
+            self._block(run_id, cached, snap, str(exc))
+            return
+        if snap is not cached.snapshot:
+            cached.snapshot = snap
+            self._dirty[run_id] = cached
+
+    async def _catch_up(self, run_id: str, snap: RunSnapshot | None, *, upto: int) -> RunSnapshot | None:
+        """Fill a gap from the stream (events that went to another projector)."""
+        after = snap.last_stream_seq if snap is not None else 0
+        missing = [e for e in await self.nats.read_run(run_id, after_stream_seq=after) if e.stream_seq is not None and e.stream_seq < upto]
+        return fold(snap, missing)
+
+    def _block(self, run_id: str, cached: _Cached, snap: RunSnapshot | None, reason: str) -> None:
+        self._corrupt += 1
+        log.error("corrupt event for run %s: %s; the run is marked as not projectable", run_id, reason, extra={"run_id": run_id})
+        if self.on_corrupt is not None:
+            self.on_corrupt(run_id, reason)
+        cached.blocked = reason
+        cached.snapshot = snap
+        self._dirty[run_id] = cached
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _encode(self, run_id: str, cached: _Cached) -> bytes:
+        if cached.blocked:
+            doc: dict[str, object] = cached.snapshot.to_json() if cached.snapshot is not None else {"run_id": run_id, "status": "UNKNOWN"}
+            doc["projection_error"] = cached.blocked
+            return dumps(doc)
+        assert cached.snapshot is not None
+        return encode_snapshot(cached.snapshot, max_bytes=self.max_snapshot_bytes)
+
+    async def flush(self) -> None:
+        """Write dirty snapshots (CAS), publish due work items, then ack everything absorbed."""
+        while self._dirty:
+            run_ids = list(self._dirty)
+            items = [(r, self._encode(r, self._dirty[r]), self._dirty[r].revision) for r in run_ids]
+            results = await self.nats.kv_update_many(self.bucket, items)
+            retry: list[str] = []
+            for run_id, res in zip(run_ids, results, strict=True):
+                cached = self._dirty[run_id]
+                if isinstance(res, ConcurrencyConflict):
+                    retry.append(run_id)
+                elif isinstance(res, PyocoError):
+                    raise res
+                else:
+                    cached.revision = res
+                    self._writes += 1
+                    del self._dirty[run_id]
+            if retry:
+                self._conflicts += len(retry)
+                await self._refresh(retry)
+        await self._dispatch()
+        if self._unacked:
+            msgs, self._unacked = self._unacked, []
+            await self.nats.ack_many(msgs)
+
+    async def _refresh(self, run_ids: list[str]) -> None:
+        """Someone else wrote these runs: re-read, fold the stream on top, mark dirty if ours is newer."""
+        entries = await self.nats.kv_get_many(self.bucket, run_ids)
+        for run_id, entry in zip(run_ids, entries, strict=True):
+            mine = self._dirty.pop(run_id)
+            theirs: RunSnapshot | None = None
+            revision = 0
+            if entry is not None and entry.value:
+                revision = entry.revision
+                try:
+                    theirs = decode_snapshot(entry.value)
+                except (ValueError, KeyError, TypeError):
+                    theirs = None
+            cached = _Cached(theirs, revision, mine.blocked)
+            if mine.snapshot is not None and (theirs is None or theirs.version < mine.snapshot.version):
+                # Theirs is older: fold the stream from their position (covers ours and more).
+                try:
+                    cached.snapshot = await self._catch_up(run_id, theirs, upto=1 << 62)
+                except CorruptStreamError as exc:
+                    cached.blocked = str(exc)
+                self._dirty[run_id] = cached
+            self._remember(run_id, cached)
+
+    async def _dispatch(self) -> None:
+        if not self._to_dispatch:
+            return
+        items: list[tuple[str, bytes, str | None, dict[str, str] | None]] = []
+        for run_id, (attempt, submitted) in list(self._to_dispatch.items()):
+            cached = self._cache.get(run_id)
+            snap = cached.snapshot if cached else None
+            if snap is None or snap.status is not RunStatus.PENDING or snap.attempt != attempt:
+                continue
+            if submitted is None:
+                first = await self.nats.read_run(run_id)
+                if not first or not isinstance(first[0].event, RunSubmitted):
+                    continue
+                submitted = first[0].event
+            items.append(
+                (
+                    subjects.work_subject(snap.tag, self.work_prefix),
+                    work_item(submitted, run_id=run_id, attempt=attempt),
+                    subjects.work_msg_id(run_id, attempt),
+                    None,
+                )
+            )
+        self._to_dispatch.clear()
+        if items:
+            results = await self.nats.publish_many(items)
+            for r in results:
+                if isinstance(r, PyocoError):
+                    raise r
+            self._published += len(items)
+
+
+async def run_projector(
+    nats: NatsClient,
+    *,
+    work_prefix: str = subjects.WORK_PREFIX,
+    max_snapshot_bytes: int = 262144,
+    batch: int = 1024,
+    max_delay: float = 0.05,
+    max_events: int = 8192,
+    projector: Projector | None = None,
+    task_status: trio.TaskStatus[Projector] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Project forever.  Errors reading or writing NATS are retried with backoff; a corrupt
+    event only blocks its own run."""
+    proj = projector or Projector(nats, work_prefix=work_prefix, max_snapshot_bytes=max_snapshot_bytes)
+    await nats.ensure_pull_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE, projector_consumer_config())
+    async with nats.pull_subscription(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE) as sub:
+        task_status.started(proj)
+        backoff = 0.1
+        first_unflushed: float | None = None
+        while True:
+            try:
+                timeout = 1.0 if not proj.pending else max(0.001, max_delay - (time.monotonic() - (first_unflushed or 0)))
+                msgs = await sub.fetch(batch, timeout=timeout)
+                if msgs:
+                    if first_unflushed is None:
+                        first_unflushed = time.monotonic()
+                    await proj.absorb(msgs)
+                caught_up = len(msgs) < batch or (msgs and msgs[-1].num_pending == 0)
+                overdue = first_unflushed is not None and time.monotonic() - first_unflushed >= max_delay
+                if proj.pending and (caught_up or overdue or proj.pending >= max_events):
+                    with trio.CancelScope(shield=True):
+                        await proj.flush()
+                    first_unflushed = None
+                backoff = 0.1
+            except PyocoError as exc:
+                log.warning("projector: %s; retrying in %.1fs", exc, backoff)
+                proj.reset()
+                first_unflushed = None
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
