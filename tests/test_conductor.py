@@ -1,0 +1,162 @@
+"""The conductor against a real nats-server: projection, dispatch, restarts, replay, reaper."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import trio
+
+from pyoco_es.conductor.projector import Projector, run_projector
+from pyoco_es.conductor.reaper import run_reaper
+from pyoco_es.conductor.service import run_conductor
+from pyoco_es.config import Settings
+from pyoco_es.core import decide
+from pyoco_es.core.codec import encode_snapshot
+from pyoco_es.core.events import Producer, RunSubmitted, TaskStarted
+from pyoco_es.core.fold import fold
+from pyoco_es.nats import subjects
+from pyoco_es.nats.client import NatsClient
+from pyoco_es.service import RunStore, new_run_id
+
+GW = Producer(kind="gateway", id="test")
+
+
+def submitted(tag: str = "default") -> RunSubmitted:
+    return RunSubmitted(flow_name="main", params={"n": 1}, tag=tag, tags=[tag], submitted_at=time.time(), workflow_yaml="flow: {graph: a}\n")
+
+
+async def submit(store: RunStore, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        run_id = new_run_id()
+        ev = submitted()
+        await store.execute(run_id, lambda s, ev=ev, r=run_id: decide.submit_run(s, ev, run_id=r), producer=GW)
+        ids.append(run_id)
+    return ids
+
+
+async def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    with trio.move_on_after(timeout):
+        while True:
+            if await predicate():  # type: ignore[misc]
+                return
+            await trio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def snapshots_match_fold(nats: NatsClient, run_ids: list[str]) -> bool:
+    entries = await nats.kv_get_many(subjects.RUNS_BUCKET, run_ids)
+    for run_id, entry in zip(run_ids, entries, strict=True):
+        expected = fold(None, await nats.read_run(run_id))
+        if entry is None or expected is None or entry.value != encode_snapshot(expected):
+            return False
+    return True
+
+
+async def work_count(nats: NatsClient) -> int:
+    return (await nats.stream_info(subjects.WORK_STREAM))["messages"]
+
+
+async def test_projector_writes_contract_snapshots_and_dispatches_work(nats: NatsClient, nursery: trio.Nursery) -> None:
+    # Given a conductor.
+    store = RunStore(nats)
+    with trio.fail_after(20):
+        await nursery.start(run_conductor, nats, Settings())
+        # When runs are submitted, then each gets a snapshot equal to the fold and one work item.
+        ids = await submit(store, 25)
+        await wait_until(lambda: snapshots_match_fold(nats, ids), "snapshots")
+        entry = await nats.kv_get(subjects.RUNS_BUCKET, ids[0])
+        assert entry is not None
+        doc = json.loads(entry.value or b"")
+        assert doc["status"] == "PENDING" and doc["tasks"] == {} and doc["version"] == 1
+        await wait_until(lambda: _eq(work_count(nats), 25), "work items")
+        # A cancel of a PENDING run ends it at once.
+        out = await store.execute(ids[0], lambda s: decide.request_cancel(s, run_id=ids[0], now=time.time()), producer=GW)
+        assert out.snapshot is not None and out.snapshot.status.value == "CANCELLED"
+        await wait_until(lambda: snapshots_match_fold(nats, ids[:1]), "cancelled snapshot")
+
+
+async def _eq(coro: object, value: object) -> bool:
+    return await coro == value  # type: ignore[misc]
+
+
+async def test_restarted_conductor_loses_and_duplicates_nothing(nats: NatsClient) -> None:
+    store = RunStore(nats)
+    with trio.fail_after(30):
+        ids = await submit(store, 40)
+        # A conductor that is stopped part-way (cancelled mid-stream)...
+        async with trio.open_nursery() as n:
+            proj = await n.start(lambda task_status: run_projector(nats, batch=8, max_delay=0.0, task_status=task_status))
+            await wait_until(lambda: _ge(proj.statistics().events_projected, 8), "some progress")
+            n.cancel_scope.cancel()
+        ids += await submit(store, 20)
+        # ...and a fresh one (new cache, same durable consumer) finishes the job.
+        async with trio.open_nursery() as n:
+            await n.start(run_conductor, nats, Settings())
+            await wait_until(lambda: snapshots_match_fold(nats, ids), "all snapshots")
+            await wait_until(lambda: _eq(work_count(nats), 60), "one work item per run")
+            n.cancel_scope.cancel()
+        assert await work_count(nats) == 60
+
+
+async def _ge(value: int, bound: int) -> bool:
+    return value >= bound
+
+
+async def test_two_conductors_give_the_same_snapshots_as_one(nats: NatsClient, nursery: trio.Nursery) -> None:
+    store = RunStore(nats)
+    with trio.fail_after(30):
+        for i in range(2):
+            await nursery.start(lambda task_status, i=i: run_projector(nats, batch=4, max_delay=0.0, task_status=task_status))
+        ids = await submit(store, 30)
+        # Interleave more events per run so both projectors see parts of each history.
+        for run_id in ids[:10]:
+            await store.execute(run_id, lambda s, r=run_id: decide.claim_run(s, run_id=r, attempt=1, worker_id="w", lease_seconds=60, tasks=["a"]), producer=GW)
+            await store.execute(run_id, lambda s, r=run_id: decide.worker_event(s, TaskStarted(attempt=1, task="a", started_at=1.0), run_id=r, attempt=1, worker_id="w"), producer=GW)
+            await store.execute(run_id, lambda s, r=run_id: decide.finish_run(s, run_id=r, attempt=1, worker_id="w", outcome="COMPLETED", now=2.0), producer=GW)
+        await wait_until(lambda: snapshots_match_fold(nats, ids), "converged snapshots")
+        await wait_until(lambda: _eq(work_count(nats), 30), "work items")
+
+
+async def test_corrupt_event_marks_its_run_only(nats: NatsClient, nursery: trio.Nursery) -> None:
+    store = RunStore(nats)
+    with trio.fail_after(20):
+        projector: Projector = await nursery.start(run_projector, nats)
+        good = await submit(store, 3)
+        bad = new_run_id()
+        await nats.publish(subjects.run_events_subject(bad), b"{not json", msg_id="junk-1")
+        more = await submit(store, 3)
+        await wait_until(lambda: snapshots_match_fold(nats, good + more), "good runs projected")
+
+        async def marked() -> bool:
+            e = await nats.kv_get(subjects.RUNS_BUCKET, bad)
+            return e is not None and b"projection_error" in (e.value or b"")
+
+        await wait_until(marked, "bad run marked")
+        assert projector.statistics().corrupt_events == 1
+
+
+async def test_reaper_retries_a_lost_attempt_then_fails_it(nats: NatsClient, nursery: trio.Nursery) -> None:
+    settings = Settings(run_lease_seconds=0.5, max_attempts=2)
+    store = RunStore(nats)
+    with trio.fail_after(20):
+        await nursery.start(run_projector, nats)
+        await nursery.start(lambda task_status: run_reaper(nats, settings, interval=0.05, task_status=task_status))
+        run_id = new_run_id()
+        ev = RunSubmitted(flow_name="main", params={}, tag="t", tags=["t"], submitted_at=time.time(), max_attempts=2)
+        await store.execute(run_id, lambda s: decide.submit_run(s, ev, run_id=run_id), producer=GW)
+        # A worker that never heartbeats claims attempt 1, then attempt 2.
+        for attempt in (1, 2):
+            await store.execute(run_id, lambda s, a=attempt: decide.claim_run(s, run_id=run_id, attempt=a, worker_id="ghost", lease_seconds=0.5), producer=GW)
+
+            async def status_is(want: str, attempt: int = attempt) -> bool:
+                snap = await store.load(run_id)
+                return snap is not None and snap.status.value == want and (want != "PENDING" or snap.attempt == attempt + 1)
+
+            await wait_until(lambda a=attempt: status_is("PENDING" if a == 1 else "FAILED"), f"verdict on attempt {attempt}")
+        snap = await store.load(run_id)
+        assert snap is not None and snap.failure_reason == "worker_lost" and "giving up" in (snap.error or "")
+        # Attempt 2's work item was dispatched after the first loss.
+        assert await work_count(nats) == 2
