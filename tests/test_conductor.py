@@ -160,3 +160,30 @@ async def test_reaper_retries_a_lost_attempt_then_fails_it(nats: NatsClient, nur
         assert snap is not None and snap.failure_reason == "worker_lost" and "giving up" in (snap.error or "")
         # Attempt 2's work item was dispatched after the first loss.
         assert await work_count(nats) == 2
+
+
+async def test_replay_rebuilds_byte_identical_snapshots(nats: NatsClient) -> None:
+    from pyoco_es.conductor.replay import replay
+    from pyoco_es.nats.resources import delete_bucket, ensure_resources
+
+    store = RunStore(nats)
+    with trio.fail_after(30):
+        ids = await submit(store, 12)
+        for run_id in ids[:4]:
+            await store.execute(run_id, lambda s, r=run_id: decide.claim_run(s, run_id=r, attempt=1, worker_id="w", lease_seconds=60, tasks=["a"]), producer=GW)
+            await store.execute(run_id, lambda s, r=run_id: decide.finish_run(s, run_id=r, attempt=1, worker_id="w", outcome="FAILED", now=3.0, error="x"), producer=GW)
+        async with trio.open_nursery() as n:
+            await n.start(run_projector, nats)
+            await wait_until(lambda: snapshots_match_fold(nats, ids), "projection")
+            n.cancel_scope.cancel()
+        before = {e.key: e.value for e in await nats.kv_get_many(subjects.RUNS_BUCKET, ids) if e is not None}
+        report = await replay(nats)
+        assert report.ok and report.runs == 12 and report.events == 12 + 8
+        # Wipe the live read model: replay reports every run missing, and --rebuild restores them.
+        await delete_bucket(nats, subjects.RUNS_BUCKET)
+        await ensure_resources(nats)
+        report = await replay(nats, rebuild=True)
+        assert {d.kind for d in report.differences} == {"missing"} and len(report.differences) == 12
+        after = {e.key: e.value for e in await nats.kv_get_many(subjects.RUNS_BUCKET, ids) if e is not None}
+        assert after == before
+        assert (await replay(nats)).ok

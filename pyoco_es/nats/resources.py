@@ -152,3 +152,30 @@ def attrs_merge(have: api.StreamConfig, want: api.StreamConfig) -> api.StreamCon
     for k, v in want.as_dict().items():
         data[k] = v
     return api.StreamConfig.from_response(data)
+
+
+async def recreate_bucket(client: NatsClient, bucket: str, cfg: ResourceConfig | None = None) -> None:
+    """Drop ``bucket`` if it exists and create it empty (replay's fresh bucket)."""
+    cfg = cfg or ResourceConfig()
+
+    async def go() -> None:
+        js = client.js
+        try:
+            await js.delete_stream(subjects.kv_stream(bucket))
+        except nats.js.errors.NotFoundError:
+            pass
+        await js.add_stream(_kv_config(bucket, cfg, history=1))
+
+    await client.run("recreate bucket", go)
+
+
+async def delete_bucket(client: NatsClient, bucket: str) -> None:
+    """Delete a bucket and its values (used by the replay test to wipe the live read model)."""
+
+    async def go() -> None:
+        try:
+            await client.js.delete_stream(subjects.kv_stream(bucket))
+        except nats.js.errors.NotFoundError:
+            pass
+
+    await client.run("delete bucket", go)

@@ -1,0 +1,291 @@
+"""``pyoco-es``: the umbrella command (up, conductor, gateway, worker, replay, events, client),
+plus ``pyoco-server`` (defaults to ``up``) and ``pyoco-worker`` as compatible names."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncclick as click
+import attrs
+import trio
+
+from ..config import Settings
+from ..core.codec import envelope_to_json
+from ..core.errors import PyocoError
+from ..runtime import configure_logging, open_system_nats, wait_for_stop_signal
+
+NATS_URL = click.option("--nats-url", envvar="PYOCO_NATS_URL", default=None, help="Use this NATS server/cluster instead of the embedded one.")
+DATA_DIR = click.option("--data-dir", envvar="PYOCO_DATA_DIR", default=".pyoco-es", show_default=True, type=click.Path(path_type=Path), help="Where the embedded NATS keeps its store.")
+NATS_SYNC = click.option(
+    "--nats-sync",
+    envvar="PYOCO_NATS_SYNC",
+    type=click.Choice(["1s", "always", "default"]),
+    default="1s",
+    show_default=True,
+    help="Embedded NATS fsync: 1s (a killed process loses nothing, an OS crash at most ~1 s), always (fsync before every ack, ~3x slower), default (NATS's 2 min).",
+)
+LOG_LEVEL = click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+
+
+def _settings(**overrides: object) -> Settings:
+    base = Settings.from_env()
+    return attrs.evolve(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def fail(message: str, *, hint: str | None = None) -> None:
+    click.echo(f"ERR-PYOCO-0018: {message}", err=True)
+    if hint:
+        click.echo(f"- hint: {hint}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """pyoco-es: event-sourced execution backend for pyoco workflows.
+
+    \b
+    Example:
+      pyoco-es up --with-worker          # NATS + conductor + gateway + a worker on :8000
+      pyoco-es client submit-yaml --workflow-file flow.yaml --flow-name main --tag default
+    """
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int, help="HTTP port (0 = random).")
+@NATS_URL
+@DATA_DIR
+@NATS_SYNC
+@click.option("--dashboard-lang", type=click.Choice(["auto", "ja", "en"]), default=None, help="Dashboard language (PYOCO_DASHBOARD_LANG).")
+@click.option("--with-worker", is_flag=True, help="Also run a worker in this process.")
+@click.option("--worker-id", default="worker", show_default=True)
+@click.option("--worker-tags", default="default", show_default=True, help="CSV of tags the worker serves.")
+@click.option("--worker-concurrency", default=4, show_default=True, type=int)
+@click.option("--worker-flow-resolver", default=None, help="module:function or path.py:function resolving named flows.")
+@click.option("--allow-module", "allow_modules", multiple=True, help="Module prefix YAML callables may import (repeatable).")
+@LOG_LEVEL
+async def up(
+    host: str,
+    port: int,
+    nats_url: str | None,
+    data_dir: Path,
+    nats_sync: str,
+    dashboard_lang: str | None,
+    with_worker: bool,
+    worker_id: str,
+    worker_tags: str,
+    worker_concurrency: int,
+    worker_flow_resolver: str | None,
+    allow_modules: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Run the whole system: embedded NATS (unless --nats-url), conductor, gateway + dashboard.
+
+    \b
+    Example:
+      pyoco-server up --with-worker --allow-module examples
+      open http://127.0.0.1:8000/
+    """
+    configure_logging(log_level)
+    settings = _settings(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync, dashboard_lang=dashboard_lang)
+    if allow_modules:
+        settings = attrs.evolve(settings, allowed_modules=tuple(allow_modules))
+    from ..conductor.service import run_conductor
+    from ..gateway.server import run_gateway
+
+    stop = trio.Event()
+    try:
+        async with open_system_nats(settings, name="pyoco-server", announce=True) as nats:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(wait_for_stop_signal, stop)
+                await nursery.start(run_conductor, nats, settings)
+                bound = await nursery.start(lambda task_status: run_gateway(nats, settings, host=host, port=port, task_status=task_status))
+                click.echo(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)", err=True)
+                if with_worker:
+                    from ..worker.actor import run_worker
+                    from .worker import load_flow_resolver
+
+                    resolver = load_flow_resolver(worker_flow_resolver) if worker_flow_resolver else None
+                    # run_worker returns once ``stop`` is set and its runs are drained.
+                    async with trio.open_nursery() as workers:
+                        await workers.start(
+                            lambda task_status: run_worker(
+                                nats,
+                                settings,
+                                worker_id=worker_id,
+                                tags=[t.strip() for t in worker_tags.split(",") if t.strip()],
+                                concurrency=worker_concurrency,
+                                flow_resolver=resolver,
+                                allowed_modules=settings.allowed_modules,
+                                stop=stop,
+                                task_status=task_status,
+                            )
+                        )
+                else:
+                    await stop.wait()
+                nursery.cancel_scope.cancel()
+    except PyocoError as exc:
+        fail(exc.message, hint="pyoco-server up --help")
+
+
+@cli.command()
+@NATS_URL
+@DATA_DIR
+@NATS_SYNC
+@LOG_LEVEL
+async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_level: str) -> None:
+    """Run a conductor alone (projector, dispatcher, reaper); run several for availability.
+
+    \b
+    Example:
+      pyoco-es conductor --nats-url nats://nats-1:4222
+    """
+    configure_logging(log_level)
+    settings = _settings(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync)
+    from ..conductor.service import run_conductor
+
+    stop = trio.Event()
+    try:
+        async with open_system_nats(settings, name="pyoco-conductor", announce=True) as nats:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(wait_for_stop_signal, stop)
+                await nursery.start(run_conductor, nats, settings)
+                click.echo("conductor running (Ctrl-C to stop)", err=True)
+                await stop.wait()
+                nursery.cancel_scope.cancel()
+    except PyocoError as exc:
+        fail(exc.message)
+
+
+@cli.command()
+@NATS_URL
+@DATA_DIR
+@click.option("--rebuild", is_flag=True, help="Also write missing/different snapshots into the live bucket.")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: str) -> None:
+    """Fold the whole event stream into a fresh bucket and report snapshots that differ from the
+    live read model.  Exit code 1 when any differ.
+
+    \b
+    Example:
+      pyoco-es replay --nats-url nats://127.0.0.1:4222
+    """
+    configure_logging("warning")
+    from ..conductor.replay import replay as do_replay
+
+    settings = _settings(nats_url=nats_url, data_dir=data_dir)
+    try:
+        async with open_system_nats(settings, name="pyoco-replay") as nats:
+
+            def progress(done: int, total: int) -> None:
+                if sys.stderr.isatty():
+                    print(f"\rreplayed up to stream seq {done}/{total}", end="", file=sys.stderr, flush=True)
+
+            report = await do_replay(nats, rebuild=rebuild, progress=progress, max_snapshot_bytes=settings.max_run_snapshot_bytes)
+    except PyocoError as exc:
+        fail(exc.message)
+        return
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if output == "json":
+        click.echo(json.dumps({"events": report.events, "runs": report.runs, "differences": [attrs.asdict(d) for d in report.differences]}))
+    else:
+        click.echo(f"replayed {report.events} events of {report.runs} runs: {len(report.differences)} difference(s)")
+        for d in report.differences:
+            click.echo(f"  {d.kind:<9} {d.run_id}  {d.detail}")
+        if rebuild and report.differences:
+            click.echo("rebuilt the live snapshots listed above")
+    sys.exit(0 if report.ok else 1)
+
+
+def _ts(value: float) -> str:
+    return datetime.fromtimestamp(value, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+@cli.command()
+@click.argument("run_id")
+@NATS_URL
+@DATA_DIR
+@click.option("--output", type=click.Choice(["table", "json"]), default=None, help="Default: table on a terminal, JSON lines otherwise.")
+async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str | None) -> None:
+    """Print a run's full event history (the audit trail) straight from the event stream.
+
+    \b
+    Example:
+      pyoco-es events 3f2a... --output json | jq .type
+    """
+    configure_logging("warning")
+    from ..nats.subjects import is_token
+    from ..service import RunStore
+
+    if not is_token(run_id):
+        fail(f"invalid run id {run_id!r}: use letters, digits, '_' or '-'")
+    settings = _settings(nats_url=nats_url, data_dir=data_dir)
+    try:
+        async with open_system_nats(settings, name="pyoco-events") as nats:
+            history = await RunStore(nats).history(run_id)
+    except PyocoError as exc:
+        fail(exc.message)
+        return
+    if not history:
+        fail(f"run {run_id} has no events", hint="check the run id with `pyoco-client list`")
+    mode = output or ("table" if sys.stdout.isatty() else "json")
+    for env in history:
+        if mode == "json":
+            doc = envelope_to_json(env)
+            doc["stream_seq"] = env.stream_seq
+            click.echo(json.dumps(doc, separators=(",", ":")))
+        else:
+            who = f"{env.producer.kind}:{env.producer.id}" + (f"#{env.producer.attempt}" if env.producer.attempt else "")
+            data = {k: v for k, v in envelope_to_json(env)["data"].items() if v not in (None, {}, [], "") and k != "workflow_yaml"}
+            detail = json.dumps(data, separators=(",", ":"), default=str)
+            width = max(20, (os.get_terminal_size().columns if sys.stdout.isatty() else 160) - 75)
+            click.echo(f"{env.seq:>4}  {_ts(env.occurred_at)}  {env.type:<21} {who:<24} {detail[:width]}")
+
+
+def _mount_optional() -> None:
+    """Mount the component commands (worker, gateway, client) that live in their own modules."""
+    try:
+        from .worker import worker as worker_cmd
+
+        cli.add_command(worker_cmd, "worker")
+    except ImportError:  # pragma: no cover - during development of a component
+        pass
+    try:
+        from .gateway import gateway as gateway_cmd
+
+        cli.add_command(gateway_cmd, "gateway")
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .client import cli as client_group
+
+        cli.add_command(client_group, "client")
+    except ImportError:  # pragma: no cover
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:
+    cli(_anyio_backend="trio")
+
+
+def server_main() -> None:
+    """``pyoco-server``: like pyoco-server, no sub-command (or flags first) means ``up``."""
+    args = sys.argv[1:]
+    if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
+        args = ["up", *args]
+    sys.argv = [sys.argv[0], *args]
+    cli(_anyio_backend="trio")
+
+
+def worker_main() -> None:
+    from .worker import worker_main as run
+
+    run()

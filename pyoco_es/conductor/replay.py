@@ -1,0 +1,114 @@
+"""Replay for audits: fold the whole event stream again and compare with the live read model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import attrs
+
+from ..core.codec import decode_envelope, encode_snapshot
+from ..core.errors import CorruptStreamError
+from ..core.fold import apply
+from ..core.model import RunSnapshot
+from ..nats import subjects
+from ..nats.client import NatsClient
+from ..nats.resources import recreate_bucket
+
+log = logging.getLogger(__name__)
+REPLAY_BUCKET = "pyoco_runs_replay"
+
+
+@attrs.frozen
+class Difference:
+    run_id: str
+    kind: str  # "missing" (no live snapshot), "different", "extra" (live key with no events), "corrupt"
+    detail: str = ""
+
+
+@attrs.frozen
+class ReplayReport:
+    events: int
+    runs: int
+    differences: tuple[Difference, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+async def replay(
+    nats: NatsClient,
+    *,
+    rebuild: bool = False,
+    out_bucket: str = REPLAY_BUCKET,
+    max_snapshot_bytes: int = 262144,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReplayReport:
+    """Fold every run event into ``out_bucket`` (recreated empty) and diff it with ``pyoco_runs``.
+
+    With ``rebuild``, snapshots that are missing or different in the live bucket are written
+    there too (stop the conductors first, or let them overwrite with the same values).
+    """
+    snaps: dict[str, RunSnapshot | None] = {}
+    corrupt: dict[str, str] = {}
+    after = 0
+    events = 0
+    total = (await nats.stream_info(subjects.EVENTS_STREAM))["last_seq"]
+    while True:
+        batch = await nats.read_events(subjects.RUN_EVENTS_WILDCARD, after_stream_seq=after, limit=1024)
+        if not batch:
+            break
+        for seq, data in batch:
+            events += 1
+            # The subject is not in the batch; the envelope names its run.
+            try:
+                env = decode_envelope(data, stream_seq=seq)
+            except CorruptStreamError as exc:
+                corrupt[exc.run_id or f"seq-{seq}"] = str(exc)
+                continue
+            if env.run_id in corrupt:
+                continue
+            try:
+                snaps[env.run_id] = apply(snaps.get(env.run_id), env)
+            except CorruptStreamError as exc:
+                corrupt[env.run_id] = str(exc)
+        after = batch[-1][0]
+        if progress is not None:
+            progress(after, total)
+    await recreate_bucket(nats, out_bucket)
+    encoded = {r: encode_snapshot(s, max_bytes=max_snapshot_bytes) for r, s in snaps.items() if s is not None and r not in corrupt}
+    ids = sorted(encoded)
+    diffs: list[Difference] = [Difference(r, "corrupt", why) for r, why in sorted(corrupt.items())]
+    chunk = 256
+    to_fix: list[tuple[str, bytes]] = []
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        for run_id in part:
+            await nats.kv_put(out_bucket, run_id, encoded[run_id])
+        live = await nats.kv_get_many(subjects.RUNS_BUCKET, part)
+        for run_id, entry in zip(part, live, strict=True):
+            if entry is None:
+                diffs.append(Difference(run_id, "missing", "no live snapshot"))
+                to_fix.append((run_id, encoded[run_id]))
+            elif entry.value != encoded[run_id]:
+                diffs.append(Difference(run_id, "different", _first_difference(entry.value or b"", encoded[run_id])))
+                to_fix.append((run_id, encoded[run_id]))
+    for key in await nats.kv_keys(subjects.RUNS_BUCKET):
+        if key not in encoded and key not in corrupt:
+            diffs.append(Difference(key, "extra", "live snapshot without events"))
+    if rebuild:
+        for run_id, value in to_fix:
+            await nats.kv_put(subjects.RUNS_BUCKET, run_id, value)
+    return ReplayReport(events=events, runs=len(snaps), differences=tuple(diffs))
+
+
+def _first_difference(live: bytes, replayed: bytes) -> str:
+    import json
+
+    try:
+        a, b = json.loads(live), json.loads(replayed)
+    except ValueError:
+        return "live value is not JSON"
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "fields differ: " + ", ".join(keys[:8])

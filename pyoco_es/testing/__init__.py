@@ -1,0 +1,1 @@
+"""Test helpers shipped with pyoco-es (like ``trio.testing``): start a whole stack in-process."""

@@ -1,0 +1,87 @@
+"""The embedded nats-server: started by `pyoco-es` commands, never left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyoco_es.core.errors import InfraError
+from pyoco_es.nats.embedded import EmbeddedNats
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of ours still answers kill(0); look at its state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait(predicate, what: str, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sync_modes_reach_the_server_config(tmp_path: Path) -> None:
+    for mode, line in (("1s", "sync_interval: 1s"), ("always", "sync_interval: always"), ("default", None)):
+        server = EmbeddedNats(data_dir=tmp_path / mode, sync=mode)
+        server.start()
+        try:
+            conf = (tmp_path / mode / "nats.conf").read_text()
+            assert (line in conf) if line else "sync_interval" not in conf
+        finally:
+            server.stop()
+    with pytest.raises(InfraError, match="--nats-sync must be one of"):
+        EmbeddedNats(data_dir=tmp_path / "bad", sync="sometimes").start()
+
+
+def _spawn_conductor(data_dir: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k != "PYOCO_NATS_URL"}
+    return subprocess.Popen(
+        [sys.executable, "-c", "from pyoco_es.cli.main import main; main()", "conductor", "--data-dir", str(data_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_no_orphan_nats_server_when_the_parent_stops(tmp_path: Path, how: str) -> None:
+    """The embedded server dies with its parent: on a clean stop, and also when the parent is SIGKILLed."""
+    proc = _spawn_conductor(tmp_path)
+    pid_file = tmp_path / "nats" / "nats-server.pid"
+    try:
+        _wait(pid_file.exists, "the embedded server")
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        while "conductor running" not in line:
+            assert line, "conductor exited early"
+            line = proc.stderr.readline().decode()
+        nats_pid = int(pid_file.read_text())
+        assert _alive(nats_pid)
+        proc.send_signal(getattr(signal, how))
+        proc.wait(timeout=20)
+        if how != "SIGKILL":
+            assert proc.returncode == 0
+        _wait(lambda: not _alive(nats_pid), "nats-server to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
