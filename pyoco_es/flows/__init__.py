@@ -1,0 +1,1 @@
+"""Flow definitions: strict ``flow.yaml`` parsing and the safe graph parser."""
