@@ -116,6 +116,7 @@ class Settings:
     http_auth_mode: str = "none"
     api_key_header: str = "X-API-Key"
     dashboard_lang: str = "auto"
+    sse_heartbeat_interval: float = 5.0  # seconds of silence before an SSE heartbeat
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -144,4 +145,5 @@ class Settings:
             http_auth_mode=(e.get("PYOCO_HTTP_AUTH_MODE") or "none").strip().lower(),
             api_key_header=e.get("PYOCO_HTTP_API_KEY_HEADER") or "X-API-Key",
             dashboard_lang=e.get("PYOCO_DASHBOARD_LANG") or "auto",
+            sse_heartbeat_interval=_num(e, "PYOCO_SSE_HEARTBEAT_INTERVAL_SEC", 5.0, 0.05),
         )

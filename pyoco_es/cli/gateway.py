@@ -1,0 +1,49 @@
+"""``pyoco-es gateway``: the HTTP gateway alone (several behind a load balancer act as one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncclick as click
+import trio
+
+from ..core.errors import PyocoError
+from ..runtime import configure_logging, open_system_nats, wait_for_stop_signal
+from .main import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, _settings, fail
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int, help="HTTP port (0 = random).")
+@NATS_URL
+@DATA_DIR
+@NATS_SYNC
+@click.option("--dashboard-lang", type=click.Choice(["auto", "ja", "en"]), default=None, help="Dashboard language (PYOCO_DASHBOARD_LANG).")
+@LOG_LEVEL
+async def gateway(
+    host: str, port: int, nats_url: str | None, data_dir: Path, nats_sync: str, dashboard_lang: str | None, log_level: str
+) -> None:
+    """Run the HTTP gateway alone, against a NATS that a conductor also uses.
+
+    Every gateway keeps its own in-memory run index fed by the runs KV, and all writes are
+    appends fenced by optimistic concurrency, so any number of gateways behave as one.
+
+    \b
+    Example:
+      pyoco-es gateway --nats-url nats://nats-1:4222 --host 0.0.0.0 --port 8000
+    """
+    configure_logging(log_level)
+    settings = _settings(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync, dashboard_lang=dashboard_lang)
+    from ..gateway.server import run_gateway
+
+    stop = trio.Event()
+    try:
+        async with open_system_nats(settings, name="pyoco-gateway", announce=True) as nats:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(wait_for_stop_signal, stop)
+                bound = await nursery.start(lambda task_status: run_gateway(nats, settings, host=host, port=port, task_status=task_status))
+                click.echo(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)", err=True)
+                await stop.wait()
+                nursery.cancel_scope.cancel()
+    except PyocoError as exc:
+        fail(exc.message, hint="pyoco-es gateway --help")

@@ -1,0 +1,182 @@
+"""``create_app``: the Quart-Trio application and the one place errors become responses.
+
+The app speaks pyoco-server's HTTP API (contract §1).  Every error a route raises is a
+:class:`~pyoco_es.core.errors.PyocoError` whose ``http_status`` picks the status; the body is
+always ``{"detail": ...}`` and never a traceback.  NATS trouble is a 503 with a hint, and no
+route answers 2xx for a write before the event's PubAck arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..config import Settings
+from ..core.errors import InfraError, PyocoError
+from ..core.events import Producer
+from ..nats.client import NatsClient
+from ..service import RunStore
+from .index import RunIndex
+from .params import RequestInvalid
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR: Final = Path(__file__).with_name("static")
+JSON_BODY_MAX: Final = 1024 * 1024  # POST /runs bodies; NATS max_payload bounds the event anyway
+MULTIPART_SLACK: Final = 64 * 1024  # form fields and multipart boundaries around the YAML file
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+
+
+def json_response(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_dumps(doc), status=status, headers=headers, content_type="application/json")
+
+
+@attrs.define(eq=False, kw_only=True)
+class Gateway:
+    """What the routes share: NATS, the run store and index, settings and a few counters."""
+
+    nats: NatsClient
+    settings: Settings
+    index: RunIndex
+    store: RunStore
+    producer: Producer
+    clock: Callable[[], float] = time.time
+    heartbeat_interval: float = 5.0
+    static_dir: Path = STATIC_DIR
+    sse_streams: int = 0
+
+    def require_nats(self) -> None:
+        """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""
+        if not self.nats.is_connected:
+            raise InfraError(f"not connected to NATS at {self.nats.url} (reconnecting)")
+
+    def unavailable_detail(self, exc: InfraError) -> str:
+        return (
+            f"nats unavailable: {exc.message}. Nothing was changed unless a 2xx was returned; "
+            f"retry later (with the same Idempotency-Key for submits). Check the NATS server at {self.nats.url}."
+        )
+
+
+def create_app(
+    nats: NatsClient,
+    settings: Settings,
+    *,
+    index: RunIndex | None = None,
+    clock: Callable[[], float] = time.time,
+    gateway_id: str | None = None,
+    heartbeat_interval: float | None = None,
+    static_dir: Path | None = None,
+) -> QuartTrio:
+    """Build the gateway app.
+
+    Args:
+        index: the run index feeding ``GET /runs`` and the SSE streams.  When omitted, one is
+            created and started with the app (``before_serving``); ``run_gateway`` passes its own
+            so it is loaded before the port opens.
+        heartbeat_interval: seconds of silence before an SSE heartbeat (default
+            ``settings.sse_heartbeat_interval``).
+    """
+    app = QuartTrio(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = max(JSON_BODY_MAX, settings.workflow_yaml_max_bytes + MULTIPART_SLACK)
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 60
+    own_index = index is None
+    gw = Gateway(
+        nats=nats,
+        settings=settings,
+        index=index if index is not None else RunIndex(nats),
+        store=RunStore(nats, clock=clock),
+        producer=Producer(kind="gateway", id=gateway_id or f"{socket.gethostname()}-{os.getpid()}"),
+        clock=clock,
+        heartbeat_interval=heartbeat_interval if heartbeat_interval is not None else settings.sse_heartbeat_interval,
+        static_dir=static_dir or STATIC_DIR,
+    )
+    app.extensions["pyoco"] = gw
+
+    if own_index:
+
+        @app.before_serving
+        async def _start_index() -> None:
+            await app.nursery.start(gw.index.run)
+
+    @app.errorhandler(PyocoError)
+    async def _pyoco_error(exc: PyocoError) -> Response:
+        if isinstance(exc, RequestInvalid):
+            return json_response({"detail": exc.detail}, exc.http_status)
+        if isinstance(exc, InfraError):
+            log.warning("%s %s: %s", _method(), _path(), exc.message)
+            return json_response({"detail": gw.unavailable_detail(exc)}, 503, {"Retry-After": "1"})
+        if exc.http_status >= 500:
+            log.error("%s %s failed: %s", _method(), _path(), exc.message)
+        return json_response({"detail": exc.message}, exc.http_status)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        if code == 413:
+            detail = f"request body too large (limit {app.config['MAX_CONTENT_LENGTH']} bytes)"
+        elif code == 404:
+            detail = "Not Found"
+        elif code == 405:
+            detail = "Method Not Allowed"
+        else:
+            detail = exc.description or exc.name
+        return json_response({"detail": detail}, code)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _unwrap(exc)
+            if isinstance(inner, PyocoError):
+                return await _pyoco_error(inner)
+        log.exception("%s %s: unexpected error", _method(), _path())
+        return json_response({"detail": f"internal error ({type(exc).__name__}); see the gateway log"}, 500)
+
+    from .routes import register_routes
+
+    register_routes(app, gw)
+    return app
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _method() -> str:
+    from quart import request
+
+    try:
+        return request.method
+    except RuntimeError:  # pragma: no cover - outside a request
+        return "-"
+
+
+def _path() -> str:
+    from quart import request
+
+    try:
+        return request.path
+    except RuntimeError:  # pragma: no cover
+        return "-"
+
+
+def gateway_of(app: Any) -> Gateway:
+    return app.extensions["pyoco"]  # type: ignore[no-any-return]
+
+
+__all__ = ["Gateway", "create_app", "gateway_of", "json_response"]

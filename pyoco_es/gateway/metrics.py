@@ -1,0 +1,74 @@
+"""``/metrics``: pyoco-server's gauge families (contract §1.9) plus pyoco-es's own, as
+Prometheus text.  Values are gathered by the route; this module only renders them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+import attrs
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@attrs.frozen(kw_only=True)
+class MetricValues:
+    runs_by_status: Mapping[str, int]
+    runs_today_by_status: Mapping[str, int]
+    workers_alive: int | None  # None: the registry could not be read
+    dlq_messages: int | None  # None: the stream could not be read (the value line is omitted)
+    events_appended: int | None
+    projector_lag: int | None
+    sse_streams: int
+    index_runs: int
+
+
+class _Collector(Collector):
+    def __init__(self, values: MetricValues) -> None:
+        self.values = values
+
+    def collect(self) -> Iterable[Metric]:
+        v = self.values
+        runs = GaugeMetricFamily("pyoco_runs_total", "Runs by status (from the gateway's run index).", labels=["status"])
+        for status in sorted(v.runs_by_status):
+            runs.add_metric([status], v.runs_by_status[status])
+        yield runs
+        today = GaugeMetricFamily(
+            "pyoco_runs_today_total", "Runs by status updated on the server's local calendar day.", labels=["status"]
+        )
+        for status in sorted(v.runs_today_by_status):
+            today.add_metric([status], v.runs_today_by_status[status])
+        yield today
+        yield _gauge("pyoco_workers_alive_total", "Workers whose effective state is RUNNING or IDLE.", v.workers_alive)
+        yield _gauge("pyoco_dlq_messages_total", "Messages in the dead-letter stream.", v.dlq_messages)
+        yield _gauge("pyoco_events_appended_total", "Events appended to PYOCO_EVENTS (its last stream sequence).", v.events_appended)
+        yield _gauge(
+            "pyoco_projector_lag", "Events not yet projected (projector consumer num_pending + ack_pending).", v.projector_lag
+        )
+        yield GaugeMetricFamily("pyoco_gateway_sse_streams", "SSE streams open on this gateway.", value=v.sse_streams)
+        yield GaugeMetricFamily("pyoco_gateway_index_runs", "Runs in this gateway's in-memory list index.", value=v.index_runs)
+
+
+def _gauge(name: str, help_text: str, value: int | None) -> GaugeMetricFamily:
+    """A gauge without labels; its value line is omitted when the value is unknown (None)."""
+    family = GaugeMetricFamily(name, help_text)
+    if value is not None:
+        family.add_metric([], value)
+    return family
+
+
+def render(values: MetricValues) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(values))
+    return generate_latest(registry)
+
+
+def local_day_bounds(now: float) -> tuple[float, float]:
+    """[start, end) of the server's local calendar day containing ``now``."""
+    lt = time.localtime(now)
+    start = time.mktime((lt.tm_year, lt.tm_mon, lt.tm_mday, 0, 0, 0, 0, 0, -1))
+    end = time.mktime((lt.tm_year, lt.tm_mon, lt.tm_mday + 1, 0, 0, 0, 0, 0, -1))
+    return start, end

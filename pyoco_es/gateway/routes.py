@@ -1,0 +1,748 @@
+"""The HTTP routes (contract §1) on top of :class:`~pyoco_es.gateway.app.Gateway`.
+
+Writes go through ``RunStore.execute`` (decide, then append fenced by the run's last stream
+seq) and answer only after the PubAck.  Reads come from the KV snapshot, the in-memory run
+index, or, right after a write the projector has not folded yet, from the run's events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import locale
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Final
+
+import attrs
+import trio
+from quart import request
+from quart_trio import QuartTrio
+from quart import Response, make_response, send_from_directory
+from werkzeug.exceptions import NotFound
+
+from ..core import decide
+from ..core.codec import dumps, envelope_to_json, event_data
+from ..core.errors import ConcurrencyConflict, InfraError, PayloadTooLarge, PyocoError, RunAlreadyExists, RunNotFound, ValidationError
+from ..core.events import JSONObject, RunSubmitted
+from ..core.model import TERMINAL_STATUSES
+from ..nats import subjects
+from ..service import new_run_id
+from . import sse
+from .app import MULTIPART_SLACK, Gateway, json_response
+from .index import decode_cursor
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import MetricValues, local_day_bounds, render
+from .openapi import openapi_document
+from .params import (
+    RequestInvalid,
+    check_tag,
+    field_error,
+    invalid,
+    parse_json_body,
+    query_bool,
+    query_float,
+    query_int,
+    query_str,
+)
+from .workers import ALIVE_STATES, WORKER_STATES, liveness, normalize_worker, worker_view
+
+RECORD_INCLUDES: Final = frozenset({"records", "task_records", "full", "all"})
+FULL_INCLUDES: Final = frozenset({"full", "all"})
+TERMINAL: Final = frozenset(s.value for s in TERMINAL_STATUSES)
+IDEMPOTENCY_NAMESPACE: Final = uuid.UUID("5b0f8a51-3f0c-4c55-9d55-70796f636f65")
+IDEMPOTENCY_KEY_MAX: Final = 255
+RUN_ID_MAX: Final = 128
+LANG_PLACEHOLDER: Final = "__PYOCO_DASHBOARD_LANG_VALUE__"
+
+
+# -- pure helpers -------------------------------------------------------------------------------
+
+
+def run_id_for_key(tenant_id: str | None, key: str) -> str:
+    """The run id an Idempotency-Key maps to (per tenant): a retry appends to the same run, whose
+    create-once ``run.submitted`` makes it a no-op forever, not just within the dedupe window."""
+    return uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{tenant_id or ''}\x00{key}").hex
+
+
+def request_fingerprint(doc: JSONObject) -> str:
+    """sha256 of the normalised request (canonical JSON), to tell a retry from a reused key."""
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def valid_run_id(run_id: str) -> bool:
+    return len(run_id) <= RUN_ID_MAX and subjects.is_token(run_id)
+
+
+def filter_snapshot(doc: JSONObject, includes: set[str]) -> JSONObject:
+    """Drop ``task_records`` unless asked for (contract §1.5)."""
+    if includes & RECORD_INCLUDES:
+        return doc
+    out = dict(doc)
+    out.pop("task_records", None)
+    out.pop("task_records_truncated", None)
+    return out
+
+
+def resolve_dashboard_lang(setting: str, env: dict[str, str] | None = None) -> str:
+    """``ja`` or ``en`` from PYOCO_DASHBOARD_LANG, else from the locale (contract §6.2)."""
+    value = (setting or "auto").strip().lower()
+    if value.startswith("ja"):
+        return "ja"
+    if value.startswith("en"):
+        return "en"
+    env = dict(os.environ) if env is None else env
+    candidates = [env.get(name, "") for name in ("LC_ALL", "LANGUAGE", "LC_MESSAGES", "LANG")]
+    try:
+        candidates.append(locale.getlocale()[0] or "")
+    except ValueError:  # pragma: no cover - broken locale settings
+        pass
+    for cand in candidates:
+        c = cand.strip().lower()
+        if c.startswith("ja"):
+            return "ja"
+        if c.startswith("en"):
+            return "en"
+    return "en"
+
+
+def _includes() -> set[str]:
+    out: set[str] = set()
+    for value in request.args.getlist("include"):
+        out.update(v.strip().lower() for v in value.split(",") if v.strip())
+    return out
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable():
+        raise invalid(
+            "idempotency_key",
+            ("header", "Idempotency-Key"),
+            f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} printable characters (e.g. a UUID)",
+            key[:64],
+        )
+    return key
+
+
+def _last_event_id() -> int | None:
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.args.get("last_event_id")
+    try:
+        return sse.parse_last_event_id(raw)
+    except ValueError as exc:
+        raise invalid("int_parsing", ("header", "Last-Event-ID"), str(exc), raw) from None
+
+
+def parse_submit_body(body: object, *, default_tag: str) -> tuple[str, JSONObject, str, list[str]]:
+    """Validate ``POST /runs`` (contract §1.2): flow_name, params, tag, tags.
+
+    Raises:
+        RequestInvalid: with one FastAPI-style item per problem.
+    """
+    if not isinstance(body, dict):
+        raise invalid("model_attributes_type", ("body",), "request body must be a JSON object", body)
+    errors = []
+    flow_name = body.get("flow_name")
+    if "flow_name" not in body:
+        errors.append(field_error("missing", ("body", "flow_name"), "Field required: flow_name (the flow to run)"))
+    elif not isinstance(flow_name, str):
+        errors.append(field_error("string_type", ("body", "flow_name"), "flow_name must be a string", flow_name))
+    elif not flow_name:
+        errors.append(field_error("string_too_short", ("body", "flow_name"), "flow_name must have at least 1 character", flow_name))
+    params = body.get("params", {})
+    if params is None or not isinstance(params, dict):
+        errors.append(field_error("dict_type", ("body", "params"), "params must be a JSON object", params))
+    tag = body.get("tag")
+    if tag is not None:
+        try:
+            check_tag(tag, ("body", "tag"))
+        except RequestInvalid as exc:
+            errors.extend(exc.detail)  # type: ignore[arg-type]
+    tags = body.get("tags", [])
+    if tags is None:
+        tags = []
+    if not isinstance(tags, list):
+        errors.append(field_error("list_type", ("body", "tags"), "tags must be a list of strings", tags))
+    else:
+        for i, t in enumerate(tags):
+            if not isinstance(t, str):
+                errors.append(field_error("string_type", ("body", "tags", i), "each tag must be a string", t))
+            elif not t or len(t) > 128:
+                errors.append(field_error("string_length", ("body", "tags", i), "each tag must be 1..128 characters", t[:64]))
+        if len(tags) > 64:
+            errors.append(field_error("too_long", ("body", "tags"), "at most 64 tags", len(tags)))
+    if errors:
+        raise RequestInvalid(errors)
+    routing = (tag or "").strip() or default_tag
+    stored_tags = [str(t) for t in tags] if tags else [routing]
+    return str(flow_name), params, routing, stored_tags  # type: ignore[return-value]
+
+
+def _json_loads_strict(raw: bytes) -> object:
+    def reject(name: str) -> object:
+        raise invalid("json_invalid", ("body",), f"{name} is not valid JSON (numbers must be finite)", None)
+
+    if not raw.strip():
+        return parse_json_body(raw)
+    try:
+        return json.loads(raw, parse_constant=reject)
+    except RequestInvalid:
+        raise
+    except (ValueError, UnicodeDecodeError):
+        return parse_json_body(raw)
+
+
+# -- the gateway's operations -------------------------------------------------------------------
+
+
+async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> Response:
+    """Append ``run.submitted`` and answer after the PubAck; Idempotency-Key retries are 200s."""
+    key = _idempotency_key()
+    tenant = event.tenant_id
+    run_id = run_id_for_key(tenant, key) if key else new_run_id()
+    event = attrs.evolve(event, idempotency_key=key, request_sha256=request_fingerprint(fingerprint))
+    size = len(dumps(event_data(event))) + 1024
+    if size > gw.nats.max_payload:
+        raise PayloadTooLarge(
+            f"run too large: the submitted event would be about {size} bytes, above the NATS max_payload of "
+            f"{gw.nats.max_payload} bytes; send smaller params or workflow"
+        )
+    gw.require_nats()
+    try:
+        outcome = await gw.store.execute(
+            run_id, lambda snap: decide.submit_run(snap, event, run_id=run_id), producer=gw.producer
+        )
+    except RunAlreadyExists as exc:
+        if exc.same_request:
+            return json_response(
+                {"run_id": run_id, "status": "PENDING", "bundle_hash": None},
+                headers={"Idempotent-Replayed": "true"},
+            )
+        raise RequestInvalid(
+            f"Idempotency-Key {key!r} was already used for a different request (run {run_id}); "
+            "use a new key for a new run, or resend the identical request to get the same run"
+        ) from None
+    if outcome.snapshot is not None:
+        gw.index.note(outcome.snapshot.to_json())
+    return json_response({"run_id": run_id, "status": "PENDING", "bundle_hash": None})
+
+
+async def read_snapshot(gw: Gateway, run_id: str) -> JSONObject | None:
+    """The run's snapshot: KV, or on a miss the fold of its events (read-your-writes)."""
+    entry = await gw.nats.kv_get(subjects.RUNS_BUCKET, run_id)
+    if entry is not None and entry.value:
+        try:
+            doc = json.loads(entry.value)
+            if isinstance(doc, dict):
+                return doc
+        except ValueError:
+            pass
+    snap = await gw.store.load(run_id)
+    return None if snap is None else snap.to_json()
+
+
+async def enrich(gw: Gateway, doc: JSONObject) -> JSONObject:
+    worker_id = doc.get("worker_id")
+    if not isinstance(worker_id, str) or not worker_id:
+        return doc
+    try:
+        entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
+        record = json.loads(entry.value) if entry is not None and entry.value else None
+    except (PyocoError, ValueError):
+        return doc  # best effort, like pyoco-server
+    if record is not None and not isinstance(record, dict):
+        record = None
+    out = dict(doc)
+    out.update(
+        liveness(record, key=worker_id, now=gw.clock(), disconnect_timeout=gw.settings.worker_disconnect_timeout)
+    )
+    return out
+
+
+async def _wait_slot(slot: Any, timeout: float) -> JSONObject | None:
+    with trio.move_on_after(max(0.0, timeout)):
+        await slot.changed.wait()
+    return slot.take() if slot.changed.is_set() else None
+
+
+async def _wait_event(event: trio.Event, timeout: float) -> None:
+    with trio.move_on_after(max(0.0, timeout)):
+        await event.wait()
+
+
+async def _load_workers(gw: Gateway) -> list[tuple[str, JSONObject]]:
+    keys = await gw.nats.kv_keys(subjects.WORKERS_BUCKET)
+    entries = await gw.nats.kv_get_many(subjects.WORKERS_BUCKET, keys) if keys else []
+    out = []
+    for key, entry in zip(keys, entries, strict=True):
+        if entry is None or not entry.value:
+            continue
+        try:
+            record = json.loads(entry.value)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append((key, record))
+    return out
+
+
+def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one flat list of routes
+    # -- health ----------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        stats = gw.index.statistics()
+        ok = gw.nats.is_connected and stats.ready
+        return json_response(
+            {
+                "status": "ready" if ok else "not_ready",
+                "nats": {"connected": gw.nats.is_connected, "url": gw.nats.url},
+                "run_index": {"ready": stats.ready, "watching": stats.watching, "runs": stats.runs},
+            },
+            200 if ok else 503,
+        )
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(openapi_document())
+
+    # -- dashboard -------------------------------------------------------------------------
+
+    @app.get("/")
+    async def dashboard() -> Response:
+        index_html = gw.static_dir / "index.html"
+        try:
+            text = await trio.Path(index_html).read_text(encoding="utf-8")
+        except OSError:
+            return json_response({"detail": "dashboard not found"}, 404)
+        text = text.replace(LANG_PLACEHOLDER, resolve_dashboard_lang(gw.settings.dashboard_lang))
+        return Response(text, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/<path:filename>")
+    async def static(filename: str) -> Response:
+        if "\x00" in filename or "\\" in filename:
+            raise NotFound()
+        return await send_from_directory(gw.static_dir, filename)
+
+    # -- submit ----------------------------------------------------------------------------
+
+    @app.post("/runs")
+    async def submit_run() -> Response:
+        gw.require_nats()
+        body = _json_loads_strict(await request.get_data(cache=False))
+        flow_name, params, tag, tags = parse_submit_body(body, default_tag=gw.settings.default_tag)
+        event = RunSubmitted(
+            flow_name=flow_name,
+            params=params,
+            tag=tag,
+            tags=tuple(tags),
+            submitted_at=gw.clock(),
+            max_attempts=gw.settings.max_attempts,
+        )
+        fingerprint: JSONObject = {"kind": "flow", "flow_name": flow_name, "params": params, "tag": tag, "tags": tags}
+        return await submit(gw, event, fingerprint)
+
+    @app.post("/runs/yaml")
+    async def submit_yaml() -> Response:
+        gw.require_nats()
+        limit = gw.settings.workflow_yaml_max_bytes
+        length = request.content_length
+        if length is not None and length > limit + MULTIPART_SLACK:
+            raise PayloadTooLarge(f"workflow too large: the upload is {length} bytes, the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
+        form = await request.form
+        files = await request.files
+        errors = []
+        upload = files.get("workflow")
+        if upload is None:
+            errors.append(field_error("missing", ("body", "workflow"), "Field required: workflow (the flow.yaml file, multipart)"))
+        flow_name = form.get("flow_name")
+        if flow_name is None:
+            errors.append(field_error("missing", ("body", "flow_name"), "Field required: flow_name"))
+        if errors:
+            raise RequestInvalid(errors)
+        raw_tag = (form.get("tag") or "").strip() or gw.settings.default_tag
+        if not subjects.is_token(raw_tag) or len(raw_tag) > 128:
+            raise RequestInvalid("invalid tag: tag must match [A-Za-z0-9_-]+ (no dots or spaces)")
+        data = upload.stream.read(limit + 1)  # type: ignore[union-attr]
+        if len(data) > limit:
+            raise PayloadTooLarge(f"workflow too large: the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
+        from ..flows.yaml import parse_workflow_yaml
+
+        try:
+            doc = parse_workflow_yaml(data, max_bytes=limit)
+        except PayloadTooLarge as exc:
+            raise PayloadTooLarge(f"workflow too large: {exc.message}") from None
+        except ValidationError as exc:
+            raise RequestInvalid(f"invalid workflow yaml: {exc.message}") from None
+        name = str(flow_name).strip()
+        if not name:
+            raise RequestInvalid("missing flow_name: flow_name must not be blank")
+        event = RunSubmitted(
+            flow_name=name,
+            params=dict(doc.flow_defaults),
+            tag=raw_tag,
+            tags=(raw_tag,),
+            submitted_at=gw.clock(),
+            max_attempts=gw.settings.max_attempts,
+            workflow_yaml=doc.text,
+            workflow_yaml_sha256=doc.sha256,
+            workflow_yaml_bytes=doc.size,
+        )
+        fingerprint: JSONObject = {"kind": "yaml", "flow_name": name, "tag": raw_tag, "workflow_yaml_sha256": doc.sha256}
+        return await submit(gw, event, fingerprint)
+
+    # -- list ------------------------------------------------------------------------------
+
+    @app.get("/runs")
+    async def list_runs() -> Response:
+        args = request.args
+        limit = query_int(args, "limit", default=50, lo=1, hi=200)
+        updated_after = query_float(args, "updated_after")
+        cursor = args.get("cursor")
+        before = None
+        if cursor is not None:
+            try:
+                before = decode_cursor(cursor)
+            except ValueError as exc:
+                raise RequestInvalid(f"invalid list query: {exc}") from None
+        filters = {
+            "status": query_str(args, "status"),
+            "flow_name": query_str(args, "flow"),
+            "tag": query_str(args, "tag"),
+            "workflow_yaml_sha256": query_str(args, "workflow_yaml_sha256"),
+            "schedule_id": query_str(args, "schedule_id"),
+        }
+        delta = "updated_after" in args or "cursor" in args or "workflow_yaml_sha256" in args
+        await _wait_index_ready(gw)
+        page = gw.index.page(
+            limit=limit, filters={k: v for k, v in filters.items() if v}, updated_after=updated_after, before=before
+        )
+        items = page.items
+        if _includes() & FULL_INCLUDES and items:
+            entries = await gw.nats.kv_get_many(subjects.RUNS_BUCKET, [str(i["run_id"]) for i in items])
+            full = []
+            for item, entry in zip(items, entries, strict=True):
+                try:
+                    full.append(json.loads(entry.value) if entry is not None and entry.value else item)
+                except ValueError:
+                    full.append(item)
+            items = full
+        headers = {"X-Pyoco-Index-Revision": str(gw.index.revision)}
+        if delta:
+            return json_response({"items": items, "next_cursor": page.next_cursor}, headers=headers)
+        return json_response(items, headers=headers)
+
+    @app.get("/runs/stream")
+    async def stream_runs() -> Response:
+        args = request.args
+        filters = {
+            k: v
+            for k, v in {
+                "status": query_str(args, "status"),
+                "flow_name": query_str(args, "flow"),
+                "tag": query_str(args, "tag"),
+            }.items()
+            if v
+        }
+        timeout = query_int(args, "timeout_sec", default=600, lo=1, hi=3600)
+        after = _last_event_id()
+        if after is None and "after" in args:
+            after = query_int(args, "after", default=0, lo=0, hi=2**62)
+        await _wait_index_ready(gw)
+
+        async def stream() -> AsyncIterator[bytes]:
+            gw.sse_streams += 1
+            try:
+                deadline = trio.current_time() + timeout
+                sent = after if after is not None else gw.index.revision
+                if after is None:
+                    yield sse.frame("ready", {"revision": sent, "runs": len(gw.index)}, id=sent, retry_ms=1000)
+                last_frame = trio.current_time()
+                while True:
+                    changed = gw.index.change_event()
+                    now_rev = gw.index.revision
+                    for rev, summary in gw.index.changed_since(sent, filters=filters):
+                        yield sse.frame("run", summary, id=rev)
+                        last_frame = trio.current_time()
+                    sent = max(sent, now_rev)
+                    now = trio.current_time()
+                    if now >= deadline:
+                        return
+                    await _wait_event(changed, min(deadline, last_frame + gw.heartbeat_interval) - now)
+                    now = trio.current_time()
+                    if not changed.is_set() and now >= last_frame + gw.heartbeat_interval and now < deadline:
+                        yield sse.frame("heartbeat", {"revision": sent, "ts": gw.clock()})
+                        last_frame = now
+            finally:
+                gw.sse_streams -= 1
+
+        response = await make_response(stream(), 200, sse.SSE_HEADERS)
+        response.timeout = None
+        return response
+
+    # -- one run ---------------------------------------------------------------------------
+
+    @app.get("/runs/<run_id>")
+    async def get_run(run_id: str) -> Response:
+        if not valid_run_id(run_id):
+            raise RunNotFound(run_id)
+        gw.require_nats()
+        doc = await read_snapshot(gw, run_id)
+        if doc is None:
+            raise RunNotFound(run_id)
+        return json_response(await enrich(gw, filter_snapshot(doc, _includes())))
+
+    @app.get("/runs/<run_id>/tasks")
+    async def get_tasks(run_id: str) -> Response:
+        if not valid_run_id(run_id):
+            raise RunNotFound(run_id)
+        gw.require_nats()
+        doc = await read_snapshot(gw, run_id)
+        if doc is None:
+            raise RunNotFound(run_id)
+        return json_response(
+            {
+                "run_id": doc.get("run_id", run_id),
+                "flow_name": doc.get("flow_name"),
+                "status": doc.get("status"),
+                "tasks": doc.get("tasks") or {},
+                "task_records": doc.get("task_records") or {},
+                "task_records_truncated": bool(doc.get("task_records_truncated", False)),
+            }
+        )
+
+    @app.get("/runs/<run_id>/events")
+    async def get_events(run_id: str) -> Response:
+        if not valid_run_id(run_id):
+            raise RunNotFound(run_id)
+        after_seq = query_int(request.args, "after_seq", default=0, lo=0, hi=2**62)
+        gw.require_nats()
+        events = await gw.store.history(run_id)
+        if not events:
+            raise RunNotFound(run_id)
+        items = []
+        for env in events:
+            if env.seq <= after_seq:
+                continue
+            doc = envelope_to_json(env)
+            doc["stream_seq"] = env.stream_seq
+            items.append(doc)
+        return json_response({"run_id": run_id, "last_seq": events[-1].seq, "events": items})
+
+    @app.post("/runs/<run_id>/cancel")
+    async def cancel_run(run_id: str) -> Response:
+        if not valid_run_id(run_id):
+            raise RunNotFound(run_id)
+        gw.require_nats()
+        now = gw.clock()
+        outcome = await gw.store.execute(
+            run_id, lambda snap: decide.request_cancel(snap, run_id=run_id, now=now), producer=gw.producer
+        )
+        if outcome.snapshot is None:  # pragma: no cover - request_cancel raises RunNotFound first
+            raise RunNotFound(run_id)
+        doc = outcome.snapshot.to_json()
+        if outcome.appended:
+            gw.index.note(doc)
+        return json_response(filter_snapshot(doc, set()))
+
+    @app.get("/runs/<run_id>/watch")
+    async def watch_run(run_id: str) -> Response:
+        if not valid_run_id(run_id):
+            raise RunNotFound(run_id)
+        includes = _includes()
+        since = query_float(request.args, "since")
+        timeout = query_int(request.args, "timeout_sec", default=60, lo=1, hi=600)
+        last_id = _last_event_id()
+        gw.require_nats()
+        slot = gw.index.subscribe(run_id)
+        try:
+            first = await read_snapshot(gw, run_id)
+            if first is None:
+                raise RunNotFound(run_id)
+        except BaseException:
+            gw.index.unsubscribe(slot)
+            raise
+
+        async def stream() -> AsyncIterator[bytes]:
+            gw.sse_streams += 1
+            try:
+                deadline = trio.current_time() + timeout
+                sent = last_id or 0
+                pending: JSONObject | None = first
+                last_frame = trio.current_time()
+                while True:
+                    if pending is not None:
+                        version = pending.get("version") if isinstance(pending.get("version"), int) else 0
+                        if version > sent:  # type: ignore[operator]
+                            updated = pending.get("updated_at")
+                            if since is None or not isinstance(updated, (int, float)) or updated >= since:
+                                data = {"run_id": run_id, "snapshot": filter_snapshot(pending, includes), "ts": gw.clock()}
+                                yield sse.frame("snapshot", data, id=version, retry_ms=1000 if sent == (last_id or 0) else None)
+                                last_frame = trio.current_time()
+                            sent = version  # type: ignore[assignment]
+                        if version >= sent and pending.get("status") in TERMINAL:  # type: ignore[operator]
+                            yield sse.frame(
+                                "end",
+                                {"run_id": run_id, "status": pending.get("status"), "version": sent, "ts": gw.clock()},
+                                id=sent,
+                            )
+                            return
+                        pending = None
+                    now = trio.current_time()
+                    if now >= deadline:
+                        return
+                    pending = await _wait_slot(slot, min(deadline, last_frame + gw.heartbeat_interval) - now)
+                    now = trio.current_time()
+                    if pending is None and now >= last_frame + gw.heartbeat_interval and now < deadline:
+                        yield sse.frame("heartbeat", {"run_id": run_id, "ts": gw.clock()})
+                        last_frame = now
+            finally:
+                gw.index.unsubscribe(slot)
+                gw.sse_streams -= 1
+
+        response = await make_response(stream(), 200, sse.SSE_HEADERS)
+        response.timeout = None
+        return response
+
+    # -- workers ---------------------------------------------------------------------------
+
+    @app.get("/workers")
+    async def list_workers() -> Response:
+        args = request.args
+        scope = (args.get("scope") or "active").strip().lower()
+        if scope not in ("active", "all"):
+            raise RequestInvalid("invalid workers request: scope must be 'active' or 'all'")
+        state = args.get("state")
+        if state is not None and state.strip():
+            state = state.strip().upper()
+            if state not in WORKER_STATES:
+                raise RequestInvalid(f"invalid workers request: state must be one of {', '.join(WORKER_STATES)}")
+        else:
+            state = None
+        include_hidden = query_bool(args, "include_hidden", default=False)
+        limit = query_int(args, "limit", default=100, lo=1, hi=500)
+        gw.require_nats()
+        now = gw.clock()
+        items = []
+        for key, record in await _load_workers(gw):
+            view = worker_view(record, key=key, now=now, disconnect_timeout=gw.settings.worker_disconnect_timeout)
+            if view["hidden"] and not include_hidden:
+                continue
+            if scope == "active" and view["state"] not in ALIVE_STATES:
+                continue
+            if state is not None and view["state"] != state:
+                continue
+            items.append(view)
+        items.sort(key=lambda w: (w.get("last_seen_at") or 0.0, str(w.get("worker_id"))), reverse=True)
+        return json_response(items[:limit])
+
+    @app.patch("/workers/<worker_id>")
+    async def patch_worker(worker_id: str) -> Response:
+        body = _json_loads_strict(await request.get_data(cache=False))
+        if not isinstance(body, dict):
+            raise invalid("model_attributes_type", ("body",), 'request body must be a JSON object like {"hidden": true}', body)
+        if "hidden" not in body:
+            raise invalid("missing", ("body", "hidden"), "Field required: hidden (true or false)")
+        hidden = body["hidden"]
+        if isinstance(hidden, str) and hidden.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            hidden = hidden.strip().lower() in ("true", "1", "yes", "on")
+        elif isinstance(hidden, int) and not isinstance(hidden, bool) and hidden in (0, 1):
+            hidden = bool(hidden)
+        if not isinstance(hidden, bool):
+            raise invalid("bool_type", ("body", "hidden"), "hidden must be true or false", body["hidden"])
+        if not subjects.is_token(worker_id) or len(worker_id) > 256:
+            return json_response({"detail": "worker not found"}, 404)
+        gw.require_nats()
+        for _ in range(20):
+            entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
+            if entry is None or not entry.value:
+                return json_response({"detail": "worker not found"}, 404)
+            try:
+                record = json.loads(entry.value)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                record = {"worker_id": worker_id}
+            record = normalize_worker(record, key=worker_id)
+            now = gw.clock()
+            record["hidden"] = hidden
+            record["updated_at"] = now
+            try:
+                await gw.nats.kv_update(subjects.WORKERS_BUCKET, worker_id, dumps(record), last=entry.revision)
+            except ConcurrencyConflict:
+                continue  # a heartbeat landed in between: re-read and apply the toggle again
+            return json_response({"worker_id": worker_id, "hidden": hidden, "updated_at": now})
+        raise InfraError(f"worker {worker_id}: gave up after repeated concurrent updates")
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        now = gw.clock()
+        start, end = local_day_bounds(now)
+        today: dict[str, int] = {}
+        for summary in gw.index.summaries():
+            updated = summary.get("updated_at")
+            if isinstance(updated, (int, float)) and start <= updated < end:
+                status = str(summary.get("status") or "UNKNOWN")
+                today[status] = today.get(status, 0) + 1
+        workers_alive = dlq = appended = lag = None
+        if gw.nats.is_connected:
+            workers_alive = await _optional(_workers_alive(gw, now))
+            dlq = await _optional(_stream_field(gw, subjects.DLQ_STREAM, "messages"))
+            appended = await _optional(_stream_field(gw, subjects.EVENTS_STREAM, "last_seq"))
+            lag = await _optional(_projector_lag(gw))
+        values = MetricValues(
+            runs_by_status=gw.index.counts(),
+            runs_today_by_status=today,
+            workers_alive=workers_alive,
+            dlq_messages=dlq,
+            events_appended=appended,
+            projector_lag=lag,
+            sse_streams=gw.sse_streams,
+            index_runs=len(gw.index),
+        )
+        return Response(render(values), content_type=METRICS_CONTENT_TYPE)
+
+
+async def _optional(coro: Awaitable[int]) -> int | None:
+    """A metric value, or None (its line is omitted) when NATS cannot tell."""
+    try:
+        return await coro
+    except PyocoError:
+        return None
+
+
+async def _workers_alive(gw: Gateway, now: float) -> int:
+    timeout = gw.settings.worker_disconnect_timeout
+    views = [worker_view(r, key=k, now=now, disconnect_timeout=timeout) for k, r in await _load_workers(gw)]
+    return sum(v["state"] in ALIVE_STATES for v in views)
+
+
+async def _stream_field(gw: Gateway, stream: str, field: str) -> int:
+    return (await gw.nats.stream_info(stream))[field]
+
+
+async def _projector_lag(gw: Gateway) -> int:
+    info = await gw.nats.consumer_pending(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE)
+    return info["num_pending"] + info["num_ack_pending"]
+
+
+async def _wait_index_ready(gw: Gateway, timeout: float = 5.0) -> None:
+    if gw.index.ready.is_set():
+        return
+    with trio.move_on_after(timeout):
+        await gw.index.ready.wait()
+    if not gw.index.ready.is_set():
+        raise InfraError(f"the run index is still loading from NATS at {gw.nats.url}")

@@ -1,0 +1,47 @@
+"""``run_gateway``: the app served by Hypercorn's Trio worker, as a ``task_status`` function."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from ..config import Settings
+from ..nats.client import NatsClient
+from .app import create_app
+from .index import RunIndex
+
+log = logging.getLogger(__name__)
+
+
+async def run_gateway(
+    nats: NatsClient,
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the gateway until cancelled.
+
+    The run index is loaded from KV before the port opens; ``task_status.started((host, port))``
+    reports the bound address (``port=0`` picks a free one).  Cancellation stops the server and
+    every open SSE stream.
+    """
+    async with trio.open_nursery() as nursery:
+        index = await nursery.start(RunIndex(nats).run)
+        app = create_app(nats, settings, index=index)
+        config = Config()
+        config.bind = [f"{host}:{port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("pyoco_es.gateway.hypercorn")
+        config.graceful_timeout = 1.0
+        config.keep_alive_timeout = 75.0
+        binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
+        url = urlsplit(binds[0])
+        bound = (url.hostname or host, url.port or port)
+        log.info("gateway listening on http://%s:%s/", *bound)
+        task_status.started(bound)
