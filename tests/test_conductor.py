@@ -88,13 +88,14 @@ async def test_restarted_conductor_loses_and_duplicates_nothing(nats: NatsClient
         ids = await submit(store, 40)
         # A conductor that is stopped part-way (cancelled mid-stream)...
         async with trio.open_nursery() as n:
-            proj = await n.start(lambda task_status: run_projector(nats, batch=8, max_delay=0.0, task_status=task_status))
+            proj = await n.start(lambda task_status: run_projector(nats, batch=8, max_delay=0.0, ack_wait=1.0, task_status=task_status))
             await wait_until(lambda: _ge(proj.statistics().events_projected, 8), "some progress")
             n.cancel_scope.cancel()
         ids += await submit(store, 20)
-        # ...and a fresh one (new cache, same durable consumer) finishes the job.
+        # ...and a fresh one (new cache, same durable consumer) finishes the job; the events the
+        # first one held unacked come back after the consumer's ack wait.
         async with trio.open_nursery() as n:
-            await n.start(run_conductor, nats, Settings())
+            await n.start(lambda task_status: run_projector(nats, ack_wait=1.0, task_status=task_status))
             await wait_until(lambda: snapshots_match_fold(nats, ids), "all snapshots")
             await wait_until(lambda: _eq(work_count(nats), 60), "one work item per run")
             n.cancel_scope.cancel()

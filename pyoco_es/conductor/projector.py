@@ -148,7 +148,16 @@ class Projector:
                 continue
             by_run.setdefault(run_id, []).append(env)
         self._unacked.extend(msgs)
-        missing = [r for r in by_run if r not in self._cache]
+        missing = []
+        for run_id, envs in by_run.items():
+            if run_id in self._cache:
+                continue
+            if envs and envs[0].seq == 1:
+                # A new run: nothing can be stored yet (if another projector raced us, the CAS
+                # write fails and the conflict path re-reads), so skip the KV read.
+                self._remember(run_id, _Cached(None, 0))
+            else:
+                missing.append(run_id)
         if missing:
             await self._load(missing)
         for run_id, envs in by_run.items():
@@ -330,15 +339,17 @@ async def run_projector(
     work_prefix: str = subjects.WORK_PREFIX,
     max_snapshot_bytes: int = 262144,
     batch: int = 1024,
-    max_delay: float = 0.05,
-    max_events: int = 8192,
+    max_delay: float = 0.15,
+    max_events: int = 16384,
     projector: Projector | None = None,
+    ack_wait: float = 10.0,
     task_status: trio.TaskStatus[Projector] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Project forever.  Errors reading or writing NATS are retried with backoff; a corrupt
     event only blocks its own run."""
     proj = projector or Projector(nats, work_prefix=work_prefix, max_snapshot_bytes=max_snapshot_bytes)
-    await nats.ensure_pull_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE, projector_consumer_config())
+    # ack_wait bounds how long events held by a projector that died stay invisible to the others.
+    await nats.ensure_pull_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE, projector_consumer_config(ack_wait))
     async with nats.pull_subscription(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE) as sub:
         task_status.started(proj)
         backoff = 0.1

@@ -80,8 +80,7 @@ def apply(snapshot: RunSnapshot | None, env: Envelope) -> RunSnapshot:
         return _submitted(env, event)
     _check_attempt(snapshot, env, event)
     changes = _mutate(snapshot, env, event)
-    return attrs.evolve(
-        snapshot,
+    return snapshot.replace(
         status=new_status,
         version=env.seq,
         last_stream_seq=env.stream_seq or 0,

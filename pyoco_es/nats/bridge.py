@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -18,6 +19,16 @@ import outcome
 import trio
 
 T = TypeVar("T")
+
+
+def _quiet_handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """Tasks whose Trio caller was cancelled may still end with an error nobody awaits (e.g. the
+    connection closing under them at shutdown); that is expected, so only debug-log it."""
+    exc = context.get("exception")
+    if "never retrieved" in str(context.get("message", "")):
+        logging.getLogger(__name__).debug("asyncio task ended after its caller left: %r", exc)
+        return
+    loop.default_exception_handler(context)
 
 
 class AsyncioThread:
@@ -30,6 +41,7 @@ class AsyncioThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
+        self.loop.set_exception_handler(_quiet_handler)
         try:
             self.loop.run_forever()
         finally:
