@@ -381,8 +381,8 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
         try:
             doc = parse_workflow_yaml(data, max_bytes=limit)
-        except PayloadTooLarge as exc:
-            raise PayloadTooLarge(f"workflow too large: {exc.message}") from None
+        except PayloadTooLarge:
+            raise
         except ValidationError as exc:
             raise RequestInvalid(f"invalid workflow yaml: {exc.message}") from None
         name = str(flow_name).strip()
