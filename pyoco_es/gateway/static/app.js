@@ -816,10 +816,14 @@
   }
   async function fetchEvents(id) {
     try {
-      const body = await api("/runs/" + encodeURIComponent(id) + "/events");
+      // incremental: only the events after the last one we hold (the history is append-only)
+      const have = detail.events && detail.events.length ? detail.events[detail.events.length - 1].seq || 0 : 0;
+      const body = await api("/runs/" + encodeURIComponent(id) + "/events" + (have ? "?after_seq=" + have : ""));
       if (detail.id !== id) return;
       const list = Array.isArray(body) ? body : (body && (body.events || body.items)) || [];
-      detail.events = list.slice().sort((a, b) => (a.seq || 0) - (b.seq || 0));
+      const bySeq = new Map((have ? detail.events : []).map((e) => [e.seq, e]));
+      for (const e of list) bySeq.set(e.seq, e);
+      detail.events = [...bySeq.values()].sort((a, b) => (a.seq || 0) - (b.seq || 0));
       detail.eventsError = null;
       detail.eventsVersion = detail.run ? detail.run.version : null;
     } catch (e) {
