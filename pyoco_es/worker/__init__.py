@@ -1,0 +1,1 @@
+"""The worker: a Trio actor that claims runs and executes them in warm child processes."""

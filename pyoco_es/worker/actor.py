@@ -1,0 +1,985 @@
+"""The worker actor: one nursery that owns the pull loops, the registry heartbeat, the batched
+acks and in-progress acks, a warm pool of child processes, and one task per run.
+
+Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
+
+1. A tag's pull loop long-polls its shared durable consumer when the worker has room (no busy
+   polling; every tag asks for its share of the free room, so no tag starves another).
+2. The run task decodes the job (invalid → DLQ ``invalid_job`` + TERM), takes a warm child and
+   asks it to *prepare* the flow (parse/validate YAML, import the allowed callables, build the
+   pyoco Flow; cached per sha256 in the child).  The task names go into ``run.claimed``.
+3. It subscribes to the run's event subject (to see ``run.cancel_requested`` the moment it is
+   appended), puts the run into the heartbeat's ``runs`` map, and appends ``run.claimed`` fenced
+   by the run's last sequence: a StaleAttempt / RunNotFound means the item is obsolete (acked).
+4. If the flow could not be prepared: ``run.failed`` (``flow_not_found`` + DLQ, or
+   ``build_error``).  Otherwise the child runs it; the child's trace events are appended in
+   batches (whatever arrived while the previous append was in flight), fenced by attempt.  A
+   StaleAttempt means another worker owns the run now: the child is killed, nothing more is
+   appended.
+5. Cancel: the child is asked to cancel cooperatively; after ``cancel_grace_period`` it is killed
+   and ``run.cancelled(forced)`` is appended.  A run never stays CANCELLING.
+6. The work item is ACKed only after the terminal event is durable (acks are batched).  A NATS
+   failure before the claim NAKs with a delay; after it, appends are retried for a while, then the
+   item is NAKed and the child killed (the reaper takes over if the worker is really cut off).
+
+A child that dies on its own mid-run (a poison task, OOM kill) ends the attempt: with attempts left
+the run is released (``run.released``, the dispatcher enqueues the next attempt, possibly on
+another worker); on the last attempt it fails with ``error="child process died with signal N"``.
+So a run that kills its process every time ends FAILED after ``max_attempts``, without a hot loop.
+
+Graceful stop (``stop`` set): stop fetching, NAK what is queued but not claimed, let running runs
+finish within ``worker_drain_timeout``, then release the rest (``run.released``), write
+``STOPPED_GRACEFUL`` and return.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import outcome
+import trio
+
+from ..config import Settings
+from ..core import decide
+from ..core.codec import decode_envelope, dumps
+from ..core.errors import (
+    ConcurrencyConflict,
+    CorruptStreamError,
+    DomainError,
+    InfraError,
+    PyocoError,
+    RunNotFound,
+    StaleAttempt,
+)
+from ..core.events import Event, Producer, TaskCompleted, TaskFailed, TaskStarted
+from ..core.fold import fold
+from ..core.model import RunSnapshot, RunStatus
+from ..nats import subjects
+from ..nats.client import Delivered, NatsClient, PullSubscription
+from ..service import RunStore
+from .pool import ChildDied, ChildPool, ChildProcess
+
+log = logging.getLogger(__name__)
+
+NAK_DELAY: Final = 2.0
+MAX_FETCH_BATCH: Final = 64
+APPEND_RETRIES: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+STATE_RUNNING: Final = "RUNNING"
+STATE_IDLE: Final = "IDLE"
+STATE_STOPPED: Final = "STOPPED_GRACEFUL"
+
+
+class InvalidJob(ValueError):
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class Job:
+    """A decoded work item (contract §2.9 plus ``attempt``)."""
+
+    run_id: str
+    attempt: int
+    flow_name: str
+    tag: str
+    tags: tuple[str, ...]
+    params: dict[str, Any]
+    tenant_id: str | None = None
+    api_key_id: str | None = None
+    workflow_yaml: str | None = None
+    workflow_yaml_sha256: str | None = None
+
+    @classmethod
+    def decode(cls, data: bytes) -> Job:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidJob(f"payload is not JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise InvalidJob("payload is not a JSON object")
+        run_id = doc.get("run_id")
+        flow_name = doc.get("flow_name")
+        if not isinstance(run_id, str) or not subjects.is_token(run_id):
+            raise InvalidJob("run_id missing or not a subject token")
+        if not isinstance(flow_name, str):
+            raise InvalidJob("flow_name missing")
+        attempt = doc.get("attempt", 1)
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise InvalidJob("attempt must be a positive integer")
+        params = doc.get("params") or {}
+        if not isinstance(params, dict):
+            raise InvalidJob("params must be an object")
+        yaml_text = doc.get("workflow_yaml")
+        if yaml_text is not None and not isinstance(yaml_text, str):
+            raise InvalidJob("workflow_yaml must be a string")
+        tag = doc.get("tag") or "default"
+        tags = doc.get("tags") or [tag]
+        return cls(
+            run_id=run_id,
+            attempt=attempt,
+            flow_name=flow_name,
+            tag=str(tag),
+            tags=tuple(str(t) for t in tags) if isinstance(tags, list) else (str(tag),),
+            params=params,
+            tenant_id=doc.get("tenant_id") if isinstance(doc.get("tenant_id"), str) else None,
+            api_key_id=doc.get("api_key_id") if isinstance(doc.get("api_key_id"), str) else None,
+            workflow_yaml=yaml_text,
+            workflow_yaml_sha256=doc.get("workflow_yaml_sha256") if isinstance(doc.get("workflow_yaml_sha256"), str) else None,
+        )
+
+
+def normalize_tags(tags: Sequence[str], default_tag: str) -> tuple[str, ...]:
+    """Strip, drop empties, default to ``[default_tag]``; a tag must be one subject token.
+
+    Raises:
+        ValueError: a tag contains ``.`` or other characters outside ``[A-Za-z0-9_-]``.
+    """
+    out: list[str] = []
+    for raw in tags:
+        for part in str(raw).split(","):
+            tag = part.strip()
+            if not tag:
+                continue
+            if not subjects.is_token(tag):
+                raise ValueError(f"invalid tag {tag!r}: tags may only contain letters, digits, '_' and '-'")
+            if tag not in out:
+                out.append(tag)
+    return tuple(out) or (default_tag,)
+
+
+def consumer_config(tag: str, settings: Settings) -> dict[str, Any]:
+    return {
+        "filter_subject": subjects.work_subject(tag, settings.work_subject_prefix),
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": settings.consumer_ack_wait,
+        "max_deliver": settings.consumer_max_deliver,
+        "max_ack_pending": settings.consumer_max_ack_pending,
+    }
+
+
+def resolver_spec(flow_resolver: Callable[..., Any] | str | None) -> str | None:
+    """The resolver as an import spec the child processes can load.
+
+    Raises:
+        ValueError: a callable that cannot be imported by name (lambda, closure, ``__main__``).
+    """
+    if flow_resolver is None or isinstance(flow_resolver, str):
+        return flow_resolver
+    module = getattr(flow_resolver, "__module__", None)
+    qualname = getattr(flow_resolver, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        raise ValueError(
+            "flow_resolver must be importable by name (module:function) because runs execute in child "
+            f"processes; got {flow_resolver!r}"
+        )
+    return f"{module}:{qualname}"
+
+
+@attrs.define(eq=False)
+class _Active:
+    job: Job
+    msg: Delivered
+    started_at: float
+    release: trio.Event = attrs.field(factory=trio.Event)
+
+
+class _LostRun(Exception):
+    """Our attempt is no longer current (StaleAttempt on append)."""
+
+
+class WorkerActor:
+    def __init__(
+        self,
+        nats: NatsClient,
+        settings: Settings,
+        *,
+        worker_id: str,
+        tags: Sequence[str],
+        concurrency: int,
+        flow_resolver: str | None,
+        allowed_modules: Sequence[str],
+        poll_timeout: float,
+        drain_timeout: float,
+        scratch_root: Path,
+    ) -> None:
+        self.nats = nats
+        self.settings = settings
+        self.worker_id = worker_id
+        self.tags = tuple(tags)
+        self.concurrency = concurrency
+        self.poll_timeout = poll_timeout
+        self.drain_timeout = drain_timeout
+        self.instance_id = uuid.uuid4().hex
+        self.store = RunStore(nats)
+        self.pool = ChildPool(
+            size=concurrency,
+            scratch_root=scratch_root,
+            allowed_modules=allowed_modules,
+            flow_resolver=flow_resolver,
+            max_output_bytes=settings.max_output_bytes,
+        )
+        self.held: set[Delivered] = set()  # fetched, not yet acked/naked: in-progress targets
+        self.active: dict[str, _Active] = {}  # claimed runs
+        self.runs: dict[str, int] = {}  # run_id -> attempt, for the heartbeat (set before claim)
+        self.pending = 0  # accepted items not finished (waiting for a child or running)
+        self.draining = False
+        self._room = trio.Event()
+        self._ack_send, self._ack_recv = trio.open_memory_channel[Delivered](math.inf)
+        self._registry_rev: int | None = None
+        self._hidden = False
+        self._wheel_sync: dict[str, Any] | None = None
+        self._last_run: dict[str, Any] = {}
+        self.completed = 0
+
+    @property
+    def producer_kind(self) -> str:
+        return "worker"
+
+    def _producer(self, attempt: int) -> Producer:
+        return Producer(kind="worker", id=self.worker_id, attempt=attempt)
+
+    def _notify_room(self) -> None:
+        self._room.set()
+        self._room = trio.Event()
+
+    # -- pull loops -----------------------------------------------------------------------------
+
+    async def pull_loop(self, tag: str, psub: PullSubscription, nursery: trio.Nursery) -> None:
+        while not self.draining:
+            room = self.concurrency - self.pending
+            if room <= 0:
+                await self._room.wait()
+                continue
+            batch = max(1, min(MAX_FETCH_BATCH, math.ceil(room / len(self.tags))))
+            try:
+                msgs = await psub.fetch(batch, self.poll_timeout)
+            except PyocoError as exc:
+                log.warning("fetch on tag %s failed: %s", tag, exc)
+                await trio.sleep(min(1.0, self.poll_timeout))
+                continue
+            for msg in msgs:
+                if self.draining:
+                    await self._nak(msg, 0)
+                    continue
+                self.pending += 1
+                self.held.add(msg)
+                nursery.start_soon(self._process, msg, tag)
+
+    # -- acks -----------------------------------------------------------------------------------
+
+    def _ack(self, msg: Delivered) -> None:
+        self.held.discard(msg)
+        self._ack_send.send_nowait(msg)
+
+    async def _nak(self, msg: Delivered, delay: float | None) -> None:
+        self.held.discard(msg)
+        try:
+            await self.nats.nak(msg, delay if delay else None)
+        except PyocoError as exc:
+            log.warning("nak failed (the item is redelivered after ack_wait): %s", exc)
+
+    async def _term(self, msg: Delivered) -> None:
+        self.held.discard(msg)
+        try:
+            await self.nats.term(msg)
+        except PyocoError as exc:
+            log.warning("term failed: %s", exc)
+
+    async def ack_loop(self) -> None:
+        async for first in self._ack_recv:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._ack_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await self.nats.ack_many(batch)
+            except PyocoError as exc:
+                log.warning("ack of %d item(s) failed (they are redelivered and found obsolete): %s", len(batch), exc)
+
+    async def progress_loop(self) -> None:
+        interval = self.settings.ack_progress_interval
+        if interval <= 0:
+            return
+        interval = min(interval, max(0.05, self.settings.consumer_ack_wait / 2))
+        while True:
+            await trio.sleep(interval)
+            msgs = list(self.held)
+            if msgs:
+                try:
+                    await self.nats.in_progress_many(msgs)
+                except PyocoError as exc:
+                    log.warning("in-progress ack failed: %s", exc)
+
+    # -- registry -------------------------------------------------------------------------------
+
+    def _registry_doc(self, state: str, now: float) -> dict[str, Any]:
+        run_ids = sorted(self.runs)
+        doc: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "instance_id": self.instance_id,
+            "state": state,
+            "hidden": self._hidden,
+            "tags": list(self.tags),
+            "last_seen_at": now,
+            "last_heartbeat_at": now,
+            "heartbeat_at": now,
+            "updated_at": now,
+            "current_run_id": run_ids[0] if run_ids else None,
+            "current_run_ids": run_ids,
+            "runs": dict(self.runs),
+            "last_run_id": self._last_run.get("run_id"),
+            "last_run_status": self._last_run.get("status"),
+            "last_run_started_at": self._last_run.get("started_at"),
+            "last_run_finished_at": self._last_run.get("finished_at"),
+            "stopped_at": now if state == STATE_STOPPED else None,
+            "stop_reason": "graceful_shutdown" if state == STATE_STOPPED else None,
+            "wheel_sync": self._wheel_sync
+            or {
+                "enabled": False,
+                "last_result": "disabled",
+                "last_attempt_at": None,
+                "last_success_at": None,
+                "last_synced_at": None,
+                "last_error": None,
+                "selected_count": 0,
+                "updated_count": 0,
+                "removed_count": 0,
+                "skipped_incompatible_count": 0,
+                "selected_wheels": [],
+                "updated_wheels": [],
+                "removed_wheels": [],
+                "skipped_incompatible": [],
+                "installed_wheels": [],
+            },
+            "concurrency": self.concurrency,
+            "completed_runs": self.completed,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+        }
+        return doc
+
+    async def _reread_registry(self) -> None:
+        entry = await self.nats.kv_get(subjects.WORKERS_BUCKET, self.worker_id)
+        if entry is None or not entry.value:
+            self._registry_rev = 0
+            return
+        self._registry_rev = entry.revision
+        try:
+            old = json.loads(entry.value)
+        except ValueError:
+            return
+        if isinstance(old, dict):
+            self._hidden = bool(old.get("hidden", False))
+            if isinstance(old.get("wheel_sync"), dict):
+                self._wheel_sync = old["wheel_sync"]
+
+    async def write_registry(self, state: str | None = None) -> None:
+        """Write the registry record with compare-and-swap, keeping a concurrent ``hidden`` PATCH."""
+        state = state or (STATE_RUNNING if self.runs else STATE_IDLE)
+        for _ in range(5):
+            if self._registry_rev is None:
+                await self._reread_registry()
+            value = dumps(self._registry_doc(state, time.time()))
+            try:
+                self._registry_rev = await self.nats.kv_update(
+                    subjects.WORKERS_BUCKET, self.worker_id, value, last=self._registry_rev or 0
+                )
+                return
+            except ConcurrencyConflict:
+                self._registry_rev = None  # someone else wrote (a hidden PATCH): re-read, merge
+        log.warning("registry write for %s kept conflicting; will retry at the next heartbeat", self.worker_id)
+
+    def heartbeat_interval(self) -> float:
+        base = self.settings.worker_heartbeat_interval
+        if self.runs:
+            return max(0.1, min(base, self.settings.run_lease_seconds / 3))
+        return base
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval())
+            try:
+                await self.write_registry()
+            except PyocoError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- one run --------------------------------------------------------------------------------
+
+    async def _process(self, msg: Delivered, tag: str) -> None:
+        try:
+            try:
+                job = Job.decode(msg.data)
+            except InvalidJob as exc:
+                await self._invalid_job(msg, str(exc))
+                return
+            child = await self.pool.acquire()
+            try:
+                if self.draining:
+                    await self._nak(msg, 0)
+                    return
+                await self._execute(job, msg, child)
+            finally:
+                await self.pool.release(child)
+        except ChildDied as exc:
+            log.warning("could not start a child process: %s", exc)
+            await self._nak(msg, NAK_DELAY)
+        finally:
+            self.pending -= 1
+            self.held.discard(msg)
+            self._notify_room()
+
+    async def _invalid_job(self, msg: Delivered, error: str) -> None:
+        log.error("invalid job on %s: %s", msg.subject, error)
+        tag = msg.subject.rsplit(".", 1)[-1]
+        body = {
+            "reason": "invalid_job",
+            "error": error,
+            "timestamp": time.time(),
+            "subject": msg.subject,
+            "worker_id": self.worker_id,
+            "num_delivered": msg.num_delivered,
+            "payload": msg.data[:4096].decode("utf-8", errors="replace"),
+        }
+        await self._dlq(tag, body)
+        await self._term(msg)
+
+    async def _dlq(self, tag: str, body: dict[str, Any]) -> None:
+        try:
+            await self.nats.publish(subjects.dlq_subject(tag), dumps(body))
+        except PyocoError as exc:
+            log.warning("DLQ publish failed (best effort): %s", exc)
+
+    def _dlq_run(self, job: Job, reason: str, error: str) -> dict[str, Any]:
+        return {
+            "reason": reason,
+            "error": error,
+            "timestamp": time.time(),
+            "run_id": job.run_id,
+            "flow_name": job.flow_name,
+            "tag": job.tag,
+            "tags": list(job.tags),
+            "tenant_id": job.tenant_id,
+            "api_key_id": job.api_key_id,
+            "worker_id": self.worker_id,
+            "attempt": job.attempt,
+        }
+
+    async def _prepare(self, job: Job, child: ChildProcess) -> dict[str, Any]:
+        cmd: dict[str, Any] = {"op": "prepare", "run_id": job.run_id, "flow_name": job.flow_name, "params": job.params}
+        if job.workflow_yaml is not None:
+            sha = job.workflow_yaml_sha256
+            cmd["sha256"] = sha
+            if not sha or sha not in child.known_docs:
+                cmd["yaml"] = job.workflow_yaml
+        await child.send(cmd)
+        reply = await child.receive()
+        if reply.get("ev") == "prepared" and job.workflow_yaml_sha256:
+            child.known_docs.add(job.workflow_yaml_sha256)
+        return reply
+
+    async def _load(self, run_id: str) -> RunSnapshot | None:
+        return fold(None, await self.nats.read_run(run_id))
+
+    async def _execute(self, job: Job, msg: Delivered, child: ChildProcess) -> None:
+        run_id, attempt = job.run_id, job.attempt
+        try:
+            prep = await self._prepare(job, child)
+            snap = await self._load(run_id)
+        except InfraError as exc:
+            log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc)
+            await self._abort(child, run_id)
+            await self._nak(msg, NAK_DELAY)
+            return
+        except CorruptStreamError as exc:
+            log.error("run %s cannot be read (%s); dropping its work item", run_id, exc)
+            await self._abort(child, run_id)
+            self._ack(msg)
+            return
+        if snap is None or snap.status is not RunStatus.PENDING or snap.attempt != attempt:
+            await self._abort(child, run_id)
+            self._ack(msg)  # obsolete: cancelled, claimed, or a later attempt is current
+            return
+        async with self.nats.subscribe(subjects.run_events_subject(run_id)) as events:
+            self.runs[run_id] = attempt  # before the claim: the reaper trusts our heartbeat
+            try:
+                await self._claim_and_run(job, msg, child, prep, snap, events)
+            finally:
+                self.runs.pop(run_id, None)
+                self.active.pop(run_id, None)
+
+    async def _abort(self, child: ChildProcess, run_id: str) -> None:
+        try:
+            await child.send({"op": "abort", "run_id": run_id})
+        except ChildDied:
+            pass
+
+    async def _claim_and_run(
+        self,
+        job: Job,
+        msg: Delivered,
+        child: ChildProcess,
+        prep: dict[str, Any],
+        snap: RunSnapshot,
+        events: trio.MemoryReceiveChannel[tuple[str, bytes]],
+    ) -> None:
+        run_id, attempt = job.run_id, job.attempt
+        tasks = prep.get("tasks", []) if prep.get("ev") == "prepared" else []
+        try:
+            outcome = await self.store.execute(
+                run_id,
+                lambda s: decide.claim_run(
+                    s,
+                    run_id=run_id,
+                    attempt=attempt,
+                    worker_id=self.worker_id,
+                    lease_seconds=self.settings.run_lease_seconds,
+                    tasks=tasks,
+                    instance_id=self.instance_id,
+                ),
+                producer=self._producer(attempt),
+                hint=snap,
+            )
+        except (StaleAttempt, RunNotFound):
+            await self._abort(child, run_id)
+            self._ack(msg)
+            return
+        except InfraError as exc:
+            log.warning("run %s: claim failed (%s); NAK", run_id, exc)
+            await self._abort(child, run_id)
+            await self._nak(msg, NAK_DELAY)
+            return
+        active = _Active(job=job, msg=msg, started_at=time.time())
+        self.active[run_id] = active
+        runner = _RunDriver(self, job, child, outcome.snapshot, active)
+        if prep.get("ev") != "prepared":
+            reason = str(prep.get("reason") or "build_error")
+            error = str(prep.get("error") or "the flow could not be built")
+            await runner.finish_without_running(reason, error)
+        else:
+            await runner.run(events)
+        self._record_last(run_id, runner.final_status, active.started_at)
+        if runner.nak:
+            await self._nak(msg, NAK_DELAY)
+        else:
+            self._ack(msg)
+        if runner.dlq is not None:
+            await self._dlq(job.tag, runner.dlq)
+
+    def _record_last(self, run_id: str, status: str | None, started_at: float) -> None:
+        self.completed += 1
+        self._last_run = {"run_id": run_id, "status": status, "started_at": started_at, "finished_at": time.time()}
+
+    # -- drain ----------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        self.draining = True
+        self._notify_room()
+        with trio.move_on_after(self.drain_timeout):
+            while self.pending:
+                await self._room.wait()
+        if self.pending:
+            log.warning("drain timeout: releasing %d run(s)", len(self.active))
+            for active in list(self.active.values()):
+                active.release.set()
+            with trio.move_on_after(max(5.0, self.settings.cancel_grace_period)):
+                while self.pending:
+                    await self._room.wait()
+
+
+class _RunDriver:
+    """Drives one claimed attempt: child frames → batched appends, cancel, terminal event."""
+
+    def __init__(self, actor: WorkerActor, job: Job, child: ChildProcess, snap: RunSnapshot | None, active: _Active) -> None:
+        self.actor = actor
+        self.job = job
+        self.child = child
+        self.hint = snap
+        self.active = active
+        self.nak = False
+        self.dlq: dict[str, Any] | None = None
+        self.final_status: str | None = None
+        self.cancel_sent = False
+        self.cancel_deadline = math.inf
+
+    @property
+    def run_id(self) -> str:
+        return self.job.run_id
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempt
+
+    async def _append(self, make: Callable[[RunSnapshot | None], list[Event]]) -> None:
+        """Append via RunStore (re-decides on conflicts); retry NATS failures for a while.
+
+        Raises:
+            _LostRun: the attempt is not ours any more.
+            InfraError: NATS stayed unavailable.
+        """
+        delays = list(APPEND_RETRIES)
+        while True:
+            try:
+                out = await self.actor.store.execute(
+                    self.run_id, make, producer=self.actor._producer(self.attempt), hint=self.hint
+                )
+            except (StaleAttempt, RunNotFound) as exc:
+                raise _LostRun(str(exc)) from exc
+            except InfraError:
+                if not delays:
+                    raise
+                await trio.sleep(delays.pop(0))
+                self.hint = None  # re-read: the failed append may have been stored
+                continue
+            self.hint = out.snapshot
+            return
+
+    def _owner(self, s: RunSnapshot | None) -> RunSnapshot:
+        return decide.check_owner(s, run_id=self.run_id, attempt=self.attempt, worker_id=self.actor.worker_id)
+
+    async def _finish(self, outcome: str, *, reason: str | None = None, error: str | None = None, pending: list[Event] | None = None) -> None:
+        extra = list(pending or [])
+
+        def make(s: RunSnapshot | None) -> list[Event]:
+            self._owner(s)
+            return extra + decide.finish_run(
+                s,
+                run_id=self.run_id,
+                attempt=self.attempt,
+                worker_id=self.actor.worker_id,
+                outcome=outcome,
+                now=time.time(),
+                error=error,
+                reason=reason,
+            )
+
+        await self._append(make)
+        self.final_status = self.hint.status.value if self.hint is not None else outcome
+
+    async def finish_without_running(self, reason: str, error: str) -> None:
+        try:
+            await self._finish("FAILED", reason=reason, error=error)
+        except _LostRun:
+            return
+        except InfraError:
+            self.nak = True
+            return
+        if reason == "flow_not_found":
+            self.dlq = self.actor._dlq_run(self.job, "flow_not_found", error)
+
+    async def run(self, events: trio.MemoryReceiveChannel[tuple[str, bytes]]) -> None:
+        send, recv = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_child, send.clone())
+            nursery.start_soon(self._watch_events, events, send.clone())
+            nursery.start_soon(self._watch_release, send.clone())
+            send.close()
+            # Captured, not raised, inside the nursery: strict exception groups would wrap it.
+            result = await outcome.acapture(self._drive, recv)
+            nursery.cancel_scope.cancel()
+        try:
+            result.unwrap()
+        except _LostRun as exc:
+            log.warning("run %s: attempt %d lost (%s); stopping it", self.run_id, self.attempt, exc)
+            self.child.kill()
+            self.final_status = "LOST"
+        except InfraError as exc:
+            log.error("run %s: NATS unavailable while running (%s); NAK and kill the child", self.run_id, exc)
+            self.child.kill()
+            self.nak = True
+
+    async def _pump_child(self, send: trio.MemorySendChannel[tuple[str, Any]]) -> None:
+        async with send:
+            try:
+                while True:
+                    frame = await self.child.receive()
+                    await send.send(("frame", frame))
+                    if frame.get("ev") == "done":
+                        return
+            except ChildDied as exc:
+                await send.send(("died", exc))
+
+    async def _watch_events(
+        self, events: trio.MemoryReceiveChannel[tuple[str, bytes]], send: trio.MemorySendChannel[tuple[str, Any]]
+    ) -> None:
+        async with send:
+            async for _subject, data in events:
+                if b"run.cancel_requested" not in data:
+                    continue
+                try:
+                    env = decode_envelope(data)
+                except CorruptStreamError:
+                    continue
+                if env.type == "run.cancel_requested":
+                    await send.send(("cancel", env))
+
+    async def _watch_release(self, send: trio.MemorySendChannel[tuple[str, Any]]) -> None:
+        async with send:
+            await self.active.release.wait()
+            await send.send(("release", None))
+
+    async def _request_cancel(self) -> None:
+        if self.cancel_sent:
+            return
+        self.cancel_sent = True
+        self.cancel_deadline = trio.current_time() + self.actor.settings.cancel_grace_period
+        try:
+            await self.child.send({"op": "cancel", "run_id": self.run_id})
+        except ChildDied:
+            pass  # the pump reports the death
+
+    @staticmethod
+    def _task_event(frame: dict[str, Any], attempt: int) -> Event | None:
+        ev = frame.get("ev")
+        if ev == "task.started":
+            return TaskStarted(attempt=attempt, task=frame["task"], started_at=frame["started_at"])
+        if ev == "task.completed":
+            return TaskCompleted(
+                attempt=attempt,
+                task=frame["task"],
+                started_at=frame.get("started_at"),
+                ended_at=frame["ended_at"],
+                duration_ms=frame.get("duration_ms"),
+                inputs=frame.get("inputs") or {},
+                output=frame.get("output"),
+                truncated=bool(frame.get("truncated")),
+            )
+        if ev == "task.failed":
+            return TaskFailed(
+                attempt=attempt,
+                task=frame["task"],
+                started_at=frame.get("started_at"),
+                ended_at=frame["ended_at"],
+                duration_ms=frame.get("duration_ms"),
+                inputs=frame.get("inputs") or {},
+                error=str(frame.get("error") or "failed"),
+                traceback=frame.get("traceback"),
+            )
+        return None
+
+    async def _drive(self, recv: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
+        try:
+            await self.child.send({"op": "go", "run_id": self.run_id})
+        except ChildDied:
+            pass  # the pump reports the death
+        pending: list[Event] = []
+        while True:
+            items: list[tuple[str, Any]] = []
+            if not pending:
+                with trio.move_on_at(self.cancel_deadline):
+                    try:
+                        items.append(await recv.receive())
+                    except trio.EndOfChannel:
+                        items.append(("died", ChildDied(self.child.proc.poll())))
+            while True:
+                try:
+                    items.append(recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            done: dict[str, Any] | None = None
+            for kind, value in items:
+                if kind == "frame":
+                    if value.get("ev") == "done":
+                        done = value
+                    else:
+                        event = self._task_event(value, self.attempt)
+                        if event is not None:
+                            pending.append(event)
+                elif kind == "cancel":
+                    await self._request_cancel()
+                elif kind == "release":
+                    await self._release(pending, "worker stopping: drain timeout")
+                    return
+                elif kind == "died":
+                    await self._child_died(value, pending)
+                    return
+            if done is not None:
+                await self._done(done, pending)
+                return
+            if trio.current_time() >= self.cancel_deadline:
+                # The task ignored the cooperative cancel: kill the child, end the run.
+                self.child.kill()
+                await self._finish("CANCELLED", reason="forced", pending=pending)
+                return
+            if pending:
+                batch, pending = pending, []
+
+                def make(s: RunSnapshot | None, batch: list[Event] = batch) -> list[Event]:
+                    self._owner(s)
+                    return list(batch)
+
+                await self._append(make)
+                if self.hint is not None and self.hint.status is RunStatus.CANCELLING:
+                    await self._request_cancel()  # learned from a conflict re-read
+
+    async def _done(self, frame: dict[str, Any], pending: list[Event]) -> None:
+        outcome = str(frame.get("outcome") or "FAILED")
+        error = frame.get("error")
+        if outcome == "CANCELLED":
+            await self._finish("CANCELLED", reason="requested", pending=pending)
+        elif outcome == "FAILED":
+            await self._finish("FAILED", reason="error", error=str(error or "run failed"), pending=pending)
+            if self.actor.settings.dlq_publish_execution_error:
+                self.dlq = self.actor._dlq_run(self.job, "execution_error", str(error or "run failed"))
+        else:
+            await self._finish("COMPLETED", pending=pending)
+
+    async def _release(self, pending: list[Event], reason: str) -> None:
+        self.child.kill()
+        extra = list(pending)
+
+        def make(s: RunSnapshot | None) -> list[Event]:
+            self._owner(s)
+            return extra + decide.release_run(
+                s, run_id=self.run_id, attempt=self.attempt, worker_id=self.actor.worker_id, reason=reason, now=time.time()
+            )
+
+        await self._append(make)
+        self.final_status = self.hint.status.value if self.hint is not None else "RELEASED"
+
+    async def _child_died(self, exc: ChildDied, pending: list[Event]) -> None:
+        """The child died on its own: release for another attempt, or fail on the last one."""
+        error = str(exc)
+        if self.cancel_sent:
+            await self._finish("CANCELLED", reason="forced", pending=pending)
+            return
+        max_attempts = self.hint.max_attempts if self.hint is not None else 1
+        if self.attempt < max_attempts:
+            log.warning("run %s attempt %d: %s; releasing it for another attempt", self.run_id, self.attempt, error)
+            await self._release(pending, f"{error} (attempt {self.attempt} of {max_attempts})")
+        else:
+            await self._finish(
+                "FAILED",
+                reason="error",
+                error=f"{error} (attempt {self.attempt} of {max_attempts}; giving up)",
+                pending=pending,
+            )
+
+
+async def run_worker(
+    nats: NatsClient,
+    settings: Settings,
+    *,
+    worker_id: str,
+    tags: Sequence[str],
+    concurrency: int = 4,
+    flow_resolver: Callable[..., Any] | str | None = None,
+    allowed_modules: Sequence[str] = (),
+    stop: trio.Event | None = None,
+    poll_timeout: float | None = None,
+    task_status: trio.TaskStatus[WorkerActor] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one worker actor until ``stop`` is set, then drain gracefully and return.
+
+    Args:
+        worker_id: the registry key and ``run.claimed``'s worker; must be a subject token.
+        tags: the tags to serve (OR semantics; CSV entries are split); default ``[default_tag]``.
+        concurrency: runs in flight at once (= warm child processes).
+        flow_resolver: ``module:function`` / ``path.py:function`` or an importable function that
+            maps a flow name to a pyoco ``Flow`` (raising KeyError for unknown names).  It is
+            called in the child processes, never in the worker.
+        allowed_modules: module prefixes YAML ``callable:`` entries may import (``*``: any);
+            merged with ``settings.allowed_modules``.
+        stop: set it to drain and return (``None``: run until cancelled).
+        poll_timeout: long-poll duration of a fetch (default ``settings.worker_poll_timeout``).
+
+    ``task_status.started(actor)`` fires once the consumers are bound and polling.
+
+    Raises:
+        ValueError: bad tags, worker id or resolver.
+        InfraError: NATS is unavailable at start-up.
+    """
+    if not subjects.is_token(worker_id):
+        raise ValueError(f"invalid worker id {worker_id!r}: letters, digits, '_' and '-' only")
+    tag_list = normalize_tags(tags, settings.default_tag)
+    spec = resolver_spec(flow_resolver)
+    allowed = tuple(dict.fromkeys([*settings.allowed_modules, *allowed_modules]))
+    scratch_root = Path(tempfile.mkdtemp(prefix=f"pyoco-worker-{worker_id}-"))
+    actor = WorkerActor(
+        nats,
+        settings,
+        worker_id=worker_id,
+        tags=tag_list,
+        concurrency=max(1, concurrency),
+        flow_resolver=spec,
+        allowed_modules=allowed,
+        poll_timeout=poll_timeout if poll_timeout is not None else settings.worker_poll_timeout,
+        drain_timeout=settings.worker_drain_timeout,
+        scratch_root=scratch_root,
+    )
+    for tag in tag_list:
+        await nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), consumer_config(tag, settings))
+    try:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(actor.pool.warm)
+            await actor.write_registry(STATE_IDLE)
+            async with trio.open_nursery() as service:
+                service.start_soon(actor.heartbeat_loop)
+                service.start_soon(actor.progress_loop)
+                async with trio.open_nursery() as acks:
+                    acks.start_soon(actor.ack_loop)
+                    async with trio.open_nursery() as runs:
+                        async with _bound(nats, tag_list) as psubs:
+                            async with trio.open_nursery() as pulls:
+                                for tag, psub in psubs:
+                                    pulls.start_soon(actor.pull_loop, tag, psub, runs)
+                                task_status.started(actor)
+                                if stop is None:
+                                    await trio.sleep_forever()
+                                else:
+                                    await stop.wait()
+                                await actor.drain()
+                                # the pull loops end on their own (within one poll), so no pull
+                                # request is left lingering on the server to capture an item
+                        runs.cancel_scope.cancel()  # only what outlived the drain and the release
+                    actor._ack_send.close()  # the ack loop flushes what is left, then ends
+                service.cancel_scope.cancel()
+            with trio.move_on_after(5), trio.CancelScope(shield=True):
+                try:
+                    await actor.write_registry(STATE_STOPPED)
+                except PyocoError as exc:
+                    log.warning("could not write STOPPED_GRACEFUL: %s", exc)
+            outer.cancel_scope.cancel()
+    finally:
+        await actor.pool.aclose()
+        shutil.rmtree(scratch_root, ignore_errors=True)
+
+
+class _bound:
+    """Bind one pull subscription per tag (an async context manager over several)."""
+
+    def __init__(self, nats: NatsClient, tags: Sequence[str]) -> None:
+        self.nats = nats
+        self.tags = tags
+        self._stack: Any = None
+
+    async def __aenter__(self) -> list[tuple[str, PullSubscription]]:
+        from contextlib import AsyncExitStack
+
+        self._stack = AsyncExitStack()
+        out = []
+        for tag in self.tags:
+            psub = await self._stack.enter_async_context(
+                self.nats.pull_subscription(subjects.WORK_STREAM, subjects.work_durable(tag))
+            )
+            out.append((tag, psub))
+        return out
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.__aexit__(*exc)
+
+
+__all__ = ["Job", "WorkerActor", "normalize_tags", "run_worker"]

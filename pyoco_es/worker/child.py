@@ -1,0 +1,485 @@
+"""The child process that executes pyoco runs, one at a time, for a worker actor.
+
+Started by :mod:`pyoco_es.worker.pool` as ``python -m pyoco_es.worker.child --cmd-fd N --evt-fd M``
+in its own scratch directory (pyoco's ``Context`` creates ``./artifacts`` in the current
+directory and pyoco redirects ``sys.stdout`` per run, so the protocol uses private pipes).  It
+imports no trio and no NATS: plain threads, because pyoco is synchronous.
+
+Caches (the point of keeping children warm): parsed ``flow.yaml`` documents by sha256 and
+imported callables by ``module:attr``.  Every build still makes fresh pyoco ``Task`` objects,
+because pyoco stores dependency edges on them.
+
+A reader thread receives commands; ``cancel`` is applied at once (``run_ctx.status =
+CANCELLING``, which pyoco honours at task boundaries, or before the run starts).  When the command
+pipe closes (the worker died, even by SIGKILL) the child exits immediately, abandoning its run:
+the conductor's reaper retries the attempt elsewhere, and nothing keeps executing behind its back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from pyoco.core.engine import Engine
+from pyoco.core.models import Flow, RunContext, RunStatus, Task, TaskState
+from pyoco.dsl.syntax import TaskWrapper
+from pyoco.trace.backend import TraceBackend
+
+from ..core.errors import ValidationError
+from ..flows.graph import build_flow
+from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
+from .protocol import HEADER, FrameDecoder, encode_frame
+
+DOC_CACHE_SIZE: Final = 256
+ALLOW_ALL: Final = "*"
+_result = threading.local()
+
+
+class RefusedCallable(Exception):
+    pass
+
+
+def module_allowed(module: str, allowed: Sequence[str]) -> bool:
+    """``module`` equals an allowed prefix or is inside it (``pkg`` allows ``pkg.sub``)."""
+    for prefix in allowed:
+        prefix = prefix.strip()
+        if prefix == ALLOW_ALL or module == prefix or module.startswith(prefix + "."):
+            return True
+    return False
+
+
+def refusal(callable_path: str, module: str) -> str:
+    return (
+        f"callable '{callable_path}' refused: module '{module}' is not in the allowed modules "
+        f"(--allow-module / PYOCO_ALLOWED_MODULES)"
+    )
+
+
+def json_safe(value: Any, max_bytes: int) -> tuple[Any, bool]:  # noqa: ANN401 - any task value
+    """A JSON-safe copy of ``value`` (``repr`` for the rest), truncated with a marker over
+    ``max_bytes`` of JSON.  Returns the value and whether it was truncated."""
+    try:
+        raw = json.dumps(value, allow_nan=False, default=repr, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        value = repr(value)
+        raw = json.dumps(value, ensure_ascii=False)
+    if max_bytes > 0 and len(raw) > max_bytes:
+        return f"{raw[:max_bytes]}...[truncated: {len(raw)} bytes of JSON]", True
+    return json.loads(raw), False
+
+
+def _capture(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a task function so its return value is visible to ``on_node_end`` (which pyoco calls
+    in the same thread before it stores the output on the record)."""
+    if getattr(func, "pyoco_es_capturing", False):
+        return func
+
+    @functools.wraps(func)  # keeps inspect.signature, so pyoco's injection works
+    def capturing(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        result = func(*args, **kwargs)
+        _result.value = result
+        return result
+
+    capturing.pyoco_es_capturing = True  # type: ignore[attr-defined]
+    return capturing
+
+
+class Channel:
+    """Frames over two pipe fds; writes are serialised (trace hooks run on pool threads)."""
+
+    def __init__(self, cmd_fd: int, evt_fd: int) -> None:
+        self.cmd_fd = cmd_fd
+        self.evt_fd = evt_fd
+        self._lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = encode_frame(msg)
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                n = os.write(self.evt_fd, view)
+                view = view[n:]
+
+    def read_commands(self, handle: Callable[[dict[str, Any]], None]) -> None:
+        decoder = FrameDecoder()
+        while True:
+            try:
+                data = os.read(self.cmd_fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                return
+            for msg in decoder.feed(data):
+                handle(msg)
+
+
+class Backend(TraceBackend):
+    """pyoco trace hooks → task events on the pipe."""
+
+    def __init__(self, channel: Channel, run_ctx: RunContext, run_id: str, max_output_bytes: int) -> None:
+        self.channel = channel
+        self.run_ctx = run_ctx
+        self.run_id = run_id
+        self.max_output_bytes = max_output_bytes
+
+    def on_flow_start(self, flow_name: str, run_id: str | None = None) -> None:
+        pass
+
+    def on_flow_end(self, flow_name: str) -> None:
+        pass
+
+    def on_node_start(self, node_name: str) -> None:
+        try:
+            rec = self.run_ctx.task_records.get(node_name)
+            started = rec.started_at if rec is not None and rec.started_at else time.time()
+            _result.value = None
+            self.channel.send({"ev": "task.started", "run_id": self.run_id, "task": node_name, "started_at": started})
+        except Exception:  # noqa: BLE001 - a hook must never fail the task
+            pass
+
+    def _inputs(self, node_name: str) -> tuple[dict[str, Any], Any]:  # noqa: ANN401
+        rec = self.run_ctx.task_records.get(node_name)
+        inputs: Any = {}
+        if rec is not None and rec.inputs:
+            inputs, truncated = json_safe(rec.inputs, self.max_output_bytes)
+            if truncated or not isinstance(inputs, dict):
+                inputs = {"_truncated": inputs}
+        return inputs, rec
+
+    def on_node_end(self, node_name: str, duration_ms: float) -> None:
+        try:
+            inputs, rec = self._inputs(node_name)
+            output, truncated = json_safe(getattr(_result, "value", None), self.max_output_bytes)
+            _result.value = None
+            self.channel.send(
+                {
+                    "ev": "task.completed",
+                    "run_id": self.run_id,
+                    "task": node_name,
+                    "started_at": rec.started_at if rec is not None else None,
+                    "ended_at": time.time(),
+                    "duration_ms": duration_ms,
+                    "inputs": inputs,
+                    "output": output,
+                    "truncated": truncated,
+                }
+            )
+        except Exception:  # noqa: BLE001
+            pass
+
+    def on_node_error(self, node_name: str, error: Exception) -> None:
+        try:
+            inputs, rec = self._inputs(node_name)
+            message = (rec.error if rec is not None and rec.error else None) or str(error) or type(error).__name__
+            tb = rec.traceback if rec is not None and rec.traceback else "".join(
+                traceback.format_exception(type(error), error, error.__traceback__)
+            )
+            started = rec.started_at if rec is not None else None
+            ended = rec.ended_at if rec is not None and rec.ended_at else time.time()
+            self.channel.send(
+                {
+                    "ev": "task.failed",
+                    "run_id": self.run_id,
+                    "task": node_name,
+                    "started_at": started,
+                    "ended_at": ended,
+                    "duration_ms": (ended - started) * 1000 if started else None,
+                    "inputs": inputs,
+                    "error": f"{type(error).__name__}: {message}",
+                    "traceback": tb[-20000:],
+                }
+            )
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class Prepared:
+    def __init__(self, run_id: str, flow: Flow, params: dict[str, Any]) -> None:
+        self.run_id = run_id
+        self.flow = flow
+        self.params = params
+        self.cancel_requested = False
+        self.run_ctx: RunContext | None = None
+
+
+def _topological(flow: Flow) -> list[str]:
+    names = sorted(t.name for t in flow.tasks)
+    deps = {t.name: {d.name for d in t.dependencies if d in flow.tasks} for t in flow.tasks}
+    out: list[str] = []
+    done: set[str] = set()
+    while len(out) < len(names):
+        ready = [n for n in names if n not in done and deps[n] <= done]
+        if not ready:  # cycle or control flow: keep the rest in name order
+            ready = [n for n in names if n not in done]
+        for n in ready:
+            done.add(n)
+            out.append(n)
+    return out
+
+
+class Child:
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        allowed_modules: Sequence[str],
+        resolver_spec: str | None,
+        max_output_bytes: int,
+    ) -> None:
+        self.channel = channel
+        self.allowed = tuple(allowed_modules)
+        self.resolver_spec = resolver_spec
+        self._resolver: Callable[[str], Any] | None = None
+        self.max_output_bytes = max_output_bytes
+        self.docs: OrderedDict[str, WorkflowDoc] = OrderedDict()
+        self.funcs: dict[str, Callable[..., Any]] = {}
+        self.prepared: dict[str, Prepared] = {}
+        self.lock = threading.Lock()
+        self.commands: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def on_command(self, msg: dict[str, Any]) -> None:
+        """Reader thread: cancel acts at once, everything else is queued for the main thread."""
+        if msg.get("op") == "cancel":
+            with self.lock:
+                p = self.prepared.get(msg.get("run_id", ""))
+                if p is not None:
+                    p.cancel_requested = True
+                    if p.run_ctx is not None and p.run_ctx.status == RunStatus.RUNNING:
+                        p.run_ctx.status = RunStatus.CANCELLING
+            return
+        self.commands.put(msg)
+
+    def serve(self) -> None:
+        reader = threading.Thread(target=self._read, name="pyoco-es-cmd", daemon=True)
+        reader.start()
+        while True:
+            msg = self.commands.get()
+            if msg is None:
+                return
+            op = msg.get("op")
+            run_id = str(msg.get("run_id", ""))
+            if op == "prepare":
+                self.channel.send(self.prepare(msg))
+            elif op == "go":
+                self.channel.send(self.run(run_id))
+            elif op == "abort":
+                with self.lock:
+                    self.prepared.pop(run_id, None)
+
+    def _read(self) -> None:
+        self.channel.read_commands(self.on_command)
+        # The worker is gone (or closed our pipe): stop now, even in the middle of a run.
+        os._exit(0)
+
+    # -- building -------------------------------------------------------------------------------
+
+    def _doc(self, msg: dict[str, Any]) -> WorkflowDoc:
+        sha = msg.get("sha256")
+        if sha and sha in self.docs:
+            self.docs.move_to_end(sha)
+            return self.docs[sha]
+        text = msg.get("yaml")
+        if text is None:
+            raise ValidationError("workflow_yaml missing from the job")
+        doc = parse_workflow_yaml(text.encode("utf-8"), max_bytes=0)
+        self.docs[doc.sha256] = doc
+        if sha and sha != doc.sha256:
+            self.docs[sha] = doc
+        while len(self.docs) > DOC_CACHE_SIZE:
+            self.docs.popitem(last=False)
+        return doc
+
+    def _import(self, path: str) -> Callable[..., Any]:
+        fn = self.funcs.get(path)
+        if fn is not None:
+            return fn
+        module_name, attr = path.split(":", 1)
+        if not module_allowed(module_name, self.allowed):
+            raise RefusedCallable(refusal(path, module_name))
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 - any import failure is a build error
+            raise RefusedCallable(f"callable '{path}': cannot import module '{module_name}': {type(exc).__name__}: {exc}") from exc
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError as exc:
+                raise RefusedCallable(f"callable '{path}': module '{module_name}' has no attribute '{attr}'") from exc
+        if isinstance(obj, TaskWrapper):
+            obj = obj.task.func
+        elif isinstance(obj, Task):
+            obj = obj.func
+        if not callable(obj):
+            raise RefusedCallable(f"callable '{path}' is not callable ({type(obj).__name__})")
+        fn = _capture(obj)
+        self.funcs[path] = fn
+        return fn
+
+    def _resolve(self, flow_name: str) -> Flow:
+        if self.resolver_spec is None:
+            raise KeyError(f"unknown flow '{flow_name}' (this worker has no --flow-resolver)")
+        if self._resolver is None:
+            self._resolver = load_resolver(self.resolver_spec)
+        flow = self._resolver(flow_name)
+        if not isinstance(flow, Flow):
+            raise TypeError(f"flow resolver returned {type(flow).__name__}, not a pyoco Flow")
+        for task in flow.tasks:
+            task.func = _capture(task.func)
+        return flow
+
+    def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
+        run_id = str(msg["run_id"])
+        flow_name = str(msg.get("flow_name") or "main")
+        params = msg.get("params") or {}
+        try:
+            if msg.get("yaml") is not None or msg.get("sha256"):
+                doc = self._doc(msg)
+                funcs = {name: self._import(doc.tasks[name].callable) for name in doc.plan.declared}
+
+                def make(name: str) -> Task:
+                    spec = doc.tasks[name]
+                    return Task(func=funcs[name], name=name, inputs=dict(spec.inputs), outputs=list(spec.outputs))
+
+                flow = build_flow(doc.plan, make, flow_name=flow_name)
+                merged = {**json.loads(json.dumps(doc.flow_defaults)), **params}
+                names = list(doc.plan.task_names)
+            else:
+                try:
+                    flow = self._resolve(flow_name)
+                except KeyError as exc:
+                    message = exc.args[0] if exc.args else flow_name
+                    return {"ev": "prepare_failed", "run_id": run_id, "reason": "flow_not_found", "error": f"flow_not_found: {message}"}
+                merged = dict(params)
+                names = _topological(flow)
+        except (RefusedCallable, ValidationError) as exc:
+            return {"ev": "prepare_failed", "run_id": run_id, "reason": "build_error", "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - user code (resolver, imports) may raise anything
+            return {
+                "ev": "prepare_failed",
+                "run_id": run_id,
+                "reason": "build_error",
+                "error": f"{type(exc).__name__}: {exc}",
+            }
+        with self.lock:
+            self.prepared[run_id] = Prepared(run_id, flow, merged)
+        return {"ev": "prepared", "run_id": run_id, "tasks": names}
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        with self.lock:
+            p = self.prepared.get(run_id)
+            if p is None:
+                return {"ev": "done", "run_id": run_id, "outcome": "FAILED", "error": "run was not prepared"}
+            run_ctx = RunContext(run_id=run_id)
+            if p.cancel_requested:
+                run_ctx.status = RunStatus.CANCELLING
+            p.run_ctx = run_ctx
+        engine = Engine(trace_backend=Backend(self.channel, run_ctx, run_id, self.max_output_bytes))
+        error = tb = None
+        try:
+            engine.run(p.flow, p.params, run_ctx)
+        except Exception as exc:  # noqa: BLE001 - the task's own exception, re-raised by pyoco
+            error = f"{type(exc).__name__}: {exc}"
+            tb = traceback.format_exc()[-20000:]
+        finally:
+            with self.lock:
+                self.prepared.pop(run_id, None)
+            _clean_scratch()
+        status = run_ctx.status
+        if status == RunStatus.CANCELLED or (status == RunStatus.CANCELLING and error is None):
+            all_done = all(s == TaskState.SUCCEEDED for s in run_ctx.tasks.values())
+            outcome = "COMPLETED" if all_done and status == RunStatus.CANCELLING else "CANCELLED"
+            error = None
+        elif error is not None or status == RunStatus.FAILED:
+            outcome = "FAILED"
+            error = error or "run failed"
+        else:
+            outcome = "COMPLETED"
+        return {"ev": "done", "run_id": run_id, "outcome": outcome, "error": error, "traceback": tb}
+
+
+def _clean_scratch() -> None:
+    """Remove what the run left in the scratch directory (``./artifacts`` and friends)."""
+    try:
+        for entry in os.scandir("."):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+    except OSError:
+        pass
+
+
+def load_resolver(spec: str) -> Callable[[str], Any]:
+    """``module:fn`` or ``path/to/file.py:fn`` (split on the last ``:``; dotted attributes ok).
+
+    Raises:
+        ValueError: the spec is malformed, the file is missing, or the target is not callable.
+    """
+    if ":" not in spec:
+        raise ValueError(f"--flow-resolver must be 'module:function' or 'path.py:function', got {spec!r}")
+    target, attr = spec.rsplit(":", 1)
+    if not target or not attr:
+        raise ValueError(f"--flow-resolver must be 'module:function' or 'path.py:function', got {spec!r}")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise ValueError(f"--flow-resolver file not found: {target}")
+        name = "pyoco_es_resolver_" + os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"--flow-resolver cannot load {target}")
+        module: Any = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ValueError(f"--flow-resolver: {target} has no attribute {attr!r}")
+    if not callable(obj):
+        raise ValueError(f"--flow-resolver: {spec} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pyoco_es.worker.child")
+    parser.add_argument("--cmd-fd", type=int, required=True)
+    parser.add_argument("--evt-fd", type=int, required=True)
+    parser.add_argument("--flow-resolver", default=None)
+    parser.add_argument("--allow-module", action="append", default=[])
+    parser.add_argument("--max-output-bytes", type=int, default=65536)
+    args = parser.parse_args(argv)
+    channel = Channel(args.cmd_fd, args.evt_fd)
+    child = Child(
+        channel,
+        allowed_modules=args.allow_module,
+        resolver_spec=args.flow_resolver,
+        max_output_bytes=args.max_output_bytes,
+    )
+    channel.send({"ev": "ready", "pid": os.getpid()})
+    child.serve()
+
+
+assert HEADER.size == 4
+
+if __name__ == "__main__":
+    main()
