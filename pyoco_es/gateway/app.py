@@ -24,7 +24,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..config import Settings
-from ..core.errors import InfraError, PyocoError
+from ..core.errors import InfraError, PayloadTooLarge, PyocoError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
@@ -116,6 +116,10 @@ def create_app(
     async def _pyoco_error(exc: PyocoError) -> Response:
         if isinstance(exc, RequestInvalid):
             return json_response({"detail": exc.detail}, exc.http_status)
+        if isinstance(exc, PayloadTooLarge):
+            # The client may still be sending: close the connection after the answer, so it
+            # stops (instead of both sides waiting on a body nobody reads).
+            return json_response({"detail": exc.message}, 413, {"Connection": "close"})
         if isinstance(exc, InfraError):
             log.warning("%s %s: %s", _method(), _path(), exc.message)
             return json_response({"detail": gw.unavailable_detail(exc)}, 503, {"Retry-After": "1"})
@@ -128,6 +132,7 @@ def create_app(
         code = exc.code or 500
         if code == 413:
             detail = f"request body too large (limit {app.config['MAX_CONTENT_LENGTH']} bytes)"
+            return json_response({"detail": detail}, 413, {"Connection": "close"})
         elif code == 404:
             detail = "Not Found"
         elif code == 405:
