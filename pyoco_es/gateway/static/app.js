@@ -109,7 +109,11 @@
     if (vars) s = s.replace(/\{(\w+)\}/g, (m, name) => (name in vars ? asText(vars[name]) : m));
     return s;
   }
-  const statusLabel = (s) => t("status." + (s || "UNKNOWN"));
+  /** The translation of key, or fallback when no language has it (unknown states from data). */
+  function tOr(key, fallback) {
+    return key in (STRINGS[lang] || {}) || key in STRINGS.en ? t(key) : String(fallback);
+  }
+  const statusLabel = (s) => tOr("status." + (s || "UNKNOWN"), s);
 
   function applyStaticI18n() {
     document.documentElement.lang = lang;
@@ -565,6 +569,7 @@
         if (mergeRun(run, { fromStream: true })) {
           flashIds.add(run.run_id);
           scheduleRenderRuns();
+          scheduleMetrics();
           if (detail.id === run.run_id) maybeRefreshDetailFromSummary(run);
         }
       } else if (event === "reset") {
@@ -605,8 +610,8 @@
 
   function statusBadge(status, kind) {
     const s = status || "UNKNOWN";
-    const label = kind === "task" ? t("task." + s) : kind === "worker" ? t("worker." + s) : statusLabel(s);
-    return h("span", { class: "badge", dataset: { status: s } }, h("span", { class: "badge-dot", "aria-hidden": "true" }), label);
+    const label = kind === "task" ? tOr("task." + s, s) : kind === "worker" ? tOr("worker." + s, s) : statusLabel(s);
+    return h("span", { class: "badge", dataset: { status: s }, title: label }, h("span", { class: "badge-dot", "aria-hidden": "true" }), h("span", { class: "badge-text" }, label));
   }
 
   function runRow(run) {
@@ -970,7 +975,7 @@
     let done = 0;
     for (const task of tasks) {
       if (task.state !== "PENDING" && task.state !== "RUNNING") done++;
-      bar.appendChild(h("span", { class: "seg", dataset: { state: task.state }, title: task.name + " · " + t("task." + task.state) }));
+      bar.appendChild(h("span", { class: "seg", dataset: { state: task.state }, title: task.name + " · " + tOr("task." + task.state, task.state) }));
     }
     bar.setAttribute("aria-label", t("detail.tasks_progress", { done, total: tasks.length }));
     return bar;
@@ -1075,7 +1080,7 @@
       const d = ev.data && typeof ev.data === "object" ? ev.data : {};
       const attempt = producer.attempt ?? d.attempt;
       const kind = String(producer.kind || "");
-      const typeLabel = t("ev." + type) === "ev." + type ? type : t("ev." + type);
+      const typeLabel = tOr("ev." + type, type);
       const summary = eventSummary(ev);
       const sinceStart = typeof ev.occurred_at === "number" && typeof first === "number" ? ev.occurred_at - first : null;
       const item = h(
@@ -1089,7 +1094,7 @@
             h("span", { class: "ev-seq mono" }, "#" + (ev.seq ?? "?")),
             h("span", { class: "ev-type" }, typeLabel),
             h("span", { class: "ev-who" },
-              h("span", { class: "chip chip-who", dataset: { kind } }, t("ev.producer." + kind) === "ev.producer." + kind ? kind : t("ev.producer." + kind)),
+              h("span", { class: "chip chip-who", dataset: { kind } }, tOr("ev.producer." + kind, kind)),
               producer.id ? h("span", { class: "mono ev-who-id" }, producer.id) : null,
               attempt ? h("span", { class: "chip chip-soft" }, t("ev.attempt", { n: attempt })) : null),
             h("span", { class: "ev-time num", title: fmtAbsolute(ev.occurred_at, true) },
@@ -1203,7 +1208,7 @@
       onclick: () => { workers.stateFilter = value; renderWorkers(); },
     }, value ? h("span", { class: "badge-dot", dataset: { status: value } }) : null, label, h("span", { class: "count" }, String(n)));
     chips.appendChild(mk("", t("workers.state_all"), pool.length));
-    for (const s of WORKER_STATES) chips.appendChild(mk(s, t("worker." + s), counts[s] || 0));
+    for (const s of WORKER_STATES) chips.appendChild(mk(s, tOr("worker." + s, s), counts[s] || 0));
 
     const grid = clear($("workers-grid"));
     const shown = pool.filter((w) => !workers.stateFilter || w.state === workers.stateFilter);
@@ -1263,6 +1268,26 @@
       out.push({ name: m[1], labels, value: parseFloat(m[4]) });
     }
     return out;
+  }
+  let metricsTimer = null;
+  let metricsInFlight = false;
+  /** Counts move with the run stream: re-read them shortly after a change (coalesced). */
+  function scheduleMetrics() {
+    if (metricsTimer) return;
+    metricsTimer = setTimeout(async () => {
+      if (metricsInFlight) {
+        metricsTimer = null;
+        scheduleMetrics();
+        return;
+      }
+      metricsInFlight = true;
+      try {
+        await loadMetrics();
+      } finally {
+        metricsInFlight = false;
+        metricsTimer = null;
+      }
+    }, 400);
   }
   async function loadMetrics() {
     try {
