@@ -180,3 +180,270 @@ async def test_named_flow_and_failures(nats: NatsClient, nursery: trio.Nursery) 
 
         info = await nats.stream_info(subjects.DLQ_STREAM)
         assert info["messages"] >= 2  # flow_not_found + execution_error
+
+
+COOPERATIVE = """\
+flow:
+  graph: wait
+tasks:
+  wait: {callable: "examples.tasks:wait_for_cancel", inputs: {seconds: 30}}
+"""
+
+STUBBORN = """\
+flow:
+  graph: first >> sleep
+tasks:
+  first: {callable: "examples.tasks:add_one", inputs: {x: 1}}
+  sleep: {callable: "examples.tasks:ignore_cancel", inputs: {seconds: 60}}
+"""
+
+
+async def task_running(store: RunStore, run_id: str, task: str) -> RunSnapshot | None:
+    snap = await store.load(run_id)
+    if snap is not None and task in snap.tasks and snap.tasks[task].state is TaskState.RUNNING:
+        return snap
+    return None
+
+
+async def cancel(store: RunStore, run_id: str) -> None:
+    await store.execute(run_id, lambda s: decide.request_cancel(s, run_id=run_id, now=time.time(), by="test"), producer=GW)
+
+
+async def test_cancel_cooperative_and_forced(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """A cooperative task stops at the cancel (reason requested); a task that ignores it
+    (``time.sleep(60)``) is killed after the grace period (reason forced), well within grace + 2 s."""
+    with trio.fail_after(30):
+        settings = fast_settings(cancel_grace_period=1.0)
+        actor, _ = await start_stack(nursery, nats, settings, concurrency=2)
+        store = RunStore(nats)
+        coop = await submit(store, yaml_text=COOPERATIVE)
+        stubborn = await submit(store, yaml_text=STUBBORN)
+        await wait_for(lambda: task_running(store, coop, "wait"), "cooperative task to run")
+        await wait_for(lambda: task_running(store, stubborn, "sleep"), "stubborn task to run")
+        started = trio.current_time()
+        await cancel(store, coop)
+        await cancel(store, stubborn)
+
+        snap = await wait_status(store, coop, TERMINAL)
+        assert snap.status is RunStatus.CANCELLED and snap.cancel_reason == "requested"
+        assert snap.tasks["wait"].state is TaskState.SUCCEEDED  # it returned early, cooperatively
+        assert snap.tasks["wait"].output == "stopped-early"
+
+        snap = await wait_status(store, stubborn, TERMINAL, timeout=settings.cancel_grace_period + 2)
+        assert trio.current_time() - started < settings.cancel_grace_period + 2
+        assert snap.status is RunStatus.CANCELLED and snap.cancel_reason == "forced"
+        assert snap.tasks["first"].state is TaskState.SUCCEEDED
+        assert snap.tasks["sleep"].state is TaskState.CANCELLED
+        # the killed child is replaced; the worker keeps serving
+        again = await submit(store)
+        assert (await wait_status(store, again, TERMINAL)).status is RunStatus.COMPLETED
+        assert actor.pool.started >= 3
+
+
+async def test_two_workers_share_a_tag(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """Two workers on one tag both take runs; every run completes exactly once."""
+    with trio.fail_after(30):
+        settings = fast_settings()
+        w1, _ = await start_stack(nursery, nats, settings, worker_id="w1", concurrency=2)
+        stop2 = trio.Event()
+        w2 = await nursery.start(
+            lambda task_status: run_worker(nats, settings, worker_id="w2", tags=["default"], concurrency=2, stop=stop2, task_status=task_status)
+        )
+        store = RunStore(nats)
+        slow = TWO_TASKS.replace("examples.tasks:to_text", "examples.tasks:wait_for_cancel").replace(
+            '{value: "$node.add_one.output"}', "{seconds: 0.2}"
+        )
+        ids = [await submit(store, yaml_text=slow) for _ in range(12)]
+        snaps = [await wait_status(store, r, TERMINAL, timeout=20) for r in ids]
+        assert all(s.status is RunStatus.COMPLETED for s in snaps), [s.error for s in snaps]
+        by = {s.worker_id for s in snaps}
+        assert by == {"w1", "w2"}
+        assert w1.completed + w2.completed == 12
+        for r in ids:
+            terminal = [e for e in await store.history(r) if e.type in ("run.completed", "run.failed", "run.cancelled")]
+            assert len(terminal) == 1
+
+
+async def test_tags_are_served_fairly(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """A worker on tags a,b with a backlog on both serves both while the backlog lasts."""
+    with trio.fail_after(30):
+        settings = fast_settings()
+        store = RunStore(nats)
+        await nursery.start(run_conductor, nats, settings)
+        ids = {"a": [await submit(store, tag="a") for _ in range(15)], "b": [await submit(store, tag="b") for _ in range(15)]}
+        # wait until every work item is queued before the worker starts (a real backlog)
+        await wait_for(lambda: _work_count(nats, 30), "30 work items")
+        stop = trio.Event()
+        await nursery.start(lambda task_status: run_worker(nats, settings, worker_id="wab", tags=["a", "b"], concurrency=1, stop=stop, task_status=task_status))
+        snaps = [await wait_status(store, r, TERMINAL, timeout=20) for r in ids["a"] + ids["b"]]
+        assert all(s.status is RunStatus.COMPLETED for s in snaps)
+        order = sorted(snaps, key=lambda s: s.end_time or 0)
+        first_half = [s.tag for s in order[:15]]
+        assert 4 <= first_half.count("a") <= 11, first_half  # interleaved, not one tag first
+
+
+async def _work_count(nats: NatsClient, n: int) -> bool:
+    return (await nats.stream_info(subjects.WORK_STREAM))["messages"] >= n
+
+
+async def test_registry_heartbeat_drain_and_hidden(nats: NatsClient, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The registry lists the claimed run in ``runs`` while it runs, keeps a concurrent ``hidden``
+    PATCH, and a graceful stop releases a run that outlives the drain timeout, then writes
+    STOPPED_GRACEFUL."""
+    with trio.fail_after(30):
+        settings = fast_settings(worker_drain_timeout=0.5)
+        actor, stop = await start_stack(nursery, nats, settings, worker_id="wreg")
+        store = RunStore(nats)
+        gate = tmp_path / "never"
+        blocking = f"""\
+flow:
+  graph: hold
+tasks:
+  hold: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 30}}}}
+"""
+        run_id = await submit(store, yaml_text=blocking)
+        await wait_for(lambda: task_running(store, run_id, "hold"), "blocking task to run")
+
+        async def record() -> dict[str, object] | None:
+            entry = await nats.kv_get(subjects.WORKERS_BUCKET, "wreg")
+            return json.loads(entry.value) if entry is not None and entry.value else None
+
+        async def listed() -> dict[str, object] | None:
+            doc = await record()
+            return doc if doc and doc.get("runs") == {run_id: 1} and doc["state"] == "RUNNING" else None
+
+        doc = await wait_for(listed, "heartbeat listing the run")
+        # an operator hides the worker (PATCH) between heartbeats: the next heartbeat keeps it
+        entry = await nats.kv_get(subjects.WORKERS_BUCKET, "wreg")
+        assert entry is not None and entry.value
+        patched = json.loads(entry.value)
+        patched["hidden"] = True
+        from pyoco_es.core.codec import dumps
+
+        try:
+            await nats.kv_update(subjects.WORKERS_BUCKET, "wreg", dumps(patched), last=entry.revision)
+        except Exception:  # a heartbeat won the race: patch again on top of it
+            entry = await nats.kv_get(subjects.WORKERS_BUCKET, "wreg")
+            assert entry is not None and entry.value
+            patched = json.loads(entry.value)
+            patched["hidden"] = True
+            await nats.kv_update(subjects.WORKERS_BUCKET, "wreg", dumps(patched), last=entry.revision)
+        before = float(patched["last_heartbeat_at"])  # type: ignore[arg-type]
+
+        async def newer_and_hidden() -> bool:
+            doc = await record()
+            return bool(doc and float(doc["last_heartbeat_at"]) > before and doc["hidden"] is True)  # type: ignore[arg-type]
+
+        await wait_for(newer_and_hidden, "a heartbeat that kept hidden")
+        # graceful stop: the run outlives the 0.5 s drain, so it is released for another attempt
+        stop.set()
+        snap = await wait_status(store, run_id, {RunStatus.PENDING}, timeout=10)
+        assert snap.attempt == 2 and snap.worker_id is None
+        released = [e for e in await store.history(run_id) if e.type == "run.released"]
+        assert len(released) == 1 and "drain" in released[0].event.reason  # type: ignore[attr-defined]
+
+        async def stopped() -> dict[str, object] | None:
+            doc = await record()
+            return doc if doc and doc["state"] == "STOPPED_GRACEFUL" else None
+
+        doc = await wait_for(stopped, "STOPPED_GRACEFUL")
+        assert doc["runs"] == {} and doc["hidden"] is True and doc["stop_reason"] == "graceful_shutdown"  # type: ignore[index]
+
+
+async def test_poison_run_fails_after_max_attempts(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """A task that kills its own process: each attempt is released, the last one fails."""
+    with trio.fail_after(30):
+        settings = fast_settings()
+        await start_stack(nursery, nats, settings)
+        store = RunStore(nats)
+        poison = TWO_TASKS.replace("examples.tasks:to_text", "examples.tasks:die").replace(
+            '{value: "$node.add_one.output"}', "{signal_number: 9}"
+        )
+        run_id = await submit(store, yaml_text=poison, max_attempts=2)
+        snap = await wait_status(store, run_id, TERMINAL, timeout=20)
+        assert snap.status is RunStatus.FAILED and snap.attempt == 2
+        assert "child process died with signal 9" in (snap.error or "")
+        types = [e.type for e in await store.history(run_id)]
+        assert types.count("run.claimed") == 2 and types.count("run.released") == 1
+
+
+def worker_env(nats_server: EmbeddedNats) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYOCO_LOAD_DOTENV": "0",
+            "PYOCO_WORKER_HEARTBEAT_INTERVAL_SEC": "0.2",
+            "PYOCO_RUN_LEASE_SEC": "2",
+            "PYOCO_WORKER_POLL_TIMEOUT_SEC": "0.25",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    return env
+
+
+async def test_sigkilled_worker_process(nats_server: EmbeddedNats, nats: NatsClient, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The CLI worker as a process: it claims a run and lists it in its heartbeat; SIGKILLed, its
+    child process goes too (no execution continues behind the reaper's back); the reaper retries
+    the attempt on another worker, which completes it exactly once."""
+    with trio.fail_after(40):
+        settings = fast_settings(run_lease_seconds=2.0)
+        await nursery.start(run_conductor, nats, settings)
+        store = RunStore(nats)
+        markers = tmp_path / "markers"
+        markers.mkdir()
+        gate = tmp_path / "gate"
+        flow = f"""\
+flow:
+  graph: mark >> hold
+tasks:
+  mark: {{callable: "examples.tasks:record", inputs: {{marker_dir: "{markers}", label: "mark"}}}}
+  hold: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 30}}}}
+"""
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()",
+             "--nats-url", nats_server.url, "--worker-id", "victim", "--concurrency", "1", "--allow-module", "examples"],
+            env=worker_env(nats_server),
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            run_id = await submit(store, yaml_text=flow)
+            await wait_for(lambda: task_running(store, run_id, "hold"), "the victim to run the task", timeout=20)
+
+            async def listed() -> bool:
+                entry = await nats.kv_get(subjects.WORKERS_BUCKET, "victim")
+                return bool(entry and entry.value and json.loads(entry.value).get("runs") == {run_id: 1})
+
+            await wait_for(listed, "the victim's heartbeat to list the run")
+            [marker] = list(markers.iterdir())
+            child_pid = int(marker.name.split("-")[1])
+            proc.send_signal(signal.SIGKILL)
+            await trio.to_thread.run_sync(proc.wait)
+
+            async def child_gone() -> bool:
+                try:
+                    os.kill(child_pid, 0)
+                except ProcessLookupError:
+                    return True
+                # a zombie (reparented, not yet reaped) counts as gone
+                try:
+                    with open(f"/proc/{child_pid}/stat") as f:
+                        return f.read().split()[2] == "Z"
+                except OSError:
+                    return True
+
+            await wait_for(child_gone, "the orphaned child to exit", timeout=5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        # the reaper declares the attempt lost; a second worker takes attempt 2 and finishes it
+        gate.write_text("go")
+        stop = trio.Event()
+        await nursery.start(lambda task_status: run_worker(nats, settings, worker_id="rescuer", tags=["default"], concurrency=1, stop=stop, task_status=task_status))
+        snap = await wait_status(store, run_id, TERMINAL, timeout=20)
+        assert snap.status is RunStatus.COMPLETED and snap.attempt == 2 and snap.worker_id == "rescuer"
+        history = await store.history(run_id)
+        assert [e.type for e in history].count("run.completed") == 1
+        assert [e.type for e in history].count("run.worker_lost") == 1
+        assert len(list(markers.iterdir())) == 2  # one execution per attempt, nothing more

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from pyoco.core.engine import Engine
-from pyoco.core.models import Flow, RunContext, RunStatus, Task, TaskState
+from pyoco.core.models import Flow, RunContext, RunStatus, Task
 from pyoco.dsl.syntax import TaskWrapper
 from pyoco.trace.backend import TraceBackend
 
@@ -403,8 +403,10 @@ class Child:
             _clean_scratch()
         status = run_ctx.status
         if status == RunStatus.CANCELLED or (status == RunStatus.CANCELLING and error is None):
-            all_done = all(s == TaskState.SUCCEEDED for s in run_ctx.tasks.values())
-            outcome = "COMPLETED" if all_done and status == RunStatus.CANCELLING else "CANCELLED"
+            # A cancel reached the run while it was running (pyoco leaves CANCELLING when the
+            # last task finished after the request): the run is cancelled, even if a cooperative
+            # task returned normally after noticing it.
+            outcome = "CANCELLED"
             error = None
         elif error is not None or status == RunStatus.FAILED:
             outcome = "FAILED"

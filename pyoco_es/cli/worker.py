@@ -1,0 +1,151 @@
+"""``pyoco-worker`` (also ``pyoco-es worker``): run one worker actor against a NATS server.
+
+Flags follow pyoco-server's ``pyoco-worker`` (contract §5.2) where they exist; configuration is
+the environment (and ``.env``, contract §6) plus these overrides.  SIGINT/SIGTERM drain
+gracefully (running runs finish within ``PYOCO_WORKER_DRAIN_TIMEOUT_SEC``, then are released);
+a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import asyncclick as click
+import attrs
+import outcome
+import trio
+
+from ..config import Settings
+from ..core.errors import PyocoError
+from ..nats.client import open_nats
+from ..nats.resources import ResourceConfig, ensure_resources
+from ..runtime import configure_logging, wait_for_stop_signal
+from ..worker.actor import normalize_tags, run_worker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def load_flow_resolver(spec: str) -> str:
+    """Validate a ``--flow-resolver`` spec and return it (the children import it, not the worker).
+
+    ``module:function`` or ``path/to/file.py:function``, split on the **last** ``:``; a target
+    that ends in ``.py`` or contains a path separator is a file.  Dotted attributes are allowed.
+
+    Raises:
+        click.BadParameter: malformed spec, missing file, or a module that cannot be found.
+    """
+    import importlib.util
+
+    if ":" not in spec:
+        raise click.BadParameter(f"expected 'module:function' or 'path.py:function', got {spec!r}", param_hint="--flow-resolver")
+    target, attr = spec.rsplit(":", 1)
+    if not target or not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise click.BadParameter(f"expected 'module:function' or 'path.py:function', got {spec!r}", param_hint="--flow-resolver")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        if not os.path.isfile(target):
+            raise click.BadParameter(f"file not found: {target}", param_hint="--flow-resolver")
+        return f"{os.path.abspath(target)}:{attr}"
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError) as exc:
+        raise click.BadParameter(f"cannot find module {target!r}: {exc}", param_hint="--flow-resolver") from exc
+    if found is None:
+        raise click.BadParameter(f"cannot find module {target!r}", param_hint="--flow-resolver")
+    return spec
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--nats-url", envvar="PYOCO_NATS_URL", default=None, help=f"NATS server (default {DEFAULT_NATS_URL}).")
+@click.option("--tags", default="default", show_default=True, help="CSV of tags to serve (OR semantics).")
+@click.option("--worker-id", default="worker", show_default=True, help="Registry key; letters, digits, '_' and '-'.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 256), help="Runs in flight (= warm child processes).")
+@click.option("--flow-resolver", default=None, help="module:function or path/to/file.py:function mapping flow names to pyoco Flows.")
+@click.option(
+    "--allow-module",
+    "allow_modules",
+    multiple=True,
+    help="Module prefix YAML `callable:` may import (repeatable; also PYOCO_ALLOWED_MODULES, CSV; '*' allows any).",
+)
+@click.option("--poll-timeout", default=None, type=click.FloatRange(0.05, 60), help="Long-poll duration of one fetch, seconds.")
+@click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+async def worker(
+    nats_url: str | None,
+    tags: str,
+    worker_id: str,
+    concurrency: int,
+    flow_resolver: str | None,
+    allow_modules: tuple[str, ...],
+    poll_timeout: float | None,
+    log_level: str,
+) -> None:
+    """Run a worker: claim runs for TAGS and execute them in warm child processes.
+
+    \b
+    Example:
+      pyoco-worker --nats-url nats://127.0.0.1:4222 --tags default,gpu --worker-id w1 \\
+          --allow-module mytasks --flow-resolver flows.py:resolve
+    """
+    configure_logging(log_level)
+    settings = Settings.from_env()
+    if allow_modules:
+        settings = attrs.evolve(settings, allowed_modules=tuple(dict.fromkeys([*settings.allowed_modules, *allow_modules])))
+    try:
+        tag_list = normalize_tags(tags.split(","), settings.default_tag)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        resolver = load_flow_resolver(flow_resolver) if flow_resolver else None
+    except click.BadParameter as exc:
+        _fail(f"--flow-resolver: {exc.message}")
+    url = nats_url or settings.nats_url or DEFAULT_NATS_URL
+    stop = trio.Event()
+    try:
+        async with open_nats(url, name=f"pyoco-worker:{worker_id}") as nats:
+            await ensure_resources(nats, ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix))
+            click.echo(
+                f"pyoco-worker {worker_id} serving {','.join(tag_list)} on {url} "
+                f"(concurrency {concurrency}; Ctrl-C to stop)",
+                err=True,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(wait_for_stop_signal, stop)
+                # Captured so an error is not wrapped in the nursery's exception group.
+                result = await outcome.acapture(
+                    run_worker,
+                    nats,
+                    settings,
+                    worker_id=worker_id,
+                    tags=tag_list,
+                    concurrency=concurrency,
+                    flow_resolver=resolver,
+                    allowed_modules=settings.allowed_modules,
+                    stop=stop,
+                    poll_timeout=poll_timeout,
+                )
+                nursery.cancel_scope.cancel()
+            result.unwrap()
+            click.echo(f"pyoco-worker {worker_id} stopped", err=True)
+    except ValueError as exc:
+        _fail(str(exc))
+    except PyocoError as exc:
+        _fail(exc.message)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"ERR-PYOCO-0018: invalid worker arguments\n- reason: {message}\n- hint: pyoco-worker --help", err=True)
+    sys.exit(1)
+
+
+def worker_main() -> None:
+    """Console-script entry point (``pyoco-worker``); Ctrl-C twice exits 130."""
+    try:
+        worker(_anyio_backend="trio")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+__all__ = ["load_flow_resolver", "worker", "worker_main"]
