@@ -334,8 +334,8 @@ def _json_or_table(default: str) -> Callable[[F], F]:
 
 
 def _items(body: Any) -> list[dict[str, Any]]:
-    """A list answer, or the ``items`` of a ``{"items": [...]}`` answer."""
-    items = body.get("items") if isinstance(body, dict) else body
+    """A list answer, or the ``items`` (``events``) of a ``{"items": [...]}`` answer."""
+    items = body.get("items", body.get("events")) if isinstance(body, dict) else body
     return [it for it in items if isinstance(it, dict)] if isinstance(items, list) else []
 
 
@@ -627,6 +627,8 @@ async def list_vnext_cmd(
       pyoco-client list-vnext --updated-after 1767225600
     """
     params = _list_params(status, flow, tag, full, limit)
+    if updated_after is None and not cursor and not workflow_yaml_sha256:
+        updated_after = 0.0  # ask for delta mode (paged, with next_cursor) even without a filter
     if updated_after is not None:
         params.append(("updated_after", updated_after))
     if cursor:
@@ -784,31 +786,13 @@ async def events_cmd(api: Api, run_id: str, after_seq: int, output: str | None) 
       pyoco-client events RUN_ID --output json | jq .type
     """
     output = output or ("table" if sys.stdout.isatty() else "json")
-    items = await _all_events(api, run_id, after_seq)
+    body = await api.get_json(f"/runs/{run_id}/events", params=[("after_seq", after_seq)])
+    items = _items(body)
     if output == "table":
         write_text(render_table(EVENT_COLUMNS, event_rows(items), terminal_width()))
     else:
         for item in items:
             write_json(item)
-
-
-async def _all_events(api: Api, run_id: str, after_seq: int) -> list[dict[str, Any]]:
-    """Every envelope after ``after_seq``, following pages when the server pages them."""
-    items: list[dict[str, Any]] = []
-    cursor = after_seq
-    while True:
-        body = await api.get_json(f"/runs/{run_id}/events", params=[("after_seq", cursor)])
-        page = _items(body)
-        items.extend(page)
-        more = isinstance(body, dict) and (body.get("has_more") or body.get("next_after_seq"))
-        if not page or not more:
-            return items
-        nxt = body.get("next_after_seq") if isinstance(body, dict) else None
-        last = page[-1].get("seq")
-        new_cursor = int(nxt) if isinstance(nxt, int) else int(last) if isinstance(last, int) else cursor
-        if new_cursor <= cursor:
-            return items
-        cursor = new_cursor
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -296,6 +296,7 @@ class _Follower:
     send: trio.MemorySendChannel[SseEvent]
     result: WatchResult
     last_seq: int | None = None
+    names_at_last_seq: set[str] = attrs.Factory(set)
     last_snapshot_key: str | None = None
     since: float | None = None
 
@@ -315,9 +316,14 @@ class _Follower:
         """Already delivered?  By ``id:`` when the server sends ids, else by snapshot content."""
         seq = event.seq
         if seq is not None:
-            if self.last_seq is not None and seq <= self.last_seq:
+            # Several frames may share an id (pyoco-es's final ``end`` frame repeats the last
+            # snapshot's): a frame is new if its id is newer, or same id and a new event name.
+            if self.last_seq is not None and (seq < self.last_seq or (seq == self.last_seq and event.event in self.names_at_last_seq)):
                 return True
+            if seq != self.last_seq:
+                self.names_at_last_seq = set()
             self.last_seq = seq
+            self.names_at_last_seq.add(event.event)
             return False
         snap = event.snapshot
         if snap is None:

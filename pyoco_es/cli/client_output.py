@@ -19,7 +19,8 @@ WORKER_COLUMNS: Final = ("worker_id", "state", "tags", "heartbeat", "last_run_id
 EVENT_COLUMNS: Final = ("seq", "time", "type", "producer", "details")
 _GAP: Final = "  "
 # When a table is too wide, shrink these columns first (most droppable first).
-_SHRINK_ORDER: Final = ("details", "tags", "flow_name", "tag", "last_run_id", "producer", "run_id", "type")
+# run_id last: it is the column people copy.
+_SHRINK_ORDER: Final = ("details", "tags", "flow_name", "tag", "last_run_id", "producer", "type", "heartbeat", "time", "run_id")
 _MIN_WIDTH: Final = 6
 
 
@@ -54,11 +55,11 @@ def terminal_width(out: TextIO | None = None) -> int | None:
 
 
 def fmt_time(value: Any) -> str:
-    """A unix timestamp as local ``YYYY-MM-DD HH:MM:SS``; other values as text, None as ``-``."""
+    """A unix timestamp as local ``MM-DD HH:MM:SS`` (tables are narrow); other values as text."""
     if value is None or value == "":
         return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        return time.strftime("%m-%d %H:%M:%S", time.localtime(value))
     return str(value)
 
 
@@ -118,7 +119,7 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], width: i
             if name not in headers:
                 continue
             i = list(headers).index(name)
-            floor = max(_MIN_WIDTH, min(len(headers[i]), widths[i]))
+            floor = min(_MIN_WIDTH, widths[i])
             cut = min(excess, widths[i] - floor)
             if cut > 0:
                 widths[i] -= cut
