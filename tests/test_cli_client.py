@@ -206,7 +206,7 @@ async def test_events_table_and_json_lines(server: CannedServer) -> None:
     table = (await cli(server, "events", RUN, "--output", "table", "--after-seq", "0")).stdout.splitlines()
     assert table[0].split() == ["seq", "time", "type", "producer", "details"]
     assert "run.claimed" in table[2] and "worker:w1#1" in table[2] and "worker_id=w1" in table[2]
-    server.json("GET", f"/runs/{RUN}/events", {"items": envelopes[1:]})
+    server.json("GET", f"/runs/{RUN}/events", {"run_id": RUN, "last_seq": 2, "events": envelopes[1:]})  # the gateway's shape
     assert json.loads((await cli(server, "events", RUN)).stdout)["seq"] == 2  # piped: JSON lines by default
     assert server.requests("GET", f"/runs/{RUN}/events")[-1].arg("after_seq") == "0"
 
@@ -293,6 +293,24 @@ async def test_watch_resumes_with_last_event_id_and_prints_nothing_twice(server:
     assert "reconnecting" in result.stderr
     resumed = server.requests("GET", f"/runs/{RUN}/watch")
     assert [r.headers.get("last-event-id") for r in resumed] == [None, "2"]
+
+
+async def test_watch_retries_a_503_after_a_drop_but_not_before(server: CannedServer) -> None:
+    """A restarting gateway may answer 503 for a moment: retried once we were connected."""
+    unavailable = Reply.json({"detail": "nats unavailable: NoServersError"}, 503)
+    first = sse(snap_frame(RUN, "RUNNING", 1), drop=True)
+    last = sse(snap_frame(RUN, "COMPLETED", 2))
+
+    @server.on("GET", f"/runs/{RUN}/watch")
+    async def watch(seen: Seen) -> Any:
+        n = len(server.requests("GET", f"/runs/{RUN}/watch"))
+        return await first(seen) if n == 1 else unavailable if n == 2 else await last(seen)
+
+    result = await cli(server, "watch", RUN, "--until-terminal", "--output", "status")
+    assert result.exit_code == 0, result.stderr
+    assert [line.split("\t")[2] for line in result.stdout.splitlines()] == ["RUNNING", "COMPLETED"]
+    server.json("GET", f"/runs/{RUN}/watch", {"detail": "nats unavailable: NoServersError"}, status=503)
+    assert_error(await cli(server, "watch", RUN), "ERR-PYOCO-HTTP", "HTTP 503", "NATS")
 
 
 async def test_watch_unknown_run_is_http_404(server: CannedServer) -> None:

@@ -283,8 +283,24 @@ class WatchResult:
     reconnects: int = 0
 
 
+# Answers a restarting gateway may give for a moment; retried after a drop, fatal at first.
+RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
+
+
+class _Unavailable(Exception):
+    """The watch endpoint answered 502/503/504."""
+
+    def __init__(self, error: CliError) -> None:
+        super().__init__(error.reason or error.message)
+        self.error = error
+
+
+def _give_up(exc: Exception, settings: ClientSettings) -> CliError:
+    return exc.error if isinstance(exc, _Unavailable) else connection_error(exc, settings)
+
+
 def _is_transient(exc: Exception) -> bool:
-    return isinstance(exc, (httpx.TransportError, httpx.StreamError))
+    return isinstance(exc, (httpx.TransportError, httpx.StreamError, _Unavailable))
 
 
 @attrs.define
@@ -344,7 +360,10 @@ class _Follower:
         async with self.api.http.stream("GET", path, params=params, headers=headers, timeout=timeout) as response:
             if response.status_code >= 400:
                 await response.aread()
-                raise http_error(response, self.api.settings)
+                error = http_error(response, self.api.settings)
+                if response.status_code in RETRYABLE_STATUSES:
+                    raise _Unavailable(error)
+                raise error
             on_connected()
             parser = SseParser()
             async for line in response.aiter_lines():
@@ -418,13 +437,13 @@ async def follow_run(
                 if not _is_transient(exc):
                     raise
                 if not connected_once:
-                    raise connection_error(exc, api.settings) from exc
+                    raise _give_up(exc, api.settings) from exc
                 if outage_started is None:
                     outage_started = clock()
                     if on_reconnect is not None:
                         on_reconnect(True)
                 elif clock() - outage_started > RECONNECT_GIVE_UP_SEC:
-                    raise connection_error(exc, api.settings) from exc
+                    raise _give_up(exc, api.settings) from exc
                 log.debug("watch connection dropped (%s); reconnecting", exc)
                 await trio.sleep(RECONNECT_BACKOFF[min(failures, len(RECONNECT_BACKOFF) - 1)])
                 failures += 1
