@@ -307,6 +307,47 @@ def test_pagination_reaches_every_run(page: Page, http: httpx.Client) -> None:
     assert pg.locator(".run-row").count() >= total
 
 
+def test_live_stream_reconnects_and_catches_up(page: Page, http: httpx.Client) -> None:
+    pg = page.goto("#/runs")
+    pg.locator('#conn[data-state="live"]').wait_for()
+    # the network drops and stays down for a while
+    pg.route("**/runs/stream*", lambda r: r.abort())
+    pg.evaluate("window.pyocoDashboard.dropLiveStream()")
+    pg.locator('#conn[data-state="down"]').wait_for()
+    run_id = submit_yaml(http, TWO_TASKS, flow_name="while-offline")
+    wait_status(http, run_id, {"COMPLETED"})
+    page.shot("connection-down")
+    assert row(pg, run_id).count() == 0
+    # the network comes back: the page reconnects by itself and shows what it missed
+    pg.unroute("**/runs/stream*")
+    pg.locator('#conn[data-state="live"]').wait_for(timeout=20_000)
+    pg.locator(f'.run-row[data-run-id="{run_id}"][data-status="COMPLETED"]').wait_for()
+
+
+def test_api_key_is_stored_and_sent(page: Page) -> None:
+    sent: list[tuple[str, str | None]] = []
+    pg = page.goto("#/runs")
+    pg.on("request", lambda r: sent.append((r.url, r.headers.get("x-secret-key"))))
+    pg.click("#auth-open")
+    pg.fill("#auth-header", "X-Secret-Key")
+    pg.fill("#auth-key", "k-123")
+    page.shot("api-key-dialog")
+    before = len(sent)
+    pg.click("#auth-save")
+    pg.locator('#conn[data-state="live"]').wait_for()
+    pg.wait_for_function("document.querySelector('#auth-open').classList.contains('auth-set')")
+    assert pg.evaluate("localStorage.getItem('pyoco.auth_key')") == "k-123"
+    pg.wait_for_timeout(300)
+    after = sent[before:]
+    with_key = [url for url, key in after if key == "k-123"]
+    assert any("/runs/stream" in u for u in with_key), after
+    assert any("/runs?" in u for u in with_key), after
+    assert not [url for url, key in after if "/runs" in url and key != "k-123"], after
+    pg.click("#auth-open")
+    pg.click("#auth-clear")
+    assert pg.evaluate("localStorage.getItem('pyoco.auth_key')") is None
+
+
 def test_run_detail_shows_tasks_and_timeline(page: Page, narrow: Page, http: httpx.Client) -> None:
     run_id = submit_yaml(http, TWO_TASKS, flow_name="detail-demo")
     wait_status(http, run_id, {"COMPLETED"})

@@ -143,6 +143,7 @@
 
   function fmtDuration(seconds) {
     if (seconds === null || seconds === undefined || !isFinite(seconds) || seconds < 0) return t("common.none");
+    if (seconds < 0.001) return "<1 ms";
     if (seconds < 1) return Math.round(seconds * 1000) + " ms";
     if (seconds < 60) return (seconds < 10 ? seconds.toFixed(1) : Math.round(seconds)) + " s";
     const m = Math.floor(seconds / 60);
@@ -1002,9 +1003,15 @@
       const durEl = h("span", { class: "dur num" }, fmtDuration(dur));
       if (task.state === "RUNNING" && rec.started_at) durEl.dataset.start = String(rec.started_at);
       const hasBody = rec.error || rec.traceback || rec.output !== undefined && rec.output !== null || (rec.inputs && Object.keys(rec.inputs).length);
+      // one-line preview: the output of a finished task, the first line of an error
+      let preview = "";
+      if (rec.error) preview = asText(rec.error).split("\n")[0];
+      else if (rec.output !== undefined && rec.output !== null) preview = asText(rec.output);
       const summary = h("summary", { class: "task-sum" },
         statusBadge(task.state, "task"),
-        h("span", { class: "task-name mono" }, task.name),
+        h("span", { class: "task-name-wrap" },
+          h("span", { class: "task-name mono" }, task.name),
+          preview ? h("span", { class: "task-preview mono" + (rec.error ? " task-preview-error" : "") }, preview.slice(0, 200)) : null),
         h("span", { class: "task-dur" }, durEl));
       const det = h("details", { class: "task", dataset: { key: "task:" + task.name, state: task.state, task: task.name } }, summary);
       if (task.state === "FAILED") det.open = true;
@@ -1028,7 +1035,7 @@
 
   const EV_ICON = {
     "run.submitted": "↥", "run.claimed": "⚑", "run.worker_lost": "⚠", "run.released": "↺",
-    "task.started": "▸", "task.completed": "✓", "task.failed": "✕", "run.cancel_requested": "⏻",
+    "task.started": "▸", "task.completed": "✓", "task.failed": "✕", "run.cancel_requested": "⊘",
     "run.completed": "★", "run.failed": "✕", "run.cancelled": "■",
   };
   function eventSummary(ev) {
@@ -1100,9 +1107,10 @@
             h("span", { class: "ev-time num", title: fmtAbsolute(ev.occurred_at, true) },
               fmtAbsolute(ev.occurred_at, true),
               sinceStart !== null && sinceStart > 0 ? h("span", { class: "muted" }, " ", t("ev.since_start", { d: fmtDuration(sinceStart) })) : null)),
-          summary ? h("div", { class: "ev-summary" }, summary) : null,
-          d.traceback ? h("details", { class: "ev-raw", dataset: { key: "tb:" + ev.seq } }, h("summary", null, t("task.traceback")), h("pre", { class: "pre pre-tb" }, asText(d.traceback))) : null,
-          h("details", { class: "ev-raw", dataset: { key: "raw:" + ev.seq } }, h("summary", null, t("detail.raw")), h("pre", { class: "pre" }, prettyJson(ev))),
+          h("div", { class: "ev-foot" },
+            h("span", { class: "ev-summary" }, summary),
+            d.traceback ? h("details", { class: "ev-raw", dataset: { key: "tb:" + ev.seq } }, h("summary", null, t("task.traceback")), h("pre", { class: "pre pre-tb" }, asText(d.traceback))) : null,
+            h("details", { class: "ev-raw", dataset: { key: "raw:" + ev.seq } }, h("summary", null, t("detail.raw")), h("pre", { class: "pre" }, prettyJson(ev)))),
         ),
       );
       list.appendChild(item);
@@ -1496,6 +1504,8 @@
     get lang() { return lang; },
     get connection() { return conn.state; },
     get runCount() { return runs.items.size; },
+    /** Drop the live list stream as a network failure would (it reconnects by itself). */
+    dropLiveStream() { if (runStream.controller) runStream.controller.abort(); },
   };
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", setup);
