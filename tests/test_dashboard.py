@@ -293,18 +293,24 @@ def test_runs_appear_and_complete_without_reload(page: Page, narrow: Page, http:
     assert npg.evaluate("document.documentElement.scrollWidth") <= 400
 
 
-def test_pagination_reaches_every_run(page: Page, http: httpx.Client) -> None:
-    total = len(http.get("/runs?limit=200").json())
-    pg = page.goto("#/runs")
-    pg.locator(".run-row").first.wait_for()
-    # a page is 50 runs: keep clicking "load older" until it goes away
-    for _ in range(10):
-        more = pg.locator("#runs-more")
-        if not more.is_visible():
-            break
-        more.click()
-        pg.wait_for_timeout(200)
-    assert pg.locator(".run-row").count() >= total
+def test_pagination_never_misses_a_run(page: Page, http: httpx.Client) -> None:
+    # 55 runs on a tag no worker serves: they stay PENDING, so the list holds still
+    ids = [
+        http.post("/runs", json={"flow_name": f"parked-{i}", "tag": "parked"}).json()["run_id"] for i in range(55)
+    ]
+    pg = page.goto("#/runs?tag=parked")
+    pg.wait_for_function("document.querySelectorAll('.run-row').length === 50")
+    assert pg.locator("#runs-more").is_visible()
+    # while the user reads page one, the oldest run (on page two) changes and jumps to the top
+    assert http.post(f"/runs/{ids[0]}/cancel").status_code == 200
+    pg.locator(f'.run-row[data-run-id="{ids[0]}"][data-status="CANCELLED"]').wait_for()
+    pg.click("#runs-more")
+    pg.wait_for_function("document.querySelectorAll('.run-row').length === 55")
+    shown = pg.locator(".run-row").evaluate_all("els => els.map(e => e.dataset.runId)")
+    assert sorted(shown) == sorted(ids)  # every run exactly once
+    assert shown[0] == ids[0]
+    assert pg.locator("#runs-more").is_hidden()
+    page.shot("runs-paged")
 
 
 def test_live_stream_reconnects_and_catches_up(page: Page, http: httpx.Client) -> None:

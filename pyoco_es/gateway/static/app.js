@@ -1302,14 +1302,15 @@
       const text = await api("/metrics");
       const samples = parseProm(text);
       const byStatus = {};
-      let queue = null, lag = null, alive = null;
+      let queue = null, lag = null, alive = null, dlq = null;
       for (const s of samples) {
         if (s.name === "pyoco_runs_total" && s.labels.status) byStatus[s.labels.status] = (byStatus[s.labels.status] || 0) + s.value;
         else if (s.name === "pyoco_workers_alive_total") alive = s.value;
+        else if (s.name === "pyoco_dlq_messages_total") dlq = s.value;
         else if (/^pyoco_.*queue.*(depth|pending|messages)/.test(s.name) || s.name === "pyoco_queue_depth") queue = (queue || 0) + s.value;
         else if (/^pyoco_projector_lag/.test(s.name)) lag = (lag || 0) + s.value;
       }
-      metrics = { byStatus, queue, lag, alive, error: null };
+      metrics = { byStatus, queue, lag, alive, dlq, error: null };
     } catch (e) {
       metrics = { ...(metrics || { byStatus: {} }), error: e };
     }
@@ -1339,6 +1340,7 @@
     if (metrics.alive !== null) add(t("metrics.workers"), String(metrics.alive), "", "m-workers");
     if (metrics.queue !== null) add(t("metrics.queue"), String(metrics.queue), metrics.queue > 0 ? "metric-hot" : "", "m-queue");
     if (metrics.lag !== null) add(t("metrics.lag"), String(metrics.lag), metrics.lag > 100 ? "metric-hot" : "", "m-lag");
+    if (metrics.dlq) add(t("metrics.dlq"), String(metrics.dlq), "metric-hot", "m-dlq");
     if (metrics.error) sys.appendChild(h("span", { class: "metric metric-err" }, t("metrics.unavailable")));
     root.appendChild(sys);
   }
@@ -1488,6 +1490,15 @@
       renderWorkers();
     });
     window.addEventListener("hashchange", onRoute);
+    document.addEventListener("keydown", (e) => {
+      // "/" jumps to the run search, as in most tools
+      const typing = e.target instanceof HTMLElement && e.target.closest("input, select, textarea, dialog");
+      if (e.key === "/" && !typing && !e.ctrlKey && !e.metaKey && !e.altKey) {
+        e.preventDefault();
+        if (route.view !== "runs") location.hash = "#/runs";
+        $("f-search").focus();
+      }
+    });
     document.addEventListener("visibilitychange", () => { if (!document.hidden) loadMetrics(); });
     setInterval(tick, 1000);
     setInterval(() => { if (conn.state === "reconnecting") renderConn(); }, 500);

@@ -35,6 +35,7 @@ window.PYOCO_I18N = {
     "metrics.queue": "Queue",
     "metrics.lag": "Projector lag",
     "metrics.workers": "Workers alive",
+    "metrics.dlq": "Dead letters",
     "metrics.title_status": "Runs with status {status}: click to filter",
     "metrics.unavailable": "metrics unavailable",
 
@@ -64,7 +65,7 @@ window.PYOCO_I18N = {
     "runs.filter_flow": "Flow",
     "runs.filter_tag": "Tag",
     "runs.search": "Search run id",
-    "runs.search_hint": "Paste a run id and press Enter to open it",
+    "runs.search_hint": "Paste a run id and press Enter to open it (press / to jump here)",
     "runs.sort": "Sort",
     "runs.sort_updated": "Recently updated",
     "runs.sort_active": "Active first",
@@ -225,6 +226,7 @@ window.PYOCO_I18N = {
     "metrics.queue": "キュー",
     "metrics.lag": "プロジェクター遅延",
     "metrics.workers": "稼働ワーカー",
+    "metrics.dlq": "デッドレター",
     "metrics.title_status": "状態が {status} のラン（クリックで絞り込み）",
     "metrics.unavailable": "メトリクスを取得できません",
 
@@ -254,7 +256,7 @@ window.PYOCO_I18N = {
     "runs.filter_flow": "フロー",
     "runs.filter_tag": "タグ",
     "runs.search": "ラン ID で検索",
-    "runs.search_hint": "ラン ID を貼り付けて Enter で開きます",
+    "runs.search_hint": "ラン ID を貼り付けて Enter で開きます（/ キーでここへ移動）",
     "runs.sort": "並び順",
     "runs.sort_updated": "更新が新しい順",
     "runs.sort_active": "実行中を先頭に",
