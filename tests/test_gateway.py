@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import trio
 
 from pyoco_es.config import Settings
 from pyoco_es.nats import subjects
-from test_gateway_support import (
+from test_gateway_support import (  # noqa: F401 - gw is a fixture
+    HTTPX_STREAM_WARNINGS,
+    gw,
     GW,
     FakeWorker,
     events_last_seq,
@@ -27,16 +27,7 @@ from test_gateway_support import (
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Async generator 'httpx.:ResourceWarning"),
-    pytest.mark.filterwarnings("ignore:Async generator 'httpcore.:ResourceWarning"),
-]
-
-
-@pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[GW]:
-    async with open_gateway(tmp_path) as g:
-        yield g
+pytestmark = HTTPX_STREAM_WARNINGS
 
 
 # -- health, readiness, OpenAPI -------------------------------------------------------------------

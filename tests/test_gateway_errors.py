@@ -11,12 +11,9 @@ import trio
 
 from pyoco_es.config import Settings
 from pyoco_es.nats import subjects
-from test_gateway_support import FLOW_YAML, GW, events_last_seq, open_gateway, submit, submit_yaml, wait_until
+from test_gateway_support import HTTPX_STREAM_WARNINGS, FLOW_YAML, GW, events_last_seq, open_gateway, submit, submit_yaml, wait_until
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Async generator 'httpx.:ResourceWarning"),
-    pytest.mark.filterwarnings("ignore:Async generator 'httpcore.:ResourceWarning"),
-]
+pytestmark = HTTPX_STREAM_WARNINGS
 
 YAML_LIMIT = 4096
 

@@ -3,24 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 import trio
 
-from test_gateway_support import GW, FakeWorker, open_gateway, open_sse, submit, wait_projected, wait_until
+from test_gateway_support import gw  # noqa: F401 - a fixture
+from test_gateway_support import HTTPX_STREAM_WARNINGS, GW, FakeWorker, open_sse, submit, wait_projected, wait_until
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Async generator 'httpx.:ResourceWarning"),
-    pytest.mark.filterwarnings("ignore:Async generator 'httpcore.:ResourceWarning"),
-]
-
-
-@pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[GW]:
-    async with open_gateway(tmp_path) as g:
-        yield g
+pytestmark = HTTPX_STREAM_WARNINGS
 
 
 async def _open_streams(gw: GW) -> int:

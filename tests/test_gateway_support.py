@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import attrs
 import httpx
+import pytest
 import trio
 
 from pyoco_es.config import Settings
@@ -27,6 +28,13 @@ from pyoco_es.service import RunStore
 from pyoco_es.testing.stack import Stack, open_stack
 
 T = TypeVar("T")
+
+# httpx/httpcore read streams through nested async generators; a test that leaves an SSE stream
+# early has the inner ones finalized by Trio with a ResourceWarning (encode/httpx#3686).
+HTTPX_STREAM_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:Async generator 'httpx.:ResourceWarning"),
+    pytest.mark.filterwarnings("ignore:Async generator 'httpcore.:ResourceWarning"),
+]
 
 FLOW_YAML = b"""\
 version: 1
@@ -66,6 +74,13 @@ async def open_gateway(
     async with open_stack(tmp_path, settings=settings, conductor=conductor) as stack:
         async with httpx.AsyncClient(base_url=stack.url, timeout=10.0) as client:
             yield GW(client, stack)
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[GW]:
+    """A stack with conductor and gateway (import this fixture into a test module to use it)."""
+    async with open_gateway(tmp_path) as g:
+        yield g
 
 
 async def wait_until(fn: Callable[[], Awaitable[T | None]], *, timeout: float = 5.0, what: str = "condition") -> T:

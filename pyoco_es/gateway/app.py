@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
-import trio
 from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -111,6 +110,18 @@ def create_app(
         @app.before_serving
         async def _start_index() -> None:
             await app.nursery.start(gw.index.run)
+
+    @app.after_request
+    async def _close_if_body_unread(response: Response) -> Response:
+        # An answer given before the request body arrived (a 4xx/503 raised early, a cancel that
+        # ignores its body) must close the connection: the rest of the body would otherwise be
+        # read as the next request, or both sides would wait on it.
+        from quart import request
+
+        complete = getattr(request.body, "_complete", None)
+        if request.method in ("POST", "PUT", "PATCH") and complete is not None and not complete.is_set():
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(PyocoError)
     async def _pyoco_error(exc: PyocoError) -> Response:

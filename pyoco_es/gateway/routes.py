@@ -17,9 +17,8 @@ from typing import Any, Final
 
 import attrs
 import trio
-from quart import request
+from quart import Response, make_response, request, send_from_directory
 from quart_trio import QuartTrio
-from quart import Response, make_response, send_from_directory
 from werkzeug.exceptions import NotFound
 
 from ..core import decide
