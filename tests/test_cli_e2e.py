@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -275,6 +277,34 @@ async def test_watch_survives_a_gateway_restart(tmp_path: Path) -> None:
             second.cancel()
 
 
+async def test_live_view_in_a_pseudo_terminal(stack: Stack, tmp_path: Path) -> None:
+    """Under pexpect (a pty, so stdout is a terminal) `watch` picks the live view by itself and
+    redraws in place (cursor-up escapes) until every task has SUCCEEDED; exit 0."""
+    import pexpect
+
+    gate = tmp_path / "gate"
+    with trio.fail_after(60):
+        run_id = ok_json(await pyoco(stack.url, "submit-yaml", "--workflow-file", write(tmp_path, "g.yaml", gated(gate)), "--flow-name", "pty"))["run_id"]
+        child = pexpect.spawn(
+            CLIENT, ["--server", stack.url, "watch", run_id], env={**os.environ, "TERM": "xterm"},
+            dimensions=(30, 100), encoding="utf-8", timeout=30,
+        )  # fmt: skip
+        try:
+            colour = r"(?:\x1b\[[0-9;]*m)?"
+            await trio.to_thread.run_sync(child.expect, rf"gate\s+RUNNING")
+            before_release = child.before + child.after
+            assert "✓ first" in before_release and "\x1b[J" in before_release
+            gate.write_text("go")
+            await trio.to_thread.run_sync(child.expect, rf"status {colour}COMPLETED")
+            await trio.to_thread.run_sync(child.expect, rf"✓ last\s+SUCCEEDED")
+            await trio.to_thread.run_sync(child.expect, pexpect.EOF)
+        finally:
+            child.close(force=True)
+        assert child.exitstatus == 0
+        assert re.search(r"\x1b\[\d+F", before_release), "redraws move the cursor up instead of scrolling"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run should apt-get install tmux)")
 async def test_live_view_in_a_terminal(stack: Stack, tmp_path: Path) -> None:
     """Under tmux, `watch` draws the run in place: tasks go from RUNNING to SUCCEEDED on one screen."""
     gate = tmp_path / "gate"
