@@ -534,7 +534,8 @@
     let cursor = null;
     try {
       for (let page = 0; page < 20; page++) {
-        const extra = { updated_after: String(Math.max(0, newest - 2)) };
+        // a small margin re-reads runs that share the newest timestamp; merging dedups them
+        const extra = { updated_after: String(Math.max(0, newest - 0.5)) };
         if (cursor) extra.cursor = cursor;
         const { items, next } = pageItems(await api(listQuery(extra)));
         if (gen !== runs.generation) return;
@@ -1307,7 +1308,7 @@
         if (s.name === "pyoco_runs_total" && s.labels.status) byStatus[s.labels.status] = (byStatus[s.labels.status] || 0) + s.value;
         else if (s.name === "pyoco_workers_alive_total") alive = s.value;
         else if (s.name === "pyoco_dlq_messages_total") dlq = s.value;
-        else if (/^pyoco_.*queue.*(depth|pending|messages)/.test(s.name) || s.name === "pyoco_queue_depth") queue = (queue || 0) + s.value;
+        else if (/^pyoco_\w*queue/.test(s.name)) queue = (queue || 0) + s.value; // e.g. pyoco_queue_depth{tag=...}
         else if (/^pyoco_projector_lag/.test(s.name)) lag = (lag || 0) + s.value;
       }
       metrics = { byStatus, queue, lag, alive, dlq, error: null };
