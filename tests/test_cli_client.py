@@ -394,6 +394,16 @@ def test_live_render_shows_each_task_state_and_duration() -> None:
     assert all(len(line) <= 60 for line in render(snapshot, run_id=RUN, now=105.0, width=12))
 
 
+def test_live_render_fits_a_short_terminal() -> None:
+    """Many tasks: succeeded ones fold into one line, then the rest is cut to the height."""
+    tasks = {f"t{i:02d}": "SUCCEEDED" for i in range(30)} | {"x": "RUNNING", "y": "PENDING"}
+    snapshot = {"run_id": RUN, "status": "RUNNING", "tasks": tasks, "task_records": {}, "error": None}
+    lines = render(snapshot, run_id=RUN, now=0.0, width=80, height=6)
+    assert lines[2:] == ["  ✓ 30 tasks succeeded", "  ▶ x    RUNNING", "  · y    PENDING"]
+    lines = render(snapshot, run_id=RUN, now=0.0, width=80, height=4)
+    assert len(lines) == 4 and lines[-1] == "  … 2 more"
+
+
 # -- the real console script ----------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ redrawn a few times a second, which is all ``rich.live`` would do for us here.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
@@ -57,47 +58,71 @@ def task_duration(record: Mapping[str, Any], now: float) -> float | None:
     return max(0.0, (ended if ended is not None else now) - started)
 
 
+def _task_rows(snapshot: Mapping[str, Any], now: float) -> list[tuple[str, str]]:
+    """(state, text) per task, in the run's task order."""
+    states = snapshot.get("tasks") if isinstance(snapshot.get("tasks"), Mapping) else {}
+    records = snapshot.get("task_records") if isinstance(snapshot.get("task_records"), Mapping) else {}
+    names = list(states) + [n for n in records if n not in states]
+    name_w = max((len(n) for n in names), default=4)
+    rows = []
+    for name in names:
+        record = records.get(name) if isinstance(records.get(name), Mapping) else {}
+        state = str(states.get(name) or record.get("state") or "PENDING")
+        took = task_duration(record, now)
+        dur = fmt_duration(took) if took is not None else ""
+        rows.append((state, f"  {_ICONS.get(state, '?')} {name.ljust(name_w)}  {state.ljust(9)}  {dur}".rstrip()))
+    return rows
+
+
+def _fit(rows: list[tuple[str, str]], room: int) -> list[tuple[str, str]]:
+    """At most ``room`` rows: succeeded tasks fold into one line first, then the tail is cut."""
+    if len(rows) <= room:
+        return rows
+    done = [r for r in rows if r[0] == "SUCCEEDED"]
+    rest = [r for r in rows if r[0] != "SUCCEEDED"]
+    if done:
+        rows = [("SUCCEEDED", f"  {_ICONS['SUCCEEDED']} {len(done)} tasks succeeded"), *rest]
+    if len(rows) > room:
+        keep = max(0, room - 1)
+        rows = [*rows[:keep], ("", f"  … {len(rows) - keep} more")]
+    return rows
+
+
 def render(
     snapshot: Mapping[str, Any] | None,
     *,
     run_id: str,
     now: float,
     width: int = 80,
+    height: int | None = None,
     note: str = "",
     colour: bool = False,
 ) -> list[str]:
-    """The view's lines for one moment.  Lines never exceed ``width`` (no wrapping, so the
-    cursor arithmetic of the redraw stays right)."""
+    """The view's lines for one moment.  Lines never exceed ``width`` and there are never more
+    than ``height`` of them (no wrapping or scrolling, so the cursor arithmetic of the redraw
+    stays right)."""
     lines: list[str] = []
     if snapshot is None:
-        lines.append(f"run {run_id}: connecting…")
+        lines.append(f"run {run_id}: connecting…"[:width])
     else:
         status = str(snapshot.get("status") or "?")
         start = _num(snapshot.get("start_time")) or _num(snapshot.get("submitted_at"))
         end = _num(snapshot.get("end_time"))
-        if start is not None:
-            elapsed = fmt_duration(max(0.0, (end if end is not None and status in TERMINAL_STATUSES else now) - start))
-        else:
-            elapsed = "-"
+        stop = end if end is not None and status in TERMINAL_STATUSES else now
+        elapsed = fmt_duration(max(0.0, stop - start)) if start is not None else "-"
         head = f"run {snapshot.get('run_id', run_id)}  flow {snapshot.get('flow_name', '?')}  tag {snapshot.get('tag', '?')}"
+        attempt = snapshot.get("attempt")
+        if isinstance(attempt, int) and attempt > 1:
+            head += f"  attempt {attempt}"
         lines.append(head[:width])
         lines.append(f"status {_paint(status, status, colour)}  elapsed {elapsed}")
-        states = snapshot.get("tasks") if isinstance(snapshot.get("tasks"), Mapping) else {}
-        records = snapshot.get("task_records") if isinstance(snapshot.get("task_records"), Mapping) else {}
-        names = list(states) + [n for n in records if n not in states]
-        name_w = max((len(n) for n in names), default=4)
-        for name in names:
-            record = records.get(name) if isinstance(records.get(name), Mapping) else {}
-            state = str(states.get(name) or record.get("state") or "PENDING")
-            took = task_duration(record, now)
-            dur = fmt_duration(took) if took is not None else ""
-            icon = _ICONS.get(state, "?")
-            text = f"  {icon} {name.ljust(name_w)}  {state.ljust(9)}  {dur}".rstrip()
-            lines.append(_paint(text[:width], state, colour))
-        if not names:
-            lines.append("  (no tasks yet)")
-        if snapshot.get("error"):
-            lines.append(f"error: {snapshot['error']}"[:width])
+        tail = [f"error: {snapshot['error']}"[:width]] if snapshot.get("error") else []
+        if note:
+            tail.append(note[:width])
+        rows = _task_rows(snapshot, now) or [("", "  (no tasks yet)")]
+        room = len(rows) if height is None else max(1, height - len(lines) - len(tail))
+        lines.extend(_paint(text[:width], state, colour) for state, text in _fit(rows, room))
+        return lines + tail
     if note:
         lines.append(note[:width])
     return lines
@@ -124,7 +149,16 @@ class LiveView:
         self.draw()
 
     def draw(self) -> None:
-        lines = render(self.snapshot, run_id=self.run_id, now=time.time(), width=self.width, note=self.note, colour=self.colour)
+        size = shutil.get_terminal_size((self.width + 1, 24))  # follows resizes
+        lines = render(
+            self.snapshot,
+            run_id=self.run_id,
+            now=time.time(),
+            width=max(20, size.columns - 1),
+            height=max(3, size.lines - 1),
+            note=self.note,
+            colour=self.colour,
+        )
         buf = []
         if self._drawn:
             buf.append(f"\x1b[{self._drawn}F")  # to the start of the first line drawn last time
