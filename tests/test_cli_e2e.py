@@ -144,6 +144,8 @@ async def test_submit_wait_watch_read_and_list(stack: Stack, tmp_path: Path) -> 
         first = ok_json(await pyoco(url, "submit", "--flow-name", "hello", "--param", "x=1", "--idempotency-key", "cli-e2e-1"))
         again = ok_json(await pyoco(url, "submit", "--flow-name", "hello", "--param", "x=1", "--idempotency-key", "cli-e2e-1"))
         assert first["run_id"] == again["run_id"] and first["status"] == "PENDING"
+        reused = await pyoco(url, "submit", "--flow-name", "hello", "--param", "x=2", "--idempotency-key", "cli-e2e-1")
+        assert reused.returncode == 1 and "- reason: HTTP 422 POST /runs: Idempotency-Key 'cli-e2e-1' was already used" in reused.stderr
         status_lines = (await pyoco(url, "watch", first["run_id"], "--until-terminal", "--output", "status")).stdout.splitlines()
         assert status_lines[-1].split("\t")[1:] == ["snapshot", "COMPLETED", first["run_id"]]
 

@@ -79,8 +79,6 @@ def _status_hint(status: int, settings: ClientSettings) -> str:
         return "the API key was refused (unknown, revoked or for another tenant): check --api-key"
     if status == 404:
         return f"check the id; `{cmd} list` shows recent runs"
-    if status == 409:
-        return "the Idempotency-Key was already used with a different request: use a new key"
     if status in (413, 422, 400):
         return f"check the request parameters and files; `{cmd} --help`"
     if status == 503:
