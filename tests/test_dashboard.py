@@ -62,6 +62,16 @@ tasks:
   ignore_cancel: {callable: "examples.tasks:ignore_cancel"}
 """
 
+# the task kills its own process: every attempt is released and retried, then the run fails
+POISON = """\
+version: 1
+flow:
+  graph: |
+    die
+tasks:
+  die: {callable: "examples.tasks:die"}
+"""
+
 FAILING_XSS = f"""\
 version: 1
 flow:
@@ -381,6 +391,21 @@ def test_run_detail_shows_tasks_and_timeline(page: Page, narrow: Page, http: htt
     npg.locator('#timeline .ev[data-type="run.completed"]').wait_for()
     narrow.shot("run-detail-narrow")
     assert npg.evaluate("document.documentElement.scrollWidth") <= 400
+
+
+def test_timeline_shows_each_attempt_of_a_retried_run(page: Page, http: httpx.Client) -> None:
+    run_id = submit_yaml(http, POISON, flow_name="poison")
+    wait_status(http, run_id, {"FAILED"}, timeout=30)
+    pg = page.goto(f"#/runs/{run_id}")
+    pg.locator('#timeline .ev[data-type="run.failed"]').wait_for()
+    assert pg.locator('#timeline .ev[data-type="run.claimed"]').count() == 3
+    assert pg.locator('#timeline .ev[data-type="run.released"]').count() == 2
+    dividers = pg.locator("#timeline .ev-divider").evaluate_all("els => els.map(e => e.dataset.attempt)")
+    assert dividers == ["2", "3"]
+    assert "3 of 3" in pg.locator("#detail-error").inner_text()
+    # the task was cut off by the dying process: not shown as still running
+    pg.locator('.task[data-task="die"][data-state="INTERRUPTED"]').wait_for()
+    page.shot("run-retried")
 
 
 def test_cancel_shows_cancelling_then_cancelled(page: Page, http: httpx.Client) -> None:

@@ -126,7 +126,13 @@
     for (const b of document.querySelectorAll("#lang-switch button")) {
       b.setAttribute("aria-pressed", String(b.dataset.lang === lang));
     }
-    document.title = t("app.title") + " · " + t(route.view === "workers" ? "nav.workers" : "nav.runs");
+    setTitle();
+  }
+
+  function setTitle() {
+    let title = t("app.title") + " · " + t(route.view === "workers" ? "nav.workers" : "nav.runs");
+    if (route.view === "run" && detail.run) title = statusLabel(detail.run.status) + " · " + (detail.run.flow_name || "") + " · " + t("app.title");
+    if (document.title !== title) document.title = title;
   }
 
   function setLang(next) {
@@ -947,17 +953,22 @@
     }
     renderTimeline();
     renderWatchBadge();
+    setTitle();
   }
 
   function taskList(run) {
     const states = run.tasks && typeof run.tasks === "object" ? run.tasks : {};
     const records = run.task_records && typeof run.task_records === "object" ? run.task_records : {};
     const names = new Set([...Object.keys(states), ...Object.keys(records)]);
+    const finished = TERMINAL.has(run.status);
     const list = [...names].map((name) => {
       const rec = records[name] && typeof records[name] === "object" ? records[name] : {};
-      return { name, state: rec.state || states[name] || "PENDING", rec };
+      let state = rec.state || states[name] || "PENDING";
+      // a task still "running" in a finished run was cut off (its process died or was killed)
+      if (finished && state === "RUNNING") state = "INTERRUPTED";
+      return { name, state, rec };
     });
-    const order = { SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, RUNNING: 1, PENDING: 2 };
+    const order = { SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, INTERRUPTED: 0, RUNNING: 1, PENDING: 2 };
     list.sort((a, b) => {
       const sa = a.rec.started_at, sb = b.rec.started_at;
       if (sa && sb && sa !== sb) return sa - sb;
@@ -1082,7 +1093,14 @@
     }
     const first = detail.events[0].occurred_at;
     const list = h("ol", { class: "timeline", id: "timeline" });
+    let lastAttempt = null;
     for (const ev of detail.events) {
+      // a retried run: mark where each new attempt begins
+      const evAttempt = (ev.producer && ev.producer.attempt) ?? (ev.data && ev.data.attempt) ?? null;
+      if (ev.type === "run.claimed" && lastAttempt !== null && evAttempt !== null && evAttempt !== lastAttempt) {
+        list.appendChild(h("li", { class: "ev-divider", dataset: { attempt: String(evAttempt) } }, h("span", null, t("ev.attempt", { n: evAttempt }))));
+      }
+      if (evAttempt !== null) lastAttempt = evAttempt;
       const type = String(ev.type || "");
       const producer = ev.producer && typeof ev.producer === "object" ? ev.producer : {};
       const d = ev.data && typeof ev.data === "object" ? ev.data : {};
@@ -1417,8 +1435,10 @@
     if (parts[0] === "runs" && parts[1]) return { view: "run", runId: decodeURIComponent(parts.slice(1).join("/")), qs };
     return { view: "runs", runId: null, qs };
   }
+  let runsScroll = 0;
   function onRoute() {
     const next = parseHash();
+    if (route.view === "runs" && next.view !== "runs") runsScroll = window.scrollY;
     route.view = next.view;
     route.runId = next.runId;
     for (const v of ["runs", "run", "workers"]) $("view-" + v).hidden = v !== route.view;
@@ -1440,7 +1460,7 @@
     else stopWorkersPolling();
     applyStaticI18n();
     renderAll();
-    window.scrollTo(0, 0);
+    window.scrollTo(0, route.view === "runs" ? runsScroll : 0);
   }
   function syncFilterInputs() {
     $("f-status").value = filters.status;

@@ -54,6 +54,7 @@ window.PYOCO_I18N = {
     "task.SUCCEEDED": "Succeeded",
     "task.FAILED": "Failed",
     "task.CANCELLED": "Cancelled",
+    "task.INTERRUPTED": "Interrupted",
 
     "worker.RUNNING": "Running",
     "worker.IDLE": "Idle",
@@ -245,6 +246,7 @@ window.PYOCO_I18N = {
     "task.SUCCEEDED": "成功",
     "task.FAILED": "失敗",
     "task.CANCELLED": "キャンセル済み",
+    "task.INTERRUPTED": "中断",
 
     "worker.RUNNING": "実行中",
     "worker.IDLE": "待機",
