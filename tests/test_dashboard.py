@@ -203,9 +203,11 @@ def browser() -> Iterator[Any]:
 class Page:
     """A Playwright page plus the checks every test wants: no page errors, no foreign requests."""
 
-    def __init__(self, browser: Any, base: str, *, width: int = 1280, height: int = 800) -> None:
+    def __init__(self, browser: Any, base: str, *, width: int = 1280, height: int = 800, dark: bool = False) -> None:
         self.base = base
-        self.context = browser.new_context(viewport={"width": width, "height": height}, locale="en-US")
+        self.context = browser.new_context(
+            viewport={"width": width, "height": height}, locale="en-US", color_scheme="dark" if dark else "light"
+        )
         self.context.set_default_timeout(15_000)
         self.foreign: list[str] = []
         self.errors: list[str] = []
@@ -364,7 +366,7 @@ def test_api_key_is_stored_and_sent(page: Page) -> None:
     assert pg.evaluate("localStorage.getItem('pyoco.auth_key')") is None
 
 
-def test_run_detail_shows_tasks_and_timeline(page: Page, narrow: Page, http: httpx.Client) -> None:
+def test_run_detail_shows_tasks_and_timeline(page: Page, narrow: Page, browser: Any, http: httpx.Client) -> None:
     run_id = submit_yaml(http, TWO_TASKS, flow_name="detail-demo")
     wait_status(http, run_id, {"COMPLETED"})
     pg = page.goto(f"#/runs/{run_id}")
@@ -391,6 +393,15 @@ def test_run_detail_shows_tasks_and_timeline(page: Page, narrow: Page, http: htt
     npg.locator('#timeline .ev[data-type="run.completed"]').wait_for()
     narrow.shot("run-detail-narrow")
     assert npg.evaluate("document.documentElement.scrollWidth") <= 400
+
+    dark = Page(browser, page.base, dark=True)
+    try:
+        dark.goto(f"#/runs/{run_id}").locator('#timeline .ev[data-type="run.completed"]').wait_for()
+        dark.shot("run-detail-dark")
+        dark.goto("#/runs").locator(".run-row").first.wait_for()
+        dark.shot("runs-dark")
+    finally:
+        dark.close()
 
 
 def test_timeline_shows_each_attempt_of_a_retried_run(page: Page, http: httpx.Client) -> None:

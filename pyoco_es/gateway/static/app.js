@@ -909,7 +909,10 @@
         { class: "kvs" },
         kv(t("detail.tag"), h("span", null, run.tag ? h("span", { class: "chip" }, run.tag) : t("common.none"),
           (Array.isArray(run.tags) ? run.tags : []).filter((x) => x !== run.tag).map((x) => h("span", { class: "chip chip-soft" }, x)))),
-        kv(t("detail.worker"), run.worker_id ? h("span", { class: "mono" }, run.worker_id) : h("span", { class: "muted" }, t("common.none"))),
+        kv(t("detail.worker"), run.worker_id
+          ? h("a", { class: "mono", href: "#/workers", title: t("nav.workers") }, run.worker_id,
+            run.worker_state ? h("span", { class: "muted" }, " · ", tOr("worker." + run.worker_state, run.worker_state)) : null)
+          : h("span", { class: "muted" }, t("common.none"))),
         kv(t("detail.attempt"), run.attempt ? t("detail.attempt_of", { n: run.attempt, max: run.max_attempts || "?" }) : t("common.none")),
         kv(t("detail.duration"), durationEl(run)),
         kv(t("detail.submitted"), timeValue(run.submitted_at)),
