@@ -162,15 +162,29 @@ def _producer(value: Any) -> str:
     return text
 
 
+def fmt_clock(value: Any) -> str:
+    """A unix timestamp as local ``HH:MM:SS.mmm`` (event times within a run)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return _cell(value)
+    return time.strftime("%H:%M:%S", time.localtime(value)) + f".{int(value * 1000) % 1000:03d}"
+
+
+_SKIPPED_DETAILS: Final = frozenset({"attempt"})  # already in the producer column
+
+
 def _details(data: Any) -> str:
+    """An event's data as ``key=value`` pairs, most telling first (``task`` names lead)."""
     if not isinstance(data, Mapping):
         return _cell(data)
     parts = []
-    for key, value in data.items():
-        if value in (None, "", [], {}):
+    for key in sorted(data, key=lambda k: k not in ("task", "status", "reason")):
+        value = data[key]
+        if key in _SKIPPED_DETAILS or value in (None, "", [], {}):
             continue
-        if key in ("workflow_yaml",):
+        if key == "workflow_yaml":
             value = f"<{len(str(value))} chars>"
+        elif key.endswith("_at"):
+            value = fmt_clock(value)
         elif isinstance(value, (dict, list)):
             value = dumps(value)
         parts.append(f"{key}={value}")
@@ -183,7 +197,7 @@ def event_rows(items: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     for env in items:
         occurred = env.get("occurred_at")
         rows.append(
-            [env.get("seq"), fmt_time(occurred), env.get("type"), _producer(env.get("producer")), _details(env.get("data"))]
+            [env.get("seq"), fmt_clock(occurred), env.get("type"), _producer(env.get("producer")), _details(env.get("data"))]
         )
     return rows
 
