@@ -246,6 +246,9 @@ async def test_watch_survives_a_gateway_restart(tmp_path: Path) -> None:
             url = f"http://{host}:{port}"
             run_id = ok_json(await pyoco(url, "submit-yaml", "--workflow-file", write(tmp_path, "g.yaml", gated(gate)), "--flow-name", "g"))["run_id"]
 
+            timed_out = await pyoco(url, "watch", run_id, "--until-terminal", "--timeout-sec", "1", "--output", "status")
+            assert timed_out.returncode == 4 and timed_out.stderr.startswith("ERR-PYOCO-WAIT: wait timeout")
+
             out_path, err_path = tmp_path / "watch.out", tmp_path / "watch.err"
             with out_path.open("w") as out, err_path.open("w") as err:
                 proc = await trio.lowlevel.open_process(
