@@ -321,6 +321,7 @@
           idleTimer = setTimeout(() => controller.abort(), idleMs);
         };
         let reason = null;
+        let openedAt = Date.now();
         try {
           this.setState("connecting");
           const headers = { Accept: "text/event-stream", ...authHeaders() };
@@ -333,6 +334,7 @@
             throw new ApiError(res.status, detail);
           }
           backoff = 500;
+          openedAt = Date.now();
           this.setState("live");
           if (this.opts.onOpen) this.opts.onOpen(this.lastEventId);
           const reader = res.body.getReader();
@@ -362,8 +364,15 @@
           this.stopped = true;
           break;
         }
-        if (reason && !(reason.name === "AbortError")) noteError(reason);
-        const wait = reason && reason.name !== "AbortError" ? backoff : Math.min(backoff, 1000);
+        if (!reason && Date.now() - openedAt > 2000) {
+          // the server ended a long-lived stream cleanly (its timeout): resume at once, no alarm
+          this.setState("connecting");
+          await sleep(100);
+          continue;
+        }
+        if (!reason) reason = new ApiError(0, "stream closed");
+        if (reason.name !== "AbortError") noteError(reason);
+        const wait = reason.name !== "AbortError" ? backoff : Math.min(backoff, 1000);
         const jitter = Math.round(wait * (0.8 + Math.random() * 0.4));
         this.setState("reconnecting", { until: Date.now() + jitter, error: reason });
         await new Promise((resolve) => {
