@@ -1259,11 +1259,20 @@
     empty.textContent = all.length ? t("workers.empty_filtered") : t("workers.empty");
   }
 
+  function slotsEl(used, total) {
+    const bar = h("span", { class: "slots-bar", "aria-hidden": "true" });
+    for (let i = 0; i < Math.min(total, 32); i++) bar.appendChild(h("span", { class: "slot" + (i < used ? " slot-used" : "") }));
+    return h("span", { class: "slots" }, bar, h("span", { class: "num" }, used + " / " + total));
+  }
+
   function workerCard(w) {
     const state = w.state || "IDLE";
     const hb = w.last_heartbeat_at || w.heartbeat_at || w.last_seen_at;
     const tags = Array.isArray(w.tags) ? w.tags : [];
     const busy = workers.busy.has(w.worker_id);
+    const current = Array.isArray(w.current_run_ids) && w.current_run_ids.length
+      ? w.current_run_ids.filter((x) => typeof x === "string")
+      : w.current_run_id ? [String(w.current_run_id)] : [];
     const btn = h("button", {
       type: "button", class: "btn btn-small" + (w.hidden ? "" : " btn-ghost"), disabled: busy,
       dataset: { action: w.hidden ? "unhide" : "hide" },
@@ -1283,11 +1292,15 @@
       state === "STOPPED_GRACEFUL" ? h("p", { class: "muted small" }, t("workers.stopped")) : null,
       h("dl", { class: "kvs kvs-tight" },
         kv(t("workers.tags"), tags.length ? h("span", null, tags.map((x) => h("span", { class: "chip" }, x))) : h("span", { class: "muted" }, t("workers.none"))),
-        kv(t("workers.current_run"), w.current_run_id
-          ? h("a", { href: runHref(w.current_run_id), class: "mono current-run" }, shortId(w.current_run_id))
+        typeof w.concurrency === "number" && w.concurrency > 0 ? kv(t("workers.slots"), slotsEl(current.length, w.concurrency)) : null,
+        kv(t("workers.current_run"), current.length
+          ? h("span", { class: "run-links" }, current.slice(0, 6).map((id) => h("a", { href: runHref(id), class: "mono current-run", title: id }, shortId(id))),
+            current.length > 6 ? h("span", { class: "muted" }, "+" + (current.length - 6)) : null)
           : h("span", { class: "muted" }, t("workers.none"))),
         kv(t("workers.last_run"), lastRun),
         kv(t("workers.heartbeat"), relTime(hb)),
+        typeof w.completed_runs === "number" ? kv(t("workers.completed"), h("span", { class: "num" }, String(w.completed_runs))) : null,
+        w.hostname ? kv(t("workers.host"), h("span", { class: "mono" }, w.hostname, w.pid ? h("span", { class: "muted" }, " · pid " + w.pid) : null)) : null,
         w.instance_id && w.instance_id !== w.worker_id ? kv(t("workers.instance"), h("span", { class: "mono muted" }, shortId(w.instance_id))) : null),
       h("div", { class: "worker-foot" }, btn),
     );

@@ -170,7 +170,7 @@ window.PYOCO_I18N = {
     "workers.empty_filtered": "No worker in this state.",
     "workers.state_all": "All",
     "workers.tags": "Tags",
-    "workers.current_run": "Current run",
+    "workers.current_run": "Current runs",
     "workers.last_run": "Last run",
     "workers.heartbeat": "Last heartbeat",
     "workers.none": "none",
@@ -182,6 +182,9 @@ window.PYOCO_I18N = {
     "workers.lost": "Connection lost: no heartbeat for a while.",
     "workers.stopped": "Stopped gracefully",
     "workers.instance": "Instance",
+    "workers.slots": "Slots in use",
+    "workers.completed": "Completed runs",
+    "workers.host": "Host",
 
     "time.never": "never",
     "time.now": "just now",
@@ -374,6 +377,9 @@ window.PYOCO_I18N = {
     "workers.lost": "接続が切れています。しばらくハートビートがありません。",
     "workers.stopped": "正常に停止しました",
     "workers.instance": "インスタンス",
+    "workers.slots": "使用中スロット",
+    "workers.completed": "完了したラン",
+    "workers.host": "ホスト",
 
     "time.never": "なし",
     "time.now": "たった今",
