@@ -250,3 +250,28 @@ async def open_sse(client: httpx.AsyncClient, path: str, headers: dict[str, str]
         assert response.status_code == 200, (await response.aread()).decode()
         assert response.headers["content-type"].startswith("text/event-stream")
         yield SSEReader(response)
+
+
+async def seed_runs(nats: NatsClient, n: int, *, batch: int = 1000) -> list[str]:
+    """Write ``n`` realistic snapshots straight into the runs KV (as the projector would)."""
+    from pyoco_es.core.codec import encode_snapshot
+    from pyoco_es.core.model import RunStatus
+
+    statuses = [RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.RUNNING, RunStatus.PENDING]
+    base = time.time() - n
+    ids = []
+    items: list[tuple[str, bytes, str | None, dict[str, str] | None]] = []
+    for i in range(n):
+        run_id = f"seed{i:06d}"
+        ids.append(run_id)
+        snap = RunSnapshot(
+            run_id=run_id, flow_name=f"flow{i % 7}", tag=f"t{i % 3}", tags=(f"t{i % 3}",), params={"i": i},
+            status=statuses[i % 4], submitted_at=base + i, updated_at=base + i + 0.5, version=1, last_stream_seq=0,
+        )
+        items.append((subjects.kv_subject(subjects.RUNS_BUCKET, run_id), encode_snapshot(snap), None, None))
+        if len(items) == batch:
+            await nats.publish_many(items)
+            items = []
+    if items:
+        await nats.publish_many(items)
+    return ids
