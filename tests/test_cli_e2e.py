@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import trio
@@ -30,7 +30,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Async generator 'httpcore.:ResourceWarning"),
 ]
 
-T = TypeVar("T")
 CLIENT = str(Path(sys.executable).parent / "pyoco-client")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,14 +84,15 @@ def fast_settings() -> Settings:
     )
 
 
-async def wait_for(fn: Callable[[], Awaitable[T | None] | T | None], what: str, timeout: float = 20.0) -> T:
+async def wait_for(fn: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Poll ``fn`` (sync or async) until it returns something truthy; fail after ``timeout``."""
     deadline = trio.current_time() + timeout
     while True:
         value = fn()
-        if hasattr(value, "__await__"):
-            value = await value  # type: ignore[misc]
+        if isinstance(value, Awaitable):
+            value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if trio.current_time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await trio.sleep(0.02)
@@ -118,7 +118,7 @@ def ok_json(out: subprocess.CompletedProcess[str]) -> Any:
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with open_stack(
-        tmp_path, settings=fast_settings(), worker=True, concurrency=2, flow_resolver="examples.flows:resolve"
+        tmp_path, settings=fast_settings(), worker=True, concurrency=2, flow_resolver="examples.flows:resolve"  # type: ignore[arg-type]  # run_worker takes a spec string
     ) as stack:
         yield stack
 
@@ -285,7 +285,7 @@ async def test_watch_survives_a_gateway_restart(tmp_path: Path) -> None:
 async def test_live_view_in_a_pseudo_terminal(stack: Stack, tmp_path: Path) -> None:
     """Under pexpect (a pty, so stdout is a terminal) `watch` picks the live view by itself and
     redraws in place (cursor-up escapes) until every task has SUCCEEDED; exit 0."""
-    import pexpect
+    import pexpect  # type: ignore[import-untyped]
 
     gate = tmp_path / "gate"
     with trio.fail_after(60):
@@ -329,7 +329,7 @@ async def test_live_view_in_a_terminal(stack: Stack, tmp_path: Path) -> None:
                 text = await screen()
                 return text if all(w in text for w in words) else None
 
-            text = await wait_for(lambda: shows("gate", "RUNNING", "elapsed"), "the live view to show gate running")
+            text: str = await wait_for(lambda: shows("gate", "RUNNING", "elapsed"), "the live view to show gate running")
             assert "✓ first" in text and "SUCCEEDED" in text
             gate.write_text("go")
             text = await wait_for(lambda: shows("EXIT="), "the watch to end")

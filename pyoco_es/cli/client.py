@@ -29,11 +29,11 @@ from .client_errors import (
     ERR_WAIT,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_WAIT_TIMEOUT,
     INPUT_MESSAGE,
     OUTCOME_EXIT_CODES,
     ERR_INPUT,
     CliError,
+    WaitTimeout,
     input_error,
 )
 from .client_http import (
@@ -402,12 +402,11 @@ async def watch_run(
 def _outcome_code(result: WatchResult, run_id: str, waited: float | None) -> int:
     if result.terminal and result.status is not None:
         return OUTCOME_EXIT_CODES.get(result.status, EXIT_OK)
-    raise CliError(
+    raise WaitTimeout(
         ERR_WAIT,
         "wait timeout",
         reason=f"run {run_id} is still {result.status or 'not finished'} after {waited:g} s" if waited else f"run {run_id} did not finish",
         hint=f"keep following it with `{_sub('watch')} {run_id}`",
-        exit_code=EXIT_WAIT_TIMEOUT,
     )
 
 

@@ -51,8 +51,9 @@ class CliError(click.ClickException):
         reason: what exactly went wrong.
         usage: the command's usage line (input errors).
         hint: how to fix it.
-        exit_code: the process exit status (1 unless a wait timed out).
     """
+
+    exit_code = EXIT_ERROR
 
     def __init__(
         self,
@@ -62,14 +63,12 @@ class CliError(click.ClickException):
         reason: str | None = None,
         usage: str | None = None,
         hint: str | None = None,
-        exit_code: int = EXIT_ERROR,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.usage = usage
         self.hint = hint
-        self.exit_code = exit_code
 
     def lines(self) -> Iterator[str]:
         yield f"{self.code}: {self.message}"
@@ -83,6 +82,12 @@ class CliError(click.ClickException):
 
     def show(self, file: IO[str] | None = None) -> None:
         click.echo(self.format_message(), file=file or sys.stderr)
+
+
+class WaitTimeout(CliError):
+    """``--wait``/``--watch``/``--until-terminal`` gave up before the run ended: exit 4."""
+
+    exit_code = EXIT_WAIT_TIMEOUT
 
 
 def input_error(reason: str, *, hint: str | None = None, usage: str | None = None) -> CliError:

@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from .client_http import SseEvent, TERMINAL_STATUSES
-from .client_output import fmt_duration
+from .client_output import as_mapping, fmt_duration
 
 REDRAW_INTERVAL: Final = 0.25
 _ICONS: Final = {
@@ -60,13 +60,13 @@ def task_duration(record: Mapping[str, Any], now: float) -> float | None:
 
 def _task_rows(snapshot: Mapping[str, Any], now: float) -> list[tuple[str, str]]:
     """(state, text) per task, in the run's task order."""
-    states = snapshot.get("tasks") if isinstance(snapshot.get("tasks"), Mapping) else {}
-    records = snapshot.get("task_records") if isinstance(snapshot.get("task_records"), Mapping) else {}
+    states = as_mapping(snapshot.get("tasks"))
+    records = as_mapping(snapshot.get("task_records"))
     names = list(states) + [n for n in records if n not in states]
     name_w = max((len(n) for n in names), default=4)
     rows = []
     for name in names:
-        record = records.get(name) if isinstance(records.get(name), Mapping) else {}
+        record = as_mapping(records.get(name))
         state = str(states.get(name) or record.get("state") or "PENDING")
         took = task_duration(record, now)
         dur = fmt_duration(took) if took is not None else ""

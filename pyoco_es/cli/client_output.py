@@ -84,6 +84,11 @@ def fmt_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def as_mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (server answers are untrusted)."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -204,8 +209,8 @@ def event_rows(items: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 
 def watch_status_line(event: str, data: Any) -> str:
     """pyoco-server's ``watch --output status`` line: ``ts<TAB>event<TAB>status<TAB>run_id``."""
-    payload = data if isinstance(data, Mapping) else {}
-    snapshot = payload.get("snapshot") if isinstance(payload.get("snapshot"), Mapping) else {}
+    payload = as_mapping(data)
+    snapshot = as_mapping(payload.get("snapshot"))
     run_id = payload.get("run_id") or snapshot.get("run_id") or "-"
     status = snapshot.get("status") or payload.get("status") or "-"
     ts = payload.get("ts") or snapshot.get("updated_at") or "-"
