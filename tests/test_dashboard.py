@@ -491,6 +491,7 @@ def _worker(http: httpx.Client, worker_id: str) -> dict[str, Any]:
 
 def test_language_switch_persists(page: Page, http: httpx.Client) -> None:
     assert 'data-server-lang="en"' in http.get("/").text  # the server's choice was injected
+    http.post("/runs", json={"flow_name": "ja-demo", "tag": "parked"})  # something to show
     pg = page.goto("#/runs")
     assert pg.locator("#tab-runs").inner_text() == "Runs"
     assert pg.evaluate("document.documentElement.lang") == "en"
