@@ -313,9 +313,13 @@ async def test_watch_retries_a_503_after_a_drop_but_not_before(server: CannedSer
     assert_error(await cli(server, "watch", RUN), "ERR-PYOCO-HTTP", "HTTP 503", "NATS")
 
 
-async def test_watch_unknown_run_is_http_404(server: CannedServer) -> None:
+async def test_watch_unknown_run_is_http_404_and_a_non_sse_answer_is_refused(server: CannedServer) -> None:
     server.json("GET", f"/runs/{RUN}/watch", {"detail": "run not found"}, status=404)
     assert_error(await cli(server, "watch", RUN), "ERR-PYOCO-HTTP", f"HTTP 404 GET /runs/{RUN}/watch: run not found")
+    server.reply("GET", f"/runs/{RUN}/watch", Reply(200, b"<html></html>", "text/html"))
+    assert_error(await cli(server, "watch", RUN, "--until-terminal"), "ERR-PYOCO-HTTP", "unexpected response", "not an event stream")
+    server.reply("GET", "/runs", Reply(200, b"<html></html>", "text/html"))
+    assert_error(await cli(server, "list"), "ERR-PYOCO-HTTP", "unexpected response", "did not return JSON")
 
 
 # -- waiting -------------------------------------------------------------------------------------

@@ -362,6 +362,14 @@ class _Follower:
                 if response.status_code in RETRYABLE_STATUSES:
                     raise _Unavailable(error)
                 raise error
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                await response.aread()
+                raise CliError(
+                    ERR_HTTP,
+                    "unexpected response",
+                    reason=f"GET {path} answered {response.headers.get('content-type') or 'no content type'}, not an event stream",
+                    hint=f"is {self.api.settings.server} a pyoco gateway?",
+                )
             on_connected()
             parser = SseParser()
             async for line in response.aiter_lines():
