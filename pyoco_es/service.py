@@ -87,16 +87,21 @@ class RunStore:
         *,
         producer: Producer,
         hint: RunSnapshot | None = None,
+        assume_new: bool = False,
         causation_id: str | None = None,
         correlation_id: str | None = None,
     ) -> Outcome:
         """Decide against the current state and append; on a conflict, reload and decide again.
 
+        ``hint`` is a snapshot the caller already holds (a worker's own view of its run);
+        ``assume_new`` skips the read for a run id that cannot exist yet (a fresh submit): if it
+        does exist after all, the create-once append conflicts and the decision is re-run on it.
+
         Raises:
             DomainError: from ``decide`` (nothing appended).
             InfraError: NATS failed; events may be partially appended (each is a legal fact).
         """
-        snap = hint if hint is not None else await self.load(run_id)
+        snap = hint if hint is not None or assume_new else await self.load(run_id)
         for _ in range(MAX_CONFLICTS):
             events = decide(snap)
             if not events:

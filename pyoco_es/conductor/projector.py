@@ -255,29 +255,40 @@ class Projector:
         return encode_snapshot(cached.snapshot, max_bytes=self.max_snapshot_bytes)
 
     async def flush(self) -> None:
-        """Write dirty snapshots (CAS), publish due work items, then ack everything absorbed."""
-        while self._dirty:
+        """Write dirty snapshots (CAS) and publish due work items in one crossing, then ack
+        everything absorbed (in the same crossing when nothing conflicted)."""
+        publishes = await self._dispatch_items()
+        acks, self._unacked = self._unacked, []
+        acked = False
+        while self._dirty or publishes:
             run_ids = list(self._dirty)
             items = [(r, self._encode(r, self._dirty[r]), self._dirty[r].revision) for r in run_ids]
-            results = await self.nats.kv_update_many(self.bucket, items)
+            kv_res, pub_res = await self.nats.commit(self.bucket, items, publishes, acks)
+            for r in pub_res:
+                if isinstance(r, PyocoError):
+                    self._unacked = acks
+                    raise r
+            self._published += len(publishes)
+            publishes = []
             retry: list[str] = []
-            for run_id, res in zip(run_ids, results, strict=True):
+            for run_id, res in zip(run_ids, kv_res, strict=True):
                 cached = self._dirty[run_id]
                 if isinstance(res, ConcurrencyConflict):
                     retry.append(run_id)
                 elif isinstance(res, PyocoError):
+                    self._unacked = acks
                     raise res
                 else:
                     cached.revision = res
                     self._writes += 1
                     del self._dirty[run_id]
-            if retry:
-                self._conflicts += len(retry)
-                await self._refresh(retry)
-        await self._dispatch()
-        if self._unacked:
-            msgs, self._unacked = self._unacked, []
-            await self.nats.ack_many(msgs)
+            if not retry:
+                acked = True
+                break
+            self._conflicts += len(retry)
+            await self._refresh(retry)
+        if acks and not acked:
+            await self.nats.ack_many(acks)
 
     async def _refresh(self, run_ids: list[str]) -> None:
         """Someone else wrote these runs: re-read, fold the stream on top, mark dirty if ours is newer."""
@@ -302,10 +313,9 @@ class Projector:
                 self._dirty[run_id] = cached
             self._remember(run_id, cached)
 
-    async def _dispatch(self) -> None:
-        if not self._to_dispatch:
-            return
-        items: list[tuple[str, bytes, str | None, dict[str, str] | None]] = []
+    async def _dispatch_items(self) -> list[tuple[str, bytes, str | None]]:
+        """Work items for runs whose batch made a new attempt due and that are still PENDING at it."""
+        items: list[tuple[str, bytes, str | None]] = []
         for run_id, (attempt, submitted) in list(self._to_dispatch.items()):
             cached = self._cache.get(run_id)
             snap = cached.snapshot if cached else None
@@ -321,16 +331,10 @@ class Projector:
                     subjects.work_subject(snap.tag, self.work_prefix),
                     work_item(submitted, run_id=run_id, attempt=attempt),
                     subjects.work_msg_id(run_id, attempt),
-                    None,
                 )
             )
         self._to_dispatch.clear()
-        if items:
-            results = await self.nats.publish_many(items)
-            for r in results:
-                if isinstance(r, PyocoError):
-                    raise r
-            self._published += len(items)
+        return items
 
 
 async def run_projector(

@@ -216,7 +216,7 @@ async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> R
     gw.require_nats()
     try:
         outcome = await gw.store.execute(
-            run_id, lambda snap: decide.submit_run(snap, event, run_id=run_id), producer=gw.producer
+            run_id, lambda snap: decide.submit_run(snap, event, run_id=run_id), producer=gw.producer, assume_new=True
         )
     except RunAlreadyExists as exc:
         if exc.same_request:

@@ -231,7 +231,11 @@ class _FastPublisher:
             self._prefix = prefix
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> int:
-        """Publish and wait for the PubAck; returns the stream seq.
+        """Publish and wait for the PubAck; returns the stream seq (see :meth:`publish_ack`)."""
+        return (await self.publish_ack(subject, data, headers))[0]
+
+    async def publish_ack(self, subject: str, data: bytes, headers: dict[str, str] | None) -> tuple[int, bool]:
+        """Publish and wait for the PubAck; returns (stream seq, duplicate).
 
         Raises:
             JetStreamAckError: the stream refused it (e.g. 10071 wrong last sequence).
@@ -256,7 +260,7 @@ class _FastPublisher:
         err = doc.get("error")
         if err is not None:
             raise JetStreamAckError(int(err.get("err_code", 0)), str(err.get("description", "")))
-        return int(doc["seq"])
+        return int(doc["seq"]), bool(doc.get("duplicate"))
 
 
 class NatsClient:
@@ -432,8 +436,11 @@ class NatsClient:
             h = dict(headers or {})
             if msg_id:
                 h["Nats-Msg-Id"] = msg_id
-            ack = await self._js.publish(subject, data, headers=h or None)
-            return PubAck(seq=ack.seq, duplicate=bool(ack.duplicate))
+            try:
+                seq, duplicate = await self._pub.publish_ack(subject, data, h or None)
+            except JetStreamAckError as exc:
+                raise InfraError(f"publish to {subject}: {exc}") from exc
+            return PubAck(seq=seq, duplicate=duplicate)
 
         async def go() -> list[Any]:
             async with asyncio.timeout(self.op_timeout * 2):
@@ -500,6 +507,49 @@ class NatsClient:
             return list(res)
 
         return await self._call("kv update", go)
+
+    async def commit(
+        self,
+        bucket: str,
+        kv_items: Sequence[tuple[str, bytes, int]],
+        publishes: Sequence[tuple[str, bytes, str | None]],
+        acks: Sequence[Delivered],
+    ) -> tuple[list[int | PyocoError], list[PubAck | PyocoError]]:
+        """The projector's flush in one crossing: CAS writes and publishes (concurrently), then
+        the acks, which are sent only when every write and publish succeeded."""
+
+        async def kv_one(key: str, value: bytes, last: int) -> int:
+            subject = subjects.kv_subject(bucket, key)
+            try:
+                return await self._pub.publish(subject, value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
+            except JetStreamAckError as exc:
+                if exc.err_code in WRONG_LAST_SEQUENCE:
+                    raise ConcurrencyConflict(subject, last) from exc
+                raise InfraError(f"kv update {subject}: {exc}") from exc
+
+        async def pub_one(subject: str, data: bytes, msg_id: str | None) -> PubAck:
+            try:
+                seq, dup = await self._pub.publish_ack(subject, data, {"Nats-Msg-Id": msg_id} if msg_id else None)
+            except JetStreamAckError as exc:
+                raise InfraError(f"publish to {subject}: {exc}") from exc
+            return PubAck(seq=seq, duplicate=dup)
+
+        async def go() -> tuple[list[Any], list[Any]]:
+            async with asyncio.timeout(self.op_timeout * 2):
+                kv_res, pub_res = await asyncio.gather(
+                    asyncio.gather(*(_guard("kv update", kv_one(*it)) for it in kv_items), return_exceptions=True),
+                    asyncio.gather(*(_guard("publish", pub_one(*it)) for it in publishes), return_exceptions=True),
+                )
+            for r in (*kv_res, *pub_res):
+                if isinstance(r, BaseException) and not isinstance(r, PyocoError):
+                    raise r
+            if not any(isinstance(r, PyocoError) for r in (*kv_res, *pub_res)):
+                publish = self._nc.publish
+                for m in acks:
+                    await publish(m.msg.reply, b"+ACK")
+            return list(kv_res), list(pub_res)
+
+        return await self._call("commit", go)
 
     async def kv_delete(self, bucket: str, key: str) -> None:
         async def go() -> None:

