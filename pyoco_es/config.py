@@ -119,6 +119,7 @@ class Settings:
     api_key_header: str = "X-API-Key"
     dashboard_lang: str = "auto"
     sse_heartbeat_interval: float = 5.0  # seconds of silence before an SSE heartbeat
+    gateway_watch_check_interval: float = 2.0  # how often the gateway checks its KV watch is not stalled
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -150,4 +151,5 @@ class Settings:
             api_key_header=e.get("PYOCO_HTTP_API_KEY_HEADER") or "X-API-Key",
             dashboard_lang=e.get("PYOCO_DASHBOARD_LANG") or "auto",
             sse_heartbeat_interval=_num(e, "PYOCO_SSE_HEARTBEAT_INTERVAL_SEC", 5.0, 0.05),
+            gateway_watch_check_interval=_num(e, "PYOCO_GATEWAY_WATCH_CHECK_INTERVAL_SEC", 2.0, 0.05),
         )

@@ -190,3 +190,40 @@ async def test_nats_down_is_503_with_a_hint_and_never_a_2xx(gw: GW) -> None:
         assert (await gw.client.get("/runs")).json() == before
         assert (await gw.client.get("/metrics")).status_code == 200
         assert subjects.RUNS_BUCKET  # (bucket untouched: nothing could be written)
+
+
+async def test_watchers_recover_after_a_nats_restart(tmp_path: Path) -> None:
+    """nats-py's KV watch does not survive a server restart; the gateway notices the stall and
+    re-watches, so an SSE watcher opened before the restart still sees the run end after it."""
+    from urllib.parse import urlsplit
+
+    from pyoco_es.nats.embedded import EmbeddedNats
+    from test_gateway_support import open_sse
+
+    settings = Settings(sse_heartbeat_interval=0.2, gateway_watch_check_interval=0.2)
+    with trio.fail_after(30):
+        async with open_gateway(tmp_path, settings=settings) as gw:
+            run_id = await submit(gw.client)
+            async with open_sse(gw.client, f"/runs/{run_id}/watch") as sse:
+                assert (await sse.next()) is not None
+                gw.stack.server.kill()
+                restarted = EmbeddedNats(data_dir=tmp_path / "stack-nats", port=urlsplit(gw.stack.nats_url).port or -1)
+                restarted.start()
+                try:
+
+                    async def connected() -> bool:
+                        return gw.nats.is_connected
+
+                    await wait_until(connected, timeout=10, what="the client to reconnect")
+
+                    async def cancelled() -> bool:
+                        r = await gw.client.post(f"/runs/{run_id}/cancel")
+                        return r.status_code == 200
+
+                    await wait_until(cancelled, timeout=10, what="a cancel after the restart")
+                    frames = await sse.rest()
+                    assert frames[-1].event == "end" and frames[-1].data["status"] == "CANCELLED"
+                    stats = (await gw.client.get("/ready")).json()
+                    assert stats["status"] == "ready"
+                finally:
+                    restarted.stop()

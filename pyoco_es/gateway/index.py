@@ -118,6 +118,7 @@ class IndexStatistics:
     revision: int
     run_subscribers: int
     restarts: int
+    stalls: int
 
 
 @attrs.frozen
@@ -130,9 +131,11 @@ class Page:
 class RunIndex:
     """Summaries of every run, sorted for listing, fed by a watch on the runs bucket."""
 
-    def __init__(self, nats: NatsClient, *, bucket: str = subjects.RUNS_BUCKET) -> None:
+    def __init__(self, nats: NatsClient, *, bucket: str = subjects.RUNS_BUCKET, check_interval: float = 2.0) -> None:
         self.nats = nats
         self.bucket = bucket
+        self.check_interval = check_interval
+        self.stalls = 0
         self._entries: dict[str, _Entry] = {}
         self._keys: list[SortKey] = []  # ascending; lists walk it from the end
         self._by_revision: OrderedDict[str, int] = OrderedDict()  # run_id -> revision, ascending
@@ -148,29 +151,37 @@ class RunIndex:
 
     async def run(self, *, task_status: trio.TaskStatus[RunIndex] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch the bucket until cancelled; ``started`` once the current values are loaded (or
-        the first attempt failed, so the gateway can still answer 503s)."""
+        the first attempt failed, so the gateway can still answer 503s).
+
+        A watch that stops delivering (nats-py's watcher does not survive a NATS server restart:
+        its ephemeral consumer is gone) is detected by :meth:`_watchdog` and restarted; a restart
+        re-reads every value, so nothing missed in between is lost.
+        """
         started = False
         backoff = 0.1
         while True:
             try:
-                async with self.nats.kv_watch(self.bucket) as updates:
-                    self.watching = True
-                    initial: set[str] | None = set()
-                    async for item in updates:
-                        if item is None:
+                async with trio.open_nursery() as nursery:
+                    async with self.nats.kv_watch(self.bucket) as updates:
+                        self.watching = True
+                        nursery.start_soon(self._watchdog, nursery.cancel_scope)
+                        initial: set[str] | None = set()
+                        async for item in updates:
+                            if item is None:
+                                if initial is not None:
+                                    self._drop_missing(initial)
+                                    initial = None
+                                self.ready.set()
+                                backoff = 0.1
+                                if not started:
+                                    started = True
+                                    task_status.started(self)
+                                continue
                             if initial is not None:
-                                self._drop_missing(initial)
-                                initial = None
-                            self.ready.set()
-                            backoff = 0.1
-                            if not started:
-                                started = True
-                                task_status.started(self)
-                            continue
-                        if initial is not None:
-                            initial.add(item.key)
-                        self.apply(item)
-                log.warning("run index: KV watch on %s ended; restarting", self.bucket)
+                                initial.add(item.key)
+                            self.apply(item)
+                    log.warning("run index: KV watch on %s ended; restarting", self.bucket)
+                    nursery.cancel_scope.cancel()
             except PyocoError as exc:
                 log.warning("run index: KV watch on %s failed (%s); retrying in %.1fs", self.bucket, exc.message, backoff)
             finally:
@@ -181,6 +192,31 @@ class RunIndex:
             self.restarts += 1
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    async def _watchdog(self, watch_scope: trio.CancelScope) -> None:
+        """Cancel the watch when it falls behind the bucket for a whole check interval.
+
+        Every ``check_interval`` seconds, compare the bucket stream's last sequence with the last
+        revision the watch delivered: a revision that existed one check ago and still has not
+        arrived means the watch is stalled.
+        """
+        owed: int | None = None
+        while True:
+            await trio.sleep(self.check_interval)
+            try:
+                last = (await self.nats.stream_info(subjects.kv_stream(self.bucket)))["last_seq"]
+            except PyocoError:
+                owed = None  # NATS is away; judge again once it answers
+                continue
+            if owed is not None and self.revision < owed:
+                log.warning(
+                    "run index: KV watch on %s stalled at revision %d (bucket at %d); restarting it",
+                    self.bucket, self.revision, last,
+                )
+                self.stalls += 1
+                watch_scope.cancel()
+                return
+            owed = last if last > self.revision else None
 
     def apply(self, entry: KVEntry) -> None:
         """Apply one KV change (a value, or a delete when ``entry.value`` is None)."""
@@ -354,4 +390,5 @@ class RunIndex:
             revision=self.revision,
             run_subscribers=sum(len(s) for s in self._slots.values()),
             restarts=self.restarts,
+            stalls=self.stalls,
         )

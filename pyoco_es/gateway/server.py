@@ -32,7 +32,7 @@ async def run_gateway(
     every open SSE stream.
     """
     async with trio.open_nursery() as nursery:
-        index = await nursery.start(RunIndex(nats).run)
+        index = await nursery.start(RunIndex(nats, check_interval=settings.gateway_watch_check_interval).run)
         app = create_app(nats, settings, index=index)
         config = Config()
         config.bind = [f"{host}:{port}"]
