@@ -31,6 +31,13 @@ NATS_SYNC = click.option(
 LOG_LEVEL = click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 
 
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _settings(**overrides: object) -> Settings:
     base = Settings.from_env()
     return attrs.evolve(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -128,8 +135,13 @@ async def up(
                 else:
                     await stop.wait()
                 nursery.cancel_scope.cancel()
-    except PyocoError as exc:
-        fail(exc.message, hint="pyoco-server up --help")
+    except* PyocoError as group:
+        fail(_first(group).message, hint="pyoco-server up --help")  # type: ignore[attr-defined]
+    except* OSError as group:
+        exc = _first(group)
+        if getattr(exc, "errno", None) == 98:
+            fail(f"cannot listen on {host}:{port}: the address is already in use", hint="pick another --port (0 = random)")
+        fail(f"{type(exc).__name__}: {exc}")
 
 
 @cli.command()
@@ -157,8 +169,8 @@ async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_le
                 click.echo("conductor running (Ctrl-C to stop)", err=True)
                 await stop.wait()
                 nursery.cancel_scope.cancel()
-    except PyocoError as exc:
-        fail(exc.message)
+    except* PyocoError as group:
+        fail(_first(group).message)  # type: ignore[attr-defined]
 
 
 @cli.command()

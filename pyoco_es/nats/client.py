@@ -783,6 +783,7 @@ async def open_nats(
         EventLogUnavailable: the server could not be reached within ``connect_timeout``.
     """
     thread = AsyncioThread(name=f"nats:{name}")
+    closing: list[bool] = []
     try:
 
         async def connect() -> Any:
@@ -790,7 +791,8 @@ async def open_nats(
                 log.debug("nats error: %s", exc)
 
             async def _disc() -> None:
-                log.warning("disconnected from NATS at %s", url)
+                if not closing:
+                    log.warning("disconnected from NATS at %s", url)
 
             async def _reco() -> None:
                 log.warning("reconnected to NATS at %s", url)
@@ -819,6 +821,7 @@ async def open_nats(
         try:
             yield client
         finally:
+            closing.append(True)
             await client.close()
     finally:
         thread.stop()
