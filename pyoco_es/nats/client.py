@@ -69,9 +69,11 @@ def _translate(exc: BaseException, what: str) -> PyocoError:
     return InfraError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-async def _guard(what: str, coro: Awaitable[T]) -> T:
+async def _guard(what: str, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+    """Await ``fn(*args)`` translating NATS errors.  Takes the function, not a coroutine, so a
+    task cancelled before it starts leaves no never-awaited coroutine behind."""
     try:
-        return await coro
+        return await fn(*args)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # translated into the pyoco error tree, on the asyncio side
@@ -278,7 +280,7 @@ class NatsClient:
 
     async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: object) -> T:
         async def run() -> T:
-            return await _guard(what, fn(*args))
+            return await _guard(what, fn, *args)
 
         try:
             return await self._thread.call(run)
@@ -335,7 +337,7 @@ class NatsClient:
     async def _append_many(self, prepared: list[tuple[str, list[tuple[str, bytes]], int]]) -> list[Any]:
         async with asyncio.timeout(self.op_timeout * 2):
             results = await asyncio.gather(
-                *(_guard("append", self._append(r, p, last)) for r, p, last in prepared), return_exceptions=True
+                *(_guard("append", self._append, r, p, last) for r, p, last in prepared), return_exceptions=True
             )
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, PyocoError):
@@ -444,7 +446,7 @@ class NatsClient:
 
         async def go() -> list[Any]:
             async with asyncio.timeout(self.op_timeout * 2):
-                res = await asyncio.gather(*(_guard("publish", one(*it)) for it in items), return_exceptions=True)
+                res = await asyncio.gather(*(_guard("publish", one, *it) for it in items), return_exceptions=True)
             return list(res)
 
         return await self._call("publish", go)
@@ -500,7 +502,7 @@ class NatsClient:
 
         async def go() -> list[Any]:
             async with asyncio.timeout(self.op_timeout * 2):
-                res = await asyncio.gather(*(_guard("kv update", one(*it)) for it in items), return_exceptions=True)
+                res = await asyncio.gather(*(_guard("kv update", one, *it) for it in items), return_exceptions=True)
             for r in res:
                 if isinstance(r, BaseException) and not isinstance(r, PyocoError):
                     raise r
@@ -537,8 +539,8 @@ class NatsClient:
         async def go() -> tuple[list[Any], list[Any]]:
             async with asyncio.timeout(self.op_timeout * 2):
                 kv_res, pub_res = await asyncio.gather(
-                    asyncio.gather(*(_guard("kv update", kv_one(*it)) for it in kv_items), return_exceptions=True),
-                    asyncio.gather(*(_guard("publish", pub_one(*it)) for it in publishes), return_exceptions=True),
+                    asyncio.gather(*(_guard("kv update", kv_one, *it) for it in kv_items), return_exceptions=True),
+                    asyncio.gather(*(_guard("publish", pub_one, *it) for it in publishes), return_exceptions=True),
                 )
             for r in (*kv_res, *pub_res):
                 if isinstance(r, BaseException) and not isinstance(r, PyocoError):
@@ -811,7 +813,7 @@ async def open_nats(
             )
 
         try:
-            nc = await thread.call(_guard, f"connect to {url}", connect())
+            nc = await thread.call(_guard, f"connect to {url}", connect)
         except PyocoError as exc:
             raise EventLogUnavailable(
                 f"cannot connect to NATS at {url}: {exc.message}. Start one with `pyoco-server up` "
