@@ -309,7 +309,6 @@ async def test_live_view_in_a_pseudo_terminal(stack: Stack, tmp_path: Path) -> N
         assert re.search(r"\x1b\[\d+F", before_release), "redraws move the cursor up instead of scrolling"
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run should apt-get install tmux)")
 async def test_live_view_in_a_terminal(stack: Stack, tmp_path: Path) -> None:
     """Under tmux, `watch` draws the run in place: tasks go from RUNNING to SUCCEEDED on one screen."""
     gate = tmp_path / "gate"
