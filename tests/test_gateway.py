@@ -156,9 +156,13 @@ async def test_cancel_pending_running_and_terminal(gw: GW) -> None:
     with trio.fail_after(10):
         worker = FakeWorker(gw.nats)
         pending = await submit(gw.client)
+        await wait_projected(gw.nats, pending, 1)
         r = await gw.client.post(f"/runs/{pending}/cancel", json={})
         assert r.status_code == 200
         assert r.json()["status"] == "CANCELLED"
+        # read-your-writes: the next read never shows the older projected state
+        assert (await gw.client.get(f"/runs/{pending}")).json()["status"] == "CANCELLED"
+        assert (await gw.client.get("/runs", params={"status": "CANCELLED"})).json()[0]["run_id"] == pending
         assert "task_records" not in r.json()
         hist = (await gw.client.get(f"/runs/{pending}/events")).json()["events"]
         assert hist[-1]["type"] == "run.cancelled" and hist[-1]["data"]["reason"] == "not_started"

@@ -151,3 +151,10 @@ class TestIdempotency:
         doc = {"run_id": "r", "task_records": {}, "task_records_truncated": False}
         assert filter_snapshot(doc, set()) == {"run_id": "r"}
         assert filter_snapshot(doc, {"records"}) == doc
+
+
+def test_a_late_older_kv_value_does_not_undo_a_newer_note() -> None:
+    index = index_with(snap("a", 1.0))
+    index.note(snap("a", 2.0, status="CANCELLED", version=2))
+    index.apply(KVEntry(key="a", value=json.dumps(snap("a", 1.0, version=1)).encode(), revision=5))
+    assert index.get("a")["status"] == "CANCELLED" and index.version_of("a") == 2  # type: ignore[index]

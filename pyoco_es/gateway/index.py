@@ -234,7 +234,12 @@ class RunIndex:
         except ValueError as exc:
             log.warning("run index: undecodable snapshot for %s (%s); skipped", entry.key, exc)
             return
-        self._store(doc, revision=entry.revision)
+        current = self._entries.get(entry.key)
+        version = doc.get("version")
+        if current is not None and isinstance(version, int) and version < current.version:
+            current.revision = entry.revision  # a note of ours is newer: keep its summary
+        else:
+            self._store(doc, revision=entry.revision)
         self._by_revision[entry.key] = entry.revision
         self._by_revision.move_to_end(entry.key)
         self._notify_list()
@@ -309,6 +314,11 @@ class RunIndex:
     def summaries(self) -> Iterator[JSONObject]:
         for entry in self._entries.values():
             yield entry.summary
+
+    def version_of(self, run_id: str) -> int:
+        """The newest version of the run this gateway has seen (0 when unknown)."""
+        entry = self._entries.get(run_id)
+        return 0 if entry is None else entry.version
 
     def get(self, run_id: str) -> JSONObject | None:
         entry = self._entries.get(run_id)

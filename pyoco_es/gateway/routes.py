@@ -234,15 +234,16 @@ async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> R
 
 
 async def read_snapshot(gw: Gateway, run_id: str) -> JSONObject | None:
-    """The run's snapshot: KV, or on a miss the fold of its events (read-your-writes)."""
+    """The run's snapshot: KV, or the fold of its events when KV misses it or is older than a
+    write this gateway acknowledged (read-your-writes)."""
     entry = await gw.nats.kv_get(subjects.RUNS_BUCKET, run_id)
     if entry is not None and entry.value:
         try:
             doc = json.loads(entry.value)
-            if isinstance(doc, dict):
-                return doc
         except ValueError:
-            pass
+            doc = None
+        if isinstance(doc, dict) and doc.get("version", 0) >= gw.index.version_of(run_id):
+            return doc
     snap = await gw.store.load(run_id)
     return None if snap is None else snap.to_json()
 
