@@ -18,7 +18,9 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -27,7 +29,7 @@ import trio
 from pyoco_es.config import Settings
 from pyoco_es.core import decide
 from pyoco_es.core.codec import encode_snapshot
-from pyoco_es.core.events import Producer
+from pyoco_es.core.events import Event, Producer
 from pyoco_es.core.model import RunSnapshot, RunStatus
 from pyoco_es.nats import subjects
 from pyoco_es.service import RunStore
@@ -112,13 +114,14 @@ async def bench_list(n: int) -> None:
                 await trio.sleep(0.01)
             print(f"index: {n:,} snapshots written and indexed by the live watch in {time.perf_counter() - t0:.2f} s")
             cursor = (await client.get("/runs", params={"limit": 50, "updated_after": 0})).json()["next_cursor"]
-            for label, params in (
+            cases: tuple[tuple[str, dict[str, Any]], ...] = (
                 ("GET /runs?limit=50", {"limit": 50}),
                 ("GET /runs?limit=50&status=RUNNING", {"limit": 50, "status": "RUNNING"}),
                 ("GET /runs?limit=50&flow=flow3&tag=t1", {"limit": 50, "flow": "flow3", "tag": "t1"}),
                 ("GET /runs?limit=50&cursor=… (page 2)", {"limit": 50, "cursor": cursor}),
                 ("GET /runs?limit=200&updated_after=0", {"limit": 200, "updated_after": 0}),
-            ):
+            )
+            for label, params in cases:
                 times = []
                 for _ in range(100):
                     t1 = time.perf_counter()
@@ -127,6 +130,10 @@ async def bench_list(n: int) -> None:
                     assert r.status_code == 200
                 print(f"list at {n:,} runs, {label}: p50 {ms(statistics.median(times))}, p99 {ms(pct(times, 0.99))}")
         stack.nursery.cancel_scope.cancel()
+
+
+def claim(snap: RunSnapshot | None, *, run_id: str) -> list[Event]:
+    return decide.claim_run(snap, run_id=run_id, attempt=1, worker_id="bench", lease_seconds=15.0)
 
 
 async def bench_sse(samples: int) -> None:
@@ -143,11 +150,7 @@ async def bench_sse(samples: int) -> None:
                         if line.startswith("data:"):
                             break
                     t0 = time.perf_counter()
-                    await store.execute(
-                        run_id,
-                        lambda s, run_id=run_id: decide.claim_run(s, run_id=run_id, attempt=1, worker_id="bench", lease_seconds=15.0),
-                        producer=worker,
-                    )
+                    await store.execute(run_id, partial(claim, run_id=run_id), producer=worker)
                     async for line in lines:
                         if line.startswith("data:") and '"RUNNING"' in line:
                             latencies.append(time.perf_counter() - t0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -243,7 +244,7 @@ async def test_list_plain_delta_cursor_and_filters(gw: GW) -> None:
         for rid in ids:
             await wait_projected(gw.nats, rid, 2 if rid == ids[0] else 1)
 
-        async def listed(**params: object) -> object:
+        async def listed(**params: Any) -> Any:
             r = await gw.client.get("/runs", params=params)
             assert r.status_code == 200, r.text
             return r.json()
@@ -262,7 +263,7 @@ async def test_list_plain_delta_cursor_and_filters(gw: GW) -> None:
         # delta paging: limit=1 with next_cursor visits every run once, in order
         seen, cursor = [], None
         while True:
-            params: dict[str, object] = {"limit": 1, "updated_after": 0}
+            params: dict[str, Any] = {"limit": 1, "updated_after": 0}
             if cursor:
                 params["cursor"] = cursor
             page = await listed(**params)
@@ -309,7 +310,7 @@ async def test_workers_filters_hide_and_disconnected(gw: GW) -> None:
         await put_worker(gw.nats, "stopped1", state="STOPPED_GRACEFUL", stop_reason="graceful_shutdown")
         await put_worker(gw.nats, "lost1", last_seen_at=stale, last_heartbeat_at=stale, heartbeat_at=stale)
 
-        async def ids(**params: object) -> set[str]:
+        async def ids(**params: Any) -> set[str]:
             r = await gw.client.get("/workers", params=params)
             assert r.status_code == 200, r.text
             return {w["worker_id"] for w in r.json()}
@@ -359,7 +360,9 @@ async def test_hide_never_loses_a_concurrent_heartbeat(gw: GW) -> None:
             n.start_soon(heartbeats)
             r = await gw.client.patch("/workers/hb", json={"hidden": True})
             assert r.status_code == 200
-        rec = json.loads((await gw.nats.kv_get(subjects.WORKERS_BUCKET, "hb")).value)  # type: ignore[union-attr]
+        entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, "hb")
+        assert entry is not None and entry.value is not None
+        rec = json.loads(entry.value)
         assert rec["hidden"] is True
 
 

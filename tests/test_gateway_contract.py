@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from typing import Any
 
 import trio
 
@@ -137,7 +138,7 @@ async def test_http_gateway_vnext_list_cursor_filter_and_invalid_cursor(gw: GW) 
         # the dashboard's initial load: updated_after=0, following next_cursor
         seen, cursor = [], None
         while True:
-            params: dict[str, object] = {"updated_after": 0, "limit": 2}
+            params: dict[str, Any] = {"updated_after": 0, "limit": 2}
             if cursor:
                 params["cursor"] = cursor
             body = (await gw.client.get("/runs", params=params)).json()

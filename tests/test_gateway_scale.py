@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -21,10 +22,10 @@ async def test_list_50_of_10000_runs_under_50ms(tmp_path: Path) -> None:
             await seed_runs(gw.nats, N)
 
             async def loaded() -> bool:
-                return (await gw.client.get("/ready")).json()["run_index"]["runs"] == N
+                return bool((await gw.client.get("/ready")).json()["run_index"]["runs"] == N)
 
             await wait_until(loaded, timeout=30, what="10k runs in the index")
-            queries = [
+            queries: list[dict[str, Any]] = [
                 {"limit": 50},
                 {"limit": 50, "status": "RUNNING"},
                 {"limit": 50, "flow": "flow3", "tag": "t1"},

@@ -109,7 +109,7 @@ async def wait_projected(nats: NatsClient, run_id: str, version: int) -> None:
 
     async def check() -> bool:
         entry = await nats.kv_get(subjects.RUNS_BUCKET, run_id)
-        return entry is not None and bool(entry.value) and json.loads(entry.value)["version"] >= version
+        return entry is not None and entry.value is not None and json.loads(entry.value)["version"] >= version
 
     await wait_until(check, what=f"run {run_id} v{version} in KV")
 

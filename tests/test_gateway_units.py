@@ -42,7 +42,7 @@ class TestRunIndex:
             if page.next_cursor is None:
                 break
             before = decode_cursor(page.next_cursor)
-        assert sorted(seen) == sorted(f"r{i}" for i in range(10)) and len(seen) == 10
+        assert sorted(map(str, seen)) == sorted(f"r{i}" for i in range(10)) and len(seen) == 10
 
     def test_next_cursor_only_when_more_match(self) -> None:
         index = index_with(snap("a", 1.0), snap("b", 2.0, status="RUNNING"))
@@ -148,7 +148,7 @@ class TestIdempotency:
         assert request_fingerprint({"a": 1}) != request_fingerprint({"a": 2})
 
     def test_records_are_filtered_unless_asked_for(self) -> None:
-        doc = {"run_id": "r", "task_records": {}, "task_records_truncated": False}
+        doc: dict[str, Any] = {"run_id": "r", "task_records": {}, "task_records_truncated": False}
         assert filter_snapshot(doc, set()) == {"run_id": "r"}
         assert filter_snapshot(doc, {"records"}) == doc
 

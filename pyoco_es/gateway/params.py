@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import ClassVar, Final
+from typing import ClassVar, Final, cast
 
 from ..core.errors import ValidationError
 from ..core.events import JSONValue
@@ -32,7 +32,8 @@ class RequestInvalid(ValidationError):
 
 
 def field_error(kind: str, loc: tuple[str | int, ...], msg: str, value: object = None) -> dict[str, JSONValue]:
-    return {"type": kind, "loc": list(loc), "msg": msg, "input": value if _jsonable(value) else repr(value)}
+    shown = cast(JSONValue, value) if _jsonable(value) else repr(value)
+    return {"type": kind, "loc": list[JSONValue](loc), "msg": msg, "input": shown}
 
 
 def _jsonable(value: object) -> bool:

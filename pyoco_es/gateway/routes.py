@@ -17,14 +17,14 @@ from typing import Any, Final
 
 import attrs
 import trio
-from quart import Response, make_response, request, send_from_directory
+from quart import Response, request, send_from_directory
 from quart_trio import QuartTrio
 from werkzeug.exceptions import NotFound
 
 from ..core import decide
 from ..core.codec import dumps, envelope_to_json, event_data
 from ..core.errors import ConcurrencyConflict, InfraError, PayloadTooLarge, PyocoError, RunAlreadyExists, RunNotFound, ValidationError
-from ..core.events import JSONObject, RunSubmitted
+from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..core.model import TERMINAL_STATUSES
 from ..nats import subjects
 from ..service import new_run_id
@@ -181,7 +181,12 @@ def parse_submit_body(body: object, *, default_tag: str) -> tuple[str, JSONObjec
         raise RequestInvalid(errors)
     routing = (tag or "").strip() or default_tag
     stored_tags = [str(t) for t in tags] if tags else [routing]
-    return str(flow_name), params, routing, stored_tags  # type: ignore[return-value]
+    return str(flow_name), params, routing, stored_tags
+
+
+async def _body() -> bytes:
+    raw = await request.get_data(cache=False)
+    return raw if isinstance(raw, bytes) else raw.encode("utf-8")
 
 
 def _json_loads_strict(raw: bytes) -> object:
@@ -266,6 +271,12 @@ async def enrich(gw: Gateway, doc: JSONObject) -> JSONObject:
     return out
 
 
+def _sse_response(body: AsyncIterator[bytes]) -> Response:
+    response = Response(body, status=200, headers=sse.SSE_HEADERS)
+    response.timeout = None  # streams end on their own deadline (timeout_sec)
+    return response
+
+
 async def _wait_slot(slot: Any, timeout: float) -> JSONObject | None:
     with trio.move_on_after(max(0.0, timeout)):
         await slot.changed.wait()
@@ -340,7 +351,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
     @app.post("/runs")
     async def submit_run() -> Response:
         gw.require_nats()
-        body = _json_loads_strict(await request.get_data(cache=False))
+        body = _json_loads_strict(await _body())
         flow_name, params, tag, tags = parse_submit_body(body, default_tag=gw.settings.default_tag)
         event = RunSubmitted(
             flow_name=flow_name,
@@ -350,7 +361,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             submitted_at=gw.clock(),
             max_attempts=gw.settings.max_attempts,
         )
-        fingerprint: JSONObject = {"kind": "flow", "flow_name": flow_name, "params": params, "tag": tag, "tags": tags}
+        fingerprint: JSONObject = {"kind": "flow", "flow_name": flow_name, "params": params, "tag": tag, "tags": list[JSONValue](tags)}
         return await submit(gw, event, fingerprint)
 
     @app.post("/runs/yaml")
@@ -487,9 +498,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             finally:
                 gw.sse_streams -= 1
 
-        response = await make_response(stream(), 200, sse.SSE_HEADERS)
-        response.timeout = None
-        return response
+        return _sse_response(stream())
 
     # -- one run ---------------------------------------------------------------------------
 
@@ -583,15 +592,16 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
                 last_frame = trio.current_time()
                 while True:
                     if pending is not None:
-                        version = pending.get("version") if isinstance(pending.get("version"), int) else 0
-                        if version > sent:  # type: ignore[operator]
+                        raw_version = pending.get("version")
+                        version = raw_version if isinstance(raw_version, int) else 0
+                        if version > sent:
                             updated = pending.get("updated_at")
                             if since is None or not isinstance(updated, (int, float)) or updated >= since:
                                 data = {"run_id": run_id, "snapshot": filter_snapshot(pending, includes), "ts": gw.clock()}
                                 yield sse.frame("snapshot", data, id=version, retry_ms=1000 if sent == (last_id or 0) else None)
                                 last_frame = trio.current_time()
-                            sent = version  # type: ignore[assignment]
-                        if version >= sent and pending.get("status") in TERMINAL:  # type: ignore[operator]
+                            sent = version
+                        if version >= sent and pending.get("status") in TERMINAL:
                             yield sse.frame(
                                 "end",
                                 {"run_id": run_id, "status": pending.get("status"), "version": sent, "ts": gw.clock()},
@@ -611,9 +621,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
                 gw.index.unsubscribe(slot)
                 gw.sse_streams -= 1
 
-        response = await make_response(stream(), 200, sse.SSE_HEADERS)
-        response.timeout = None
-        return response
+        return _sse_response(stream())
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -649,7 +657,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.patch("/workers/<worker_id>")
     async def patch_worker(worker_id: str) -> Response:
-        body = _json_loads_strict(await request.get_data(cache=False))
+        body = _json_loads_strict(await _body())
         if not isinstance(body, dict):
             raise invalid("model_attributes_type", ("body",), 'request body must be a JSON object like {"hidden": true}', body)
         if "hidden" not in body:
