@@ -311,8 +311,8 @@ def test_pagination_never_misses_a_run(page: Page, http: httpx.Client) -> None:
         http.post("/runs", json={"flow_name": f"parked-{i}", "tag": "parked"}).json()["run_id"] for i in range(55)
     ]
     pg = page.goto("#/runs?tag=parked")
-    pg.wait_for_function("document.querySelectorAll('.run-row').length === 50")
-    assert pg.locator("#runs-more").is_visible()
+    pg.locator("#runs-more").wait_for()
+    assert pg.locator(".run-row").count() == 50
     # while the user reads page one, the oldest run (on page two) changes and jumps to the top
     assert http.post(f"/runs/{ids[0]}/cancel").status_code == 200
     pg.locator(f'.run-row[data-run-id="{ids[0]}"][data-status="CANCELLED"]').wait_for()

@@ -427,8 +427,9 @@
     rows: new Map(), // run_id -> {el, stamp}
     pinned: null, // a run fetched by exact id search
   };
-  const filters = { status: "", flow: "", tag: "", q: "" };
-  let sortMode = load(LS.sort, "updated") === "active" ? "active" : "updated";
+  const filters = { status: "", flow: "", tag: "", q: "", worker: "" };
+  const SORTS = ["updated", "active", "updated_asc", "started", "ended", "flow", "status"];
+  let sortMode = SORTS.includes(load(LS.sort, "updated")) ? load(LS.sort, "updated") : "updated";
   const workers = { items: [], loaded: false, stateFilter: "", showHidden: load(LS.showHidden, "0") === "1", busy: new Set() };
   let metrics = null;
   const detail = { id: null, run: null, events: null, eventsError: null, stream: null, watchState: "idle", eventsVersion: null, cancelling: false, eventsTimer: null };
@@ -571,6 +572,7 @@
       conn.state = state === "live" ? "live" : state === "reconnecting" ? "reconnecting" : "connecting";
       conn.until = info.until || 0;
       renderConn();
+      if (state === "reconnecting" && !runs.loaded && !runs.loading) loadFirstPage();
     },
     onOpen() {
       // The stream is open before the list is read, so every change after this point reaches us;
@@ -611,17 +613,27 @@
 
   function sortedVisibleRuns() {
     const q = filters.q.trim().toLowerCase();
+    const w = filters.worker.trim().toLowerCase();
     const list = [];
     for (const r of runs.items.values()) {
       if (!matchesServerFilters(r)) continue;
       if (q && !String(r.run_id).toLowerCase().includes(q)) continue;
+      if (w && !String(r.worker_id || "").toLowerCase().includes(w)) continue;
       list.push(r);
     }
     const byUpdated = (a, b) => (b.updated_at || 0) - (a.updated_at || 0) || (a.run_id < b.run_id ? 1 : a.run_id > b.run_id ? -1 : 0);
-    if (sortMode === "active") {
-      const rank = (r) => (ACTIVE.has(r.status) ? 0 : r.status === "FAILED" ? 1 : 2);
-      list.sort((a, b) => rank(a) - rank(b) || byUpdated(a, b));
-    } else list.sort(byUpdated);
+    const newestFirst = (key) => (a, b) => (b[key] || 0) - (a[key] || 0) || byUpdated(a, b);
+    const statusRank = (r) => { const i = RUN_STATUSES.indexOf(r.status); return i < 0 ? 99 : i; };
+    const cmp = {
+      updated: byUpdated,
+      updated_asc: (a, b) => -byUpdated(a, b),
+      active: (a, b) => ((ACTIVE.has(a.status) ? 0 : a.status === "FAILED" ? 1 : 2) - (ACTIVE.has(b.status) ? 0 : b.status === "FAILED" ? 1 : 2)) || byUpdated(a, b),
+      started: newestFirst("start_time"),
+      ended: newestFirst("end_time"),
+      flow: (a, b) => String(a.flow_name || "").localeCompare(String(b.flow_name || "")) || byUpdated(a, b),
+      status: (a, b) => statusRank(a) - statusRank(b) || byUpdated(a, b),
+    }[sortMode] || byUpdated;
+    list.sort(cmp);
     return list;
   }
 
@@ -637,7 +649,8 @@
     return h(
       "a",
       { class: "run-row", href: runHref(run.run_id), role: "listitem", dataset: { runId: run.run_id, status: run.status || "" } },
-      h("span", { class: "c-status" }, statusBadge(run.status)),
+      h("span", { class: "c-status" }, statusBadge(run.status),
+        typeof run.attempt === "number" && run.attempt > 1 ? h("span", { class: "retry", title: t("detail.attempt") + " " + run.attempt }, "↻" + run.attempt) : null),
       h("span", { class: "c-run mono", title: run.run_id }, shortId(run.run_id), h("span", { class: "c-run-rest" }, String(run.run_id).slice(8))),
       h("span", { class: "c-flow" }, h("strong", null, run.flow_name || "")),
       h("span", { class: "c-tag" }, run.tag ? h("span", { class: "chip" }, run.tag) : null, tags.map((x) => h("span", { class: "chip chip-soft" }, x))),
@@ -659,7 +672,7 @@
     let prev = null;
     for (const run of visible) {
       wanted.add(run.run_id);
-      const stamp = [run.status, run.version, run.updated_at, run.worker_id, run.start_time, run.end_time, run.error, lang].join("|");
+      const stamp = [run.status, run.version, run.updated_at, run.worker_id, run.start_time, run.end_time, run.error, run.attempt, lang].join("|");
       let entry = runs.rows.get(run.run_id);
       if (!entry || entry.stamp !== stamp) {
         const el = runRow(run);
@@ -680,7 +693,7 @@
       }
     }
     const empty = $("runs-empty");
-    const filtered = filters.status || filters.flow || filters.tag || filters.q;
+    const filtered = filters.status || filters.flow || filters.tag || filters.q || filters.worker;
     if (!visible.length) {
       empty.hidden = false;
       empty.textContent = runs.loading && !runs.loaded ? t("runs.loading") : filtered ? t("runs.empty_filtered") : t("runs.empty");
@@ -689,7 +702,7 @@
     more.hidden = !runs.hasMore;
     more.disabled = runs.loading;
     $("runs-count").textContent = runs.loaded
-      ? runs.hasMore || filters.q
+      ? runs.hasMore || filters.q || filters.worker
         ? t("runs.shown", { shown: visible.length, loaded: runs.items.size })
         : t("runs.all_loaded", { n: runs.items.size })
       : "";
@@ -723,6 +736,7 @@
     if (filters.flow) p.set("flow", filters.flow);
     if (filters.tag) p.set("tag", filters.tag);
     if (filters.q) p.set("q", filters.q);
+    if (filters.worker) p.set("worker", filters.worker);
     const qs = p.toString();
     const target = "#/runs" + (qs ? "?" + qs : "");
     if (location.hash !== target) history.replaceState(null, "", target);
@@ -928,6 +942,11 @@
         kv(t("detail.started"), timeValue(run.start_time)),
         kv(t("detail.ended"), timeValue(run.end_time)),
         kv(t("detail.updated"), timeValue(run.updated_at)),
+        run.workflow_yaml_sha256
+          ? kv(t("detail.workflow_yaml"), h("span", { class: "mono", title: run.workflow_yaml_sha256 },
+            "sha256 " + String(run.workflow_yaml_sha256).slice(0, 12),
+            typeof run.workflow_yaml_bytes === "number" ? h("span", { class: "muted" }, " · " + run.workflow_yaml_bytes + " B") : null))
+          : null,
         run.cancel_requested_at
           ? kv(t("detail.cancel_requested"), h("span", null, timeValue(run.cancel_requested_at),
             run.cancel_requested_by ? h("span", { class: "muted" }, " · ", t("detail.cancel_by", { who: run.cancel_requested_by })) : null))
@@ -1461,6 +1480,7 @@
     return { view: "runs", runId: null, qs };
   }
   let runsScroll = 0;
+  let booted = false;
   function onRoute() {
     const next = parseHash();
     if (route.view === "runs" && next.view !== "runs") runsScroll = window.scrollY;
@@ -1476,8 +1496,10 @@
       filters.flow = p.get("flow") || "";
       filters.tag = p.get("tag") || "";
       filters.q = p.get("q") || "";
+      filters.worker = p.get("worker") || "";
       syncFilterInputs();
-      if (changed) filtersChanged();
+      // at start-up the first page is read with these filters anyway; later changes reload it
+      if (changed && booted) filtersChanged();
     }
     if (route.view === "run") openDetail(route.runId);
     else closeDetail();
@@ -1492,6 +1514,7 @@
     $("f-flow").value = filters.flow;
     $("f-tag").value = filters.tag;
     $("f-search").value = filters.q;
+    $("f-worker").value = filters.worker;
     $("f-sort").value = sortMode;
   }
 
@@ -1521,10 +1544,11 @@
     $("f-flow").addEventListener("input", (e) => { filters.flow = e.target.value.trim(); filtersChanged(); });
     $("f-tag").addEventListener("input", (e) => { filters.tag = e.target.value.trim(); filtersChanged(); });
     $("f-search").addEventListener("input", (e) => { filters.q = e.target.value; syncFiltersToHash(); renderRuns(); });
+    $("f-worker").addEventListener("input", (e) => { filters.worker = e.target.value; syncFiltersToHash(); renderRuns(); });
     $("f-search").addEventListener("keydown", (e) => { if (e.key === "Enter") searchExact(e.target.value); });
     $("f-sort").addEventListener("change", (e) => { sortMode = e.target.value; store(LS.sort, sortMode); renderRuns(); });
     $("f-clear").addEventListener("click", () => {
-      filters.status = filters.flow = filters.tag = filters.q = "";
+      filters.status = filters.flow = filters.tag = filters.q = filters.worker = "";
       syncFilterInputs();
       renderMetrics();
       filtersChanged();
@@ -1551,7 +1575,9 @@
     setInterval(() => { if (!document.hidden) loadMetrics(); }, 5000);
 
     onRoute();
-    if (!runs.loading) loadFirstPage();
+    booted = true;
+    // the first page is read once the list stream is open (onOpen), so no change can slip
+    // between the two; if the stream cannot open, the page is read anyway (onState)
     runStream.start();
     loadMetrics();
   }
