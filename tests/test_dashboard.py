@@ -297,6 +297,12 @@ def test_runs_appear_and_complete_without_reload(page: Page, narrow: Page, http:
     assert row(pg, ids[0]).count() == 1
     pg.fill("#f-search", "")
     page.shot("runs-wide")
+    # Enter on a prefix naming one run opens it
+    pg.fill("#f-search", ids[2][:10])
+    pg.press("#f-search", "Enter")
+    pg.locator(f'#detail-run-id:text-is("{ids[2]}")').wait_for()
+    pg.go_back()
+    pg.fill("#f-search", "")
 
     npg = narrow.goto("#/runs")
     row(npg, ids[0]).wait_for()

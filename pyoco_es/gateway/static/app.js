@@ -475,9 +475,6 @@
     const merged = old ? { ...old, ...run } : run;
     if (fromStream && !old && runs.loaded && !matchesServerFilters(merged)) return false;
     runs.items.set(run.run_id, merged);
-    if (detail.id === run.run_id && detail.run && newer(merged, detail.run)) {
-      // keep the detail header in step even between watch frames
-    }
     return true;
   }
   function listQuery(extra) {
@@ -537,7 +534,7 @@
     } catch (e) {
       noteError(e);
     } finally {
-      runs.loading = false;
+      if (gen === runs.generation) runs.loading = false;
       renderRuns();
     }
   }
@@ -747,6 +744,12 @@
     if (!id) return;
     if (runs.items.has(id)) {
       location.hash = runHref(id);
+      return;
+    }
+    const matches = sortedVisibleRuns();
+    if (matches.length === 1) {
+      // a prefix that names exactly one loaded run is enough
+      location.hash = runHref(matches[0].run_id);
       return;
     }
     try {
