@@ -307,6 +307,11 @@ def test_runs_appear_and_complete_without_reload(page: Page, narrow: Page, http:
     npg = narrow.goto("#/runs")
     row(npg, ids[0]).wait_for()
     narrow.shot("runs-narrow")
+    # on a phone the filters fold away behind a button
+    assert npg.locator("#f-status").is_hidden()
+    npg.click("#filters-toggle")
+    assert npg.locator("#f-status").is_visible()
+    narrow.shot("runs-narrow-filters")
     # nothing sticks out sideways on a phone-sized window
     assert npg.evaluate("document.documentElement.scrollWidth") <= 400
 

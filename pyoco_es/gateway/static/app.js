@@ -704,6 +704,8 @@
         : t("runs.all_loaded", { n: runs.items.size })
       : "";
     $("f-clear").hidden = !filtered;
+    const active = [filters.status, filters.flow, filters.tag, filters.worker].filter(Boolean).length;
+    $("filters-count").textContent = active ? String(active) : "";
   }
 
   function fillStatusSelect() {
@@ -1557,6 +1559,11 @@
       filtersChanged();
     });
     $("runs-more").addEventListener("click", loadMore);
+    $("filters-toggle").addEventListener("click", () => {
+      // narrow windows fold the filters away behind this button
+      const open = $("runs-toolbar").classList.toggle("filters-open");
+      $("filters-toggle").setAttribute("aria-expanded", String(open));
+    });
     $("w-hidden").addEventListener("change", (e) => {
       workers.showHidden = e.target.checked;
       store(LS.showHidden, workers.showHidden ? "1" : "0");
