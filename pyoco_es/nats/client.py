@@ -372,6 +372,34 @@ class NatsClient:
         raw = await self._call("read run", self._read_subject, subjects.run_events_subject(run_id), after_stream_seq)
         return [decode_envelope(data, stream_seq=seq) for seq, data in raw]
 
+    async def read_runs(self, run_ids: Sequence[str]) -> list[list[Envelope] | PyocoError]:
+        """``read_run`` (from the start) for several runs in one crossing; per-run events or error.
+
+        The worker reads every run it is about to claim; under load this batches those reads.
+        """
+
+        async def go() -> list[Any]:
+            return list(
+                await asyncio.gather(
+                    *(_guard("read run", self._read_subject, subjects.run_events_subject(r), 0) for r in run_ids),
+                    return_exceptions=True,
+                )
+            )
+
+        raw = await self._call("read runs", go)
+        out: list[list[Envelope] | PyocoError] = []
+        for r in raw:
+            if isinstance(r, PyocoError):
+                out.append(r)
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                try:
+                    out.append([decode_envelope(data, stream_seq=seq) for seq, data in r])
+                except CorruptStreamError as exc:
+                    out.append(exc)
+        return out
+
     async def read_events(self, subject_filter: str, *, after_stream_seq: int, limit: int = 1024) -> list[tuple[int, bytes]]:
         """Up to ``limit`` raw events on ``subject_filter`` (wildcards allowed) after a position."""
         return await self._call("read events", self._read_subject, subject_filter, after_stream_seq, limit, True)
@@ -599,13 +627,21 @@ class NatsClient:
     # -- core pub/sub ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def subscribe(self, subject: str) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, bytes]]]:
-        """A core NATS subscription (sees JetStream publishes on the subject too)."""
+    async def subscribe(
+        self, subject: str, *, contains: bytes | None = None
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, bytes]]]:
+        """A core NATS subscription (sees JetStream publishes on the subject too).
+
+        With ``contains``, only messages whose payload contains those bytes are forwarded; the
+        rest are dropped on the asyncio side and never cost a crossing (the worker watches a long
+        run's events this way for ``run.cancel_requested`` only).
+        """
         sub = await self._call("subscribe", self._nc.subscribe, subject)
 
         async def produce(emit: Callable[[object], None]) -> None:
             async for msg in sub.messages:
-                emit((msg.subject, msg.data))
+                if contains is None or contains in msg.data:
+                    emit((msg.subject, msg.data))
 
         async with self._forward(produce, cleanup=sub.unsubscribe) as channel:
             yield channel

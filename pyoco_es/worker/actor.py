@@ -43,9 +43,9 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import attrs
 import outcome
@@ -63,17 +63,20 @@ from ..core.errors import (
     RunNotFound,
     StaleAttempt,
 )
-from ..core.events import Event, Producer, TaskCompleted, TaskFailed, TaskStarted
-from ..core.fold import fold
+from ..core.events import Envelope, Event, Producer, TaskCompleted, TaskFailed, TaskStarted
+from ..core.fold import apply, fold
 from ..core.model import RunSnapshot, RunStatus
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, PullSubscription
-from ..service import RunStore
+from ..service import Outcome, RunStore, new_event_id
 from .pool import ChildDied, ChildPool, ChildProcess
 
 log = logging.getLogger(__name__)
 
 NAK_DELAY: Final = 2.0
+CANCEL_WATCH_DELAY: Final = 0.1  # runs younger than this are not watched for cancels yet (_watch_cancel)
+ACK_COALESCE: Final = 0.005
+COALESCE_WINDOW: Final = 0.002  # how long task events may wait to be appended together
 MAX_FETCH_BATCH: Final = 64
 APPEND_RETRIES: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 STATE_RUNNING: Final = "RUNNING"
@@ -195,6 +198,53 @@ class _Active:
     release: trio.Event = attrs.field(factory=trio.Event)
 
 
+I = TypeVar("I")
+R = TypeVar("R")
+
+
+@attrs.define(eq=False)
+class _Slot(Generic[R]):
+    done: trio.Event = attrs.field(factory=trio.Event)
+    value: Any = None
+
+
+class _Batcher(Generic[I, R]):
+    """Coalesces concurrent requests into one call (one bridge crossing) per batch.
+
+    Requests that arrive while a batch is in flight form the next batch, so batches grow with
+    load and a lone request goes out at once.
+    """
+
+    def __init__(self, fn: Callable[[list[I]], Awaitable[Sequence[R | PyocoError]]]) -> None:
+        self._fn = fn
+        self._items: list[tuple[I, _Slot[R]]] = []
+        self._wake = trio.Event()
+
+    async def submit(self, item: I) -> R:
+        slot: _Slot[R] = _Slot()
+        self._items.append((item, slot))
+        self._wake.set()
+        await slot.done.wait()
+        if isinstance(slot.value, BaseException):
+            raise slot.value
+        return slot.value  # type: ignore[no-any-return]
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            batch, self._items = self._items, []
+            if not batch:
+                continue
+            try:
+                results: Sequence[Any] = await self._fn([item for item, _ in batch])
+            except PyocoError as exc:
+                results = [exc] * len(batch)
+            for (_, slot), result in zip(batch, results, strict=True):
+                slot.value = result
+                slot.done.set()
+
+
 class _LostRun(Exception):
     """Our attempt is no longer current (StaleAttempt on append)."""
 
@@ -242,6 +292,8 @@ class WorkerActor:
         self._wheel_sync: dict[str, Any] | None = None
         self._last_run: dict[str, Any] = {}
         self.completed = 0
+        self._reader: _Batcher[str, list[Envelope]] = _Batcher(nats.read_runs)
+        self._appender: _Batcher[tuple[str, Sequence[Envelope], int], list[int]] = _Batcher(nats.append_many)
 
     @property
     def producer_kind(self) -> str:
@@ -299,11 +351,13 @@ class WorkerActor:
 
     async def ack_loop(self) -> None:
         async for first in self._ack_recv:
+            # Acks are not on any run's critical path: wait a moment so they go out in batches.
+            await trio.sleep(ACK_COALESCE)
             batch = [first]
             while True:
                 try:
                     batch.append(self._ack_recv.receive_nowait())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
             try:
                 await self.nats.ack_many(batch)
@@ -492,13 +546,59 @@ class WorkerActor:
         return reply
 
     async def _load(self, run_id: str) -> RunSnapshot | None:
-        return fold(None, await self.nats.read_run(run_id))
+        return fold(None, await self._reader.submit(run_id))
+
+    async def execute(
+        self,
+        run_id: str,
+        make: Callable[[RunSnapshot | None], Sequence[Event]],
+        *,
+        attempt: int,
+        hint: RunSnapshot | None,
+    ) -> Outcome:
+        """``RunStore.execute`` with the append batched across runs (one crossing per batch).
+
+        Decides against ``hint``; on a concurrency conflict (usually a cancel request) the run is
+        re-read and the same decision is made again through ``RunStore``.
+
+        Raises:
+            DomainError: from ``make`` (StaleAttempt: the attempt is not ours any more).
+            InfraError: NATS failed.
+        """
+        producer = self._producer(attempt)
+        if hint is None:
+            return await self.store.execute(run_id, make, producer=producer)
+        events = make(hint)
+        if not events:
+            return Outcome(hint, ())
+        envs = decide.stamp(hint, events, run_id=run_id, producer=producer, now=time.time(), new_id=new_event_id)
+        try:
+            seqs = await self._appender.submit((run_id, envs, hint.last_stream_seq))
+        except ConcurrencyConflict:
+            fresh = await self.store.load(run_id, hint=hint)
+            return await self.store.execute(run_id, make, producer=producer, hint=fresh)
+        snap: RunSnapshot | None = hint
+        stored = []
+        for env, seq in zip(envs, seqs, strict=True):
+            env = attrs.evolve(env, stream_seq=seq)
+            stored.append(env)
+            snap = apply(snap, env)
+        return Outcome(snap, tuple(stored))
 
     async def _execute(self, job: Job, msg: Delivered, child: ChildProcess) -> None:
         run_id, attempt = job.run_id, job.attempt
+        # The child prepares the flow while we read the run: two waits, overlapped.
+        async with trio.open_nursery() as nursery:
+            prep_result: list[outcome.Outcome[dict[str, Any]]] = []
+
+            async def prepare() -> None:
+                prep_result.append(await outcome.acapture(self._prepare, job, child))
+
+            nursery.start_soon(prepare)
+            snap_result = await outcome.acapture(self._load, run_id)
         try:
-            prep = await self._prepare(job, child)
-            snap = await self._load(run_id)
+            snap = snap_result.unwrap()
+            prep = prep_result[0].unwrap()
         except InfraError as exc:
             log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc)
             await self._abort(child, run_id)
@@ -513,13 +613,12 @@ class WorkerActor:
             await self._abort(child, run_id)
             self._ack(msg)  # obsolete: cancelled, claimed, or a later attempt is current
             return
-        async with self.nats.subscribe(subjects.run_events_subject(run_id)) as events:
-            self.runs[run_id] = attempt  # before the claim: the reaper trusts our heartbeat
-            try:
-                await self._claim_and_run(job, msg, child, prep, snap, events)
-            finally:
-                self.runs.pop(run_id, None)
-                self.active.pop(run_id, None)
+        self.runs[run_id] = attempt  # before the claim: the reaper trusts our heartbeat
+        try:
+            await self._claim_and_run(job, msg, child, prep, snap)
+        finally:
+            self.runs.pop(run_id, None)
+            self.active.pop(run_id, None)
 
     async def _abort(self, child: ChildProcess, run_id: str) -> None:
         try:
@@ -534,12 +633,25 @@ class WorkerActor:
         child: ChildProcess,
         prep: dict[str, Any],
         snap: RunSnapshot,
-        events: trio.MemoryReceiveChannel[tuple[str, bytes]],
     ) -> None:
         run_id, attempt = job.run_id, job.attempt
         tasks = prep.get("tasks", []) if prep.get("ev") == "prepared" else []
+        inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        await self._claim_and_run_routed(job, msg, child, prep, snap, tasks, inbox)
+
+    async def _claim_and_run_routed(
+        self,
+        job: Job,
+        msg: Delivered,
+        child: ChildProcess,
+        prep: dict[str, Any],
+        snap: RunSnapshot,
+        tasks: list[str],
+        inbox: tuple[trio.MemorySendChannel[tuple[str, Any]], trio.MemoryReceiveChannel[tuple[str, Any]]],
+    ) -> None:
+        run_id, attempt = job.run_id, job.attempt
         try:
-            outcome = await self.store.execute(
+            claimed = await self.execute(
                 run_id,
                 lambda s: decide.claim_run(
                     s,
@@ -550,7 +662,7 @@ class WorkerActor:
                     tasks=tasks,
                     instance_id=self.instance_id,
                 ),
-                producer=self._producer(attempt),
+                attempt=attempt,
                 hint=snap,
             )
         except (StaleAttempt, RunNotFound):
@@ -564,13 +676,13 @@ class WorkerActor:
             return
         active = _Active(job=job, msg=msg, started_at=time.time())
         self.active[run_id] = active
-        runner = _RunDriver(self, job, child, outcome.snapshot, active)
+        runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox)
         if prep.get("ev") != "prepared":
             reason = str(prep.get("reason") or "build_error")
             error = str(prep.get("error") or "the flow could not be built")
             await runner.finish_without_running(reason, error)
         else:
-            await runner.run(events)
+            await runner.run()
         self._record_last(run_id, runner.final_status, active.started_at)
         if runner.nak:
             await self._nak(msg, NAK_DELAY)
@@ -603,8 +715,17 @@ class WorkerActor:
 class _RunDriver:
     """Drives one claimed attempt: child frames → batched appends, cancel, terminal event."""
 
-    def __init__(self, actor: WorkerActor, job: Job, child: ChildProcess, snap: RunSnapshot | None, active: _Active) -> None:
+    def __init__(
+        self,
+        actor: WorkerActor,
+        job: Job,
+        child: ChildProcess,
+        snap: RunSnapshot | None,
+        active: _Active,
+        inbox: tuple[trio.MemorySendChannel[tuple[str, Any]], trio.MemoryReceiveChannel[tuple[str, Any]]],
+    ) -> None:
         self.actor = actor
+        self.inbox = inbox
         self.job = job
         self.child = child
         self.hint = snap
@@ -614,6 +735,7 @@ class _RunDriver:
         self.final_status: str | None = None
         self.cancel_sent = False
         self.cancel_deadline = math.inf
+        self.claim_seq = snap.version if snap is not None else 0
 
     @property
     def run_id(self) -> str:
@@ -633,9 +755,7 @@ class _RunDriver:
         delays = list(APPEND_RETRIES)
         while True:
             try:
-                out = await self.actor.store.execute(
-                    self.run_id, make, producer=self.actor._producer(self.attempt), hint=self.hint
-                )
+                out = await self.actor.execute(self.run_id, make, attempt=self.attempt, hint=self.hint)
             except (StaleAttempt, RunNotFound) as exc:
                 raise _LostRun(str(exc)) from exc
             except InfraError:
@@ -680,13 +800,12 @@ class _RunDriver:
         if reason == "flow_not_found":
             self.dlq = self.actor._dlq_run(self.job, "flow_not_found", error)
 
-    async def run(self, events: trio.MemoryReceiveChannel[tuple[str, bytes]]) -> None:
-        send, recv = trio.open_memory_channel[tuple[str, Any]](math.inf)
+    async def run(self) -> None:
+        send, recv = self.inbox
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump_child, send.clone())
-            nursery.start_soon(self._watch_events, events, send.clone())
+            nursery.start_soon(self._watch_cancel, send.clone())
             nursery.start_soon(self._watch_release, send.clone())
-            send.close()
             # Captured, not raised, inside the nursery: strict exception groups would wrap it.
             result = await outcome.acapture(self._drive, recv)
             nursery.cancel_scope.cancel()
@@ -712,19 +831,34 @@ class _RunDriver:
             except ChildDied as exc:
                 await send.send(("died", exc))
 
-    async def _watch_events(
-        self, events: trio.MemoryReceiveChannel[tuple[str, bytes]], send: trio.MemorySendChannel[tuple[str, Any]]
-    ) -> None:
+    async def _watch_cancel(self, send: trio.MemorySendChannel[tuple[str, Any]]) -> None:
+        """Watch the run's subject for ``run.cancel_requested``.
+
+        Most runs end within milliseconds, and a subscription costs several bridge crossings, so
+        the watch starts only once the run is ``CANCEL_WATCH_DELAY`` old.  The subscription
+        forwards only cancel requests (filtered on the asyncio side).  Once it is live, the run's
+        events are read once, so a cancel that came earlier is not missed.  (A cancel that
+        reaches a run before that is also seen by its next append, which conflicts and re-reads.)
+        """
         async with send:
-            async for _subject, data in events:
-                if b"run.cancel_requested" not in data:
-                    continue
+            await trio.sleep(CANCEL_WATCH_DELAY)
+            nats = self.actor.nats
+            subject = subjects.run_events_subject(self.run_id)
+            async with nats.subscribe(subject, contains=b"run.cancel_requested") as events:
                 try:
-                    env = decode_envelope(data)
-                except CorruptStreamError:
-                    continue
-                if env.type == "run.cancel_requested":
-                    await send.send(("cancel", env))
+                    history = await self.actor._reader.submit(self.run_id)
+                except PyocoError as exc:
+                    log.warning("run %s: cannot read its events: %s", self.run_id, exc)
+                    history = []
+                if any(e.type == "run.cancel_requested" and e.seq > self.claim_seq for e in history):
+                    await send.send(("cancel", None))
+                async for _subject, data in events:
+                    try:
+                        env = decode_envelope(data)
+                    except CorruptStreamError:
+                        continue
+                    if env.type == "run.cancel_requested":
+                        await send.send(("cancel", env))
 
     async def _watch_release(self, send: trio.MemorySendChannel[tuple[str, Any]]) -> None:
         async with send:
@@ -784,6 +918,18 @@ class _RunDriver:
                         items.append(await recv.receive())
                     except trio.EndOfChannel:
                         items.append(("died", ChildDied(self.child.proc.poll())))
+                # Coalesce: a fast flow's remaining events (and its end) arrive within a moment,
+                # and one append of all of them beats one per event.
+                if items and items[-1][0] == "frame" and items[-1][1].get("ev") != "done":
+                    with trio.move_on_after(COALESCE_WINDOW):
+                        while True:
+                            try:
+                                item = await recv.receive()
+                            except trio.EndOfChannel:
+                                break
+                            items.append(item)
+                            if item[0] != "frame" or item[1].get("ev") == "done":
+                                break
             while True:
                 try:
                     items.append(recv.receive_nowait())
@@ -929,6 +1075,8 @@ async def run_worker(
             async with trio.open_nursery() as service:
                 service.start_soon(actor.heartbeat_loop)
                 service.start_soon(actor.progress_loop)
+                service.start_soon(actor._reader.run)
+                service.start_soon(actor._appender.run)
                 async with trio.open_nursery() as acks:
                     acks.start_soon(actor.ack_loop)
                     async with trio.open_nursery() as runs:
