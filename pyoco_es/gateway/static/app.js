@@ -939,7 +939,9 @@
           (Array.isArray(run.tags) ? run.tags : []).filter((x) => x !== run.tag).map((x) => h("span", { class: "chip chip-soft" }, x)))),
         kv(t("detail.worker"), run.worker_id
           ? h("a", { class: "mono", href: "#/workers", title: t("nav.workers") }, run.worker_id,
-            run.worker_state ? h("span", { class: "muted" }, " · ", tOr("worker." + run.worker_state, run.worker_state)) : null)
+            // only worth saying when the worker is gone (the enrichment is a point-in-time read)
+            run.worker_alive === false && run.worker_state && !TERMINAL.has(run.status)
+              ? h("span", { class: "warn" }, " · ", tOr("worker." + run.worker_state, run.worker_state)) : null)
           : h("span", { class: "muted" }, t("common.none"))),
         kv(t("detail.attempt"), run.attempt ? t("detail.attempt_of", { n: run.attempt, max: run.max_attempts || "?" }) : t("common.none")),
         kv(t("detail.duration"), durationEl(run)),
