@@ -203,11 +203,11 @@ async def test_snapshot_records_and_worker_liveness(gw: GW) -> None:
         snap = (await gw.client.get(f"/runs/{run_id}")).json()
         assert snap["worker_id"] == "w-live"
         assert snap["worker_alive"] is False and snap["worker_state"] == "DISCONNECTED" and snap["worker_heartbeat_at"] is None
-        await put_worker(gw.nats, "w-live", state="RUNNING", tags=["default", "gpu"])
+        await put_worker(gw.nats, "w-live", visible_on=gw.client, state="RUNNING", tags=["default", "gpu"])
         snap = (await gw.client.get(f"/runs/{run_id}")).json()
         assert snap["worker_alive"] is True and snap["worker_state"] == "RUNNING" and snap["worker_tags"] == ["default", "gpu"]
         stale = time.time() - 3600
-        await put_worker(gw.nats, "w-live", state="RUNNING", last_seen_at=stale, last_heartbeat_at=stale, heartbeat_at=stale)
+        await put_worker(gw.nats, "w-live", visible_on=gw.client, state="RUNNING", last_seen_at=stale, last_heartbeat_at=stale, heartbeat_at=stale)
         snap = (await gw.client.get(f"/runs/{run_id}")).json()
         assert snap["worker_alive"] is False and snap["worker_state"] == "DISCONNECTED"
         # include=records
@@ -304,11 +304,11 @@ async def test_list_by_workflow_sha_is_delta_mode(gw: GW) -> None:
 async def test_workers_filters_hide_and_disconnected(gw: GW) -> None:
     with trio.fail_after(10):
         stale = time.time() - 3600
-        await put_worker(gw.nats, "idle1")
-        await put_worker(gw.nats, "busy1", state="RUNNING", current_run_id="r1")
-        await put_worker(gw.nats, "hidden1", hidden=True)
-        await put_worker(gw.nats, "stopped1", state="STOPPED_GRACEFUL", stop_reason="graceful_shutdown")
-        await put_worker(gw.nats, "lost1", last_seen_at=stale, last_heartbeat_at=stale, heartbeat_at=stale)
+        await put_worker(gw.nats, "idle1", visible_on=gw.client)
+        await put_worker(gw.nats, "busy1", visible_on=gw.client, state="RUNNING", current_run_id="r1")
+        await put_worker(gw.nats, "hidden1", visible_on=gw.client, hidden=True)
+        await put_worker(gw.nats, "stopped1", visible_on=gw.client, state="STOPPED_GRACEFUL", stop_reason="graceful_shutdown")
+        await put_worker(gw.nats, "lost1", visible_on=gw.client, last_seen_at=stale, last_heartbeat_at=stale, heartbeat_at=stale)
 
         async def ids(**params: Any) -> set[str]:
             r = await gw.client.get("/workers", params=params)
@@ -343,7 +343,7 @@ async def test_workers_filters_hide_and_disconnected(gw: GW) -> None:
 async def test_hide_never_loses_a_concurrent_heartbeat(gw: GW) -> None:
     """PATCH is a compare-and-swap: racing heartbeat writes do not undo it, and it keeps theirs."""
     with trio.fail_after(15):
-        await put_worker(gw.nats, "hb")
+        await put_worker(gw.nats, "hb", visible_on=gw.client)
 
         async def heartbeats() -> None:
             for i in range(50):
@@ -375,7 +375,7 @@ async def test_metrics_families(gw: GW) -> None:
         a = await submit(gw.client)
         await submit(gw.client)
         await worker.claim(a)
-        await put_worker(gw.nats, "m1")
+        await put_worker(gw.nats, "m1", visible_on=gw.client)
         await wait_projected(gw.nats, a, 2)
 
         async def scraped() -> str | None:

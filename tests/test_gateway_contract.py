@@ -26,6 +26,7 @@ from test_gateway_support import (
     submit_yaml,
     wait_projected,
     wait_status,
+    wait_until,
 )
 
 pytestmark = HTTPX_STREAM_WARNINGS
@@ -180,7 +181,7 @@ async def test_http_gateway_metrics_and_workers_endpoints(gw: GW) -> None:
     """§1.9/§1.10/§9: /workers?scope=all has the worker with its tags and state (+ heartbeat_at
     alias, wheel_sync passed through); /metrics has pyoco-server's four families."""
     with trio.fail_after(10):
-        await put_worker(gw.nats, "w1", tags=["default", "gpu"], wheel_sync={"enabled": False, "last_result": "disabled"})
+        await put_worker(gw.nats, "w1", visible_on=gw.client, tags=["default", "gpu"], wheel_sync={"enabled": False, "last_result": "disabled"})
         workers = (await gw.client.get("/workers", params={"scope": "all", "limit": 200})).json()
         (w,) = workers
         assert w["worker_id"] == "w1" and w["tags"] == ["default", "gpu"] and w["state"] == "IDLE"
@@ -199,7 +200,11 @@ async def test_http_gateway_workers_registry_normalisation(gw: GW) -> None:
         now = time.time()
         legacy = {"worker_id": "old", "state": "WEIRD", "tags": "nope", "heartbeat_at": now}
         await gw.nats.kv_put("pyoco_workers", "old", json.dumps(legacy).encode())
-        (w,) = (await gw.client.get("/workers", params={"scope": "all"})).json()
+
+        async def listed() -> list[dict[str, Any]]:
+            return list((await gw.client.get("/workers", params={"scope": "all"})).json())
+
+        (w,) = await wait_until(listed, what="the legacy record in the registry index")
         assert w["instance_id"] == "old" and w["state"] == "IDLE" and w["tags"] == []
         assert w["last_seen_at"] == w["last_heartbeat_at"] == w["heartbeat_at"] == now
 

@@ -170,7 +170,7 @@ async def test_nats_down_is_503_with_a_hint_and_never_a_2xx(gw: GW) -> None:
             ("GET", f"/runs/{run_id}/events", None),
             ("GET", f"/runs/{run_id}/watch", None),
             ("POST", f"/runs/{run_id}/cancel", None),
-            ("GET", "/workers", None),
+            ("PATCH", "/workers/w1", {"hidden": True}),
         ]
         for method, path, body in checks:
             t0 = trio.current_time()
@@ -186,8 +186,9 @@ async def test_nats_down_is_503_with_a_hint_and_never_a_2xx(gw: GW) -> None:
         assert (await gw.client.get("/health")).status_code == 200
         ready = await gw.client.get("/ready")
         assert ready.status_code == 503 and ready.json()["nats"]["connected"] is False
-        # the list is served from the index, /metrics still answers
+        # lists are served from the indexes, /metrics still answers
         assert (await gw.client.get("/runs")).json() == before
+        assert (await gw.client.get("/workers")).status_code == 200
         assert (await gw.client.get("/metrics")).status_code == 200
         assert subjects.RUNS_BUCKET  # (bucket untouched: nothing could be written)
 

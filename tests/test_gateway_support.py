@@ -182,7 +182,9 @@ class FakeWorker:
         return out.snapshot
 
 
-async def put_worker(nats: NatsClient, worker_id: str, **fields: Any) -> None:
+async def put_worker(nats: NatsClient, worker_id: str, *, visible_on: httpx.AsyncClient | None = None, **fields: Any) -> None:
+    """Write a registry record as a worker's heartbeat would; with ``visible_on``, wait until that
+    gateway's registry index shows it (the index follows the bucket by a watch)."""
     now = time.time()
     record = {
         "worker_id": worker_id,
@@ -197,6 +199,14 @@ async def put_worker(nats: NatsClient, worker_id: str, **fields: Any) -> None:
         **fields,
     }
     await nats.kv_put(subjects.WORKERS_BUCKET, worker_id, json.dumps(record).encode())
+    if visible_on is not None:
+        client = visible_on
+
+        async def visible() -> bool:
+            r = await client.get("/workers", params={"scope": "all", "include_hidden": "true", "limit": 500})
+            return any(w["worker_id"] == worker_id and w["updated_at"] == record["updated_at"] for w in r.json())
+
+        await wait_until(visible, what=f"worker {worker_id} in the gateway's registry")
 
 
 @attrs.frozen

@@ -27,7 +27,7 @@ from ..core.errors import InfraError, PayloadTooLarge, PyocoError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
-from .index import RunIndex
+from .index import RunIndex, WorkerIndex
 from .params import RequestInvalid
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Gateway:
     nats: NatsClient
     settings: Settings
     index: RunIndex
+    workers: WorkerIndex
     store: RunStore
     producer: Producer
     clock: Callable[[], float] = time.time
@@ -74,6 +75,7 @@ def create_app(
     settings: Settings,
     *,
     index: RunIndex | None = None,
+    workers: WorkerIndex | None = None,
     clock: Callable[[], float] = time.time,
     gateway_id: str | None = None,
     heartbeat_interval: float | None = None,
@@ -82,9 +84,10 @@ def create_app(
     """Build the gateway app.
 
     Args:
-        index: the run index feeding ``GET /runs`` and the SSE streams.  When omitted, one is
-            created and started with the app (``before_serving``); ``run_gateway`` passes its own
-            so it is loaded before the port opens.
+        index, workers: the run index (``GET /runs``, the SSE streams) and the worker registry
+            index (``GET /workers``, ``/metrics``).  When omitted, they are created and started
+            with the app (``before_serving``); ``run_gateway`` passes its own, loaded before the
+            port opens.
         heartbeat_interval: seconds of silence before an SSE heartbeat (default
             ``settings.sse_heartbeat_interval``).
     """
@@ -92,11 +95,12 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = max(JSON_BODY_MAX, settings.workflow_yaml_max_bytes + MULTIPART_SLACK)
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
-    own_index = index is None
+    own_index, own_workers = index is None, workers is None
     gw = Gateway(
         nats=nats,
         settings=settings,
-        index=index if index is not None else RunIndex(nats),
+        index=index if index is not None else RunIndex(nats, check_interval=settings.gateway_watch_check_interval),
+        workers=workers if workers is not None else WorkerIndex(nats, check_interval=settings.gateway_watch_check_interval),
         store=RunStore(nats, clock=clock),
         producer=Producer(kind="gateway", id=gateway_id or f"{socket.gethostname()}-{os.getpid()}"),
         clock=clock,
@@ -105,11 +109,12 @@ def create_app(
     )
     app.extensions["pyoco"] = gw
 
-    if own_index:
-
-        @app.before_serving
-        async def _start_index() -> None:
+    @app.before_serving
+    async def _start_indexes() -> None:
+        if own_index:
             await app.nursery.start(gw.index.run)
+        if own_workers:
+            await app.nursery.start(gw.workers.run)
 
     @app.after_request
     async def _close_if_body_unread(response: Response) -> Response:

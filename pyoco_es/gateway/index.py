@@ -6,8 +6,9 @@ The same watch feeds the SSE streams: per-run subscribers get the newest full sn
 (conflated, so a slow reader never buffers), and list subscribers wake on any change and read
 the runs whose KV revision is newer than the last one they sent.
 
-Resource handling: ``run`` owns the KV watch and restarts it (with backoff) when it breaks; a
-restart re-reads every value, so nothing missed while disconnected is lost.
+Resource handling: ``run`` owns the KV watch (a :class:`~pyoco_es.gateway.watch.BucketFollower`,
+which restarts a broken or stalled watch; a restart re-reads every value, so nothing missed
+while disconnected is lost).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ..core.errors import PyocoError
 from ..core.events import JSONObject
 from ..nats import subjects
 from ..nats.client import KVEntry, NatsClient
+from .watch import BucketFollower
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,8 @@ class RunIndex:
     def __init__(self, nats: NatsClient, *, bucket: str = subjects.RUNS_BUCKET, check_interval: float = 2.0) -> None:
         self.nats = nats
         self.bucket = bucket
-        self.check_interval = check_interval
-        self.stalls = 0
+        self.follower = BucketFollower(nats, bucket, self.apply, self._drop_missing, check_interval)
+        self.ready = self.follower.ready
         self._entries: dict[str, _Entry] = {}
         self._keys: list[SortKey] = []  # ascending; lists walk it from the end
         self._by_revision: OrderedDict[str, int] = OrderedDict()  # run_id -> revision, ascending
@@ -143,80 +144,15 @@ class RunIndex:
         self._slots: dict[str, set[RunSlot]] = {}
         self._changed = trio.Event()
         self.revision = 0  # highest KV revision applied
-        self.ready = trio.Event()
-        self.watching = False
-        self.restarts = 0
 
     # -- feeding ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[RunIndex] = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch the bucket until cancelled; ``started`` once the current values are loaded (or
-        the first attempt failed, so the gateway can still answer 503s).
-
-        A watch that stops delivering (nats-py's watcher does not survive a NATS server restart:
-        its ephemeral consumer is gone) is detected by :meth:`_watchdog` and restarted; a restart
-        re-reads every value, so nothing missed in between is lost.
-        """
-        started = False
-        backoff = 0.1
-        while True:
-            try:
-                async with trio.open_nursery() as nursery:
-                    async with self.nats.kv_watch(self.bucket) as updates:
-                        self.watching = True
-                        nursery.start_soon(self._watchdog, nursery.cancel_scope)
-                        initial: set[str] | None = set()
-                        async for item in updates:
-                            if item is None:
-                                if initial is not None:
-                                    self._drop_missing(initial)
-                                    initial = None
-                                self.ready.set()
-                                backoff = 0.1
-                                if not started:
-                                    started = True
-                                    task_status.started(self)
-                                continue
-                            if initial is not None:
-                                initial.add(item.key)
-                            self.apply(item)
-                    log.warning("run index: KV watch on %s ended; restarting", self.bucket)
-                    nursery.cancel_scope.cancel()
-            except PyocoError as exc:
-                log.warning("run index: KV watch on %s failed (%s); retrying in %.1fs", self.bucket, exc.message, backoff)
-            finally:
-                self.watching = False
-            if not started:
-                started = True
-                task_status.started(self)
-            self.restarts += 1
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-
-    async def _watchdog(self, watch_scope: trio.CancelScope) -> None:
-        """Cancel the watch when it falls behind the bucket for a whole check interval.
-
-        Every ``check_interval`` seconds, compare the bucket stream's last sequence with the last
-        revision the watch delivered: a revision that existed one check ago and still has not
-        arrived means the watch is stalled.
-        """
-        owed: int | None = None
-        while True:
-            await trio.sleep(self.check_interval)
-            try:
-                last = (await self.nats.stream_info(subjects.kv_stream(self.bucket)))["last_seq"]
-            except PyocoError:
-                owed = None  # NATS is away; judge again once it answers
-                continue
-            if owed is not None and self.revision < owed:
-                log.warning(
-                    "run index: KV watch on %s stalled at revision %d (bucket at %d); restarting it",
-                    self.bucket, self.revision, last,
-                )
-                self.stalls += 1
-                watch_scope.cancel()
-                return
-            owed = last if last > self.revision else None
+        """Follow the bucket until cancelled; ``started`` once the current values are loaded (or
+        the first attempt failed).  See :class:`~pyoco_es.gateway.watch.BucketFollower`."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.follower.run)
+            task_status.started(self)
 
     def apply(self, entry: KVEntry) -> None:
         """Apply one KV change (a value, or a delete when ``entry.value`` is None)."""
@@ -396,9 +332,50 @@ class RunIndex:
         return IndexStatistics(
             runs=len(self._entries),
             ready=self.ready.is_set(),
-            watching=self.watching,
+            watching=self.follower.watching,
             revision=self.revision,
             run_subscribers=sum(len(s) for s in self._slots.values()),
-            restarts=self.restarts,
-            stalls=self.stalls,
+            restarts=self.follower.restarts,
+            stalls=self.follower.stalls,
         )
+
+
+class WorkerIndex:
+    """The worker registry (KV ``pyoco_workers``) kept in memory by a watch: ``GET /workers`` and
+    ``/metrics`` read it without a key scan per request."""
+
+    def __init__(self, nats: NatsClient, *, bucket: str = subjects.WORKERS_BUCKET, check_interval: float = 2.0) -> None:
+        self._records: dict[str, tuple[int, JSONObject]] = {}
+        self.follower = BucketFollower(nats, bucket, self.apply, self._drop_missing, check_interval)
+        self.ready = self.follower.ready
+
+    async def run(self, *, task_status: trio.TaskStatus[WorkerIndex] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.follower.run)
+            task_status.started(self)
+
+    def apply(self, entry: KVEntry) -> None:
+        """Apply one change; an entry older than what is held (a write this gateway noted) is ignored."""
+        held = self._records.get(entry.key)
+        if held is not None and held[0] > entry.revision:
+            return
+        if entry.value is None:
+            self._records.pop(entry.key, None)
+            return
+        try:
+            record = json.loads(entry.value)
+        except ValueError:
+            log.warning("worker index: undecodable record for %s; skipped", entry.key)
+            return
+        if isinstance(record, dict):
+            self._records[entry.key] = (entry.revision, record)
+
+    def _drop_missing(self, present: set[str]) -> None:
+        for key in [k for k in self._records if k not in present]:
+            del self._records[key]
+
+    def records(self) -> list[tuple[str, JSONObject]]:
+        return [(key, record) for key, (_, record) in self._records.items()]
+
+    def __len__(self) -> int:
+        return len(self._records)

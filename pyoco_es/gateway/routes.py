@@ -27,6 +27,7 @@ from ..core.errors import ConcurrencyConflict, InfraError, PayloadTooLarge, Pyoc
 from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..core.model import TERMINAL_STATUSES
 from ..nats import subjects
+from ..nats.client import KVEntry
 from ..service import new_run_id
 from . import sse
 from .app import MULTIPART_SLACK, Gateway, json_response
@@ -289,19 +290,8 @@ async def _wait_event(event: trio.Event, timeout: float) -> None:
 
 
 async def _load_workers(gw: Gateway) -> list[tuple[str, JSONObject]]:
-    keys = await gw.nats.kv_keys(subjects.WORKERS_BUCKET)
-    entries = await gw.nats.kv_get_many(subjects.WORKERS_BUCKET, keys) if keys else []
-    out = []
-    for key, entry in zip(keys, entries, strict=True):
-        if entry is None or not entry.value:
-            continue
-        try:
-            record = json.loads(entry.value)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append((key, record))
-    return out
+    await _wait_ready(gw.workers.ready, f"the worker registry is still loading from NATS at {gw.nats.url}")
+    return gw.workers.records()
 
 
 def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one flat list of routes
@@ -640,8 +630,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             state = None
         include_hidden = query_bool(args, "include_hidden", default=False)
         limit = query_int(args, "limit", default=100, lo=1, hi=500)
-        gw.require_nats()
-        now = gw.clock()
+        now = gw.clock()  # served from the registry index, also while NATS is away
         items = []
         for key, record in await _load_workers(gw):
             view = worker_view(record, key=key, now=now, disconnect_timeout=gw.settings.worker_disconnect_timeout)
@@ -686,10 +675,12 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             now = gw.clock()
             record["hidden"] = hidden
             record["updated_at"] = now
+            value = dumps(record)
             try:
-                await gw.nats.kv_update(subjects.WORKERS_BUCKET, worker_id, dumps(record), last=entry.revision)
+                revision = await gw.nats.kv_update(subjects.WORKERS_BUCKET, worker_id, value, last=entry.revision)
             except ConcurrencyConflict:
                 continue  # a heartbeat landed in between: re-read and apply the toggle again
+            gw.workers.apply(KVEntry(key=worker_id, value=value, revision=revision))  # read-your-writes
             return json_response({"worker_id": worker_id, "hidden": hidden, "updated_at": now})
         raise InfraError(f"worker {worker_id}: gave up after repeated concurrent updates")
 
@@ -705,9 +696,9 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             if isinstance(updated, (int, float)) and start <= updated < end:
                 status = str(summary.get("status") or "UNKNOWN")
                 today[status] = today.get(status, 0) + 1
-        workers_alive = dlq = appended = lag = None
+        workers_alive = await _optional(_workers_alive(gw, now))
+        dlq = appended = lag = None
         if gw.nats.is_connected:
-            workers_alive = await _optional(_workers_alive(gw, now))
             dlq = await _optional(_stream_field(gw, subjects.DLQ_STREAM, "messages"))
             appended = await _optional(_stream_field(gw, subjects.EVENTS_STREAM, "last_seq"))
             lag = await _optional(_projector_lag(gw))
@@ -747,10 +738,14 @@ async def _projector_lag(gw: Gateway) -> int:
     return info["num_pending"] + info["num_ack_pending"]
 
 
-async def _wait_index_ready(gw: Gateway, timeout: float = 5.0) -> None:
-    if gw.index.ready.is_set():
+async def _wait_index_ready(gw: Gateway) -> None:
+    await _wait_ready(gw.index.ready, f"the run index is still loading from NATS at {gw.nats.url}")
+
+
+async def _wait_ready(ready: trio.Event, what: str, timeout: float = 5.0) -> None:
+    if ready.is_set():
         return
     with trio.move_on_after(timeout):
-        await gw.index.ready.wait()
-    if not gw.index.ready.is_set():
-        raise InfraError(f"the run index is still loading from NATS at {gw.nats.url}")
+        await ready.wait()
+    if not ready.is_set():
+        raise InfraError(what)

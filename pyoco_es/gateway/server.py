@@ -12,7 +12,7 @@ from hypercorn.trio import serve
 from ..config import Settings
 from ..nats.client import NatsClient
 from .app import create_app
-from .index import RunIndex
+from .index import RunIndex, WorkerIndex
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,15 @@ async def run_gateway(
 ) -> None:
     """Serve the gateway until cancelled.
 
-    The run index is loaded from KV before the port opens; ``task_status.started((host, port))``
+    The run and worker indexes are loaded from KV before the port opens; ``task_status.started((host, port))``
     reports the bound address (``port=0`` picks a free one).  Cancellation stops the server and
     every open SSE stream.
     """
     async with trio.open_nursery() as nursery:
-        index = await nursery.start(RunIndex(nats, check_interval=settings.gateway_watch_check_interval).run)
-        app = create_app(nats, settings, index=index)
+        check = settings.gateway_watch_check_interval
+        index = await nursery.start(RunIndex(nats, check_interval=check).run)
+        workers = await nursery.start(WorkerIndex(nats, check_interval=check).run)
+        app = create_app(nats, settings, index=index, workers=workers)
         config = Config()
         config.bind = [f"{host}:{port}"]
         config.accesslog = None

@@ -1,0 +1,101 @@
+"""Follow a KV bucket for as long as the gateway runs: the loop behind the run and worker indexes.
+
+nats-py's KV watcher has two gaps this loop closes:
+
+* it does not survive a NATS server restart (its ephemeral consumer is gone and nothing notices),
+  so a watchdog compares the bucket's last stream sequence with the last revision delivered and
+  restarts a watch that stays behind for a whole check interval;
+* a restart (or a failed start) is retried with backoff, and each new watch re-delivers every
+  current value, so nothing missed in between is lost (``on_loaded`` gets the keys present, so the
+  follower can forget keys deleted meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from ..core.errors import PyocoError
+from ..nats import subjects
+from ..nats.client import KVEntry, NatsClient
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define(eq=False)
+class BucketFollower:
+    """Feeds ``on_entry`` every change of ``bucket``; ``ready`` is set once the current values
+    have been delivered the first time."""
+
+    nats: NatsClient
+    bucket: str
+    on_entry: Callable[[KVEntry], None]
+    on_loaded: Callable[[set[str]], None] = lambda present: None
+    check_interval: float = 2.0
+    ready: trio.Event = attrs.field(factory=trio.Event)
+    watching: bool = False
+    revision: int = 0  # highest revision delivered
+    restarts: int = 0
+    stalls: int = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow until cancelled; ``started`` once loaded, or after the first failed attempt (so
+        the gateway still starts, and answers 503 while NATS is away)."""
+        started = False
+        backoff = 0.1
+        while True:
+            try:
+                async with trio.open_nursery() as nursery:
+                    async with self.nats.kv_watch(self.bucket) as updates:
+                        self.watching = True
+                        nursery.start_soon(self._watchdog, nursery.cancel_scope)
+                        initial: set[str] | None = set()
+                        async for item in updates:
+                            if item is None:
+                                if initial is not None:
+                                    self.on_loaded(initial)
+                                    initial = None
+                                self.ready.set()
+                                backoff = 0.1
+                                if not started:
+                                    started = True
+                                    task_status.started()
+                                continue
+                            if initial is not None:
+                                initial.add(item.key)
+                            self.revision = max(self.revision, item.revision)
+                            self.on_entry(item)
+                    log.warning("KV watch on %s ended; restarting", self.bucket)
+                    nursery.cancel_scope.cancel()
+            except PyocoError as exc:
+                log.warning("KV watch on %s failed (%s); retrying in %.1fs", self.bucket, exc.message, backoff)
+            finally:
+                self.watching = False
+            if not started:
+                started = True
+                task_status.started()
+            self.restarts += 1
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _watchdog(self, watch_scope: trio.CancelScope) -> None:
+        """Cancel the watch when a revision that existed one check ago still has not arrived."""
+        owed: int | None = None
+        while True:
+            await trio.sleep(self.check_interval)
+            try:
+                last = (await self.nats.stream_info(subjects.kv_stream(self.bucket)))["last_seq"]
+            except PyocoError:
+                owed = None  # NATS is away; judge again once it answers
+                continue
+            if owed is not None and self.revision < owed:
+                log.warning(
+                    "KV watch on %s stalled at revision %d (bucket at %d); restarting it", self.bucket, self.revision, last
+                )
+                self.stalls += 1
+                watch_scope.cancel()
+                return
+            owed = last if last > self.revision else None
