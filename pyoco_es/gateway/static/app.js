@@ -28,6 +28,9 @@
   const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELLED"]);
   const WORKER_STATES = ["RUNNING", "IDLE", "STOPPED_GRACEFUL", "DISCONNECTED"];
   const PAGE_SIZE = 50;
+  const RENDER_STEP = 200; // rows drawn at a time; "Show more" draws the next batch
+  const KEEP_RUNS = 3000; // runs held in memory; beyond TRIM_AT the oldest are dropped
+  const TRIM_AT = 3600;
 
   // ---------------------------------------------------------------------------------------------
   // small helpers
@@ -425,7 +428,7 @@
     loading: false,
     generation: 0, // bumps when filters change; stale responses are dropped
     rows: new Map(), // run_id -> {el, stamp}
-    pinned: null, // a run fetched by exact id search
+    renderLimit: RENDER_STEP,
   };
   const filters = { status: "", flow: "", tag: "", q: "", worker: "" };
   const SORTS = ["updated", "active", "updated_asc", "started", "ended", "flow", "status"];
@@ -519,6 +522,13 @@
     }
   }
   async function loadMore() {
+    // draw what is already loaded first, then ask the server for older runs
+    if (sortedVisibleRuns().length > runs.renderLimit) {
+      runs.renderLimit += RENDER_STEP;
+      renderRuns();
+      return;
+    }
+    runs.renderLimit += PAGE_SIZE;
     if (!runs.cursor || runs.loading) return;
     const gen = runs.generation;
     runs.loading = true;
@@ -658,13 +668,34 @@
     );
   }
 
+  /** The list cursor for a (updated_at, run_id) key, in the server's format (contract §1.4). */
+  function encodeCursor(run) {
+    const raw = JSON.stringify({ u: run.updated_at || 0, r: run.run_id });
+    const b64 = btoa(String.fromCharCode(...new TextEncoder().encode(raw)));
+    return b64.replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+  /**
+   * A dashboard left open on a busy system would otherwise grow without bound: keep the newest
+   * KEEP_RUNS and move the paging cursor to the oldest one kept, so "Show more" fetches the
+   * dropped ones again from the server (nothing becomes unreachable).
+   */
+  function trimRuns() {
+    // never drop what the user paged to on purpose
+    const limit = Math.max(KEEP_RUNS, runs.renderLimit);
+    if (runs.items.size <= limit + (TRIM_AT - KEEP_RUNS)) return;
+    const byNewest = [...runs.items.values()].sort((a, b) => (b.updated_at || 0) - (a.updated_at || 0) || (a.run_id < b.run_id ? 1 : -1));
+    const keep = byNewest.slice(0, limit);
+    for (const r of byNewest.slice(limit)) runs.items.delete(r.run_id);
+    runs.cursor = encodeCursor(keep[keep.length - 1]);
+    runs.hasMore = true;
+  }
+
   function renderRuns() {
     if (route.view !== "runs") return;
+    trimRuns();
     const list = $("runs-list");
-    const visible = sortedVisibleRuns();
-    if (runs.pinned && !runs.items.has(runs.pinned.run_id) && filters.q && runs.pinned.run_id.includes(filters.q.trim())) {
-      visible.unshift(runs.pinned);
-    }
+    const all = sortedVisibleRuns();
+    const visible = all.slice(0, runs.renderLimit);
     const wanted = new Set();
     let prev = null;
     for (const run of visible) {
@@ -696,10 +727,10 @@
       empty.textContent = runs.loading && !runs.loaded ? t("runs.loading") : filtered ? t("runs.empty_filtered") : t("runs.empty");
     } else empty.hidden = true;
     const more = $("runs-more");
-    more.hidden = !runs.hasMore;
+    more.hidden = !runs.hasMore && all.length <= visible.length;
     more.disabled = runs.loading;
     $("runs-count").textContent = runs.loaded
-      ? runs.hasMore || filters.q || filters.worker
+      ? runs.hasMore || filters.q || filters.worker || all.length > visible.length
         ? t("runs.shown", { shown: visible.length, loaded: runs.items.size })
         : t("runs.all_loaded", { n: runs.items.size })
       : "";
@@ -726,6 +757,7 @@
       runs.items.clear();
       runs.cursor = null;
       runs.hasMore = false;
+      runs.renderLimit = RENDER_STEP;
       loadFirstPage();
     }, 250);
   }
@@ -756,7 +788,6 @@
     }
     try {
       const run = await api("/runs/" + encodeURIComponent(id));
-      runs.pinned = run;
       location.hash = runHref(run.run_id);
     } catch (e) {
       if (e instanceof ApiError && e.status === 404) toast(t("runs.not_found", { id }), "warn");
