@@ -18,6 +18,7 @@ the conductor's reaper retries the attempt elsewhere, and nothing keeps executin
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import importlib
 import importlib.util
@@ -238,8 +239,10 @@ class Child:
         allowed_modules: Sequence[str],
         resolver_spec: str | None,
         max_output_bytes: int,
+        scratch: str | None = None,
     ) -> None:
         self.channel = channel
+        self.scratch = scratch  # cleaned after every run; only ever the pool's own directory
         self.allowed = tuple(allowed_modules)
         self.resolver_spec = resolver_spec
         self._resolver: Callable[[str], Any] | None = None
@@ -400,7 +403,8 @@ class Child:
         finally:
             with self.lock:
                 self.prepared.pop(run_id, None)
-            _clean_scratch()
+            if self.scratch is not None and os.getcwd() == self.scratch:
+                _clean_scratch()
         status = run_ctx.status
         if status == RunStatus.CANCELLED or (status == RunStatus.CANCELLING and error is None):
             # A cancel reached the run while it was running (pyoco leaves CANCELLING when the
@@ -417,10 +421,15 @@ class Child:
 
 
 def _clean_scratch() -> None:
-    """Remove what the run left in the scratch directory (``./artifacts`` and friends)."""
+    """Remove what the run left in the scratch directory.  pyoco creates ``./artifacts`` for
+    every run; an empty one is kept (recreating it costs two syscalls per run)."""
     try:
         for entry in os.scandir("."):
             if entry.is_dir(follow_symlinks=False):
+                if entry.name == "artifacts":
+                    with os.scandir(entry.path) as inner:
+                        if next(inner, None) is None:
+                            continue
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
@@ -462,6 +471,53 @@ def load_resolver(spec: str) -> Callable[[str], Any]:
     return obj  # type: ignore[no-any-return]
 
 
+class _RunExecutor:
+    """What pyoco's engine gets instead of a new ``ThreadPoolExecutor`` per run: the same API on
+    a pool shared by the child's (sequential) runs.  Leaving the ``with`` block waits for this
+    run's futures, as ``shutdown(wait=True)`` would; no threads are started or joined per run."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:  # noqa: ANN401
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._futures.add(future)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if cancel_futures:
+            for future in self._futures:
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(self._futures)
+
+    def __enter__(self) -> _RunExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True)
+
+
+def install_shared_executor(max_workers: int = 8) -> None:
+    """Make pyoco's engine reuse task threads across runs (it creates a ThreadPoolExecutor per
+    run, and starting/joining its threads was about a third of a trivial run's cost).
+
+    Only calls made from ``pyoco.core.engine`` are redirected; any other code in the child
+    (user tasks) still gets a real, private ``ThreadPoolExecutor``.
+    """
+    real = concurrent.futures.ThreadPoolExecutor
+    shared = real(max_workers=max_workers, thread_name_prefix="pyoco-task")
+
+    class EngineAwareThreadPoolExecutor(real):  # type: ignore[misc, valid-type]
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+            if sys._getframe(1).f_globals.get("__name__") == "pyoco.core.engine":
+                return _RunExecutor(shared)
+            return super().__new__(cls)
+
+    concurrent.futures.ThreadPoolExecutor = EngineAwareThreadPoolExecutor  # type: ignore[misc]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pyoco_es.worker.child")
     parser.add_argument("--cmd-fd", type=int, required=True)
@@ -469,13 +525,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--flow-resolver", default=None)
     parser.add_argument("--allow-module", action="append", default=[])
     parser.add_argument("--max-output-bytes", type=int, default=65536)
+    parser.add_argument("--scratch", default=None, help="this child's own working directory (cleaned after each run)")
     args = parser.parse_args(argv)
+    install_shared_executor()
     channel = Channel(args.cmd_fd, args.evt_fd)
     child = Child(
         channel,
         allowed_modules=args.allow_module,
         resolver_spec=args.flow_resolver,
         max_output_bytes=args.max_output_bytes,
+        scratch=os.path.realpath(args.scratch) if args.scratch else None,
     )
     channel.send({"ev": "ready", "pid": os.getpid()})
     child.serve()

@@ -157,6 +157,8 @@ async def spawn_child(
         str(evt_w),
         "--max-output-bytes",
         str(max_output_bytes),
+        "--scratch",
+        str(scratch),
     ]
     if flow_resolver:
         argv += ["--flow-resolver", flow_resolver]
