@@ -179,3 +179,10 @@ async def test_runs_stream_pushes_summaries_and_resumes(gw: GW) -> None:
         async with open_sse(gw.client, "/runs/stream?after=0&status=RUNNING&timeout_sec=1") as sse:
             frames = await sse.rest()
         assert [f.data["run_id"] for f in frames] == [run_id]
+        # an id this bucket never reached (rebuilt bucket, lagging gateway): reset, then live
+        async with open_sse(gw.client, "/runs/stream", headers={"Last-Event-ID": "999999"}) as sse:
+            reset = await sse.next()
+            assert reset is not None and reset.event == "reset" and int(reset.id or 0) < 999999
+            await worker.finish(run_id)
+            frame = await sse.next()
+            assert frame is not None and frame.event == "run" and frame.data["status"] == "COMPLETED"

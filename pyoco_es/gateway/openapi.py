@@ -60,7 +60,7 @@ def openapi_document() -> dict[str, Any]:
                                            "type": "object", "required": ["workflow", "flow_name"], "properties": {
                                                "workflow": {"type": "string", "format": "binary"},
                                                "flow_name": {"type": "string"}, "tag": {"type": "string"}}}}}})},
-            "/runs/stream": {"get": _op("SSE of run summaries as they change (event: run, id: KV revision)", params=[
+            "/runs/stream": {"get": _op("SSE of run summaries as they change (event: run, id: KV revision; ready on connect, reset when Last-Event-ID is unknown, heartbeat)", params=[
                 _q("status", {"type": "string"}), _q("flow", {"type": "string"}), _q("tag", {"type": "string"}),
                 _q("after", {"type": "integer"}), _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 3600}), last_id], ok=sse_ok)},
             "/runs/{run_id}": {"get": _op("Run snapshot with worker liveness", params=[_RUN_ID, _INCLUDE], errors=(404, 503))},

@@ -469,6 +469,11 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
                 sent = after if after is not None else gw.index.revision
                 if after is None:
                     yield sse.frame("ready", {"revision": sent, "runs": len(gw.index)}, id=sent, retry_ms=1000)
+                elif after > gw.index.revision:
+                    # An id from the future: the bucket was rebuilt (revisions restart) or this
+                    # gateway lags the one that sent it.  Tell the client to reload its list.
+                    sent = gw.index.revision
+                    yield sse.frame("reset", {"revision": sent, "runs": len(gw.index)}, id=sent, retry_ms=1000)
                 last_frame = trio.current_time()
                 while True:
                     changed = gw.index.change_event()
