@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -560,6 +561,11 @@ def test_xss_probe_nothing_executes(page: Page, http: httpx.Client) -> None:
     pg = page.goto(f"#/runs/{pending_id}")
     pg.locator("#detail-params").wait_for()
     assert json.dumps(XSS) in pg.locator("#detail-params").inner_text()  # pretty JSON, as text
+
+    # the URL is data too: a run id in the fragment is shown as text in the not-found message
+    pg = page.goto("#/runs/" + quote(XSS, safe=""))
+    pg.locator("#run-detail .empty", has_text="not found").wait_for()
+    assert XSS in pg.locator("#run-detail .empty").inner_text()
 
     pg = page.goto("#/workers")
     evil = pg.locator(f'.worker[data-worker-id="{EVIL_WORKER_KEY}"], .worker:has-text("onerror")').first

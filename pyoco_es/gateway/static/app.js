@@ -838,7 +838,7 @@
     detail.run = null;
   }
 
-  async function fetchDetail(id) {
+  async function fetchDetail(id, attempt = 0) {
     try {
       const run = await api("/runs/" + encodeURIComponent(id) + "?include=records");
       if (detail.id !== id) return;
@@ -846,6 +846,11 @@
       noteOk();
     } catch (e) {
       if (detail.id !== id) return;
+      if (e instanceof ApiError && e.status === 404 && attempt < 3) {
+        // a run opened right after its submit may not be readable for a moment
+        await sleep(400);
+        return fetchDetail(id, attempt + 1);
+      }
       if (e instanceof ApiError && e.status === 404) {
         detail.notFound = true;
         if (detail.stream) detail.stream.stop();
