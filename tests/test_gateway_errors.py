@@ -36,6 +36,7 @@ async def test_bad_json_submits_say_what_to_fix(gw: GW) -> None:
             (b"", "missing", ["body"]),
             (b"[1, 2]", "model_attributes_type", ["body"]),
             (b'{"flow_name": "x", "params": {"v": NaN}}', "json_invalid", ["body"]),
+            (b'{"flow_name": "x", "params": {"v": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}", "json_invalid", ["body"]),
             ({}, "missing", ["body", "flow_name"]),
             ({"flow_name": ""}, "string_too_short", ["body", "flow_name"]),
             ({"flow_name": 3}, "string_type", ["body", "flow_name"]),

@@ -200,6 +200,8 @@ def _json_loads_strict(raw: bytes) -> object:
         return json.loads(raw, parse_constant=reject)
     except RequestInvalid:
         raise
+    except RecursionError:
+        raise invalid("json_invalid", ("body",), "JSON is nested too deeply", None) from None
     except (ValueError, UnicodeDecodeError):
         return parse_json_body(raw)
 
