@@ -532,6 +532,21 @@ def test_language_switch_persists(page: Page, http: httpx.Client) -> None:
     assert pg.evaluate("localStorage.getItem('pyoco.lang')") == "en"
 
 
+def test_server_language_is_the_default(browser: Any, stack: dict[str, str], http: httpx.Client) -> None:
+    # what the gateway serves with PYOCO_DASHBOARD_LANG=ja: the same page with the placeholder set to ja
+    html = http.get("/").text.replace('data-server-lang="en"', 'data-server-lang="ja"')
+    p = Page(browser, stack["url"])
+    try:
+        p.context.route(stack["url"] + "/", lambda r: r.fulfill(body=html, content_type="text/html; charset=utf-8"))
+        pg = p.goto("#/runs")
+        assert pg.locator("#tab-runs").inner_text() == "ラン"  # a fresh browser follows the server
+        pg.click('#lang-switch button[data-lang="en"]')
+        pg.reload()
+        assert pg.locator("#tab-runs").inner_text() == "Runs"  # the user's choice then wins
+    finally:
+        p.close()
+
+
 def test_xss_probe_nothing_executes(page: Page, http: httpx.Client) -> None:
     res = http.post(
         "/runs",
