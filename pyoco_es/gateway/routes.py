@@ -274,6 +274,11 @@ async def enrich(gw: Gateway, doc: JSONObject) -> JSONObject:
     return out
 
 
+def _version(doc: JSONObject) -> int:
+    version = doc.get("version")
+    return version if isinstance(version, int) else 0
+
+
 def _sse_response(body: AsyncIterator[bytes]) -> Response:
     response = Response(body, status=200, headers=sse.SSE_HEADERS)
     response.timeout = None  # streams end on their own deadline (timeout_sec)
@@ -571,26 +576,26 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
         timeout = query_int(request.args, "timeout_sec", default=60, lo=1, hi=600)
         last_id = _last_event_id()
         gw.require_nats()
-        slot = gw.index.subscribe(run_id)
-        try:
-            first = await read_snapshot(gw, run_id)
-            if first is None:
-                raise RunNotFound(run_id)
-        except BaseException:
-            gw.index.unsubscribe(slot)
-            raise
+        first = await read_snapshot(gw, run_id)
+        if first is None:
+            raise RunNotFound(run_id)
 
         async def stream() -> AsyncIterator[bytes]:
+            # Subscribed inside the generator, so its finally always unsubscribes (a body that
+            # never starts leaves nothing behind).  A change that reached the index between the
+            # read above and this subscription is caught by comparing versions.
+            slot = gw.index.subscribe(run_id)
             gw.sse_streams += 1
             try:
+                pending: JSONObject | None = first
+                if gw.index.version_of(run_id) > _version(first):
+                    pending = await read_snapshot(gw, run_id) or first
                 deadline = trio.current_time() + timeout
                 sent = last_id or 0
-                pending: JSONObject | None = first
                 last_frame = trio.current_time()
                 while True:
                     if pending is not None:
-                        raw_version = pending.get("version")
-                        version = raw_version if isinstance(raw_version, int) else 0
+                        version = _version(pending)
                         if version > sent:
                             updated = pending.get("updated_at")
                             if since is None or not isinstance(updated, (int, float)) or updated >= since:
