@@ -158,3 +158,13 @@ def test_a_late_older_kv_value_does_not_undo_a_newer_note() -> None:
     index.note(snap("a", 2.0, status="CANCELLED", version=2))
     index.apply(KVEntry(key="a", value=json.dumps(snap("a", 1.0, version=1)).encode(), revision=5))
     assert index.get("a")["status"] == "CANCELLED" and index.version_of("a") == 2  # type: ignore[index]
+
+
+def test_api_key_auth_mode_fails_closed() -> None:
+    """Auth is not implemented: asking for it must not silently serve unauthenticated."""
+    from pyoco_es.config import Settings
+    from pyoco_es.core.errors import ValidationError
+    from pyoco_es.gateway.app import create_app
+
+    with pytest.raises(ValidationError, match="PYOCO_HTTP_AUTH_MODE"):
+        create_app(None, Settings(http_auth_mode="api_key"))  # type: ignore[arg-type]

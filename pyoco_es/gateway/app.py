@@ -23,7 +23,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..config import Settings
-from ..core.errors import InfraError, PayloadTooLarge, PyocoError
+from ..core.errors import InfraError, PayloadTooLarge, PyocoError, ValidationError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
@@ -90,7 +90,17 @@ def create_app(
             port opens.
         heartbeat_interval: seconds of silence before an SSE heartbeat (default
             ``settings.sse_heartbeat_interval``).
+
+    Raises:
+        ValidationError: the settings ask for something the gateway cannot do (API-key auth).
     """
+    if settings.http_auth_mode not in ("", "none"):
+        # Fail closed: serving unauthenticated while the operator asked for API keys would be
+        # worse than not starting.
+        raise ValidationError(
+            f"PYOCO_HTTP_AUTH_MODE={settings.http_auth_mode!r} is not supported by the pyoco-es gateway yet; "
+            "unset it (auth off, pyoco-server's default) or put an authenticating proxy in front"
+        )
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(JSON_BODY_MAX, settings.workflow_yaml_max_bytes + MULTIPART_SLACK)
     app.config["RESPONSE_TIMEOUT"] = None
