@@ -194,8 +194,10 @@ def resolver_spec(flow_resolver: Callable[..., Any] | str | None) -> str | None:
 class _Active:
     job: Job
     msg: Delivered
-    started_at: float
-    release: trio.Event = attrs.field(factory=trio.Event)
+    started_at: float  # time.time(), for the registry
+    inbox: trio.MemorySendChannel[tuple[str, Any]]
+    driver: _RunDriver | None = None
+    claimed_at: float = 0.0  # trio clock
 
 
 I = TypeVar("I")
@@ -378,6 +380,20 @@ class WorkerActor:
                 except PyocoError as exc:
                     log.warning("in-progress ack failed: %s", exc)
 
+    async def cancel_watch_loop(self, nursery: trio.Nursery) -> None:
+        """Start a cancel watch for each run once it is ``CANCEL_WATCH_DELAY`` old (one loop for
+        the worker instead of a sleeping task per run)."""
+        while True:
+            await trio.sleep(CANCEL_WATCH_DELAY / 2)
+            now = trio.current_time()
+            for active in list(self.active.values()):
+                driver = active.driver
+                if driver is None or driver.watched or not driver.running:
+                    continue
+                if now - active.claimed_at >= CANCEL_WATCH_DELAY:
+                    driver.watched = True
+                    nursery.start_soon(driver.watch_cancel)
+
     # -- registry -------------------------------------------------------------------------------
 
     def _registry_doc(self, state: str, now: float) -> dict[str, Any]:
@@ -532,7 +548,7 @@ class WorkerActor:
             "attempt": job.attempt,
         }
 
-    async def _prepare(self, job: Job, child: ChildProcess) -> dict[str, Any]:
+    async def _send_prepare(self, job: Job, child: ChildProcess) -> None:
         cmd: dict[str, Any] = {"op": "prepare", "run_id": job.run_id, "flow_name": job.flow_name, "params": job.params}
         if job.workflow_yaml is not None:
             sha = job.workflow_yaml_sha256
@@ -540,6 +556,8 @@ class WorkerActor:
             if not sha or sha not in child.known_docs:
                 cmd["yaml"] = job.workflow_yaml
         await child.send(cmd)
+
+    async def _prepare_reply(self, job: Job, child: ChildProcess) -> dict[str, Any]:
         reply = await child.receive()
         if reply.get("ev") == "prepared" and job.workflow_yaml_sha256:
             child.known_docs.add(job.workflow_yaml_sha256)
@@ -587,18 +605,12 @@ class WorkerActor:
 
     async def _execute(self, job: Job, msg: Delivered, child: ChildProcess) -> None:
         run_id, attempt = job.run_id, job.attempt
-        # The child prepares the flow while we read the run: two waits, overlapped.
-        async with trio.open_nursery() as nursery:
-            prep_result: list[outcome.Outcome[dict[str, Any]]] = []
-
-            async def prepare() -> None:
-                prep_result.append(await outcome.acapture(self._prepare, job, child))
-
-            nursery.start_soon(prepare)
-            snap_result = await outcome.acapture(self._load, run_id)
+        # The child prepares the flow while we read the run: the command goes out first, the
+        # reply is read after the run's events came back.
         try:
-            snap = snap_result.unwrap()
-            prep = prep_result[0].unwrap()
+            await self._send_prepare(job, child)
+            snap = await self._load(run_id)
+            prep = await self._prepare_reply(job, child)
         except InfraError as exc:
             log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc)
             await self._abort(child, run_id)
@@ -674,9 +686,10 @@ class WorkerActor:
             await self._abort(child, run_id)
             await self._nak(msg, NAK_DELAY)
             return
-        active = _Active(job=job, msg=msg, started_at=time.time())
-        self.active[run_id] = active
+        active = _Active(job=job, msg=msg, started_at=time.time(), inbox=inbox[0], claimed_at=trio.current_time())
         runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox)
+        active.driver = runner
+        self.active[run_id] = active
         if prep.get("ev") != "prepared":
             reason = str(prep.get("reason") or "build_error")
             error = str(prep.get("error") or "the flow could not be built")
@@ -706,10 +719,27 @@ class WorkerActor:
         if self.pending:
             log.warning("drain timeout: releasing %d run(s)", len(self.active))
             for active in list(self.active.values()):
-                active.release.set()
+                try:
+                    active.inbox.send_nowait(("release", None))
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
             with trio.move_on_after(max(5.0, self.settings.cancel_grace_period)):
                 while self.pending:
                     await self._room.wait()
+
+
+def _add_task_event(pending: list[Event], event: Event) -> None:
+    """Queue a task event; a task that started and ended within one batch is recorded by its
+    ending alone (``task.completed`` / ``task.failed`` carry ``started_at``), which saves an
+    event, an append and a projection for every fast task.  A task still running when a batch
+    goes out keeps its ``task.started``."""
+    if isinstance(event, (TaskCompleted, TaskFailed)):
+        for i in range(len(pending) - 1, -1, -1):
+            prior = pending[i]
+            if isinstance(prior, TaskStarted) and prior.task == event.task:
+                del pending[i]
+                break
+    pending.append(event)
 
 
 class _RunDriver:
@@ -736,6 +766,9 @@ class _RunDriver:
         self.cancel_sent = False
         self.cancel_deadline = math.inf
         self.claim_seq = snap.version if snap is not None else 0
+        self.running = False
+        self.watched = False
+        self.watch_scope = trio.CancelScope()
 
     @property
     def run_id(self) -> str:
@@ -802,13 +835,14 @@ class _RunDriver:
 
     async def run(self) -> None:
         send, recv = self.inbox
+        self.running = True
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump_child, send.clone())
-            nursery.start_soon(self._watch_cancel, send.clone())
-            nursery.start_soon(self._watch_release, send.clone())
             # Captured, not raised, inside the nursery: strict exception groups would wrap it.
             result = await outcome.acapture(self._drive, recv)
             nursery.cancel_scope.cancel()
+        self.running = False
+        self.watch_scope.cancel()
         try:
             result.unwrap()
         except _LostRun as exc:
@@ -831,17 +865,16 @@ class _RunDriver:
             except ChildDied as exc:
                 await send.send(("died", exc))
 
-    async def _watch_cancel(self, send: trio.MemorySendChannel[tuple[str, Any]]) -> None:
+    async def watch_cancel(self) -> None:
         """Watch the run's subject for ``run.cancel_requested``.
 
         Most runs end within milliseconds, and a subscription costs several bridge crossings, so
-        the watch starts only once the run is ``CANCEL_WATCH_DELAY`` old.  The subscription
+        the actor starts this watch only once the run is ``CANCEL_WATCH_DELAY`` old.  The subscription
         forwards only cancel requests (filtered on the asyncio side).  Once it is live, the run's
         events are read once, so a cancel that came earlier is not missed.  (A cancel that
         reaches a run before that is also seen by its next append, which conflicts and re-reads.)
         """
-        async with send:
-            await trio.sleep(CANCEL_WATCH_DELAY)
+        with self.watch_scope:
             nats = self.actor.nats
             subject = subjects.run_events_subject(self.run_id)
             async with nats.subscribe(subject, contains=b"run.cancel_requested") as events:
@@ -851,19 +884,20 @@ class _RunDriver:
                     log.warning("run %s: cannot read its events: %s", self.run_id, exc)
                     history = []
                 if any(e.type == "run.cancel_requested" and e.seq > self.claim_seq for e in history):
-                    await send.send(("cancel", None))
+                    self._post(("cancel", None))
                 async for _subject, data in events:
                     try:
                         env = decode_envelope(data)
                     except CorruptStreamError:
                         continue
                     if env.type == "run.cancel_requested":
-                        await send.send(("cancel", env))
+                        self._post(("cancel", env))
 
-    async def _watch_release(self, send: trio.MemorySendChannel[tuple[str, Any]]) -> None:
-        async with send:
-            await self.active.release.wait()
-            await send.send(("release", None))
+    def _post(self, item: tuple[str, Any]) -> None:
+        try:
+            self.inbox[0].send_nowait(item)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
 
     async def _request_cancel(self) -> None:
         if self.cancel_sent:
@@ -943,7 +977,7 @@ class _RunDriver:
                     else:
                         event = self._task_event(value, self.attempt)
                         if event is not None:
-                            pending.append(event)
+                            _add_task_event(pending, event)
                 elif kind == "cancel":
                     await self._request_cancel()
                 elif kind == "release":
@@ -1080,6 +1114,7 @@ async def run_worker(
                 async with trio.open_nursery() as acks:
                     acks.start_soon(actor.ack_loop)
                     async with trio.open_nursery() as runs:
+                        runs.start_soon(actor.cancel_watch_loop, runs)
                         async with _bound(nats, tag_list) as psubs:
                             async with trio.open_nursery() as pulls:
                                 for tag, psub in psubs:
