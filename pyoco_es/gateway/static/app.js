@@ -1052,6 +1052,19 @@
     return list;
   }
 
+  function waterfall(rec, state, axisStart, span, axisEnd) {
+    const track = h("span", { class: "task-bar", "aria-hidden": "true" });
+    if (typeof rec.started_at !== "number" || !isFinite(axisStart)) return track;
+    const end = typeof rec.ended_at === "number" ? rec.ended_at : axisEnd;
+    const left = Math.min(100, Math.max(0, ((rec.started_at - axisStart) / span) * 100));
+    const width = Math.max(1, Math.min(100 - left, ((end - rec.started_at) / span) * 100));
+    const fill = h("span", { class: "task-bar-fill", dataset: { state } });
+    fill.style.left = left.toFixed(2) + "%";
+    fill.style.width = width.toFixed(2) + "%";
+    track.appendChild(fill);
+    return track;
+  }
+
   function progressBar(run) {
     const tasks = taskList(run);
     const bar = h("div", { class: "progress", role: "img" });
@@ -1081,11 +1094,19 @@
       return card;
     }
     if (run.task_records_truncated) card.appendChild(h("p", { class: "muted" }, t("detail.tasks_truncated")));
+    // a waterfall: each task's span on the run's own time axis
+    const now = Date.now() / 1000;
+    const starts = tasks.map((x) => x.rec.started_at).filter((v) => typeof v === "number");
+    const axisStart = typeof run.start_time === "number" ? run.start_time : Math.min(...starts);
+    const ends = tasks.map((x) => x.rec.ended_at).filter((v) => typeof v === "number");
+    const axisEnd = typeof run.end_time === "number" ? run.end_time : TERMINAL.has(run.status) ? Math.max(axisStart, ...ends) : now;
+    const span = Math.max(axisEnd - axisStart, 0.001);
     const list = h("div", { class: "tasks" });
     for (const task of tasks) {
       const rec = task.rec;
       const dur = typeof rec.duration_ms === "number" ? rec.duration_ms / 1000
-        : rec.started_at && rec.ended_at ? rec.ended_at - rec.started_at : null;
+        : rec.started_at && rec.ended_at ? rec.ended_at - rec.started_at
+        : task.state === "RUNNING" && rec.started_at ? now - rec.started_at : null;
       const durEl = h("span", { class: "dur num" }, fmtDuration(dur));
       if (task.state === "RUNNING" && rec.started_at) durEl.dataset.start = String(rec.started_at);
       const hasBody = rec.error || rec.traceback || rec.output !== undefined && rec.output !== null || (rec.inputs && Object.keys(rec.inputs).length);
@@ -1098,7 +1119,8 @@
         h("span", { class: "task-name-wrap" },
           h("span", { class: "task-name mono" }, task.name),
           preview ? h("span", { class: "task-preview mono" + (rec.error ? " task-preview-error" : "") }, preview.slice(0, 200)) : null),
-        h("span", { class: "task-dur" }, durEl));
+        h("span", { class: "task-dur" }, durEl),
+        waterfall(rec, task.state, axisStart, span, axisEnd));
       const det = h("details", { class: "task", dataset: { key: "task:" + task.name, state: task.state, task: task.name } }, summary);
       if (task.state === "FAILED") det.open = true;
       if (hasBody) {
