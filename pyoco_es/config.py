@@ -118,7 +118,9 @@ class Settings:
     http_auth_mode: str = "none"
     api_key_header: str = "X-API-Key"
     dashboard_lang: str = "auto"
-    sse_heartbeat_interval: float = 5.0  # seconds of silence before an SSE heartbeat
+    # Seconds of silence before an SSE heartbeat.  pyoco-server uses 5 s, which races the 5 s
+    # read timeout of its own httpx-based client (contract §10 #25); 4 s keeps such clients alive.
+    sse_heartbeat_interval: float = 4.0
     gateway_watch_check_interval: float = 2.0  # how often the gateway checks its KV watch is not stalled
 
     @classmethod
@@ -150,6 +152,6 @@ class Settings:
             http_auth_mode=(e.get("PYOCO_HTTP_AUTH_MODE") or "none").strip().lower(),
             api_key_header=e.get("PYOCO_HTTP_API_KEY_HEADER") or "X-API-Key",
             dashboard_lang=e.get("PYOCO_DASHBOARD_LANG") or "auto",
-            sse_heartbeat_interval=_num(e, "PYOCO_SSE_HEARTBEAT_INTERVAL_SEC", 5.0, 0.05),
+            sse_heartbeat_interval=_num(e, "PYOCO_SSE_HEARTBEAT_INTERVAL_SEC", 4.0, 0.05),
             gateway_watch_check_interval=_num(e, "PYOCO_GATEWAY_WATCH_CHECK_INTERVAL_SEC", 2.0, 0.05),
         )
