@@ -393,6 +393,10 @@ async def test_metrics_families(gw: GW) -> None:
         assert "pyoco_workers_alive_total 1.0" in text
         assert "pyoco_dlq_messages_total 0.0" in text
         assert "pyoco_events_appended_total 3.0" in text
+        # request metrics by route template (bounded labels), not by raw path
+        assert 'pyoco_http_requests_total{method="POST",route="/runs",status="200"} 2.0' in text
+        assert a not in text  # run ids never become label values
+        assert "pyoco_http_request_duration_seconds_bucket" in text
 
 
 # -- dashboard files ------------------------------------------------------------------------------

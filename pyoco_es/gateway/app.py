@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
-from quart import Response
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -28,6 +28,7 @@ from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
 from .index import RunIndex, WorkerIndex
+from .metrics import HttpMetrics
 from .params import RequestInvalid
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Gateway:
     heartbeat_interval: float = 5.0
     static_dir: Path = STATIC_DIR
     sse_streams: int = 0
+    http: HttpMetrics = attrs.Factory(HttpMetrics)
 
     def require_nats(self) -> None:
         """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""
@@ -126,16 +128,22 @@ def create_app(
         if own_workers:
             await app.nursery.start(gw.workers.run)
 
+    @app.before_request
+    async def _start_timer() -> None:
+        g.pyoco_started = time.perf_counter()
+
     @app.after_request
-    async def _close_if_body_unread(response: Response) -> Response:
+    async def _finish(response: Response) -> Response:
         # An answer given before the request body arrived (a 4xx/503 raised early, a cancel that
         # ignores its body) must close the connection: the rest of the body would otherwise be
         # read as the next request, or both sides would wait on it.
-        from quart import request
-
         complete = getattr(request.body, "_complete", None)
         if request.method in ("POST", "PUT", "PATCH") and complete is not None and not complete.is_set():
             response.headers["Connection"] = "close"
+        started = getattr(g, "pyoco_started", None)
+        if started is not None:
+            route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+            gw.http.observe(request.method, route, response.status_code, time.perf_counter() - started)
         return response
 
     @app.errorhandler(PyocoError)
@@ -189,8 +197,6 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def _method() -> str:
-    from quart import request
-
     try:
         return request.method
     except RuntimeError:  # pragma: no cover - outside a request
@@ -198,8 +204,6 @@ def _method() -> str:
 
 
 def _path() -> str:
-    from quart import request
-
     try:
         return request.path
     except RuntimeError:  # pragma: no cover

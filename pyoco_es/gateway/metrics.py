@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 import attrs
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -60,10 +60,31 @@ def _gauge(name: str, help_text: str, value: int | None) -> GaugeMetricFamily:
     return family
 
 
-def render(values: MetricValues) -> bytes:
+class HttpMetrics:
+    """Requests served by this gateway, by route template (never the raw path: bounded labels)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pyoco_http_requests", "HTTP requests answered, by method, route and status.",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pyoco_http_request_duration_seconds", "Time to the response head, by method and route.",
+            ["method", "route"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+
+def render(values: MetricValues, http: HttpMetrics | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(values))
-    return generate_latest(registry)
+    text = generate_latest(registry)
+    return text + generate_latest(http.registry) if http is not None else text
 
 
 def local_day_bounds(now: float) -> tuple[float, float]:

@@ -724,7 +724,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             sse_streams=gw.sse_streams,
             index_runs=len(gw.index),
         )
-        return Response(render(values), content_type=METRICS_CONTENT_TYPE)
+        return Response(render(values, gw.http), content_type=METRICS_CONTENT_TYPE)
 
 
 async def _optional(coro: Awaitable[int]) -> int | None:
