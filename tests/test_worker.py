@@ -447,3 +447,46 @@ tasks:
         assert [e.type for e in history].count("run.completed") == 1
         assert [e.type for e in history].count("run.worker_lost") == 1
         assert len(list(markers.iterdir())) == 2  # one execution per attempt, nothing more
+
+
+async def test_invalid_job_is_termed_and_dead_lettered(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """A work item that is not a job (bad JSON, no run_id) is TERMed and sent to the DLQ; the
+    worker keeps serving."""
+    with trio.fail_after(30):
+        settings = fast_settings()
+        await start_stack(nursery, nats, settings)
+        await nats.publish(subjects.work_subject("default"), b"{not json")
+        await nats.publish(subjects.work_subject("default"), b'{"flow_name": "x"}')
+
+        async def dead_lettered() -> bool:
+            return (await nats.stream_info(subjects.DLQ_STREAM))["messages"] >= 2
+
+        await wait_for(dead_lettered, "two invalid_job DLQ messages")
+        await wait_for(lambda: _work_empty(nats), "the invalid items to leave the work queue")
+        store = RunStore(nats)
+        run_id = await submit(store)
+        assert (await wait_status(store, run_id, TERMINAL)).status is RunStatus.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tags", "a.b"], "invalid tag 'a.b'"),
+        (["--flow-resolver", "nocolon"], "--flow-resolver"),
+        (["--flow-resolver", "missing_file.py:fn"], "file not found"),
+        (["--flow-resolver", "no_such_module_xyz:fn"], "cannot find module"),
+        (["--worker-id", "bad.id"], "invalid worker id"),
+    ],
+)
+def test_cli_argument_errors(args: list[str], message: str) -> None:
+    """Bad arguments exit 1 with pyoco-server's ERR-PYOCO-0018 message (no NATS needed)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYOCO_LOAD_DOTENV": "0"},
+    )
+    assert out.returncode == 1, out.stderr
+    assert "ERR-PYOCO-0018" in out.stderr and message in out.stderr

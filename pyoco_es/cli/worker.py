@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import AsyncExitStack
 
 import asyncclick as click
 import attrs
@@ -19,6 +20,7 @@ import trio
 
 from ..config import Settings
 from ..core.errors import PyocoError
+from ..nats import subjects
 from ..nats.client import open_nats
 from ..nats.resources import ResourceConfig, ensure_resources
 from ..runtime import configure_logging, wait_for_stop_signal
@@ -27,6 +29,7 @@ from ..worker.actor import normalize_tags, run_worker
 log = logging.getLogger(__name__)
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+CONNECT_TIMEOUT = 10.0
 
 
 def load_flow_resolver(spec: str) -> str:
@@ -97,6 +100,8 @@ async def worker(
         tag_list = normalize_tags(tags.split(","), settings.default_tag)
     except ValueError as exc:
         _fail(str(exc))
+    if not subjects.is_token(worker_id):
+        _fail(f"invalid worker id {worker_id!r}: letters, digits, '_' and '-' only")
     try:
         resolver = load_flow_resolver(flow_resolver) if flow_resolver else None
     except click.BadParameter as exc:
@@ -104,8 +109,15 @@ async def worker(
     url = nats_url or settings.nats_url or DEFAULT_NATS_URL
     stop = trio.Event()
     try:
-        async with open_nats(url, name=f"pyoco-worker:{worker_id}") as nats:
-            await ensure_resources(nats, ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix))
+        async with AsyncExitStack() as stack:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    nats = await stack.enter_async_context(open_nats(url, name=f"pyoco-worker:{worker_id}"))
+                    await ensure_resources(
+                        nats, ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix)
+                    )
+            except trio.TooSlowError:
+                _fail(f"cannot reach NATS at {url} within {CONNECT_TIMEOUT:g}s (start one with `pyoco-server up`, or pass --nats-url)")
             click.echo(
                 f"pyoco-worker {worker_id} serving {','.join(tag_list)} on {url} "
                 f"(concurrency {concurrency}; Ctrl-C to stop)",
@@ -136,7 +148,7 @@ async def worker(
 
 
 def _fail(message: str) -> None:
-    click.echo(f"ERR-PYOCO-0018: invalid worker arguments\n- reason: {message}\n- hint: pyoco-worker --help", err=True)
+    click.echo(f"ERR-PYOCO-0018: pyoco-worker cannot start\n- reason: {message}\n- hint: pyoco-worker --help", err=True)
     sys.exit(1)
 
 

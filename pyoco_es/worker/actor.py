@@ -294,6 +294,7 @@ class WorkerActor:
         self._wheel_sync: dict[str, Any] | None = None
         self._last_run: dict[str, Any] = {}
         self.completed = 0
+        self._became_active = trio.Event()
         self._reader: _Batcher[str, list[Envelope]] = _Batcher(nats.read_runs)
         self._appender: _Batcher[tuple[str, Sequence[Envelope], int], list[int]] = _Batcher(nats.append_many)
 
@@ -384,6 +385,8 @@ class WorkerActor:
         """Start a cancel watch for each run once it is ``CANCEL_WATCH_DELAY`` old (one loop for
         the worker instead of a sleeping task per run)."""
         while True:
+            if not self.active:
+                await self._became_active.wait()  # no periodic wake-ups while idle
             await trio.sleep(CANCEL_WATCH_DELAY / 2)
             now = trio.current_time()
             for active in list(self.active.values()):
@@ -690,6 +693,9 @@ class WorkerActor:
         runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox)
         active.driver = runner
         self.active[run_id] = active
+        if len(self.active) == 1:
+            self._became_active.set()
+            self._became_active = trio.Event()
         if prep.get("ev") != "prepared":
             reason = str(prep.get("reason") or "build_error")
             error = str(prep.get("error") or "the flow could not be built")
