@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from test_gateway_support import gw  # noqa: F401 - a fixture
@@ -233,3 +235,30 @@ async def test_http_gateway_dashboard_static_assets_served(gw: GW) -> None:
         assert "__PYOCO_DASHBOARD_LANG_VALUE__" not in r.text
         for asset in ("/static/app.js", "/static/index.html"):
             assert (await gw.client.get(asset)).status_code == 200, asset
+
+
+async def test_http_gateway_e2e_yaml_run_on_a_real_worker(tmp_path: Path) -> None:
+    """§9 e2e_submit_yaml_and_run with the real worker: submit over HTTP, watch over SSE until
+    the end frame, then the snapshot, tasks and audit history agree."""
+    from pyoco_es.config import Settings
+    from pyoco_es.testing.stack import open_stack
+
+    with trio.fail_after(45):
+        async with open_stack(tmp_path, settings=Settings(sse_heartbeat_interval=0.5), worker=True) as stack:
+            async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+                r = await submit_yaml(client, flow_name="main")
+                assert r.status_code == 200, r.text
+                run_id = r.json()["run_id"]
+                async with open_sse(client, f"/runs/{run_id}/watch?include=records") as sse:
+                    frames = await sse.rest()
+                assert frames[-1].event == "end" and frames[-1].data["status"] == "COMPLETED", frames[-3:]
+                last = [f for f in frames if f.event == "snapshot"][-1].data["snapshot"]
+                assert last["tasks"] == {"first": "SUCCEEDED", "second": "SUCCEEDED"}
+                snap = (await client.get(f"/runs/{run_id}", params={"include": "records"})).json()
+                assert snap["status"] == "COMPLETED" and snap["task_records"]["first"]["output"] == 2
+                assert snap["worker_id"] and "worker_state" in snap
+                history = (await client.get(f"/runs/{run_id}/events")).json()["events"]
+                types = [e["type"] for e in history]
+                assert types[0] == "run.submitted" and types[-1] == "run.completed" and "run.claimed" in types
+                assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
+            stack.nursery.cancel_scope.cancel()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import httpx
 import trio
 
 from test_gateway_support import gw  # noqa: F401 - a fixture
@@ -186,3 +187,36 @@ async def test_runs_stream_pushes_summaries_and_resumes(gw: GW) -> None:
             await worker.finish(run_id)
             frame = await sse.next()
             assert frame is not None and frame.event == "run" and frame.data["status"] == "COMPLETED"
+
+
+async def test_one_change_fans_out_to_many_watchers(gw: GW) -> None:
+    """100 watchers of one run share the gateway's single KV watch (no NATS consumer each): one
+    claim reaches all of them, and all are freed afterwards."""
+    with trio.fail_after(20):
+        worker = FakeWorker(gw.nats)
+        run_id = await submit(gw.client)
+        n = 100
+        connected = trio.Semaphore(0)
+        got: list[float] = []
+        t0 = 0.0
+
+        async def watcher(client: httpx.AsyncClient) -> None:
+            async with open_sse(client, f"/runs/{run_id}/watch") as sse:
+                assert await sse.next() is not None
+                connected.release()
+                frame = await sse.next()
+                assert frame is not None and frame.data["snapshot"]["status"] == "RUNNING"
+                got.append(trio.current_time() - t0)
+
+        limits = httpx.Limits(max_connections=n + 5)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10, limits=limits) as watchers:
+            async with trio.open_nursery() as nursery:
+                for _ in range(n):
+                    nursery.start_soon(watcher, watchers)
+                for _ in range(n):
+                    await connected.acquire()
+                assert await _open_streams(gw) == n
+                t0 = trio.current_time()
+                await worker.claim(run_id)
+        assert len(got) == n and max(got) < 2.0, sorted(got)[:: n // 10]
+        await wait_until(lambda: _zero(gw), what="all watchers freed")

@@ -49,6 +49,8 @@ tasks:
     callable: examples.tasks:add_one
   second:
     callable: examples.tasks:to_text
+    inputs:
+      value: $node.first.output
 """
 
 
