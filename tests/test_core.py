@@ -127,6 +127,13 @@ def test_cancel_of_running_run_marks_unfinished_tasks_cancelled() -> None:
     assert snap.cancel_requested_by == "me"
 
 
+def test_a_task_running_when_its_run_fails_is_marked_failed() -> None:
+    snap = fold(None, history(*HAPPY[:3], RunFailed(attempt=1, ended_at=9.0, reason="error", error="child process died with signal 9")))
+    assert snap is not None
+    assert snap.tasks["a"].state is TaskState.FAILED and snap.tasks["a"].error == "interrupted: error"
+    assert snap.tasks["b"].state is TaskState.PENDING
+
+
 def test_worker_lost_moves_to_next_attempt() -> None:
     snap = fold(None, history(*HAPPY[:3], RunWorkerLost(attempt=1, worker_id="w1", detected_by="c")))
     assert snap is not None and snap.status is RunStatus.PENDING and snap.attempt == 2 and snap.worker_id is None

@@ -185,7 +185,17 @@ def _mutate(snap: RunSnapshot, env: Envelope, event: Event) -> dict[str, object]
     if isinstance(event, RunCompleted):
         return {"end_time": event.ended_at, "error": None}
     if isinstance(event, RunFailed):
-        return {"end_time": event.ended_at, "error": event.error, "failure_reason": event.reason}
+        # A task still RUNNING when its run failed was interrupted (its process died, or the
+        # worker was lost on the last attempt): it did not succeed, so it is FAILED.
+        tasks = {
+            name: (
+                attrs.evolve(rec, state=TaskState.FAILED, error=rec.error or f"interrupted: {event.reason}")
+                if rec.state is TaskState.RUNNING
+                else rec
+            )
+            for name, rec in snap.tasks.items()
+        }
+        return {"end_time": event.ended_at, "error": event.error, "failure_reason": event.reason, "tasks": tasks}
     if isinstance(event, RunCancelled):
         tasks = {
             name: (
