@@ -6,21 +6,28 @@ Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
 1. A tag's pull loop long-polls its shared durable consumer when the worker has room (no busy
    polling; every tag asks for its share of the free room, so no tag starves another).
 2. The run task decodes the job (invalid → DLQ ``invalid_job`` + TERM), takes a warm child and
-   asks it to *prepare* the flow (parse/validate YAML, import the allowed callables, build the
-   pyoco Flow; cached per sha256 in the child).  The task names go into ``run.claimed``.
-3. It subscribes to the run's event subject (to see ``run.cancel_requested`` the moment it is
-   appended), puts the run into the heartbeat's ``runs`` map, and appends ``run.claimed`` fenced
-   by the run's last sequence: a StaleAttempt / RunNotFound means the item is obsolete (acked).
+   sends it *prepare* (parse/validate YAML, import the allowed callables, build the pyoco Flow;
+   cached per sha256 in the child) while it reads the run's events.  The task names go into
+   ``run.claimed``.
+3. It puts the run into the heartbeat's ``runs`` map and appends ``run.claimed`` fenced by the
+   run's last sequence: a StaleAttempt / RunNotFound means the item is obsolete (acked).
 4. If the flow could not be prepared: ``run.failed`` (``flow_not_found`` + DLQ, or
-   ``build_error``).  Otherwise the child runs it; the child's trace events are appended in
-   batches (whatever arrived while the previous append was in flight), fenced by attempt.  A
-   StaleAttempt means another worker owns the run now: the child is killed, nothing more is
-   appended.
-5. Cancel: the child is asked to cancel cooperatively; after ``cancel_grace_period`` it is killed
-   and ``run.cancelled(forced)`` is appended.  A run never stays CANCELLING.
+   ``build_error``).  Otherwise the child runs it; its trace events are appended in batches
+   (whatever arrived while the previous append was in flight, plus a 2 ms coalescing window),
+   fenced by attempt.  A task that started and ended within one batch is recorded by its ending
+   event alone (it carries ``started_at``).  A StaleAttempt means another worker owns the run
+   now: the child is killed, nothing more is appended.
+5. Cancel: a run older than ``CANCEL_WATCH_DELAY`` (0.1 s) subscribes to its event subject
+   (filtered to ``run.cancel_requested`` on the asyncio side) and reads its events once to catch
+   an earlier request; a younger run learns of a cancel from its next append, which conflicts and
+   re-reads.  The child is asked to cancel cooperatively; after ``cancel_grace_period`` it is
+   killed and ``run.cancelled(forced)`` is appended.  A run never stays CANCELLING.
 6. The work item is ACKed only after the terminal event is durable (acks are batched).  A NATS
    failure before the claim NAKs with a delay; after it, appends are retried for a while, then the
    item is NAKed and the child killed (the reaper takes over if the worker is really cut off).
+
+Reads before a claim and every append go through batchers: requests from all runs that arrive
+while one batch is in flight share the next bridge crossing (``read_runs`` / ``append_many``).
 
 A child that dies on its own mid-run (a poison task, OOM kill) ends the attempt: with attempts left
 the run is released (``run.released``, the dispatcher enqueues the next attempt, possibly on
