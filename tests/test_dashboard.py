@@ -426,8 +426,8 @@ def test_timeline_shows_each_attempt_of_a_retried_run(page: Page, http: httpx.Cl
     dividers = pg.locator("#timeline .ev-divider").evaluate_all("els => els.map(e => e.dataset.attempt)")
     assert dividers == ["2", "3"]
     assert "3 of 3" in pg.locator("#detail-error").inner_text()
-    # the task was cut off by the dying process: not shown as still running
-    pg.locator('.task[data-task="die"][data-state="INTERRUPTED"]').wait_for()
+    # the task was cut off by the dying process: the fold marks it FAILED (interrupted), not running
+    pg.locator('.task[data-task="die"][data-state="FAILED"]').wait_for()
     page.shot("run-retried")
 
 
