@@ -229,3 +229,30 @@ async def test_watchers_recover_after_a_nats_restart(tmp_path: Path) -> None:
                     assert stats["status"] == "ready"
                 finally:
                     restarted.stop()
+
+
+async def test_a_large_yaml_does_not_stall_other_requests(tmp_path: Path) -> None:
+    """Parsing a big flow.yaml takes a while (pure-Python YAML); it runs off the event loop, so a
+    health probe and an SSE heartbeat keep their latency meanwhile."""
+    tasks = "".join(f"  t{i}:\n    callable: examples.tasks:add_one\n    inputs:\n      x: {i}\n" for i in range(3000))
+    doc = f"version: 1\nflow:\n  graph: t0 >> t1\n  defaults:\n    x: 1\ntasks:\n{tasks}".encode()
+    settings = Settings(sse_heartbeat_interval=0.2, workflow_yaml_max_bytes=len(doc) + 1)
+    with trio.fail_after(30):
+        async with open_gateway(tmp_path, settings=settings) as gw:
+            probes: list[float] = []
+            done = trio.Event()
+
+            async def upload() -> None:
+                r = await submit_yaml(gw.client, doc)
+                assert r.status_code == 200, r.text
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upload)
+                while not done.is_set():
+                    t0 = trio.current_time()
+                    assert (await gw.client.get("/health")).status_code == 200
+                    probes.append(trio.current_time() - t0)
+                    await trio.sleep(0.02)
+            assert len(probes) >= 3, probes  # the parse really took a while
+            assert max(probes) < 0.5, probes

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -59,6 +60,7 @@ class Gateway:
     static_dir: Path = STATIC_DIR
     sse_streams: int = 0
     http: HttpMetrics = attrs.Factory(HttpMetrics)
+    parse_limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))  # YAML parses in a thread
 
     def require_nats(self) -> None:
         """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""

@@ -7,6 +7,7 @@ index, or, right after a write the projector has not folded yet, from the run's 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import locale
@@ -388,7 +389,11 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
         from ..flows.yaml import parse_workflow_yaml
 
         try:
-            doc = parse_workflow_yaml(data, max_bytes=limit)
+            # A large document takes seconds of pure-Python parsing: off the event loop, one at a
+            # time, so SSE streams and other requests keep flowing meanwhile.
+            doc = await trio.to_thread.run_sync(
+                functools.partial(parse_workflow_yaml, data, max_bytes=limit), limiter=gw.parse_limiter
+            )
         except PayloadTooLarge:
             raise
         except ValidationError as exc:
