@@ -256,3 +256,22 @@ async def test_a_large_yaml_does_not_stall_other_requests(tmp_path: Path) -> Non
                     await trio.sleep(0.02)
             assert len(probes) >= 3, probes  # the parse really took a while
             assert max(probes) < 0.5, probes
+
+
+async def test_a_chunked_upload_without_length_is_capped(gw: GW) -> None:
+    """No Content-Length to judge by: the body is read only up to the cap, then 413."""
+    with trio.fail_after(10):
+        before = await events_last_seq(gw.nats)
+        boundary = "pyoco-boundary"
+
+        async def body() -> AsyncIterator[bytes]:
+            yield f'--{boundary}\r\nContent-Disposition: form-data; name="flow_name"\r\n\r\nmain\r\n'.encode()
+            yield f'--{boundary}\r\nContent-Disposition: form-data; name="workflow"; filename="f.yaml"\r\n\r\n'.encode()
+            for _ in range(300):
+                yield b"x" * 10_000
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        r = await gw.client.post("/runs/yaml", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 413 and "too large" in r.json()["detail"]
+        assert (await gw.client.get("/health")).status_code == 200
+        assert await events_last_seq(gw.nats) == before
