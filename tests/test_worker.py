@@ -490,3 +490,22 @@ def test_cli_argument_errors(args: list[str], message: str) -> None:
     )
     assert out.returncode == 1, out.stderr
     assert "ERR-PYOCO-0018" in out.stderr and message in out.stderr
+
+
+async def test_cancel_of_a_queued_run(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """A run cancelled while still queued ends CANCELLED (not_started); the worker that later
+    receives its work item finds it obsolete, acks it, and never claims or runs it."""
+    with trio.fail_after(30):
+        settings = fast_settings()
+        await nursery.start(run_conductor, nats, settings)
+        store = RunStore(nats)
+        run_id = await submit(store)
+        await wait_for(lambda: _work_count(nats, 1), "the work item")
+        await cancel(store, run_id)
+        stop = trio.Event()
+        actor = await nursery.start(lambda task_status: run_worker(nats, settings, worker_id="wq", tags=["default"], concurrency=1, stop=stop, task_status=task_status))
+        await wait_for(lambda: _work_empty(nats), "the obsolete item to be acked")
+        snap = await wait_status(store, run_id, TERMINAL)
+        assert snap.status is RunStatus.CANCELLED and snap.cancel_reason == "not_started"
+        assert [e.type for e in await store.history(run_id)] == ["run.submitted", "run.cancelled"]
+        assert actor.completed == 0

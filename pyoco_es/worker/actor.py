@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 NAK_DELAY: Final = 2.0
 CANCEL_WATCH_DELAY: Final = 0.1  # runs younger than this are not watched for cancels yet (_watch_cancel)
 ACK_COALESCE: Final = 0.005
+FETCH_GATHER: Final = 0.002
 COALESCE_WINDOW: Final = 0.002  # how long task events may wait to be appended together
 MAX_FETCH_BATCH: Final = 64
 APPEND_RETRIES: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -324,6 +325,13 @@ class WorkerActor:
             if room <= 0:
                 await self._room.wait()
                 continue
+            if self.pending and room < self.concurrency / 4:
+                # Busy: let a little more room free up so one fetch brings several items
+                # (a fetch per freed slot would cost a bridge crossing per run).
+                with trio.move_on_after(FETCH_GATHER):
+                    while self.concurrency - self.pending < self.concurrency / 4 and self.pending:
+                        await self._room.wait()
+                room = self.concurrency - self.pending
             batch = max(1, min(MAX_FETCH_BATCH, math.ceil(room / len(self.tags))))
             try:
                 msgs = await psub.fetch(batch, self.poll_timeout)

@@ -261,7 +261,7 @@ class ChildPool:
     async def release(self, child: ChildProcess) -> None:
         """Return a child after a run; an unhealthy one is killed and replaced lazily."""
         try:
-            if child.healthy and child.proc.poll() is None:
+            if child.healthy and child.proc.poll() is None and len(self._idle) < self.size:
                 child.runs += 1
                 self._idle.append(child)
             else:
