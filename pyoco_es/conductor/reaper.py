@@ -27,6 +27,7 @@ from ..core.events import Producer
 from ..nats import subjects
 from ..nats.client import NatsClient
 from ..service import RunStore
+from ..watch import BucketFollower
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,6 @@ class Reaper:
         return acted
 
 
-async def _follow(nats: NatsClient, bucket: str, handle: Callable[[str, bytes | None], None], ready: trio.Event) -> None:
-    async with nats.kv_watch(bucket) as updates:
-        async for entry in updates:
-            if entry is None:
-                ready.set()
-                continue
-            handle(entry.key, entry.value)
-    raise PyocoError(f"watch on {bucket} ended")
-
-
 async def run_reaper(
     nats: NatsClient,
     settings: Settings,
@@ -157,23 +148,28 @@ async def run_reaper(
     interval: float | None = None,
     task_status: trio.TaskStatus[Reaper] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Sweep until cancelled.  Both buckets are followed with :class:`BucketFollower`, so the
+    watches survive a NATS restart (nats-py's own watcher does not)."""
     reaper = Reaper(nats, settings, conductor_id=conductor_id)
     tick = interval if interval is not None else max(0.1, min(1.0, settings.run_lease_seconds / 4))
-    started = False
-    while True:
-        try:
-            async with trio.open_nursery() as nursery:
-                runs_ready, workers_ready = trio.Event(), trio.Event()
-                nursery.start_soon(_follow, nats, subjects.RUNS_BUCKET, reaper.on_run, runs_ready)
-                nursery.start_soon(_follow, nats, subjects.WORKERS_BUCKET, reaper.on_worker, workers_ready)
-                await runs_ready.wait()
-                await workers_ready.wait()
-                if not started:
-                    started = True
-                    task_status.started(reaper)
-                while True:
-                    await reaper.sweep()
-                    await trio.sleep(tick)
-        except* PyocoError as group:
-            log.warning("reaper restarting after: %s", group.exceptions[0])
-            await trio.sleep(1.0)
+
+    def forget_runs(present: set[str]) -> None:
+        for key in set(reaper.active) - present:
+            del reaper.active[key]
+
+    def forget_workers(present: set[str]) -> None:
+        for key in set(reaper.workers) - present:
+            del reaper.workers[key]
+
+    runs = BucketFollower(nats, subjects.RUNS_BUCKET, lambda e: reaper.on_run(e.key, e.value), forget_runs)
+    workers = BucketFollower(nats, subjects.WORKERS_BUCKET, lambda e: reaper.on_worker(e.key, e.value), forget_workers)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runs.run)
+        await nursery.start(workers.run)
+        await runs.ready.wait()
+        await workers.ready.wait()
+        task_status.started(reaper)
+        while True:
+            if runs.watching and workers.watching:
+                await reaper.sweep()
+            await trio.sleep(tick)

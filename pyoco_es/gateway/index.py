@@ -6,7 +6,7 @@ The same watch feeds the SSE streams: per-run subscribers get the newest full sn
 (conflated, so a slow reader never buffers), and list subscribers wake on any change and read
 the runs whose KV revision is newer than the last one they sent.
 
-Resource handling: ``run`` owns the KV watch (a :class:`~pyoco_es.gateway.watch.BucketFollower`,
+Resource handling: ``run`` owns the KV watch (a :class:`~pyoco_es.watch.BucketFollower`,
 which restarts a broken or stalled watch; a restart re-reads every value, so nothing missed
 while disconnected is lost).
 """
@@ -29,7 +29,7 @@ import trio
 from ..core.events import JSONObject
 from ..nats import subjects
 from ..nats.client import KVEntry, NatsClient
-from .watch import BucketFollower
+from ..watch import BucketFollower
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class RunIndex:
 
     async def run(self, *, task_status: trio.TaskStatus[RunIndex] = trio.TASK_STATUS_IGNORED) -> None:
         """Follow the bucket until cancelled; ``started`` once the current values are loaded (or
-        the first attempt failed).  See :class:`~pyoco_es.gateway.watch.BucketFollower`."""
+        the first attempt failed).  See :class:`~pyoco_es.watch.BucketFollower`."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.follower.run)
             task_status.started(self)

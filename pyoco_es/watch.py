@@ -1,4 +1,4 @@
-"""Follow a KV bucket for as long as the gateway runs: the loop behind the run and worker indexes.
+"""Follow a KV bucket for as long as a service runs: the loop behind the gateway's indexes and the reaper.
 
 nats-py's KV watcher has two gaps this loop closes:
 
@@ -18,9 +18,9 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from ..core.errors import PyocoError
-from ..nats import subjects
-from ..nats.client import KVEntry, NatsClient
+from .core.errors import PyocoError
+from .nats import subjects
+from .nats.client import KVEntry, NatsClient
 
 log = logging.getLogger(__name__)
 
