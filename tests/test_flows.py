@@ -260,3 +260,32 @@ class TestGraph:
         Engine(trace_backend=Quiet()).run(flow, {}, RunContext())
         assert order[0] == "a" and order[-1] == "d" and sorted(order[1:3]) == ["b", "c"]
         assert "item" not in order
+
+
+class TestLoaderEdges:
+    @pytest.mark.parametrize(
+        ("raw", "fragment"),
+        [
+            (b"flow: {graph: a, defaults: {x: *nope}}\n", "undefined alias"),
+            (b"flow: &f {graph: a, defaults: {self: *f}}\n", "recursive alias"),
+            (b"flow: {graph: a}\n---\nflow: {graph: b}\n", "single document"),
+            (b"a: [1, 2\n", "yaml:"),
+        ],
+    )
+    def test_refused(self, raw: bytes, fragment: str) -> None:
+        with pytest.raises(ValidationError) as info:
+            parse_workflow_yaml(raw, max_bytes=0)
+        assert fragment in info.value.message, info.value.message
+
+    def test_large_document_is_fast_enough(self) -> None:
+        """A 256 KB flow.yaml (the default limit) parses in well under a second (libyaml)."""
+        import time
+
+        lines = ["flow:", "  graph: a", "  defaults:"]
+        lines += [f"    k{i}: {{name: v{i}, list: [1, 2, 3], nested: {{x: {i}}}}}" for i in range(4000)]
+        lines += ["tasks:", "  a: {callable: 'm:f'}"]
+        raw = "\n".join(lines).encode()
+        started = time.perf_counter()
+        d = parse_workflow_yaml(raw, max_bytes=0)
+        assert len(d.flow_defaults) == 4000
+        assert time.perf_counter() - started < 5.0  # ~0.4 s here; generous for slow CI machines

@@ -124,40 +124,97 @@ def parse_workflow_yaml(raw: bytes, *, max_bytes: int) -> WorkflowDoc:
 # -- loading ------------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that counts aliases and limits nesting while composing."""
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.aliases = 0
-        self.depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 - PyYAML's signature
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-            if self.aliases > MAX_ALIASES:
-                event = self.peek_event()
-                raise ValidationError(
-                    f"yaml: too many aliases (more than {MAX_ALIASES}){_line(event.start_mark)}"
-                )
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            event = self.peek_event()
-            raise ValidationError(f"yaml: nesting deeper than {MAX_DEPTH} levels{_line(event.start_mark)}")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """libyaml's parser (when available) with PyYAML's safe constructor; the document is composed
+    by :func:`_compose`, which limits aliases and nesting as it goes."""
 
 
 def _line(mark: Any) -> str:  # noqa: ANN401
     return f" (line {mark.line + 1})" if mark is not None else ""
 
 
+def _compose(loader: Any) -> yaml.Node | None:  # noqa: ANN401, C901
+    """Build the node graph from parser events, iteratively (no recursion, so no stack limit to
+    hit), counting aliases and refusing nesting deeper than ``MAX_DEPTH`` and recursive aliases."""
+    loader.get_event()  # StreamStart
+    if loader.check_event(yaml.StreamEndEvent):
+        return None
+    loader.get_event()  # DocumentStart
+    anchors: dict[str, yaml.Node] = {}
+    stack: list[list[Any]] = []  # [collection node, pending mapping key]
+    open_nodes: set[int] = set()
+    root: yaml.Node | None = None
+    aliases = 0
+
+    def attach(node: yaml.Node) -> None:
+        nonlocal root
+        if not stack:
+            root = node
+            return
+        top = stack[-1]
+        parent = top[0]
+        if isinstance(parent, yaml.SequenceNode):
+            parent.value.append(node)
+        elif top[1] is None:
+            top[1] = node
+        else:
+            parent.value.append((top[1], node))
+            top[1] = None
+
+    def remember(anchor: str | None, node: yaml.Node) -> None:
+        if anchor is not None:
+            anchors[anchor] = node
+
+    while True:
+        event = loader.get_event()
+        if isinstance(event, yaml.DocumentEndEvent):
+            break
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise ValidationError(f"yaml: too many aliases (more than {MAX_ALIASES}){_line(event.start_mark)}")
+            node = anchors.get(event.anchor)
+            if node is None:
+                raise ValidationError(f"yaml: undefined alias `{event.anchor}`{_line(event.start_mark)}")
+            if id(node) in open_nodes:
+                raise ValidationError(f"yaml: recursive alias `{event.anchor}`{_line(event.start_mark)}")
+            attach(node)
+        elif isinstance(event, yaml.ScalarEvent):
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
+            remember(event.anchor, node)
+            attach(node)
+        elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(stack) >= MAX_DEPTH:
+                raise ValidationError(f"yaml: nesting deeper than {MAX_DEPTH} levels{_line(event.start_mark)}")
+            kind = yaml.SequenceNode if isinstance(event, yaml.SequenceStartEvent) else yaml.MappingNode
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(kind, None, event.implicit)
+            node = kind(tag, [], event.start_mark, None, flow_style=event.flow_style)
+            remember(event.anchor, node)
+            attach(node)
+            stack.append([node, None])
+            open_nodes.add(id(node))
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            node = stack.pop()[0]
+            node.end_mark = event.end_mark
+            open_nodes.discard(id(node))
+    if not loader.check_event(yaml.StreamEndEvent):
+        event = loader.peek_event()
+        raise ValidationError(f"yaml: expected a single document{_line(event.start_mark)}")
+    return root
+
+
 def _load(text: str) -> tuple[Any, Any]:
     loader = _Loader(text)
     try:
-        node = loader.get_single_node()
+        node = _compose(loader)
         if node is None:
             raise ValidationError("yaml: the document is empty")
         _check_nodes(node)
