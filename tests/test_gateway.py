@@ -393,6 +393,19 @@ async def test_metrics_families(gw: GW) -> None:
         assert "pyoco_workers_alive_total 1.0" in text
         assert "pyoco_dlq_messages_total 0.0" in text
         assert "pyoco_events_appended_total 3.0" in text
+        assert 'pyoco_queue_depth{tag="default"} 2.0' in text  # both dispatched, nobody consumed them
+        assert "pyoco_runs_unprojectable_total 0.0" in text
+        # A corrupt event marks its run as not projectable: visible in the metric and the list.
+        bad = "c0ffee" * 5 + "00"
+        await gw.nats.publish(subjects.run_events_subject(bad), b"{not json", msg_id="junk")
+
+        async def flagged() -> str | None:
+            text = (await gw.client.get("/metrics")).text
+            return text if "pyoco_runs_unprojectable_total 1.0" in text else None
+
+        await wait_until(flagged, what="the corrupt run to be counted")
+        [item] = [i for i in (await gw.client.get("/runs")).json() if i["run_id"] == bad]
+        assert "not JSON" in item["projection_error"]
         # request metrics by route template (bounded labels), not by raw path
         assert 'pyoco_http_requests_total{method="POST",route="/runs",status="200"} 2.0' in text
         assert a not in text  # run ids never become label values

@@ -50,6 +50,10 @@ SUMMARY_KEYS: Final = (
     "start_time",
     "end_time",
     "version",
+    "attempt",
+    "max_attempts",
+    "failure_reason",
+    "projection_error",  # set by the projector on a run it cannot fold (a corrupt event)
 )
 FILTER_KEYS: Final = ("status", "flow_name", "tag", "workflow_yaml_sha256", "schedule_id", "tenant_id")
 

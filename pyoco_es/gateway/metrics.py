@@ -24,6 +24,8 @@ class MetricValues:
     projector_lag: int | None
     sse_streams: int
     index_runs: int
+    queue_depth: Mapping[str, int] | None = None  # work items waiting, by tag
+    unprojectable_runs: int = 0
 
 
 class _Collector(Collector):
@@ -47,6 +49,15 @@ class _Collector(Collector):
         yield _gauge("pyoco_events_appended_total", "Events appended to PYOCO_EVENTS (its last stream sequence).", v.events_appended)
         yield _gauge(
             "pyoco_projector_lag", "Events not yet projected (projector consumer num_pending + ack_pending).", v.projector_lag
+        )
+        depth = GaugeMetricFamily("pyoco_queue_depth", "Work items waiting in PYOCO_WORK, by tag.", labels=["tag"])
+        for tag in sorted(v.queue_depth or {}):
+            depth.add_metric([tag], (v.queue_depth or {})[tag])
+        yield depth
+        yield GaugeMetricFamily(
+            "pyoco_runs_unprojectable_total",
+            "Runs the projector cannot fold (a corrupt or unknown event; see projection_error on the run).",
+            value=v.unprojectable_runs,
         )
         yield GaugeMetricFamily("pyoco_gateway_sse_streams", "SSE streams open on this gateway.", value=v.sse_streams)
         yield GaugeMetricFamily("pyoco_gateway_index_runs", "Runs in this gateway's in-memory list index.", value=v.index_runs)

@@ -708,14 +708,23 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
         now = gw.clock()
         start, end = local_day_bounds(now)
         today: dict[str, int] = {}
+        unprojectable = 0
         for summary in gw.index.summaries():
+            if summary.get("projection_error"):
+                unprojectable += 1
             updated = summary.get("updated_at")
             if isinstance(updated, (int, float)) and start <= updated < end:
                 status = str(summary.get("status") or "UNKNOWN")
                 today[status] = today.get(status, 0) + 1
         workers_alive = await _optional(_workers_alive(gw, now))
         dlq = appended = lag = None
+        depth: dict[str, int] | None = None
         if gw.nats.is_connected:
+            try:
+                counts = await gw.nats.subject_counts(subjects.WORK_STREAM, f"{gw.settings.work_subject_prefix}.>")
+                depth = {subj.rsplit(".", 1)[-1]: n for subj, n in counts.items()}
+            except PyocoError:
+                depth = None
             dlq = await _optional(_stream_field(gw, subjects.DLQ_STREAM, "messages"))
             appended = await _optional(_stream_field(gw, subjects.EVENTS_STREAM, "last_seq"))
             lag = await _optional(_projector_lag(gw))
@@ -728,6 +737,8 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             projector_lag=lag,
             sse_streams=gw.sse_streams,
             index_runs=len(gw.index),
+            queue_depth=depth,
+            unprojectable_runs=unprojectable,
         )
         return Response(render(values, gw.http), content_type=METRICS_CONTENT_TYPE)
 

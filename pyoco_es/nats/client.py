@@ -775,6 +775,15 @@ class NatsClient:
 
         return await self._call("stream info", go)
 
+    async def subject_counts(self, stream: str, subject_filter: str) -> dict[str, int]:
+        """Messages per subject in ``stream`` (e.g. the work queue depth per tag)."""
+
+        async def go() -> dict[str, int]:
+            info = await self._js.stream_info(stream, subjects_filter=subject_filter)
+            return dict(info.state.subjects or {})
+
+        return await self._call("stream subjects", go)
+
     async def consumer_pending(self, stream: str, durable: str) -> dict[str, int]:
         async def go() -> dict[str, int]:
             try:
