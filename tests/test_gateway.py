@@ -255,7 +255,8 @@ async def test_list_plain_delta_cursor_and_filters(gw: GW) -> None:
         keys = [(i["updated_at"], i["run_id"]) for i in plain]
         assert keys == sorted(keys, reverse=True)
         assert set(plain[0]) <= {"run_id", "schedule_id", "flow_name", "tag", "tags", "tenant_id", "api_key_id", "status",
-                                 "updated_at", "heartbeat_at", "worker_id", "error", "start_time", "end_time", "version"}
+                                 "updated_at", "heartbeat_at", "worker_id", "error", "start_time", "end_time", "version",
+                                 "attempt", "max_attempts", "failure_reason", "projection_error"}
         assert len(await listed(limit=2)) == 2
         assert {i["run_id"] for i in await listed(status="RUNNING")} == {ids[0]}
         assert {i["run_id"] for i in await listed(flow="alpha")} == {ids[1], ids[3], ids[5]}
