@@ -509,3 +509,37 @@ async def test_cancel_of_a_queued_run(nats: NatsClient, nursery: trio.Nursery) -
         assert snap.status is RunStatus.CANCELLED and snap.cancel_reason == "not_started"
         assert [e.type for e in await store.history(run_id)] == ["run.submitted", "run.cancelled"]
         assert actor.completed == 0
+
+
+async def test_claim_from_the_dispatched_position(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """A stand-in dispatcher: work items carrying the run's position (``run_seq`` /
+    ``run_stream_seq``) are claimed without a read; a stale position only costs a re-read."""
+    with trio.fail_after(30):
+        settings = fast_settings()
+        stop = trio.Event()
+        await nursery.start(lambda task_status: run_worker(nats, settings, worker_id="wd", tags=["default"], concurrency=2, stop=stop, task_status=task_status))
+        store = RunStore(nats)
+        fresh = await submit(store)
+        stale = await submit(store)
+        # a PENDING run cannot change without leaving PENDING, so stand in for a stale position
+        # with a wrong stream seq
+        for run_id, stream_seq in ((fresh, None), (stale, 1)):
+            [submitted] = await store.history(run_id)
+            body = {
+                "run_id": run_id,
+                "attempt": 1,
+                "max_attempts": 3,
+                "flow_name": "main",
+                "tag": "default",
+                "tags": ["default"],
+                "params": {"x": 5},
+                "submitted_at": time.time(),
+                "workflow_yaml": TWO_TASKS,
+                "run_seq": 1,
+                "run_stream_seq": stream_seq or submitted.stream_seq,
+            }
+            await nats.publish(subjects.work_subject("default"), json.dumps(body).encode(), msg_id=subjects.work_msg_id(run_id, 1))
+        for run_id in (fresh, stale):
+            snap = await wait_status(store, run_id, TERMINAL)
+            assert snap.status is RunStatus.COMPLETED, snap.error
+            assert snap.tasks["to_text"].output == "value=6"

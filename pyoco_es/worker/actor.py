@@ -110,6 +110,39 @@ class Job:
     api_key_id: str | None = None
     workflow_yaml: str | None = None
     workflow_yaml_sha256: str | None = None
+    workflow_yaml_bytes: int | None = None
+    schedule_id: str | None = None
+    submitted_at: float = 0.0
+    max_attempts: int | None = None
+    # The run's position when the dispatcher enqueued this attempt (optional): with it the claim
+    # needs no read first (a stale position just makes the claim conflict and re-read).
+    run_seq: int | None = None
+    run_stream_seq: int | None = None
+
+    def pending_snapshot(self) -> RunSnapshot | None:
+        """The PENDING snapshot the dispatcher saw, rebuilt from the job, or None without
+        ``run_seq``/``run_stream_seq``.  Good enough to decide the claim and fold what follows."""
+        if not self.run_seq or not self.run_stream_seq:
+            return None
+        return RunSnapshot(
+            run_id=self.run_id,
+            flow_name=self.flow_name,
+            tag=self.tag,
+            tags=self.tags,
+            params=self.params,
+            status=RunStatus.PENDING,
+            submitted_at=self.submitted_at,
+            updated_at=self.submitted_at,
+            version=self.run_seq,
+            last_stream_seq=self.run_stream_seq,
+            max_attempts=self.max_attempts or 1,
+            attempt=self.attempt,
+            tenant_id=self.tenant_id,
+            api_key_id=self.api_key_id,
+            workflow_yaml_sha256=self.workflow_yaml_sha256,
+            workflow_yaml_bytes=self.workflow_yaml_bytes,
+            schedule_id=self.schedule_id,
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Job:
@@ -147,7 +180,17 @@ class Job:
             api_key_id=doc.get("api_key_id") if isinstance(doc.get("api_key_id"), str) else None,
             workflow_yaml=yaml_text,
             workflow_yaml_sha256=doc.get("workflow_yaml_sha256") if isinstance(doc.get("workflow_yaml_sha256"), str) else None,
+            workflow_yaml_bytes=_opt_int(doc.get("workflow_yaml_bytes")),
+            schedule_id=doc.get("schedule_id") if isinstance(doc.get("schedule_id"), str) else None,
+            submitted_at=float(doc["submitted_at"]) if isinstance(doc.get("submitted_at"), (int, float)) else 0.0,
+            max_attempts=_opt_int(doc.get("max_attempts")),
+            run_seq=_opt_int(doc.get("run_seq")),
+            run_stream_seq=_opt_int(doc.get("run_stream_seq")),
         )
+
+
+def _opt_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def normalize_tags(tags: Sequence[str], default_tag: str) -> tuple[str, ...]:
@@ -611,7 +654,9 @@ class WorkerActor:
         try:
             seqs = await self._appender.submit((run_id, envs, hint.last_stream_seq))
         except ConcurrencyConflict:
-            fresh = await self.store.load(run_id, hint=hint)
+            # Re-read the whole run (not from the hint's position, which may be the dispatcher's
+            # and is what just proved wrong), then decide again.
+            fresh = await self._load(run_id)
             return await self.store.execute(run_id, make, producer=producer, hint=fresh)
         snap: RunSnapshot | None = hint
         stored = []
@@ -627,7 +672,7 @@ class WorkerActor:
         # reply is read after the run's events came back.
         try:
             await self._send_prepare(job, child)
-            snap = await self._load(run_id)
+            snap = job.pending_snapshot() or await self._load(run_id)
             prep = await self._prepare_reply(job, child)
         except InfraError as exc:
             log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc)
