@@ -271,7 +271,11 @@ async def test_a_chunked_upload_without_length_is_capped(gw: GW) -> None:
                 yield b"x" * 10_000
             yield f"\r\n--{boundary}--\r\n".encode()
 
-        r = await gw.client.post("/runs/yaml", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        chunks = body()
+        try:
+            r = await gw.client.post("/runs/yaml", content=chunks, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        finally:
+            await chunks.aclose()  # the server answers before the body ends: close the generator ourselves
         assert r.status_code == 413 and "too large" in r.json()["detail"]
         assert (await gw.client.get("/health")).status_code == 200
         assert await events_last_seq(gw.nats) == before

@@ -32,6 +32,7 @@ from ..nats.client import KVEntry
 from ..service import new_run_id
 from . import sse
 from .app import MULTIPART_SLACK, Gateway, json_response
+from .multipart import parse_form
 from .index import decode_cursor
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricValues, local_day_bounds, render
@@ -56,6 +57,8 @@ IDEMPOTENCY_NAMESPACE: Final = uuid.UUID("5b0f8a51-3f0c-4c55-9d55-70796f636f65")
 IDEMPOTENCY_KEY_MAX: Final = 255
 RUN_ID_MAX: Final = 128
 LANG_PLACEHOLDER: Final = "__PYOCO_DASHBOARD_LANG_VALUE__"
+
+INLINE_PARSE_BYTES = 16 * 1024  # smaller YAML documents are parsed on the event loop
 
 
 # -- pure helpers -------------------------------------------------------------------------------
@@ -369,8 +372,11 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
         length = request.content_length
         if length is not None and length > limit + MULTIPART_SLACK:
             raise PayloadTooLarge(f"workflow too large: the upload is {length} bytes, the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
-        form = await request.form
-        files = await request.files
+        try:
+            parsed = parse_form(await request.get_data(cache=False), request.headers.get("Content-Type"))
+        except ValidationError as exc:
+            raise RequestInvalid(exc.message) from None
+        form, files = parsed.fields, parsed.files
         errors = []
         upload = files.get("workflow")
         if upload is None:
@@ -383,17 +389,21 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
         raw_tag = (form.get("tag") or "").strip() or gw.settings.default_tag
         if not subjects.is_token(raw_tag) or len(raw_tag) > 128:
             raise RequestInvalid("invalid tag: tag must match [A-Za-z0-9_-]+ (no dots or spaces)")
-        data = upload.stream.read(limit + 1)  # type: ignore[union-attr]
+        assert upload is not None
+        data = upload.data
         if len(data) > limit:
             raise PayloadTooLarge(f"workflow too large: the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
         from ..flows.yaml import parse_workflow_yaml
 
         try:
-            # A large document takes seconds of pure-Python parsing: off the event loop, one at a
-            # time, so SSE streams and other requests keep flowing meanwhile.
-            doc = await trio.to_thread.run_sync(
-                functools.partial(parse_workflow_yaml, data, max_bytes=limit), limiter=gw.parse_limiter
-            )
+            if len(data) <= INLINE_PARSE_BYTES:
+                doc = parse_workflow_yaml(data, max_bytes=limit)  # ~1 ms, and cached by hash
+            else:
+                # A large document takes seconds of pure-Python parsing: off the event loop, one
+                # at a time, so SSE streams and other requests keep flowing meanwhile.
+                doc = await trio.to_thread.run_sync(
+                    functools.partial(parse_workflow_yaml, data, max_bytes=limit), limiter=gw.parse_limiter
+                )
         except PayloadTooLarge:
             raise
         except ValidationError as exc:
