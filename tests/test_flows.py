@@ -289,3 +289,26 @@ class TestLoaderEdges:
         d = parse_workflow_yaml(raw, max_bytes=0)
         assert len(d.flow_defaults) == 4000
         assert time.perf_counter() - started < 5.0  # ~0.4 s here; generous for slow CI machines
+
+
+class TestGraphFuzz:
+    """Whatever the text, the graph parser answers with a plan or a ValidationError (a 422),
+    never another exception (a 500) and never by running anything."""
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    TOKENS = ["a", "b", "c", "flow", ">>", "&", "|", "(", ")", " ", "\n", "#", ":", "{", "}", "zz",
+              "repeat(count=2)", "switch(on={{$ctx.params.m}})", "'x'", ";", "default", "pipe(p)", "+", ".", "1", "{{", "}}"]
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=12))
+    def test_any_text(self, parts: list[str]) -> None:
+        text = "".join(parts)
+        try:
+            plan = plan_graph(text, ("a", "b", "c"), pipes={"p": "a"})
+        except ValidationError:
+            return
+        assert plan.task_names
+        flow = build_flow(plan, lambda n: Task(func=lambda: None, name=n))
+        assert {t.name for t in flow.tasks} == set(plan.task_names)
