@@ -346,6 +346,7 @@ class WorkerActor:
         self._last_run: dict[str, Any] = {}
         self.completed = 0
         self._became_active = trio.Event()
+        self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
         self._reader: _Batcher[str, list[Envelope]] = _Batcher(nats.read_runs)
         self._appender: _Batcher[tuple[str, Sequence[Envelope], int], list[int]] = _Batcher(nats.append_many)
 
@@ -620,8 +621,12 @@ class WorkerActor:
 
     async def _prepare_reply(self, job: Job, child: ChildProcess) -> dict[str, Any]:
         reply = await child.receive()
-        if reply.get("ev") == "prepared" and job.workflow_yaml_sha256:
-            child.known_docs.add(job.workflow_yaml_sha256)
+        sha = job.workflow_yaml_sha256 if job.workflow_yaml is not None else None
+        if reply.get("ev") == "prepared" and sha:
+            child.known_docs.add(sha)
+            if len(self._yaml_tasks) >= 1024:
+                self._yaml_tasks.clear()
+            self._yaml_tasks[sha] = list(reply.get("tasks") or [])
         return reply
 
     async def _load(self, run_id: str) -> RunSnapshot | None:
@@ -670,27 +675,38 @@ class WorkerActor:
         run_id, attempt = job.run_id, job.attempt
         # The child prepares the flow while we read the run: the command goes out first, the
         # reply is read after the run's events came back.
+        await self._send_prepare(job, child)
         try:
-            await self._send_prepare(job, child)
             snap = job.pending_snapshot() or await self._load(run_id)
-            prep = await self._prepare_reply(job, child)
         except InfraError as exc:
             log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc)
+            await self._prepare_reply(job, child)  # keep the pipe in step
             await self._abort(child, run_id)
             await self._nak(msg, NAK_DELAY)
             return
         except CorruptStreamError as exc:
             log.error("run %s cannot be read (%s); dropping its work item", run_id, exc)
+            await self._prepare_reply(job, child)
             await self._abort(child, run_id)
             self._ack(msg)
             return
-        if snap is None or snap.status is not RunStatus.PENDING or snap.attempt != attempt:
+        obsolete = snap is None or snap.status is not RunStatus.PENDING or snap.attempt != attempt
+        known = self._yaml_tasks.get(job.workflow_yaml_sha256 or "") if job.workflow_yaml is not None else None
+        if known is not None and not obsolete:
+            # The task names of this document are known: claim while the child prepares, and
+            # read its reply after the claim.
+            prep: dict[str, Any] | None = None
+        else:
+            prep = await self._prepare_reply(job, child)
+            known = prep.get("tasks", []) if prep.get("ev") == "prepared" else []
+        if obsolete:
             await self._abort(child, run_id)
             self._ack(msg)  # obsolete: cancelled, claimed, or a later attempt is current
             return
+        assert snap is not None
         self.runs[run_id] = attempt  # before the claim: the reaper trusts our heartbeat
         try:
-            await self._claim_and_run(job, msg, child, prep, snap)
+            await self._claim_and_run(job, msg, child, prep, snap, known)
         finally:
             self.runs.pop(run_id, None)
             self.active.pop(run_id, None)
@@ -706,11 +722,10 @@ class WorkerActor:
         job: Job,
         msg: Delivered,
         child: ChildProcess,
-        prep: dict[str, Any],
+        prep: dict[str, Any] | None,
         snap: RunSnapshot,
+        tasks: list[str],
     ) -> None:
-        run_id, attempt = job.run_id, job.attempt
-        tasks = prep.get("tasks", []) if prep.get("ev") == "prepared" else []
         inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
         await self._claim_and_run_routed(job, msg, child, prep, snap, tasks, inbox)
 
@@ -719,7 +734,7 @@ class WorkerActor:
         job: Job,
         msg: Delivered,
         child: ChildProcess,
-        prep: dict[str, Any],
+        prep: dict[str, Any] | None,
         snap: RunSnapshot,
         tasks: list[str],
         inbox: tuple[trio.MemorySendChannel[tuple[str, Any]], trio.MemoryReceiveChannel[tuple[str, Any]]],
@@ -741,14 +756,24 @@ class WorkerActor:
                 hint=snap,
             )
         except (StaleAttempt, RunNotFound):
+            if prep is None:
+                await self._prepare_reply(job, child)
             await self._abort(child, run_id)
             self._ack(msg)
             return
         except InfraError as exc:
             log.warning("run %s: claim failed (%s); NAK", run_id, exc)
+            if prep is None:
+                await self._prepare_reply(job, child)
             await self._abort(child, run_id)
             await self._nak(msg, NAK_DELAY)
             return
+        died: ChildDied | None = None
+        if prep is None:
+            try:
+                prep = await self._prepare_reply(job, child)
+            except ChildDied as exc:
+                died, prep = exc, {"ev": "prepared", "tasks": tasks}
         active = _Active(job=job, msg=msg, started_at=time.time(), inbox=inbox[0], claimed_at=trio.current_time())
         runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox)
         active.driver = runner
@@ -756,7 +781,9 @@ class WorkerActor:
         if len(self.active) == 1:
             self._became_active.set()
             self._became_active = trio.Event()
-        if prep.get("ev") != "prepared":
+        if died is not None:
+            await runner.end_with_dead_child(died)
+        elif prep.get("ev") != "prepared":
             reason = str(prep.get("reason") or "build_error")
             error = str(prep.get("error") or "the flow could not be built")
             await runner.finish_without_running(reason, error)
@@ -887,6 +914,14 @@ class _RunDriver:
 
         await self._append(make)
         self.final_status = self.hint.status.value if self.hint is not None else outcome
+
+    async def end_with_dead_child(self, exc: ChildDied) -> None:
+        try:
+            await self._child_died(exc, [])
+        except _LostRun:
+            return
+        except InfraError:
+            self.nak = True
 
     async def finish_without_running(self, reason: str, error: str) -> None:
         try:
