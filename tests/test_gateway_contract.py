@@ -17,12 +17,14 @@ from typing import Any
 import httpx
 import trio
 
+from pyoco_es.nats import subjects
 from test_gateway_support import gw  # noqa: F401 - a fixture
 from test_gateway_support import (
     GW,
     HTTPX_STREAM_WARNINGS,
     FakeWorker,
     events_last_seq,
+    open_gateway,
     open_sse,
     put_worker,
     submit_yaml,
@@ -262,3 +264,29 @@ async def test_http_gateway_e2e_yaml_run_on_a_real_worker(tmp_path: Path) -> Non
                 assert types[0] == "run.submitted" and types[-1] == "run.completed" and "run.claimed" in types
                 assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
             stack.nursery.cancel_scope.cancel()
+
+
+async def test_a_fresh_submit_is_dispatched_by_the_gateway_without_the_conductor(tmp_path: Path) -> None:
+    """Fast path: the gateway publishes attempt 1's work item right after the PubAck (with the
+    run's position, so a worker can claim without reading); the conductor would publish the same
+    item later, deduplicated by its Msg-Id."""
+    async with open_gateway(tmp_path, conductor=False) as g:
+        with trio.fail_after(10):
+            r = await g.client.post("/runs", json={"flow_name": "main", "params": {"x": 1}, "tag": "fast"})
+            run_id = r.json()["run_id"]
+
+            async def queued() -> dict[str, int] | None:
+                counts = await g.nats.subject_counts(subjects.WORK_STREAM, "pyoco.work.fast")
+                return counts or None
+
+            assert await wait_until(queued, what="the work item") == {"pyoco.work.fast": 1}
+            entries = await g.nats.read_events(subjects.RUN_EVENTS_WILDCARD, after_stream_seq=0, limit=10)
+            [(stream_seq, _)] = entries
+            # The same item from the conductor's side is a duplicate.
+            from pyoco_es.conductor.projector import work_item
+            from pyoco_es.core.events import RunSubmitted
+
+            ev = RunSubmitted(flow_name="main", params={"x": 1}, tag="fast", tags=["fast"], submitted_at=0.0)
+            ack = await g.nats.publish("pyoco.work.fast", work_item(ev, run_id=run_id, attempt=1), msg_id=f"{run_id}:1")
+            assert ack.duplicate
+            assert stream_seq == 1

@@ -66,8 +66,15 @@ def projector_consumer_config(ack_wait: float = 10.0) -> dict[str, Any]:
     }
 
 
-def work_item(submitted: RunSubmitted, *, run_id: str, attempt: int) -> bytes:
-    """The job message for one attempt (pyoco-server's job fields plus ``attempt``)."""
+def work_item(
+    submitted: RunSubmitted, *, run_id: str, attempt: int, run_version: int | None = None, run_last_stream_seq: int | None = None
+) -> bytes:
+    """The job message for one attempt (pyoco-server's job fields plus ``attempt``).
+
+    ``run_version`` / ``run_last_stream_seq`` say where the run stood when the item was made: a
+    worker can append its claim right there without reading the run first (if the run moved on
+    meanwhile, the append conflicts and the worker reads and decides again).
+    """
     body: dict[str, object] = {
         "run_id": run_id,
         "attempt": attempt,
@@ -81,6 +88,9 @@ def work_item(submitted: RunSubmitted, *, run_id: str, attempt: int) -> bytes:
         "submitted_at": submitted.submitted_at,
         "schedule_id": submitted.schedule_id,
     }
+    if run_version is not None and run_last_stream_seq:
+        body["run_seq"] = run_version
+        body["run_stream_seq"] = run_last_stream_seq
     if submitted.workflow_yaml is not None:
         body["workflow_yaml"] = submitted.workflow_yaml
         body["workflow_yaml_sha256"] = submitted.workflow_yaml_sha256
@@ -329,7 +339,9 @@ class Projector:
             items.append(
                 (
                     subjects.work_subject(snap.tag, self.work_prefix),
-                    work_item(submitted, run_id=run_id, attempt=attempt),
+                    work_item(
+                        submitted, run_id=run_id, attempt=attempt, run_version=snap.version, run_last_stream_seq=snap.last_stream_seq
+                    ),
                     subjects.work_msg_id(run_id, attempt),
                 )
             )

@@ -22,6 +22,7 @@ from quart import Response, request, send_from_directory
 from quart_trio import QuartTrio
 from werkzeug.exceptions import NotFound
 
+from ..conductor.projector import work_item
 from ..core import decide
 from ..core.codec import dumps, envelope_to_json, event_data
 from ..core.errors import ConcurrencyConflict, InfraError, PayloadTooLarge, PyocoError, RunAlreadyExists, RunNotFound, ValidationError
@@ -240,8 +241,15 @@ async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> R
             f"Idempotency-Key {key!r} was already used for a different request (run {run_id}); "
             "use a new key for a new run, or resend the identical request to get the same run"
         ) from None
-    if outcome.snapshot is not None:
-        gw.index.note(outcome.snapshot.to_json())
+    snap = outcome.snapshot
+    if snap is not None:
+        gw.index.note(snap.to_json())
+        # Fast path: hand the first attempt to the workers now (the conductor does it too).
+        gw.dispatch_nowait(
+            subjects.work_subject(snap.tag, gw.settings.work_subject_prefix),
+            work_item(event, run_id=run_id, attempt=1, run_version=snap.version, run_last_stream_seq=snap.last_stream_seq),
+            subjects.work_msg_id(run_id, 1),
+        )
     return json_response({"run_id": run_id, "status": "PENDING", "bundle_hash": None})
 
 
