@@ -844,18 +844,20 @@ async def open_nats(
             async def _reco() -> None:
                 log.warning("reconnected to NATS at %s", url)
 
-            return await nats.connect(
-                url,
-                name=name,
-                connect_timeout=connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                error_cb=_noop_err,
-                disconnected_cb=_disc,
-                reconnected_cb=_reco,
-                pending_size=64 * 1024 * 1024,
-            )
+            # nats-py retries the first connect forever when reconnects are unlimited: bound it.
+            async with asyncio.timeout(connect_timeout * 2):
+                return await nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=connect_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    error_cb=_noop_err,
+                    disconnected_cb=_disc,
+                    reconnected_cb=_reco,
+                    pending_size=64 * 1024 * 1024,
+                )
 
         try:
             nc = await thread.call(_guard, f"connect to {url}", connect)
