@@ -9,7 +9,6 @@ from asyncio (subscriptions, KV watches) reach Trio through memory channels fed 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -31,11 +30,37 @@ def _quiet_handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) 
     loop.default_exception_handler(context)
 
 
+class _Call:
+    """One Trio → asyncio call in flight."""
+
+    __slots__ = ("fn", "args", "task", "atask", "result", "raise_cancel")
+
+    def __init__(self, fn: Callable[..., Awaitable[object]], args: tuple[object, ...], task: trio.lowlevel.Task) -> None:
+        self.fn = fn
+        self.args = args
+        self.task = task
+        self.atask: asyncio.Task[object] | None = None
+        self.result: outcome.Outcome[object] | None = None  # None: cancelled
+        self.raise_cancel: Callable[[], object] | None = None
+
+
 class AsyncioThread:
-    """Owns one asyncio loop running in a daemon thread until :meth:`stop`."""
+    """Owns one asyncio loop running in a daemon thread until :meth:`stop`.
+
+    Crossings are coalesced in both directions: calls made while a batch is waiting to start
+    ride along with it (one wake-up of the asyncio loop), and results that finish together are
+    handed back with one ``run_sync_soon`` (one wake-up of Trio).  Under load this turns N
+    thread wake-ups into one.
+    """
 
     def __init__(self, name: str = "pyoco-nats") -> None:
         self.loop = asyncio.new_event_loop()
+        self._lock = threading.Lock()
+        self._outbox: list[_Call] = []
+        self._outbox_scheduled = False
+        self._inbox: list[_Call] = []
+        self._inbox_scheduled = False
+        self._token: trio.lowlevel.TrioToken | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -54,31 +79,66 @@ class AsyncioThread:
         ``trio.Cancelled``.  (A cancelled publish may still have been sent: callers always set
         a ``Nats-Msg-Id`` so a retry deduplicates.)
         """
-        token = trio.lowlevel.current_trio_token()
-        task = trio.lowlevel.current_task()
-        raise_cancel: list[Callable[[], object]] = []
-
-        def done(fut: concurrent.futures.Future[T]) -> None:
-            def wake() -> None:
-                if fut.cancelled() and raise_cancel:
-                    trio.lowlevel.reschedule(task, outcome.capture(raise_cancel[0]))
-                else:
-                    trio.lowlevel.reschedule(task, outcome.capture(fut.result))
-
-            try:
-                token.run_sync_soon(wake)
-            except trio.RunFinishedError:  # pragma: no cover - the Trio run is gone
-                pass
-
-        cfut = asyncio.run_coroutine_threadsafe(fn(*args), self.loop)  # type: ignore[arg-type]
-        cfut.add_done_callback(done)
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        c = _Call(fn, args, trio.lowlevel.current_task())  # type: ignore[arg-type]
+        with self._lock:
+            self._outbox.append(c)
+            wake = not self._outbox_scheduled
+            self._outbox_scheduled = True
+        if wake:
+            self.loop.call_soon_threadsafe(self._start_calls)
 
         def abort(rc: Callable[[], object]) -> trio.lowlevel.Abort:
-            raise_cancel.append(rc)
-            self.loop.call_soon_threadsafe(cfut.cancel)
+            c.raise_cancel = rc
+            self.loop.call_soon_threadsafe(self._cancel_call, c)
             return trio.lowlevel.Abort.FAILED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+
+    # -- on the asyncio thread ------------------------------------------------------------------
+
+    def _start_calls(self) -> None:
+        with self._lock:
+            calls, self._outbox = self._outbox, []
+            self._outbox_scheduled = False
+        for c in calls:
+            c.atask = self.loop.create_task(c.fn(*c.args))  # type: ignore[arg-type]
+            c.atask.add_done_callback(lambda t, c=c: self._finished(c, t))
+
+    def _cancel_call(self, c: _Call) -> None:
+        # _start_calls was scheduled before this (FIFO), so the task exists.
+        if c.atask is not None and not c.atask.done():
+            c.atask.cancel()
+
+    def _finished(self, c: _Call, atask: asyncio.Task[object]) -> None:
+        if atask.cancelled():
+            c.result = None if c.raise_cancel is not None else outcome.Error(asyncio.CancelledError())
+        else:
+            exc = atask.exception()
+            c.result = outcome.Error(exc) if exc is not None else outcome.Value(atask.result())
+        with self._lock:
+            self._inbox.append(c)
+            wake = not self._inbox_scheduled
+            self._inbox_scheduled = True
+        if wake and self._token is not None:
+            try:
+                self._token.run_sync_soon(self._deliver)
+            except trio.RunFinishedError:  # pragma: no cover - the Trio run is gone
+                pass
+
+    # -- on the Trio thread ---------------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        with self._lock:
+            done, self._inbox = self._inbox, []
+            self._inbox_scheduled = False
+        for c in done:
+            if c.result is None:
+                assert c.raise_cancel is not None
+                trio.lowlevel.reschedule(c.task, outcome.capture(c.raise_cancel))
+            else:
+                trio.lowlevel.reschedule(c.task, c.result)
 
     def call_soon(self, fn: Callable[..., object], *args: object) -> None:
         """Schedule a plain callback on the asyncio loop (fire and forget, thread-safe)."""

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
@@ -655,10 +656,23 @@ class NatsClient:
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Any]]:
         send, receive = trio.open_memory_channel[Any](math.inf)
         token = trio.lowlevel.current_trio_token()
+        lock = threading.Lock()
+        pending: list[object] = []
 
-        def emit(item: object) -> None:
+        def deliver() -> None:  # on the Trio thread: everything emitted since the last wake-up
+            with lock:
+                items = pending[:]
+                pending.clear()
+            for item in items:
+                _send_or_drop(send, item)
+
+        def emit(item: object) -> None:  # on the asyncio thread: one Trio wake-up per burst
+            with lock:
+                pending.append(item)
+                if len(pending) > 1:
+                    return
             try:
-                token.run_sync_soon(_send_or_drop, send, item)
+                token.run_sync_soon(deliver)
             except trio.RunFinishedError:  # pragma: no cover
                 pass
 
@@ -671,6 +685,7 @@ class NatsClient:
                 log.warning("NATS stream ended: %s", exc)
             finally:
                 try:
+                    token.run_sync_soon(deliver)
                     token.run_sync_soon(send.close)
                 except trio.RunFinishedError:  # pragma: no cover
                     pass
