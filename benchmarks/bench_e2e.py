@@ -80,9 +80,44 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its reaped children (from /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo += children.get(pid, [])
+    return out
+
+
 class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by every process this system started (and their children)."""
+        pids: set[int] = set()
+        for p in self.procs:
+            pids |= _descendants(p.pid)
+        return sum(_cpu_seconds(pid) for pid in pids)
 
     def start(self, cmd: list[str], **kw: object) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, **kw)  # type: ignore[call-overload]
@@ -102,7 +137,7 @@ class Procs:
 
 
 @contextmanager
-def ours(tmp: Path, workers: int, concurrency: int) -> Iterator[str]:
+def ours(tmp: Path, workers: int, concurrency: int) -> Iterator[tuple[str, Procs]]:
     procs = Procs()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYOCO_NATS_URL", None)
@@ -127,7 +162,7 @@ def ours(tmp: Path, workers: int, concurrency: int) -> Iterator[str]:
                 stderr=subprocess.DEVNULL, cwd=REPO, env=env,
             )
         wait_http(url)
-        yield url
+        yield url, procs
     finally:
         procs.stop()
         log.close()
@@ -143,7 +178,7 @@ def ensure_their_venv() -> Path:
 
 
 @contextmanager
-def theirs(tmp: Path, workers: int) -> Iterator[str]:
+def theirs(tmp: Path, workers: int) -> Iterator[tuple[str, Procs]]:
     bin_ = ensure_their_venv()
     procs = Procs()
     nats_port, http_port = free_port(), free_port()
@@ -159,7 +194,7 @@ def theirs(tmp: Path, workers: int) -> Iterator[str]:
         wait_http(url)
         for i in range(workers):
             procs.start([str(bin_ / "python"), str(shim), "--nats-url", nats_url, "--tags", "default", "--worker-id", f"w{i}"], stderr=subprocess.DEVNULL, cwd=REPO, env=env)
-        yield url
+        yield url, procs
     finally:
         procs.stop()
 
@@ -285,9 +320,11 @@ def pct(xs: list[float], p: float) -> float:
 
 def measure(name: str, start, args: argparse.Namespace, results: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
     for workers in (1, 2):
-        with tempfile.TemporaryDirectory() as tmp, start(Path(tmp), workers) as url:
+        with tempfile.TemporaryDirectory() as tmp, start(Path(tmp), workers) as (url, procs):
+            cpu0 = procs.cpu()
             done, sub, failed = trio.run(throughput, url, args.runs, args.clients)
             results[(name, f"completed runs/s, {workers} worker(s)")] = done
+            results[(name, f"server CPU ms per run (all processes, {workers} worker(s))")] = (procs.cpu() - cpu0) * 1000 / (args.runs + 1)
             results[(name, f"submit runs/s (C={args.clients}, {workers} worker(s))")] = sub
             if failed:
                 print(f"  ({name}: {failed} runs did not complete)", file=sys.stderr)
@@ -322,7 +359,7 @@ def main() -> None:
         b = results.get(("pyoco-server", m))
         ratio = ""
         if a and b:
-            ratio = f"{(a / b if 'runs/s' in m else b / a):.1f}x"
+            ratio = f"{(a / b if 'runs/s' in m else b / a):.1f}x"  # ms and CPU: lower is better
         print(f"{m:<58} {a if a is not None else float('nan'):>10.1f} {b if b is not None else float('nan'):>13.1f} {ratio:>7}")
     print("(ratio: how many times better pyoco-es is; for times, theirs / ours)")
 
