@@ -337,13 +337,7 @@ class NatsClient:
 
     async def _append_many(self, prepared: list[tuple[str, list[tuple[str, bytes]], int]]) -> list[Any]:
         async with asyncio.timeout(self.op_timeout * 2):
-            results = await asyncio.gather(
-                *(_guard("append", self._append, r, p, last) for r, p, last in prepared), return_exceptions=True
-            )
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, PyocoError):
-                raise r
-        return list(results)
+            return await self._gather("append", self._append, prepared)
 
     async def _append(self, run_id: str, payloads: list[tuple[str, bytes]], expected_last: int) -> list[int]:
         subject = subjects.run_events_subject(run_id)
@@ -453,30 +447,52 @@ class NatsClient:
 
     # -- plain JetStream publish ----------------------------------------------------------------
 
+    async def _publish_one(
+        self, subject: str, data: bytes, msg_id: str | None, headers: dict[str, str] | None = None
+    ) -> PubAck:  # on the asyncio side
+        h = dict(headers or {})
+        if msg_id:
+            h["Nats-Msg-Id"] = msg_id
+        try:
+            seq, duplicate = await self._pub.publish_ack(subject, data, h or None)
+        except JetStreamAckError as exc:
+            raise InfraError(f"publish to {subject}: {exc}") from exc
+        return PubAck(seq=seq, duplicate=duplicate)
+
+    async def _cas_one(self, bucket: str, key: str, value: bytes, last: int) -> int:  # on the asyncio side
+        subject = subjects.kv_subject(bucket, key)
+        try:
+            return await self._pub.publish(subject, value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
+        except JetStreamAckError as exc:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
+                raise ConcurrencyConflict(subject, last) from exc
+            raise InfraError(f"kv update {subject}: {exc}") from exc
+
+    async def _gather(self, what: str, fn: Callable[..., Awaitable[T]], items: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """``fn(*item)`` for every item, pipelined (on the asyncio side): per-item result or
+        PyocoError; anything else is a bug and propagates."""
+        res = await asyncio.gather(*(_guard(what, fn, *it) for it in items), return_exceptions=True)
+        for r in res:
+            if isinstance(r, BaseException) and not isinstance(r, PyocoError):
+                raise r
+        return list(res)
+
     async def publish(
         self, subject: str, data: bytes, *, msg_id: str | None = None, headers: dict[str, str] | None = None
     ) -> PubAck:
-        return (await self.publish_many([(subject, data, msg_id, headers)]))[0]  # type: ignore[return-value]
+        res = (await self.publish_many([(subject, data, msg_id, headers)]))[0]
+        if isinstance(res, PyocoError):
+            raise res
+        return res
 
     async def publish_many(
         self, items: Sequence[tuple[str, bytes, str | None, dict[str, str] | None]]
     ) -> list[PubAck | PyocoError]:
         """JetStream publishes with optional ``Nats-Msg-Id``, pipelined; per-item result or error."""
 
-        async def one(subject: str, data: bytes, msg_id: str | None, headers: dict[str, str] | None) -> PubAck:
-            h = dict(headers or {})
-            if msg_id:
-                h["Nats-Msg-Id"] = msg_id
-            try:
-                seq, duplicate = await self._pub.publish_ack(subject, data, h or None)
-            except JetStreamAckError as exc:
-                raise InfraError(f"publish to {subject}: {exc}") from exc
-            return PubAck(seq=seq, duplicate=duplicate)
-
         async def go() -> list[Any]:
             async with asyncio.timeout(self.op_timeout * 2):
-                res = await asyncio.gather(*(_guard("publish", one, *it) for it in items), return_exceptions=True)
-            return list(res)
+                return await self._gather("publish", self._publish_one, items)
 
         return await self._call("publish", go)
 
@@ -520,22 +536,9 @@ class NatsClient:
     ) -> list[int | PyocoError]:
         """Pipelined compare-and-swap writes, one crossing; per-item new revision or error."""
 
-        async def one(key: str, value: bytes, last: int) -> int:
-            subject = subjects.kv_subject(bucket, key)
-            try:
-                return await self._pub.publish(subject, value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
-            except JetStreamAckError as exc:
-                if exc.err_code in WRONG_LAST_SEQUENCE:
-                    raise ConcurrencyConflict(subject, last) from exc
-                raise InfraError(f"kv update {subject}: {exc}") from exc
-
         async def go() -> list[Any]:
             async with asyncio.timeout(self.op_timeout * 2):
-                res = await asyncio.gather(*(_guard("kv update", one, *it) for it in items), return_exceptions=True)
-            for r in res:
-                if isinstance(r, BaseException) and not isinstance(r, PyocoError):
-                    raise r
-            return list(res)
+                return await self._gather("kv update", self._cas_one, [(bucket, *it) for it in items])
 
         return await self._call("kv update", go)
 
@@ -549,36 +552,17 @@ class NatsClient:
         """The projector's flush in one crossing: CAS writes and publishes (concurrently), then
         the acks, which are sent only when every write and publish succeeded."""
 
-        async def kv_one(key: str, value: bytes, last: int) -> int:
-            subject = subjects.kv_subject(bucket, key)
-            try:
-                return await self._pub.publish(subject, value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
-            except JetStreamAckError as exc:
-                if exc.err_code in WRONG_LAST_SEQUENCE:
-                    raise ConcurrencyConflict(subject, last) from exc
-                raise InfraError(f"kv update {subject}: {exc}") from exc
-
-        async def pub_one(subject: str, data: bytes, msg_id: str | None) -> PubAck:
-            try:
-                seq, dup = await self._pub.publish_ack(subject, data, {"Nats-Msg-Id": msg_id} if msg_id else None)
-            except JetStreamAckError as exc:
-                raise InfraError(f"publish to {subject}: {exc}") from exc
-            return PubAck(seq=seq, duplicate=dup)
-
         async def go() -> tuple[list[Any], list[Any]]:
             async with asyncio.timeout(self.op_timeout * 2):
                 kv_res, pub_res = await asyncio.gather(
-                    asyncio.gather(*(_guard("kv update", kv_one, *it) for it in kv_items), return_exceptions=True),
-                    asyncio.gather(*(_guard("publish", pub_one, *it) for it in publishes), return_exceptions=True),
+                    self._gather("kv update", self._cas_one, [(bucket, *it) for it in kv_items]),
+                    self._gather("publish", self._publish_one, publishes),
                 )
-            for r in (*kv_res, *pub_res):
-                if isinstance(r, BaseException) and not isinstance(r, PyocoError):
-                    raise r
             if not any(isinstance(r, PyocoError) for r in (*kv_res, *pub_res)):
                 publish = self._nc.publish
                 for m in acks:
                     await publish(m.msg.reply, b"+ACK")
-            return list(kv_res), list(pub_res)
+            return kv_res, pub_res
 
         return await self._call("commit", go)
 
