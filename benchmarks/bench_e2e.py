@@ -162,7 +162,11 @@ def ours(tmp: Path, workers: int, concurrency: int) -> Iterator[tuple[str, Procs
                 stderr=subprocess.DEVNULL, cwd=REPO, env=env,
             )
         wait_http(url)
-        yield url, procs
+        try:
+            yield url, procs
+        except BaseException:
+            print("pyoco-server up log (tail):\n" + (tmp / "ours-up.log").read_text()[-4000:], file=sys.stderr)
+            raise
     finally:
         procs.stop()
         log.close()

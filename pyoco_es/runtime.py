@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,8 +14,9 @@ from pathlib import Path
 import trio
 
 from .config import Settings
+from .core.errors import PyocoError
 from .nats.client import NatsClient, open_nats
-from .nats.embedded import EmbeddedNats
+from .nats.embedded import EmbeddedNats, set_parent_death_signal
 from .nats.resources import ResourceConfig, ensure_resources
 
 log = logging.getLogger(__name__)
@@ -62,3 +64,78 @@ async def wait_for_stop_signal(stop: trio.Event, *, task_status: trio.TaskStatus
                 raise KeyboardInterrupt
             log.warning("received %s: shutting down (again to force)", signal.Signals(signum).name)
             stop.set()
+
+
+CLI_ENTRY = "from pyoco_es.cli.main import main; main()"
+
+
+@asynccontextmanager
+async def open_child_service(
+    args: list[str], *, ready_marker: str, name: str, stop_timeout: float = 40.0, start_timeout: float = 30.0
+) -> AsyncIterator[trio.Process]:
+    """Run ``pyoco-es ARGS`` as a child process that dies with us, for as long as the block runs.
+
+    Its stderr is forwarded to ours; the block is entered once a stderr line contains
+    ``ready_marker``.  On exit the child gets SIGTERM (a worker drains its runs), then SIGKILL
+    after ``stop_timeout``.  If the child exits on its own meanwhile, the block is cancelled and
+    :class:`ChildServiceDied` is raised.
+    """
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", CLI_ENTRY, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=set_parent_death_signal,
+        start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
+    )
+    ready = trio.Event()
+    stopping = False
+    died: list[int] = []
+
+    async def forward() -> None:
+        assert proc.stderr is not None
+        buf = b""
+        async for chunk in proc.stderr:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                text = line.decode("utf-8", "replace")
+                if ready_marker in text:
+                    ready.set()
+                print(f"[{name}] {text}", file=sys.stderr, flush=True)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forward)
+
+            async def watch() -> None:
+                code = await proc.wait()
+                if not stopping:
+                    died.append(code)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            with trio.fail_after(start_timeout):
+                await ready.wait()
+            try:
+                yield proc
+            finally:
+                stopping = True
+                with trio.CancelScope(shield=True):
+                    if proc.returncode is None:
+                        proc.send_signal(signal.SIGTERM)
+                        with trio.move_on_after(stop_timeout):
+                            await proc.wait()
+                        if proc.returncode is None:
+                            proc.kill()
+                            await proc.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    if died:
+        raise ChildServiceDied(f"{name} exited unexpectedly with code {died[0]}; see its log lines above")
+
+
+class ChildServiceDied(PyocoError):
+    """A service ``pyoco-server up`` started as a child process exited on its own."""

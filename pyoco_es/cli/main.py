@@ -4,6 +4,7 @@ plus ``pyoco-server`` (defaults to ``up``) and ``pyoco-worker`` as compatible na
 from __future__ import annotations
 
 import json
+from contextlib import AsyncExitStack
 import os
 import sys
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ import trio
 from ..config import Settings
 from ..core.codec import envelope_to_json
 from ..core.errors import PyocoError
-from ..runtime import configure_logging, open_system_nats, wait_for_stop_signal
+from ..runtime import configure_logging, open_child_service, open_system_nats, wait_for_stop_signal
 
 NATS_URL = click.option("--nats-url", envvar="PYOCO_NATS_URL", default=None, help="Use this NATS server/cluster instead of the embedded one.")
 DATA_DIR = click.option("--data-dir", envvar="PYOCO_DATA_DIR", default=".pyoco-es", show_default=True, type=click.Path(path_type=Path), help="Where the embedded NATS keeps its store.")
@@ -103,37 +104,33 @@ async def up(
         settings = attrs.evolve(settings, allowed_modules=tuple(allow_modules))
     from ..conductor.service import run_conductor
     from ..gateway.server import run_gateway
+    from .worker import load_flow_resolver
 
+    if worker_flow_resolver:
+        load_flow_resolver(worker_flow_resolver)  # a bad spec fails here, before anything starts
     stop = trio.Event()
     try:
         async with open_system_nats(settings, name="pyoco-server", announce=True) as nats:
+            # The worker runs as a child process (its own interpreter and GIL, so the gateway's
+            # HTTP work never waits behind it); the conductor shares this process and its NATS
+            # connection (measured: a separate conductor process cost more CPU per run than it
+            # saved in contention).
+            worker_args = ["worker", "--nats-url", nats.url, "--log-level", log_level, "--worker-id", worker_id,
+                           "--tags", worker_tags, "--concurrency", str(worker_concurrency)]
+            for module in settings.allowed_modules:
+                worker_args += ["--allow-module", module]
+            if worker_flow_resolver:
+                worker_args += ["--flow-resolver", worker_flow_resolver]
             async with trio.open_nursery() as nursery:
                 await nursery.start(wait_for_stop_signal, stop)
                 await nursery.start(run_conductor, nats, settings)
                 bound = await nursery.start(lambda task_status: run_gateway(nats, settings, host=host, port=port, task_status=task_status))
-                click.echo(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)", err=True)
-                if with_worker:
-                    from ..worker.actor import run_worker
-                    from .worker import load_flow_resolver
-
-                    resolver = load_flow_resolver(worker_flow_resolver) if worker_flow_resolver else None
-                    # run_worker returns once ``stop`` is set and its runs are drained.
-                    async with trio.open_nursery() as workers:
-                        await workers.start(
-                            lambda task_status: run_worker(
-                                nats,
-                                settings,
-                                worker_id=worker_id,
-                                tags=[t.strip() for t in worker_tags.split(",") if t.strip()],
-                                concurrency=worker_concurrency,
-                                flow_resolver=resolver,
-                                allowed_modules=settings.allowed_modules,
-                                stop=stop,
-                                task_status=task_status,
-                            )
-                        )
-                else:
+                async with AsyncExitStack() as services:
+                    if with_worker:
+                        await services.enter_async_context(open_child_service(worker_args, ready_marker="serving", name="worker"))
+                    click.echo(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)", err=True)
                     await stop.wait()
+                # The worker has drained and stopped; the gateway answered until now.
                 nursery.cancel_scope.cancel()
     except* PyocoError as group:
         fail(_first(group).message, hint="pyoco-server up --help")  # type: ignore[attr-defined]

