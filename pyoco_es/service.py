@@ -102,10 +102,14 @@ class RunStore:
             InfraError: NATS failed; events may be partially appended (each is a legal fact).
         """
         snap = hint if hint is not None or assume_new else await self.load(run_id)
+        stored: list[Event] = []  # events of this command an earlier, conflicting try did store
+        appended: list[Envelope] = []
         for _ in range(MAX_CONFLICTS):
-            events = decide(snap)
+            # A re-decision may propose again what a partially applied try already stored
+            # (value-equal events): those are facts already, never appended twice.
+            events = [e for e in decide(snap) if e not in stored]
             if not events:
-                return Outcome(snap, ())
+                return Outcome(snap, tuple(appended))
             envs = stamp(
                 snap,
                 events,
@@ -119,14 +123,16 @@ class RunStore:
             expected = snap.last_stream_seq if snap is not None else 0
             try:
                 seqs = await self.nats.append(run_id, envs, expected_last=expected)
-            except ConcurrencyConflict:
+            except ConcurrencyConflict as exc:
                 log.debug("conflict appending to run %s; re-deciding", run_id, extra={"run_id": run_id})
+                stored += [e.event for e in envs[: exc.appended]]
+                appended += envs[: exc.appended]
                 snap = await self.load(run_id, hint=snap)
                 continue
-            stored = [attrs.evolve(e, stream_seq=s) for e, s in zip(envs, seqs, strict=True)]
-            for env in stored:
+            stored_now = [attrs.evolve(e, stream_seq=s) for e, s in zip(envs, seqs, strict=True)]
+            for env in stored_now:
                 snap = apply(snap, env)
-            return Outcome(snap, tuple(stored))
+            return Outcome(snap, tuple(appended) + tuple(stored_now))
         raise InfraError(f"run {run_id}: gave up after {MAX_CONFLICTS} concurrent-update conflicts")
 
 

@@ -72,10 +72,11 @@ class StaleAttempt(DomainError):
 class ConcurrencyConflict(DomainError):
     """An append lost an optimistic-concurrency race: re-read the run and decide again."""
 
-    def __init__(self, subject: str, expected: int) -> None:
+    def __init__(self, subject: str, expected: int, *, appended: int = 0) -> None:
         super().__init__(f"wrong last sequence on {subject} (expected {expected})")
         self.subject = subject
         self.expected = expected
+        self.appended = appended  # events of the same append that were stored before the conflict
 
 
 class ValidationError(PyocoError):

@@ -353,7 +353,7 @@ class NatsClient:
                 last = await self._pub.publish(subject, data, headers)
             except JetStreamAckError as exc:
                 if exc.err_code in WRONG_LAST_SEQUENCE:
-                    raise ConcurrencyConflict(subject, last) from exc
+                    raise ConcurrencyConflict(subject, last, appended=len(seqs)) from exc
                 raise InfraError(f"append to {subject}: {exc}") from exc
             seqs.append(last)
         return seqs
