@@ -381,5 +381,9 @@ class WorkerIndex:
     def records(self) -> list[tuple[str, JSONObject]]:
         return [(key, record) for key, (_, record) in self._records.items()]
 
+    def get(self, key: str) -> JSONObject | None:
+        held = self._records.get(key)
+        return None if held is None else held[1]
+
     def __len__(self) -> int:
         return len(self._records)

@@ -272,11 +272,14 @@ async def enrich(gw: Gateway, doc: JSONObject) -> JSONObject:
     worker_id = doc.get("worker_id")
     if not isinstance(worker_id, str) or not worker_id:
         return doc
-    try:
-        entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
-        record = json.loads(entry.value) if entry is not None and entry.value else None
-    except (PyocoError, ValueError):
-        return doc  # best effort, like pyoco-server
+    if gw.workers.ready.is_set():
+        record = gw.workers.get(worker_id)  # the registry as the watch delivered it: no round trip
+    else:
+        try:
+            entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
+            record = json.loads(entry.value) if entry is not None and entry.value else None
+        except (PyocoError, ValueError):
+            return doc  # best effort, like pyoco-server
     if record is not None and not isinstance(record, dict):
         record = None
     out = dict(doc)
