@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import locale
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Final
@@ -60,6 +62,7 @@ RUN_ID_MAX: Final = 128
 LANG_PLACEHOLDER: Final = "__PYOCO_DASHBOARD_LANG_VALUE__"
 
 INLINE_PARSE_BYTES = 16 * 1024  # smaller YAML documents are parsed on the event loop
+PATCH_RETRY_SECONDS = 5.0  # how long PATCH /workers/{id} keeps retrying its compare-and-swap
 
 
 # -- pure helpers -------------------------------------------------------------------------------
@@ -699,7 +702,14 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
         if not subjects.is_token(worker_id) or len(worker_id) > 256:
             return json_response({"detail": "worker not found"}, 404)
         gw.require_nats()
-        for _ in range(20):
+        deadline = trio.current_time() + PATCH_RETRY_SECONDS
+        for attempt in itertools.count():
+            if attempt and trio.current_time() > deadline:
+                break
+            if attempt:
+                # Lost the race to a heartbeat: back off a little (jittered) so a busy writer
+                # cannot starve the toggle.
+                await trio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))
             entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
             if entry is None or not entry.value:
                 return json_response({"detail": "worker not found"}, 404)
