@@ -168,3 +168,31 @@ def test_api_key_auth_mode_fails_closed() -> None:
 
     with pytest.raises(ValidationError, match="PYOCO_HTTP_AUTH_MODE"):
         create_app(None, Settings(http_auth_mode="api_key"))  # type: ignore[arg-type]
+
+
+def test_full_snapshots_are_cached_for_reads_within_bounds() -> None:
+    """GET /runs/{id} answers from the index's bounded cache, never with a version older than
+    one this gateway acknowledged, and forgets deleted runs."""
+    from pyoco_es.gateway.index import RunIndex
+    from pyoco_es.nats.client import KVEntry
+
+    index = RunIndex(None)  # type: ignore[arg-type]  # fed by hand: no NATS needed
+    index.doc_cache_size = 2
+
+    def put(run_id: str, version: int, rev: int) -> None:
+        doc = {"run_id": run_id, "status": "PENDING", "updated_at": float(rev), "version": version}
+        index.apply(KVEntry(key=run_id, value=json.dumps(doc).encode(), revision=rev))
+
+    put("a", 1, 1)
+    doc = index.doc_of("a")
+    assert doc is not None and doc["version"] == 1
+    index.note({"run_id": "a", "status": "CANCELLED", "updated_at": 9.0, "version": 2})
+    assert index.doc_of("a") is None  # our own write is newer than the cached copy: read KV
+    put("a", 2, 2)
+    cached = index.doc_of("a")
+    assert cached is not None and cached["version"] == 2
+    put("b", 1, 3)
+    put("c", 1, 4)
+    assert index.doc_of("a") is None and index.doc_of("c") is not None  # bounded: oldest evicted
+    index.apply(KVEntry(key="c", value=None, revision=5))
+    assert index.doc_of("c") is None

@@ -58,6 +58,7 @@ SUMMARY_KEYS: Final = (
 FILTER_KEYS: Final = ("status", "flow_name", "tag", "workflow_yaml_sha256", "schedule_id", "tenant_id")
 
 SortKey = tuple[float, str]
+DOC_CACHE_SIZE: Final = 4096  # full snapshots kept for GET /runs/{id}
 
 
 def summarize(doc: JSONObject) -> JSONObject:
@@ -148,6 +149,10 @@ class RunIndex:
         self._slots: dict[str, set[RunSlot]] = {}
         self._changed = trio.Event()
         self.revision = 0  # highest KV revision applied
+        # The full snapshots of the most recently changed runs, as the watch delivered them:
+        # ``GET /runs/{id}`` answers from here without a KV round trip (bounded memory).
+        self._docs: OrderedDict[str, JSONObject] = OrderedDict()
+        self.doc_cache_size = DOC_CACHE_SIZE
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -164,6 +169,7 @@ class RunIndex:
             self.revision = entry.revision
         if entry.value is None:
             self._remove(entry.key)
+            self._docs.pop(entry.key, None)
             self._by_revision.pop(entry.key, None)
             self._notify_list()
             return
@@ -180,6 +186,10 @@ class RunIndex:
             current.revision = entry.revision  # a note of ours is newer: keep its summary
         else:
             self._store(doc, revision=entry.revision)
+        self._docs[entry.key] = doc
+        self._docs.move_to_end(entry.key)
+        if len(self._docs) > self.doc_cache_size:
+            self._docs.popitem(last=False)
         self._by_revision[entry.key] = entry.revision
         self._by_revision.move_to_end(entry.key)
         self._notify_list()
@@ -237,6 +247,8 @@ class RunIndex:
         for run_id in [r for r, e in self._entries.items() if r not in present and e.revision]:
             self._remove(run_id)
             self._by_revision.pop(run_id, None)
+        for run_id in [r for r in self._docs if r not in present]:
+            del self._docs[run_id]
 
     def _notify_list(self) -> None:
         self._changed.set()
@@ -254,6 +266,15 @@ class RunIndex:
     def summaries(self) -> Iterator[JSONObject]:
         for entry in self._entries.values():
             yield entry.summary
+
+    def doc_of(self, run_id: str) -> JSONObject | None:
+        """The full snapshot last delivered for ``run_id`` if it is still cached and is at least
+        the newest version this gateway knows of (else None: read it from KV)."""
+        doc = self._docs.get(run_id)
+        if doc is None:
+            return None
+        version = doc.get("version")
+        return doc if isinstance(version, int) and version >= self.version_of(run_id) else None
 
     def version_of(self, run_id: str) -> int:
         """The newest version of the run this gateway has seen (0 when unknown)."""

@@ -259,6 +259,9 @@ async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> R
 async def read_snapshot(gw: Gateway, run_id: str) -> JSONObject | None:
     """The run's snapshot: KV, or the fold of its events when KV misses it or is older than a
     write this gateway acknowledged (read-your-writes)."""
+    cached = gw.index.doc_of(run_id)
+    if cached is not None:
+        return cached
     entry = await gw.nats.kv_get(subjects.RUNS_BUCKET, run_id)
     if entry is not None and entry.value:
         try:
