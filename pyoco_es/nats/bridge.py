@@ -140,9 +140,6 @@ class AsyncioThread:
             else:
                 trio.lowlevel.reschedule(c.task, c.result)
 
-    def call_soon(self, fn: Callable[..., object], *args: object) -> None:
-        """Schedule a plain callback on the asyncio loop (fire and forget, thread-safe)."""
-        self.loop.call_soon_threadsafe(fn, *args)
 
     def stop(self) -> None:
         if self.loop.is_closed():

@@ -431,22 +431,6 @@ class NatsClient:
             if got < batch or once:
                 return out
 
-    async def last_run_seq(self, run_id: str) -> int:
-        """The stream seq of the run's last event, 0 when it has none."""
-
-        async def go() -> int:
-            try:
-                msg = await self._js.get_msg(
-                    subjects.EVENTS_STREAM, subject=subjects.run_events_subject(run_id), direct=True
-                )
-            except nats.js.errors.NotFoundError:
-                return 0
-            return int(msg.seq)
-
-        return await self._call("last run seq", go)
-
-    # -- plain JetStream publish ----------------------------------------------------------------
-
     async def _publish_one(
         self, subject: str, data: bytes, msg_id: str | None, headers: dict[str, str] | None = None
     ) -> PubAck:  # on the asyncio side
@@ -565,13 +549,6 @@ class NatsClient:
             return kv_res, pub_res
 
         return await self._call("commit", go)
-
-    async def kv_delete(self, bucket: str, key: str) -> None:
-        async def go() -> None:
-            kv = await self._js.key_value(bucket)
-            await kv.delete(key)
-
-        await self._call("kv delete", go)
 
     async def kv_keys(self, bucket: str) -> list[str]:
         """All live keys ([] for an empty bucket, unlike nats-py's NoKeysError)."""
@@ -750,9 +727,6 @@ class NatsClient:
                 await publish(m.msg.reply, b"+ACK")
 
         await self._call("ack", go)
-
-    async def ack_sync(self, msg: Delivered) -> None:
-        await self._call("ack", msg.msg.ack_sync)
 
     async def nak(self, msg: Delivered, delay: float | None = None) -> None:
         await self._call("nak", msg.msg.nak, delay)
