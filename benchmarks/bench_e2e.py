@@ -40,14 +40,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent
 THEIR_VENV = REPO / "benchmarks" / ".pyoco-server-venv"
-FLOW = b"""version: 1
-flow:
-  graph: add_one >> to_text
-  defaults: {x: 1}
-tasks:
-  add_one: {callable: "examples.tasks:add_one"}
-  to_text: {callable: "examples.tasks:to_text", inputs: {value: "$node.add_one.output"}}
-"""
+FLOW = (REPO / "examples" / "flow.yaml").read_bytes()  # the trivial 2-task flow
 SHIM = """
 import asyncio, runpy, sys
 async def wait_for(fut, timeout):

@@ -33,16 +33,7 @@ pytestmark = [
 CLIENT = str(Path(sys.executable).parent / "pyoco-client")
 REPO = Path(__file__).resolve().parent.parent
 
-TWO_TASKS = """\
-version: 1
-flow:
-  graph: |
-    add_one >> to_text
-  defaults: {x: 41}
-tasks:
-  add_one: {callable: "examples.tasks:add_one"}
-  to_text: {callable: "examples.tasks:to_text", inputs: {value: "$node.add_one.output"}}
-"""
+TWO_TASKS = (REPO / "examples" / "flow.yaml").read_text().replace("{x: 1}", "{x: 41}")
 
 FAILING = TWO_TASKS.replace("examples.tasks:add_one", "examples.tasks:boom")
 

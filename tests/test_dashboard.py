@@ -40,16 +40,7 @@ EVIL_WORKER_KEY = "evil-worker"
 
 pytestmark = pytest.mark.browser
 
-TWO_TASKS = """\
-version: 1
-flow:
-  graph: |
-    add_one >> to_text
-  defaults: {x: 41}
-tasks:
-  add_one: {callable: "examples.tasks:add_one"}
-  to_text: {callable: "examples.tasks:to_text", inputs: {value: "$node.add_one.output"}}
-"""
+TWO_TASKS = (ROOT / "examples" / "flow.yaml").read_text().replace("{x: 1}", "{x: 41}")
 
 # ignores the cooperative cancel, so the run stays CANCELLING for the grace period (1.5 s) and is
 # then killed: the page must show both statuses

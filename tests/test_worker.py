@@ -29,16 +29,7 @@ from pyoco_es.worker.actor import WorkerActor, run_worker
 GW = Producer(kind="gateway", id="test")
 ROOT = Path(__file__).resolve().parents[1]
 
-TWO_TASKS = """\
-version: 1
-flow:
-  graph: |
-    add_one >> to_text
-  defaults: {x: 1}
-tasks:
-  add_one: {callable: "examples.tasks:add_one"}
-  to_text: {callable: "examples.tasks:to_text", inputs: {value: "$node.add_one.output"}}
-"""
+TWO_TASKS = (ROOT / "examples" / "flow.yaml").read_text()  # add_one >> to_text, x = 1
 
 
 def fast_settings(**overrides: object) -> Settings:

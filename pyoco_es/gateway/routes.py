@@ -274,6 +274,17 @@ async def read_snapshot(gw: Gateway, run_id: str) -> JSONObject | None:
     return None if snap is None else snap.to_json()
 
 
+async def read_existing(gw: Gateway, run_id: str) -> JSONObject:
+    """:func:`read_snapshot` for a route: a malformed or unknown id is a 404, NATS down a 503."""
+    if not valid_run_id(run_id):
+        raise RunNotFound(run_id)
+    gw.require_nats()
+    doc = await read_snapshot(gw, run_id)
+    if doc is None:
+        raise RunNotFound(run_id)
+    return doc
+
+
 async def enrich(gw: Gateway, doc: JSONObject) -> JSONObject:
     worker_id = doc.get("worker_id")
     if not isinstance(worker_id, str) or not worker_id:
@@ -538,22 +549,12 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.get("/runs/<run_id>")
     async def get_run(run_id: str) -> Response:
-        if not valid_run_id(run_id):
-            raise RunNotFound(run_id)
-        gw.require_nats()
-        doc = await read_snapshot(gw, run_id)
-        if doc is None:
-            raise RunNotFound(run_id)
+        doc = await read_existing(gw, run_id)
         return json_response(await enrich(gw, filter_snapshot(doc, _includes())))
 
     @app.get("/runs/<run_id>/tasks")
     async def get_tasks(run_id: str) -> Response:
-        if not valid_run_id(run_id):
-            raise RunNotFound(run_id)
-        gw.require_nats()
-        doc = await read_snapshot(gw, run_id)
-        if doc is None:
-            raise RunNotFound(run_id)
+        doc = await read_existing(gw, run_id)
         return json_response(
             {
                 "run_id": doc.get("run_id", run_id),
