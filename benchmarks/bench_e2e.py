@@ -37,6 +37,9 @@ from typing import Iterator
 import httpx
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import leanhttp  # noqa: E402 - the benchmark's own cheap HTTP client
+
 REPO = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent
 THEIR_VENV = REPO / "benchmarks" / ".pyoco-server-venv"
@@ -196,18 +199,24 @@ def theirs(tmp: Path, workers: int) -> Iterator[tuple[str, Procs]]:
         procs.stop()
 
 
-async def submit(client: httpx.AsyncClient, tag: str = "default") -> tuple[str, float]:
+_BODIES: dict[str, tuple[bytes, bytes]] = {}
+
+
+async def submit(client: leanhttp.Client, tag: str = "default") -> tuple[str, float]:
+    if tag not in _BODIES:
+        _BODIES[tag] = leanhttp.multipart({"flow_name": "main", "tag": tag}, {"workflow": ("flow.yaml", FLOW)})
+    body, ctype = _BODIES[tag]
     t = time.time()
-    r = await client.post("/runs/yaml", files={"workflow": ("flow.yaml", FLOW)}, data={"flow_name": "main", "tag": tag})
+    r = await client.post("/runs/yaml", body, ctype)
     r.raise_for_status()
     return r.json()["run_id"], t
 
 
-async def wait_terminal(client: httpx.AsyncClient, run_id: str, poll: float = 0.002, timeout: float = 120) -> dict:  # type: ignore[type-arg]
+async def wait_terminal(client: leanhttp.Client, run_id: str, poll: float = 0.002, timeout: float = 120) -> dict:  # type: ignore[type-arg]
     deadline = trio.current_time() + timeout
     while trio.current_time() < deadline:
         r = await client.get(f"/runs/{run_id}")
-        if r.status_code == 200 and r.json().get("status") in TERMINAL:
+        if r.status == 200 and r.json().get("status") in TERMINAL:
             return r.json()  # type: ignore[no-any-return]
         await trio.sleep(poll)
     raise RuntimeError(f"run {run_id} did not finish")
@@ -215,7 +224,7 @@ async def wait_terminal(client: httpx.AsyncClient, run_id: str, poll: float = 0.
 
 async def throughput(url: str, n: int, clients: int) -> tuple[float, float, int]:
     """(completed runs/s, submit runs/s, failures)"""
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=clients * 2)) as client:
+    async with leanhttp.Client(url) as client:
         await wait_terminal(client, (await submit(client))[0], poll=0.05)  # warm-up
         ids: list[str] = []
         t0 = time.time()
@@ -246,7 +255,7 @@ async def throughput(url: str, n: int, clients: int) -> tuple[float, float, int]
 
 
 async def idle_latency(url: str, runs: int = 30) -> list[float]:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with leanhttp.Client(url) as client:
         out = []
         for _ in range(runs):
             run_id, t = await submit(client)
@@ -260,7 +269,8 @@ async def sse_latency(url: str, samples: int = 7) -> list[float]:
     out = []
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         for _ in range(samples):
-            run_id, _t = await submit(client, tag="nobody")
+            r = await client.post("/runs/yaml", files={"workflow": ("flow.yaml", FLOW)}, data={"flow_name": "main", "tag": "nobody"})
+            run_id = r.json()["run_id"]
             async with client.stream("GET", f"/runs/{run_id}/watch", params={"timeout_sec": 30}) as resp:
                 lines = resp.aiter_lines()
                 async for line in lines:  # the initial snapshot
@@ -298,7 +308,7 @@ async def list_latency(url: str, samples: int = 20) -> tuple[int, float]:
 
 
 async def fill(url: str, n: int, clients: int = 16) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with leanhttp.Client(url) as client:
         todo = iter(range(n))
 
         async def submitter() -> None:

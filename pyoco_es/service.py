@@ -22,7 +22,7 @@ from .core.events import Envelope, Event, Producer
 from .core.fold import SequenceGap, apply, fold
 from .core.model import RunSnapshot
 from .nats import subjects
-from .nats.client import NatsClient
+from .nats.client import NatsClient, OnStored
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,15 @@ class RunStore:
         assume_new: bool = False,
         causation_id: str | None = None,
         correlation_id: str | None = None,
+        on_stored: OnStored | None = None,
     ) -> Outcome:
         """Decide against the current state and append; on a conflict, reload and decide again.
 
         ``hint`` is a snapshot the caller already holds (a worker's own view of its run);
         ``assume_new`` skips the read for a run id that cannot exist yet (a fresh submit): if it
         does exist after all, the create-once append conflicts and the decision is re-run on it.
+        ``on_stored`` is :meth:`NatsClient.append`'s follow-up hook, for the first try only (a
+        re-decision after a conflict appends without it).
 
         Raises:
             DomainError: from ``decide`` (nothing appended).
@@ -122,8 +125,9 @@ class RunStore:
             )
             expected = snap.last_stream_seq if snap is not None else 0
             try:
-                seqs = await self.nats.append(run_id, envs, expected_last=expected)
+                seqs = await self.nats.append(run_id, envs, expected_last=expected, on_stored=on_stored)
             except ConcurrencyConflict as exc:
+                on_stored = None
                 log.debug("conflict appending to run %s; re-deciding", run_id, extra={"run_id": run_id})
                 stored += [e.event for e in envs[: exc.appended]]
                 appended += envs[: exc.appended]

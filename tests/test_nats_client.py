@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import socket
 
+import attrs
 import pytest
 import trio
 
 from pyoco_es.core.errors import ConcurrencyConflict, EventLogUnavailable
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient, open_nats
+
+from test_gateway_support import wait_until
 
 
 async def test_an_unreachable_server_is_a_clear_error_not_a_hang() -> None:
@@ -42,3 +45,42 @@ async def test_cancelling_a_call_cancels_it_on_the_asyncio_side(nats: NatsClient
                 await sub.fetch(1, timeout=30)
             assert scope.cancelled_caught
             assert await nats.kv_keys(subjects.WORKERS_BUCKET) == []
+
+
+async def test_an_append_hook_runs_on_the_nats_thread_before_the_caller_resumes(nats: NatsClient) -> None:
+    """``on_stored`` sees the stored seqs before ``append`` returns; ``publish_soon`` from it
+    publishes (deduplicated by its Msg-Id); a hook that fails does not undo the append; no hook
+    runs for an append that conflicted."""
+    import threading
+    import time
+
+    from pyoco_es.core.decide import stamp
+    from pyoco_es.core.events import Producer, RunSubmitted
+
+    seen: list[tuple[list[int], bool]] = []
+    envs = stamp(
+        None,
+        [RunSubmitted(flow_name="main", params={}, tag="hook", tags=["hook"], submitted_at=time.time())],
+        run_id="hookrun",
+        producer=Producer(kind="gateway", id="t"),
+        now=time.time(),
+        new_id=lambda: "e1",
+    )
+
+    def hook(seqs: list[int]) -> None:
+        seen.append((list(seqs), threading.current_thread() is threading.main_thread()))
+        nats.publish_soon("pyoco.work.hook", b"{}", "hookrun:1")
+        raise RuntimeError("a broken follow-up")
+
+    with trio.fail_after(10):
+        seqs = await nats.append("hookrun", envs, expected_last=0, on_stored=hook)
+        assert seen == [(seqs, False)]  # ran before append returned, not on the Trio thread
+
+        async def queued() -> dict[str, int] | None:
+            return await nats.subject_counts(subjects.WORK_STREAM, "pyoco.work.hook") or None
+
+        assert await wait_until(queued, what="the hook's work item") == {"pyoco.work.hook": 1}
+        again = [attrs.evolve(envs[0], event_id="e2")]
+        with pytest.raises(ConcurrencyConflict):
+            await nats.append("hookrun", again, expected_last=0, on_stored=hook)
+        assert len(seen) == 1

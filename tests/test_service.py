@@ -32,13 +32,13 @@ class InterleavingLog:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._nats, name)
 
-    async def append(self, run_id: str, envelopes: Sequence[Envelope], *, expected_last: int) -> list[int]:
+    async def append(self, run_id: str, envelopes: Sequence[Envelope], *, expected_last: int, on_stored: Any = None) -> list[int]:
         if self.armed and len(envelopes) > 1:
             self.armed = False
             [first] = await self._nats.append(run_id, envelopes[:1], expected_last=expected_last)
             await self._intruder()
             raise ConcurrencyConflict(f"run {run_id}", first, appended=1)
-        return await self._nats.append(run_id, envelopes, expected_last=expected_last)
+        return await self._nats.append(run_id, envelopes, expected_last=expected_last, on_stored=on_stored)
 
 
 async def test_a_conflict_mid_append_never_stores_an_event_twice(nats: NatsClient) -> None:

@@ -173,6 +173,25 @@ async def test_named_flow_and_failures(nats: NatsClient, nursery: trio.Nursery) 
         assert info["messages"] >= 2  # flow_not_found + execution_error
 
 
+
+async def test_a_child_whose_prepare_failed_serves_the_next_run(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """The claim's hook starts the child from the NATS thread even when its prepare failed; the
+    child drops that go, so the one child (concurrency 1) runs the next flow with clean records."""
+    with trio.fail_after(30):
+        settings = fast_settings()
+        actor, _stop = await start_stack(nursery, nats, settings, concurrency=1, flow_resolver="examples.flows:resolve")
+        store = RunStore(nats)
+        refused = await submit(store, yaml_text=TWO_TASKS.replace("examples.tasks:to_text", "os:system"))
+        assert (await wait_status(store, refused, TERMINAL)).failure_reason == "build_error"
+        missing = await submit(store, yaml_text=None, flow_name="nope")
+        assert (await wait_status(store, missing, TERMINAL)).failure_reason == "flow_not_found"
+        started = actor.pool.started
+        good = await submit(store, params={"x": 6})
+        snap = await wait_status(store, good, TERMINAL)
+        assert snap.status is RunStatus.COMPLETED, snap.error
+        assert snap.tasks["add_one"].output == 7 and snap.tasks["to_text"].output == "value=7"
+        assert actor.pool.started == started  # no new child: the last one released (LIFO) ran it
+
 COOPERATIVE = """\
 flow:
   graph: wait

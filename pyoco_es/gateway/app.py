@@ -61,44 +61,6 @@ class Gateway:
     sse_streams: int = 0
     http: HttpMetrics = attrs.Factory(HttpMetrics)
     parse_limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))  # YAML parses in a thread
-    # Work items of fresh submits, published by run_fast_dispatch (see there).
-    dispatch: tuple[trio.MemorySendChannel[tuple[str, bytes, str]], trio.MemoryReceiveChannel[tuple[str, bytes, str]]] = attrs.Factory(
-        lambda: trio.open_memory_channel[tuple[str, bytes, str]](10_000)
-    )
-
-    def dispatch_nowait(self, subject: str, data: bytes, msg_id: str) -> None:
-        """Queue a work item for the fast path; when the queue is full the conductor's dispatcher
-        (which publishes the same item, deduplicated by its Msg-Id) still does it."""
-        try:
-            self.dispatch[0].send_nowait((subject, data, msg_id))
-        except trio.WouldBlock:
-            log.debug("fast dispatch queue full; leaving %s to the conductor", msg_id)
-
-    async def run_fast_dispatch(self) -> None:
-        """Publish queued work items, batched (one bridge crossing per batch).
-
-        The conductor is the dispatcher of record: it publishes every due work item after
-        projecting the run, with ``Nats-Msg-Id = run_id:attempt``.  A gateway that just got the
-        PubAck of ``run.submitted`` publishes the same item at once, so a worker can start the
-        run without waiting for the projector; JetStream deduplicates the second copy, and a
-        failure here only costs that latency.
-        """
-        async for first in self.dispatch[1]:
-            batch = [first]
-            while True:
-                try:
-                    batch.append(self.dispatch[1].receive_nowait())
-                except trio.WouldBlock:
-                    break
-            try:
-                results = await self.nats.publish_many([(subj, data, msg_id, None) for subj, data, msg_id in batch])
-            except PyocoError as exc:
-                log.warning("fast dispatch of %d work item(s) failed (the conductor will dispatch them): %s", len(batch), exc)
-                continue
-            for (_, _, msg_id), res in zip(batch, results, strict=True):
-                if isinstance(res, PyocoError):
-                    log.warning("fast dispatch of %s failed (the conductor will dispatch it): %s", msg_id, res)
-
     def require_nats(self) -> None:
         """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""
         if not self.nats.is_connected:
@@ -162,7 +124,6 @@ def create_app(
 
     @app.before_serving
     async def _start_indexes() -> None:
-        app.nursery.start_soon(gw.run_fast_dispatch)
         if own_index:
             await app.nursery.start(gw.index.run)
         if own_workers:

@@ -230,9 +230,22 @@ async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> R
             f"{gw.nats.max_payload} bytes; send smaller params or workflow"
         )
     gw.require_nats()
+    subject = subjects.work_subject(event.tag, gw.settings.work_subject_prefix)
+
+    def dispatch(seqs: list[int]) -> None:
+        # Fast path, on the NATS thread the moment the PubAck is in: hand the first attempt to
+        # the workers without a thread hop.  The conductor (dispatcher of record) publishes the
+        # same item after projecting the run; JetStream deduplicates it by Msg-Id.
+        item = work_item(event, run_id=run_id, attempt=1, run_version=1, run_last_stream_seq=seqs[-1])
+        gw.nats.publish_soon(subject, item, subjects.work_msg_id(run_id, 1))
+
     try:
         outcome = await gw.store.execute(
-            run_id, lambda snap: decide.submit_run(snap, event, run_id=run_id), producer=gw.producer, assume_new=True
+            run_id,
+            lambda snap: decide.submit_run(snap, event, run_id=run_id),
+            producer=gw.producer,
+            assume_new=True,
+            on_stored=dispatch,
         )
     except RunAlreadyExists as exc:
         if exc.same_request:
@@ -244,15 +257,8 @@ async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> R
             f"Idempotency-Key {key!r} was already used for a different request (run {run_id}); "
             "use a new key for a new run, or resend the identical request to get the same run"
         ) from None
-    snap = outcome.snapshot
-    if snap is not None:
-        gw.index.note(snap.to_json())
-        # Fast path: hand the first attempt to the workers now (the conductor does it too).
-        gw.dispatch_nowait(
-            subjects.work_subject(snap.tag, gw.settings.work_subject_prefix),
-            work_item(event, run_id=run_id, attempt=1, run_version=snap.version, run_last_stream_seq=snap.last_stream_seq),
-            subjects.work_msg_id(run_id, 1),
-        )
+    if outcome.snapshot is not None:
+        gw.index.note(outcome.snapshot.to_json())
     return json_response({"run_id": run_id, "status": "PENDING", "bundle_hash": None})
 
 

@@ -266,6 +266,10 @@ class _FastPublisher:
         return int(doc["seq"]), bool(doc.get("duplicate"))
 
 
+OnStored = Callable[[list[int]], None]
+"""A hook run on the NATS thread with the stream seqs of a stored append."""
+
+
 class NatsClient:
     """One NATS connection plus its JetStream context, usable from Trio."""
 
@@ -274,6 +278,7 @@ class NatsClient:
         self._nc = nc
         self._js = nc.jetstream(timeout=op_timeout)
         self._pub = _FastPublisher(nc)
+        self._soon: set[asyncio.Task[Any]] = set()  # publish_soon tasks (kept referenced)
         self.url = url
         self.op_timeout = op_timeout
 
@@ -309,10 +314,17 @@ class NatsClient:
 
     # -- events -------------------------------------------------------------------------------
 
-    async def append(self, run_id: str, envelopes: Sequence[Envelope], *, expected_last: int) -> list[int]:
+    async def append(
+        self, run_id: str, envelopes: Sequence[Envelope], *, expected_last: int, on_stored: OnStored | None = None
+    ) -> list[int]:
         """Append one run's events in order, each fenced by the previous one's stream seq.
 
-        Returns the stream seqs.  Raises:
+        Returns the stream seqs.  ``on_stored(seqs)`` runs on the NATS thread as soon as the last
+        PubAck is in, before the caller resumes: follow-up I/O that must not wait for a thread hop
+        (:meth:`publish_soon`, a write to a pipe).  It must not block, must not touch Trio state,
+        and its exceptions are logged, not raised.
+
+        Raises:
             ConcurrencyConflict: the run's last stream seq was not ``expected_last`` (somebody
                 else appended): re-read, re-decide.  Events before the conflicting one are stored.
             EventLogUnavailable: NATS did not acknowledge (the event may or may not be stored;
@@ -322,24 +334,28 @@ class NatsClient:
 
         async def go() -> list[int]:
             async with asyncio.timeout(self.op_timeout):
-                return await self._append(run_id, payloads, expected_last)
+                return await self._append(run_id, payloads, expected_last, on_stored)
 
         return await self._call("append", go)
 
     async def append_many(
-        self, batches: Sequence[tuple[str, Sequence[Envelope], int]]
+        self, batches: Sequence[tuple[str, Sequence[Envelope], int] | tuple[str, Sequence[Envelope], int, OnStored | None]]
     ) -> list[list[int] | PyocoError]:
-        """``append`` for many runs at once, pipelined, one crossing.  Per-run results or errors."""
+        """``append`` for many runs at once, pipelined, one crossing.  Per-run results or errors.
+        An item may carry a fourth element, its ``on_stored`` hook (see :meth:`append`)."""
         prepared = [
-            (run_id, [(e.event_id, encode_envelope(e)) for e in envs], last) for run_id, envs, last in batches
+            (b[0], [(e.event_id, encode_envelope(e)) for e in b[1]], b[2], b[3] if len(b) > 3 else None)  # type: ignore[misc]
+            for b in batches
         ]
         return await self._call("append", self._append_many, prepared)
 
-    async def _append_many(self, prepared: list[tuple[str, list[tuple[str, bytes]], int]]) -> list[Any]:
+    async def _append_many(self, prepared: list[tuple[str, list[tuple[str, bytes]], int, OnStored | None]]) -> list[Any]:
         async with asyncio.timeout(self.op_timeout * 2):
             return await self._gather("append", self._append, prepared)
 
-    async def _append(self, run_id: str, payloads: list[tuple[str, bytes]], expected_last: int) -> list[int]:
+    async def _append(
+        self, run_id: str, payloads: list[tuple[str, bytes]], expected_last: int, on_stored: OnStored | None = None
+    ) -> list[int]:
         subject = subjects.run_events_subject(run_id)
         last = expected_last
         seqs: list[int] = []
@@ -356,7 +372,25 @@ class NatsClient:
                     raise ConcurrencyConflict(subject, last, appended=len(seqs)) from exc
                 raise InfraError(f"append to {subject}: {exc}") from exc
             seqs.append(last)
+        if on_stored is not None:
+            try:
+                on_stored(seqs)
+            except Exception:  # noqa: BLE001 - a follow-up's failure must not undo a stored append
+                log.exception("follow-up of an append to %s failed", subject)
         return seqs
+
+    def publish_soon(self, subject: str, data: bytes, msg_id: str) -> None:
+        """Start a JetStream publish from the NATS thread (inside an ``on_stored`` hook) without
+        waiting for it; a failure is logged.  For best-effort fast paths whose publish someone
+        else also makes (deduplicated by ``msg_id``)."""
+        task = asyncio.get_running_loop().create_task(_guard("publish", self._publish_one, subject, data, msg_id))
+        self._soon.add(task)
+        task.add_done_callback(self._soon_done)
+
+    def _soon_done(self, task: asyncio.Task[Any]) -> None:
+        self._soon.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("fast-path publish failed (the dispatcher of record will publish it): %s", task.exception())
 
     async def read_run(self, run_id: str, *, after_stream_seq: int = 0) -> list[Envelope]:
         """A run's events in order (after ``after_stream_seq``), read with batched direct gets.

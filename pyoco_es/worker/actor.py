@@ -74,7 +74,7 @@ from ..core.events import Envelope, Event, Producer, TaskCompleted, TaskFailed, 
 from ..core.fold import apply, fold
 from ..core.model import RunSnapshot, RunStatus
 from ..nats import subjects
-from ..nats.client import Delivered, NatsClient, PullSubscription
+from ..nats.client import Delivered, NatsClient, OnStored, PullSubscription
 from ..service import Outcome, RunStore, new_event_id
 from .pool import ChildDied, ChildPool, ChildProcess
 
@@ -348,7 +348,7 @@ class WorkerActor:
         self._became_active = trio.Event()
         self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
         self._reader: _Batcher[str, list[Envelope]] = _Batcher(nats.read_runs)
-        self._appender: _Batcher[tuple[str, Sequence[Envelope], int], list[int]] = _Batcher(nats.append_many)
+        self._appender: _Batcher[tuple[str, Sequence[Envelope], int, OnStored | None], list[int]] = _Batcher(nats.append_many)
 
     @property
     def producer_kind(self) -> str:
@@ -639,6 +639,7 @@ class WorkerActor:
         *,
         attempt: int,
         hint: RunSnapshot | None,
+        on_stored: Callable[[list[int]], None] | None = None,
     ) -> Outcome:
         """``RunStore.execute`` with the append batched across runs (one crossing per batch).
 
@@ -657,7 +658,7 @@ class WorkerActor:
             return Outcome(hint, ())
         envs = decide.stamp(hint, events, run_id=run_id, producer=producer, now=time.time(), new_id=new_event_id)
         try:
-            seqs = await self._appender.submit((run_id, envs, hint.last_stream_seq))
+            seqs = await self._appender.submit((run_id, envs, hint.last_stream_seq, on_stored))
         except ConcurrencyConflict:
             # Re-read the whole run (not from the hint's position, which may be the dispatcher's
             # and is what just proved wrong), then decide again.
@@ -740,6 +741,14 @@ class WorkerActor:
         inbox: tuple[trio.MemorySendChannel[tuple[str, Any]], trio.MemoryReceiveChannel[tuple[str, Any]]],
     ) -> None:
         run_id, attempt = job.run_id, job.attempt
+        go_sent: list[bool] = []
+
+        def go_now(seqs: list[int]) -> None:
+            # On the NATS thread, the moment the claim is stored: start the child without
+            # waiting for a hop back to Trio (it drops the go if its prepare failed).
+            if child.send_from_any_thread({"op": "go", "run_id": run_id}):
+                go_sent.append(True)
+
         try:
             claimed = await self.execute(
                 run_id,
@@ -754,6 +763,7 @@ class WorkerActor:
                 ),
                 attempt=attempt,
                 hint=snap,
+                on_stored=go_now,
             )
         except (StaleAttempt, RunNotFound):
             if prep is None:
@@ -775,7 +785,7 @@ class WorkerActor:
             except ChildDied as exc:
                 died, prep = exc, {"ev": "prepared", "tasks": tasks}
         active = _Active(job=job, msg=msg, started_at=time.time(), inbox=inbox[0], claimed_at=trio.current_time())
-        runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox)
+        runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox, go_sent=bool(go_sent))
         active.driver = runner
         self.active[run_id] = active
         if len(self.active) == 1:
@@ -846,9 +856,12 @@ class _RunDriver:
         snap: RunSnapshot | None,
         active: _Active,
         inbox: tuple[trio.MemorySendChannel[tuple[str, Any]], trio.MemoryReceiveChannel[tuple[str, Any]]],
+        *,
+        go_sent: bool = False,
     ) -> None:
         self.actor = actor
         self.inbox = inbox
+        self.go_sent = go_sent  # the claim's hook already started the child
         self.job = job
         self.child = child
         self.hint = snap
@@ -1040,10 +1053,11 @@ class _RunDriver:
         return None
 
     async def _drive(self, recv: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
-        try:
-            await self.child.send({"op": "go", "run_id": self.run_id})
-        except ChildDied:
-            pass  # the pump reports the death
+        if not self.go_sent:
+            try:
+                await self.child.send({"op": "go", "run_id": self.run_id})
+            except ChildDied:
+                pass  # the pump reports the death
         pending: list[Event] = []
         while True:
             items: list[tuple[str, Any]] = []

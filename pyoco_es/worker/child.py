@@ -279,7 +279,11 @@ class Child:
             if op == "prepare":
                 self.channel.send(self.prepare(msg))
             elif op == "go":
-                self.channel.send(self.run(run_id))
+                # A go for a run that is not prepared (its prepare failed: the worker may have
+                # sent the go from its NATS thread the moment the claim was stored) is dropped:
+                # the worker ends such a run itself and expects no frame for it.
+                if run_id in self.prepared:
+                    self.channel.send(self.run(run_id))
             elif op == "abort":
                 with self.lock:
                     self.prepared.pop(run_id, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -84,6 +85,19 @@ class ChildProcess:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.healthy = False
             raise ChildDied(self.proc.poll()) from exc
+
+    def send_from_any_thread(self, msg: dict[str, Any]) -> bool:
+        """Write one small frame now, from any thread (e.g. a NATS-thread hook), if the pipe takes
+        it whole; False otherwise (the caller then sends it the usual way).  Only while no
+        :meth:`send` is in flight: a frame under ``PIPE_BUF`` bytes is written atomically or not
+        at all, so frames never interleave."""
+        frame = encode_frame(msg)
+        if len(frame) > select.PIPE_BUF:
+            return False
+        try:
+            return os.write(self._cmd.fileno(), frame) == len(frame)
+        except OSError:  # full (EAGAIN), closed, broken: let send() handle it
+            return False
 
     async def receive(self) -> dict[str, Any]:
         while not self._inbox:
