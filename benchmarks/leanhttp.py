@@ -112,22 +112,27 @@ class Client:
             await conn.stream.aclose()
 
     async def _send(self, raw: bytes) -> Response:
-        conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = _Conn(await trio.open_tcp_stream(self.host, self.port))
-            self._all.append(conn)
-        try:
-            resp = await conn.request(raw)
-        except BaseException:
-            self._all.remove(conn)
-            await trio.aclose_forcefully(conn.stream)
-            raise
-        if resp.headers.get("connection", "").lower() == "close":
-            self._all.remove(conn)
-            await conn.stream.aclose()
-        else:
-            self._idle.append(conn)
-        return resp
+        # A pooled connection the server closed while idle (uvicorn drops keep-alive connections
+        # after 5 s) fails before any response byte: retry that once on a new connection.
+        for reused in ([True] if self._idle else []) + [False]:
+            conn = self._idle.pop() if reused else _Conn(await trio.open_tcp_stream(self.host, self.port))
+            if not reused:
+                self._all.append(conn)
+            try:
+                resp = await conn.request(raw)
+            except (HTTPError, trio.BrokenResourceError, OSError):
+                self._all.remove(conn)
+                await trio.aclose_forcefully(conn.stream)
+                if reused and not conn.buf:
+                    continue
+                raise
+            if resp.headers.get("connection", "").lower() == "close":
+                self._all.remove(conn)
+                await conn.stream.aclose()
+            else:
+                self._idle.append(conn)
+            return resp
+        raise AssertionError("unreachable")
 
     async def get(self, path: str) -> Response:
         return await self._send(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + self.hostport + b"\r\n\r\n")

@@ -192,6 +192,33 @@ async def test_a_child_whose_prepare_failed_serves_the_next_run(nats: NatsClient
         assert snap.tasks["add_one"].output == 7 and snap.tasks["to_text"].output == "value=7"
         assert actor.pool.started == started  # no new child: the last one released (LIFO) ran it
 
+
+async def test_parallel_branches_still_run_at_once(nats: NatsClient, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The child runs a lone task in the engine's own thread; tasks that are runnable together
+    still run concurrently (both RUNNING at the same moment, then both released)."""
+    flow = f"""\
+flow:
+  graph: left | right
+tasks:
+  left: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{tmp_path}/go", seconds: 20}}}}
+  right: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{tmp_path}/go", seconds: 20}}}}
+"""
+    with trio.fail_after(30):
+        await start_stack(nursery, nats, fast_settings(), concurrency=1)
+        store = RunStore(nats)
+        run_id = await submit(store, yaml_text=flow)
+
+        async def both_running() -> RunSnapshot | None:
+            snap = await store.load(run_id)
+            ok = snap is not None and all(t in snap.tasks and snap.tasks[t].state is TaskState.RUNNING for t in ("left", "right"))
+            return snap if ok else None
+
+        await wait_for(both_running, "both branches to be RUNNING at once")
+        (tmp_path / "go").write_text("")
+        snap = await wait_status(store, run_id, TERMINAL)
+        assert snap.status is RunStatus.COMPLETED, snap.error
+        assert snap.tasks["left"].output == "released" and snap.tasks["right"].output == "released"
+
 COOPERATIVE = """\
 flow:
   graph: wait
