@@ -225,6 +225,51 @@ async def test_snapshot_records_and_worker_liveness(gw: GW) -> None:
         assert (await gw.client.get("/runs/missing/tasks")).status_code == 404
 
 
+
+async def test_run_reads_from_the_fast_path_equal_the_quart_route(tmp_path: Path, monkeypatch: Any) -> None:
+    """``GET /runs/{id}`` of a cached run is answered in front of Quart (no I/O): same status,
+    body and content type as the Quart route gives (reached here through a query string), worker
+    liveness included, and counted in the request metrics; unknown runs still get Quart's 404."""
+    from pyoco_es.gateway import fastpath
+
+    layers: list[fastpath.FastPath] = []
+    real_init = fastpath.FastPath.__init__
+
+    def recording_init(self: fastpath.FastPath, *args: Any) -> None:
+        real_init(self, *args)
+        layers.append(self)
+
+    monkeypatch.setattr(fastpath.FastPath, "__init__", recording_init)
+    async with open_gateway(tmp_path) as g:
+        with trio.fail_after(10):
+            [layer] = layers
+            worker = FakeWorker(g.nats, worker_id="w-fast")
+            run_id = await submit(g.client)
+            await worker.claim(run_id)
+            await worker.task_done(run_id, "first", output=2)
+            await wait_projected(g.nats, run_id, 4)
+            await put_worker(g.nats, "w-fast", visible_on=g.client, state="RUNNING", tags=["default"])
+
+            async def cached() -> bool:
+                before = layer.served
+                r = await g.client.get(f"/runs/{run_id}")
+                return layer.served == before + 1 and r.json()["version"] == 4
+
+            await wait_until(cached, what="the run to be answered from the cache")
+            served = layer.served
+            fast = await g.client.get(f"/runs/{run_id}")
+            slow = await g.client.get(f"/runs/{run_id}?via=quart")
+            assert layer.served == served + 1  # the query string went to Quart
+            assert fast.status_code == slow.status_code == 200
+            assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+            assert fast.json() == slow.json() and fast.content == slow.content
+            assert fast.json()["worker_alive"] is True and "task_records" not in fast.json()
+            assert (await g.client.get("/runs/0123456789abcdef0123456789abcdef")).status_code == 404
+            assert (await g.client.get("/runs/stream", params={"timeout_sec": 1})).status_code == 200
+            metrics = (await g.client.get("/metrics")).text
+            line = [m for m in metrics.splitlines() if m.startswith("pyoco_http_requests_total") and 'route="/runs/<run_id>"' in m and 'status="200"' in m]
+            assert line and float(line[0].rsplit(" ", 1)[1]) >= served + 2
+
 # -- lists ----------------------------------------------------------------------------------------
 
 

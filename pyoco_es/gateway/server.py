@@ -11,7 +11,8 @@ from hypercorn.trio import serve
 
 from ..config import Settings
 from ..nats.client import NatsClient
-from .app import create_app
+from .app import create_app, gateway_of
+from .fastpath import FastPath
 from .index import RunIndex, WorkerIndex
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ async def run_gateway(
         config.errorlog = logging.getLogger("pyoco_es.gateway.hypercorn")
         config.graceful_timeout = 1.0
         config.keep_alive_timeout = 75.0
-        binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
+        asgi = FastPath(app, gateway_of(app))
+        binds = await nursery.start(lambda task_status: serve(asgi, config, task_status=task_status))  # type: ignore[arg-type]
         url = urlsplit(binds[0])
         bound = (url.hostname or host, url.port or port)
         log.info("gateway listening on http://%s:%s/", *bound)

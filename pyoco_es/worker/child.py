@@ -9,8 +9,9 @@ Caches (the point of keeping children warm): parsed ``flow.yaml`` documents by s
 imported callables by ``module:attr``.  Every build still makes fresh pyoco ``Task`` objects,
 because pyoco stores dependency edges on them.
 
-A reader thread receives commands; ``cancel`` is applied at once (``run_ctx.status =
-CANCELLING``, which pyoco honours at task boundaries, or before the run starts).  When the command
+Two threads take turns reading commands; ``cancel`` is applied at once (``run_ctx.status =
+CANCELLING``, which pyoco honours at task boundaries, or before the run starts), and a ``go`` runs
+in the thread that read it while the other one takes over the pipe.  When the command
 pipe closes (the worker died, even by SIGKILL) the child exits immediately, abandoning its run:
 the conductor's reaper retries the attempt elsewhere, and nothing keeps executing behind its back.
 """
@@ -24,13 +25,12 @@ import importlib
 import importlib.util
 import json
 import os
-import queue
 import shutil
 import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -105,6 +105,8 @@ class Channel:
         self.cmd_fd = cmd_fd
         self.evt_fd = evt_fd
         self._lock = threading.Lock()
+        self._decoder = FrameDecoder()
+        self._frames: deque[dict[str, Any]] = deque()
 
     def send(self, msg: dict[str, Any]) -> None:
         data = encode_frame(msg)
@@ -114,17 +116,18 @@ class Channel:
                 n = os.write(self.evt_fd, view)
                 view = view[n:]
 
-    def read_commands(self, handle: Callable[[dict[str, Any]], None]) -> None:
-        decoder = FrameDecoder()
-        while True:
+    def read_command(self) -> dict[str, Any] | None:
+        """The next command frame (blocking); None once the worker closed the pipe.  Callers
+        take turns (see :meth:`Child.serve`), so one thread reads at a time."""
+        while not self._frames:
             try:
                 data = os.read(self.cmd_fd, 65536)
             except OSError:
                 data = b""
             if not data:
-                return
-            for msg in decoder.feed(data):
-                handle(msg)
+                return None
+            self._frames.extend(self._decoder.feed(data))
+        return self._frames.popleft()
 
 
 class Backend(TraceBackend):
@@ -251,47 +254,51 @@ class Child:
         self.funcs: dict[str, Callable[..., Any]] = {}
         self.prepared: dict[str, Prepared] = {}
         self.lock = threading.Lock()
-        self.commands: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.read_turn = threading.Lock()  # whose turn it is to read the command pipe
 
     # -- commands -------------------------------------------------------------------------------
 
-    def on_command(self, msg: dict[str, Any]) -> None:
-        """Reader thread: cancel acts at once, everything else is queued for the main thread."""
-        if msg.get("op") == "cancel":
-            with self.lock:
-                p = self.prepared.get(msg.get("run_id", ""))
-                if p is not None:
-                    p.cancel_requested = True
-                    if p.run_ctx is not None and p.run_ctx.status == RunStatus.RUNNING:
-                        p.run_ctx.status = RunStatus.CANCELLING
-            return
-        self.commands.put(msg)
-
     def serve(self) -> None:
-        reader = threading.Thread(target=self._read, name="pyoco-es-cmd", daemon=True)
-        reader.start()
-        while True:
-            msg = self.commands.get()
-            if msg is None:
-                return
-            op = msg.get("op")
-            run_id = str(msg.get("run_id", ""))
-            if op == "prepare":
-                self.channel.send(self.prepare(msg))
-            elif op == "go":
-                # A go for a run that is not prepared (its prepare failed: the worker may have
-                # sent the go from its NATS thread the moment the claim was stored) is dropped:
-                # the worker ends such a run itself and expects no frame for it.
-                if run_id in self.prepared:
-                    self.channel.send(self.run(run_id))
-            elif op == "abort":
-                with self.lock:
-                    self.prepared.pop(run_id, None)
+        """Two threads take turns reading commands (leader/follower): the reader handles a
+        command at once, except ``go``, which it runs after handing the reading over, so a
+        ``cancel`` is read while the run executes and no command waits for a thread hand-off."""
+        threading.Thread(target=self._serve, name="pyoco-es-cmd", daemon=True).start()
+        self._serve()
 
-    def _read(self) -> None:
-        self.channel.read_commands(self.on_command)
-        # The worker is gone (or closed our pipe): stop now, even in the middle of a run.
-        os._exit(0)
+    def _serve(self) -> None:
+        while True:
+            with self.read_turn:
+                msg = self.channel.read_command()
+                if msg is None:
+                    # The worker is gone (or closed our pipe): stop now, even in the middle of a run.
+                    os._exit(0)
+                op = msg.get("op")
+                run_id = str(msg.get("run_id", ""))
+                if op == "cancel":
+                    self._cancel(run_id)
+                    continue
+                if op == "prepare":
+                    self.channel.send(self.prepare(msg))
+                    continue
+                if op == "abort":
+                    with self.lock:
+                        self.prepared.pop(run_id, None)
+                    continue
+                if op != "go":
+                    continue
+            # A go for a run that is not prepared (its prepare failed: the worker may have sent
+            # the go from its NATS thread the moment the claim was stored) is dropped: the
+            # worker ends such a run itself and expects no frame for it.
+            if run_id in self.prepared:
+                self.channel.send(self.run(run_id))
+
+    def _cancel(self, run_id: str) -> None:
+        with self.lock:
+            p = self.prepared.get(run_id)
+            if p is not None:
+                p.cancel_requested = True
+                if p.run_ctx is not None and p.run_ctx.status == RunStatus.RUNNING:
+                    p.run_ctx.status = RunStatus.CANCELLING
 
     # -- building -------------------------------------------------------------------------------
 
