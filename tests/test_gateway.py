@@ -230,16 +230,7 @@ async def test_run_reads_from_the_fast_path_equal_the_quart_route(tmp_path: Path
     """``GET /runs/{id}`` of a cached run is answered in front of Quart (no I/O): same status,
     body and content type as the Quart route gives (reached here through a query string), worker
     liveness included, and counted in the request metrics; unknown runs still get Quart's 404."""
-    from pyoco_es.gateway import fastpath
-
-    layers: list[fastpath.FastPath] = []
-    real_init = fastpath.FastPath.__init__
-
-    def recording_init(self: fastpath.FastPath, *args: Any) -> None:
-        real_init(self, *args)
-        layers.append(self)
-
-    monkeypatch.setattr(fastpath.FastPath, "__init__", recording_init)
+    layers = _record_fast_paths(monkeypatch)
     async with open_gateway(tmp_path) as g:
         with trio.fail_after(10):
             [layer] = layers
@@ -269,6 +260,46 @@ async def test_run_reads_from_the_fast_path_equal_the_quart_route(tmp_path: Path
             metrics = (await g.client.get("/metrics")).text
             line = [m for m in metrics.splitlines() if m.startswith("pyoco_http_requests_total") and 'route="/runs/<run_id>"' in m and 'status="200"' in m]
             assert line and float(line[0].rsplit(" ", 1)[1]) >= served + 2
+
+
+async def test_yaml_submits_on_the_fast_path_and_errors_as_quart_words_them(tmp_path: Path, monkeypatch: Any) -> None:
+    """``POST /runs/yaml`` is answered in front of Quart on the happy path, Idempotency-Key replays
+    and conflicts included; a request with a problem goes to Quart with its body replayed
+    (nothing appended), and gets Quart's answer."""
+    layers = _record_fast_paths(monkeypatch)
+    async with open_gateway(tmp_path) as g:
+        with trio.fail_after(10):
+            [layer] = layers
+            before = layer.served
+            r = await submit_yaml(g.client, headers={"Idempotency-Key": "fast-1"})
+            assert r.status_code == 200 and r.json()["status"] == "PENDING" and layer.served == before + 1
+            run_id = r.json()["run_id"]
+            again = await submit_yaml(g.client, headers={"Idempotency-Key": "fast-1"})
+            assert again.json()["run_id"] == run_id and again.headers["idempotent-replayed"] == "true"
+            other = await submit_yaml(g.client, tag="elsewhere", headers={"Idempotency-Key": "fast-1"})
+            assert other.status_code == 422 and "already used for a different request" in other.json()["detail"]
+            assert layer.served == before + 3
+            bad = await submit_yaml(g.client, b"flow: [unclosed", headers={"Idempotency-Key": "fast-2"})
+            missing = await submit_yaml(g.client, flow_name=None)
+            assert layer.served == before + 3  # both went to Quart
+            assert bad.status_code == 422 and "invalid workflow yaml" in str(bad.json()["detail"])
+            assert missing.status_code == 422 and "flow_name" in str(missing.json()["detail"])
+            counts = await g.nats.subject_counts(subjects.EVENTS_STREAM, subjects.RUN_EVENTS_WILDCARD)
+            assert counts == {subjects.run_events_subject(run_id): 1}  # one run, one event
+
+
+def _record_fast_paths(monkeypatch: Any) -> list[Any]:
+    from pyoco_es.gateway import fastpath
+
+    layers: list[fastpath.FastPath] = []
+    real_init = fastpath.FastPath.__init__
+
+    def recording_init(self: fastpath.FastPath, *args: Any) -> None:
+        real_init(self, *args)
+        layers.append(self)
+
+    monkeypatch.setattr(fastpath.FastPath, "__init__", recording_init)
+    return layers
 
 # -- lists ----------------------------------------------------------------------------------------
 

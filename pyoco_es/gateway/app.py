@@ -149,18 +149,8 @@ def create_app(
 
     @app.errorhandler(PyocoError)
     async def _pyoco_error(exc: PyocoError) -> Response:
-        if isinstance(exc, RequestInvalid):
-            return json_response({"detail": exc.detail}, exc.http_status)
-        if isinstance(exc, PayloadTooLarge):
-            # The client may still be sending: close the connection after the answer, so it
-            # stops (instead of both sides waiting on a body nobody reads).
-            return json_response({"detail": exc.message}, 413, {"Connection": "close"})
-        if isinstance(exc, InfraError):
-            log.warning("%s %s: %s", _method(), _path(), exc.message)
-            return json_response({"detail": gw.unavailable_detail(exc)}, 503, {"Retry-After": "1"})
-        if exc.http_status >= 500:
-            log.error("%s %s failed: %s", _method(), _path(), exc.message)
-        return json_response({"detail": exc.message}, exc.http_status)
+        status, doc, headers = error_answer(gw, exc, _method(), _path())
+        return json_response(doc, status, headers)
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
@@ -191,6 +181,22 @@ def create_app(
     return app
 
 
+def error_answer(gw: Gateway, exc: PyocoError, method: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) of the answer to a request that failed with ``exc``."""
+    if isinstance(exc, RequestInvalid):
+        return exc.http_status, {"detail": exc.detail}, {}
+    if isinstance(exc, PayloadTooLarge):
+        # The client may still be sending: close the connection after the answer, so it
+        # stops (instead of both sides waiting on a body nobody reads).
+        return 413, {"detail": exc.message}, {"Connection": "close"}
+    if isinstance(exc, InfraError):
+        log.warning("%s %s: %s", method, path, exc.message)
+        return 503, {"detail": gw.unavailable_detail(exc)}, {"Retry-After": "1"}
+    if exc.http_status >= 500:
+        log.error("%s %s failed: %s", method, path, exc.message)
+    return exc.http_status, {"detail": exc.message}, {}
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -215,4 +221,4 @@ def gateway_of(app: Any) -> Gateway:
     return app.extensions["pyoco"]  # type: ignore[no-any-return]
 
 
-__all__ = ["Gateway", "create_app", "gateway_of", "json_response"]
+__all__ = ["Gateway", "create_app", "error_answer", "gateway_of", "json_response"]

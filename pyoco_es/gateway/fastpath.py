@@ -1,11 +1,19 @@
-"""An ASGI layer in front of Quart for the request every client repeats: ``GET /runs/{id}``.
+"""An ASGI layer in front of Quart for the two requests every run makes.
 
-Polling a run is most of a gateway's traffic (pyoco-client ``--wait``, dashboards, scripts).
-When the run's latest snapshot is in the gateway's cache (which the KV watch keeps current) the
-answer needs no I/O, and Quart's request machinery (context, routing, hooks, a Response object,
-three ASGI sends) cost more CPU than the answer itself.  This layer answers exactly that case
-with the same body and status the Quart route gives, and the same request metrics; anything
-else (a query string, an unknown or uncached run, other routes, errors) goes to Quart untouched.
+Each run is one ``POST /runs/yaml`` (or ``POST /runs``) and then polls of ``GET /runs/{id}``
+(pyoco-client ``--wait``, dashboards, scripts).  For those, Quart's request machinery (request
+context, routing, hooks, a Response object, three ASGI sends) cost more CPU than the work.  This
+layer answers them directly with the same logic, body, status, headers and request metrics as the
+Quart routes (the shared functions live in :mod:`.routes`):
+
+- ``GET /runs/{id}`` without a query string, when the run's latest snapshot is in the watch
+  cache (no I/O at all);
+- ``POST /runs/yaml`` with a declared length and a small document.  Anything unusual about the
+  request (a parse or validation error, a large document, NATS down) is handed to Quart with the
+  body replayed *before* anything is appended, so Quart produces the error answer; once the
+  append has been tried, the answer (an error included) is given here, never twice.
+
+Everything else goes to Quart untouched.
 """
 
 from __future__ import annotations
@@ -14,13 +22,28 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .app import Gateway, _dumps
-from .routes import enrich, filter_snapshot, valid_run_id
+from ..core.errors import PyocoError
+from .app import Gateway, _dumps, error_answer
+from .routes import (
+    INLINE_PARSE_BYTES,
+    check_yaml_length,
+    enrich,
+    filter_snapshot,
+    idempotency_key,
+    submit_event,
+    valid_run_id,
+    yaml_document,
+    yaml_event,
+    yaml_form,
+)
 
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 _RUN_ROUTE = "/runs/<run_id>"
-_RESERVED = frozenset({"stream"})  # literal routes under /runs/ (GET /runs/stream)
+_YAML_ROUTE = "/runs/yaml"
+_RESERVED = frozenset({"stream", "yaml"})  # literal routes under /runs/
 
 
 class FastPath:
@@ -29,31 +52,89 @@ class FastPath:
         self.gw = gw
         self.served = 0  # answers given here (the rest went to Quart)
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("query_string"):
-            path: str = scope["path"]
-            if path.startswith("/runs/"):
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("query_string"):
+            method, path = scope["method"], scope["path"]
+            if method == "GET" and path.startswith("/runs/"):
                 run_id = path[6:]
                 if run_id not in _RESERVED and valid_run_id(run_id) and self.gw.nats.is_connected:
                     doc = self.gw.index.doc_of(run_id)
                     if doc is not None:
-                        await self._answer(doc, send)
+                        started = time.perf_counter()
+                        body = await enrich(self.gw, filter_snapshot(doc, set()))
+                        await self._answer(send, 200, body, {}, ("GET", _RUN_ROUTE), started)
                         return
+            elif method == "POST" and path == _YAML_ROUTE:
+                await self._submit_yaml(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
-    async def _answer(self, doc: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def _submit_yaml(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        body = _dumps(await enrich(self.gw, filter_snapshot(doc, set()))).encode()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        body, ended = b"", False
+        try:
+            length = int(headers["content-length"])
+            if not self.gw.nats.is_connected or length > INLINE_PARSE_BYTES * 4:
+                raise LookupError("not for the fast path")
+            check_yaml_length(self.gw, length)
+            body, ended, complete = await _read_body(receive, length)
+            if not complete:
+                raise LookupError("body did not arrive as declared")
+            key = idempotency_key(headers.get("idempotency-key"))
+            name, tag, data = yaml_form(self.gw, body, headers.get("content-type"))
+            if len(data) > INLINE_PARSE_BYTES:
+                raise LookupError("large documents are parsed off the event loop by the Quart route")
+            event, fingerprint = yaml_event(self.gw, name, tag, yaml_document(self.gw, data))
+        except (LookupError, ValueError, PyocoError):
+            # Nothing was appended: let Quart handle the request (and word any error).
+            await self.app(scope, _replay(body, ended, receive), send)
+            return
+        try:
+            doc, extra = await submit_event(self.gw, event, fingerprint, key)
+            status = 200
+        except PyocoError as exc:
+            status, doc, extra = error_answer(self.gw, exc, "POST", _YAML_ROUTE)
+        await self._answer(send, status, doc, extra, ("POST", _YAML_ROUTE), started)
+
+    async def _answer(self, send: Send, status: int, doc: object, extra: dict[str, str], route: tuple[str, str], started: float) -> None:
+        body = _dumps(doc).encode()
         self.served += 1
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self.gw.http.observe("GET", _RUN_ROUTE, 200, time.perf_counter() - started)
+        self.gw.http.observe(route[0], route[1], status, time.perf_counter() - started)
+
+
+async def _read_body(receive: Receive, length: int) -> tuple[bytes, bool, bool]:
+    """Read the request body: (what arrived, whether the body ended, whether it is complete:
+    ended normally with exactly ``length`` bytes)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return b"".join(chunks), True, False
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), True, size == length
+        if size > length:
+            return b"".join(chunks), False, False
+
+
+def _replay(body: bytes, ended: bool, receive: Receive) -> Receive:
+    """``receive`` that first hands out the part of the body already read."""
+    pending = [body] if body or ended else []
+
+    async def replayed() -> dict[str, Any]:
+        if pending:
+            return {"type": "http.request", "body": pending.pop(), "more_body": not ended}
+        return await receive()
+
+    return replayed
 
 
 __all__ = ["FastPath"]

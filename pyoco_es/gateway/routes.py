@@ -30,6 +30,7 @@ from ..core.codec import dumps, envelope_to_json, event_data
 from ..core.errors import ConcurrencyConflict, InfraError, PayloadTooLarge, PyocoError, RunAlreadyExists, RunNotFound, ValidationError
 from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..core.model import TERMINAL_STATUSES
+from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
 from ..nats import subjects
 from ..nats.client import KVEntry
 from ..service import new_run_id
@@ -124,7 +125,15 @@ def _includes() -> set[str]:
 
 
 def _idempotency_key() -> str | None:
-    key = request.headers.get("Idempotency-Key")
+    return idempotency_key(request.headers.get("Idempotency-Key"))
+
+
+def idempotency_key(key: str | None) -> str | None:
+    """The ``Idempotency-Key`` header's value, validated (None when absent).
+
+    Raises:
+        RequestInvalid: blank, too long or not printable.
+    """
     if key is None:
         return None
     key = key.strip()
@@ -214,12 +223,95 @@ def _json_loads_strict(raw: bytes) -> object:
         return parse_json_body(raw)
 
 
+def check_yaml_length(gw: Gateway, length: int | None) -> None:
+    """A declared upload size over the limit is refused before the body is read."""
+    limit = gw.settings.workflow_yaml_max_bytes
+    if length is not None and length > limit + MULTIPART_SLACK:
+        raise PayloadTooLarge(f"workflow too large: the upload is {length} bytes, the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
+
+
+def yaml_form(gw: Gateway, body: bytes, content_type: str | None) -> tuple[str, str, bytes]:
+    """``POST /runs/yaml``'s form: (flow name, tag, the workflow file's bytes).
+
+    Raises:
+        RequestInvalid: not multipart, a missing or blank field, a bad tag.
+        PayloadTooLarge: the file is over ``PYOCO_WORKFLOW_YAML_MAX_BYTES``.
+    """
+    try:
+        parsed = parse_form(body, content_type)
+    except ValidationError as exc:
+        raise RequestInvalid(exc.message) from None
+    form, files = parsed.fields, parsed.files
+    errors = []
+    upload = files.get("workflow")
+    if upload is None:
+        errors.append(field_error("missing", ("body", "workflow"), "Field required: workflow (the flow.yaml file, multipart)"))
+    flow_name = form.get("flow_name")
+    if flow_name is None:
+        errors.append(field_error("missing", ("body", "flow_name"), "Field required: flow_name"))
+    if errors:
+        raise RequestInvalid(errors)
+    raw_tag = (form.get("tag") or "").strip() or gw.settings.default_tag
+    if not subjects.is_token(raw_tag) or len(raw_tag) > 128:
+        raise RequestInvalid("invalid tag: tag must match [A-Za-z0-9_-]+ (no dots or spaces)")
+    assert upload is not None and flow_name is not None
+    limit = gw.settings.workflow_yaml_max_bytes
+    if len(upload.data) > limit:
+        raise PayloadTooLarge(f"workflow too large: the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
+    name = str(flow_name).strip()
+    if not name:
+        raise RequestInvalid("missing flow_name: flow_name must not be blank")
+    return name, raw_tag, upload.data
+
+
+def yaml_document(gw: Gateway, data: bytes) -> WorkflowDoc:
+    """Parse and validate an uploaded flow.yaml (cached by hash).
+
+    Raises:
+        RequestInvalid: the document is not a valid, safe workflow (the message says why).
+        PayloadTooLarge: over the size limit.
+    """
+    try:
+        return parse_workflow_yaml(data, max_bytes=gw.settings.workflow_yaml_max_bytes)
+    except PayloadTooLarge:
+        raise
+    except ValidationError as exc:
+        raise RequestInvalid(f"invalid workflow yaml: {exc.message}") from None
+
+
+def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc) -> tuple[RunSubmitted, JSONObject]:
+    """The ``run.submitted`` of a YAML upload and its idempotency fingerprint."""
+    event = RunSubmitted(
+        flow_name=name,
+        params=dict(doc.flow_defaults),
+        tag=tag,
+        tags=(tag,),
+        submitted_at=gw.clock(),
+        max_attempts=gw.settings.max_attempts,
+        workflow_yaml=doc.text,
+        workflow_yaml_sha256=doc.sha256,
+        workflow_yaml_bytes=doc.size,
+    )
+    return event, {"kind": "yaml", "flow_name": name, "tag": tag, "workflow_yaml_sha256": doc.sha256}
+
+
 # -- the gateway's operations -------------------------------------------------------------------
 
 
 async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> Response:
     """Append ``run.submitted`` and answer after the PubAck; Idempotency-Key retries are 200s."""
-    key = _idempotency_key()
+    doc, headers = await submit_event(gw, event, fingerprint, _idempotency_key())
+    return json_response(doc, headers=headers)
+
+
+async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject, key: str | None) -> tuple[JSONObject, dict[str, str]]:
+    """:func:`submit` without Quart: the answer's body and headers.
+
+    Raises:
+        PayloadTooLarge: the event would not fit NATS's max_payload (nothing appended).
+        RequestInvalid: the Idempotency-Key names a different request.
+        InfraError: NATS is down or did not acknowledge.
+    """
     tenant = event.tenant_id
     run_id = run_id_for_key(tenant, key) if key else new_run_id()
     event = attrs.evolve(event, idempotency_key=key, request_sha256=request_fingerprint(fingerprint))
@@ -249,17 +341,14 @@ async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> R
         )
     except RunAlreadyExists as exc:
         if exc.same_request:
-            return json_response(
-                {"run_id": run_id, "status": "PENDING", "bundle_hash": None},
-                headers={"Idempotent-Replayed": "true"},
-            )
+            return {"run_id": run_id, "status": "PENDING", "bundle_hash": None}, {"Idempotent-Replayed": "true"}
         raise RequestInvalid(
             f"Idempotency-Key {key!r} was already used for a different request (run {run_id}); "
             "use a new key for a new run, or resend the identical request to get the same run"
         ) from None
     if outcome.snapshot is not None:
         gw.index.note(outcome.snapshot.to_json())
-    return json_response({"run_id": run_id, "status": "PENDING", "bundle_hash": None})
+    return {"run_id": run_id, "status": "PENDING", "bundle_hash": None}, {}
 
 
 async def read_snapshot(gw: Gateway, run_id: str) -> JSONObject | None:
@@ -402,61 +491,15 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
     @app.post("/runs/yaml")
     async def submit_yaml() -> Response:
         gw.require_nats()
-        limit = gw.settings.workflow_yaml_max_bytes
-        length = request.content_length
-        if length is not None and length > limit + MULTIPART_SLACK:
-            raise PayloadTooLarge(f"workflow too large: the upload is {length} bytes, the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
-        try:
-            parsed = parse_form(await request.get_data(cache=False), request.headers.get("Content-Type"))
-        except ValidationError as exc:
-            raise RequestInvalid(exc.message) from None
-        form, files = parsed.fields, parsed.files
-        errors = []
-        upload = files.get("workflow")
-        if upload is None:
-            errors.append(field_error("missing", ("body", "workflow"), "Field required: workflow (the flow.yaml file, multipart)"))
-        flow_name = form.get("flow_name")
-        if flow_name is None:
-            errors.append(field_error("missing", ("body", "flow_name"), "Field required: flow_name"))
-        if errors:
-            raise RequestInvalid(errors)
-        raw_tag = (form.get("tag") or "").strip() or gw.settings.default_tag
-        if not subjects.is_token(raw_tag) or len(raw_tag) > 128:
-            raise RequestInvalid("invalid tag: tag must match [A-Za-z0-9_-]+ (no dots or spaces)")
-        assert upload is not None
-        data = upload.data
-        if len(data) > limit:
-            raise PayloadTooLarge(f"workflow too large: the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
-        from ..flows.yaml import parse_workflow_yaml
-
-        try:
-            if len(data) <= INLINE_PARSE_BYTES:
-                doc = parse_workflow_yaml(data, max_bytes=limit)  # ~1 ms, and cached by hash
-            else:
-                # A large document takes seconds of pure-Python parsing: off the event loop, one
-                # at a time, so SSE streams and other requests keep flowing meanwhile.
-                doc = await trio.to_thread.run_sync(
-                    functools.partial(parse_workflow_yaml, data, max_bytes=limit), limiter=gw.parse_limiter
-                )
-        except PayloadTooLarge:
-            raise
-        except ValidationError as exc:
-            raise RequestInvalid(f"invalid workflow yaml: {exc.message}") from None
-        name = str(flow_name).strip()
-        if not name:
-            raise RequestInvalid("missing flow_name: flow_name must not be blank")
-        event = RunSubmitted(
-            flow_name=name,
-            params=dict(doc.flow_defaults),
-            tag=raw_tag,
-            tags=(raw_tag,),
-            submitted_at=gw.clock(),
-            max_attempts=gw.settings.max_attempts,
-            workflow_yaml=doc.text,
-            workflow_yaml_sha256=doc.sha256,
-            workflow_yaml_bytes=doc.size,
-        )
-        fingerprint: JSONObject = {"kind": "yaml", "flow_name": name, "tag": raw_tag, "workflow_yaml_sha256": doc.sha256}
+        check_yaml_length(gw, request.content_length)
+        name, tag, data = yaml_form(gw, await request.get_data(cache=False), request.headers.get("Content-Type"))
+        if len(data) <= INLINE_PARSE_BYTES:
+            doc = yaml_document(gw, data)  # ~1 ms, and cached by hash
+        else:
+            # A large document takes seconds of pure-Python parsing: off the event loop, one
+            # at a time, so SSE streams and other requests keep flowing meanwhile.
+            doc = await trio.to_thread.run_sync(functools.partial(yaml_document, gw, data), limiter=gw.parse_limiter)
+        event, fingerprint = yaml_event(gw, name, tag, doc)
         return await submit(gw, event, fingerprint)
 
     # -- list ------------------------------------------------------------------------------
