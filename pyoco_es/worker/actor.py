@@ -610,14 +610,15 @@ class WorkerActor:
             "attempt": job.attempt,
         }
 
-    async def _send_prepare(self, job: Job, child: ChildProcess) -> None:
+    @staticmethod
+    def _prepare_command(job: Job, child: ChildProcess) -> dict[str, Any]:
         cmd: dict[str, Any] = {"op": "prepare", "run_id": job.run_id, "flow_name": job.flow_name, "params": job.params}
         if job.workflow_yaml is not None:
             sha = job.workflow_yaml_sha256
             cmd["sha256"] = sha
             if not sha or sha not in child.known_docs:
                 cmd["yaml"] = job.workflow_yaml
-        await child.send(cmd)
+        return cmd
 
     async def _prepare_reply(self, job: Job, child: ChildProcess) -> dict[str, Any]:
         reply = await child.receive()
@@ -674,11 +675,20 @@ class WorkerActor:
 
     async def _execute(self, job: Job, msg: Delivered, child: ChildProcess) -> None:
         run_id, attempt = job.run_id, job.attempt
+        sha = job.workflow_yaml_sha256 if job.workflow_yaml is not None else None
+        known = self._yaml_tasks.get(sha) if sha else None
+        pending = job.pending_snapshot()
+        if known is not None and sha in child.known_docs and pending is not None:
+            # The common case: a document this child has built before, and the run's position
+            # is in the job.  Claim straight away; the claim's hook sends prepare and go together
+            # (one write, one wake-up of the child) the moment the claim is stored.
+            await self._claim_guarded(job, msg, child, None, pending, known, deferred=self._prepare_command(job, child))
+            return
         # The child prepares the flow while we read the run: the command goes out first, the
         # reply is read after the run's events came back.
-        await self._send_prepare(job, child)
+        await child.send(self._prepare_command(job, child))
         try:
-            snap = job.pending_snapshot() or await self._load(run_id)
+            snap = pending or await self._load(run_id)
         except InfraError as exc:
             log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc)
             await self._prepare_reply(job, child)  # keep the pipe in step
@@ -692,7 +702,6 @@ class WorkerActor:
             self._ack(msg)
             return
         obsolete = snap is None or snap.status is not RunStatus.PENDING or snap.attempt != attempt
-        known = self._yaml_tasks.get(job.workflow_yaml_sha256 or "") if job.workflow_yaml is not None else None
         if known is not None and not obsolete:
             # The task names of this document are known: claim while the child prepares, and
             # read its reply after the claim.
@@ -705,12 +714,35 @@ class WorkerActor:
             self._ack(msg)  # obsolete: cancelled, claimed, or a later attempt is current
             return
         assert snap is not None
-        self.runs[run_id] = attempt  # before the claim: the reaper trusts our heartbeat
+        await self._claim_guarded(job, msg, child, prep, snap, known, deferred=None)
+
+    async def _claim_guarded(
+        self,
+        job: Job,
+        msg: Delivered,
+        child: ChildProcess,
+        prep: dict[str, Any] | None,
+        snap: RunSnapshot,
+        tasks: list[str],
+        *,
+        deferred: dict[str, Any] | None,
+    ) -> None:
+        self.runs[job.run_id] = job.attempt  # before the claim: the reaper trusts our heartbeat
         try:
-            await self._claim_and_run(job, msg, child, prep, snap, known)
+            inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
+            await self._claim_and_run(job, msg, child, prep, snap, tasks, inbox, deferred)
         finally:
-            self.runs.pop(run_id, None)
-            self.active.pop(run_id, None)
+            self.runs.pop(job.run_id, None)
+            self.active.pop(job.run_id, None)
+
+    async def _unprepare(self, job: Job, child: ChildProcess, prep: dict[str, Any] | None, deferred: dict[str, Any] | None) -> None:
+        """After a failed claim: forget the child's prepared run (nothing to do if the prepare
+        was never sent)."""
+        if deferred is not None:
+            return
+        if prep is None:
+            await self._prepare_reply(job, child)
+        await self._abort(child, job.run_id)
 
     async def _abort(self, child: ChildProcess, run_id: str) -> None:
         try:
@@ -726,27 +758,19 @@ class WorkerActor:
         prep: dict[str, Any] | None,
         snap: RunSnapshot,
         tasks: list[str],
-    ) -> None:
-        inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
-        await self._claim_and_run_routed(job, msg, child, prep, snap, tasks, inbox)
-
-    async def _claim_and_run_routed(
-        self,
-        job: Job,
-        msg: Delivered,
-        child: ChildProcess,
-        prep: dict[str, Any] | None,
-        snap: RunSnapshot,
-        tasks: list[str],
         inbox: tuple[trio.MemorySendChannel[tuple[str, Any]], trio.MemoryReceiveChannel[tuple[str, Any]]],
+        deferred: dict[str, Any] | None,
     ) -> None:
+        """Claim, then run.  ``prep`` is the child's prepare reply if already read; ``deferred``
+        is a prepare command not sent yet (the claim's hook sends it with the go)."""
         run_id, attempt = job.run_id, job.attempt
         go_sent: list[bool] = []
+        go = {"op": "go", "run_id": run_id}
 
         def go_now(seqs: list[int]) -> None:
             # On the NATS thread, the moment the claim is stored: start the child without
             # waiting for a hop back to Trio (it drops the go if its prepare failed).
-            if child.send_from_any_thread({"op": "go", "run_id": run_id}):
+            if child.send_from_any_thread(*([deferred, go] if deferred is not None else [go])):
                 go_sent.append(True)
 
         try:
@@ -766,24 +790,22 @@ class WorkerActor:
                 on_stored=go_now,
             )
         except (StaleAttempt, RunNotFound):
-            if prep is None:
-                await self._prepare_reply(job, child)
-            await self._abort(child, run_id)
+            await self._unprepare(job, child, prep, deferred)
             self._ack(msg)
             return
         except InfraError as exc:
             log.warning("run %s: claim failed (%s); NAK", run_id, exc)
-            if prep is None:
-                await self._prepare_reply(job, child)
-            await self._abort(child, run_id)
+            await self._unprepare(job, child, prep, deferred)
             await self._nak(msg, NAK_DELAY)
             return
         died: ChildDied | None = None
-        if prep is None:
-            try:
+        try:
+            if deferred is not None and not go_sent:
+                await child.send(deferred)  # the hook could not write it: send it now (go follows)
+            if prep is None:
                 prep = await self._prepare_reply(job, child)
-            except ChildDied as exc:
-                died, prep = exc, {"ev": "prepared", "tasks": tasks}
+        except ChildDied as exc:
+            died, prep = exc, {"ev": "prepared", "tasks": tasks}
         active = _Active(job=job, msg=msg, started_at=time.time(), inbox=inbox[0], claimed_at=trio.current_time())
         runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox, go_sent=bool(go_sent))
         active.driver = runner

@@ -86,12 +86,12 @@ class ChildProcess:
             self.healthy = False
             raise ChildDied(self.proc.poll()) from exc
 
-    def send_from_any_thread(self, msg: dict[str, Any]) -> bool:
-        """Write one small frame now, from any thread (e.g. a NATS-thread hook), if the pipe takes
-        it whole; False otherwise (the caller then sends it the usual way).  Only while no
-        :meth:`send` is in flight: a frame under ``PIPE_BUF`` bytes is written atomically or not
-        at all, so frames never interleave."""
-        frame = encode_frame(msg)
+    def send_from_any_thread(self, *msgs: dict[str, Any]) -> bool:
+        """Write small frames now, in one write, from any thread (e.g. a NATS-thread hook), if the
+        pipe takes them whole; False otherwise (the caller then sends them the usual way).  Only
+        while no :meth:`send` is in flight: up to ``PIPE_BUF`` bytes are written atomically or
+        not at all, so frames never interleave."""
+        frame = b"".join(encode_frame(m) for m in msgs)
         if len(frame) > select.PIPE_BUF:
             return False
         try:
@@ -232,6 +232,8 @@ class ChildPool:
         self._idle: list[ChildProcess] = []
         self._slots = trio.Semaphore(size)
         self._all: set[ChildProcess] = set()
+        self._warming = 0  # children warm() is starting right now
+        self._warmed = trio.Event()  # set whenever one of them is ready (or failed)
         self.started = 0
 
     async def _spawn(self) -> ChildProcess:
@@ -247,8 +249,10 @@ class ChildPool:
 
     async def warm(self) -> None:
         """Start children until ``size`` are idle (called once at start-up, in the background)."""
+        count = max(0, self.size - len(self._all))
+        self._warming += count
         async with trio.open_nursery() as nursery:
-            for _ in range(max(0, self.size - len(self._all))):
+            for _ in range(count):
                 nursery.start_soon(self._warm_one)
 
     async def _warm_one(self) -> None:
@@ -257,11 +261,17 @@ class ChildPool:
         except ChildDied as exc:
             log.warning("could not start a warm child: %s", exc)
             return
+        finally:
+            self._warming -= 1
+            self._warmed.set()
+            self._warmed = trio.Event()
         self._idle.append(child)
 
     async def acquire(self) -> ChildProcess:
         await self._slots.acquire()
         try:
+            while not self._idle and self._warming:
+                await self._warmed.wait()  # one is starting already: take it, not a second one
             while self._idle:
                 child = self._idle.pop()
                 if child.healthy and child.proc.poll() is None:
