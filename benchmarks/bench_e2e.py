@@ -320,14 +320,20 @@ async def sse_latency(url: str, samples: int = 7) -> list[float]:
 
 
 async def list_latency(url: str, samples: int = 20) -> float:
+    """Median of the successful answers (a full page of 50); failures are reported, not timed."""
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        times = []
+        times, failures = [], []
         for _ in range(samples):
             t = time.perf_counter()
             r = await client.get("/runs", params={"limit": 50})
-            times.append((time.perf_counter() - t) * 1000)
-            assert len(r.json()) == 50, r.text[:300]
-        return statistics.median(times)
+            elapsed = (time.perf_counter() - t) * 1000
+            if r.status_code == 200 and len(r.json()) == 50:
+                times.append(elapsed)
+            else:
+                failures.append(f"{r.status_code} {r.text[:120]}")
+        if failures:
+            print(f"  GET /runs failed {len(failures)} of {samples} times at {url}: {failures[0]}", file=sys.stderr)
+        return statistics.median(times) if times else float("nan")
 
 
 async def fill(url: str, n: int, clients: int = 16) -> None:

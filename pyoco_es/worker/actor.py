@@ -7,10 +7,14 @@ Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
    polling; every tag asks for its share of the free room, so no tag starves another).
 2. The run task decodes the job (invalid → DLQ ``invalid_job`` + TERM), takes a warm child and
    sends it *prepare* (parse/validate YAML, import the allowed callables, build the pyoco Flow;
-   cached per sha256 in the child) while it reads the run's events.  The task names go into
-   ``run.claimed``.
+   cached per sha256 in the child) while it reads the run's events (or takes the run's position
+   from the job).  The task names go into ``run.claimed``.  When the child has built this
+   document before and the job carries the run's position, nothing is sent yet: step 3 sends
+   *prepare* and *go* together.
 3. It puts the run into the heartbeat's ``runs`` map and appends ``run.claimed`` fenced by the
-   run's last sequence: a StaleAttempt / RunNotFound means the item is obsolete (acked).
+   run's last sequence: a StaleAttempt / RunNotFound means the item is obsolete (acked).  The
+   claim's hook writes *go* (with a held-back *prepare*) to the child's pipe from the NATS thread
+   the moment the claim is stored, so the run starts without waiting for a hop back to Trio.
 4. If the flow could not be prepared: ``run.failed`` (``flow_not_found`` + DLQ, or
    ``build_error``).  Otherwise the child runs it; its trace events are appended in batches
    (whatever arrived while the previous append was in flight, plus a 2 ms coalescing window),
