@@ -644,7 +644,7 @@ class WorkerActor:
         *,
         attempt: int,
         hint: RunSnapshot | None,
-        on_stored: Callable[[list[int]], None] | None = None,
+        on_stored: OnStored | None = None,
     ) -> Outcome:
         """``RunStore.execute`` with the append batched across runs (one crossing per batch).
 

@@ -510,7 +510,8 @@ class _RunExecutor:
         held = [h for h in held if h[0].set_running_or_notify_cancel()]  # skip cancelled ones
         if not held:
             return
-        busy = any(f.running() for f in self._futures if all(f is not h[0] for h in held))
+        starting = {h[0] for h in held}
+        busy = any(f.running() for f in self._futures - starting)
         if len(held) == 1 and not busy and not getattr(held[0][2][0] if held[0][2] else None, "timeout_sec", None):
             future, fn, args, kwargs = held[0]
             try:
