@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import re
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from pyoco_es.core.errors import ValidationError
 from pyoco_es.flows.yaml import parse_workflow_yaml
 from pyoco_es.worker import child
 from pyoco_es.worker.actor import run_worker
-from pyoco_es.worker.trust import RefusedCallable, check_allowed_modules, module_allowed, resolve_callable
+from pyoco_es.worker.trust import RefusedCallable, check_allowed_modules, check_env_names, module_allowed, resolve_callable
 from test_gateway_support import HTTPX_STREAM_WARNINGS, GW, open_gateway, submit_yaml, wait_until
 
 pytestmark = HTTPX_STREAM_WARNINGS
@@ -126,6 +128,15 @@ def test_a_never_module_is_refused_when_the_worker_starts(prefix: str) -> None:
     with pytest.raises(ValueError, match=f"--allow-module '{prefix}': this module can never be allowed"):
         check_allowed_modules(["examples", prefix])
     assert check_allowed_modules(["examples", "*", "os_tools", "examples"]) == ("examples", "*", "os_tools")
+
+
+def test_exposed_names_are_environment_names() -> None:
+    assert check_env_names(["SOME_SECRET", " B ", "SOME_SECRET", ""]) == ("SOME_SECRET", "B")
+    for bad in ["A B", "-x", "A=1", "1A"]:
+        with pytest.raises(ValueError, match="--expose-env"):
+            check_env_names([bad])
+    assert Settings.from_env({"PYOCO_WORKER_EXPOSE_ENV": "A, B", "PYOCO_LOAD_DOTENV": "0"}).worker_expose_env == ("A", "B")
+    assert Settings.from_env({"PYOCO_LOAD_DOTENV": "0"}).worker_expose_env == ()
 
 
 @pytest.mark.parametrize(
@@ -300,3 +311,40 @@ def test_env_guard_limits_pyoco_env_lookups_to_the_runs_view(monkeypatch: pytest
     assert guarded.env_data() == {"SHOWN": "1"}
     assert trusted.resolve("$env.SOME_SECRET") == SECRET_VALUE
     assert trusted.env_data()["SOME_SECRET"] == SECRET_VALUE
+
+
+def test_up_passes_expose_env_to_its_worker(tmp_path: Path) -> None:
+    """`pyoco-server up --with-worker --expose-env SOME_SECRET`: the worker it starts exposes it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")}
+    env["SOME_SECRET"] = SECRET_VALUE
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from pyoco_es.cli.main import server_main; server_main()", "--port", "0",
+             "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples", "--expose-env", "SOME_SECRET"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out,
+        )
+    try:
+        url = ""
+        deadline = time.monotonic() + 30
+        while not url and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            url = next((line.split("gateway on ")[1].split()[0].rstrip("/") for line in log.read_text().splitlines() if "gateway on" in line), "")
+            time.sleep(0.05)
+        assert url, log.read_text()
+        r = httpx.post(f"{url}/runs/yaml", files={"workflow": ("flow.yaml", ASKS_FOR_SECRET.encode())}, data={"flow_name": "main"})
+        assert r.status_code == 200, r.text
+        snap: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while snap.get("status") not in ("COMPLETED", "FAILED", "CANCELLED") and time.monotonic() < deadline:
+            snap = httpx.get(f"{url}/runs/{r.json()['run_id']}", params={"include": "records"}).json()
+            time.sleep(0.02)
+        assert snap["status"] == "COMPLETED", snap
+        assert snap["task_records"]["show"]["output"] == f"value={SECRET_VALUE}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

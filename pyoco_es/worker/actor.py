@@ -81,7 +81,7 @@ from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored, PullSubscription
 from ..service import Outcome, RunStore, new_event_id
 from .pool import ChildDied, ChildPool, ChildProcess
-from .trust import check_allowed_modules
+from .trust import check_allowed_modules, check_env_names
 
 log = logging.getLogger(__name__)
 
@@ -1230,6 +1230,7 @@ async def run_worker(
     tag_list = normalize_tags(tags, settings.default_tag)
     spec = resolver_spec(flow_resolver)
     allowed = check_allowed_modules([*settings.allowed_modules, *allowed_modules])
+    check_env_names(settings.worker_expose_env)
     scratch_root = Path(tempfile.mkdtemp(prefix=f"pyoco-worker-{worker_id}-"))
     actor = WorkerActor(
         nats,

@@ -576,8 +576,8 @@ def install_env_guard() -> None:
         return _env_views.get(getattr(run_ctx, "run_id", None) or "")
 
     def resolve(self: Any, value: Any) -> Any:  # noqa: ANN401
-        view = view_of(self)
-        if view is not None and isinstance(value, str) and value.startswith("$env."):
+        view = view_of(self) if isinstance(value, str) and value.startswith("$env.") else None
+        if view is not None:
             key = value[len("$env.") :]
             if key in self.env:
                 return self.env[key]
