@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 import trio
 from pyoco.core.context import Context
 from pyoco.core.models import RunContext
+from pyoco.dsl import expressions
 
 from pyoco_es.config import Settings
 from pyoco_es.core.errors import ValidationError
@@ -294,12 +296,14 @@ async def test_a_run_reads_only_what_its_worker_exposes(tmp_path: Path, monkeypa
             assert snap["task_records"]["show"]["output"] == f"value={SECRET_VALUE}"
 
 
-def test_env_guard_limits_pyoco_env_lookups_to_the_runs_view(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_guard_limits_what_pyoco_references_reach(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defence in depth inside the run process: for a YAML run, pyoco's `$env` lookups (inputs and
     expressions) see only the run's view, whatever the process environment holds; other runs
-    (named flows, the operator's code) keep pyoco's behaviour."""
+    (named flows, the operator's code) keep pyoco's behaviour.  Walks of task outputs never reach
+    a module (where `os.environ` lives) or a private attribute, whoever asks."""
     monkeypatch.setattr(Context, "resolve", Context.resolve)  # restored after the test
     monkeypatch.setattr(Context, "env_data", Context.env_data)
+    monkeypatch.setattr(expressions, "resolve_path", expressions.resolve_path)
     monkeypatch.setenv("SOME_SECRET", SECRET_VALUE)
     monkeypatch.setitem(child._env_views, "yaml-run", {"SHOWN": "1"})
     child.install_env_guard()
@@ -311,6 +315,22 @@ def test_env_guard_limits_pyoco_env_lookups_to_the_runs_view(monkeypatch: pytest
     assert guarded.env_data() == {"SHOWN": "1"}
     assert trusted.resolve("$env.SOME_SECRET") == SECRET_VALUE
     assert trusted.env_data()["SOME_SECRET"] == SECRET_VALUE
+
+    output = types.SimpleNamespace(data={"k": [1]}, mod=os, _hidden=1)
+    for ctx in (guarded, trusted):
+        ctx.results["a"] = output
+        assert ctx.resolve("$node.a.output.data.k") == [1]
+        for ref in ("$node.a.output.mod.environ", "$node.a.output.mod", "$node.a.output._hidden"):
+            with pytest.raises(ValueError, match="may not read"):
+                ctx.resolve(ref)
+        data = ctx.expression_data()
+        assert expressions.Expression("$ctx.results.a.data.k").evaluate(ctx=data, env=ctx.env_data()) == [1]
+        with pytest.raises(expressions.ExpressionEvaluationError, match="may not read"):
+            expressions.Expression("$ctx.results.a.mod.environ").evaluate(ctx=data, env=ctx.env_data())
+    shown = expressions.Expression("$env.SHOWN").evaluate(ctx=guarded.expression_data(), env=guarded.env_data())
+    assert shown == "1"
+    with pytest.raises(expressions.ExpressionEvaluationError):
+        expressions.Expression("$env.SOME_SECRET").evaluate(ctx=guarded.expression_data(), env=guarded.env_data())
 
 
 def test_up_passes_expose_env_to_its_worker(tmp_path: Path) -> None:

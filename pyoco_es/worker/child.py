@@ -30,8 +30,9 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from pyoco.core.engine import Engine
@@ -558,33 +559,61 @@ def install_shared_executor(max_workers: int = 8) -> None:
 _env_views: dict[str, dict[str, str]] = {}  # YAML run id -> what its `$env` may read
 
 
+def _walk(current: Any, parts: Sequence[str], reference: str) -> Any:  # noqa: ANN401
+    """pyoco's walk of ``$node...output.a.b`` / ``$ctx.results.a.b`` (mapping keys, else
+    attributes) that never takes a private step or passes through a module object (where
+    ``os.environ`` and the like live).
+
+    Raises:
+        ValueError: such a step; KeyError/AttributeError: a missing key or attribute (as pyoco).
+    """
+    for part in parts:
+        if part.startswith("_") or isinstance(current, types.ModuleType):
+            raise ValueError(f"Invalid reference '{reference}': may not read private attributes or modules")
+        current = current[part] if isinstance(current, Mapping) else getattr(current, part)
+    if isinstance(current, types.ModuleType):
+        raise ValueError(f"Invalid reference '{reference}': may not read a module")
+    return current
+
+
 def install_env_guard() -> None:
-    """Make pyoco's ``$env`` lookups in a YAML run see only its exposed names.
+    """Make what a YAML document can reach through pyoco's references safe.
 
     pyoco resolves ``$env.NAME`` inputs and template expressions from ``os.environ`` (the
     worker's whole environment, which trusted task code keeps).  For a run prepared from a
     document, the lookup goes to that run's view instead (the names it listed, all of them
     exposed by the worker, see :meth:`Child.prepare`); named flows (operator code) are unchanged.
+    Walks of task outputs (``$node.a.output.x``, ``{{ $ctx.results.a.x }}``) never take a private
+    step or pass through a module, for any run (the gateway refuses private steps at submit).
     """
     from pyoco.core.context import Context
+    from pyoco.dsl import expressions
 
     real_resolve = Context.resolve
     real_env_data = Context.env_data
+    real_resolve_path = expressions.resolve_path
 
     def view_of(ctx: Any) -> dict[str, str] | None:  # noqa: ANN401
         run_ctx = getattr(ctx, "run_context", None)
         return _env_views.get(getattr(run_ctx, "run_id", None) or "")
 
     def resolve(self: Any, value: Any) -> Any:  # noqa: ANN401
-        view = view_of(self) if isinstance(value, str) and value.startswith("$env.") else None
-        if view is not None:
-            key = value[len("$env.") :]
-            if key in self.env:
-                return self.env[key]
-            if key in view:
-                return view[key]
-            raise KeyError(f"Environment variable '{key}' is not exposed to this run.")
-        return real_resolve(self, value)
+        if not isinstance(value, str) or not value.startswith(("$env.", "$node.")):
+            return real_resolve(self, value)
+        if value.startswith("$node."):
+            parts = value.split(".")
+            if len(parts) <= 3:
+                return real_resolve(self, value)
+            return _walk(real_resolve(self, ".".join(parts[:3])), parts[3:], value)
+        view = view_of(self)
+        if view is None:
+            return real_resolve(self, value)
+        key = value[len("$env.") :]
+        if key in self.env:
+            return self.env[key]
+        if key in view:
+            return view[key]
+        raise KeyError(f"Environment variable '{key}' is not exposed to this run.")
 
     def env_data(self: Any) -> dict[str, str]:  # noqa: ANN401
         view = view_of(self)
@@ -592,8 +621,19 @@ def install_env_guard() -> None:
             return real_env_data(self)  # type: ignore[no-any-return]
         return {**view, **self.env}
 
+    def resolve_path(data: Mapping[str, Any], path: str, root: str) -> Any:  # noqa: ANN401
+        head, _, rest = path.partition(".")
+        current = real_resolve_path(data, head, root)
+        try:
+            return _walk(current, rest.split(".") if rest else [], f"{root}.{path}")
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise expressions.ExpressionEvaluationError(f"{root}.{path} not found.") from exc
+        except ValueError as exc:
+            raise expressions.ExpressionEvaluationError(str(exc)) from exc
+
     Context.resolve = resolve  # type: ignore[method-assign]
     Context.env_data = env_data  # type: ignore[method-assign]
+    expressions.resolve_path = resolve_path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
