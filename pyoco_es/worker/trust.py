@@ -11,7 +11,7 @@ worker operator decides two lists, and this module enforces them:
   public name (no leading ``_``: that rules out ``__globals__``/``__builtins__`` walks and the
   usual ``import os as _os`` aliases), and a step may not pass through a module outside the
   allowed prefixes.  :data:`NEVER_MODULES` can never be allowed, even when named; ``*`` allows any
-  module except those, the standard library and pyoco/pyoco-es themselves.
+  module except those and the standard library.
 * ``--expose-env NAME``: the only environment names a YAML run may read (``$env.NAME`` inputs and
   templates).  A document asking for another name fails the run, naming the variable.
 
@@ -29,7 +29,7 @@ import types
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Final
 
-from ..flows.yaml import callable_path_problem
+from ..flows.yaml import ENV_NAME_RE, callable_path_problem
 
 ALLOW_ALL: Final = "*"
 
@@ -52,7 +52,6 @@ NEVER_MODULES: Final = frozenset(
 # Never reachable through "*" either: the interpreter's own library (sys.stdlib_module_names).
 _STDLIB: Final = frozenset(getattr(sys, "stdlib_module_names", ()))
 _PART: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # a public identifier
-ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RULE: Final = "(--allow-module / PYOCO_ALLOWED_MODULES)"
 NEVER_RULE: Final = "can never be allowed (it can run commands, load or evaluate code, or reach files, the network or the interpreter)"
 
