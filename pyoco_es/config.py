@@ -108,6 +108,7 @@ class Settings:
     consumer_max_ack_pending: int = 1000
     dlq_publish_execution_error: bool = True
     allowed_modules: tuple[str, ...] = ()
+    worker_expose_env: tuple[str, ...] = ()  # the only environment names YAML runs may read
     worker_poll_timeout: float = 1.0  # long-poll duration of one fetch
     worker_drain_timeout: float = 30.0  # graceful stop: how long running runs may finish
     # snapshots and uploads
@@ -144,6 +145,7 @@ class Settings:
             consumer_max_ack_pending=_int(e, "PYOCO_CONSUMER_MAX_ACK_PENDING", 1000),
             dlq_publish_execution_error=_bool(e, "PYOCO_DLQ_PUBLISH_EXECUTION_ERROR", True),
             allowed_modules=_csv(e, "PYOCO_ALLOWED_MODULES"),
+            worker_expose_env=_csv(e, "PYOCO_WORKER_EXPOSE_ENV"),
             worker_poll_timeout=_num(e, "PYOCO_WORKER_POLL_TIMEOUT_SEC", 1.0, 0.05),
             worker_drain_timeout=_num(e, "PYOCO_WORKER_DRAIN_TIMEOUT_SEC", 30.0, 0.0),
             max_run_snapshot_bytes=_int(e, "PYOCO_MAX_RUN_SNAPSHOT_BYTES", 262144),

@@ -165,8 +165,8 @@ async def test_named_flow_and_failures(nats: NatsClient, nursery: trio.Nursery) 
         snap = await wait_status(store, refused, TERMINAL)
         assert snap.status is RunStatus.FAILED and snap.failure_reason == "build_error"
         assert snap.error == (
-            "callable 'os:system' refused: module 'os' is not in the allowed modules "
-            "(--allow-module / PYOCO_ALLOWED_MODULES)"
+            "callable 'os:system' refused: module 'os' can never be allowed (it can run commands, load or "
+            "evaluate code, or reach files, the network or the interpreter)"
         )
 
         info = await nats.stream_info(subjects.DLQ_STREAM)

@@ -75,6 +75,7 @@ def cli() -> None:
 @click.option("--worker-concurrency", default=4, show_default=True, type=int)
 @click.option("--worker-flow-resolver", default=None, help="module:function or path.py:function resolving named flows.")
 @click.option("--allow-module", "allow_modules", multiple=True, help="Module prefix YAML callables may import (repeatable).")
+@click.option("--expose-env", "expose_env", multiple=True, help="Environment variable the worker lets YAML runs read (repeatable; default none).")
 @LOG_LEVEL
 async def up(
     host: str,
@@ -89,6 +90,7 @@ async def up(
     worker_concurrency: int,
     worker_flow_resolver: str | None,
     allow_modules: tuple[str, ...],
+    expose_env: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Run the whole system: embedded NATS (unless --nats-url), conductor, gateway + dashboard.
@@ -104,7 +106,12 @@ async def up(
         settings = attrs.evolve(settings, allowed_modules=tuple(allow_modules))
     from ..conductor.service import run_conductor
     from ..gateway.server import run_gateway
-    from .worker import load_flow_resolver
+    from .worker import load_flow_resolver, trusted_settings
+
+    try:  # a module that can never be allowed fails here, before anything starts
+        settings = trusted_settings(settings, (), expose_env)
+    except ValueError as exc:
+        fail(str(exc), hint="pyoco-server up --help")
 
     if worker_flow_resolver:
         load_flow_resolver(worker_flow_resolver)  # a bad spec fails here, before anything starts
@@ -119,6 +126,8 @@ async def up(
                            "--tags", worker_tags, "--concurrency", str(worker_concurrency)]
             for module in settings.allowed_modules:
                 worker_args += ["--allow-module", module]
+            for name in settings.worker_expose_env:
+                worker_args += ["--expose-env", name]
             if worker_flow_resolver:
                 worker_args += ["--flow-resolver", worker_flow_resolver]
             async with trio.open_nursery() as nursery:

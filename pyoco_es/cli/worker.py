@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
 import asyncclick as click
@@ -25,6 +26,7 @@ from ..nats.client import open_nats
 from ..nats.resources import ResourceConfig, ensure_resources
 from ..runtime import configure_logging, wait_for_stop_signal
 from ..worker.actor import normalize_tags, run_worker
+from ..worker.trust import check_allowed_modules, check_env_names
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,19 @@ def load_flow_resolver(spec: str) -> str:
     return spec
 
 
+def trusted_settings(settings: Settings, allow_modules: Sequence[str], expose_env: Sequence[str]) -> Settings:
+    """``settings`` with the operator's flags merged into its allowed modules and exposed names.
+
+    Raises:
+        ValueError: a module that can never be allowed (``os``, ...) or a malformed name.
+    """
+    return attrs.evolve(
+        settings,
+        allowed_modules=check_allowed_modules([*settings.allowed_modules, *allow_modules]),
+        worker_expose_env=check_env_names([*settings.worker_expose_env, *expose_env]),
+    )
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--nats-url", envvar="PYOCO_NATS_URL", default=None, help=f"NATS server (default {DEFAULT_NATS_URL}).")
 @click.option("--tags", default="default", show_default=True, help="CSV of tags to serve (OR semantics).")
@@ -73,6 +88,12 @@ def load_flow_resolver(spec: str) -> str:
     multiple=True,
     help="Module prefix YAML `callable:` may import (repeatable; also PYOCO_ALLOWED_MODULES, CSV; '*' allows any).",
 )
+@click.option(
+    "--expose-env",
+    "expose_env",
+    multiple=True,
+    help="Environment variable a YAML run may read as `$env.NAME` (repeatable; also PYOCO_WORKER_EXPOSE_ENV, CSV; default none).",
+)
 @click.option("--poll-timeout", default=None, type=click.FloatRange(0.05, 60), help="Long-poll duration of one fetch, seconds.")
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 async def worker(
@@ -82,6 +103,7 @@ async def worker(
     concurrency: int,
     flow_resolver: str | None,
     allow_modules: tuple[str, ...],
+    expose_env: tuple[str, ...],
     poll_timeout: float | None,
     log_level: str,
 ) -> None:
@@ -90,12 +112,14 @@ async def worker(
     \b
     Example:
       pyoco-worker --nats-url nats://127.0.0.1:4222 --tags default,gpu --worker-id w1 \\
-          --allow-module mytasks --flow-resolver flows.py:resolve
+          --allow-module mytasks --flow-resolver flows.py:resolve --expose-env API_BASE_URL
     """
     configure_logging(log_level)
     settings = Settings.from_env()
-    if allow_modules:
-        settings = attrs.evolve(settings, allowed_modules=tuple(dict.fromkeys([*settings.allowed_modules, *allow_modules])))
+    try:
+        settings = trusted_settings(settings, allow_modules, expose_env)
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         tag_list = normalize_tags(tags.split(","), settings.default_tag)
     except ValueError as exc:
@@ -160,4 +184,4 @@ def worker_main() -> None:
         sys.exit(130)
 
 
-__all__ = ["load_flow_resolver", "worker", "worker_main"]
+__all__ = ["load_flow_resolver", "trusted_settings", "worker", "worker_main"]

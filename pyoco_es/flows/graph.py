@@ -55,7 +55,8 @@ _OP_SYMBOLS: Final[dict[type[ast.AST], str]] = {
 _ALLOWED_OPS: Final = (ast.RShift, ast.BitAnd, ast.BitOr)
 _DSL_HINT: Final = re.compile(r"\b(?:switch|repeat|foreach|until|pipe)\s*\(|[{}]|\b\w+\s*:\s*\w")
 _TEMPLATE: Final = re.compile(r"\{\{(.*?)\}\}", re.S)
-_ENV_REF: Final = re.compile(r"\$env\.([A-Za-z_]\w*)")
+_ENV_REF: Final = re.compile(r"(?<![\w.])\$?env\.([A-Za-z_]\w*)")  # `$env.X` or a bare `env.X` expression
+_PRIVATE_STEP: Final = re.compile(r"\w\._")  # `results.a._x`, `$ctx.__class__`: a walk into private attributes
 _ALLOWED_DESCRIPTION: Final = "only declared task names, `flow`, `>>`, `&`, `|` and parentheses are allowed"
 
 
@@ -357,8 +358,11 @@ def _first_pos(text: str, name: str) -> int:
 
 
 def _check_templates(graph: str, pipes: Mapping[str, str], expose_env: Collection[str]) -> None:
-    """pyoco evaluates ``{{...}}`` with a restricted ``eval`` that can read any environment
-    variable and walk attributes; allow only exposed ``$env`` names and no dunder paths or ``**``."""
+    """pyoco evaluates ``{{...}}`` (and bare ``switch``/``until``/``foreach`` expressions, where
+    ``env.NAME`` means ``$env.NAME``) with a restricted ``eval`` that can read any environment
+    variable and walk attributes; allow only ``$env`` names listed in ``runtime.expose_env`` (the
+    worker then checks them against its own ``--expose-env``), no private or dunder steps and no
+    ``**``."""
     allowed = set(expose_env)
     for source in (graph, *pipes.values()):
         for m in _TEMPLATE.finditer(source):
@@ -367,11 +371,12 @@ def _check_templates(graph: str, pipes: Mapping[str, str], expose_env: Collectio
                 raise ValidationError(f"graph: expression `{{{{{expr.strip()}}}}}` may not use `__` names")
             if "**" in expr:
                 raise ValidationError(f"graph: expression `{{{{{expr.strip()}}}}}` may not use `**`")
-            for env in _ENV_REF.finditer(expr):
-                if env.group(1) not in allowed:
-                    raise ValidationError(
-                        f"graph: `$env.{env.group(1)}` is not listed in runtime.expose_env"
-                    )
+        step = _PRIVATE_STEP.search(source)
+        if step is not None:
+            raise ValidationError(f"graph: `{step.group(0)}...` may not read private (`_`) attributes")
+        for env in _ENV_REF.finditer(source):
+            if env.group(1) not in allowed:
+                raise ValidationError(f"graph: `$env.{env.group(1)}` is not listed in runtime.expose_env")
 
 
 __all__ = ["GraphPlan", "build_flow", "plan_graph"]

@@ -16,8 +16,11 @@ Hardening beyond pyoco-server:
   one / produce ``True`` for ``on:``).
 * Non-finite floats are refused (they are not JSON).
 * ``$env.NAME`` inputs only for names listed in ``runtime.expose_env``.
-* ``callable`` must look like ``module.path:attr``.  Whether the module may be imported is the
-  worker's decision (``--allow-module``), not the document's.
+* ``callable`` must look like ``module.path:attr`` of public names (no part may start with ``_``:
+  no ``__builtins__``/``__globals__`` walks).  Whether the module may be imported, and whether
+  the object it names is defined there, is the worker's decision (``--allow-module``, see
+  :mod:`pyoco_es.worker.trust`), not the document's.
+* ``$node.<task>.output...`` inputs may not walk private (``_``) attributes either.
 
 ``pipes:`` (pyoco 0.7+) is accepted as an extension: a mapping of pipe name to graph text.
 
@@ -53,8 +56,25 @@ TASK_KEYS: Final = ("callable", "inputs", "outputs")
 RUNTIME_KEYS: Final = ("expose_env",)
 
 TASK_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-CALLABLE_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 ENV_INPUT_RE: Final = re.compile(r"^\$env\.(.*)$")
+ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PUBLIC_NAME: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def callable_path_problem(path: str) -> str | None:
+    """Why ``path`` can never be a valid ``callable:`` (None if its shape is fine).  The gateway
+    answers 422 for it; the worker checks it again before importing anything."""
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        return "must be `module.path:function`"
+    for part in (*module.split("."), *attr.split(".")):
+        if not part:
+            return "must be `module.path:function` (an empty name between dots)"
+        if part.startswith("_"):
+            return f"`{part}`: every part must be a public name (no leading `_`)"
+        if not _PUBLIC_NAME.match(part):
+            return f"`{part}`: names may only contain letters, digits and `_`"
+    return None
 
 _PLAIN_TAGS: Final = frozenset(
     "tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq")
@@ -376,6 +396,12 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
     expose = runtime.get("expose_env", []) or []
     if not isinstance(expose, list) or not all(isinstance(x, str) for x in expose):
         raise ValidationError(f"{_at('runtime.expose_env', runtime_lines, 'expose_env')}: must be a list of strings")
+    for name in expose:
+        if not ENV_NAME_RE.match(name):
+            raise ValidationError(
+                f"{_at('runtime.expose_env', runtime_lines, 'expose_env')}: {name[:100]!r} is not an environment "
+                f"variable name (letters, digits, _)"
+            )
     expose_env = tuple(expose)
 
     pipes = data.get("pipes", {}) or {}
@@ -401,10 +427,9 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
         fn = spec.get("callable")
         if fn is None:
             raise ValidationError(f"{_at(path, task_lines, name)}: `callable` is required (`module:function`)")
-        if not isinstance(fn, str) or not CALLABLE_RE.match(fn.strip()):
-            raise ValidationError(
-                f"{_at(path + '.callable', spec_lines, 'callable')}: must be `module.path:function`, got {fn!r}"
-            )
+        problem = callable_path_problem(fn.strip()) if isinstance(fn, str) else "must be `module.path:function`"
+        if problem is not None:
+            raise ValidationError(f"{_at(path + '.callable', spec_lines, 'callable')}: {problem}, got {fn!r}"[:400])
         inputs = spec.get("inputs", {}) or {}
         if not isinstance(inputs, dict):
             raise ValidationError(f"{_at(path + '.inputs', spec_lines, 'inputs')}: must be a mapping, not {_type_name(inputs)}")
@@ -417,6 +442,8 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
                         f"{path}.inputs.{key}: `{value}` reads an environment variable that is not listed in "
                         f"runtime.expose_env"
                     )
+                if value.startswith("$node.") and any(p.startswith("_") for p in value.split(".")[3:]):
+                    raise ValidationError(f"{path}.inputs.{key}: `{value}` may not read private (`_`) attributes")
         outputs = spec.get("outputs", []) or []
         if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
             raise ValidationError(f"{_at(path + '.outputs', spec_lines, 'outputs')}: must be a list of strings")

@@ -81,6 +81,7 @@ from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored, PullSubscription
 from ..service import Outcome, RunStore, new_event_id
 from .pool import ChildDied, ChildPool, ChildProcess
+from .trust import check_allowed_modules, check_env_names
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +337,7 @@ class WorkerActor:
             allowed_modules=allowed_modules,
             flow_resolver=flow_resolver,
             max_output_bytes=settings.max_output_bytes,
+            expose_env=settings.worker_expose_env,
         )
         self.held: set[Delivered] = set()  # fetched, not yet acked/naked: in-progress targets
         self.active: dict[str, _Active] = {}  # claimed runs
@@ -1220,14 +1222,15 @@ async def run_worker(
     ``task_status.started(actor)`` fires once the consumers are bound and polling.
 
     Raises:
-        ValueError: bad tags, worker id or resolver.
+        ValueError: bad tags, worker id, resolver, or an allowed module that can never be allowed.
         InfraError: NATS is unavailable at start-up.
     """
     if not subjects.is_token(worker_id):
         raise ValueError(f"invalid worker id {worker_id!r}: letters, digits, '_' and '-' only")
     tag_list = normalize_tags(tags, settings.default_tag)
     spec = resolver_spec(flow_resolver)
-    allowed = tuple(dict.fromkeys([*settings.allowed_modules, *allowed_modules]))
+    allowed = check_allowed_modules([*settings.allowed_modules, *allowed_modules])
+    check_env_names(settings.worker_expose_env)
     scratch_root = Path(tempfile.mkdtemp(prefix=f"pyoco-worker-{worker_id}-"))
     actor = WorkerActor(
         nats,

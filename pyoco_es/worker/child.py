@@ -30,8 +30,9 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from pyoco.core.engine import Engine
@@ -43,30 +44,10 @@ from ..core.errors import ValidationError
 from ..flows.graph import build_flow
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
 from .protocol import HEADER, FrameDecoder, encode_frame
+from .trust import RefusedCallable, env_refusal, exposed_values, missing_env, resolve_callable
 
 DOC_CACHE_SIZE: Final = 256
-ALLOW_ALL: Final = "*"
 _result = threading.local()
-
-
-class RefusedCallable(Exception):
-    pass
-
-
-def module_allowed(module: str, allowed: Sequence[str]) -> bool:
-    """``module`` equals an allowed prefix or is inside it (``pkg`` allows ``pkg.sub``)."""
-    for prefix in allowed:
-        prefix = prefix.strip()
-        if prefix == ALLOW_ALL or module == prefix or module.startswith(prefix + "."):
-            return True
-    return False
-
-
-def refusal(callable_path: str, module: str) -> str:
-    return (
-        f"callable '{callable_path}' refused: module '{module}' is not in the allowed modules "
-        f"(--allow-module / PYOCO_ALLOWED_MODULES)"
-    )
 
 
 def json_safe(value: Any, max_bytes: int) -> tuple[Any, bool]:  # noqa: ANN401 - any task value
@@ -80,6 +61,13 @@ def json_safe(value: Any, max_bytes: int) -> tuple[Any, bool]:  # noqa: ANN401 -
     if max_bytes > 0 and len(raw) > max_bytes:
         return f"{raw[:max_bytes]}...[truncated: {len(raw)} bytes of JSON]", True
     return json.loads(raw), False
+
+
+def _task_function(obj: Any) -> Any:  # noqa: ANN401
+    """A pyoco task object's function (what a ``callable:`` naming a ``@task`` really calls)."""
+    if isinstance(obj, TaskWrapper):
+        obj = obj.task
+    return obj.func if isinstance(obj, Task) else obj
 
 
 def _capture(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -243,8 +231,10 @@ class Child:
         resolver_spec: str | None,
         max_output_bytes: int,
         scratch: str | None = None,
+        expose_env: Sequence[str] = (),
     ) -> None:
         self.channel = channel
+        self.expose_env = frozenset(expose_env)  # the worker operator's --expose-env names
         self.scratch = scratch  # cleaned after every run; only ever the pool's own directory
         self.allowed = tuple(allowed_modules)
         self.resolver_spec = resolver_spec
@@ -283,6 +273,7 @@ class Child:
                 if op == "abort":
                     with self.lock:
                         self.prepared.pop(run_id, None)
+                        _env_views.pop(run_id, None)
                     continue
                 if op != "go":
                     continue
@@ -319,28 +310,11 @@ class Child:
         return doc
 
     def _import(self, path: str) -> Callable[..., Any]:
+        """A YAML ``callable:`` under the allow-list (:func:`pyoco_es.worker.trust.resolve_callable`)."""
         fn = self.funcs.get(path)
         if fn is not None:
             return fn
-        module_name, attr = path.split(":", 1)
-        if not module_allowed(module_name, self.allowed):
-            raise RefusedCallable(refusal(path, module_name))
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except Exception as exc:  # noqa: BLE001 - any import failure is a build error
-            raise RefusedCallable(f"callable '{path}': cannot import module '{module_name}': {type(exc).__name__}: {exc}") from exc
-        for part in attr.split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError as exc:
-                raise RefusedCallable(f"callable '{path}': module '{module_name}' has no attribute '{attr}'") from exc
-        if isinstance(obj, TaskWrapper):
-            obj = obj.task.func
-        elif isinstance(obj, Task):
-            obj = obj.func
-        if not callable(obj):
-            raise RefusedCallable(f"callable '{path}' is not callable ({type(obj).__name__})")
-        fn = _capture(obj)
+        fn = _capture(resolve_callable(path, self.allowed, unwrap=_task_function))
         self.funcs[path] = fn
         return fn
 
@@ -363,6 +337,9 @@ class Child:
         try:
             if msg.get("yaml") is not None or msg.get("sha256"):
                 doc = self._doc(msg)
+                missing = missing_env(doc.expose_env, self.expose_env)
+                if missing:  # names only: the values never leave this process
+                    raise RefusedCallable(env_refusal(missing))
                 funcs = {name: self._import(doc.tasks[name].callable) for name in doc.plan.declared}
 
                 def make(name: str) -> Task:
@@ -391,6 +368,8 @@ class Child:
             }
         with self.lock:
             self.prepared[run_id] = Prepared(run_id, flow, merged)
+            if msg.get("yaml") is not None or msg.get("sha256"):
+                _env_views[run_id] = exposed_values(doc.expose_env, os.environ)
         return {"ev": "prepared", "run_id": run_id, "tasks": names}
 
     # -- running --------------------------------------------------------------------------------
@@ -414,6 +393,7 @@ class Child:
         finally:
             with self.lock:
                 self.prepared.pop(run_id, None)
+                _env_views.pop(run_id, None)
             if self.scratch is not None and os.getcwd() == self.scratch:
                 _clean_scratch()
         status = run_ctx.status
@@ -576,16 +556,98 @@ def install_shared_executor(max_workers: int = 8) -> None:
     concurrent.futures.wait = engine_aware_wait  # type: ignore[assignment]
 
 
+_env_views: dict[str, dict[str, str]] = {}  # YAML run id -> what its `$env` may read
+
+
+def _walk(current: Any, parts: Sequence[str], reference: str) -> Any:  # noqa: ANN401
+    """pyoco's walk of ``$node...output.a.b`` / ``$ctx.results.a.b`` (mapping keys, else
+    attributes) that never takes a private step or passes through a module object (where
+    ``os.environ`` and the like live).
+
+    Raises:
+        ValueError: such a step; KeyError/AttributeError: a missing key or attribute (as pyoco).
+    """
+    for part in parts:
+        if part.startswith("_") or isinstance(current, types.ModuleType):
+            raise ValueError(f"Invalid reference '{reference}': may not read private attributes or modules")
+        current = current[part] if isinstance(current, Mapping) else getattr(current, part)
+    if isinstance(current, types.ModuleType):
+        raise ValueError(f"Invalid reference '{reference}': may not read a module")
+    return current
+
+
+def install_env_guard() -> None:
+    """Make what a YAML document can reach through pyoco's references safe.
+
+    pyoco resolves ``$env.NAME`` inputs and template expressions from ``os.environ`` (the
+    worker's whole environment, which trusted task code keeps).  For a run prepared from a
+    document, the lookup goes to that run's view instead (the names it listed, all of them
+    exposed by the worker, see :meth:`Child.prepare`); named flows (operator code) are unchanged.
+    Walks of task outputs (``$node.a.output.x``, ``{{ $ctx.results.a.x }}``) never take a private
+    step or pass through a module, for any run (the gateway refuses private steps at submit).
+    """
+    from pyoco.core.context import Context
+    from pyoco.dsl import expressions
+
+    real_resolve = Context.resolve
+    real_env_data = Context.env_data
+    real_resolve_path = expressions.resolve_path
+
+    def view_of(ctx: Any) -> dict[str, str] | None:  # noqa: ANN401
+        run_ctx = getattr(ctx, "run_context", None)
+        return _env_views.get(getattr(run_ctx, "run_id", None) or "")
+
+    def resolve(self: Any, value: Any) -> Any:  # noqa: ANN401
+        if not isinstance(value, str) or not value.startswith(("$env.", "$node.")):
+            return real_resolve(self, value)
+        if value.startswith("$node."):
+            parts = value.split(".")
+            if len(parts) <= 3:
+                return real_resolve(self, value)
+            return _walk(real_resolve(self, ".".join(parts[:3])), parts[3:], value)
+        view = view_of(self)
+        if view is None:
+            return real_resolve(self, value)
+        key = value[len("$env.") :]
+        if key in self.env:
+            return self.env[key]
+        if key in view:
+            return view[key]
+        raise KeyError(f"Environment variable '{key}' is not exposed to this run.")
+
+    def env_data(self: Any) -> dict[str, str]:  # noqa: ANN401
+        view = view_of(self)
+        if view is None:
+            return real_env_data(self)  # type: ignore[no-any-return]
+        return {**view, **self.env}
+
+    def resolve_path(data: Mapping[str, Any], path: str, root: str) -> Any:  # noqa: ANN401
+        head, _, rest = path.partition(".")
+        current = real_resolve_path(data, head, root)
+        try:
+            return _walk(current, rest.split(".") if rest else [], f"{root}.{path}")
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise expressions.ExpressionEvaluationError(f"{root}.{path} not found.") from exc
+        except ValueError as exc:
+            raise expressions.ExpressionEvaluationError(str(exc)) from exc
+
+    Context.resolve = resolve  # type: ignore[method-assign]
+    Context.env_data = env_data  # type: ignore[method-assign]
+    expressions.resolve_path = resolve_path
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pyoco_es.worker.child")
     parser.add_argument("--cmd-fd", type=int, required=True)
     parser.add_argument("--evt-fd", type=int, required=True)
     parser.add_argument("--flow-resolver", default=None)
     parser.add_argument("--allow-module", action="append", default=[])
+    parser.add_argument("--expose-env", action="append", default=[], help="an environment name YAML runs may read")
     parser.add_argument("--max-output-bytes", type=int, default=65536)
     parser.add_argument("--scratch", default=None, help="this child's own working directory (cleaned after each run)")
     args = parser.parse_args(argv)
     install_shared_executor()
+    install_env_guard()
     channel = Channel(args.cmd_fd, args.evt_fd)
     child = Child(
         channel,
@@ -593,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         resolver_spec=args.flow_resolver,
         max_output_bytes=args.max_output_bytes,
         scratch=os.path.realpath(args.scratch) if args.scratch else None,
+        expose_env=args.expose_env,
     )
     channel.send({"ev": "ready", "pid": os.getpid()})
     child.serve()

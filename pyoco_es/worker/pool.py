@@ -152,6 +152,7 @@ async def spawn_child(
     allowed_modules: Sequence[str],
     flow_resolver: str | None,
     max_output_bytes: int,
+    expose_env: Sequence[str] = (),
 ) -> ChildProcess:
     """Start a child and wait for its ``ready`` frame.
 
@@ -178,6 +179,8 @@ async def spawn_child(
         argv += ["--flow-resolver", flow_resolver]
     for prefix in allowed_modules:
         argv += ["--allow-module", prefix]
+    for name in expose_env:
+        argv += ["--expose-env", name]
     env = dict(os.environ)
     env["PYTHONPATH"] = _child_pythonpath()
     env.setdefault("PYOCO_CUTE", "0")
@@ -223,8 +226,10 @@ class ChildPool:
         allowed_modules: Sequence[str],
         flow_resolver: str | None,
         max_output_bytes: int,
+        expose_env: Sequence[str] = (),
     ) -> None:
         self.size = size
+        self.expose_env = tuple(expose_env)
         self.scratch_root = scratch_root
         self.allowed_modules = tuple(allowed_modules)
         self.flow_resolver = flow_resolver
@@ -242,6 +247,7 @@ class ChildPool:
             allowed_modules=self.allowed_modules,
             flow_resolver=self.flow_resolver,
             max_output_bytes=self.max_output_bytes,
+            expose_env=self.expose_env,
         )
         self.started += 1
         self._all.add(child)
