@@ -45,7 +45,8 @@ async def poll(fn, what: str, timeout: float = 20.0):  # type: ignore[no-untyped
 async def test_a_run_survives_a_nats_crash(tmp_path: Path) -> None:
     markers, gate = tmp_path / "markers", tmp_path / "gate"
     markers.mkdir()
-    settings = Settings(worker_heartbeat_interval=0.5, run_lease_seconds=30.0)
+    # A write holds up to nats_unavailable_wait for NATS to come back, then answers 503.
+    settings = Settings(worker_heartbeat_interval=0.5, run_lease_seconds=30.0, nats_unavailable_wait=1.0)
     with trio.fail_after(90):
         async with open_stack(tmp_path, settings=settings, worker=True, concurrency=1) as stack:
             async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
@@ -70,6 +71,7 @@ async def test_a_run_survives_a_nats_crash(tmp_path: Path) -> None:
                 # ...a submit is refused (503 with a hint), never accepted without a durable event.
                 resp = await poll(refused, "a 503 while NATS is down")
                 assert "NATS" in resp.json()["detail"]
+                assert resp.json()["outcome"] == "not_applied"  # it was held, then refused: nothing sent
                 # Then it comes back on the same port with the same store.
                 stack.server.port = port
                 await trio.to_thread.run_sync(stack.server.start)

@@ -121,6 +121,7 @@ class OutcomeUnknown(EventLogUnavailable):
     def __init__(self, message: str, *, subject: str = "") -> None:
         super().__init__(message)
         self.subject = subject
+        self.run_id: str | None = None  # set by the gateway for a submit (so a client can look)
 
 
 class WritesRefused(InfraError):

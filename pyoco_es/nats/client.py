@@ -152,6 +152,7 @@ class _Puller:
         self._buf: list[Any] = []
         self._want = 0
         self._wake = asyncio.Event()
+        self.missing = False  # the last request met no consumer (503: deleted with its stream?)
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
@@ -161,6 +162,7 @@ class _Puller:
         headers = msg.headers
         if headers and not msg.data and "Status" in headers:
             if headers["Status"] != "100":  # 404 no messages, 408 expired, 409 ...: this request ended
+                self.missing = headers["Status"] == "503"
                 self._wake.set()
             return
         self._buf.append(msg)
@@ -187,10 +189,13 @@ class _Puller:
         return out
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivered]:
+        self.missing = False
         if len(self._buf) < batch:
             await self._request(batch - len(self._buf), no_wait=True, expires=0, wait=5.0)
-        if not self._buf:
+        if not self._buf and not self.missing:
             await self._request(1, no_wait=False, expires=timeout, wait=timeout + 1.0)
+        if not self._buf and self.missing:
+            raise EventLogUnavailable(f"no consumer answered on {self._api} (deleted with its stream?)")
         out = []
         for m in self._take(batch):
             seq, delivered, pending = _ack_metadata(m.reply)
@@ -208,11 +213,24 @@ class PullSubscription:
 
     client: NatsClient
     puller: _Puller
+    stream: str = ""
+    durable: str = ""
+    recreate: dict[str, Any] | None = None  # the consumer's config, to create it again if deleted
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivered]:
         """Up to ``batch`` messages: what is available now, else the first to arrive within
-        ``timeout``; ``[]`` when none did."""
-        return await self.client._call("fetch", self.puller.fetch, batch, timeout)
+        ``timeout``; ``[]`` when none did.
+
+        A consumer that is gone (its stream was deleted and created again) is created again
+        when this subscription knows its config; the fetch then raises, and the next one works.
+        """
+        try:
+            return await self.client._call("fetch", self.puller.fetch, batch, timeout)
+        except EventLogUnavailable:
+            if self.puller.missing and self.recreate is not None:
+                log.warning("consumer %s on %s is missing; creating it again", self.durable, self.stream)
+                await self.client.ensure_pull_consumer(self.stream, self.durable, self.recreate)
+            raise
 
 
 class JetStreamAckError(Exception):
@@ -581,12 +599,25 @@ class NatsClient:
         """Up to ``limit`` raw events on ``subject_filter`` (wildcards allowed) after a position."""
         return await self._call("read events", self._read_subject, subject_filter, after_stream_seq, limit, True)
 
+    async def work_items(self, subject: str) -> list[tuple[str, int]]:
+        """(run id, attempt) of every item waiting on a work subject (delivered-but-unacked
+        included), read with batched direct gets: what the reconcile compares PENDING runs with."""
+        raw = await self._call("read work", self._read_subject, subject, 0, 256, False, subjects.WORK_STREAM)
+        out: list[tuple[str, int]] = []
+        for _seq, data in raw:
+            try:
+                doc = json.loads(data)
+                out.append((str(doc["run_id"]), int(doc.get("attempt") or 1)))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a work item we can read: the worker dead-letters it
+        return out
+
     async def _read_subject(
-        self, subject: str, after: int, batch: int = 256, once: bool = False
+        self, subject: str, after: int, batch: int = 256, once: bool = False, stream: str = subjects.EVENTS_STREAM
     ) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         start = after + 1
-        api_subject = subjects.direct_get_subject(subjects.EVENTS_STREAM)
+        api_subject = subjects.direct_get_subject(stream)
         while True:
             inbox = self._nc.new_inbox()
             sub = await self._nc.subscribe(inbox)
@@ -899,11 +930,15 @@ class NatsClient:
         await self._call("ensure consumer", go)
 
     @asynccontextmanager
-    async def pull_subscription(self, stream: str, durable: str) -> AsyncIterator[PullSubscription]:
+    async def pull_subscription(
+        self, stream: str, durable: str, *, recreate: dict[str, Any] | None = None
+    ) -> AsyncIterator[PullSubscription]:
+        """Bind a durable pull consumer.  With ``recreate`` (its config) a consumer deleted under
+        us (with its stream) is created again by the next fetch."""
         puller = _Puller(self._nc, stream, durable)
         await self._call("bind consumer", puller.start)
         try:
-            yield PullSubscription(self, puller)
+            yield PullSubscription(self, puller, stream, durable, recreate)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 try:

@@ -53,6 +53,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             storage=api.StorageType.FILE,
             num_replicas=cfg.replicas,
             duplicate_window=cfg.duplicate_window,
+            allow_direct=True,  # the conductor's reconcile reads the waiting items
         ),
         api.StreamConfig(
             name=cfg.dlq_stream,

@@ -1256,7 +1256,7 @@ async def run_worker(
                     acks.start_soon(actor.ack_loop)
                     async with trio.open_nursery() as runs:
                         runs.start_soon(actor.cancel_watch_loop, runs)
-                        async with _bound(nats, tag_list) as psubs:
+                        async with _bound(nats, tag_list, settings) as psubs:
                             async with trio.open_nursery() as pulls:
                                 for tag, psub in psubs:
                                     pulls.start_soon(actor.pull_loop, tag, psub, runs)
@@ -1285,9 +1285,10 @@ async def run_worker(
 class _bound:
     """Bind one pull subscription per tag (an async context manager over several)."""
 
-    def __init__(self, nats: NatsClient, tags: Sequence[str]) -> None:
+    def __init__(self, nats: NatsClient, tags: Sequence[str], settings: Settings) -> None:
         self.nats = nats
         self.tags = tags
+        self.settings = settings
         self._stack: Any = None
 
     async def __aenter__(self) -> list[tuple[str, PullSubscription]]:
@@ -1297,7 +1298,9 @@ class _bound:
         out = []
         for tag in self.tags:
             psub = await self._stack.enter_async_context(
-                self.nats.pull_subscription(subjects.WORK_STREAM, subjects.work_durable(tag))
+                self.nats.pull_subscription(
+                    subjects.WORK_STREAM, subjects.work_durable(tag), recreate=consumer_config(tag, self.settings)
+                )
             )
             out.append((tag, psub))
         return out
