@@ -209,3 +209,40 @@ async def test_an_append_unanswered_past_the_wait_is_unknown_not_failed(nats_ser
             while not await stored():
                 assert trio.current_time() < deadline, "the unknown append never showed up"
                 await trio.sleep(0.05)
+
+
+async def test_a_task_raising_a_huge_message_fails_once_as_error_not_worker_lost(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11 §2, end to end: a task raises a 4.5 MB message.  The run fails in its first
+    attempt with reason ``error`` and the (cut, marked) message; it is never retried nor failed
+    as ``worker_lost`` (before: the oversized event was taken for a NATS outage)."""
+    import httpx
+
+    from pyoco_es.config import Settings
+    from pyoco_es.testing.stack import open_stack
+
+    from test_gateway_support import wait_until
+
+    flow = b"""\
+flow:
+  graph: a
+tasks:
+  a: {callable: "examples.tasks:fail_loudly", inputs: {size: 4500000}}
+"""
+    with trio.fail_after(60):
+        async with open_stack(tmp_path, settings=Settings(worker_heartbeat_interval=0.5), worker=True, concurrency=1) as stack:
+            async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+                r = await client.post("/runs/yaml", files={"workflow": ("f.yaml", flow)}, data={"flow_name": "main", "tag": "default"})
+                assert r.status_code == 200, r.text
+                run_id = r.json()["run_id"]
+
+                async def ended() -> dict | None:  # type: ignore[type-arg]
+                    doc = (await client.get(f"/runs/{run_id}")).json()
+                    return doc if doc.get("status") in ("COMPLETED", "FAILED", "CANCELLED") else None
+
+                doc = await wait_until(ended, what="the run to end", timeout=40)
+                assert doc["status"] == "FAILED" and doc["failure_reason"] == "error" and doc["attempt"] == 1, {k: doc.get(k) for k in ("status", "failure_reason", "attempt")}
+                events = await stack.nats.read_run(run_id)
+                types = [e.type for e in events]
+                assert types.count("run.claimed") == 1 and "run.worker_lost" not in types
+                failed = next(e.event for e in events if isinstance(e.event, TaskFailed))
+                assert failed.error.startswith("RuntimeError: EEEE") and failed.error.endswith("bytes]") and "truncated:" in failed.error

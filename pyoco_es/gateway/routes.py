@@ -335,8 +335,8 @@ async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject
 
     def dispatch(seqs: list[int]) -> None:
         # Fast path, on the NATS thread the moment the PubAck is in: hand the first attempt to
-        # the workers without a thread hop.  The conductor (dispatcher of record) publishes the
-        # same item after projecting the run; JetStream deduplicates it by Msg-Id.
+        # the workers without a thread hop.  The event says so (fast_dispatch), so the conductor
+        # does not publish it again; if this publish is lost, its reconcile publishes the item.
         item = work_item(event, run_id=run_id, attempt=1, run_version=1, run_last_stream_seq=seqs[-1])
         gw.nats.publish_soon(subject, item, subjects.work_msg_id(run_id, 1))
 

@@ -556,7 +556,7 @@ class NatsClient:
     def _soon_done(self, task: asyncio.Task[Any]) -> None:
         self._soon.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("fast-path publish failed (the dispatcher of record will publish it): %s", task.exception())
+            log.warning("fast-path publish failed (the conductor's reconcile publishes it again): %s", task.exception())
 
     async def read_run(self, run_id: str, *, after_stream_seq: int = 0) -> list[Envelope]:
         """A run's events in order (after ``after_stream_seq``), read with batched direct gets.

@@ -70,6 +70,7 @@ from ..core.errors import (
     CorruptStreamError,
     DomainError,
     InfraError,
+    PayloadTooLarge,
     PyocoError,
     RunNotFound,
     StaleAttempt,
@@ -802,6 +803,11 @@ class WorkerActor:
             await self._unprepare(job, child, prep, deferred)
             await self._nak(msg, NAK_DELAY)
             return
+        except PayloadTooLarge as exc:  # a size, never an outage: retrying cannot help
+            log.error("run %s: its claim cannot be stored (%s); dropping the work item", run_id, exc)
+            await self._unprepare(job, child, prep, deferred)
+            await self._term(msg)
+            return
         died: ChildDied | None = None
         try:
             if deferred is not None and not go_sent:
@@ -993,6 +999,15 @@ class _RunDriver:
             log.error("run %s: NATS unavailable while running (%s); NAK and kill the child", self.run_id, exc)
             self.child.kill()
             self.nak = True
+        except PayloadTooLarge as exc:  # an event that cannot be stored even shrunk: fail the run, once
+            log.error("run %s: an event cannot be stored (%s); failing the run", self.run_id, exc)
+            self.child.kill()
+            try:
+                await self._finish("FAILED", reason="error", error=f"an event of this run could not be stored: {exc.message}"[:4000])
+            except _LostRun:
+                return
+            except PyocoError:
+                self.nak = True
 
     async def _pump_child(self, send: trio.MemorySendChannel[tuple[str, Any]]) -> None:
         async with send:
