@@ -188,3 +188,45 @@ async def test_ready_is_not_ready_while_jetstream_refuses_writes(tmp_path: Path)
                 nursery.cancel_scope.cancel()
     finally:
         server.stop()
+
+
+async def test_a_run_that_cannot_be_written_is_poisoned_and_the_others_go_on(nats: NatsClient) -> None:
+    """A snapshot the bucket refuses (here: a bucket whose max_msg_size is below it) poisons that
+    run only: it is recorded, and every other run is projected (before: the projector retried the
+    whole batch every few seconds, forever, and projected nothing)."""
+    from pyoco_es.conductor.projector import Projector, run_projector
+    from pyoco_es.nats.resources import recreate_bucket
+
+    with trio.fail_after(30):
+        await recreate_bucket(nats, "pyoco_small", ResourceConfig(max_msg_size=4000))
+        store = RunStore(nats)
+        big_id = new_run_id()
+        big = submitted(params={"blob": "b" * 6000})
+        await store.execute(big_id, lambda s: decide.submit_run(s, big, run_id=big_id), producer=GW)
+        small = await submit(store, 3)
+        async with trio.open_nursery() as nursery:
+            proj = await nursery.start(lambda task_status: run_projector(nats, projector=Projector(nats, bucket="pyoco_small"), task_status=task_status))
+
+            async def small_projected() -> bool:
+                entries = await nats.kv_get_many("pyoco_small", small)
+                return all(e is not None for e in entries)
+
+            await wait_until(small_projected, what="the other runs to be projected", timeout=20)
+            assert big_id in proj.poisoned and proj.statistics().poisoned_runs == 1
+            # The projector keeps going: a later event of another run is projected too.
+            out = await store.execute(small[0], lambda s: decide.request_cancel(s, run_id=small[0], now=time.time()), producer=GW)
+            assert out.snapshot is not None
+
+            async def cancelled() -> bool:
+                entry = await nats.kv_get("pyoco_small", small[0])
+                return entry is not None and json.loads(entry.value or b"{}").get("status") == "CANCELLED"
+
+            await wait_until(cancelled, what="a later event to be projected", timeout=20)
+
+            # And the poisoned run's events are acknowledged, not redelivered and retried forever.
+            async def all_acked() -> bool:
+                state = await nats.consumer_pending(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE)
+                return state["num_pending"] == 0 and state["num_ack_pending"] == 0
+
+            await wait_until(all_acked, what="every event to be acknowledged", timeout=5)
+            nursery.cancel_scope.cancel()
