@@ -123,7 +123,9 @@ class Reconciler:
             except CorruptStreamError:
                 continue  # the projector has it as not projectable
             if snap is None or snap.status is not RunStatus.PENDING or not isinstance(events[0].event, RunSubmitted):
+                # Moved on (its later events went to another conductor's projector): forget it.
                 self.found_at_start.pop(run_id, None)
+                self.projector.pending_runs.pop(run_id, None)
                 continue
             key = subjects.work_msg_id(run_id, snap.attempt)
             rounds = self._rounds.get(key, 0)

@@ -45,10 +45,10 @@ T = TypeVar("T")
 
 WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
 MESSAGE_TOO_LARGE: Final = frozenset({10054})  # "message size exceeds maximum allowed"
-# JetStream refusing to store for lack of room: insufficient resources (10023), storage
-# resources exceeded (10047), maximum messages / bytes exceeded (10077 / 10078), and the
-# per-subject / account variants.  A refusal, never an outage: nothing was stored.
-NO_ROOM: Final = frozenset({10023, 10047, 10077, 10078, 10026, 10027, 10028})
+# JetStream refusing to store: insufficient resources (10023), memory / storage resources
+# exceeded (10028 / 10047), the store failed or is full (10077: "maximum bytes exceeded", a
+# broken message block).  A refusal, never an outage and never "too large": nothing was stored.
+NO_ROOM: Final = frozenset({10023, 10028, 10047, 10077})
 DEFAULT_MAX_MSG_SIZE: Final = 4 * 1024 * 1024  # the streams' max_msg_size (see resources.py)
 HEADER_HEADROOM: Final = 2048  # headers (Nats-Msg-Id, expected seqs) count toward max_payload
 WRITE_FAILURE_MEMORY: Final = 60.0  # seconds a refused write keeps /ready "not ready"
