@@ -230,3 +230,33 @@ async def test_a_run_that_cannot_be_written_is_poisoned_and_the_others_go_on(nat
 
             await wait_until(all_acked, what="every event to be acknowledged", timeout=5)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_conductor_started_after_a_purge_restores_the_work_items(nats: NatsClient) -> None:
+    """The on-start reconcile: runs projected by an earlier conductor, their items purged while
+    no conductor ran.  The new conductor's projector sees no new event for them; its start-up
+    pass (the PENDING snapshots in pyoco_runs) publishes their items again."""
+    with trio.fail_after(30):
+        store = RunStore(nats)
+
+        async def items() -> list[tuple[str, int]]:
+            return await nats.work_items(subjects.work_subject("later"))
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_conductor, nats, Settings(reconcile_interval=60.0))
+            ids = await submit(store, 4, tag="later")
+            await wait_until(lambda: _eq(items(), 4), what="the first work items", timeout=20)
+
+            async def projected() -> bool:
+                docs = [await snapshot(nats, r) for r in ids]
+                return all(d is not None and d["status"] == "PENDING" for d in docs)
+
+            await wait_until(projected, what="the runs to be projected", timeout=20)
+            nursery.cancel_scope.cancel()
+        await nats.run("purge", nats.js.purge_stream, subjects.WORK_STREAM)
+        async with trio.open_nursery() as nursery:
+            conductor: Conductor = await nursery.start(run_conductor, nats, Settings(reconcile_interval=0.2))
+            await wait_until(lambda: _eq(items(), 4), what="the start-up reconcile to publish them again", timeout=20)
+            assert sorted(await items()) == sorted((r, 1) for r in ids)
+            assert conductor.projector.statistics().events_projected == 0  # it was not the projector
+            nursery.cancel_scope.cancel()
