@@ -24,6 +24,11 @@ def big(size: int = 200_000) -> str:
     return "x" * size
 
 
+def fail_loudly(size: int = 2_000_000) -> None:
+    """Raise an exception whose message is ``size`` characters (oversized events)."""
+    raise RuntimeError("E" * size)
+
+
 def wait_for_cancel(ctx: Any, seconds: float = 30.0) -> str:  # noqa: ANN401 - pyoco's Context
     """Cooperative: polls ``ctx.is_cancelled`` and stops early."""
     deadline = time.monotonic() + seconds

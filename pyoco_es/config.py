@@ -97,6 +97,12 @@ class Settings:
     default_tag: str = "default"
     work_subject_prefix: str = "pyoco.work"
     max_attempts: int = 3
+    # How long a write rides out NATS being away (frozen, restarting) before the caller gets a 503
+    # (the gateway) or an error; a sent write's unknown outcome is resolved within it.
+    nats_unavailable_wait: float = 10.0
+    # The conductor's reconcile: how often PENDING runs without a live work item get one again
+    # (and deleted streams/buckets are recreated).  Also runs once at start.
+    reconcile_interval: float = 10.0
     # workers
     worker_heartbeat_interval: float = 5.0
     worker_disconnect_timeout: float = 20.0
@@ -135,6 +141,8 @@ class Settings:
             default_tag=(e.get("PYOCO_DEFAULT_TAG") or "default").strip(),
             work_subject_prefix=e.get("PYOCO_WORK_SUBJECT_PREFIX") or "pyoco.work",
             max_attempts=max(1, _int(e, "PYOCO_MAX_ATTEMPTS", 3)),
+            nats_unavailable_wait=_num(e, "PYOCO_NATS_UNAVAILABLE_WAIT_SEC", 10.0, 0.0),
+            reconcile_interval=_num(e, "PYOCO_RECONCILE_INTERVAL_SEC", 10.0, 0.1),
             worker_heartbeat_interval=_num(e, "PYOCO_WORKER_HEARTBEAT_INTERVAL_SEC", 5.0, 0.1),
             worker_disconnect_timeout=_num(e, "PYOCO_WORKER_DISCONNECT_TIMEOUT_SEC", 20.0),
             run_lease_seconds=_num(e, "PYOCO_RUN_LEASE_SEC", 15.0, 0.5),

@@ -44,7 +44,7 @@ async def open_system_nats(settings: Settings, *, name: str, announce: bool = Fa
         if announce:
             print(f"embedded NATS at {url} (data {server.data_dir}, sync {settings.nats_sync})", file=sys.stderr)
     try:
-        async with open_nats(url, name=name) as nats:
+        async with open_nats(url, name=name, unavailable_wait=settings.nats_unavailable_wait) as nats:
             await ensure_resources(
                 nats,
                 ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix),

@@ -225,6 +225,7 @@ async def test_http_submit_publish_failure_leaves_no_orphan_run(gw: GW) -> None:
             await trio.sleep(0.005)
         r = await gw.client.post("/runs", json={"flow_name": "main"})
         assert r.status_code == 503 and r.json()["detail"].startswith("nats unavailable")
+        assert r.json()["outcome"] == "not_applied"
         assert (await gw.client.get("/runs")).json() == before
         assert before_seq == 1
 

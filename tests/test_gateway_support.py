@@ -72,7 +72,9 @@ class GW:
 async def open_gateway(
     tmp_path: Path, *, settings: Settings | None = None, conductor: bool = True
 ) -> AsyncIterator[GW]:
-    settings = settings or Settings(sse_heartbeat_interval=0.2)
+    # Writes hold for NATS up to nats_unavailable_wait before a 503; short here, so tests that
+    # stop NATS see their 503 quickly.
+    settings = settings or Settings(sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0)
     async with open_stack(tmp_path, settings=settings, conductor=conductor) as stack:
         async with httpx.AsyncClient(base_url=stack.url, timeout=10.0) as client:
             yield GW(client, stack)

@@ -136,7 +136,7 @@ async def worker(
         async with AsyncExitStack() as stack:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    nats = await stack.enter_async_context(open_nats(url, name=f"pyoco-worker:{worker_id}"))
+                    nats = await stack.enter_async_context(open_nats(url, name=f"pyoco-worker:{worker_id}", unavailable_wait=settings.nats_unavailable_wait))
                     await ensure_resources(
                         nats, ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix)
                     )

@@ -19,14 +19,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
 import trio
 
-from ..core.codec import decode_envelope, decode_snapshot, dumps, encode_snapshot
-from ..core.errors import ConcurrencyConflict, CorruptStreamError, PyocoError
+from ..core.codec import bound_snapshot_doc, decode_envelope, decode_snapshot, dumps, encode_snapshot
+from ..core.errors import ConcurrencyConflict, CorruptStreamError, InfraError, PyocoError
 from ..core.events import Envelope, RunReleased, RunSubmitted, RunWorkerLost
 from ..core.fold import SequenceGap, apply, fold
 from ..core.model import RunSnapshot, RunStatus
@@ -46,6 +46,8 @@ class ProjectorStatistics:
     work_items_published: int
     corrupt_events: int
     runs_cached: int
+    poisoned_runs: int
+    pending_runs: int
 
 
 @attrs.define
@@ -123,6 +125,10 @@ class Projector:
         self._unacked: list[Delivered] = []
         self._pending_corrupt: dict[str, str] = {}
         self._events = self._writes = self._conflicts = self._published = self._corrupt = 0
+        # PENDING runs this projector has seen, for the reconcile: run -> (tag, attempt, since),
+        # ``since`` on the monotonic clock when the run became PENDING at that attempt.
+        self.pending_runs: dict[str, tuple[str, int, float]] = {}
+        self.poisoned: dict[str, str] = {}  # runs this projector could not write, and why
 
     def statistics(self) -> ProjectorStatistics:
         return ProjectorStatistics(
@@ -132,7 +138,17 @@ class Projector:
             work_items_published=self._published,
             corrupt_events=self._corrupt,
             runs_cached=len(self._cache),
+            poisoned_runs=len(self.poisoned),
+            pending_runs=len(self.pending_runs),
         )
+
+    def _track_pending(self, run_id: str, snap: RunSnapshot | None) -> None:
+        if snap is not None and snap.status is RunStatus.PENDING:
+            known = self.pending_runs.get(run_id)
+            if known is None or known[1] != snap.attempt:
+                self.pending_runs[run_id] = (snap.tag, snap.attempt, time.monotonic())
+        else:
+            self.pending_runs.pop(run_id, None)
 
     @property
     def pending(self) -> int:
@@ -171,7 +187,14 @@ class Projector:
         if missing:
             await self._load(missing)
         for run_id, envs in by_run.items():
-            await self._fold_run(run_id, envs)
+            try:
+                await self._fold_run(run_id, envs)
+            except InfraError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - poison: one run's failure must not stall the rest
+                log.exception("run %s cannot be folded; marking it not projectable", run_id, extra={"run_id": run_id})
+                cached = self._cache[run_id]
+                self._block(run_id, cached, cached.snapshot, f"projector error: {type(exc).__name__}: {exc}")
 
     def _mark_corrupt_later(self, run_id: str, exc: CorruptStreamError) -> None:
         self._pending_corrupt[run_id] = str(exc)
@@ -228,7 +251,12 @@ class Projector:
                     self._events += 1
                     if env.type in REQUEUE_EVENTS and new is not None:
                         event = env.event if isinstance(env.event, RunSubmitted) else None
-                        self._to_dispatch[run_id] = (new.attempt, event)
+                        if event is not None and event.fast_dispatch:
+                            # The submitter published attempt 1 itself; a lost hand-off is the
+                            # reconcile's (no second publish of every fresh item).
+                            self._to_dispatch.pop(run_id, None)
+                        else:
+                            self._to_dispatch[run_id] = (new.attempt, event)
                 snap = new
             if corrupt:
                 raise CorruptStreamError(corrupt, run_id=run_id)
@@ -238,6 +266,7 @@ class Projector:
         if snap is not cached.snapshot:
             cached.snapshot = snap
             self._dirty[run_id] = cached
+        self._track_pending(run_id, snap)
 
     async def _catch_up(self, run_id: str, snap: RunSnapshot | None, *, upto: int) -> RunSnapshot | None:
         """Fill a gap from the stream (events that went to another projector)."""
@@ -256,13 +285,31 @@ class Projector:
 
     # -- writing ----------------------------------------------------------------------------
 
+    @property
+    def snapshot_limit(self) -> int:
+        """Snapshots stay under this: the configured maximum, and always under NATS's limit."""
+        limit = self.nats.max_message_bytes
+        return min(self.max_snapshot_bytes, limit) if self.max_snapshot_bytes > 0 else limit
+
     def _encode(self, run_id: str, cached: _Cached) -> bytes:
+        limit = self.snapshot_limit
         if cached.blocked:
-            doc: dict[str, object] = cached.snapshot.to_json() if cached.snapshot is not None else {"run_id": run_id, "status": "UNKNOWN"}
-            doc["projection_error"] = cached.blocked
-            return dumps(doc)
+            doc: dict[str, Any] = cached.snapshot.to_json() if cached.snapshot is not None else {"run_id": run_id, "status": "UNKNOWN"}
+            doc["projection_error"] = cached.blocked[:4096]
+            raw = dumps(doc)
+            return raw if len(raw) <= limit else bound_snapshot_doc(doc, limit)
         assert cached.snapshot is not None
-        return encode_snapshot(cached.snapshot, max_bytes=self.max_snapshot_bytes)
+        return encode_snapshot(cached.snapshot, max_bytes=limit)
+
+    def _poison(self, run_id: str, reason: str) -> None:
+        """A run whose snapshot or work item cannot be written: recorded (statistics, the log,
+        ``projection_error`` on a minimal snapshot), and the projector goes on with the others."""
+        self.poisoned[run_id] = reason
+        log.error("run %s cannot be written (%s); skipping it, the others go on", run_id, reason, extra={"run_id": run_id})
+        cached = self._cache.get(run_id) or _Cached(None, 0)
+        cached.blocked = reason
+        if self.on_corrupt is not None:
+            self.on_corrupt(run_id, reason)
 
     async def flush(self) -> None:
         """Write dirty snapshots (CAS) and publish due work items in one crossing, then ack
@@ -274,29 +321,36 @@ class Projector:
             run_ids = list(self._dirty)
             items = [(r, self._encode(r, self._dirty[r]), self._dirty[r].revision) for r in run_ids]
             kv_res, pub_res = await self.nats.commit(self.bucket, items, publishes, acks)
-            for r in pub_res:
-                if isinstance(r, PyocoError):
+            for (_subject, _body, msg_id), r in zip(publishes, pub_res, strict=True):
+                if isinstance(r, InfraError):
                     self._unacked = acks
                     raise r
+                if isinstance(r, PyocoError):  # e.g. too large: that run only
+                    self._poison((msg_id or "").split(":", 1)[0], f"work item not published: {r.message}")
             self._published += len(publishes)
             publishes = []
-            retry: list[str] = []
+            conflicts: list[str] = []
             for run_id, res in zip(run_ids, kv_res, strict=True):
                 cached = self._dirty[run_id]
                 if isinstance(res, ConcurrencyConflict):
-                    retry.append(run_id)
-                elif isinstance(res, PyocoError):
+                    conflicts.append(run_id)
+                elif isinstance(res, InfraError):
                     self._unacked = acks
                     raise res
+                elif isinstance(res, PyocoError):
+                    if run_id in self.poisoned:
+                        del self._dirty[run_id]  # even its minimal snapshot failed: leave it
+                    else:
+                        self._poison(run_id, f"snapshot not written: {res.message}")  # stays dirty, as a stub
                 else:
                     cached.revision = res
                     self._writes += 1
                     del self._dirty[run_id]
-            if not retry:
-                acked = True
-                break
-            self._conflicts += len(retry)
-            await self._refresh(retry)
+            # The commit acked only when every write and publish succeeded.
+            acked = not any(isinstance(r, PyocoError) for r in (*kv_res, *pub_res))
+            if conflicts:
+                self._conflicts += len(conflicts)
+                await self._refresh(conflicts)
         if acks and not acked:
             await self.nats.ack_many(acks)
 
@@ -359,14 +413,17 @@ async def run_projector(
     max_events: int = 16384,
     projector: Projector | None = None,
     ack_wait: float = 10.0,
+    heal: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[Projector] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Project forever.  Errors reading or writing NATS are retried with backoff; a corrupt
-    event only blocks its own run."""
+    event, or a run that cannot be written, only blocks its own run.  ``heal`` (recreate
+    deleted streams and buckets) is called before retrying after an error."""
     proj = projector or Projector(nats, work_prefix=work_prefix, max_snapshot_bytes=max_snapshot_bytes)
     # ack_wait bounds how long events held by a projector that died stay invisible to the others.
     await nats.ensure_pull_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE, projector_consumer_config(ack_wait))
-    async with nats.pull_subscription(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE) as sub:
+    config = projector_consumer_config(ack_wait)
+    async with nats.pull_subscription(subjects.EVENTS_STREAM, subjects.PROJECTOR_DURABLE, recreate=config) as sub:
         task_status.started(proj)
         backoff = 0.1
         first_unflushed: float | None = None
@@ -391,3 +448,8 @@ async def run_projector(
                 first_unflushed = None
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+                if heal is not None:
+                    try:
+                        await heal()
+                    except PyocoError as heal_exc:
+                        log.warning("projector: cannot check the streams and buckets: %s", heal_exc)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import attrs
 
 from ..core.codec import decode_envelope, encode_snapshot
-from ..core.errors import CorruptStreamError
+from ..core.errors import CorruptStreamError, InfraError, PyocoError
 from ..core.fold import apply
 from ..core.model import RunSnapshot
 from ..nats import subjects
@@ -22,7 +22,7 @@ REPLAY_BUCKET = "pyoco_runs_replay"
 @attrs.frozen
 class Difference:
     run_id: str
-    kind: str  # "missing" (no live snapshot), "different", "extra" (live key with no events), "corrupt"
+    kind: str  # "missing" (no live snapshot), "different", "extra" (live key with no events), "corrupt", "unwritable"
     detail: str = ""
 
 
@@ -71,13 +71,14 @@ async def replay(
                 continue
             try:
                 snaps[env.run_id] = apply(snaps.get(env.run_id), env)
-            except CorruptStreamError as exc:
-                corrupt[env.run_id] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one run's trouble is reported, never aborts the replay
+                corrupt[env.run_id] = str(exc) if isinstance(exc, CorruptStreamError) else f"{type(exc).__name__}: {exc}"
         after = batch[-1][0]
         if progress is not None:
             progress(after, total)
     await recreate_bucket(nats, out_bucket)
-    encoded = {r: encode_snapshot(s, max_bytes=max_snapshot_bytes) for r, s in snaps.items() if s is not None and r not in corrupt}
+    limit = min(max_snapshot_bytes, nats.max_message_bytes) if max_snapshot_bytes > 0 else nats.max_message_bytes
+    encoded = {r: encode_snapshot(s, max_bytes=limit) for r, s in snaps.items() if s is not None and r not in corrupt}
     ids = sorted(encoded)
     diffs: list[Difference] = [Difference(r, "corrupt", why) for r, why in sorted(corrupt.items())]
     chunk = 256
@@ -85,7 +86,12 @@ async def replay(
     for i in range(0, len(ids), chunk):
         part = ids[i : i + chunk]
         for run_id in part:
-            await nats.kv_put(out_bucket, run_id, encoded[run_id])
+            try:
+                await nats.kv_put(out_bucket, run_id, encoded[run_id])
+            except InfraError:
+                raise
+            except PyocoError as exc:  # this run only: report it and go on
+                diffs.append(Difference(run_id, "unwritable", exc.message))
         live = await nats.kv_get_many(subjects.RUNS_BUCKET, part)
         for run_id, entry in zip(part, live, strict=True):
             if entry is None:

@@ -1,4 +1,4 @@
-"""``run_conductor``: the projector/dispatcher and the reaper in one nursery."""
+"""``run_conductor``: the projector/dispatcher, the reaper and the reconcile in one nursery."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ import trio
 
 from ..config import Settings
 from ..nats.client import NatsClient
+from ..nats.resources import ResourceConfig, ensure_resources
 from .projector import Projector, run_projector
 from .reaper import Reaper, run_reaper
+from .reconcile import Reconciler, run_reconciler
 
 
 @attrs.frozen
 class Conductor:
     projector: Projector
     reaper: Reaper
+    reconciler: Reconciler
 
 
 async def run_conductor(
@@ -27,16 +30,32 @@ async def run_conductor(
     conductor_id: str | None = None,
     task_status: trio.TaskStatus[Conductor] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until cancelled.  ``task_status.started`` reports once both parts are live."""
+    """Run until cancelled.  ``task_status.started`` reports once every part is live."""
     cid = conductor_id or f"{socket.gethostname()}-{os.getpid()}"
+    resources = ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix)
+
+    async def heal() -> None:
+        # Streams, buckets deleted under a running system come back (their consumers with the
+        # next bind: workers and the projector re-create theirs).
+        await ensure_resources(nats, resources)
+
     async with trio.open_nursery() as nursery:
         projector = await nursery.start(
             lambda task_status: run_projector(
                 nats,
                 work_prefix=settings.work_subject_prefix,
                 max_snapshot_bytes=settings.max_run_snapshot_bytes,
+                heal=heal,
                 task_status=task_status,
             )
         )
         reaper = await nursery.start(lambda task_status: run_reaper(nats, settings, conductor_id=cid, task_status=task_status))
-        task_status.started(Conductor(projector, reaper))
+        reconciler = Reconciler(
+            nats,
+            projector,
+            work_prefix=settings.work_subject_prefix,
+            min_age=min(2.0, settings.reconcile_interval),
+            heal=heal,
+        )
+        await nursery.start(lambda task_status: run_reconciler(reconciler, interval=settings.reconcile_interval, task_status=task_status))
+        task_status.started(Conductor(projector, reaper, reconciler))

@@ -12,8 +12,8 @@ from typing import Final
 
 import attrs
 
-from .errors import CorruptStreamError
-from .events import EVENT_TYPES, Envelope, Event, JSONObject, Producer
+from .errors import CorruptStreamError, PayloadTooLarge
+from .events import EVENT_TYPES, Envelope, Event, JSONObject, JSONValue, Producer, TaskCompleted
 from .model import RunSnapshot
 
 ENVELOPE_VERSION: Final = 1
@@ -48,6 +48,91 @@ def envelope_to_json(env: Envelope) -> JSONObject:
 
 def encode_envelope(env: Envelope) -> bytes:
     return _dumps(envelope_to_json(env)).encode("ascii")
+
+
+# Fields an oversized event may lose the tail of (each type's free text and task data); every
+# other field is identity or bounded by the request that produced it.
+SHRINKABLE: Final[dict[str, tuple[str, ...]]] = {
+    "task.completed": ("output", "inputs"),
+    "task.failed": ("traceback", "error", "inputs"),
+    "run.failed": ("error",),
+    "run.cancel_requested": ("reason", "by"),
+    "run.released": ("reason",),
+}
+_MARK_ROOM: Final = 96  # bytes a truncation marker needs, with its JSON quoting
+
+
+def truncate_text(text: str, max_bytes: int, *, total: int | None = None, unit: str = "bytes") -> str:
+    """``text`` cut so that its JSON encoding fits ``max_bytes``, with a visible marker naming
+    the full size (``total``: the size to report, default the encoded size of ``text``)."""
+    size = len(_dumps(text))
+    if size <= max_bytes:
+        return text
+    mark = f"...[truncated: {total if total is not None else size} {unit}]"
+    keep = max(0, max_bytes - len(mark) - 2)
+    head = text[:keep]
+    while head and (enc := len(_dumps(head)) - 2) > keep:  # escapes (\uXXXX) take up to 6 bytes
+        head = head[: min(len(head) - 1, len(head) * keep // enc)]
+    return head + mark
+
+
+_OBJECT_FIELDS: Final = frozenset({"inputs", "params"})  # must stay JSON objects
+
+
+def cap_value(value: JSONValue, max_bytes: int, *, as_object: bool = False) -> tuple[JSONValue, bool]:
+    """A JSON value whose encoding fits ``max_bytes``: itself, or a marked preview of its JSON
+    text (a string, or with ``as_object`` ``{"_truncated": preview}``, the form the worker
+    uses for task inputs).  Idempotent."""
+    raw = _dumps(value)
+    if len(raw) <= max_bytes:
+        return value, False
+    if isinstance(value, str):
+        return truncate_text(value, max_bytes), True
+    preview = truncate_text(raw, max(0, max_bytes - 16), total=len(raw), unit="bytes of JSON")
+    if as_object:
+        return {"_truncated": preview}, True
+    return preview, True
+
+
+def encode_envelope_bounded(env: Envelope, max_bytes: int) -> bytes:
+    """``encode_envelope``, shrunk to fit ``max_bytes`` when it does not.
+
+    The common case costs one length check of the encoded bytes.  An oversized event loses the
+    tail of its free-text and task-data fields (``SHRINKABLE``) with a marker that names each
+    field's full size; the event itself is the same fact (a failed task stays failed).
+
+    Raises:
+        PayloadTooLarge: the event has nothing to shrink (``run.submitted``: its params and
+            workflow are the run) or cannot fit even shrunk.
+    """
+    raw = encode_envelope(env)
+    if len(raw) <= max_bytes:
+        return raw
+    names = SHRINKABLE.get(env.type, ())
+    data = event_data(env.event)
+    sizes = {n: len(_dumps(data[n])) for n in names}
+    budget = max_bytes - (len(raw) - sum(sizes.values())) - _MARK_ROOM * len(names)
+    if names and budget > 0:
+        # Water-filling: small fields stay whole, the big ones share what is left equally.
+        alloc: dict[str, int] = {}
+        left = budget
+        ordered = sorted(names, key=lambda n: sizes[n])
+        for i, n in enumerate(ordered):
+            alloc[n] = min(sizes[n], left // (len(ordered) - i))
+            left -= alloc[n]
+        changes: dict[str, object] = {}
+        for n in names:
+            if sizes[n] > alloc[n]:
+                changes[n] = cap_value(data[n], alloc[n], as_object=n in _OBJECT_FIELDS)[0]
+        if isinstance(env.event, TaskCompleted) and "output" in changes:
+            changes["truncated"] = True
+        shrunk = encode_envelope(attrs.evolve(env, event=attrs.evolve(env.event, **changes)))
+        if len(shrunk) <= max_bytes:
+            return shrunk
+    raise PayloadTooLarge(
+        f"{env.type} event of run {env.run_id} is {len(raw)} bytes, above the {max_bytes}-byte limit "
+        "(NATS max_payload minus headroom) and cannot be shrunk to fit"
+    )
 
 
 def decode_envelope(raw: bytes, *, stream_seq: int | None = None) -> Envelope:
@@ -115,17 +200,69 @@ def decode_envelope(raw: bytes, *, stream_seq: int | None = None) -> Envelope:
 
 
 def encode_snapshot(snap: RunSnapshot, *, max_bytes: int = 262144) -> bytes:
-    """The KV value of a snapshot; ``task_records`` are dropped (and flagged) above ``max_bytes``.
+    """The KV value of a snapshot, at most ``max_bytes`` (0: unbounded) by construction.
 
+    The common case is one encode and a length check.  Above the limit, in order until it fits:
+    each task record's ``output``/``inputs``/``error``/``traceback``, the run's ``error`` and its
+    ``params`` are cut to a share of the limit with a marker naming their full size; then
+    ``task_records`` are dropped (``task_records_truncated``); then the ``tasks`` map keeps its
+    first names (``tasks_truncated``: how many there were).  The whole stays in the events.
     Deterministic, so a replay produces byte-identical values.
     """
     doc = snap.to_json()
     raw = _dumps(doc).encode("ascii")
-    if max_bytes > 0 and len(raw) > max_bytes:
-        doc["task_records"] = {}
-        doc["task_records_truncated"] = True
+    if max_bytes <= 0 or len(raw) <= max_bytes:
+        return raw
+    return bound_snapshot_doc(doc, max_bytes)
+
+
+def bound_snapshot_doc(doc: dict[str, JSONValue], max_bytes: int) -> bytes:
+    """:func:`encode_snapshot`'s shrinking steps for any snapshot-shaped document."""
+    records = doc.get("task_records")
+    if isinstance(records, dict) and records:
+        per_field = max(512, max_bytes // (8 * len(records)))
+        for rec in records.values():
+            if isinstance(rec, dict):
+                for name in ("output", "inputs", "error", "traceback"):
+                    if rec.get(name) is not None:
+                        rec[name], cut = cap_value(rec[name], per_field, as_object=name in _OBJECT_FIELDS)
+                        if cut and name == "output":
+                            rec["output_truncated"] = True
+    for name, share in (("error", 8), ("params", 4)):
+        if doc.get(name) is not None:
+            doc[name] = cap_value(doc[name], max_bytes // share, as_object=name in _OBJECT_FIELDS)[0]
+    raw = _dumps(doc).encode("ascii")
+    if len(raw) <= max_bytes:
+        return raw
+    doc["task_records"] = {}
+    doc["task_records_truncated"] = True
+    raw = _dumps(doc).encode("ascii")
+    if len(raw) <= max_bytes:
+        return raw
+    tasks = doc.get("tasks")
+    if isinstance(tasks, dict) and tasks:
+        room = max_bytes - (len(raw) - len(_dumps(tasks))) - 64
+        kept: dict[str, JSONValue] = {}
+        used = 2
+        for name, state in tasks.items():
+            used += len(_dumps({name: state})) - 1
+            if used > room:
+                break
+            kept[name] = state
+        doc["tasks"] = kept
+        doc["tasks_truncated"] = len(tasks)
         raw = _dumps(doc).encode("ascii")
-    return raw
+        if len(raw) <= max_bytes:
+            return raw
+    # Nothing bounded is left to cut (huge tags or names): identity and status only.
+    keep = ("run_id", "status", "flow_name", "tag", "attempt", "max_attempts", "version", "last_stream_seq", "updated_at", "submitted_at", "end_time", "projection_error")
+    small = {k: doc.get(k) for k in keep if k in doc}
+    small["flow_name"] = cap_value(small.get("flow_name"), 1024)[0]
+    small["tag"] = cap_value(small.get("tag"), 1024)[0]
+    small["tags"] = []
+    small["params"] = {"_truncated": "...[truncated]"}
+    small["snapshot_truncated"] = True
+    return _dumps(small).encode("ascii")
 
 
 def decode_snapshot(raw: bytes) -> RunSnapshot:

@@ -111,5 +111,23 @@ class EventLogUnavailable(InfraError):
     """The event stream could not be reached or did not acknowledge in time."""
 
 
+class OutcomeUnknown(EventLogUnavailable):
+    """An append was sent but no answer came back within the wait: it may or may not be stored.
+
+    Re-sending the same events (same ids) is safe: one already stored is found, never stored
+    twice; a submit retried with the same ``Idempotency-Key`` returns the same run.
+    """
+
+    def __init__(self, message: str, *, subject: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.run_id: str | None = None  # set by the gateway for a submit (so a client can look)
+
+
+class WritesRefused(InfraError):
+    """JetStream refused to store a message for lack of resources (disk or account limits
+    full: "insufficient resources", "maximum bytes exceeded").  Nothing was stored."""
+
+
 class SnapshotStoreUnavailable(InfraError):
     """A KV bucket could not be reached."""

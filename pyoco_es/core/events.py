@@ -64,6 +64,9 @@ class RunSubmitted(Event):
     schedule_id: str | None = field(default=None, validator=_opt_str)
     idempotency_key: str | None = field(default=None, validator=_opt_str)
     request_sha256: str | None = field(default=None, validator=_opt_str)
+    # The submitter hands attempt 1 to the workers itself (the gateway's fast path), so the
+    # conductor does not publish it a second time; its reconcile covers a hand-off that was lost.
+    fast_dispatch: bool = field(default=False, validator=instance_of(bool))
 
 
 # -- ownership ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..config import Settings
-from ..core.errors import InfraError, PayloadTooLarge, PyocoError, ValidationError
+from ..core.errors import InfraError, OutcomeUnknown, PayloadTooLarge, PyocoError, ValidationError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
@@ -66,11 +66,42 @@ class Gateway:
         if not self.nats.is_connected:
             raise InfraError(f"not connected to NATS at {self.nats.url} (reconnecting)")
 
+    async def await_nats(self) -> None:
+        """For writes: hold the request while NATS reconnects (a restart, a short freeze), up to
+        ``PYOCO_NATS_UNAVAILABLE_WAIT_SEC``, then 503 (nothing was sent)."""
+        if self.nats.is_connected:
+            return
+        if not await self.nats.wait_connected(self.settings.nats_unavailable_wait):
+            raise InfraError(
+                f"not connected to NATS at {self.nats.url} (still reconnecting after {self.settings.nats_unavailable_wait:g}s)"
+            )
+
+    def unavailable_answer(self, exc: InfraError) -> dict[str, Any]:
+        """The body of a 503: pyoco-server's ``detail`` plus whether the request took effect."""
+        if isinstance(exc, OutcomeUnknown):
+            doc: dict[str, Any] = {
+                "detail": (
+                    f"nats unavailable: {exc.message}. The outcome is UNKNOWN: the request may have been applied. "
+                    "Retrying with the same Idempotency-Key is safe (it returns the same run, never a second one); "
+                    "a cancel may be retried as is."
+                ),
+                "outcome": "unknown",
+                "retry_safe_with_idempotency_key": True,
+            }
+            if exc.run_id:
+                doc["run_id"] = exc.run_id
+            return doc
+        return {
+            "detail": (
+                f"nats unavailable: {exc.message}. This request was not applied; retry later "
+                f"(with the same Idempotency-Key for submits). Check the NATS server at {self.nats.url}."
+            ),
+            "outcome": "not_applied",
+            "retry_safe_with_idempotency_key": True,
+        }
+
     def unavailable_detail(self, exc: InfraError) -> str:
-        return (
-            f"nats unavailable: {exc.message}. Nothing was changed unless a 2xx was returned; "
-            f"retry later (with the same Idempotency-Key for submits). Check the NATS server at {self.nats.url}."
-        )
+        return str(self.unavailable_answer(exc)["detail"])
 
 
 def create_app(
@@ -191,7 +222,7 @@ def error_answer(gw: Gateway, exc: PyocoError, method: str, path: str) -> tuple[
         return 413, {"detail": exc.message}, {"Connection": "close"}
     if isinstance(exc, InfraError):
         log.warning("%s %s: %s", method, path, exc.message)
-        return 503, {"detail": gw.unavailable_detail(exc)}, {"Retry-After": "1"}
+        return 503, gw.unavailable_answer(exc), {"Retry-After": "1"}
     if exc.http_status >= 500:
         log.error("%s %s failed: %s", method, path, exc.message)
     return exc.http_status, {"detail": exc.message}, {}

@@ -27,7 +27,16 @@ from werkzeug.exceptions import NotFound
 from ..conductor.projector import work_item
 from ..core import decide
 from ..core.codec import dumps, envelope_to_json, event_data
-from ..core.errors import ConcurrencyConflict, InfraError, PayloadTooLarge, PyocoError, RunAlreadyExists, RunNotFound, ValidationError
+from ..core.errors import (
+    ConcurrencyConflict,
+    InfraError,
+    OutcomeUnknown,
+    PayloadTooLarge,
+    PyocoError,
+    RunAlreadyExists,
+    RunNotFound,
+    ValidationError,
+)
 from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..core.model import TERMINAL_STATUSES
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
@@ -314,20 +323,20 @@ async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject
     """
     tenant = event.tenant_id
     run_id = run_id_for_key(tenant, key) if key else new_run_id()
-    event = attrs.evolve(event, idempotency_key=key, request_sha256=request_fingerprint(fingerprint))
+    event = attrs.evolve(event, idempotency_key=key, request_sha256=request_fingerprint(fingerprint), fast_dispatch=True)
     size = len(dumps(event_data(event))) + 1024
     if size > gw.nats.max_payload:
         raise PayloadTooLarge(
             f"run too large: the submitted event would be about {size} bytes, above the NATS max_payload of "
             f"{gw.nats.max_payload} bytes; send smaller params or workflow"
         )
-    gw.require_nats()
+    await gw.await_nats()
     subject = subjects.work_subject(event.tag, gw.settings.work_subject_prefix)
 
     def dispatch(seqs: list[int]) -> None:
         # Fast path, on the NATS thread the moment the PubAck is in: hand the first attempt to
-        # the workers without a thread hop.  The conductor (dispatcher of record) publishes the
-        # same item after projecting the run; JetStream deduplicates it by Msg-Id.
+        # the workers without a thread hop.  The event says so (fast_dispatch), so the conductor
+        # does not publish it again; if this publish is lost, its reconcile publishes the item.
         item = work_item(event, run_id=run_id, attempt=1, run_version=1, run_last_stream_seq=seqs[-1])
         gw.nats.publish_soon(subject, item, subjects.work_msg_id(run_id, 1))
 
@@ -339,6 +348,9 @@ async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject
             assume_new=True,
             on_stored=dispatch,
         )
+    except OutcomeUnknown as exc:
+        exc.run_id = run_id  # the 503 names it: the client may look it up
+        raise
     except RunAlreadyExists as exc:
         if exc.same_request:
             return {"run_id": run_id, "status": "PENDING", "bundle_hash": None}, {"Idempotent-Replayed": "true"}
@@ -349,6 +361,27 @@ async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject
     if outcome.snapshot is not None:
         gw.index.note(outcome.snapshot.to_json())
     return {"run_id": run_id, "status": "PENDING", "bundle_hash": None}, {}
+
+
+async def jetstream_state(gw: Gateway) -> JSONObject:
+    """Whether JetStream takes writes, for ``/ready``: connectivity alone is not enough (a full
+    disk or full account limits refuse every write while the connection is fine).  Not writable
+    after a refused write until a write is stored again (or a minute has passed), and while the
+    account answers with an error (JetStream disabled, e.g. out of resources)."""
+    refused = gw.nats.recent_write_refusal()
+    out: JSONObject = {"writable": refused is None, "last_write_refused": refused}
+    if gw.nats.is_connected:
+        try:
+            with trio.move_on_after(2):
+                info = await gw.nats.account_info()
+                if isinstance(info.get("error"), dict):
+                    out["writable"] = False
+                    out["account_error"] = str(info["error"].get("description", info["error"]))
+                out["storage_bytes"] = info.get("storage")
+        except PyocoError as exc:
+            out["writable"] = False
+            out["account_error"] = exc.message
+    return out
 
 
 async def read_snapshot(gw: Gateway, run_id: str) -> JSONObject | None:
@@ -438,11 +471,13 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
     @app.get("/ready")
     async def ready() -> Response:
         stats = gw.index.statistics()
-        ok = gw.nats.is_connected and stats.ready
+        jetstream = await jetstream_state(gw)
+        ok = gw.nats.is_connected and stats.ready and jetstream["writable"]
         return json_response(
             {
                 "status": "ready" if ok else "not_ready",
                 "nats": {"connected": gw.nats.is_connected, "url": gw.nats.url},
+                "jetstream": jetstream,
                 "run_index": {"ready": stats.ready, "watching": stats.watching, "runs": stats.runs},
             },
             200 if ok else 503,
@@ -474,7 +509,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.post("/runs")
     async def submit_run() -> Response:
-        gw.require_nats()
+        await gw.await_nats()
         body = _json_loads_strict(await _body())
         flow_name, params, tag, tags = parse_submit_body(body, default_tag=gw.settings.default_tag)
         event = RunSubmitted(
@@ -490,7 +525,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.post("/runs/yaml")
     async def submit_yaml() -> Response:
-        gw.require_nats()
+        await gw.await_nats()
         check_yaml_length(gw, request.content_length)
         name, tag, data = yaml_form(gw, await request.get_data(cache=False), request.headers.get("Content-Type"))
         if len(data) <= INLINE_PARSE_BYTES:
@@ -637,7 +672,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
     async def cancel_run(run_id: str) -> Response:
         if not valid_run_id(run_id):
             raise RunNotFound(run_id)
-        gw.require_nats()
+        await gw.await_nats()
         now = gw.clock()
         outcome = await gw.store.execute(
             run_id, lambda snap: decide.request_cancel(snap, run_id=run_id, now=now), producer=gw.producer

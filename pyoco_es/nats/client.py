@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
@@ -24,13 +25,16 @@ import nats.js.errors
 import trio
 from nats.js import api
 
-from ..core.codec import decode_envelope, encode_envelope
+from ..core.codec import decode_envelope, encode_envelope_bounded
 from ..core.errors import (
     ConcurrencyConflict,
     CorruptStreamError,
     EventLogUnavailable,
     InfraError,
+    OutcomeUnknown,
+    PayloadTooLarge,
     PyocoError,
+    WritesRefused,
 )
 from ..core.events import Envelope
 from . import subjects
@@ -40,6 +44,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})
+MESSAGE_TOO_LARGE: Final = frozenset({10054})  # "message size exceeds maximum allowed"
+# JetStream refusing to store: insufficient resources (10023), memory / storage resources
+# exceeded (10028 / 10047), the store failed or is full (10077: "maximum bytes exceeded", a
+# broken message block).  A refusal, never an outage and never "too large": nothing was stored.
+NO_ROOM: Final = frozenset({10023, 10028, 10047, 10077})
+DEFAULT_MAX_MSG_SIZE: Final = 4 * 1024 * 1024  # the streams' max_msg_size (see resources.py)
+HEADER_HEADROOM: Final = 2048  # headers (Nats-Msg-Id, expected seqs) count toward max_payload
+WRITE_FAILURE_MEMORY: Final = 60.0  # seconds a refused write keeps /ready "not ready"
 _TRANSIENT: Final = (
     nats.errors.TimeoutError,
     asyncio.TimeoutError,
@@ -59,11 +71,20 @@ _TRANSIENT: Final = (
 def _translate(exc: BaseException, what: str) -> PyocoError:
     if isinstance(exc, PyocoError):
         return exc
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        # The message is too large for the server: a property of the request, never an outage.
+        return PayloadTooLarge(f"{what}: message above the NATS server's max_payload")
+    if isinstance(exc, JetStreamAckError):
+        return exc.translate(what)
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
         return EventLogUnavailable(f"{what}: no JetStream stream answered (are the resources created?)")
     if isinstance(exc, _TRANSIENT):
         return EventLogUnavailable(f"{what}: NATS unavailable ({type(exc).__name__})")
     if isinstance(exc, nats.js.errors.APIError):
+        if exc.err_code in MESSAGE_TOO_LARGE:
+            return PayloadTooLarge(f"{what}: JetStream error {exc.err_code}: {exc.description}")
+        if exc.err_code in NO_ROOM:
+            return WritesRefused(f"{what}: JetStream refused the write ({exc.err_code}: {exc.description})")
         return InfraError(f"{what}: JetStream error {exc.err_code}: {exc.description}")
     if isinstance(exc, nats.errors.Error):
         return InfraError(f"{what}: {type(exc).__name__}: {exc}")
@@ -131,6 +152,7 @@ class _Puller:
         self._buf: list[Any] = []
         self._want = 0
         self._wake = asyncio.Event()
+        self.missing = False  # the last request met no consumer (503: deleted with its stream?)
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
@@ -140,6 +162,7 @@ class _Puller:
         headers = msg.headers
         if headers and not msg.data and "Status" in headers:
             if headers["Status"] != "100":  # 404 no messages, 408 expired, 409 ...: this request ended
+                self.missing = headers["Status"] == "503"
                 self._wake.set()
             return
         self._buf.append(msg)
@@ -166,10 +189,13 @@ class _Puller:
         return out
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivered]:
+        self.missing = False
         if len(self._buf) < batch:
             await self._request(batch - len(self._buf), no_wait=True, expires=0, wait=5.0)
-        if not self._buf:
+        if not self._buf and not self.missing:
             await self._request(1, no_wait=False, expires=timeout, wait=timeout + 1.0)
+        if not self._buf and self.missing:
+            raise EventLogUnavailable(f"no consumer answered on {self._api} (deleted with its stream?)")
         out = []
         for m in self._take(batch):
             seq, delivered, pending = _ack_metadata(m.reply)
@@ -187,11 +213,24 @@ class PullSubscription:
 
     client: NatsClient
     puller: _Puller
+    stream: str = ""
+    durable: str = ""
+    recreate: dict[str, Any] | None = None  # the consumer's config, to create it again if deleted
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivered]:
         """Up to ``batch`` messages: what is available now, else the first to arrive within
-        ``timeout``; ``[]`` when none did."""
-        return await self.client._call("fetch", self.puller.fetch, batch, timeout)
+        ``timeout``; ``[]`` when none did.
+
+        A consumer that is gone (its stream was deleted and created again) is created again
+        when this subscription knows its config; the fetch then raises, and the next one works.
+        """
+        try:
+            return await self.client._call("fetch", self.puller.fetch, batch, timeout)
+        except EventLogUnavailable:
+            if self.puller.missing and self.recreate is not None:
+                log.warning("consumer %s on %s is missing; creating it again", self.durable, self.stream)
+                await self.client.ensure_pull_consumer(self.stream, self.durable, self.recreate)
+            raise
 
 
 class JetStreamAckError(Exception):
@@ -201,6 +240,14 @@ class JetStreamAckError(Exception):
         super().__init__(f"JetStream error {err_code}: {description}")
         self.err_code = err_code
         self.description = description
+
+    def translate(self, what: str) -> PyocoError:
+        """The pyoco error this refusal is (wrong-last-sequence is the caller's to handle)."""
+        if self.err_code in MESSAGE_TOO_LARGE:
+            return PayloadTooLarge(f"{what}: {self} (the message is above the stream's max_msg_size)")
+        if self.err_code in NO_ROOM:
+            return WritesRefused(f"{what}: JetStream refused the write ({self})")
+        return InfraError(f"{what}: {self}")
 
 
 class _FastPublisher:
@@ -273,7 +320,7 @@ OnStored = Callable[[list[int]], None]
 class NatsClient:
     """One NATS connection plus its JetStream context, usable from Trio."""
 
-    def __init__(self, thread: AsyncioThread, nc: Any, *, url: str, op_timeout: float) -> None:
+    def __init__(self, thread: AsyncioThread, nc: Any, *, url: str, op_timeout: float, unavailable_wait: float = 10.0) -> None:
         self._thread = thread
         self._nc = nc
         self._js = nc.jetstream(timeout=op_timeout)
@@ -281,6 +328,13 @@ class NatsClient:
         self._soon: set[asyncio.Task[Any]] = set()  # publish_soon tasks (kept referenced)
         self.url = url
         self.op_timeout = op_timeout
+        # How long an append rides out NATS being away (frozen, restarting) before it gives up.
+        self.unavailable_wait = unavailable_wait
+        self.stream_max_msg_size = DEFAULT_MAX_MSG_SIZE  # ensure_resources sets the real one
+        # (monotonic time, reason) of the last write JetStream refused for lack of room; cleared
+        # by the next stored write.  Read by the gateway's /ready.
+        self.write_refused: tuple[float, str] | None = None
+        self.writes_outcome_unknown = 0  # appends that ended with an unknown outcome (metric)
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -302,6 +356,54 @@ class NatsClient:
         """The largest message the server accepts (its INFO ``max_payload``), for size checks
         before an append, so an oversized request is a 413 rather than a failed publish."""
         return int(getattr(self._nc, "max_payload", 0) or 1024 * 1024)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest event or snapshot pyoco-es writes: the server's max_payload or the
+        streams' max_msg_size, whichever is smaller, minus room for the headers."""
+        return min(self.max_payload, self.stream_max_msg_size) - HEADER_HEADROOM
+
+    def recent_write_refusal(self, within: float = WRITE_FAILURE_MEMORY) -> str | None:
+        """Why JetStream refused the last write, if it did within ``within`` seconds and no
+        write was stored since (the disk or the account limits are full)."""
+        refused = self.write_refused
+        if refused is None or time.monotonic() - refused[0] > within:
+            return None
+        return refused[1]
+
+    def _note_write(self, refused: str | None) -> None:
+        if refused is not None:
+            self.write_refused = (time.monotonic(), refused)
+        elif self.write_refused is not None:
+            self.write_refused = None
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the connection (a reconnect in progress)."""
+        if self.is_connected:
+            return True
+
+        async def go() -> bool:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while not self._nc.is_connected and loop.time() < deadline:
+                if self._nc.is_closed:
+                    return False
+                await asyncio.sleep(0.02)
+            return bool(self._nc.is_connected)
+
+        return await self._call("wait for NATS", go)
+
+    async def account_info(self) -> dict[str, Any]:
+        """JetStream's account info (``$JS.API.INFO``) as the server sent it."""
+
+        async def go() -> dict[str, Any]:
+            msg = await self._nc.request("$JS.API.INFO", b"", timeout=self.op_timeout)
+            doc = json.loads(msg.data)
+            if not isinstance(doc, dict):
+                raise InfraError("JetStream account info is not an object")
+            return doc
+
+        return await self._call("account info", go)
 
     @property
     def js(self) -> Any:
@@ -330,28 +432,28 @@ class NatsClient:
             EventLogUnavailable: NATS did not acknowledge (the event may or may not be stored;
                 a retry with the same event ids deduplicates).
         """
-        payloads = [(e.event_id, encode_envelope(e)) for e in envelopes]
-
-        async def go() -> list[int]:
-            async with asyncio.timeout(self.op_timeout):
-                return await self._append(run_id, payloads, expected_last, on_stored)
-
-        return await self._call("append", go)
+        limit = self.max_message_bytes
+        payloads = [(e.event_id, encode_envelope_bounded(e, limit)) for e in envelopes]
+        return await self._call("append", self._append, run_id, payloads, expected_last, on_stored)
 
     async def append_many(
         self, batches: Sequence[tuple[str, Sequence[Envelope], int] | tuple[str, Sequence[Envelope], int, OnStored | None]]
     ) -> list[list[int] | PyocoError]:
         """``append`` for many runs at once, pipelined, one crossing.  Per-run results or errors.
-        An item may carry a fourth element, its ``on_stored`` hook (see :meth:`append`)."""
-        prepared = [
-            (b[0], [(e.event_id, encode_envelope(e)) for e in b[1]], b[2], b[3] if len(b) > 3 else None)  # type: ignore[misc]
-            for b in batches
-        ]
-        return await self._call("append", self._append_many, prepared)
-
-    async def _append_many(self, prepared: list[tuple[str, list[tuple[str, bytes]], int, OnStored | None]]) -> list[Any]:
-        async with asyncio.timeout(self.op_timeout * 2):
-            return await self._gather("append", self._append, prepared)
+        An item may carry a fourth element, its ``on_stored`` hook (see :meth:`append`).
+        An event too large even shrunk is that item's ``PayloadTooLarge``, not the batch's."""
+        limit = self.max_message_bytes
+        prepared: list[tuple[str, list[tuple[str, bytes]], int, OnStored | None]] = []
+        refused: dict[int, PyocoError] = {}
+        for i, b in enumerate(batches):
+            try:
+                payloads = [(e.event_id, encode_envelope_bounded(e, limit)) for e in b[1]]
+            except PayloadTooLarge as exc:
+                refused[i] = exc
+                continue
+            prepared.append((b[0], payloads, b[2], b[3] if len(b) > 3 else None))  # type: ignore[misc]
+        results = iter(await self._call("append", self._gather, "append", self._append, prepared) if prepared else [])
+        return [refused[i] if i in refused else next(results) for i in range(len(batches))]
 
     async def _append(
         self, run_id: str, payloads: list[tuple[str, bytes]], expected_last: int, on_stored: OnStored | None = None
@@ -365,12 +467,7 @@ class NatsClient:
                 "Nats-Expected-Last-Subject-Sequence": str(last),
                 "Nats-Expected-Stream": subjects.EVENTS_STREAM,
             }
-            try:
-                last = await self._pub.publish(subject, data, headers)
-            except JetStreamAckError as exc:
-                if exc.err_code in WRONG_LAST_SEQUENCE:
-                    raise ConcurrencyConflict(subject, last, appended=len(seqs)) from exc
-                raise InfraError(f"append to {subject}: {exc}") from exc
+            last = await self._store_event(subject, data, headers, expected=last, appended=len(seqs))
             seqs.append(last)
         if on_stored is not None:
             try:
@@ -378,6 +475,75 @@ class NatsClient:
             except Exception:  # noqa: BLE001 - a follow-up's failure must not undo a stored append
                 log.exception("follow-up of an append to %s failed", subject)
         return seqs
+
+    async def _store_event(self, subject: str, data: bytes, headers: dict[str, str], *, expected: int, appended: int) -> int:
+        """Publish one event and learn its outcome (on the asyncio side); returns its stream seq.
+
+        A publish that got no answer (NATS frozen, restarting, a lost connection) has an unknown
+        outcome: it is sent again, the same bytes with the same ``Nats-Msg-Id`` and expected
+        sequence, until an answer comes or ``unavailable_wait`` has passed.  JetStream checks
+        the expected sequence *before* its duplicate window (measured on nats-server 2.15:
+        ``tests/test_nats_client.py::test_jetstream_checks_expected_sequence_before_dedupe``),
+        so a re-send of an event that was in fact stored is refused as "wrong last sequence";
+        the run's next message is then read, and if it is this very event, that is the answer.
+
+        Raises:
+            ConcurrencyConflict: someone else appended after ``expected``.
+            PayloadTooLarge: the server refused the size (never reported as an outage).
+            WritesRefused: JetStream has no room (disk or limits full); nothing was stored.
+            OutcomeUnknown: sent, but no answer within the wait (may or may not be stored).
+            EventLogUnavailable: not sent (the connection is closed) within the wait.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self.unavailable_wait, self.op_timeout)
+        unanswered = 0  # tries that may have reached the server without an answer
+        while True:
+            if unanswered or not self._nc.is_connected:
+                while not self._nc.is_connected and not self._nc.is_closed and loop.time() < deadline:
+                    await asyncio.sleep(0.02)
+            remaining = deadline - loop.time()
+            try:
+                if self._nc.is_closed:
+                    raise nats.errors.ConnectionClosedError
+                async with asyncio.timeout(max(0.05, min(self.op_timeout, remaining))):
+                    seq, _duplicate = await self._pub.publish_ack(subject, data, headers)
+                self._note_write(None)
+                return seq
+            except JetStreamAckError as exc:
+                if exc.err_code in WRONG_LAST_SEQUENCE:
+                    if unanswered:
+                        stored = await self._read_subject(subject, expected, 1, True)
+                        if stored and stored[0][1] == data:
+                            self._note_write(None)
+                            return stored[0][0]
+                    raise ConcurrencyConflict(subject, expected, appended=appended) from exc
+                error = exc.translate(f"append to {subject}")
+                if isinstance(error, WritesRefused):
+                    self._note_write(error.message)
+                raise error from exc
+            except nats.errors.MaxPayloadError as exc:
+                raise PayloadTooLarge(f"append to {subject}: {len(data)} bytes is above the NATS server's max_payload") from exc
+            except (TimeoutError, nats.errors.TimeoutError):
+                unanswered += 1  # sent, no answer: it may be stored
+                why = "no answer"
+            except EventLogUnavailable:
+                why = "no JetStream answered (restarting?)"  # a 503 status: this try was not stored
+                await asyncio.sleep(0.1)
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError):
+                why = "connection lost"
+                if self._nc.is_closed:
+                    deadline = loop.time()
+                else:
+                    await asyncio.sleep(0.05)
+            if loop.time() >= deadline:
+                if unanswered:
+                    self.writes_outcome_unknown += 1
+                    raise OutcomeUnknown(
+                        f"append to {subject}: sent {unanswered} time(s), {why} within {max(self.unavailable_wait, self.op_timeout):g}s; "
+                        "the event may or may not be stored",
+                        subject=subject,
+                    )
+                raise EventLogUnavailable(f"append to {subject}: NATS unavailable ({why}); nothing was stored")
 
     def publish_soon(self, subject: str, data: bytes, msg_id: str) -> None:
         """Start a JetStream publish from the NATS thread (inside an ``on_stored`` hook) without
@@ -390,7 +556,7 @@ class NatsClient:
     def _soon_done(self, task: asyncio.Task[Any]) -> None:
         self._soon.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("fast-path publish failed (the dispatcher of record will publish it): %s", task.exception())
+            log.warning("fast-path publish failed (the conductor's reconcile publishes it again): %s", task.exception())
 
     async def read_run(self, run_id: str, *, after_stream_seq: int = 0) -> list[Envelope]:
         """A run's events in order (after ``after_stream_seq``), read with batched direct gets.
@@ -433,12 +599,25 @@ class NatsClient:
         """Up to ``limit`` raw events on ``subject_filter`` (wildcards allowed) after a position."""
         return await self._call("read events", self._read_subject, subject_filter, after_stream_seq, limit, True)
 
+    async def work_items(self, subject: str) -> list[tuple[str, int]]:
+        """(run id, attempt) of every item waiting on a work subject (delivered-but-unacked
+        included), read with batched direct gets: what the reconcile compares PENDING runs with."""
+        raw = await self._call("read work", self._read_subject, subject, 0, 256, False, subjects.WORK_STREAM)
+        out: list[tuple[str, int]] = []
+        for _seq, data in raw:
+            try:
+                doc = json.loads(data)
+                out.append((str(doc["run_id"]), int(doc.get("attempt") or 1)))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a work item we can read: the worker dead-letters it
+        return out
+
     async def _read_subject(
-        self, subject: str, after: int, batch: int = 256, once: bool = False
+        self, subject: str, after: int, batch: int = 256, once: bool = False, stream: str = subjects.EVENTS_STREAM
     ) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         start = after + 1
-        api_subject = subjects.direct_get_subject(subjects.EVENTS_STREAM)
+        api_subject = subjects.direct_get_subject(stream)
         while True:
             inbox = self._nc.new_inbox()
             sub = await self._nc.subscribe(inbox)
@@ -474,17 +653,26 @@ class NatsClient:
         try:
             seq, duplicate = await self._pub.publish_ack(subject, data, h or None)
         except JetStreamAckError as exc:
-            raise InfraError(f"publish to {subject}: {exc}") from exc
+            error = exc.translate(f"publish to {subject}")
+            if isinstance(error, WritesRefused):
+                self._note_write(error.message)
+            raise error from exc
+        self._note_write(None)
         return PubAck(seq=seq, duplicate=duplicate)
 
     async def _cas_one(self, bucket: str, key: str, value: bytes, last: int) -> int:  # on the asyncio side
         subject = subjects.kv_subject(bucket, key)
         try:
-            return await self._pub.publish(subject, value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
+            revision = await self._pub.publish(subject, value, {"Nats-Expected-Last-Subject-Sequence": str(last)})
+            self._note_write(None)
+            return revision
         except JetStreamAckError as exc:
             if exc.err_code in WRONG_LAST_SEQUENCE:
                 raise ConcurrencyConflict(subject, last) from exc
-            raise InfraError(f"kv update {subject}: {exc}") from exc
+            error = exc.translate(f"kv update {subject}")
+            if isinstance(error, WritesRefused):
+                self._note_write(error.message)
+            raise error from exc
 
     async def _gather(self, what: str, fn: Callable[..., Awaitable[T]], items: Sequence[tuple[Any, ...]]) -> list[Any]:
         """``fn(*item)`` for every item, pipelined (on the asyncio side): per-item result or
@@ -742,11 +930,15 @@ class NatsClient:
         await self._call("ensure consumer", go)
 
     @asynccontextmanager
-    async def pull_subscription(self, stream: str, durable: str) -> AsyncIterator[PullSubscription]:
+    async def pull_subscription(
+        self, stream: str, durable: str, *, recreate: dict[str, Any] | None = None
+    ) -> AsyncIterator[PullSubscription]:
+        """Bind a durable pull consumer.  With ``recreate`` (its config) a consumer deleted under
+        us (with its stream) is created again by the next fetch."""
         puller = _Puller(self._nc, stream, durable)
         await self._call("bind consumer", puller.start)
         try:
-            yield PullSubscription(self, puller)
+            yield PullSubscription(self, puller, stream, durable, recreate)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 try:
@@ -829,7 +1021,7 @@ def _send_or_drop(send: trio.MemorySendChannel[Any], item: object) -> None:
 
 @asynccontextmanager
 async def open_nats(
-    url: str, *, name: str = "pyoco-es", op_timeout: float = 5.0, connect_timeout: float = 5.0
+    url: str, *, name: str = "pyoco-es", op_timeout: float = 5.0, connect_timeout: float = 5.0, unavailable_wait: float = 10.0
 ) -> AsyncIterator[NatsClient]:
     """Connect to NATS (reconnecting forever in the background) and close cleanly on exit.
 
@@ -873,7 +1065,7 @@ async def open_nats(
                 f"cannot connect to NATS at {url}: {exc.message}. Start one with `pyoco-server up` "
                 "(embedded) or pass --nats-url"
             ) from exc
-        client = NatsClient(thread, nc, url=url, op_timeout=op_timeout)
+        client = NatsClient(thread, nc, url=url, op_timeout=op_timeout, unavailable_wait=unavailable_wait)
         try:
             yield client
         finally:

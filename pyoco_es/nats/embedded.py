@@ -78,6 +78,7 @@ class EmbeddedNats:
     http_port: int = -1
     sync: str = "1s"
     max_payload: int = 8 * 1024 * 1024
+    max_file_store: int | None = None  # JetStream's disk budget (bytes); None: the server's default
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     monitor_url: str = ""
@@ -98,6 +99,8 @@ class EmbeddedNats:
             stale.unlink(missing_ok=True)
         conf = self.data_dir / "nats.conf"
         sync_line = "" if self.sync == "default" else f"  sync_interval: {self.sync}\n"
+        if self.max_file_store is not None:
+            sync_line += f"  max_file_store: {self.max_file_store}\n"
         store = json.dumps(str(self.data_dir / "jetstream"))
         conf.write_text(
             f"jetstream {{\n  store_dir: {store}\n{sync_line}}}\nmax_payload: {self.max_payload}\n"

@@ -14,7 +14,7 @@ import nats.js.errors
 from nats.js import api
 
 from . import subjects
-from .client import NatsClient
+from .client import DEFAULT_MAX_MSG_SIZE, NatsClient
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class ResourceConfig:
     replicas: int = 1
     duplicate_window: float = 120.0
-    max_msg_size: int = 4 * 1024 * 1024
+    max_msg_size: int = DEFAULT_MAX_MSG_SIZE
     work_prefix: str = subjects.WORK_PREFIX
     dlq_prefix: str = subjects.DLQ_PREFIX
     dlq_stream: str = subjects.DLQ_STREAM
@@ -53,6 +53,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             storage=api.StorageType.FILE,
             num_replicas=cfg.replicas,
             duplicate_window=cfg.duplicate_window,
+            allow_direct=True,  # the conductor's reconcile reads the waiting items
         ),
         api.StreamConfig(
             name=cfg.dlq_stream,
@@ -124,6 +125,7 @@ def _diff(want: api.StreamConfig, have: api.StreamConfig) -> dict[str, tuple[Any
 async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None) -> list[str]:
     """Create what is missing and update what changed.  Returns a log of what it did."""
     cfg = cfg or ResourceConfig()
+    client.stream_max_msg_size = cfg.max_msg_size
 
     async def go() -> list[str]:
         js = client.js

@@ -46,7 +46,7 @@ async def open_stack(
     server = EmbeddedNats(data_dir=tmp_path / "stack-nats")
     server.start()
     try:
-        async with open_nats(server.url, name="stack") as nats:
+        async with open_nats(server.url, name="stack", unavailable_wait=settings.nats_unavailable_wait) as nats:
             await ensure_resources(nats)
             async with trio.open_nursery() as nursery:
                 url = ""

@@ -70,6 +70,7 @@ from ..core.errors import (
     CorruptStreamError,
     DomainError,
     InfraError,
+    PayloadTooLarge,
     PyocoError,
     RunNotFound,
     StaleAttempt,
@@ -804,6 +805,11 @@ class WorkerActor:
             await self._unprepare(job, child, prep, deferred)
             await self._nak(msg, NAK_DELAY)
             return
+        except PayloadTooLarge as exc:  # a size, never an outage: retrying cannot help
+            log.error("run %s: its claim cannot be stored (%s); dropping the work item", run_id, exc)
+            await self._unprepare(job, child, prep, deferred)
+            await self._term(msg)
+            return
         died: ChildDied | None = None
         try:
             if deferred is not None and not go_sent:
@@ -995,6 +1001,15 @@ class _RunDriver:
             log.error("run %s: NATS unavailable while running (%s); NAK and kill the child", self.run_id, exc)
             self.child.kill()
             self.nak = True
+        except PayloadTooLarge as exc:  # an event that cannot be stored even shrunk: fail the run, once
+            log.error("run %s: an event cannot be stored (%s); failing the run", self.run_id, exc)
+            self.child.kill()
+            try:
+                await self._finish("FAILED", reason="error", error=f"an event of this run could not be stored: {exc.message}"[:4000])
+            except _LostRun:
+                return
+            except PyocoError:
+                self.nak = True
 
     async def _pump_child(self, send: trio.MemorySendChannel[tuple[str, Any]]) -> None:
         async with send:
@@ -1259,7 +1274,7 @@ async def run_worker(
                     acks.start_soon(actor.ack_loop)
                     async with trio.open_nursery() as runs:
                         runs.start_soon(actor.cancel_watch_loop, runs)
-                        async with _bound(nats, tag_list) as psubs:
+                        async with _bound(nats, tag_list, settings) as psubs:
                             async with trio.open_nursery() as pulls:
                                 for tag, psub in psubs:
                                     pulls.start_soon(actor.pull_loop, tag, psub, runs)
@@ -1288,9 +1303,10 @@ async def run_worker(
 class _bound:
     """Bind one pull subscription per tag (an async context manager over several)."""
 
-    def __init__(self, nats: NatsClient, tags: Sequence[str]) -> None:
+    def __init__(self, nats: NatsClient, tags: Sequence[str], settings: Settings) -> None:
         self.nats = nats
         self.tags = tags
+        self.settings = settings
         self._stack: Any = None
 
     async def __aenter__(self) -> list[tuple[str, PullSubscription]]:
@@ -1300,7 +1316,9 @@ class _bound:
         out = []
         for tag in self.tags:
             psub = await self._stack.enter_async_context(
-                self.nats.pull_subscription(subjects.WORK_STREAM, subjects.work_durable(tag))
+                self.nats.pull_subscription(
+                    subjects.WORK_STREAM, subjects.work_durable(tag), recreate=consumer_config(tag, self.settings)
+                )
             )
             out.append((tag, psub))
         return out
