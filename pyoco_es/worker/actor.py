@@ -74,13 +74,13 @@ from ..core.errors import (
     RunNotFound,
     StaleAttempt,
 )
-from ..core.events import Envelope, Event, Producer, TaskCompleted, TaskFailed, TaskStarted
+from ..core.events import Envelope, Event, Producer, RunFailed, TaskCompleted, TaskFailed, TaskStarted
 from ..core.fold import apply, fold
 from ..core.model import RunSnapshot, RunStatus
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored, PullSubscription
 from ..service import Outcome, RunStore, new_event_id
-from .pool import ChildDied, ChildPool, ChildProcess
+from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,34 @@ APPEND_RETRIES: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 STATE_RUNNING: Final = "RUNNING"
 STATE_IDLE: Final = "IDLE"
 STATE_STOPPED: Final = "STOPPED_GRACEFUL"
+LOST: Final = "LOST"  # final_status of an attempt that was fenced (another attempt owns the run)
+HEARTBEAT_RETRY: Final = 1.0  # after a failed heartbeat write
+# Run events that were not appended by the attempt itself and mean it is over (lost, re-claimed,
+# ended by the conductor); the cancel watch forwards every ``run.*`` event (the pattern matches
+# the envelope's compact JSON) and stops the child at once on these.
+RUN_EVENT_MARK: Final = b'"type":"run.'
+
+
+def _offset_clock(offset: float) -> Callable[[], float]:
+    """The wall clock, shifted by ``offset`` seconds (``PYOCO_WORKER_CLOCK_OFFSET_SEC``: tests
+    simulate a worker whose clock is wrong; nothing may judge liveness from these stamps)."""
+    if not offset:
+        return time.time
+    return lambda: time.time() + offset
 
 
 class InvalidJob(ValueError):
-    pass
+    """A work item that is not a job.  ``run_id``/``attempt`` are set when they could be read, so
+    the run it names can be failed rather than left PENDING."""
+
+    def __init__(self, message: str, *, run_id: str | None = None, attempt: int | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.attempt = attempt
+
+
+def _no_constant(name: str) -> Any:  # noqa: ANN401 - json's parse_constant hook
+    raise ValueError(f"{name} is not valid JSON")
 
 
 @attrs.frozen(kw_only=True)
@@ -151,26 +175,26 @@ class Job:
     @classmethod
     def decode(cls, data: bytes) -> Job:
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidJob(f"payload is not JSON: {exc}") from exc
+            doc = json.loads(data, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise InvalidJob(f"payload is not JSON: {str(exc)[:200]}") from None
         if not isinstance(doc, dict):
             raise InvalidJob("payload is not a JSON object")
         run_id = doc.get("run_id")
-        flow_name = doc.get("flow_name")
         if not isinstance(run_id, str) or not subjects.is_token(run_id):
             raise InvalidJob("run_id missing or not a subject token")
-        if not isinstance(flow_name, str):
-            raise InvalidJob("flow_name missing")
         attempt = doc.get("attempt", 1)
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-            raise InvalidJob("attempt must be a positive integer")
+            raise InvalidJob("attempt must be a positive integer", run_id=run_id)
+        flow_name = doc.get("flow_name")
+        if not isinstance(flow_name, str):
+            raise InvalidJob("flow_name missing", run_id=run_id, attempt=attempt)
         params = doc.get("params") or {}
         if not isinstance(params, dict):
-            raise InvalidJob("params must be an object")
+            raise InvalidJob("params must be an object", run_id=run_id, attempt=attempt)
         yaml_text = doc.get("workflow_yaml")
         if yaml_text is not None and not isinstance(yaml_text, str):
-            raise InvalidJob("workflow_yaml must be a string")
+            raise InvalidJob("workflow_yaml must be a string", run_id=run_id, attempt=attempt)
         tag = doc.get("tag") or "default"
         tags = doc.get("tags") or [tag]
         return cls(
@@ -329,7 +353,7 @@ class WorkerActor:
         self.poll_timeout = poll_timeout
         self.drain_timeout = drain_timeout
         self.instance_id = uuid.uuid4().hex
-        self.store = RunStore(nats)
+        self.store = RunStore(nats, clock=_offset_clock(settings.worker_clock_offset))
         self.pool = ChildPool(
             size=concurrency,
             scratch_root=scratch_root,
@@ -338,8 +362,11 @@ class WorkerActor:
             max_output_bytes=settings.max_output_bytes,
         )
         self.held: set[Delivered] = set()  # fetched, not yet acked/naked: in-progress targets
-        self.active: dict[str, _Active] = {}  # claimed runs
-        self.runs: dict[str, int] = {}  # run_id -> attempt, for the heartbeat (set before claim)
+        # Keyed by (run, attempt): a stale attempt still winding down (its worker was frozen past
+        # its lease) must never touch the live attempt's entries (issue 11).
+        self.active: dict[tuple[str, int], _Active] = {}  # claimed attempts
+        self.runs: dict[tuple[str, int], int] = {}  # attempts for the heartbeat (set before the claim)
+        self.clock = _offset_clock(settings.worker_clock_offset)  # wall clock for stamps (tests skew it)
         self.pending = 0  # accepted items not finished (waiting for a child or running)
         self.draining = False
         self._room = trio.Event()
@@ -462,8 +489,17 @@ class WorkerActor:
 
     # -- registry -------------------------------------------------------------------------------
 
+    def heartbeat_runs(self) -> dict[str, int]:
+        """``runs`` of the registry record: run id -> the highest attempt this worker holds (a
+        stale lower attempt never hides the live one)."""
+        out: dict[str, int] = {}
+        for run_id, attempt in self.runs:
+            out[run_id] = max(attempt, out.get(run_id, 0))
+        return out
+
     def _registry_doc(self, state: str, now: float) -> dict[str, Any]:
-        run_ids = sorted(self.runs)
+        runs = self.heartbeat_runs()
+        run_ids = sorted(runs)
         doc: dict[str, Any] = {
             "worker_id": self.worker_id,
             "instance_id": self.instance_id,
@@ -476,7 +512,7 @@ class WorkerActor:
             "updated_at": now,
             "current_run_id": run_ids[0] if run_ids else None,
             "current_run_ids": run_ids,
-            "runs": dict(self.runs),
+            "runs": runs,
             "last_run_id": self._last_run.get("run_id"),
             "last_run_status": self._last_run.get("status"),
             "last_run_started_at": self._last_run.get("started_at"),
@@ -529,7 +565,7 @@ class WorkerActor:
         for _ in range(5):
             if self._registry_rev is None:
                 await self._reread_registry()
-            value = dumps(self._registry_doc(state, time.time()))
+            value = dumps(self._registry_doc(state, self.clock()))
             try:
                 self._registry_rev = await self.nats.kv_update(
                     subjects.WORKERS_BUCKET, self.worker_id, value, last=self._registry_rev or 0
@@ -546,21 +582,27 @@ class WorkerActor:
         return base
 
     async def heartbeat_loop(self) -> None:
+        delay = self.heartbeat_interval()
         while True:
-            await trio.sleep(self.heartbeat_interval())
+            await trio.sleep(delay)
+            delay = self.heartbeat_interval()
             try:
                 await self.write_registry()
             except PyocoError as exc:
+                # A NATS blip: try again soon rather than a whole interval later, so the
+                # reaper sees the record change again as soon as NATS is back.
                 log.warning("heartbeat failed: %s", exc)
+                delay = min(delay, HEARTBEAT_RETRY)
 
     # -- one run --------------------------------------------------------------------------------
 
     async def _process(self, msg: Delivered, tag: str) -> None:
+        job: Job | None = None
         try:
             try:
                 job = Job.decode(msg.data)
             except InvalidJob as exc:
-                await self._invalid_job(msg, str(exc))
+                await self._invalid_job(msg, str(exc), run_id=exc.run_id, attempt=exc.attempt)
                 return
             child = await self.pool.acquire()
             try:
@@ -568,23 +610,40 @@ class WorkerActor:
                     await self._nak(msg, 0)
                     return
                 await self._execute(job, msg, child)
+            except Exception:
+                child.kill()  # in an unknown state: never hand it to the next run
+                raise
             finally:
                 await self.pool.release(child)
         except ChildDied as exc:
             log.warning("could not start a child process: %s", exc)
             await self._nak(msg, NAK_DELAY)
+        except Exception as exc:  # noqa: BLE001 - poison, not crash (DESIGN "Decisions")
+            # Whatever this item carried made processing it fail in a way nothing above
+            # foresaw (a value that cannot be encoded, a malformed frame ...).  Redelivering it
+            # would fail the same way on every worker, so: TERM + DLQ + the run FAILED, and
+            # this worker goes on serving.
+            log.exception("poison work item on %s", msg.subject)
+            await self._invalid_job(
+                msg,
+                f"poison work item: {type(exc).__name__}: {str(exc)[:500]}",
+                run_id=job.run_id if job else None,
+                attempt=job.attempt if job else None,
+            )
         finally:
             self.pending -= 1
             self.held.discard(msg)
             self._notify_room()
 
-    async def _invalid_job(self, msg: Delivered, error: str) -> None:
+    async def _invalid_job(self, msg: Delivered, error: str, *, run_id: str | None = None, attempt: int | None = None) -> None:
+        """TERM + DLQ a work item that cannot be processed; fail the run it names (if that run is
+        still waiting for this attempt, or ours), so it does not stay PENDING or RUNNING."""
         log.error("invalid job on %s: %s", msg.subject, error)
         tag = msg.subject.rsplit(".", 1)[-1]
         body = {
             "reason": "invalid_job",
             "error": error,
-            "timestamp": time.time(),
+            "timestamp": self.clock(),
             "subject": msg.subject,
             "worker_id": self.worker_id,
             "num_delivered": msg.num_delivered,
@@ -592,6 +651,26 @@ class WorkerActor:
         }
         await self._dlq(tag, body)
         await self._term(msg)
+        if run_id is not None:
+            await self._fail_unrunnable(run_id, attempt or 1, error)
+
+    async def _fail_unrunnable(self, run_id: str, attempt: int, error: str) -> None:
+        def make(s: RunSnapshot | None) -> list[Event]:
+            if s is None or s.attempt != attempt:
+                return []
+            now = self.clock()
+            failed = RunFailed(attempt=attempt, ended_at=now, reason="invalid_job", error=error)
+            if s.status is RunStatus.PENDING:
+                return [*decide.claim_run(s, run_id=run_id, attempt=attempt, worker_id=self.worker_id,
+                                          lease_seconds=self.settings.run_lease_seconds, instance_id=self.instance_id), failed]
+            if s.status in (RunStatus.RUNNING, RunStatus.CANCELLING) and s.worker_id == self.worker_id:
+                return [failed]
+            return []
+
+        try:
+            await self.store.execute(run_id, make, producer=self._producer(attempt))
+        except PyocoError as exc:
+            log.warning("run %s: could not record its invalid work item (%s)", run_id, exc, extra={"run_id": run_id})
 
     async def _dlq(self, tag: str, body: dict[str, Any]) -> None:
         try:
@@ -603,7 +682,7 @@ class WorkerActor:
         return {
             "reason": reason,
             "error": error,
-            "timestamp": time.time(),
+            "timestamp": self.clock(),
             "run_id": job.run_id,
             "flow_name": job.flow_name,
             "tag": job.tag,
@@ -661,7 +740,7 @@ class WorkerActor:
         events = make(hint)
         if not events:
             return Outcome(hint, ())
-        envs = decide.stamp(hint, events, run_id=run_id, producer=producer, now=time.time(), new_id=new_event_id)
+        envs = decide.stamp(hint, events, run_id=run_id, producer=producer, now=self.clock(), new_id=new_event_id)
         try:
             seqs = await self._appender.submit((run_id, envs, hint.last_stream_seq, on_stored))
         except ConcurrencyConflict:
@@ -731,13 +810,16 @@ class WorkerActor:
         *,
         deferred: dict[str, Any] | None,
     ) -> None:
-        self.runs[job.run_id] = job.attempt  # before the claim: the reaper trusts our heartbeat
+        key = (job.run_id, job.attempt)
+        self.runs[key] = self.runs.get(key, 0) + 1  # before the claim: the reaper trusts our heartbeat
         try:
             inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
             await self._claim_and_run(job, msg, child, prep, snap, tasks, inbox, deferred)
         finally:
-            self.runs.pop(job.run_id, None)
-            self.active.pop(job.run_id, None)
+            self.runs[key] -= 1  # a redelivered copy of the same item may be in flight too
+            if not self.runs[key]:
+                del self.runs[key]
+                self.active.pop(key, None)
 
     async def _unprepare(self, job: Job, child: ChildProcess, prep: dict[str, Any] | None, deferred: dict[str, Any] | None) -> None:
         """After a failed claim: forget the child's prepared run (nothing to do if the prepare
@@ -810,10 +892,10 @@ class WorkerActor:
                 prep = await self._prepare_reply(job, child)
         except ChildDied as exc:
             died, prep = exc, {"ev": "prepared", "tasks": tasks}
-        active = _Active(job=job, msg=msg, started_at=time.time(), inbox=inbox[0], claimed_at=trio.current_time())
+        active = _Active(job=job, msg=msg, started_at=self.clock(), inbox=inbox[0], claimed_at=trio.current_time())
         runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox, go_sent=bool(go_sent))
         active.driver = runner
-        self.active[run_id] = active
+        self.active[(run_id, attempt)] = active
         if len(self.active) == 1:
             self._became_active.set()
             self._became_active = trio.Event()
@@ -828,6 +910,8 @@ class WorkerActor:
         self._record_last(run_id, runner.final_status, active.started_at)
         if runner.nak:
             await self._nak(msg, NAK_DELAY)
+        elif runner.final_status == LOST:
+            await self._term(msg)  # fenced: this attempt was not done by us; never ack it as done
         else:
             self._ack(msg)
         if runner.dlq is not None:
@@ -835,7 +919,7 @@ class WorkerActor:
 
     def _record_last(self, run_id: str, status: str | None, started_at: float) -> None:
         self.completed += 1
-        self._last_run = {"run_id": run_id, "status": status, "started_at": started_at, "finished_at": time.time()}
+        self._last_run = {"run_id": run_id, "status": status, "started_at": started_at, "finished_at": self.clock()}
 
     # -- drain ----------------------------------------------------------------------------------
 
@@ -946,7 +1030,7 @@ class _RunDriver:
                 attempt=self.attempt,
                 worker_id=self.actor.worker_id,
                 outcome=outcome,
-                now=time.time(),
+                now=self.actor.clock(),
                 error=error,
                 reason=reason,
             )
@@ -958,6 +1042,7 @@ class _RunDriver:
         try:
             await self._child_died(exc, [])
         except _LostRun:
+            self.final_status = LOST
             return
         except InfraError:
             self.nak = True
@@ -966,6 +1051,7 @@ class _RunDriver:
         try:
             await self._finish("FAILED", reason=reason, error=error)
         except _LostRun:
+            self.final_status = LOST
             return
         except InfraError:
             self.nak = True
@@ -988,7 +1074,7 @@ class _RunDriver:
         except _LostRun as exc:
             log.warning("run %s: attempt %d lost (%s); stopping it", self.run_id, self.attempt, exc)
             self.child.kill()
-            self.final_status = "LOST"
+            self.final_status = LOST
         except InfraError as exc:
             log.error("run %s: NATS unavailable while running (%s); NAK and kill the child", self.run_id, exc)
             self.child.kill()
@@ -1017,21 +1103,31 @@ class _RunDriver:
         with self.watch_scope:
             nats = self.actor.nats
             subject = subjects.run_events_subject(self.run_id)
-            async with nats.subscribe(subject, contains=b"run.cancel_requested") as events:
+            async with nats.subscribe(subject, contains=RUN_EVENT_MARK) as events:
                 try:
                     history = await self.actor._reader.submit(self.run_id)
                 except PyocoError as exc:
                     log.warning("run %s: cannot read its events: %s", self.run_id, exc)
                     history = []
-                if any(e.type == "run.cancel_requested" and e.seq > self.claim_seq for e in history):
-                    self._post(("cancel", None))
+                for env in history:
+                    if env.seq > self.claim_seq:
+                        self._on_run_event(env)
                 async for _subject, data in events:
                     try:
                         env = decode_envelope(data)
                     except CorruptStreamError:
                         continue
-                    if env.type == "run.cancel_requested":
-                        self._post(("cancel", env))
+                    self._on_run_event(env)
+
+    def _on_run_event(self, env: Envelope) -> None:
+        if env.type == "run.cancel_requested":
+            self._post(("cancel", env))
+        elif env.type.startswith("run.") and not (
+            env.producer.kind == "worker" and env.producer.id == self.actor.worker_id and env.producer.attempt == self.attempt
+        ):
+            # Someone else ended or took over our attempt (the reaper declared it lost while we
+            # were frozen or cut off): stop the child now, not at its next append.
+            self._post(("fenced", env))
 
     def _post(self, item: tuple[str, Any]) -> None:
         try:
@@ -1116,7 +1212,13 @@ class _RunDriver:
                     if value.get("ev") == "done":
                         done = value
                     else:
-                        event = self._task_event(value, self.attempt)
+                        try:
+                            event = self._task_event(value, self.attempt)
+                        except (KeyError, TypeError, ValueError) as exc:
+                            self.child.kill()
+                            problem = f"malformed {str(value.get('ev'))[:40]!r} frame ({type(exc).__name__}: {str(exc)[:200]})"
+                            await self._child_died(ChildProtocolError(self.child.proc.poll(), problem), pending)
+                            return
                         if event is not None:
                             _add_task_event(pending, event)
                 elif kind == "cancel":
@@ -1127,6 +1229,9 @@ class _RunDriver:
                 elif kind == "died":
                     await self._child_died(value, pending)
                     return
+                elif kind == "fenced":
+                    self.child.kill()
+                    raise _LostRun(f"{value.type} (seq {value.seq}) by {value.producer.kind} {value.producer.id}")
             if done is not None:
                 await self._done(done, pending)
                 return
@@ -1165,7 +1270,7 @@ class _RunDriver:
         def make(s: RunSnapshot | None) -> list[Event]:
             self._owner(s)
             return extra + decide.release_run(
-                s, run_id=self.run_id, attempt=self.attempt, worker_id=self.actor.worker_id, reason=reason, now=time.time()
+                s, run_id=self.run_id, attempt=self.attempt, worker_id=self.actor.worker_id, reason=reason, now=self.actor.clock()
             )
 
         await self._append(make)
@@ -1176,6 +1281,10 @@ class _RunDriver:
         error = str(exc)
         if self.cancel_sent:
             await self._finish("CANCELLED", reason="forced", pending=pending)
+            return
+        if isinstance(exc, ChildProtocolError):
+            log.error("run %s attempt %d: %s", self.run_id, self.attempt, error)
+            await self._finish("FAILED", reason="error", error=error, pending=pending)
             return
         max_attempts = self.hint.max_attempts if self.hint is not None else 1
         if self.attempt < max_attempts:
