@@ -95,6 +95,17 @@ async def nothing_more(store: RunStore, run_id: str, seconds: float) -> None:
         await trio.sleep(0.2)
 
 
+async def holding_run(nursery: trio.Nursery, nats: NatsClient, settings: Settings, tmp_path: Path) -> tuple[RunStore, str, Path]:
+    """Conductor and an in-process worker; a run that holds until its gate is written."""
+    await start_stack(nursery, nats, settings)
+    store = RunStore(nats)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    run_id = await submit(store, yaml_text=hold_flow(markers, tmp_path / "gate"))
+    await wait_for(lambda: task_running(store, run_id, "hold"), "the run to hold", timeout=20)
+    return store, run_id, tmp_path / "gate"
+
+
 async def conductor_for(nursery: trio.Nursery, nats: NatsClient, tmp_path: Path, *, lease: float) -> tuple[Settings, RunStore, Path, Path]:
     """A conductor with a short lease; returns its settings, a store, a marker dir and a gate path."""
     settings = fast_settings(run_lease_seconds=lease)
@@ -252,12 +263,7 @@ async def test_nats_frozen_past_the_lease_loses_no_healthy_attempt(
     its first attempt, no worker_lost."""
     with trio.fail_after(60):
         settings = fast_settings(run_lease_seconds=2.0)
-        await start_stack(nursery, nats, settings)
-        store = RunStore(nats)
-        markers, gate = tmp_path / "markers", tmp_path / "gate"
-        markers.mkdir()
-        run_id = await submit(store, yaml_text=hold_flow(markers, gate))
-        await wait_for(lambda: task_running(store, run_id, "hold"), "the run to hold", timeout=20)
+        store, run_id, gate = await holding_run(nursery, nats, settings, tmp_path)
         assert nats_server.proc is not None
         nats_server.proc.send_signal(signal.SIGSTOP)
         try:
@@ -449,3 +455,14 @@ def _retarget(env: Envelope, run_id: str) -> dict[str, object]:
     doc["run_id"] = run_id
     doc["event_id"] = new_run_id()
     return doc
+
+
+async def test_a_lease_shorter_than_the_idle_heartbeat(nats: NatsClient, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """An idle worker heartbeats every 5 s; a run's lease here is 1.5 s.  Taking a run makes the
+    worker heartbeat at once and then at a third of the lease, so the run is never lost."""
+    with trio.fail_after(40):
+        settings = fast_settings(worker_heartbeat_interval=5.0, run_lease_seconds=1.5)
+        store, run_id, gate = await holding_run(nursery, nats, settings, tmp_path)
+        await hold_steady(store, run_id, 3 * settings.run_lease_seconds, attempt=1)
+        gate.write_text("go")
+        assert (await wait_status(store, run_id, TERMINAL, timeout=20)).status is RunStatus.COMPLETED

@@ -377,6 +377,7 @@ class WorkerActor:
         self._last_run: dict[str, Any] = {}
         self.completed = 0
         self._became_active = trio.Event()
+        self._beat_soon = trio.Event()  # set when the first run is taken: heartbeat now, not at the idle pace
         self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
         self._reader: _Batcher[str, list[Envelope]] = _Batcher(nats.read_runs)
         self._appender: _Batcher[tuple[str, Sequence[Envelope], int, OnStored | None], list[int]] = _Batcher(nats.append_many)
@@ -584,7 +585,9 @@ class WorkerActor:
     async def heartbeat_loop(self) -> None:
         delay = self.heartbeat_interval()
         while True:
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._beat_soon.wait()
+            self._beat_soon = trio.Event()
             delay = self.heartbeat_interval()
             try:
                 await self.write_registry()
@@ -811,6 +814,8 @@ class WorkerActor:
         deferred: dict[str, Any] | None,
     ) -> None:
         key = (job.run_id, job.attempt)
+        if not self.runs:
+            self._beat_soon.set()  # the idle interval may be longer than the run's lease
         self.runs[key] = self.runs.get(key, 0) + 1  # before the claim: the reaper trusts our heartbeat
         try:
             inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
