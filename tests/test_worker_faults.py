@@ -466,3 +466,54 @@ async def test_a_lease_shorter_than_the_idle_heartbeat(nats: NatsClient, nursery
         await hold_steady(store, run_id, 3 * settings.run_lease_seconds, attempt=1)
         gate.write_text("go")
         assert (await wait_status(store, run_id, TERMINAL, timeout=20)).status is RunStatus.COMPLETED
+
+
+def cli_conductor(nats_server: EmbeddedNats, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from pyoco_es.cli.main import main; main()", "conductor", "--nats-url", nats_server.url],
+            env=worker_env(nats_server), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out,
+        )
+    return proc
+
+
+async def wait_for_line(log: Path, text: str, count: int) -> None:
+    async def there() -> bool:
+        return log.read_text(errors="replace").count(text) >= count
+
+    await wait_for(there, f"{text!r} in the log", timeout=20)
+
+
+async def test_conductor_in_another_process_restarted_mid_run(
+    nats_server: EmbeddedNats, nats: NatsClient, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The conductor runs in its own process (its own clock, its own view) and is SIGKILLed and
+    restarted while a healthy worker runs a run: the new conductor has observed nothing yet and
+    must not condemn the attempt for that; the run completes on its first attempt."""
+    with trio.fail_after(60):
+        settings = fast_settings(run_lease_seconds=2.0)
+        log = tmp_path / "conductor.log"
+        first = cli_conductor(nats_server, log)
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            await wait_for_line(log, "conductor running", 1)
+            await nursery.start(lambda task_status: run_worker(nats, settings, worker_id="steady", tags=["default"], concurrency=1, task_status=task_status))
+            store = RunStore(nats)
+            markers, gate = tmp_path / "markers", tmp_path / "gate"
+            markers.mkdir()
+            run_id = await submit(store, yaml_text=hold_flow(markers, gate))
+            await wait_for(lambda: task_running(store, run_id, "hold"), "the run to hold", timeout=20)
+            await hold_steady(store, run_id, 1.5 * settings.run_lease_seconds, attempt=1)
+            first.kill()
+            first.wait()
+            second = cli_conductor(nats_server, log)
+            await wait_for_line(log, "conductor running", 2)
+            await hold_steady(store, run_id, 2 * settings.run_lease_seconds, attempt=1)
+            gate.write_text("go")
+            snap = await wait_status(store, run_id, TERMINAL, timeout=20)
+            assert snap.status is RunStatus.COMPLETED and snap.attempt == 1, await types_of(store, run_id)
+        finally:
+            for proc in (first, second):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
