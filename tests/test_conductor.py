@@ -14,7 +14,7 @@ from pyoco_es.conductor.reaper import run_reaper
 from pyoco_es.conductor.service import run_conductor
 from pyoco_es.config import Settings
 from pyoco_es.core import decide
-from pyoco_es.core.codec import encode_snapshot
+from pyoco_es.core.codec import encode_envelope, encode_snapshot
 from pyoco_es.core.events import Producer, RunSubmitted, TaskStarted
 from pyoco_es.core.fold import fold
 from pyoco_es.nats import subjects
@@ -275,12 +275,21 @@ async def test_undecodable_events_never_stop_the_conductor(nats: NatsClient, nur
             bad = new_run_id()
             bad_ids.append(bad)
             await nats.publish(subjects.run_events_subject(bad), raw, msg_id=f"junk-{i}")
+        # Complete run.submitted events whose params hold what JSON cannot carry back out.
+        good_first = new_run_id()
+        template = (await store.execute(good_first, lambda s: decide.submit_run(s, submitted(), run_id=good_first), producer=GW)).appended[0]
+        for i, number in enumerate((b"NaN", b"1e400", b"-Infinity")):
+            bad = new_run_id()
+            bad_ids.append(bad)
+            raw = encode_envelope(attrs.evolve(template, run_id=bad)).replace(b'{"n":1}', b'{"n":' + number + b"}")
+            assert number in raw
+            await nats.publish(subjects.run_events_subject(bad), raw, msg_id=f"nan-{i}")
         odd = new_run_id()
         ev = attrs.evolve(submitted(), flow_name="\ud800", params={"s": "\udfff"})
         await store.execute(odd, lambda s: decide.submit_run(s, ev, run_id=odd), producer=GW)
         good = await submit(store, 3)
-        await wait_until(lambda: snapshots_match_fold(nats, [odd, *good]), "good runs projected")
-        await wait_until(lambda: _eq(work_count(nats), 4), "work items for the good runs")
+        await wait_until(lambda: snapshots_match_fold(nats, [good_first, odd, *good]), "good runs projected")
+        await wait_until(lambda: _eq(work_count(nats), 5), "work items for the good runs")
 
         async def marked() -> bool:
             entries = await nats.kv_get_many(subjects.RUNS_BUCKET, bad_ids)

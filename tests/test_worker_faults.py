@@ -404,16 +404,18 @@ async def test_poison_work_items_are_termed_and_their_runs_failed(nats: NatsClie
         subject = subjects.work_subject("default")
         await nats.publish(subject, b'{"run_id": "r\xff\xfe", "flow_name": "x"}')
         await nats.publish(subject, b'{"run_id": "abc", "flow_name": "x", "params": {"n": NaN}}')
+        await nats.publish(subject, b'{"run_id": "abd", "flow_name": "x", "params": {"n": 1e400}}')
         await nats.publish(subject, b"[1, 2, 3]")
         # A real run whose dispatched item is replaced by a malformed one.
-        victim = new_run_id()
+        victim = await submit(store, tag="parked")  # nobody serves its tag: it waits, PENDING
         await nats.publish(subject, json.dumps({"run_id": victim, "attempt": 1, "flow_name": "main", "params": [1]}).encode())
 
         async def dead_lettered() -> bool:
-            return (await nats.stream_info(subjects.DLQ_STREAM))["messages"] >= 4
+            return (await nats.stream_info(subjects.DLQ_STREAM))["messages"] >= 5
 
-        await wait_for(dead_lettered, "four DLQ messages")
-        await wait_for(lambda: _work_empty(nats), "the poison items to leave the work queue")
+        await wait_for(dead_lettered, "five DLQ messages")
+        snap = await wait_status(store, victim, TERMINAL)
+        assert snap.status is RunStatus.FAILED and snap.failure_reason == "invalid_job" and "params" in (snap.error or "")
         run_id = await submit(store)
         assert (await wait_status(store, run_id, TERMINAL)).status is RunStatus.COMPLETED
         assert actor.completed >= 1

@@ -50,6 +50,29 @@ def encode_envelope(env: Envelope) -> bytes:
     return _dumps(envelope_to_json(env)).encode("ascii")
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def loads(raw: bytes | str) -> object:
+    """``json.loads`` that accepts only what :func:`dumps` can write back: no NaN/Infinity and no
+    number that overflows to infinity (issue 10 #3: one such param in a stored event crashed the
+    conductor when it encoded the work item).
+
+    Raises:
+        ValueError: not JSON (UnicodeDecodeError included), or such a number.
+        RecursionError: nested too deeply.
+    """
+    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def decode_envelope(raw: bytes, *, stream_seq: int | None = None) -> Envelope:
     """Parse one stored event.
 
@@ -58,9 +81,9 @@ def decode_envelope(raw: bytes, *, stream_seq: int | None = None) -> Envelope:
             not match its type's schema.  The message names the problem.
     """
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptStreamError(f"event at stream seq {stream_seq} is not JSON: {exc}") from exc
+        doc = loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CorruptStreamError(f"event at stream seq {stream_seq} is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(doc, dict):
         raise CorruptStreamError(f"event at stream seq {stream_seq} is not a JSON object")
     run_id = doc.get("run_id") if isinstance(doc.get("run_id"), str) else None

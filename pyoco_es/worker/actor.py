@@ -65,6 +65,7 @@ import trio
 from ..config import Settings
 from ..core import decide
 from ..core.codec import decode_envelope, dumps
+from ..core.codec import loads as strict_loads
 from ..core.errors import (
     ConcurrencyConflict,
     CorruptStreamError,
@@ -120,10 +121,6 @@ class InvalidJob(ValueError):
         self.attempt = attempt
 
 
-def _no_constant(name: str) -> Any:  # noqa: ANN401 - json's parse_constant hook
-    raise ValueError(f"{name} is not valid JSON")
-
-
 @attrs.frozen(kw_only=True)
 class Job:
     """A decoded work item (contract §2.9 plus ``attempt``)."""
@@ -175,7 +172,7 @@ class Job:
     @classmethod
     def decode(cls, data: bytes) -> Job:
         try:
-            doc = json.loads(data, parse_constant=_no_constant)
+            doc = strict_loads(data)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise InvalidJob(f"payload is not JSON: {str(exc)[:200]}") from None
         if not isinstance(doc, dict):

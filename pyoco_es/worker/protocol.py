@@ -23,6 +23,8 @@ import json
 import struct
 from typing import Any, Final
 
+from ..core.codec import loads
+
 HEADER: Final = struct.Struct(">I")
 MAX_FRAME: Final = 64 * 1024 * 1024
 
@@ -31,10 +33,6 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=Fa
 
 class ProtocolError(ValueError):
     """The other side sent something that is not a frame of this protocol."""
-
-
-def _no_constant(name: str) -> Any:  # noqa: ANN401 - json's parse_constant hook
-    raise ValueError(f"{name} is not allowed")
 
 
 def encode_frame(msg: dict[str, Any]) -> bytes:
@@ -54,7 +52,7 @@ def decode_body(body: bytes) -> dict[str, Any]:
         ProtocolError: not UTF-8 JSON, not an object, or NaN/Infinity.
     """
     try:
-        msg = json.loads(body, parse_constant=_no_constant)
+        msg = loads(body)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(msg, dict):
