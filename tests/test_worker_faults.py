@@ -332,6 +332,11 @@ def garbage():
     return "written"
 
 
+def garbage_resolver(name):
+    garbage()
+    raise KeyError(name)
+
+
 def bad_frame():
     fd = int(sys.argv[sys.argv.index("--evt-fd") + 1])
     body = b'{"ev":"task.completed","run_id":"x"}'
@@ -389,6 +394,22 @@ async def test_a_child_writing_garbage_fails_its_run_only(nats: NatsClient, nurs
         snap = await wait_status(store, run_id, TERMINAL, timeout=20)
         assert snap.status is RunStatus.FAILED and snap.attempt == 1, snap
         assert "broke the pipe protocol" in (snap.error or ""), snap.error
+        nxt = await submit(store)
+        assert (await wait_status(store, nxt, TERMINAL)).status is RunStatus.COMPLETED
+
+
+async def test_garbage_while_preparing_fails_the_run_not_the_worker(nats: NatsClient, nursery: trio.Nursery, poison_module: str) -> None:
+    """A flow resolver (operator code, imported in the child) that writes garbage to the pipe
+    while the run is prepared: the item would do the same on every redelivery, so it is TERMed and
+    dead-lettered and its run FAILED (invalid_job); the worker serves the next run."""
+    with trio.fail_after(40):
+        settings = fast_settings(allowed_modules=("examples", poison_module))
+        await start_stack(nursery, nats, settings, flow_resolver=f"{poison_module}:garbage_resolver")
+        store = RunStore(nats)
+        run_id = await submit(store, yaml_text=None, flow_name="anything")
+        snap = await wait_status(store, run_id, TERMINAL, timeout=20)
+        assert snap.status is RunStatus.FAILED and snap.failure_reason == "invalid_job", snap
+        assert "broke the pipe protocol" in (snap.error or "")
         nxt = await submit(store)
         assert (await wait_status(store, nxt, TERMINAL)).status is RunStatus.COMPLETED
 

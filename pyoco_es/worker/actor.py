@@ -615,6 +615,10 @@ class WorkerActor:
                 raise
             finally:
                 await self.pool.release(child)
+        except ChildProtocolError as exc:
+            # Garbage while preparing (user code the child imported writes to the pipe): it
+            # would do the same on every redelivery.
+            await self._invalid_job(msg, str(exc), run_id=job.run_id if job else None, attempt=job.attempt if job else None)
         except ChildDied as exc:
             log.warning("could not start a child process: %s", exc)
             await self._nak(msg, NAK_DELAY)
