@@ -20,7 +20,11 @@ Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
    (whatever arrived while the previous append was in flight, plus a 2 ms coalescing window),
    fenced by attempt.  A task that started and ended within one batch is recorded by its ending
    event alone (it carries ``started_at``).  A StaleAttempt means another worker owns the run
-   now: the child is killed, nothing more is appended.
+   now: the child is killed, nothing more is appended, and the item is TERMed (not acked as
+   done).  The same happens as soon as the run's events show the attempt was taken from us
+   (``run.worker_lost`` after we were frozen or cut off past the lease), even while the task
+   appends nothing.  Attempts are keyed by (run, attempt) throughout, so a stale one never
+   touches the live one's heartbeat entry.
 5. Cancel: a run older than ``CANCEL_WATCH_DELAY`` (0.1 s) subscribes to its event subject
    (filtered to ``run.cancel_requested`` on the asyncio side) and reads its events once to catch
    an earlier request; a younger run learns of a cancel from its next append, which conflicts and
@@ -32,6 +36,10 @@ Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
 
 Reads before a claim and every append go through batchers: requests from all runs that arrive
 while one batch is in flight share the next bridge crossing (``read_runs`` / ``append_many``).
+
+Poison, not crash: a work item that is not a job, or whose processing fails in a way nothing
+foresaw, is TERMed + dead-lettered and the run it names FAILED (``invalid_job``); a child that
+writes anything but protocol frames is killed and its run FAILED at once.  The worker serves on.
 
 A child that dies on its own mid-run (a poison task, OOM kill) ends the attempt: with attempts left
 the run is released (``run.released``, the dispatcher enqueues the next attempt, possibly on
@@ -580,19 +588,27 @@ class WorkerActor:
         return base
 
     async def heartbeat_loop(self) -> None:
-        delay = self.heartbeat_interval()
+        last = trio.current_time()
+        failed = False
         while True:
-            with trio.move_on_after(delay):
-                await self._beat_soon.wait()
-            self._beat_soon = trio.Event()
-            delay = self.heartbeat_interval()
-            try:
-                await self.write_registry()
-            except PyocoError as exc:
+            interval = self.heartbeat_interval()
+            if failed:
                 # A NATS blip: try again soon rather than a whole interval later, so the
                 # reaper sees the record change again as soon as NATS is back.
+                interval = min(interval, HEARTBEAT_RETRY)
+            due = last + interval
+            if trio.current_time() < due:
+                with trio.move_on_at(due):
+                    await self._beat_soon.wait()  # a first run: the running interval may be due already
+                self._beat_soon = trio.Event()
+                continue
+            last = trio.current_time()
+            try:
+                await self.write_registry()
+                failed = False
+            except PyocoError as exc:
                 log.warning("heartbeat failed: %s", exc)
-                delay = min(delay, HEARTBEAT_RETRY)
+                failed = True
 
     # -- one run --------------------------------------------------------------------------------
 
