@@ -117,6 +117,7 @@ class Settings:
     worker_expose_env: tuple[str, ...] = ()  # the only environment names YAML runs may read
     worker_poll_timeout: float = 1.0  # long-poll duration of one fetch
     worker_drain_timeout: float = 30.0  # graceful stop: how long running runs may finish
+    worker_clock_offset: float = 0.0  # tests only: skew the worker's wall clock (no judge may trust it)
     # snapshots and uploads
     max_run_snapshot_bytes: int = 262144
     workflow_yaml_max_bytes: int = 262144
@@ -156,6 +157,7 @@ class Settings:
             worker_expose_env=_csv(e, "PYOCO_WORKER_EXPOSE_ENV"),
             worker_poll_timeout=_num(e, "PYOCO_WORKER_POLL_TIMEOUT_SEC", 1.0, 0.05),
             worker_drain_timeout=_num(e, "PYOCO_WORKER_DRAIN_TIMEOUT_SEC", 30.0, 0.0),
+            worker_clock_offset=_num(e, "PYOCO_WORKER_CLOCK_OFFSET_SEC", 0.0),
             max_run_snapshot_bytes=_int(e, "PYOCO_MAX_RUN_SNAPSHOT_BYTES", 262144),
             workflow_yaml_max_bytes=_int(e, "PYOCO_WORKFLOW_YAML_MAX_BYTES", 262144),
             max_output_bytes=_int(e, "PYOCO_MAX_TASK_OUTPUT_BYTES", 65536),

@@ -4,9 +4,11 @@ signals.  The components themselves are plain ``task_status`` functions."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +18,7 @@ import trio
 from .config import Settings
 from .core.errors import PyocoError
 from .nats.client import NatsClient, open_nats
-from .nats.embedded import EmbeddedNats, set_parent_death_signal
+from .nats.embedded import EmbeddedNats
 from .nats.resources import ResourceConfig, ensure_resources
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,45 @@ async def wait_for_stop_signal(stop: trio.Event, *, task_status: trio.TaskStatus
             stop.set()
 
 
-CLI_ENTRY = "from pyoco_es.cli.main import main; main()"
+PARENT_FD_ENV = "PYOCO_ES_PARENT_FD"
+EXIT_PARENT_GONE = 70
+CLI_ENTRY = "from pyoco_es.runtime import exit_with_parent; exit_with_parent(); from pyoco_es.cli.main import main; main()"
+
+
+def exit_with_parent() -> None:
+    """In a child started by :func:`open_child_service`: exit at once when the parent dies.
+
+    The parent holds the write end of a pipe whose read end we inherit (fd in
+    ``PYOCO_ES_PARENT_FD``); nobody ever writes, so the read returns EOF exactly when the last
+    holder of the write end is gone: the parent exited or was SIGKILLed.  Unlike
+    ``PR_SET_PDEATHSIG`` this does not depend on which of the parent's threads forked us (issue 11).
+    A lost parent means the embedded NATS is gone too, so there is nothing to drain: the process
+    ends with code 70, and its run processes end because their command pipes close.
+    """
+    raw = os.environ.pop(PARENT_FD_ENV, None)
+    if not raw:
+        return
+    try:
+        fd = int(raw)
+        os.set_inheritable(fd, False)  # our own children must not keep it
+    except (ValueError, OSError):
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                if not os.read(fd, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        try:
+            os.write(2, b"parent process is gone: exiting now\n")
+        finally:
+            os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="pyoco-es-parent-watch", daemon=True).start()
 
 
 @asynccontextmanager
@@ -76,18 +116,26 @@ async def open_child_service(
     """Run ``pyoco-es ARGS`` as a child process that dies with us, for as long as the block runs.
 
     Its stderr is forwarded to ours; the block is entered once a stderr line contains
-    ``ready_marker``.  On exit the child gets SIGTERM (a worker drains its runs), then SIGKILL
-    after ``stop_timeout``.  If the child exits on its own meanwhile, the block is cancelled and
+    ``ready_marker``.  The child exits at once if we die, even by SIGKILL (:func:`exit_with_parent`).
+    On exit the child gets SIGTERM (a worker drains its runs), then SIGKILL after ``stop_timeout``.  If the child exits on its own meanwhile, the block is cancelled and
     :class:`ChildServiceDied` is raised.
     """
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-c", CLI_ENTRY, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=set_parent_death_signal,
-        start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
-    )
+    watch_r, watch_w = os.pipe()  # both non-inheritable: only the child gets watch_r (pass_fds)
+    try:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-c", CLI_ENTRY, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=(watch_r,),
+            env={**os.environ, PARENT_FD_ENV: str(watch_r)},
+            start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
+        )
+    except BaseException:
+        os.close(watch_w)
+        raise
+    finally:
+        os.close(watch_r)
     ready = trio.Event()
     stopping = False
     died: list[int] = []
@@ -133,6 +181,7 @@ async def open_child_service(
     finally:
         if proc.returncode is None:
             proc.kill()
+        os.close(watch_w)
     if died:
         raise ChildServiceDied(f"{name} exited unexpectedly with code {died[0]}; see its log lines above")
 

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from pyoco_es.conductor.projector import Projector, run_projector
@@ -13,7 +14,7 @@ from pyoco_es.conductor.reaper import run_reaper
 from pyoco_es.conductor.service import run_conductor
 from pyoco_es.config import Settings
 from pyoco_es.core import decide
-from pyoco_es.core.codec import encode_snapshot
+from pyoco_es.core.codec import encode_envelope, encode_snapshot
 from pyoco_es.core.events import Producer, RunSubmitted, TaskStarted
 from pyoco_es.core.fold import fold
 from pyoco_es.nats import subjects
@@ -159,6 +160,7 @@ async def test_reaper_retries_a_lost_attempt_then_fails_it(nats: NatsClient, nur
             await wait_until(lambda a=attempt: status_is("PENDING" if a == 1 else "FAILED"), f"verdict on attempt {attempt}")
         snap = await store.load(run_id)
         assert snap is not None and snap.failure_reason == "worker_lost" and "giving up" in (snap.error or "")
+        assert "worker_lost" not in (snap.error or ""), snap.error  # the reason is not repeated in the text
         # Attempt 2's work item was dispatched after the first loss.
         assert await work_count(nats) == 2
 
@@ -188,3 +190,111 @@ async def test_replay_rebuilds_byte_identical_snapshots(nats: NatsClient) -> Non
         after = {e.key: e.value for e in await nats.kv_get_many(subjects.RUNS_BUCKET, ids) if e is not None}
         assert after == before
         assert (await replay(nats)).ok
+
+
+async def _claimed_run(nats: NatsClient, store: RunStore, worker_id: str, *, lease: float, max_attempts: int = 3) -> str:
+    run_id = new_run_id()
+    ev = RunSubmitted(flow_name="main", params={}, tag="t", tags=["t"], submitted_at=time.time(), max_attempts=max_attempts)
+    await store.execute(run_id, lambda s: decide.submit_run(s, ev, run_id=run_id), producer=GW)
+    await store.execute(run_id, lambda s: decide.claim_run(s, run_id=run_id, attempt=1, worker_id=worker_id, lease_seconds=lease), producer=GW)
+    return run_id
+
+
+async def _beat(nats: NatsClient, worker_id: str, run_id: str, *, offset: float) -> None:
+    """A heartbeat as a worker whose clock is ``offset`` seconds off writes it."""
+    stamp = time.time() + offset
+    doc = {"worker_id": worker_id, "state": "RUNNING", "runs": {run_id: 1}, "last_heartbeat_at": stamp, "heartbeat_at": stamp}
+    await nats.kv_put(subjects.WORKERS_BUCKET, worker_id, json.dumps(doc).encode())
+
+
+async def _attempt(store: RunStore, run_id: str) -> tuple[str, int]:
+    snap = await store.load(run_id)
+    assert snap is not None
+    return snap.status.value, snap.attempt
+
+
+async def test_reaper_judges_leases_on_its_own_clock(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """Issue 11 #2: a worker 20 s behind keeps heartbeating, so its attempt is never lost (it was,
+    at once); a worker 60 s ahead that goes silent is lost about one lease later (it took 60 s
+    more).  Junk in both buckets does not stop the reaper."""
+    lease = 1.0
+    settings = Settings(run_lease_seconds=lease)
+    store = RunStore(nats)
+    with trio.fail_after(30):
+        await nursery.start(run_projector, nats)
+        await nursery.start(lambda task_status: run_reaper(nats, settings, interval=0.05, task_status=task_status))
+        await nats.kv_put(subjects.WORKERS_BUCKET, "junk", b"\xff\xfe not json")
+        await nats.kv_put(subjects.RUNS_BUCKET, "junk", b'{"status": "RUNNING", "attempt": "x"}')
+        run_id = await _claimed_run(nats, store, "skewed", lease=lease)
+        until = trio.current_time() + 3 * lease
+        while trio.current_time() < until:
+            await _beat(nats, "skewed", run_id, offset=-20.0)
+            assert await _attempt(store, run_id) == ("RUNNING", 1)
+            await trio.sleep(lease / 5)
+        await _beat(nats, "skewed", run_id, offset=+60.0)
+        silent = trio.current_time()
+        await wait_until(lambda: _eq(_attempt(store, run_id), ("PENDING", 2)), "the verdict on the silent worker", timeout=10)
+        assert trio.current_time() - silent < lease + 1.0
+
+
+async def test_a_restarted_reaper_gives_every_attempt_a_full_lease(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """A reaper that starts (or restarts) has observed nothing yet: it gives each attempt a full
+    lease from when it first sees it, so a healthy worker whose last heartbeat is older than the
+    lease by any stamp is not condemned on sight; a worker that stays silent is lost a lease
+    later."""
+    lease = 1.0
+    settings = Settings(run_lease_seconds=lease)
+    store = RunStore(nats)
+    with trio.fail_after(30):
+        await nursery.start(run_projector, nats)
+        run_id = await _claimed_run(nats, store, "quiet", lease=lease)
+        await _beat(nats, "quiet", run_id, offset=-10 * lease)  # long ago, by the worker's stamp
+        await wait_until(lambda: _eq(_attempt(store, run_id), ("RUNNING", 1)), "the claim projected")
+        await nursery.start(lambda task_status: run_reaper(nats, settings, interval=0.05, task_status=task_status))
+        started = trio.current_time()
+        while trio.current_time() < started + 0.8 * lease:
+            assert await _attempt(store, run_id) == ("RUNNING", 1)
+            await trio.sleep(0.05)
+        await wait_until(lambda: _eq(_attempt(store, run_id), ("PENDING", 2)), "the verdict a lease later", timeout=10)
+        snap = await store.load(run_id)
+        assert snap is not None and snap.error is None
+
+
+async def test_undecodable_events_never_stop_the_conductor(nats: NatsClient, nursery: trio.Nursery) -> None:
+    """Issue 10 #3: events nobody can decode (bad UTF-8, not an object, an unknown type, a
+    known type of the wrong shape, NaN) are recorded against their run only; a valid event with a
+    lone surrogate is projected and dispatched like any other; the whole conductor (projector,
+    dispatcher, reaper) keeps serving the runs around them."""
+    store = RunStore(nats)
+    with trio.fail_after(30):
+        await nursery.start(run_conductor, nats, Settings())
+        junk = [b"\xff\xfe\xfd", b"[]", b'{"type": "run.bogus", "seq": 1}', b'{"type": "run.submitted", "seq": "x", "data": 5}',
+                b'{"type": "run.submitted", "seq": 1, "data": {"params": NaN}}']
+        bad_ids = []
+        for i, raw in enumerate(junk):
+            bad = new_run_id()
+            bad_ids.append(bad)
+            await nats.publish(subjects.run_events_subject(bad), raw, msg_id=f"junk-{i}")
+        # Complete run.submitted events whose params hold what JSON cannot carry back out.
+        good_first = new_run_id()
+        template = (await store.execute(good_first, lambda s: decide.submit_run(s, submitted(), run_id=good_first), producer=GW)).appended[0]
+        for i, number in enumerate((b"NaN", b"1e400", b"-Infinity")):
+            bad = new_run_id()
+            bad_ids.append(bad)
+            raw = encode_envelope(attrs.evolve(template, run_id=bad)).replace(b'{"n":1}', b'{"n":' + number + b"}")
+            assert number in raw
+            await nats.publish(subjects.run_events_subject(bad), raw, msg_id=f"nan-{i}")
+        odd = new_run_id()
+        ev = attrs.evolve(submitted(), flow_name="\ud800", params={"s": "\udfff"})
+        await store.execute(odd, lambda s: decide.submit_run(s, ev, run_id=odd), producer=GW)
+        good = await submit(store, 3)
+        await wait_until(lambda: snapshots_match_fold(nats, [good_first, odd, *good]), "good runs projected")
+        await wait_until(lambda: _eq(work_count(nats), 5), "work items for the good runs")
+
+        async def marked() -> bool:
+            entries = await nats.kv_get_many(subjects.RUNS_BUCKET, bad_ids)
+            return all(e is not None and b"projection_error" in (e.value or b"") for e in entries)
+
+        await wait_until(marked, "every undecodable run marked")
+        more = await submit(store, 2)
+        await wait_until(lambda: snapshots_match_fold(nats, more), "later runs projected")

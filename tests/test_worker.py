@@ -488,7 +488,7 @@ tasks:
                 except OSError:
                     return True
 
-            await wait_for(child_gone, "the orphaned child to exit", timeout=5)
+            await wait_for(child_gone, "the orphaned child to exit", timeout=2)
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -135,6 +135,37 @@ def encode_envelope_bounded(env: Envelope, max_bytes: int) -> bytes:
     )
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_INF: Final = float("inf")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value == _INF or value == -_INF:
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def loads(raw: bytes) -> object:
+    """``json.loads`` that accepts only what :func:`dumps` can write back: no NaN/Infinity and no
+    number that overflows to infinity (issue 10 #3: one such param in a stored event crashed the
+    conductor when it encoded the work item).
+
+    Raises:
+        ValueError: not JSON (UnicodeDecodeError included), or such a number.
+        RecursionError: nested too deeply.
+    """
+    return _DECODER.decode(raw.decode("utf-8"))  # strict UTF-8: no encoded surrogates either
+
+
+# Built once: with a prebuilt decoder the float check costs about what ``json.loads`` spends
+# detecting the encoding of bytes (measured: ~9 us per 460-byte event either way).
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def decode_envelope(raw: bytes, *, stream_seq: int | None = None) -> Envelope:
     """Parse one stored event.
 
@@ -143,9 +174,9 @@ def decode_envelope(raw: bytes, *, stream_seq: int | None = None) -> Envelope:
             not match its type's schema.  The message names the problem.
     """
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptStreamError(f"event at stream seq {stream_seq} is not JSON: {exc}") from exc
+        doc = loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CorruptStreamError(f"event at stream seq {stream_seq} is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(doc, dict):
         raise CorruptStreamError(f"event at stream seq {stream_seq} is not a JSON object")
     run_id = doc.get("run_id") if isinstance(doc.get("run_id"), str) else None

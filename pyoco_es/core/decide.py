@@ -151,7 +151,7 @@ def force_cancel(snap: RunSnapshot | None, *, run_id: str, now: float) -> list[E
 
 
 def mark_worker_lost(
-    snap: RunSnapshot | None, *, run_id: str, attempt: int, detected_by: str, now: float
+    snap: RunSnapshot | None, *, run_id: str, attempt: int, detected_by: str, now: float, detail: str | None = None
 ) -> list[Event]:
     """The reaper's verdict on an attempt whose worker stopped heartbeating.
 
@@ -172,9 +172,9 @@ def mark_worker_lost(
         RunFailed(
             attempt=attempt,
             ended_at=now,
-            reason="worker_lost",
-            error=f"worker_lost: worker {snap.worker_id} stopped during attempt {attempt} "
-            f"of {snap.max_attempts}; giving up",
+            reason="worker_lost",  # the error does not repeat it (issue 11: "worker_lost: worker_lost: ...")
+            error=f"worker {snap.worker_id} was lost during attempt {attempt} of {snap.max_attempts}"
+            f"{f' ({detail})' if detail else ''}; giving up",
         )
     ]
 

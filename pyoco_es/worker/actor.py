@@ -20,7 +20,11 @@ Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
    (whatever arrived while the previous append was in flight, plus a 2 ms coalescing window),
    fenced by attempt.  A task that started and ended within one batch is recorded by its ending
    event alone (it carries ``started_at``).  A StaleAttempt means another worker owns the run
-   now: the child is killed, nothing more is appended.
+   now: the child is killed, nothing more is appended, and the item is TERMed (not acked as
+   done).  The same happens as soon as the run's events show the attempt was taken from us
+   (``run.worker_lost`` after we were frozen or cut off past the lease), even while the task
+   appends nothing.  Attempts are keyed by (run, attempt) throughout, so a stale one never
+   touches the live one's heartbeat entry.
 5. Cancel: a run older than ``CANCEL_WATCH_DELAY`` (0.1 s) subscribes to its event subject
    (filtered to ``run.cancel_requested`` on the asyncio side) and reads its events once to catch
    an earlier request; a younger run learns of a cancel from its next append, which conflicts and
@@ -32,6 +36,10 @@ Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
 
 Reads before a claim and every append go through batchers: requests from all runs that arrive
 while one batch is in flight share the next bridge crossing (``read_runs`` / ``append_many``).
+
+Poison, not crash: a work item that is not a job, or whose processing fails in a way nothing
+foresaw, is TERMed + dead-lettered and the run it names FAILED (``invalid_job``); a child that
+writes anything but protocol frames is killed and its run FAILED at once.  The worker serves on.
 
 A child that dies on its own mid-run (a poison task, OOM kill) ends the attempt: with attempts left
 the run is released (``run.released``, the dispatcher enqueues the next attempt, possibly on
@@ -65,6 +73,7 @@ import trio
 from ..config import Settings
 from ..core import decide
 from ..core.codec import decode_envelope, dumps
+from ..core.codec import loads as strict_loads
 from ..core.errors import (
     ConcurrencyConflict,
     CorruptStreamError,
@@ -75,13 +84,13 @@ from ..core.errors import (
     RunNotFound,
     StaleAttempt,
 )
-from ..core.events import Envelope, Event, Producer, TaskCompleted, TaskFailed, TaskStarted
+from ..core.events import Envelope, Event, Producer, RunFailed, TaskCompleted, TaskFailed, TaskStarted
 from ..core.fold import apply, fold
 from ..core.model import RunSnapshot, RunStatus
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored, PullSubscription
 from ..service import Outcome, RunStore, new_event_id
-from .pool import ChildDied, ChildPool, ChildProcess
+from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 from .trust import check_allowed_modules, check_env_names
 
 log = logging.getLogger(__name__)
@@ -96,10 +105,30 @@ APPEND_RETRIES: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 STATE_RUNNING: Final = "RUNNING"
 STATE_IDLE: Final = "IDLE"
 STATE_STOPPED: Final = "STOPPED_GRACEFUL"
+LOST: Final = "LOST"  # final_status of an attempt that was fenced (another attempt owns the run)
+HEARTBEAT_RETRY: Final = 1.0  # after a failed heartbeat write
+# Run events that were not appended by the attempt itself and mean it is over (lost, re-claimed,
+# ended by the conductor); the cancel watch forwards every ``run.*`` event (the pattern matches
+# the envelope's compact JSON) and stops the child at once on these.
+RUN_EVENT_MARK: Final = b'"type":"run.'
+
+
+def _offset_clock(offset: float) -> Callable[[], float]:
+    """The wall clock, shifted by ``offset`` seconds (``PYOCO_WORKER_CLOCK_OFFSET_SEC``: tests
+    simulate a worker whose clock is wrong; nothing may judge liveness from these stamps)."""
+    if not offset:
+        return time.time
+    return lambda: time.time() + offset
 
 
 class InvalidJob(ValueError):
-    pass
+    """A work item that is not a job.  ``run_id``/``attempt`` are set when they could be read, so
+    the run it names can be failed rather than left PENDING."""
+
+    def __init__(self, message: str, *, run_id: str | None = None, attempt: int | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.attempt = attempt
 
 
 @attrs.frozen(kw_only=True)
@@ -153,26 +182,26 @@ class Job:
     @classmethod
     def decode(cls, data: bytes) -> Job:
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidJob(f"payload is not JSON: {exc}") from exc
+            doc = strict_loads(data)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise InvalidJob(f"payload is not JSON: {str(exc)[:200]}") from None
         if not isinstance(doc, dict):
             raise InvalidJob("payload is not a JSON object")
         run_id = doc.get("run_id")
-        flow_name = doc.get("flow_name")
         if not isinstance(run_id, str) or not subjects.is_token(run_id):
             raise InvalidJob("run_id missing or not a subject token")
-        if not isinstance(flow_name, str):
-            raise InvalidJob("flow_name missing")
         attempt = doc.get("attempt", 1)
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-            raise InvalidJob("attempt must be a positive integer")
+            raise InvalidJob("attempt must be a positive integer", run_id=run_id)
+        flow_name = doc.get("flow_name")
+        if not isinstance(flow_name, str):
+            raise InvalidJob("flow_name missing", run_id=run_id, attempt=attempt)
         params = doc.get("params") or {}
         if not isinstance(params, dict):
-            raise InvalidJob("params must be an object")
+            raise InvalidJob("params must be an object", run_id=run_id, attempt=attempt)
         yaml_text = doc.get("workflow_yaml")
         if yaml_text is not None and not isinstance(yaml_text, str):
-            raise InvalidJob("workflow_yaml must be a string")
+            raise InvalidJob("workflow_yaml must be a string", run_id=run_id, attempt=attempt)
         tag = doc.get("tag") or "default"
         tags = doc.get("tags") or [tag]
         return cls(
@@ -331,7 +360,7 @@ class WorkerActor:
         self.poll_timeout = poll_timeout
         self.drain_timeout = drain_timeout
         self.instance_id = uuid.uuid4().hex
-        self.store = RunStore(nats)
+        self.store = RunStore(nats, clock=_offset_clock(settings.worker_clock_offset))
         self.pool = ChildPool(
             size=concurrency,
             scratch_root=scratch_root,
@@ -341,8 +370,11 @@ class WorkerActor:
             expose_env=settings.worker_expose_env,
         )
         self.held: set[Delivered] = set()  # fetched, not yet acked/naked: in-progress targets
-        self.active: dict[str, _Active] = {}  # claimed runs
-        self.runs: dict[str, int] = {}  # run_id -> attempt, for the heartbeat (set before claim)
+        # Keyed by (run, attempt): a stale attempt still winding down (its worker was frozen past
+        # its lease) must never touch the live attempt's entries (issue 11).
+        self.active: dict[tuple[str, int], _Active] = {}  # claimed attempts
+        self.runs: dict[tuple[str, int], int] = {}  # attempts for the heartbeat (set before the claim)
+        self.clock = _offset_clock(settings.worker_clock_offset)  # wall clock for stamps (tests skew it)
         self.pending = 0  # accepted items not finished (waiting for a child or running)
         self.draining = False
         self._room = trio.Event()
@@ -353,6 +385,7 @@ class WorkerActor:
         self._last_run: dict[str, Any] = {}
         self.completed = 0
         self._became_active = trio.Event()
+        self._beat_soon = trio.Event()  # set when the first run is taken: heartbeat now, not at the idle pace
         self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
         self._reader: _Batcher[str, list[Envelope]] = _Batcher(nats.read_runs)
         self._appender: _Batcher[tuple[str, Sequence[Envelope], int, OnStored | None], list[int]] = _Batcher(nats.append_many)
@@ -465,8 +498,17 @@ class WorkerActor:
 
     # -- registry -------------------------------------------------------------------------------
 
+    def heartbeat_runs(self) -> dict[str, int]:
+        """``runs`` of the registry record: run id -> the highest attempt this worker holds (a
+        stale lower attempt never hides the live one)."""
+        out: dict[str, int] = {}
+        for run_id, attempt in self.runs:
+            out[run_id] = max(attempt, out.get(run_id, 0))
+        return out
+
     def _registry_doc(self, state: str, now: float) -> dict[str, Any]:
-        run_ids = sorted(self.runs)
+        runs = self.heartbeat_runs()
+        run_ids = sorted(runs)
         doc: dict[str, Any] = {
             "worker_id": self.worker_id,
             "instance_id": self.instance_id,
@@ -479,7 +521,7 @@ class WorkerActor:
             "updated_at": now,
             "current_run_id": run_ids[0] if run_ids else None,
             "current_run_ids": run_ids,
-            "runs": dict(self.runs),
+            "runs": runs,
             "last_run_id": self._last_run.get("run_id"),
             "last_run_status": self._last_run.get("status"),
             "last_run_started_at": self._last_run.get("started_at"),
@@ -532,7 +574,7 @@ class WorkerActor:
         for _ in range(5):
             if self._registry_rev is None:
                 await self._reread_registry()
-            value = dumps(self._registry_doc(state, time.time()))
+            value = dumps(self._registry_doc(state, self.clock()))
             try:
                 self._registry_rev = await self.nats.kv_update(
                     subjects.WORKERS_BUCKET, self.worker_id, value, last=self._registry_rev or 0
@@ -549,21 +591,37 @@ class WorkerActor:
         return base
 
     async def heartbeat_loop(self) -> None:
+        last = trio.current_time()
+        failed = False
         while True:
-            await trio.sleep(self.heartbeat_interval())
+            interval = self.heartbeat_interval()
+            if failed:
+                # A NATS blip: try again soon rather than a whole interval later, so the
+                # reaper sees the record change again as soon as NATS is back.
+                interval = min(interval, HEARTBEAT_RETRY)
+            due = last + interval
+            if trio.current_time() < due:
+                with trio.move_on_at(due):
+                    await self._beat_soon.wait()  # a first run: the running interval may be due already
+                self._beat_soon = trio.Event()
+                continue
+            last = trio.current_time()
             try:
                 await self.write_registry()
+                failed = False
             except PyocoError as exc:
                 log.warning("heartbeat failed: %s", exc)
+                failed = True
 
     # -- one run --------------------------------------------------------------------------------
 
     async def _process(self, msg: Delivered, tag: str) -> None:
+        job: Job | None = None
         try:
             try:
                 job = Job.decode(msg.data)
             except InvalidJob as exc:
-                await self._invalid_job(msg, str(exc))
+                await self._invalid_job(msg, str(exc), run_id=exc.run_id, attempt=exc.attempt)
                 return
             child = await self.pool.acquire()
             try:
@@ -571,23 +629,44 @@ class WorkerActor:
                     await self._nak(msg, 0)
                     return
                 await self._execute(job, msg, child)
+            except Exception:
+                child.kill()  # in an unknown state: never hand it to the next run
+                raise
             finally:
                 await self.pool.release(child)
+        except ChildProtocolError as exc:
+            # Garbage while preparing (user code the child imported writes to the pipe): it
+            # would do the same on every redelivery.
+            await self._invalid_job(msg, str(exc), run_id=job.run_id if job else None, attempt=job.attempt if job else None)
         except ChildDied as exc:
             log.warning("could not start a child process: %s", exc)
             await self._nak(msg, NAK_DELAY)
+        except Exception as exc:  # noqa: BLE001 - poison, not crash (DESIGN "Decisions")
+            # Whatever this item carried made processing it fail in a way nothing above
+            # foresaw (a value that cannot be encoded, a malformed frame ...).  Redelivering it
+            # would fail the same way on every worker, so: TERM + DLQ + the run FAILED, and
+            # this worker goes on serving.
+            log.exception("poison work item on %s", msg.subject)
+            await self._invalid_job(
+                msg,
+                f"poison work item: {type(exc).__name__}: {str(exc)[:500]}",
+                run_id=job.run_id if job else None,
+                attempt=job.attempt if job else None,
+            )
         finally:
             self.pending -= 1
             self.held.discard(msg)
             self._notify_room()
 
-    async def _invalid_job(self, msg: Delivered, error: str) -> None:
+    async def _invalid_job(self, msg: Delivered, error: str, *, run_id: str | None = None, attempt: int | None = None) -> None:
+        """TERM + DLQ a work item that cannot be processed; fail the run it names (if that run is
+        still waiting for this attempt, or ours), so it does not stay PENDING or RUNNING."""
         log.error("invalid job on %s: %s", msg.subject, error)
         tag = msg.subject.rsplit(".", 1)[-1]
         body = {
             "reason": "invalid_job",
             "error": error,
-            "timestamp": time.time(),
+            "timestamp": self.clock(),
             "subject": msg.subject,
             "worker_id": self.worker_id,
             "num_delivered": msg.num_delivered,
@@ -595,6 +674,26 @@ class WorkerActor:
         }
         await self._dlq(tag, body)
         await self._term(msg)
+        if run_id is not None:
+            await self._fail_unrunnable(run_id, attempt or 1, error)
+
+    async def _fail_unrunnable(self, run_id: str, attempt: int, error: str) -> None:
+        def make(s: RunSnapshot | None) -> list[Event]:
+            if s is None or s.attempt != attempt:
+                return []
+            now = self.clock()
+            failed = RunFailed(attempt=attempt, ended_at=now, reason="invalid_job", error=error)
+            if s.status is RunStatus.PENDING:
+                return [*decide.claim_run(s, run_id=run_id, attempt=attempt, worker_id=self.worker_id,
+                                          lease_seconds=self.settings.run_lease_seconds, instance_id=self.instance_id), failed]
+            if s.status in (RunStatus.RUNNING, RunStatus.CANCELLING) and s.worker_id == self.worker_id:
+                return [failed]
+            return []
+
+        try:
+            await self.store.execute(run_id, make, producer=self._producer(attempt))
+        except PyocoError as exc:
+            log.warning("run %s: could not record its invalid work item (%s)", run_id, exc, extra={"run_id": run_id})
 
     async def _dlq(self, tag: str, body: dict[str, Any]) -> None:
         try:
@@ -606,7 +705,7 @@ class WorkerActor:
         return {
             "reason": reason,
             "error": error,
-            "timestamp": time.time(),
+            "timestamp": self.clock(),
             "run_id": job.run_id,
             "flow_name": job.flow_name,
             "tag": job.tag,
@@ -664,7 +763,7 @@ class WorkerActor:
         events = make(hint)
         if not events:
             return Outcome(hint, ())
-        envs = decide.stamp(hint, events, run_id=run_id, producer=producer, now=time.time(), new_id=new_event_id)
+        envs = decide.stamp(hint, events, run_id=run_id, producer=producer, now=self.clock(), new_id=new_event_id)
         try:
             seqs = await self._appender.submit((run_id, envs, hint.last_stream_seq, on_stored))
         except ConcurrencyConflict:
@@ -734,13 +833,18 @@ class WorkerActor:
         *,
         deferred: dict[str, Any] | None,
     ) -> None:
-        self.runs[job.run_id] = job.attempt  # before the claim: the reaper trusts our heartbeat
+        key = (job.run_id, job.attempt)
+        if not self.runs:
+            self._beat_soon.set()  # the idle interval may be longer than the run's lease
+        self.runs[key] = self.runs.get(key, 0) + 1  # before the claim: the reaper trusts our heartbeat
         try:
             inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
             await self._claim_and_run(job, msg, child, prep, snap, tasks, inbox, deferred)
         finally:
-            self.runs.pop(job.run_id, None)
-            self.active.pop(job.run_id, None)
+            self.runs[key] -= 1  # a redelivered copy of the same item may be in flight too
+            if not self.runs[key]:
+                del self.runs[key]
+                self.active.pop(key, None)
 
     async def _unprepare(self, job: Job, child: ChildProcess, prep: dict[str, Any] | None, deferred: dict[str, Any] | None) -> None:
         """After a failed claim: forget the child's prepared run (nothing to do if the prepare
@@ -818,10 +922,10 @@ class WorkerActor:
                 prep = await self._prepare_reply(job, child)
         except ChildDied as exc:
             died, prep = exc, {"ev": "prepared", "tasks": tasks}
-        active = _Active(job=job, msg=msg, started_at=time.time(), inbox=inbox[0], claimed_at=trio.current_time())
+        active = _Active(job=job, msg=msg, started_at=self.clock(), inbox=inbox[0], claimed_at=trio.current_time())
         runner = _RunDriver(self, job, child, claimed.snapshot, active, inbox, go_sent=bool(go_sent))
         active.driver = runner
-        self.active[run_id] = active
+        self.active[(run_id, attempt)] = active
         if len(self.active) == 1:
             self._became_active.set()
             self._became_active = trio.Event()
@@ -836,6 +940,8 @@ class WorkerActor:
         self._record_last(run_id, runner.final_status, active.started_at)
         if runner.nak:
             await self._nak(msg, NAK_DELAY)
+        elif runner.final_status == LOST:
+            await self._term(msg)  # fenced: this attempt was not done by us; never ack it as done
         else:
             self._ack(msg)
         if runner.dlq is not None:
@@ -843,7 +949,7 @@ class WorkerActor:
 
     def _record_last(self, run_id: str, status: str | None, started_at: float) -> None:
         self.completed += 1
-        self._last_run = {"run_id": run_id, "status": status, "started_at": started_at, "finished_at": time.time()}
+        self._last_run = {"run_id": run_id, "status": status, "started_at": started_at, "finished_at": self.clock()}
 
     # -- drain ----------------------------------------------------------------------------------
 
@@ -954,7 +1060,7 @@ class _RunDriver:
                 attempt=self.attempt,
                 worker_id=self.actor.worker_id,
                 outcome=outcome,
-                now=time.time(),
+                now=self.actor.clock(),
                 error=error,
                 reason=reason,
             )
@@ -966,6 +1072,7 @@ class _RunDriver:
         try:
             await self._child_died(exc, [])
         except _LostRun:
+            self.final_status = LOST
             return
         except InfraError:
             self.nak = True
@@ -974,6 +1081,7 @@ class _RunDriver:
         try:
             await self._finish("FAILED", reason=reason, error=error)
         except _LostRun:
+            self.final_status = LOST
             return
         except InfraError:
             self.nak = True
@@ -996,7 +1104,7 @@ class _RunDriver:
         except _LostRun as exc:
             log.warning("run %s: attempt %d lost (%s); stopping it", self.run_id, self.attempt, exc)
             self.child.kill()
-            self.final_status = "LOST"
+            self.final_status = LOST
         except InfraError as exc:
             log.error("run %s: NATS unavailable while running (%s); NAK and kill the child", self.run_id, exc)
             self.child.kill()
@@ -1034,21 +1142,31 @@ class _RunDriver:
         with self.watch_scope:
             nats = self.actor.nats
             subject = subjects.run_events_subject(self.run_id)
-            async with nats.subscribe(subject, contains=b"run.cancel_requested") as events:
+            async with nats.subscribe(subject, contains=RUN_EVENT_MARK) as events:
                 try:
                     history = await self.actor._reader.submit(self.run_id)
                 except PyocoError as exc:
                     log.warning("run %s: cannot read its events: %s", self.run_id, exc)
                     history = []
-                if any(e.type == "run.cancel_requested" and e.seq > self.claim_seq for e in history):
-                    self._post(("cancel", None))
+                for env in history:
+                    if env.seq > self.claim_seq:
+                        self._on_run_event(env)
                 async for _subject, data in events:
                     try:
                         env = decode_envelope(data)
                     except CorruptStreamError:
                         continue
-                    if env.type == "run.cancel_requested":
-                        self._post(("cancel", env))
+                    self._on_run_event(env)
+
+    def _on_run_event(self, env: Envelope) -> None:
+        if env.type == "run.cancel_requested":
+            self._post(("cancel", env))
+        elif env.type.startswith("run.") and not (
+            env.producer.kind == "worker" and env.producer.id == self.actor.worker_id and env.producer.attempt == self.attempt
+        ):
+            # Someone else ended or took over our attempt (the reaper declared it lost while we
+            # were frozen or cut off): stop the child now, not at its next append.
+            self._post(("fenced", env))
 
     def _post(self, item: tuple[str, Any]) -> None:
         try:
@@ -1133,7 +1251,13 @@ class _RunDriver:
                     if value.get("ev") == "done":
                         done = value
                     else:
-                        event = self._task_event(value, self.attempt)
+                        try:
+                            event = self._task_event(value, self.attempt)
+                        except (KeyError, TypeError, ValueError) as exc:
+                            self.child.kill()
+                            problem = f"malformed {str(value.get('ev'))[:40]!r} frame ({type(exc).__name__}: {str(exc)[:200]})"
+                            await self._child_died(ChildProtocolError(self.child.proc.poll(), problem), pending)
+                            return
                         if event is not None:
                             _add_task_event(pending, event)
                 elif kind == "cancel":
@@ -1144,6 +1268,9 @@ class _RunDriver:
                 elif kind == "died":
                     await self._child_died(value, pending)
                     return
+                elif kind == "fenced":
+                    self.child.kill()
+                    raise _LostRun(f"{value.type} (seq {value.seq}) by {value.producer.kind} {value.producer.id}")
             if done is not None:
                 await self._done(done, pending)
                 return
@@ -1182,7 +1309,7 @@ class _RunDriver:
         def make(s: RunSnapshot | None) -> list[Event]:
             self._owner(s)
             return extra + decide.release_run(
-                s, run_id=self.run_id, attempt=self.attempt, worker_id=self.actor.worker_id, reason=reason, now=time.time()
+                s, run_id=self.run_id, attempt=self.attempt, worker_id=self.actor.worker_id, reason=reason, now=self.actor.clock()
             )
 
         await self._append(make)
@@ -1193,6 +1320,10 @@ class _RunDriver:
         error = str(exc)
         if self.cancel_sent:
             await self._finish("CANCELLED", reason="forced", pending=pending)
+            return
+        if isinstance(exc, ChildProtocolError):
+            log.error("run %s attempt %d: %s", self.run_id, self.attempt, error)
+            await self._finish("FAILED", reason="error", error=error, pending=pending)
             return
         max_attempts = self.hint.max_attempts if self.hint is not None else 1
         if self.attempt < max_attempts:

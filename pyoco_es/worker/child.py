@@ -50,13 +50,31 @@ DOC_CACHE_SIZE: Final = 256
 _result = threading.local()
 
 
-def json_safe(value: Any, max_bytes: int) -> tuple[Any, bool]:  # noqa: ANN401 - any task value
-    """A JSON-safe copy of ``value`` (``repr`` for the rest), truncated with a marker over
-    ``max_bytes`` of JSON.  Returns the value and whether it was truncated."""
+def describe(value: object) -> str:
+    """``repr(value)``, or a placeholder when even that raises (task values may be anything)."""
     try:
-        raw = json.dumps(value, allow_nan=False, default=repr, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):
-        value = repr(value)
+        return repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not lose the task's record
+        return f"<unrepresentable {type(value).__name__}>"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"`` for a task's exception, even when its ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001
+        text = f"<str() of this {type(exc).__name__} raised>"
+    return f"{type(exc).__name__}: {text}"
+
+
+def json_safe(value: Any, max_bytes: int) -> tuple[Any, bool]:  # noqa: ANN401 - any task value
+    """A JSON-safe copy of ``value`` (``repr`` for the rest: sets, objects, bytes, NaN), truncated
+    with a marker over ``max_bytes`` of JSON.  Returns the value and whether it was truncated.
+    Total: a value whose ``repr`` raises becomes a placeholder (issue 10 #3)."""
+    try:
+        raw = json.dumps(value, allow_nan=False, default=describe, ensure_ascii=False)
+    except Exception:  # noqa: BLE001 - NaN, cycles, depth, a raising __repr__ ...
+        value = describe(value)
         raw = json.dumps(value, ensure_ascii=False)
     if max_bytes > 0 and len(raw) > max_bytes:
         return f"{raw[:max_bytes]}...[truncated: {len(raw)} bytes of JSON]", True
@@ -175,7 +193,7 @@ class Backend(TraceBackend):
     def on_node_error(self, node_name: str, error: Exception) -> None:
         try:
             inputs, rec = self._inputs(node_name)
-            message = (rec.error if rec is not None and rec.error else None) or str(error) or type(error).__name__
+            message = (rec.error if rec is not None and rec.error else None) or describe_error(error).split(": ", 1)[1] or type(error).__name__
             tb = rec.traceback if rec is not None and rec.traceback else "".join(
                 traceback.format_exception(type(error), error, error.__traceback__)
             )
@@ -364,7 +382,7 @@ class Child:
                 "ev": "prepare_failed",
                 "run_id": run_id,
                 "reason": "build_error",
-                "error": f"{type(exc).__name__}: {exc}",
+                "error": describe_error(exc),
             }
         with self.lock:
             self.prepared[run_id] = Prepared(run_id, flow, merged)
@@ -388,7 +406,7 @@ class Child:
         try:
             engine.run(p.flow, p.params, run_ctx)
         except Exception as exc:  # noqa: BLE001 - the task's own exception, re-raised by pyoco
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_error(exc)
             tb = traceback.format_exc()[-20000:]
         finally:
             with self.lock:

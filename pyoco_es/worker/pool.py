@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from .protocol import FrameDecoder, encode_frame
+from .protocol import FrameDecoder, ProtocolError, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ class ChildDied(Exception):
         else:
             text = f"child process exited with code {returncode}"
         super().__init__(text)
+
+
+class ChildProtocolError(ChildDied):
+    """The child sent something that is not a frame (a task wrote to the pipe, a bug): the child
+    was killed, and the run it was running is failed at once (it would do the same again)."""
+
+    def __init__(self, returncode: int | None, problem: str) -> None:
+        super().__init__(returncode)
+        self.args = (f"child process broke the pipe protocol: {problem}",)
+        self.problem = problem
 
 
 def _child_pythonpath() -> str:
@@ -81,7 +91,11 @@ class ChildProcess:
 
     async def send(self, msg: dict[str, Any]) -> None:
         try:
-            await self._cmd.send_all(encode_frame(msg))
+            frame = encode_frame(msg)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise ProtocolError(f"cannot encode the {msg.get('op')!r} command: {exc}") from exc
+        try:
+            await self._cmd.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.healthy = False
             raise ChildDied(self.proc.poll()) from exc
@@ -91,7 +105,10 @@ class ChildProcess:
         pipe takes them whole; False otherwise (the caller then sends them the usual way).  Only
         while no :meth:`send` is in flight: up to ``PIPE_BUF`` bytes are written atomically or
         not at all, so frames never interleave."""
-        frame = b"".join(encode_frame(m) for m in msgs)
+        try:
+            frame = b"".join(encode_frame(m) for m in msgs)
+        except (ValueError, TypeError, RecursionError):
+            return False  # send() reports it on the Trio side
         if len(frame) > select.PIPE_BUF:
             return False
         try:
@@ -110,7 +127,13 @@ class ChildProcess:
                 with trio.move_on_after(2):
                     await self.proc.wait()
                 raise ChildDied(self.proc.poll())
-            self._inbox.extend(self._decoder.feed(data))
+            try:
+                self._inbox.extend(self._decoder.feed(data))
+            except ProtocolError as exc:
+                self.kill()
+                with trio.move_on_after(2):
+                    await self.proc.wait()
+                raise ChildProtocolError(self.proc.poll(), str(exc)) from None
         return self._inbox.pop(0)
 
     def receive_nowait(self) -> dict[str, Any] | None:
