@@ -227,6 +227,8 @@ def _load(text: str) -> tuple[Any, Any]:
         raise ValidationError(f"yaml: {exc}") from exc
     except RecursionError as exc:
         raise ValidationError(f"yaml: nesting too deep (more than {MAX_DEPTH} levels)") from exc
+    except ValueError as exc:  # a scalar Python cannot convert, e.g. an integer of >4300 digits (issue 10)
+        raise ValidationError(f"yaml: a value cannot be converted: {str(exc)[:120]}") from exc
     finally:
         loader.dispose()
     return data, node
@@ -389,7 +391,7 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
     tasks: dict[str, TaskSpec] = {}
     for name, spec in tasks_raw.items():
         path = f"tasks.{name}"
-        if not TASK_NAME_RE.match(name) or name == FLOW_NAME:
+        if not TASK_NAME_RE.fullmatch(name) or name == FLOW_NAME:
             raise ValidationError(
                 f"{_at(path, task_lines, name)}: task names must be identifiers (letters, digits, _) "
                 f"and not `{FLOW_NAME}`"
@@ -401,7 +403,7 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
         fn = spec.get("callable")
         if fn is None:
             raise ValidationError(f"{_at(path, task_lines, name)}: `callable` is required (`module:function`)")
-        if not isinstance(fn, str) or not CALLABLE_RE.match(fn.strip()):
+        if not isinstance(fn, str) or not CALLABLE_RE.fullmatch(fn.strip()):
             raise ValidationError(
                 f"{_at(path + '.callable', spec_lines, 'callable')}: must be `module.path:function`, got {fn!r}"
             )
@@ -411,7 +413,7 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
         for key, value in inputs.items():
             _json_safe(value, f"{path}.inputs.{key}")
             if isinstance(value, str):
-                m = ENV_INPUT_RE.match(value)
+                m = ENV_INPUT_RE.fullmatch(value)
                 if m and m.group(1) not in expose_env:
                     raise ValidationError(
                         f"{path}.inputs.{key}: `{value}` reads an environment variable that is not listed in "

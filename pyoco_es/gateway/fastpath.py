@@ -24,6 +24,7 @@ from typing import Any
 
 from ..core.errors import PyocoError
 from .app import Gateway, _dumps, error_answer
+from .guard import check_request
 from .routes import (
     INLINE_PARSE_BYTES,
     check_yaml_length,
@@ -74,6 +75,8 @@ class FastPath:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         body, ended = b"", False
         try:
+            # The same request checks as Quart's before_request; a refusal is worded by Quart.
+            check_request("POST", _YAML_ROUTE, headers.get, self.gw.allowed_origins)
             length = int(headers["content-length"])
             if not self.gw.nats.is_connected or length > INLINE_PARSE_BYTES * 4:
                 raise LookupError("not for the fast path")
