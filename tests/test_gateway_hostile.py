@@ -261,3 +261,16 @@ async def test_a_submit_over_nats_max_payload_is_413_naming_it(tmp_path: Path) -
             nursery.cancel_scope.cancel()
     finally:
         server.stop()
+
+
+async def test_what_the_fuzzer_found_stays_fixed(gw: GW) -> None:
+    """tests/test_fuzz_api.py found these 500s: a 422 echoing a NaN or a huge integer it refused
+    (the answer itself could not be encoded), and a static file name too long for the disk."""
+    with trio.fail_after(10):
+        for body in (b"[NaN]", b'{"flow_name": 1e400}', b'{"flow_name": ' + b"9" * 5000 + b"}", b'{"flow_name": "x", "tags": [Infinity]}'):
+            r = await _post_raw(gw, body)
+            assert r.status_code == 422, (body[:40], r.text)
+        r = await _post_raw(gw, b'{"flow_name": "' + b"x" * 300_000 + b'"}')
+        assert r.status_code == 422 and len(r.content) < 2000
+        r = await gw.client.get("/static/" + "\u00c6" * 200)
+        assert r.status_code == 404, r.text

@@ -29,6 +29,9 @@ from ..core.events import JSONObject, JSONValue
 
 TAG_RE: Final = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch only: `^...$` passes "tag\n"
 TAG_MAX: Final = 128
+RUN_ID_MAX: Final = 128
+WORKER_ID_MAX: Final = 256
+IDEMPOTENCY_KEY_MAX: Final = 255
 TAGS_MAX_ITEMS: Final = 64
 FLOW_NAME_MAX: Final = 256
 QUERY_STR_MAX: Final = 256
@@ -49,12 +52,27 @@ class RequestInvalid(ValidationError):
 
 
 def field_error(kind: str, loc: tuple[str | int, ...], msg: str, value: object = None) -> dict[str, JSONValue]:
-    shown = cast(JSONValue, value) if _jsonable(value) else repr(value)
-    return {"type": kind, "loc": list[JSONValue](loc), "msg": msg, "input": shown}
+    return {"type": kind, "loc": list[JSONValue](loc), "msg": msg, "input": _shown(value)}
 
 
-def _jsonable(value: object) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool, list, dict))
+def _shown(value: object) -> JSONValue:
+    """The offending input as the answer echoes it: small and always encodable (a NaN, a huge
+    integer or a 1 MB string in the input must not turn a 422 into a 500 or a 1 MB answer)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value[:256]
+    if isinstance(value, int):
+        return value if -INT_ABS_LIMIT < value < INT_ABS_LIMIT else "<integer too large>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, dict)):
+        try:
+            text = _compact(value)
+        except (ValueError, TypeError, RecursionError):
+            return repr(value)[:256]
+        return cast(JSONValue, value) if len(text) <= 1024 else text[:256] + "..."
+    return repr(value)[:256]
 
 
 def invalid(kind: str, loc: tuple[str | int, ...], msg: str, value: object = None) -> RequestInvalid:

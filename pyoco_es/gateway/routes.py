@@ -40,8 +40,11 @@ from .multipart import parse_form
 from .index import decode_cursor
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricValues, local_day_bounds, render
-from .openapi import openapi_document
+from .openapi import app_routes, openapi_document
 from .params import (
+    IDEMPOTENCY_KEY_MAX,
+    RUN_ID_MAX,
+    WORKER_ID_MAX,
     RequestInvalid,
     TAG_MAX,
     TAGS_MAX_ITEMS,
@@ -62,8 +65,6 @@ RECORD_INCLUDES: Final = frozenset({"records", "task_records", "full", "all"})
 FULL_INCLUDES: Final = frozenset({"full", "all"})
 TERMINAL: Final = frozenset(s.value for s in TERMINAL_STATUSES)
 IDEMPOTENCY_NAMESPACE: Final = uuid.UUID("5b0f8a51-3f0c-4c55-9d55-70796f636f65")
-IDEMPOTENCY_KEY_MAX: Final = 255
-RUN_ID_MAX: Final = 128
 LANG_PLACEHOLDER: Final = "__PYOCO_DASHBOARD_LANG_VALUE__"
 
 INLINE_PARSE_BYTES = 16 * 1024  # smaller YAML documents are parsed on the event loop
@@ -446,7 +447,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return json_response(openapi_document())
+        return json_response(openapi_document(app_routes(app.url_map)))
 
     # -- dashboard -------------------------------------------------------------------------
 
@@ -462,9 +463,12 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.get("/static/<path:filename>")
     async def static(filename: str) -> Response:
-        if "\x00" in filename or "\\" in filename:
+        if "\x00" in filename or "\\" in filename or len(filename) > 255:
             raise NotFound()
-        return await send_from_directory(gw.static_dir, filename)
+        try:
+            return await send_from_directory(gw.static_dir, filename)
+        except (OSError, ValueError):  # e.g. a name too long for the file system (found by the fuzzer)
+            raise NotFound() from None
 
     # -- submit ----------------------------------------------------------------------------
 
@@ -750,7 +754,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             hidden = bool(hidden)
         if not isinstance(hidden, bool):
             raise invalid("bool_type", ("body", "hidden"), "hidden must be true or false", body["hidden"])
-        if not subjects.is_token(worker_id) or len(worker_id) > 256:
+        if not subjects.is_token(worker_id) or len(worker_id) > WORKER_ID_MAX:
             return json_response({"detail": "worker not found"}, 404)
         gw.require_nats()
         deadline = trio.current_time() + PATCH_RETRY_SECONDS
