@@ -15,6 +15,7 @@ dashboard served from there can call the API.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import ClassVar, Final
 from urllib.parse import urlsplit
@@ -47,6 +48,7 @@ class UnsupportedMediaType(ValidationError):
     http_status: ClassVar[int] = 415
 
 
+@functools.lru_cache(maxsize=256)  # browsers repeat the same few origins
 def normalize_origin(origin: str) -> str | None:
     """``scheme://host[:port]`` in lower case without a default port, or None if it is not one."""
     try:

@@ -209,12 +209,46 @@ def json_loads(raw: bytes) -> object:
 def check_params(params: JSONObject, loc: tuple[str | int, ...], *, max_bytes: int) -> None:
     """``params`` can be stored and read back exactly, and is not too big.
 
+    The common case costs one C-level encode and a walk over the containers; only a request
+    that fails it is walked again to name the path at fault.
+
     Raises:
         RequestInvalid: a non-finite number, an integer too large, a string or key that is not
             valid Unicode, a value that is not JSON, nesting deeper than ``PARAMS_MAX_DEPTH``
             (the message names the path).
-        PayloadTooLarge: the params' JSON is over ``max_bytes`` (names PYOCO_MAX_PARAMS_BYTES).
+        PayloadTooLarge: the params' JSON (UTF-8) is over ``max_bytes`` (names PYOCO_MAX_PARAMS_BYTES).
     """
+    try:
+        # allow_nan=False refuses inf/nan, encode() a lone surrogate, the encoder a non-JSON value.
+        size = len(_strict(params).encode("utf-8"))
+        suspicious = _deep_or_huge(params)
+    except (ValueError, TypeError, RecursionError):
+        suspicious = True
+    if suspicious:
+        _locate_problem(params, loc)
+        raise invalid("json_type", loc, "params must be a JSON object of JSON values", None)  # pragma: no cover
+    if max_bytes > 0 and size > max_bytes:
+        raise PayloadTooLarge(f"params too large: {size} bytes of JSON, the limit is {max_bytes} bytes (PYOCO_MAX_PARAMS_BYTES)")
+
+
+def _deep_or_huge(params: JSONObject) -> bool:
+    """Nesting over the limit or an integer over INT_ABS_LIMIT anywhere (containers walked only)."""
+    stack: list[tuple[object, int]] = [(params, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > PARAMS_MAX_DEPTH:
+            return True
+        for item in value.values() if type(value) is dict else value:  # type: ignore[union-attr]
+            kind = type(item)
+            if kind is dict or kind is list:
+                stack.append((item, depth + 1))
+            elif kind is int and not -INT_ABS_LIMIT < item < INT_ABS_LIMIT:  # type: ignore[operator]
+                return True
+    return False
+
+
+def _locate_problem(params: JSONObject, loc: tuple[str | int, ...]) -> None:
+    """Raise :class:`RequestInvalid` naming the first value of ``params`` that cannot be stored."""
     stack: list[tuple[object, tuple[str | int, ...]]] = [(params, loc)]
     while stack:
         value, at = stack.pop()
@@ -245,14 +279,9 @@ def check_params(params: JSONObject, loc: tuple[str | int, ...], *, max_bytes: i
             raise invalid("int_too_large", at, f"integers must have at most 64 digits (got {value.digits}; send big numbers as strings)", None)
         else:
             raise invalid("json_type", at, f"params must be JSON values (got {type(value).__name__})", None)
-    if max_bytes > 0:
-        size = len(_compact(params))
-        if size > max_bytes:
-            raise PayloadTooLarge(
-                f"params too large: {size} bytes of JSON, the limit is {max_bytes} bytes (PYOCO_MAX_PARAMS_BYTES)"
-            )
 
 
+_strict = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 
 
