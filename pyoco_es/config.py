@@ -122,6 +122,9 @@ class Settings:
     # Origins (scheme://host[:port]) besides the gateway's own whose browsers may send
     # state-changing requests (a dashboard served elsewhere); "*" allows any (not recommended).
     http_allowed_origins: tuple[str, ...] = ()
+    # Host names a gateway bound to loopback answers to besides localhost/127.x (DNS rebinding
+    # guard); on other binds, when set, the only names served.  "*" turns the check off.
+    http_allowed_hosts: tuple[str, ...] = ()
     # Seconds of silence before an SSE heartbeat.  pyoco-server uses 5 s, which races the 5 s
     # read timeout of its own httpx-based client (contract §10 #25); 4 s keeps such clients alive.
     sse_heartbeat_interval: float = 4.0
@@ -158,6 +161,7 @@ class Settings:
             api_key_header=e.get("PYOCO_HTTP_API_KEY_HEADER") or "X-API-Key",
             dashboard_lang=e.get("PYOCO_DASHBOARD_LANG") or "auto",
             http_allowed_origins=_csv(e, "PYOCO_HTTP_ALLOWED_ORIGINS"),
+            http_allowed_hosts=tuple(h.lower() for h in _csv(e, "PYOCO_HTTP_ALLOWED_HOSTS")),
             sse_heartbeat_interval=_num(e, "PYOCO_SSE_HEARTBEAT_INTERVAL_SEC", 4.0, 0.05),
             gateway_watch_check_interval=_num(e, "PYOCO_GATEWAY_WATCH_CHECK_INTERVAL_SEC", 2.0, 0.05),
         )

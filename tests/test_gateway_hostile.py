@@ -274,3 +274,41 @@ async def test_what_the_fuzzer_found_stays_fixed(gw: GW) -> None:
         assert r.status_code == 422 and len(r.content) < 2000
         r = await gw.client.get("/static/" + "\u00c6" * 200)
         assert r.status_code == 404, r.text
+
+
+async def test_a_loopback_gateway_answers_only_to_local_host_names(gw: GW) -> None:
+    """DNS rebinding: a page at http://evil.example:PORT whose name resolves to 127.0.0.1 is
+    "same-origin" by Origin == Host; a loopback-bound gateway serves local names only."""
+    with trio.fail_after(10):
+        before = await events_last_seq(gw.nats)
+        port = gw.url.rsplit(":", 1)[1]
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        r = await gw.client.post("/runs", json={"flow_name": "x"}, headers=rebound)
+        assert r.status_code == 403 and "PYOCO_HTTP_ALLOWED_HOSTS" in r.json()["detail"], r.text
+        r = await submit_yaml(gw.client, headers=rebound)  # the fast path's route
+        assert r.status_code == 403, r.text
+        run_id = await submit(gw.client)
+        for path in (f"/runs/{run_id}", "/runs", "/"):  # reads too (the fast path serves the first)
+            r = await gw.client.get(path, headers={"Host": f"evil.example:{port}"})
+            assert r.status_code == 403, (path, r.text)
+        assert await events_last_seq(gw.nats) == before + 1
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"127.0.0.2:{port}", "dash.example"):  # the last: a listed origin's host
+            r = await gw.client.get(f"/runs/{run_id}", headers={"Host": host})
+            assert r.status_code == 200, (host, r.text)
+
+
+def test_which_host_names_a_gateway_serves() -> None:
+    from pyoco_es.gateway.guard import allowed_hosts, check_host, CrossSiteRefused
+
+    assert allowed_hosts((), frozenset(), bind_host="0.0.0.0") is None  # exposed on purpose: any name
+    assert allowed_hosts(("*",), frozenset(), bind_host="127.0.0.1") is None
+    exposed = allowed_hosts(("runs.example",), frozenset(), bind_host="0.0.0.0")
+    assert exposed == frozenset({"runs.example"})
+    check_host("runs.example:8000", exposed)
+    with pytest.raises(CrossSiteRefused):
+        check_host("other.example", exposed)
+    local = allowed_hosts((), frozenset({"https://dash.example:8443"}), bind_host="::1")
+    assert local is not None and {"localhost", "dash.example"} <= local
+    for bad in (None, "", "evil.example", "localhost.evil.example", "127.0.0.1.evil.example", "a b"):
+        with pytest.raises(CrossSiteRefused):
+            check_host(bad, local)

@@ -28,7 +28,7 @@ from ..core.errors import InfraError, PayloadTooLarge, PyocoError, ValidationErr
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
-from .guard import allowed_origins, check_request, cors_headers
+from .guard import allowed_origins, check_host, check_request, cors_headers
 from .index import RunIndex, WorkerIndex
 from .metrics import HttpMetrics
 from .params import RequestInvalid
@@ -63,6 +63,7 @@ class Gateway:
     http: HttpMetrics = attrs.Factory(HttpMetrics)
     parse_limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))  # YAML parses in a thread
     allowed_origins: frozenset[str] = frozenset()  # PYOCO_HTTP_ALLOWED_ORIGINS, normalised (see .guard)
+    allowed_hosts: frozenset[str] | None = None  # Host names served; None: any (set by run_gateway on a loopback bind)
 
     def require_nats(self) -> None:
         """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""
@@ -137,6 +138,7 @@ def create_app(
     async def _start_timer() -> None:
         g.pyoco_started = time.perf_counter()
         rule = request.url_rule.rule if request.url_rule is not None else None
+        check_host(request.headers.get("Host"), gw.allowed_hosts)
         check_request(request.method, rule, request.headers.get, gw.allowed_origins)
 
     @app.after_request

@@ -11,11 +11,17 @@ Without them any web page the operator visits could submit runs: a browser sends
 Requests without ``Origin`` and ``Sec-Fetch-Site`` (curl, the CLIs, pyoco-server's client) are
 not browsers' cross-site requests and pass.  Listed origins also get CORS answers, so a
 dashboard served from there can call the API.
+
+A gateway bound to a loopback address also checks ``Host`` on every request: a page whose own
+name resolves to 127.0.0.1 (DNS rebinding) would otherwise be "same-origin" and could read and
+write.  Only ``localhost``, loopback addresses, the hosts of listed origins and
+``PYOCO_HTTP_ALLOWED_HOSTS`` are served there (403 naming the setting).
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 from collections.abc import Callable, Iterable
 from typing import ClassVar, Final
 from urllib.parse import urlsplit
@@ -73,6 +79,61 @@ def allowed_origins(configured: Iterable[str]) -> frozenset[str]:
         elif (norm := normalize_origin(item)) is not None:
             out.add(norm)
     return frozenset(out)
+
+
+LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address or a Host name) is local: ``localhost`` or a loopback IP."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(configured: Iterable[str], origins: frozenset[str], *, bind_host: str) -> frozenset[str] | None:
+    """Host names the gateway answers to (lower case, no port), or None for any.
+
+    Bound to loopback: local names, the configured ones and the listed origins' hosts.  Bound
+    elsewhere: only the configured ones (plus the origins' hosts) when some are configured.
+    """
+    names = {h.strip().lower() for h in configured if h.strip()}
+    if "*" in names or (not names and not is_loopback(bind_host)):
+        return None
+    if is_loopback(bind_host):
+        names |= LOOPBACK_HOSTS
+    names.update(urlsplit(o).hostname or "" for o in origins if o != "*")
+    return frozenset(names - {""})
+
+
+@functools.lru_cache(maxsize=256)
+def _host_name(host: str) -> str:
+    try:
+        return (urlsplit(f"http://{host.strip()}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def check_host(host: str | None, hosts: frozenset[str] | None) -> None:
+    """Refuse a request whose ``Host`` is not one a loopback-bound gateway answers to.
+
+    Raises:
+        CrossSiteRefused: the name is not local nor listed (DNS rebinding).
+    """
+    if hosts is None:
+        return
+    name = _host_name(host or "")
+    if name in hosts or ("localhost" in hosts and is_loopback(name)):
+        return
+    raise CrossSiteRefused(
+        f"request for host {(host or '(none)')[:100]!r} refused: this gateway listens on a loopback address and "
+        "answers only to localhost and loopback addresses (a web page could reach it through a DNS name that "
+        "resolves to 127.0.0.1). Behind a proxy that passes its own Host, list that name in PYOCO_HTTP_ALLOWED_HOSTS"
+    )
 
 
 def _same_host(origin: str, host: str | None) -> bool:
@@ -145,8 +206,11 @@ __all__ = [
     "BODY_TYPES",
     "CrossSiteRefused",
     "UnsupportedMediaType",
+    "allowed_hosts",
     "allowed_origins",
+    "check_host",
     "check_request",
+    "is_loopback",
     "cors_headers",
     "normalize_origin",
 ]
