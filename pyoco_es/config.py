@@ -32,7 +32,7 @@ def read_dotenv(path: Path) -> dict[str, str]:
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        m = _LINE.match(line)
+        m = _LINE.fullmatch(line)
         if not m:
             continue
         key, value = m.group(1), m.group(2).strip()
@@ -122,10 +122,17 @@ class Settings:
     max_run_snapshot_bytes: int = 262144
     workflow_yaml_max_bytes: int = 262144
     max_output_bytes: int = 65536
+    max_params_bytes: int = 512 * 1024  # POST /runs params (and YAML flow.defaults), as compact JSON
     # gateway
     http_auth_mode: str = "none"
     api_key_header: str = "X-API-Key"
     dashboard_lang: str = "auto"
+    # Origins (scheme://host[:port]) besides the gateway's own whose browsers may send
+    # state-changing requests (a dashboard served elsewhere); "*" allows any (not recommended).
+    http_allowed_origins: tuple[str, ...] = ()
+    # Host names a gateway bound to loopback answers to besides localhost/127.x (DNS rebinding
+    # guard); on other binds, when set, the only names served.  "*" turns the check off.
+    http_allowed_hosts: tuple[str, ...] = ()
     # Seconds of silence before an SSE heartbeat.  pyoco-server uses 5 s, which races the 5 s
     # read timeout of its own httpx-based client (contract §10 #25); 4 s keeps such clients alive.
     sse_heartbeat_interval: float = 4.0
@@ -161,9 +168,12 @@ class Settings:
             max_run_snapshot_bytes=_int(e, "PYOCO_MAX_RUN_SNAPSHOT_BYTES", 262144),
             workflow_yaml_max_bytes=_int(e, "PYOCO_WORKFLOW_YAML_MAX_BYTES", 262144),
             max_output_bytes=_int(e, "PYOCO_MAX_TASK_OUTPUT_BYTES", 65536),
+            max_params_bytes=_int(e, "PYOCO_MAX_PARAMS_BYTES", 512 * 1024),
             http_auth_mode=(e.get("PYOCO_HTTP_AUTH_MODE") or "none").strip().lower(),
             api_key_header=e.get("PYOCO_HTTP_API_KEY_HEADER") or "X-API-Key",
             dashboard_lang=e.get("PYOCO_DASHBOARD_LANG") or "auto",
+            http_allowed_origins=_csv(e, "PYOCO_HTTP_ALLOWED_ORIGINS"),
+            http_allowed_hosts=tuple(h.lower() for h in _csv(e, "PYOCO_HTTP_ALLOWED_HOSTS")),
             sse_heartbeat_interval=_num(e, "PYOCO_SSE_HEARTBEAT_INTERVAL_SEC", 4.0, 0.05),
             gateway_watch_check_interval=_num(e, "PYOCO_GATEWAY_WATCH_CHECK_INTERVAL_SEC", 2.0, 0.05),
         )

@@ -39,7 +39,7 @@ async def test_bad_json_submits_say_what_to_fix(gw: GW) -> None:
             (b"{not json", "json_invalid", ["body", 1]),
             (b"", "missing", ["body"]),
             (b"[1, 2]", "model_attributes_type", ["body"]),
-            (b'{"flow_name": "x", "params": {"v": NaN}}', "json_invalid", ["body"]),
+            (b'{"flow_name": "x", "params": {"v": NaN}}', "finite_number", ["body", "params", "v"]),
             (b'{"flow_name": "x", "params": {"v": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}", "json_invalid", ["body"]),
             ({}, "missing", ["body", "flow_name"]),
             ({"flow_name": ""}, "string_too_short", ["body", "flow_name"]),
@@ -152,10 +152,13 @@ async def test_yaml_form_errors_in_contract_order(gw: GW) -> None:
         assert r.status_code == 422 and r.json()["detail"].startswith("missing flow_name")
         r = await submit_yaml(gw.client, flow_name=None)
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "flow_name"]
-        r = await gw.client.post("/runs/yaml", data={"flow_name": "main"})
+        r = await gw.client.post("/runs/yaml", files={"other": ("x", b"")}, data={"flow_name": "main"})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "workflow"]
+        # a form without the file, or JSON: not a body this route takes (issue 10)
+        r = await gw.client.post("/runs/yaml", data={"flow_name": "main"})
+        assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
         r = await gw.client.post("/runs/yaml", json={"flow_name": "main"})
-        assert r.status_code == 422
+        assert r.status_code == 415
         assert await events_last_seq(gw.nats) == before
 
 

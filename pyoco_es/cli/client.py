@@ -61,7 +61,7 @@ from .client_output import (
 )
 
 DEFAULT_SERVER: Final = "http://127.0.0.1:8000"
-_TAG_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_TAG_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 _CONTEXT: Final = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -315,7 +315,7 @@ def check_tag(tag: str | None, command: str) -> str | None:
     if tag is None:
         return None
     tag = tag.strip()
-    if tag and not _TAG_RE.match(tag):
+    if tag and not _TAG_RE.fullmatch(tag):
         raise input_error(
             f"--tag must be letters, digits, '_' or '-' (got {tag!r})",
             hint=f"{_sub(command)} --tag default",

@@ -72,7 +72,7 @@ def callable_path_problem(path: str) -> str | None:
             return "must be `module.path:function` (an empty name between dots)"
         if part.startswith("_"):
             return f"`{part}`: every part must be a public name (no leading `_`)"
-        if not _PUBLIC_NAME.match(part):
+        if not _PUBLIC_NAME.fullmatch(part):
             return f"`{part}`: names may only contain letters, digits and `_`"
     return None
 
@@ -247,6 +247,8 @@ def _load(text: str) -> tuple[Any, Any]:
         raise ValidationError(f"yaml: {exc}") from exc
     except RecursionError as exc:
         raise ValidationError(f"yaml: nesting too deep (more than {MAX_DEPTH} levels)") from exc
+    except ValueError as exc:  # a scalar Python cannot convert, e.g. an integer of >4300 digits (issue 10)
+        raise ValidationError(f"yaml: a value cannot be converted: {str(exc)[:120]}") from exc
     finally:
         loader.dispose()
     return data, node
@@ -397,7 +399,7 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
     if not isinstance(expose, list) or not all(isinstance(x, str) for x in expose):
         raise ValidationError(f"{_at('runtime.expose_env', runtime_lines, 'expose_env')}: must be a list of strings")
     for name in expose:
-        if not ENV_NAME_RE.match(name):
+        if not ENV_NAME_RE.fullmatch(name):
             raise ValidationError(
                 f"{_at('runtime.expose_env', runtime_lines, 'expose_env')}: {name[:100]!r} is not an environment "
                 f"variable name (letters, digits, _)"
@@ -415,7 +417,7 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
     tasks: dict[str, TaskSpec] = {}
     for name, spec in tasks_raw.items():
         path = f"tasks.{name}"
-        if not TASK_NAME_RE.match(name) or name == FLOW_NAME:
+        if not TASK_NAME_RE.fullmatch(name) or name == FLOW_NAME:
             raise ValidationError(
                 f"{_at(path, task_lines, name)}: task names must be identifiers (letters, digits, _) "
                 f"and not `{FLOW_NAME}`"
@@ -436,7 +438,7 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
         for key, value in inputs.items():
             _json_safe(value, f"{path}.inputs.{key}")
             if isinstance(value, str):
-                m = ENV_INPUT_RE.match(value)
+                m = ENV_INPUT_RE.fullmatch(value)
                 if m and m.group(1) not in expose_env:
                     raise ValidationError(
                         f"{path}.inputs.{key}: `{value}` reads an environment variable that is not listed in "

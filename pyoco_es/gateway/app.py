@@ -28,6 +28,7 @@ from ..core.errors import InfraError, OutcomeUnknown, PayloadTooLarge, PyocoErro
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
+from .guard import allowed_origins, check_host, check_request, cors_headers
 from .index import RunIndex, WorkerIndex
 from .metrics import HttpMetrics
 from .params import RequestInvalid
@@ -61,6 +62,9 @@ class Gateway:
     sse_streams: int = 0
     http: HttpMetrics = attrs.Factory(HttpMetrics)
     parse_limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))  # YAML parses in a thread
+    allowed_origins: frozenset[str] = frozenset()  # PYOCO_HTTP_ALLOWED_ORIGINS, normalised (see .guard)
+    allowed_hosts: frozenset[str] | None = None  # Host names served; None: any (set by run_gateway on a loopback bind)
+
     def require_nats(self) -> None:
         """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""
         if not self.nats.is_connected:
@@ -150,6 +154,7 @@ def create_app(
         clock=clock,
         heartbeat_interval=heartbeat_interval if heartbeat_interval is not None else settings.sse_heartbeat_interval,
         static_dir=static_dir or STATIC_DIR,
+        allowed_origins=allowed_origins(settings.http_allowed_origins),
     )
     app.extensions["pyoco"] = gw
 
@@ -163,6 +168,9 @@ def create_app(
     @app.before_request
     async def _start_timer() -> None:
         g.pyoco_started = time.perf_counter()
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        check_host(request.headers.get("Host"), gw.allowed_hosts)
+        check_request(request.method, rule, request.headers.get, gw.allowed_origins)
 
     @app.after_request
     async def _finish(response: Response) -> Response:
@@ -172,6 +180,8 @@ def create_app(
         complete = getattr(request.body, "_complete", None)
         if request.method in ("POST", "PUT", "PATCH") and complete is not None and not complete.is_set():
             response.headers["Connection"] = "close"
+        if gw.allowed_origins:
+            response.headers.update(cors_headers(request.headers.get("Origin"), gw.allowed_origins, preflight=request.method == "OPTIONS"))
         started = getattr(g, "pyoco_started", None)
         if started is not None:
             route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..core.errors import PyocoError
 from .app import Gateway, _dumps, error_answer
+from .guard import check_host, check_request
 from .routes import (
     INLINE_PARSE_BYTES,
     check_yaml_length,
@@ -57,7 +58,7 @@ class FastPath:
             method, path = scope["method"], scope["path"]
             if method == "GET" and path.startswith("/runs/"):
                 run_id = path[6:]
-                if run_id not in _RESERVED and valid_run_id(run_id) and self.gw.nats.is_connected:
+                if self._host_ok(scope) and run_id not in _RESERVED and valid_run_id(run_id) and self.gw.nats.is_connected:
                     doc = self.gw.index.doc_of(run_id)
                     if doc is not None:
                         started = time.perf_counter()
@@ -69,11 +70,24 @@ class FastPath:
                 return
         await self.app(scope, receive, send)
 
+    def _host_ok(self, scope: dict[str, Any]) -> bool:
+        if self.gw.allowed_hosts is None:
+            return True
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"host"), None)
+        try:
+            check_host(host, self.gw.allowed_hosts)
+        except PyocoError:
+            return False  # Quart words the refusal
+        return True
+
     async def _submit_yaml(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         body, ended = b"", False
         try:
+            # The same request checks as Quart's before_request; a refusal is worded by Quart.
+            check_host(headers.get("host"), self.gw.allowed_hosts)
+            check_request("POST", _YAML_ROUTE, headers.get, self.gw.allowed_origins)
             length = int(headers["content-length"])
             if not self.gw.nats.is_connected or length > INLINE_PARSE_BYTES * 4:
                 raise LookupError("not for the fast path")

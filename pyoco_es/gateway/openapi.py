@@ -1,94 +1,159 @@
-"""The OpenAPI 3.1 document served at ``/openapi.json`` (hand-written; the routes are few)."""
+"""The OpenAPI 3.1 document served at ``/openapi.json``, generated from the app's routes.
+
+The paths and methods come from the app's URL map (:func:`openapi_document` is given the
+routes), and each operation's request description from :data:`OPERATIONS`, whose limits are
+the constants the validators in :mod:`.params` enforce.  A route without an entry here is an
+error (a test builds the document from the real app), so the document cannot drift from the
+routes.  ``tests/test_fuzz_api.py`` generates requests from this very document.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Iterable
+from typing import Any, Final
 
 from .. import __version__
+from .params import FLOW_NAME_MAX, IDEMPOTENCY_KEY_MAX, QUERY_STR_MAX, RUN_ID_MAX, TAG_MAX, TAGS_MAX_ITEMS, WORKER_ID_MAX
 
-_ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-_JSON = {"application/json": {"schema": {"type": "object"}}}
-_RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}}
-_INCLUDE = {
-    "name": "include",
-    "in": "query",
-    "schema": {"type": "array", "items": {"type": "string", "enum": ["records", "task_records", "full", "all"]}},
-    "description": "records/task_records/full/all keep task_records in the snapshot.",
-}
+JSONSchema = dict[str, Any]
+
+TOKEN_PATTERN: Final = "^[A-Za-z0-9_-]+$"  # ECMA regex: `$` is the end of the string
+
+_ERROR: Final = {"description": "Error ({\"detail\": ...})", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_JSON_OK: Final = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+_SSE_OK: Final = {"description": "Server-Sent Events", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+_TAG: Final = {"type": "string", "minLength": 1, "maxLength": TAG_MAX, "pattern": TOKEN_PATTERN}
+_FLOW_NAME: Final = {"type": "string", "minLength": 1, "maxLength": FLOW_NAME_MAX,
+                     "description": "Printable text (no control characters or lone surrogates)."}
+_TEXT: Final = {"type": "string", "maxLength": QUERY_STR_MAX}
 
 
-def _q(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+def _path(name: str, max_len: int) -> JSONSchema:
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "string", "minLength": 1, "maxLength": max_len, "pattern": TOKEN_PATTERN}}
+
+
+def _q(name: str, schema: JSONSchema, description: str = "") -> JSONSchema:
     return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
-def _op(summary: str, *, params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
-        ok: dict[str, Any] | None = None, errors: tuple[int, ...] = (422, 503)) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "parameters": params or []}
+def _h(name: str, schema: JSONSchema, description: str) -> JSONSchema:
+    return {"name": name, "in": "header", "schema": schema, "description": description}
+
+
+def _body(media: str, schema: JSONSchema) -> JSONSchema:
+    return {"required": True, "content": {media: {"schema": schema}}}
+
+
+def _op(summary: str, *, params: list[JSONSchema] | None = None, body: JSONSchema | None = None,
+        ok: JSONSchema | None = None, errors: tuple[int, ...] = ()) -> JSONSchema:
+    op: JSONSchema = {"summary": summary, "parameters": params or []}
     if body is not None:
         op["requestBody"] = body
-    op["responses"] = {"200": ok or {"description": "OK", "content": _JSON}}
+    op["responses"] = {"200": ok or _JSON_OK}
     for code in errors:
         op["responses"][str(code)] = _ERROR
     return op
 
 
-def openapi_document() -> dict[str, Any]:
-    submit_ok = {"description": "Accepted: run.submitted is durable", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitResponse"}}}}
-    idem = {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255},
-            "description": "A retry with the same key and request returns the same run (forever); another request with the key is a 422."}
-    sse_ok = {"description": "Server-Sent Events", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
-    last_id = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0}, "description": "Resume after this id."}
+_RUN_ID: Final = _path("run_id", RUN_ID_MAX)
+_INCLUDE: Final = _q("include", {"type": "array", "items": {"type": "string", "enum": ["records", "task_records", "full", "all"]}},
+                     "records/task_records/full/all keep task_records in the snapshot.")
+_IDEM: Final = _h("Idempotency-Key", {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX, "pattern": "^[\\x20-\\x7e]+$"},
+                  "Printable ASCII.  A retry with the same key and request returns the same run; another request with the key is a 422.")
+_LAST_ID: Final = _h("Last-Event-ID", {"type": "integer", "minimum": 0}, "Resume after this id.")
+_SUBMIT_OK: Final = {"description": "Accepted: run.submitted is durable",
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitResponse"}}}}
+# 403: a browser's cross-site write (PYOCO_HTTP_ALLOWED_ORIGINS); 415: a body type the route does not take.
+_WRITE_ERRORS: Final = (403, 413, 415, 422, 503)
+
+OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
+    ("GET", "/health"): _op("Liveness (does not check NATS)"),
+    ("GET", "/ready"): _op("Readiness: NATS connection and run index", errors=(503,)),
+    ("GET", "/openapi.json"): _op("This document"),
+    ("GET", "/"): _op("The dashboard (HTML)", ok={"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}, errors=(404,)),
+    ("GET", "/static/<path:filename>"): _op("Dashboard assets", params=[
+        {"name": "filename", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 256}}],
+        ok={"description": "A file", "content": {"*/*": {"schema": {"type": "string"}}}}, errors=(404,)),
+    ("POST", "/runs"): _op("Submit a named flow", params=[_IDEM], ok=_SUBMIT_OK, errors=_WRITE_ERRORS,
+                           body=_body("application/json", {"$ref": "#/components/schemas/RunSubmit"})),
+    ("POST", "/runs/yaml"): _op("Submit a single-flow flow.yaml (multipart)", params=[_IDEM], ok=_SUBMIT_OK, errors=_WRITE_ERRORS,
+                                body=_body("multipart/form-data", {
+                                    "type": "object", "required": ["workflow", "flow_name"], "properties": {
+                                        "workflow": {"type": "string", "format": "binary",
+                                                     "description": "flow.yaml, at most PYOCO_WORKFLOW_YAML_MAX_BYTES (413)"},
+                                        "flow_name": _FLOW_NAME, "tag": _TAG}})),
+    ("GET", "/runs"): _op("List runs (plain array, or delta mode with updated_after/cursor/workflow_yaml_sha256)", params=[
+        _q("status", _TEXT), _q("flow", _TEXT), _q("tag", _TEXT), _q("workflow_yaml_sha256", _TEXT), _q("schedule_id", _TEXT),
+        _q("updated_after", {"type": "number"}), _q("cursor", {"type": "string", "maxLength": 2048}),
+        _q("include", {"type": "array", "items": {"type": "string", "enum": ["full", "all"]}}),
+        _q("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50})], errors=(422, 503)),
+    ("GET", "/runs/stream"): _op("SSE of run summaries as they change (event: run, id: KV revision; ready on connect, reset when Last-Event-ID is unknown, heartbeat)", params=[
+        _q("status", _TEXT), _q("flow", _TEXT), _q("tag", _TEXT), _q("after", {"type": "integer", "minimum": 0}),
+        _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 3600}), _LAST_ID], ok=_SSE_OK, errors=(422, 503)),
+    ("GET", "/runs/<run_id>"): _op("Run snapshot with worker liveness", params=[_RUN_ID, _INCLUDE], errors=(404, 503)),
+    ("GET", "/runs/<run_id>/tasks"): _op("Tasks and task records", params=[_RUN_ID], errors=(404, 503)),
+    ("GET", "/runs/<run_id>/events"): _op("The run's event history (audit trail)", params=[
+        _RUN_ID, _q("after_seq", {"type": "integer", "minimum": 0, "default": 0})], errors=(404, 422, 503)),
+    ("GET", "/runs/<run_id>/watch"): _op("SSE of the run's snapshots (event: snapshot, id: version; heartbeat; end)", params=[
+        _RUN_ID, _INCLUDE, _q("since", {"type": "number"}),
+        _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 600, "default": 60}), _LAST_ID], ok=_SSE_OK, errors=(404, 422, 503)),
+    ("POST", "/runs/<run_id>/cancel"): _op("Cancel: PENDING→CANCELLED, RUNNING→CANCELLING, terminal unchanged (any body is ignored)",
+                                           params=[_RUN_ID], errors=(403, 404, 503)),
+    ("GET", "/workers"): _op("Worker registry", params=[
+        _q("scope", {"type": "string", "enum": ["active", "all"]}),
+        _q("state", {"type": "string", "enum": ["RUNNING", "IDLE", "STOPPED_GRACEFUL", "DISCONNECTED"]}),
+        _q("include_hidden", {"type": "boolean"}), _q("limit", {"type": "integer", "minimum": 1, "maximum": 500})], errors=(422, 503)),
+    ("PATCH", "/workers/<worker_id>"): _op("Hide or unhide a worker", params=[_path("worker_id", WORKER_ID_MAX)],
+                                           errors=(403, 404, 415, 422, 503), body=_body("application/json", {
+                                               "type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "boolean"}}})),
+    ("GET", "/metrics"): _op("Prometheus metrics", ok={"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}),
+}
+
+_SCHEMAS: Final = {
+    "Error": {"type": "object", "properties": {"detail": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}},
+    "RunSubmit": {"type": "object", "required": ["flow_name"], "properties": {
+        "flow_name": _FLOW_NAME,
+        "params": {"type": "object", "default": {},
+                   "description": "JSON object: finite numbers, integers below 10**64, valid Unicode, nesting at most 64, "
+                                  "at most PYOCO_MAX_PARAMS_BYTES of JSON (413)."},
+        "tag": {"oneOf": [_TAG, {"type": "null"}]},
+        "tags": {"type": "array", "items": _TAG, "maxItems": TAGS_MAX_ITEMS, "default": []}}},
+    "SubmitResponse": {"type": "object", "properties": {
+        "run_id": {"type": "string"}, "status": {"type": "string"}, "bundle_hash": {"type": ["string", "null"]}}},
+}
+
+_CONVERTER: Final = re.compile(r"<(?:[a-z]+:)?([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """The document for ``routes`` ((method, werkzeug rule) pairs, e.g. from the app's URL map).
+
+    Raises:
+        KeyError: a route has no entry in :data:`OPERATIONS` (document it there).
+    """
+    paths: dict[str, dict[str, Any]] = {}
+    for method, rule in sorted(routes):
+        if method in ("HEAD", "OPTIONS"):
+            continue
+        op = OPERATIONS.get((method, rule))
+        if op is None:
+            raise KeyError(f"route {method} {rule} has no OpenAPI entry in pyoco_es/gateway/openapi.py")
+        paths.setdefault(_CONVERTER.sub(r"{\1}", rule), {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "pyoco-es gateway", "version": __version__,
-                 "description": "pyoco-server compatible HTTP API on an event-sourced backend (NATS JetStream)."},
-        "paths": {
-            "/health": {"get": _op("Liveness (does not check NATS)", errors=())},
-            "/ready": {"get": _op("Readiness: NATS connection and run index", errors=(503,))},
-            "/runs": {
-                "post": _op("Submit a named flow", params=[idem], ok=submit_ok, errors=(409, 413, 422, 503), body={
-                    "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunSubmit"}}}}),
-                "get": _op("List runs (plain array, or delta mode with updated_after/cursor/workflow_yaml_sha256)", params=[
-                    _q("status", {"type": "string"}), _q("flow", {"type": "string"}), _q("tag", {"type": "string"}),
-                    _q("workflow_yaml_sha256", {"type": "string"}), _q("schedule_id", {"type": "string"}),
-                    _q("updated_after", {"type": "number"}), _q("cursor", {"type": "string"}),
-                    _q("include", {"type": "array", "items": {"type": "string", "enum": ["full", "all"]}}),
-                    _q("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50})]),
-            },
-            "/runs/yaml": {"post": _op("Submit a single-flow flow.yaml (multipart)", params=[idem], ok=submit_ok,
-                                       errors=(413, 422, 503), body={"required": True, "content": {"multipart/form-data": {"schema": {
-                                           "type": "object", "required": ["workflow", "flow_name"], "properties": {
-                                               "workflow": {"type": "string", "format": "binary"},
-                                               "flow_name": {"type": "string"}, "tag": {"type": "string"}}}}}})},
-            "/runs/stream": {"get": _op("SSE of run summaries as they change (event: run, id: KV revision; ready on connect, reset when Last-Event-ID is unknown, heartbeat)", params=[
-                _q("status", {"type": "string"}), _q("flow", {"type": "string"}), _q("tag", {"type": "string"}),
-                _q("after", {"type": "integer"}), _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 3600}), last_id], ok=sse_ok)},
-            "/runs/{run_id}": {"get": _op("Run snapshot with worker liveness", params=[_RUN_ID, _INCLUDE], errors=(404, 503))},
-            "/runs/{run_id}/tasks": {"get": _op("Tasks and task records", params=[_RUN_ID], errors=(404, 503))},
-            "/runs/{run_id}/events": {"get": _op("The run's event history (audit trail)", params=[
-                _RUN_ID, _q("after_seq", {"type": "integer", "minimum": 0, "default": 0})], errors=(404, 422, 503))},
-            "/runs/{run_id}/watch": {"get": _op("SSE of the run's snapshots (event: snapshot, id: version; heartbeat; end)", params=[
-                _RUN_ID, _INCLUDE, _q("since", {"type": "number"}),
-                _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 600, "default": 60}), last_id], ok=sse_ok, errors=(404, 422, 503))},
-            "/runs/{run_id}/cancel": {"post": _op("Cancel: PENDING→CANCELLED, RUNNING→CANCELLING, terminal unchanged", params=[_RUN_ID], errors=(404, 503))},
-            "/workers": {"get": _op("Worker registry", params=[
-                _q("scope", {"type": "string", "enum": ["active", "all"]}),
-                _q("state", {"type": "string", "enum": ["RUNNING", "IDLE", "STOPPED_GRACEFUL", "DISCONNECTED"]}),
-                _q("include_hidden", {"type": "boolean"}), _q("limit", {"type": "integer", "minimum": 1, "maximum": 500})])},
-            "/workers/{worker_id}": {"patch": _op("Hide or unhide a worker", params=[
-                {"name": "worker_id", "in": "path", "required": True, "schema": {"type": "string"}}], errors=(404, 422, 503), body={
-                    "required": True, "content": {"application/json": {"schema": {"type": "object", "required": ["hidden"],
-                                                                                  "properties": {"hidden": {"type": "boolean"}}}}}})},
-            "/metrics": {"get": _op("Prometheus metrics", ok={"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}, errors=())},
-            "/openapi.json": {"get": _op("This document", errors=())},
-        },
-        "components": {"schemas": {
-            "Error": {"type": "object", "properties": {"detail": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}},
-            "RunSubmit": {"type": "object", "required": ["flow_name"], "properties": {
-                "flow_name": {"type": "string", "minLength": 1}, "params": {"type": "object", "default": {}},
-                "tag": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_-]+$"},
-                "tags": {"type": "array", "items": {"type": "string"}, "default": []}}},
-            "SubmitResponse": {"type": "object", "properties": {
-                "run_id": {"type": "string"}, "status": {"type": "string"}, "bundle_hash": {"type": ["string", "null"]}}},
-        }},
+                 "description": "pyoco-server compatible HTTP API on an event-sourced backend (NATS JetStream). "
+                                "Browsers' cross-site writes are refused (403) unless their origin is in PYOCO_HTTP_ALLOWED_ORIGINS."},
+        "paths": paths,
+        "components": {"schemas": _SCHEMAS},
     }
+
+
+def app_routes(url_map: Any) -> list[tuple[str, str]]:  # noqa: ANN401 - werkzeug's Map
+    """(method, rule) of every route in a werkzeug/Quart URL map."""
+    return [(m, r.rule) for r in url_map.iter_rules() for m in sorted(r.methods or ()) if m not in ("HEAD", "OPTIONS")]
+
+
+__all__ = ["OPERATIONS", "app_routes", "openapi_document"]

@@ -49,13 +49,20 @@ from .multipart import parse_form
 from .index import decode_cursor
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricValues, local_day_bounds, render
-from .openapi import openapi_document
+from .openapi import app_routes, openapi_document
 from .params import (
+    IDEMPOTENCY_KEY_MAX,
+    RUN_ID_MAX,
+    WORKER_ID_MAX,
     RequestInvalid,
+    TAG_MAX,
+    TAGS_MAX_ITEMS,
+    check_flow_name,
+    check_params,
     check_tag,
     field_error,
     invalid,
-    parse_json_body,
+    json_loads,
     query_bool,
     query_float,
     query_int,
@@ -67,8 +74,6 @@ RECORD_INCLUDES: Final = frozenset({"records", "task_records", "full", "all"})
 FULL_INCLUDES: Final = frozenset({"full", "all"})
 TERMINAL: Final = frozenset(s.value for s in TERMINAL_STATUSES)
 IDEMPOTENCY_NAMESPACE: Final = uuid.UUID("5b0f8a51-3f0c-4c55-9d55-70796f636f65")
-IDEMPOTENCY_KEY_MAX: Final = 255
-RUN_ID_MAX: Final = 128
 LANG_PLACEHOLDER: Final = "__PYOCO_DASHBOARD_LANG_VALUE__"
 
 INLINE_PARSE_BYTES = 16 * 1024  # smaller YAML documents are parsed on the event loop
@@ -146,11 +151,11 @@ def idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
     key = key.strip()
-    if not key or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable():
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX or not (key.isascii() and key.isprintable()):
         raise invalid(
             "idempotency_key",
             ("header", "Idempotency-Key"),
-            f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} printable characters (e.g. a UUID)",
+            f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} printable ASCII characters (e.g. a UUID)",
             key[:64],
         )
     return key
@@ -166,11 +171,12 @@ def _last_event_id() -> int | None:
         raise invalid("int_parsing", ("header", "Last-Event-ID"), str(exc), raw) from None
 
 
-def parse_submit_body(body: object, *, default_tag: str) -> tuple[str, JSONObject, str, list[str]]:
+def parse_submit_body(body: object, *, default_tag: str, max_params_bytes: int) -> tuple[str, JSONObject, str, list[str]]:
     """Validate ``POST /runs`` (contract §1.2): flow_name, params, tag, tags.
 
     Raises:
         RequestInvalid: with one FastAPI-style item per problem.
+        PayloadTooLarge: params over ``max_params_bytes``.
     """
     if not isinstance(body, dict):
         raise invalid("model_attributes_type", ("body",), "request body must be a JSON object", body)
@@ -178,58 +184,42 @@ def parse_submit_body(body: object, *, default_tag: str) -> tuple[str, JSONObjec
     flow_name = body.get("flow_name")
     if "flow_name" not in body:
         errors.append(field_error("missing", ("body", "flow_name"), "Field required: flow_name (the flow to run)"))
-    elif not isinstance(flow_name, str):
-        errors.append(field_error("string_type", ("body", "flow_name"), "flow_name must be a string", flow_name))
-    elif not flow_name:
-        errors.append(field_error("string_too_short", ("body", "flow_name"), "flow_name must have at least 1 character", flow_name))
+    else:
+        _collect(errors, check_flow_name, flow_name, ("body", "flow_name"))
     params = body.get("params", {})
     if params is None or not isinstance(params, dict):
         errors.append(field_error("dict_type", ("body", "params"), "params must be a JSON object", params))
     tag = body.get("tag")
     if tag is not None:
-        try:
-            check_tag(tag, ("body", "tag"))
-        except RequestInvalid as exc:
-            errors.extend(exc.detail)  # type: ignore[arg-type]
+        _collect(errors, check_tag, tag, ("body", "tag"))
     tags = body.get("tags", [])
     if tags is None:
         tags = []
     if not isinstance(tags, list):
         errors.append(field_error("list_type", ("body", "tags"), "tags must be a list of strings", tags))
+    elif len(tags) > TAGS_MAX_ITEMS:
+        errors.append(field_error("too_long", ("body", "tags"), f"at most {TAGS_MAX_ITEMS} tags", len(tags)))
     else:
         for i, t in enumerate(tags):
-            if not isinstance(t, str):
-                errors.append(field_error("string_type", ("body", "tags", i), "each tag must be a string", t))
-            elif not t or len(t) > 128:
-                errors.append(field_error("string_length", ("body", "tags", i), "each tag must be 1..128 characters", t[:64]))
-        if len(tags) > 64:
-            errors.append(field_error("too_long", ("body", "tags"), "at most 64 tags", len(tags)))
+            _collect(errors, functools.partial(check_tag, what="each tag"), t, ("body", "tags", i))
     if errors:
         raise RequestInvalid(errors)
+    check_params(params, ("body", "params"), max_bytes=max_params_bytes)
     routing = (tag or "").strip() or default_tag
     stored_tags = [str(t) for t in tags] if tags else [routing]
     return str(flow_name), params, routing, stored_tags
 
 
+def _collect(errors: list[dict[str, JSONValue]], check: Any, value: object, loc: tuple[str | int, ...]) -> None:
+    try:
+        check(value, loc)
+    except RequestInvalid as exc:
+        errors.extend(exc.detail)  # type: ignore[arg-type]
+
+
 async def _body() -> bytes:
     raw = await request.get_data(cache=False)
     return raw if isinstance(raw, bytes) else raw.encode("utf-8")
-
-
-def _json_loads_strict(raw: bytes) -> object:
-    def reject(name: str) -> object:
-        raise invalid("json_invalid", ("body",), f"{name} is not valid JSON (numbers must be finite)", None)
-
-    if not raw.strip():
-        return parse_json_body(raw)
-    try:
-        return json.loads(raw, parse_constant=reject)
-    except RequestInvalid:
-        raise
-    except RecursionError:
-        raise invalid("json_invalid", ("body",), "JSON is nested too deeply", None) from None
-    except (ValueError, UnicodeDecodeError):
-        return parse_json_body(raw)
 
 
 def check_yaml_length(gw: Gateway, length: int | None) -> None:
@@ -261,8 +251,8 @@ def yaml_form(gw: Gateway, body: bytes, content_type: str | None) -> tuple[str, 
     if errors:
         raise RequestInvalid(errors)
     raw_tag = (form.get("tag") or "").strip() or gw.settings.default_tag
-    if not subjects.is_token(raw_tag) or len(raw_tag) > 128:
-        raise RequestInvalid("invalid tag: tag must match [A-Za-z0-9_-]+ (no dots or spaces)")
+    if not subjects.is_token(raw_tag) or len(raw_tag) > TAG_MAX:
+        raise RequestInvalid(f"invalid tag: tag must match [A-Za-z0-9_-]+ (no dots, spaces or wildcards), at most {TAG_MAX} characters")
     assert upload is not None and flow_name is not None
     limit = gw.settings.workflow_yaml_max_bytes
     if len(upload.data) > limit:
@@ -270,6 +260,7 @@ def yaml_form(gw: Gateway, body: bytes, content_type: str | None) -> tuple[str, 
     name = str(flow_name).strip()
     if not name:
         raise RequestInvalid("missing flow_name: flow_name must not be blank")
+    check_flow_name(name, ("body", "flow_name"))
     return name, raw_tag, upload.data
 
 
@@ -289,7 +280,13 @@ def yaml_document(gw: Gateway, data: bytes) -> WorkflowDoc:
 
 
 def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc) -> tuple[RunSubmitted, JSONObject]:
-    """The ``run.submitted`` of a YAML upload and its idempotency fingerprint."""
+    """The ``run.submitted`` of a YAML upload and its idempotency fingerprint.
+
+    Raises:
+        RequestInvalid: ``flow.defaults`` holds something params cannot (names the key path).
+        PayloadTooLarge: the defaults are over PYOCO_MAX_PARAMS_BYTES.
+    """
+    check_params(doc.flow_defaults, ("body", "workflow", "flow", "defaults"), max_bytes=gw.settings.max_params_bytes)
     event = RunSubmitted(
         flow_name=name,
         params=dict(doc.flow_defaults),
@@ -485,7 +482,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return json_response(openapi_document())
+        return json_response(openapi_document(app_routes(app.url_map)))
 
     # -- dashboard -------------------------------------------------------------------------
 
@@ -501,17 +498,22 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.get("/static/<path:filename>")
     async def static(filename: str) -> Response:
-        if "\x00" in filename or "\\" in filename:
+        if "\x00" in filename or "\\" in filename or len(filename) > 255:
             raise NotFound()
-        return await send_from_directory(gw.static_dir, filename)
+        try:
+            return await send_from_directory(gw.static_dir, filename)
+        except (OSError, ValueError):  # e.g. a name too long for the file system (found by the fuzzer)
+            raise NotFound() from None
 
     # -- submit ----------------------------------------------------------------------------
 
     @app.post("/runs")
     async def submit_run() -> Response:
         await gw.await_nats()
-        body = _json_loads_strict(await _body())
-        flow_name, params, tag, tags = parse_submit_body(body, default_tag=gw.settings.default_tag)
+        body = json_loads(await _body())
+        flow_name, params, tag, tags = parse_submit_body(
+            body, default_tag=gw.settings.default_tag, max_params_bytes=gw.settings.max_params_bytes
+        )
         event = RunSubmitted(
             flow_name=flow_name,
             params=params,
@@ -775,7 +777,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
 
     @app.patch("/workers/<worker_id>")
     async def patch_worker(worker_id: str) -> Response:
-        body = _json_loads_strict(await _body())
+        body = json_loads(await _body())
         if not isinstance(body, dict):
             raise invalid("model_attributes_type", ("body",), 'request body must be a JSON object like {"hidden": true}', body)
         if "hidden" not in body:
@@ -787,7 +789,7 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             hidden = bool(hidden)
         if not isinstance(hidden, bool):
             raise invalid("bool_type", ("body", "hidden"), "hidden must be true or false", body["hidden"])
-        if not subjects.is_token(worker_id) or len(worker_id) > 256:
+        if not subjects.is_token(worker_id) or len(worker_id) > WORKER_ID_MAX:
             return json_response({"detail": "worker not found"}, 404)
         gw.require_nats()
         deadline = trio.current_time() + PATCH_RETRY_SECONDS

@@ -13,6 +13,7 @@ from ..config import Settings
 from ..nats.client import NatsClient
 from .app import create_app, gateway_of
 from .fastpath import FastPath
+from .guard import allowed_hosts
 from .index import RunIndex, WorkerIndex
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,15 @@ async def run_gateway(
         index = await nursery.start(RunIndex(nats, check_interval=check).run)
         workers = await nursery.start(WorkerIndex(nats, check_interval=check).run)
         app = create_app(nats, settings, index=index, workers=workers)
+        gw = gateway_of(app)
+        gw.allowed_hosts = allowed_hosts(settings.http_allowed_hosts, gw.allowed_origins, bind_host=host)
         config = Config()
         config.bind = [f"{host}:{port}"]
         config.accesslog = None
         config.errorlog = logging.getLogger("pyoco_es.gateway.hypercorn")
         config.graceful_timeout = 1.0
         config.keep_alive_timeout = 75.0
-        asgi = FastPath(app, gateway_of(app))
+        asgi = FastPath(app, gw)
         binds = await nursery.start(lambda task_status: serve(asgi, config, task_status=task_status))  # type: ignore[arg-type]
         url = urlsplit(binds[0])
         bound = (url.hostname or host, url.port or port)

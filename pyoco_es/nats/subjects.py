@@ -19,12 +19,12 @@ DLQ_PREFIX: Final = "pyoco.dlq"
 PROJECTOR_DURABLE: Final = "pyoco_projector"
 DISPATCHER_DURABLE: Final = "pyoco_dispatcher"
 
-TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch only: `^...$` passes "id\n"
 
 
 def is_token(value: str) -> bool:
     """A single subject token: what run ids, tags and worker ids must be."""
-    return bool(TOKEN_RE.match(value))
+    return TOKEN_RE.fullmatch(value) is not None
 
 
 def run_events_subject(run_id: str) -> str:

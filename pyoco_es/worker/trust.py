@@ -98,7 +98,7 @@ def check_allowed_modules(allowed: Iterable[str]) -> tuple[str, ...]:
         if not prefix:
             continue
         if prefix != ALLOW_ALL:
-            if not all(_PART.match(part) for part in prefix.split(".")):
+            if not all(_PART.fullmatch(part) for part in prefix.split(".")):
                 raise ValueError(
                     f"--allow-module {prefix!r}: expected a dotted module name of public identifiers, or '*'"
                 )
@@ -123,7 +123,7 @@ def check_env_names(names: Iterable[str]) -> tuple[str, ...]:
         name = raw.strip()
         if not name:
             continue
-        if not ENV_NAME_RE.match(name):
+        if not ENV_NAME_RE.fullmatch(name):
             raise ValueError(f"--expose-env {name!r}: expected an environment variable name (letters, digits, _)")
         if name not in out:
             out.append(name)
