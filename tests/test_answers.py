@@ -3,6 +3,7 @@ and what the queue gauge counts.  A real gateway, conductor and nats-server."""
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 
@@ -90,3 +91,14 @@ async def test_the_queue_gauge_stops_counting_a_cancelled_pending_run(gw: GW) ->
         text = await wait_until(lambda: depth("1.0"), what="the cancelled run to leave the queue")
         # The raw stream count is still there, under a name that does not claim to be the queue.
         assert 'pyoco_work_stream_messages{tag="default"} 2.0' in text
+
+
+def test_replay_names_every_differing_field_status_first() -> None:
+    """The diff was cut at 8 fields, silently, and the cut could drop ``status``."""
+    from pyoco_es.conductor.replay import _first_difference
+
+    live = {f"f{i:02d}": i for i in range(12)} | {"status": "PENDING", "zz": 1}
+    replayed = {f"f{i:02d}": -i - 1 for i in range(12)} | {"status": "COMPLETED", "zz": 1}
+    detail = _first_difference(json.dumps(live).encode(), json.dumps(replayed).encode())
+    assert detail.startswith("status PENDING → COMPLETED; 13 field(s) differ: status, f00, f01")
+    assert "f11" in detail and "zz" not in detail

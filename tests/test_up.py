@@ -3,6 +3,7 @@ Ctrl-C/SIGTERM stops everything."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,25 +24,37 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")}
-    log = tmp_path / "up.log"
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")}
+SERVER = [sys.executable, "-c", "from pyoco_es.cli.main import server_main; server_main()"]
+PYOCO_ES = [sys.executable, "-c", "from pyoco_es.cli.main import main; main()"]
+
+
+def _start_up(log: Path, *args: str, cwd: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
+    """``pyoco-server ARGS`` with stderr in ``log``; returns the process and its gateway URL."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from pyoco_es.cli.main import server_main; server_main()",
-             "--port", "0", "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out,
-        )
+        proc = subprocess.Popen([*SERVER, "--port", "0", *args], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=out)
+    url = ""
+    deadline = time.monotonic() + 60
+    while not url and time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if "gateway on" in line:
+                url = line.split("gateway on ")[1].split()[0].rstrip("/")
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    assert url, log.read_text()
+    return proc, url
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
+    log = tmp_path / "up.log"
+    proc, url = _start_up(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples")
     try:
-        url = ""
-        deadline = time.monotonic() + 30
-        while not url and time.monotonic() < deadline:
-            for line in log.read_text().splitlines():
-                if "gateway on" in line:
-                    url = line.split("gateway on ")[1].split()[0].rstrip("/")
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-        assert url, log.read_text()
         flow = (ROOT / "examples" / "flow.yaml").read_bytes()
         r = httpx.post(f"{url}/runs/yaml", files={"workflow": ("flow.yaml", flow)}, data={"flow_name": "main", "tag": "default"})
         assert r.status_code == 200, r.text
@@ -64,6 +77,34 @@ def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
         assert not _alive(nats_pid)
         assert "Traceback" not in log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+def test_one_data_dir_one_nats_server(tmp_path: Path) -> None:
+    """While `up` runs, `events` and `replay` use its server (no second nats-server on the store,
+    no scratch bucket left behind), and a second `up` on the same data dir is refused."""
+    data = tmp_path / "data"
+    proc, url = _start_up(tmp_path / "up.log", "--data-dir", str(data))
+    try:
+        run_id = httpx.post(f"{url}/runs", json={"flow_name": "hello"}).json()["run_id"]
+        events = subprocess.run([*PYOCO_ES, "events", run_id, "--data-dir", str(data), "--output", "json"],
+                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert events.returncode == 0, events.stderr
+        assert json.loads(events.stdout.splitlines()[0])["type"] == "run.submitted"
+        replay = subprocess.run([*PYOCO_ES, "replay", "--data-dir", str(data)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+        assert replay.returncode in (0, 1), replay.stderr  # 1: the projector had not caught up yet
+        assert "replayed 1 events of 1 runs" in replay.stdout, replay.stdout + replay.stderr
+        nats_log = (data / "nats" / "nats-server.log").read_text()
+        assert nats_log.count("Starting nats-server") == 1, nats_log
+        assert "will rebuild" not in nats_log
+        monitor = json.loads(next((data / "nats" / "run").glob("*.ports")).read_text())["monitoring"][0]
+        streams = httpx.get(f"{monitor}/jsz", params={"streams": "true"}).text
+        assert "KV_pyoco_runs\"" in streams and "KV_pyoco_runs_replay" not in streams
+        second = subprocess.run([*SERVER, "--port", "0", "--data-dir", str(data)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert second.stderr.startswith("ERR-PYOCO-0018: data dir "), second.stderr
+        assert str(data / "nats") in second.stderr and f"pid {proc.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert (data / "nats" / "nats-server.log").read_text().count("Starting nats-server") == 1
+    finally:
+        _stop(proc)

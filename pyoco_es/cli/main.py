@@ -4,7 +4,7 @@ plus ``pyoco-server`` (defaults to ``up``) and ``pyoco-worker`` as compatible na
 from __future__ import annotations
 
 import json
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 import os
 import sys
 from datetime import datetime, timezone
@@ -184,17 +184,23 @@ async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: st
       pyoco-es replay --nats-url nats://127.0.0.1:4222
     """
     configure_logging("warning")
-    from ..conductor.replay import replay as do_replay
+    from ..conductor.replay import REPLAY_BUCKET, replay as do_replay
+    from ..nats.resources import delete_bucket
 
     settings = _settings(nats_url=nats_url, data_dir=data_dir)
     try:
-        async with open_system_nats(settings, name="pyoco-replay") as nats:
+        async with open_system_nats(settings, name="pyoco-replay", attach=True) as nats:
 
             def progress(done: int, total: int) -> None:
                 if sys.stderr.isatty():
                     print(f"\rreplayed up to stream seq {done}/{total}", end="", file=sys.stderr, flush=True)
 
-            report = await do_replay(nats, rebuild=rebuild, progress=progress, max_snapshot_bytes=settings.max_run_snapshot_bytes)
+            try:
+                report = await do_replay(nats, rebuild=rebuild, progress=progress, max_snapshot_bytes=settings.max_run_snapshot_bytes)
+            finally:
+                # The scratch bucket is never left behind: not on an error, not on Ctrl-C.
+                with trio.CancelScope(shield=True), trio.move_on_after(10), suppress(PyocoError):
+                    await delete_bucket(nats, REPLAY_BUCKET)
     except PyocoError as exc:
         fail(exc.message)
         return
@@ -235,7 +241,7 @@ async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str 
         fail(f"invalid run id {run_id!r}: use letters, digits, '_' or '-'")
     settings = _settings(nats_url=nats_url, data_dir=data_dir)
     try:
-        async with open_system_nats(settings, name="pyoco-events") as nats:
+        async with open_system_nats(settings, name="pyoco-events", attach=True) as nats:
             history = await RunStore(nats).history(run_id)
     except PyocoError as exc:
         fail(exc.message)
