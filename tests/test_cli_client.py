@@ -6,7 +6,6 @@ a few tests run the real console script as a subprocess (Ctrl-C, completion).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -358,6 +357,26 @@ async def test_cancel_wait_and_its_timeout(server: CannedServer) -> None:
     assert_error(await cli(server, "cancel"), "ERR-PYOCO-0018", "Missing option '--run-id'")
 
 
+async def test_cancel_wait_outlasts_the_forced_cancel_and_says_why(server: CannedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--wait gave up at 30 s, exactly the default grace, just when the worker kills the run; its
+    hint blamed the worker."""
+    from pyoco_es.cli.client import CANCEL_WAIT_MARGIN, default_cancel_wait
+
+    for name in ("PYOCO_CANCEL_GRACE_PERIOD_SEC", "PYOCO_RUN_LEASE_SEC"):
+        monkeypatch.delenv(name, raising=False)
+    assert default_cancel_wait() == 30 + 2 * 15 + CANCEL_WAIT_MARGIN  # past the reaper's bound
+    monkeypatch.setenv("PYOCO_CANCEL_GRACE_PERIOD_SEC", "90")
+    assert default_cancel_wait() == 90 + 2 * 15 + CANCEL_WAIT_MARGIN  # follows the operator's grace
+    server.json("POST", f"/runs/{RUN}/cancel", {"run_id": RUN, "status": "CANCELLING"})
+    hold = trio.Event()
+    server.routes[("GET", f"/runs/{RUN}/watch")] = sse(snap_frame(RUN, "CANCELLING", 1), hold=hold)
+    env = {"PYOCO_CANCEL_GRACE_PERIOD_SEC": "0.2", "PYOCO_RUN_LEASE_SEC": "0.5"}
+    result = await cli(server, "cancel", "--run-id", RUN, "--wait", "--timeout-sec", "0.3", env=env)
+    hold.set()
+    assert_error(result, "ERR-PYOCO-CANCEL", "still CANCELLING", "kills a run that ignores it 0.2 s after", "1.2 s after")
+    assert "a worker must pick" not in result.stderr
+
+
 # -- help, pure pieces -------------------------------------------------------------------------
 
 
@@ -412,26 +431,32 @@ def test_live_render_fits_a_short_terminal() -> None:
 
 
 async def test_ctrl_c_exits_130_without_a_traceback(server: CannedServer, tmp_path: Path) -> None:
+    """Ctrl-C while watching: exit 130, no traceback.  The signal is sent once the client says it
+    is watching (its first status line), not after a fixed time, so load cannot reorder them."""
     hold = trio.Event()
     server.routes[("GET", f"/runs/{RUN}/watch")] = sse(snap_frame(RUN, "RUNNING", 1), hold=hold)
     err_path = tmp_path / "stderr.txt"
-    with trio.fail_after(20), err_path.open("w") as err:
-        async with trio.open_nursery() as nursery:
-            proc: trio.Process = await nursery.start(
-                functools.partial(
-                    trio.run_process,
-                    [str(CLIENT_BIN), "--server", server.url, "watch", RUN, "--until-terminal", "--output", "status"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    check=False,
-                )
-            )
-            # Ask the canned server, not a clock, whether the watch is connected.
-            while not server.requests("GET", f"/runs/{RUN}/watch"):
-                await trio.sleep(0.02)
+    with trio.fail_after(120), err_path.open("w") as err:  # a hang guard only: it never paces the test
+        proc = await trio.lowlevel.open_process(
+            [str(CLIENT_BIN), "--server", server.url, "watch", RUN, "--until-terminal", "--output", "status"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+        try:
+            assert proc.stdout is not None
+            seen = b""
+            while b"RUNNING" not in seen:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, f"the client exited before watching: {err_path.read_text()}"
+                seen += chunk
             proc.send_signal(signal.SIGINT)
-        hold.set()
-    assert proc.returncode == 130
+            await proc.wait()
+        finally:
+            hold.set()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 130, err_path.read_text()
     assert "Traceback" not in err_path.read_text()
 
 
