@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +25,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")}
-SERVER = [sys.executable, "-c", "from pyoco_es.cli.main import server_main; server_main()"]
-PYOCO_ES = [sys.executable, "-c", "from pyoco_es.cli.main import main; main()"]
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_") and k != "PYTHONPATH"}
+# The console scripts, as the README runs them (``python -c`` would put the current directory on
+# sys.path and hide what a newcomer meets).
+BIN = Path(sys.executable).parent
+SERVER = [str(BIN / "pyoco-server")]
+PYOCO_ES = [str(BIN / "pyoco-es")]
+
+
+def _project(tmp_path: Path) -> Path:
+    """A newcomer's project root: a copy of examples/ and nothing on PYTHONPATH."""
+    root = tmp_path / "project"
+    shutil.copytree(ROOT / "examples", root / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
 
 def _start_up(log: Path, *args: str, cwd: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
@@ -52,9 +63,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
+    """From a project root, as the README says: the example resolver in module form (no
+    PYTHONPATH), a YAML run and a named run complete, and no ./artifacts is left behind."""
     log = tmp_path / "up.log"
-    proc, url = _start_up(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples")
+    project = _project(tmp_path)
+    proc, url = _start_up(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples",
+                          "--worker-flow-resolver", "examples.flows:resolve", cwd=project)  # fmt: skip
     try:
+        named = httpx.post(f"{url}/runs", json={"flow_name": "hello", "params": {"x": 4}})
+        assert named.status_code == 200, named.text
         flow = (ROOT / "examples" / "flow.yaml").read_bytes()
         r = httpx.post(f"{url}/runs/yaml", files={"workflow": ("flow.yaml", flow)}, data={"flow_name": "main", "tag": "default"})
         assert r.status_code == 200, r.text
@@ -68,6 +85,9 @@ def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert snap["status"] == "COMPLETED", snap
         assert snap["task_records"]["to_text"]["output"] == "value=2"  # type: ignore[index]
+        hello = httpx.get(f"{url}/runs/{named.json()['run_id']}", params={"include": "records"}).json()
+        assert hello["status"] == "COMPLETED", hello  # it was submitted first, so it has ended too
+        assert hello["task_records"]["to_text"]["output"] == "value=5"
         nats_pid = int((tmp_path / "data" / "nats" / "nats-server.pid").read_text())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0, log.read_text()
@@ -76,8 +96,34 @@ def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert not _alive(nats_pid)
         assert "Traceback" not in log.read_text()
+        assert sorted(p.name for p in project.iterdir()) == ["examples"]  # no ./artifacts
     finally:
         _stop(proc)
+
+
+def test_a_file_path_resolver_in_a_package_loads(tmp_path: Path) -> None:
+    """``examples/flows.py:resolve`` is a module of a package with a relative import (``from .
+    import tasks``): the child loads it as ``examples.flows``, from its own scratch directory."""
+    project = _project(tmp_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    spec = f"{project / 'examples' / 'flows.py'}:resolve"
+    code = f"from pyoco_es.worker.child import load_resolver; print(load_resolver({spec!r})('hello').name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=scratch, env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "hello", out.stderr
+
+
+def test_up_names_the_flag_the_user_typed(tmp_path: Path) -> None:
+    for spec, reason in (("no_such_module:resolve", "cannot find module 'no_such_module'"),
+                         ("examples/nope.py:resolve", "file not found"), ("resolve", "expected 'module:function'")):  # fmt: skip
+        out = subprocess.run([*SERVER, "--port", "0", "--data-dir", str(tmp_path / "d"), "--with-worker", "--worker-flow-resolver", spec],
+                             cwd=_project(tmp_path / spec.replace("/", "_")), env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.startswith(f"ERR-PYOCO-0018: --worker-flow-resolver: {reason}"), out.stderr
+        assert "Usage:" not in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything started
+    help_text = subprocess.run([*SERVER, "up", "--help"], env=ENV, capture_output=True, text=True, timeout=60).stdout
+    assert "child process" in help_text and "in this process" not in help_text
 
 
 def test_one_data_dir_one_nats_server(tmp_path: Path) -> None:

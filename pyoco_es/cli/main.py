@@ -69,7 +69,7 @@ def cli() -> None:
 @DATA_DIR
 @NATS_SYNC
 @click.option("--dashboard-lang", type=click.Choice(["auto", "ja", "en"]), default=None, help="Dashboard language (PYOCO_DASHBOARD_LANG).")
-@click.option("--with-worker", is_flag=True, help="Also run a worker in this process.")
+@click.option("--with-worker", is_flag=True, help="Also start a worker, as a child process that stops with this one.")
 @click.option("--worker-id", default="worker", show_default=True)
 @click.option("--worker-tags", default="default", show_default=True, help="CSV of tags the worker serves.")
 @click.option("--worker-concurrency", default=4, show_default=True, type=int)
@@ -107,7 +107,10 @@ async def up(
     from .worker import load_flow_resolver
 
     if worker_flow_resolver:
-        load_flow_resolver(worker_flow_resolver)  # a bad spec fails here, before anything starts
+        try:  # a bad spec fails here, before anything starts
+            worker_flow_resolver = load_flow_resolver(worker_flow_resolver, flag="--worker-flow-resolver")
+        except click.BadParameter as exc:
+            fail(f"--worker-flow-resolver: {exc.message}", hint="pyoco-server up --help")
     stop = trio.Event()
     try:
         async with open_system_nats(settings, name="pyoco-server", announce=True) as nats:
