@@ -458,6 +458,18 @@ def test_cancel_shows_cancelling_then_cancelled(page: Page, http: httpx.Client) 
     pg.locator('.watch[data-state="final"]').wait_for()
     page.shot("run-cancelled")
     assert http.get(f"/runs/{run_id}").json()["status"] == "CANCELLED"
+    # The killed task is "Interrupted" with the time it ran (docs/dashboard.md), not "Cancelled" and "—".
+    task = pg.locator('.task[data-task="ignore_cancel"]')
+    assert task.get_attribute("data-state") == "INTERRUPTED"
+    assert "Interrupted" in task.inner_text()
+    assert task.locator(".dur").inner_text() not in ("", "—")
+    ended = pg.locator('#timeline .ev[data-type="run.cancelled"]')
+    assert "forced (stopped after the grace period)" in ended.inner_text()
+    # Japanese pages translate the enumerated values too (it said "理由: forced").
+    pg.click('#lang-switch button[data-lang="ja"]')
+    assert "理由: 強制終了" in ended.inner_text() and "forced" not in ended.inner_text()
+    assert "中断" in task.inner_text()
+    pg.click('#lang-switch button[data-lang="en"]')
 
 
 def test_hide_and_unhide_worker(page: Page, narrow: Page, http: httpx.Client) -> None:
