@@ -112,3 +112,25 @@ def test_one_data_dir_runs_one_server(tmp_path: Path) -> None:
     again = EmbeddedNats(data_dir=tmp_path / "nats")
     again.start()
     again.stop()
+
+
+def test_a_server_left_running_on_the_store_is_never_joined_by_a_second(tmp_path: Path) -> None:
+    """Its holder died but the nats-server lingers (no death signal reached it): a new holder
+    waits for it, then refuses, naming its pid, rather than open the store twice."""
+    import pyoco_es.nats.embedded as embedded
+
+    orphan = EmbeddedNats(data_dir=tmp_path / "nats")
+    orphan.start()
+    try:
+        assert orphan.proc is not None
+        os.close(orphan.lock_fd)  # the holder "dies"; its server does not
+        orphan.lock_fd = None
+        started = time.monotonic()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(embedded, "ORPHAN_WAIT", 0.3)
+            with pytest.raises(DataDirInUse, match=f"pid {orphan.proc.pid} \\(a nats-server left running"):
+                EmbeddedNats(data_dir=tmp_path / "nats").start()
+        assert time.monotonic() - started < 5
+        assert orphan.proc.poll() is None
+    finally:
+        orphan.stop()

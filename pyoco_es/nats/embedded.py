@@ -40,16 +40,17 @@ log = logging.getLogger(__name__)
 SYNC_CHOICES: Final = ("1s", "always", "default")
 LOCK_FILE: Final = "lock"
 PID_FILE: Final = "nats-server.pid"
+ORPHAN_WAIT = 10.0  # how long a new holder waits for a dead holder's nats-server to exit
 
 
 class DataDirInUse(InfraError):
     """Another live process holds the data directory's lock (it runs a nats-server on it)."""
 
-    def __init__(self, data_dir: Path, holder: int | None, url: str | None) -> None:
+    def __init__(self, data_dir: Path, holder: int | None, url: str | None, *, what: str | None = None) -> None:
         who = f"pid {holder}" if holder else "another process"
+        what = what or f"a running pyoco-server up, conductor or gateway{f' with NATS at {url}' if url else ''}"
         super().__init__(
-            f"data dir {data_dir} is in use by {who} (a running pyoco-server up, conductor or gateway"
-            f"{f' with NATS at {url}' if url else ''}): stop it, pick another --data-dir, or pass "
+            f"data dir {data_dir} is in use by {who} ({what}): stop it, pick another --data-dir, or pass "
             f"--nats-url {url or 'URL'} to use its server"
         )
         self.data_dir = data_dir
@@ -105,7 +106,9 @@ def running_server_url(data_dir: Path, *, timeout: float = 10.0) -> str | None:
         if urls is not None and _healthy(urls[1]):
             return urls[0]
         if time.monotonic() > deadline:
-            raise DataDirInUse(data_dir, _lock_holder(data_dir), None)
+            raise DataDirInUse(
+                data_dir, _lock_holder(data_dir), None, what=f"its nats-server did not answer within {timeout:g} s"
+            )
         time.sleep(0.05)
     return None
 
@@ -118,13 +121,19 @@ def _healthy(monitor_url: str) -> bool:
         return False
 
 
-def _nats_server_alive(pid: int) -> bool:
+def _serves_store(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` is a live nats-server started on ``data_dir``'s config (not a reused pid)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read()
+            state = f.read().rsplit(")", 1)[-1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [os.fsdecode(a) for a in f.read().split(b"\0")]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    return "(nats-server)" in fields and fields.rsplit(")", 1)[-1].split()[0] != "Z"
+    confs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-c"]
+    mine = os.path.realpath(data_dir / "nats.conf")
+    return state != "Z" and any(os.path.realpath(os.path.join(cwd, c)) == mine for c in confs)
 
 
 def nats_server_path() -> str:
@@ -218,13 +227,13 @@ class EmbeddedNats:
         self.lock_fd = fd
         # The previous holder died; its server gets SIGTERM from the kernel and exits within a
         # moment.  Never start a second server on a store one is still writing.
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + ORPHAN_WAIT
         for ports in (self.data_dir / "run").glob("nats-server_*.ports"):
             pid = ports.name.removeprefix("nats-server_").removesuffix(".ports")
-            while pid.isdigit() and _nats_server_alive(int(pid)):
+            while pid.isdigit() and _serves_store(int(pid), self.data_dir):
                 if time.monotonic() > deadline:
                     self._unlock()
-                    raise DataDirInUse(self.data_dir, int(pid), None)
+                    raise DataDirInUse(self.data_dir, int(pid), None, what="a nats-server left running by an earlier holder")
                 time.sleep(0.05)
 
     def _unlock(self) -> None:
