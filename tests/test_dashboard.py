@@ -417,8 +417,11 @@ def test_timeline_shows_each_attempt_of_a_retried_run(page: Page, http: httpx.Cl
     dividers = pg.locator("#timeline .ev-divider").evaluate_all("els => els.map(e => e.dataset.attempt)")
     assert dividers == ["2", "3"]
     assert "3 of 3" in pg.locator("#detail-error").inner_text()
-    # the task was cut off by the dying process: the fold marks it FAILED (interrupted), not running
-    pg.locator('.task[data-task="die"][data-state="FAILED"]').wait_for()
+    # the task was cut off by the dying process: the fold marks it FAILED ("interrupted: …"), and
+    # the page says what happened to it (docs/dashboard.md), not running, with the error kept
+    task = pg.locator('.task[data-task="die"][data-state="INTERRUPTED"]')
+    task.wait_for()
+    assert "Interrupted" in task.inner_text() and "interrupted" in task.inner_text()
     page.shot("run-retried")
 
 
