@@ -36,8 +36,8 @@ def new_event_id() -> str:
 def new_run_id() -> str:
     """A fresh run id in pyoco-server's form, ``str(uuid4())`` (36 characters, with dashes).
 
-    Runs stored before 0.x used ``uuid4().hex`` (32 hex characters); both forms are valid ids
-    everywhere (routes, CLI, subjects, KV keys), so old runs stay readable.
+    Runs stored by earlier pyoco-es versions have ``uuid4().hex`` ids (32 hex characters); both
+    forms are valid ids everywhere (routes, CLI, subjects, KV keys), so old runs stay readable.
     """
     return str(uuid.uuid4())
 
