@@ -103,7 +103,7 @@ def running_server_url(data_dir: Path, *, timeout: float = 10.0) -> str | None:
     deadline = time.monotonic() + timeout
     while _is_locked(data_dir):
         urls = _published_urls(data_dir)
-        if urls is not None and _healthy(urls[1]):
+        if urls is not None and _js_healthy(urls[1]):
             return urls[0]
         if time.monotonic() > deadline:
             raise DataDirInUse(
@@ -113,7 +113,7 @@ def running_server_url(data_dir: Path, *, timeout: float = 10.0) -> str | None:
     return None
 
 
-def _healthy(monitor_url: str) -> bool:
+def _js_healthy(monitor_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{monitor_url}/healthz?js-enabled-only=true", timeout=1) as r:
             return bool(r.status == 200)
@@ -279,12 +279,16 @@ class EmbeddedNats:
                 except (ValueError, KeyError, IndexError):
                     time.sleep(0.005)
                     continue
-                if _healthy(self.monitor_url):
-                    (self.data_dir / PID_FILE).write_text(str(self.proc.pid))
+                if self._healthy():
+                    (self.data_dir / "nats-server.pid").write_text(str(self.proc.pid))
                     log.info("embedded nats-server %s at %s (sync %s, store %s)", self.proc.pid, self.url, self.sync, self.data_dir)
                     return self.url
             time.sleep(0.005)
+        self.stop()
         raise InfraError(f"nats-server did not become healthy within {timeout}s: {self._log_tail(logfile)}")
+
+    def _healthy(self) -> bool:
+        return _js_healthy(self.monitor_url)
 
     @staticmethod
     def _log_tail(logfile: Path) -> str:
