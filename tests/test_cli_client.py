@@ -268,6 +268,27 @@ async def test_watch_until_terminal_exit_code_tells_the_outcome(server: CannedSe
     assert [line.split("\t")[2] for line in result.stdout.splitlines()] == ["RUNNING", final]  # stops at the first terminal
 
 
+async def test_watch_until_terminal_always_shows_the_final_event(server: CannedServer) -> None:
+    """The reader stopped when the follower had *parsed* the terminal frame, before it was
+    handed over, so the last frame was sometimes never printed or drawn (a live view left at
+    RUNNING with exit 0).  Frames back to back in one chunk make that ordering likely; Trio
+    shuffles its run queue, so a few rounds see both orders."""
+    frames = snap_frame(RUN, "RUNNING", 1) + snap_frame(RUN, "RUNNING", 2) + snap_frame(RUN, "COMPLETED", 3)
+
+    async def one_chunk(_: Seen) -> Any:
+        async def stream(send_chunk: Any) -> None:
+            await send_chunk(frames)
+
+        return stream
+
+    server.routes[("GET", f"/runs/{RUN}/watch")] = one_chunk
+    for _ in range(30):
+        result = await cli(server, "watch", RUN, "--until-terminal", "--output", "json")
+        assert result.exit_code == 0, result.stderr
+        statuses = [json.loads(line)["data"]["snapshot"]["status"] for line in result.stdout.splitlines()]
+        assert statuses == ["RUNNING", "RUNNING", "COMPLETED"], statuses
+
+
 async def test_watch_until_terminal_times_out_with_exit_4(server: CannedServer) -> None:
     hold = trio.Event()
     server.routes[("GET", f"/runs/{RUN}/watch")] = sse(snap_frame(RUN, "RUNNING", 1), hold=hold)

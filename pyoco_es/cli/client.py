@@ -38,6 +38,7 @@ from .client_errors import (
     input_error,
 )
 from .client_http import (
+    TERMINAL_STATUSES,
     Api,
     ClientSettings,
     SseEvent,
@@ -430,7 +431,9 @@ async def watch_run(
                 count += 1
                 if max_events and count >= max_events:
                     break
-                if options.until_terminal and result.terminal:
+                # This event's own status: ``result`` may already describe a later frame the
+                # follower has parsed but not handed over yet (it would never be shown).
+                if options.until_terminal and event.status in TERMINAL_STATUSES:
                     break
         nursery.cancel_scope.cancel()
     if view is not None:
