@@ -63,4 +63,5 @@ async def test_ctrl_c_during_replay_removes_the_scratch_bucket(nats_server: Embe
         await proc.stderr.aclose()
     assert proc.returncode != 0 and time.monotonic() - started < 30
     assert not await _exists(nats, SCRATCH), err
+    assert "Traceback" not in err, err
     assert await _exists(nats, subjects.kv_stream(subjects.RUNS_BUCKET))
