@@ -438,6 +438,20 @@ def test_live_render_shows_each_task_state_and_duration() -> None:
     assert all(len(line) <= 60 for line in render(snapshot, run_id=RUN, now=105.0, width=12))
 
 
+def test_live_render_shows_a_killed_task_as_interrupted() -> None:
+    """A forced cancel: the fold marks the running task CANCELLED; it was cut off, and it ran
+    until the run ended (not "until now")."""
+    snapshot = {
+        "run_id": RUN, "status": "CANCELLED", "start_time": 100.0, "end_time": 131.0,
+        "tasks": {"extract": "SUCCEEDED", "sleep": "CANCELLED", "report": "CANCELLED"},
+        "task_records": {"extract": {"state": "SUCCEEDED", "duration_ms": 1000.0},
+                         "sleep": {"state": "CANCELLED", "started_at": 101.0}, "report": {"state": "CANCELLED"}},
+    }  # fmt: skip
+    lines = render(snapshot, run_id=RUN, now=500.0, width=80)
+    assert lines[3] == "  ↯ sleep    INTERRUPTED  30.0s"
+    assert lines[4] == "  ⊘ report   CANCELLED"  # never started: cancelled, not interrupted
+
+
 def test_live_render_fits_a_short_terminal() -> None:
     """Many tasks: succeeded ones fold into one line, then the rest is cut to the height."""
     tasks = {f"t{i:02d}": "SUCCEEDED" for i in range(30)} | {"x": "RUNNING", "y": "PENDING"}
