@@ -494,9 +494,10 @@ def load_resolver(spec: str) -> Callable[[str], Any]:
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ValueError(f"--flow-resolver: {target} has no attribute {attr!r}")
+            # No flag name: the operator typed --flow-resolver or up's --worker-flow-resolver.
+            raise ValueError(f"flow resolver {spec!r}: {target} has no attribute {attr!r}")
     if not callable(obj):
-        raise ValueError(f"--flow-resolver: {spec} is not callable")
+        raise ValueError(f"flow resolver {spec!r} is not callable")
     return obj  # type: ignore[no-any-return]
 
 
