@@ -18,7 +18,7 @@ import trio
 from .config import Settings
 from .core.errors import PyocoError
 from .nats.client import NatsClient, open_nats
-from .nats.embedded import EmbeddedNats
+from .nats.embedded import EmbeddedNats, running_server_url
 from .nats.resources import ResourceConfig, ensure_resources
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,23 @@ def configure_logging(level: str = "info") -> None:
 
 
 @asynccontextmanager
-async def open_system_nats(settings: Settings, *, name: str, announce: bool = False) -> AsyncIterator[NatsClient]:
+async def open_system_nats(
+    settings: Settings, *, name: str, announce: bool = False, attach: bool = False
+) -> AsyncIterator[NatsClient]:
     """Connect to ``settings.nats_url``, or start the embedded server under ``settings.data_dir``.
 
+    With ``attach`` (commands that only read or repair: ``events``, ``replay``), the server a
+    running ``up`` keeps on that data dir is used instead of starting a second one on its store.
     The streams and buckets are created or updated before the client is handed out.
+
+    Raises:
+        DataDirInUse: another process holds the data dir (and ``attach`` is off, or its server
+            never became reachable).
     """
     server: EmbeddedNats | None = None
     url = settings.nats_url
+    if not url and attach:
+        url = await trio.to_thread.run_sync(running_server_url, Path(settings.data_dir) / "nats")
     if not url:
         server = EmbeddedNats(data_dir=Path(settings.data_dir) / "nats", sync=settings.nats_sync)
         url = server.start()

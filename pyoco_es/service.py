@@ -34,7 +34,12 @@ def new_event_id() -> str:
 
 
 def new_run_id() -> str:
-    return uuid.uuid4().hex
+    """A fresh run id in pyoco-server's form, ``str(uuid4())`` (36 characters, with dashes).
+
+    Runs stored by earlier pyoco-es versions have ``uuid4().hex`` ids (32 hex characters); both
+    forms are valid ids everywhere (routes, CLI, subjects, KV keys), so old runs stay readable.
+    """
+    return str(uuid.uuid4())
 
 
 @attrs.frozen

@@ -6,7 +6,6 @@ a few tests run the real console script as a subprocess (Ctrl-C, completion).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -269,6 +268,27 @@ async def test_watch_until_terminal_exit_code_tells_the_outcome(server: CannedSe
     assert [line.split("\t")[2] for line in result.stdout.splitlines()] == ["RUNNING", final]  # stops at the first terminal
 
 
+async def test_watch_until_terminal_always_shows_the_final_event(server: CannedServer) -> None:
+    """The reader stopped when the follower had *parsed* the terminal frame, before it was
+    handed over, so the last frame was sometimes never printed or drawn (a live view left at
+    RUNNING with exit 0).  Frames back to back in one chunk make that ordering likely; Trio
+    shuffles its run queue, so a few rounds see both orders."""
+    frames = snap_frame(RUN, "RUNNING", 1) + snap_frame(RUN, "RUNNING", 2) + snap_frame(RUN, "COMPLETED", 3)
+
+    async def one_chunk(_: Seen) -> Any:
+        async def stream(send_chunk: Any) -> None:
+            await send_chunk(frames)
+
+        return stream
+
+    server.routes[("GET", f"/runs/{RUN}/watch")] = one_chunk
+    for _ in range(30):
+        result = await cli(server, "watch", RUN, "--until-terminal", "--output", "json")
+        assert result.exit_code == 0, result.stderr
+        statuses = [json.loads(line)["data"]["snapshot"]["status"] for line in result.stdout.splitlines()]
+        assert statuses == ["RUNNING", "RUNNING", "COMPLETED"], statuses
+
+
 async def test_watch_until_terminal_times_out_with_exit_4(server: CannedServer) -> None:
     hold = trio.Event()
     server.routes[("GET", f"/runs/{RUN}/watch")] = sse(snap_frame(RUN, "RUNNING", 1), hold=hold)
@@ -358,6 +378,26 @@ async def test_cancel_wait_and_its_timeout(server: CannedServer) -> None:
     assert_error(await cli(server, "cancel"), "ERR-PYOCO-0018", "Missing option '--run-id'")
 
 
+async def test_cancel_wait_outlasts_the_forced_cancel_and_says_why(server: CannedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--wait gave up at 30 s, exactly the default grace, just when the worker kills the run; its
+    hint blamed the worker."""
+    from pyoco_es.cli.client import CANCEL_WAIT_MARGIN, default_cancel_wait
+
+    for name in ("PYOCO_CANCEL_GRACE_PERIOD_SEC", "PYOCO_RUN_LEASE_SEC"):
+        monkeypatch.delenv(name, raising=False)
+    assert default_cancel_wait() == 30 + 2 * 15 + CANCEL_WAIT_MARGIN  # past the reaper's bound
+    monkeypatch.setenv("PYOCO_CANCEL_GRACE_PERIOD_SEC", "90")
+    assert default_cancel_wait() == 90 + 2 * 15 + CANCEL_WAIT_MARGIN  # follows the operator's grace
+    server.json("POST", f"/runs/{RUN}/cancel", {"run_id": RUN, "status": "CANCELLING"})
+    hold = trio.Event()
+    server.routes[("GET", f"/runs/{RUN}/watch")] = sse(snap_frame(RUN, "CANCELLING", 1), hold=hold)
+    env = {"PYOCO_CANCEL_GRACE_PERIOD_SEC": "0.2", "PYOCO_RUN_LEASE_SEC": "0.5"}
+    result = await cli(server, "cancel", "--run-id", RUN, "--wait", "--timeout-sec", "0.3", env=env)
+    hold.set()
+    assert_error(result, "ERR-PYOCO-CANCEL", "still CANCELLING", "kills a run that ignores it 0.2 s after", "1.2 s after")
+    assert "a worker must pick" not in result.stderr
+
+
 # -- help, pure pieces -------------------------------------------------------------------------
 
 
@@ -398,6 +438,20 @@ def test_live_render_shows_each_task_state_and_duration() -> None:
     assert all(len(line) <= 60 for line in render(snapshot, run_id=RUN, now=105.0, width=12))
 
 
+def test_live_render_shows_a_killed_task_as_interrupted() -> None:
+    """A forced cancel: the fold marks the running task CANCELLED; it was cut off, and it ran
+    until the run ended (not "until now")."""
+    snapshot = {
+        "run_id": RUN, "status": "CANCELLED", "start_time": 100.0, "end_time": 131.0,
+        "tasks": {"extract": "SUCCEEDED", "sleep": "CANCELLED", "report": "CANCELLED"},
+        "task_records": {"extract": {"state": "SUCCEEDED", "duration_ms": 1000.0},
+                         "sleep": {"state": "CANCELLED", "started_at": 101.0}, "report": {"state": "CANCELLED"}},
+    }  # fmt: skip
+    lines = render(snapshot, run_id=RUN, now=500.0, width=80)
+    assert lines[3] == "  ↯ sleep    INTERRUPTED  30.0s"
+    assert lines[4] == "  ⊘ report   CANCELLED"  # never started: cancelled, not interrupted
+
+
 def test_live_render_fits_a_short_terminal() -> None:
     """Many tasks: succeeded ones fold into one line, then the rest is cut to the height."""
     tasks = {f"t{i:02d}": "SUCCEEDED" for i in range(30)} | {"x": "RUNNING", "y": "PENDING"}
@@ -412,26 +466,32 @@ def test_live_render_fits_a_short_terminal() -> None:
 
 
 async def test_ctrl_c_exits_130_without_a_traceback(server: CannedServer, tmp_path: Path) -> None:
+    """Ctrl-C while watching: exit 130, no traceback.  The signal is sent once the client says it
+    is watching (its first status line), not after a fixed time, so load cannot reorder them."""
     hold = trio.Event()
     server.routes[("GET", f"/runs/{RUN}/watch")] = sse(snap_frame(RUN, "RUNNING", 1), hold=hold)
     err_path = tmp_path / "stderr.txt"
-    with trio.fail_after(20), err_path.open("w") as err:
-        async with trio.open_nursery() as nursery:
-            proc: trio.Process = await nursery.start(
-                functools.partial(
-                    trio.run_process,
-                    [str(CLIENT_BIN), "--server", server.url, "watch", RUN, "--until-terminal", "--output", "status"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    check=False,
-                )
-            )
-            # Ask the canned server, not a clock, whether the watch is connected.
-            while not server.requests("GET", f"/runs/{RUN}/watch"):
-                await trio.sleep(0.02)
+    with trio.fail_after(120), err_path.open("w") as err:  # a hang guard only: it never paces the test
+        proc = await trio.lowlevel.open_process(
+            [str(CLIENT_BIN), "--server", server.url, "watch", RUN, "--until-terminal", "--output", "status"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+        try:
+            assert proc.stdout is not None
+            seen = b""
+            while b"RUNNING" not in seen:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, f"the client exited before watching: {err_path.read_text()}"
+                seen += chunk
             proc.send_signal(signal.SIGINT)
-        hold.set()
-    assert proc.returncode == 130
+            await proc.wait()
+        finally:
+            hold.set()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 130, err_path.read_text()
     assert "Traceback" not in err_path.read_text()
 
 

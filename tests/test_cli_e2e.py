@@ -94,7 +94,7 @@ async def pyoco(url: str, *args: str, timeout: float = 30.0) -> subprocess.Compl
     with trio.fail_after(timeout):
         done = await trio.run_process(
             [CLIENT, "--server", url, *args], capture_stdout=True, capture_stderr=True, check=False, cwd=REPO,
-            env={**os.environ, "COLUMNS": "80"},
+            env={**os.environ, "COLUMNS": "100"},
         )  # fmt: skip
     out = subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
     assert "Traceback" not in out.stderr, out.stderr

@@ -417,8 +417,11 @@ def test_timeline_shows_each_attempt_of_a_retried_run(page: Page, http: httpx.Cl
     dividers = pg.locator("#timeline .ev-divider").evaluate_all("els => els.map(e => e.dataset.attempt)")
     assert dividers == ["2", "3"]
     assert "3 of 3" in pg.locator("#detail-error").inner_text()
-    # the task was cut off by the dying process: the fold marks it FAILED (interrupted), not running
-    pg.locator('.task[data-task="die"][data-state="FAILED"]').wait_for()
+    # the task was cut off by the dying process: the fold marks it FAILED ("interrupted: …"), and
+    # the page says what happened to it (docs/dashboard.md), not running, with the error kept
+    task = pg.locator('.task[data-task="die"][data-state="INTERRUPTED"]')
+    task.wait_for()
+    assert "Interrupted" in task.inner_text() and "interrupted" in task.inner_text()
     page.shot("run-retried")
 
 
@@ -458,6 +461,18 @@ def test_cancel_shows_cancelling_then_cancelled(page: Page, http: httpx.Client) 
     pg.locator('.watch[data-state="final"]').wait_for()
     page.shot("run-cancelled")
     assert http.get(f"/runs/{run_id}").json()["status"] == "CANCELLED"
+    # The killed task is "Interrupted" with the time it ran (docs/dashboard.md), not "Cancelled" and "—".
+    task = pg.locator('.task[data-task="ignore_cancel"]')
+    assert task.get_attribute("data-state") == "INTERRUPTED"
+    assert "Interrupted" in task.inner_text()
+    assert task.locator(".dur").inner_text() not in ("", "—")
+    ended = pg.locator('#timeline .ev[data-type="run.cancelled"]')
+    assert "forced (stopped after the grace period)" in ended.inner_text()
+    # Japanese pages translate the enumerated values too (it said "理由: forced").
+    pg.click('#lang-switch button[data-lang="ja"]')
+    assert "理由: 強制終了" in ended.inner_text() and "forced" not in ended.inner_text()
+    assert "中断" in task.inner_text()
+    pg.click('#lang-switch button[data-lang="en"]')
 
 
 def test_hide_and_unhide_worker(page: Page, narrow: Page, http: httpx.Client) -> None:

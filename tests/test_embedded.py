@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pyoco_es.core.errors import InfraError
-from pyoco_es.nats.embedded import EmbeddedNats
+from pyoco_es.nats.embedded import DataDirInUse, EmbeddedNats, running_server_url
 
 
 def _alive(pid: int) -> bool:
@@ -79,9 +79,58 @@ def test_no_orphan_nats_server_when_the_parent_stops(tmp_path: Path, how: str) -
         if how != "SIGKILL":
             assert proc.returncode == 0
         _wait(lambda: not _alive(nats_pid), "nats-server to exit")
+        # The data dir's lock died with its holder: the store can be opened again at once.
+        assert running_server_url(tmp_path / "nats", timeout=0) is None
+        server = EmbeddedNats(data_dir=tmp_path / "nats")
+        server.start()
+        server.stop()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_one_data_dir_runs_one_server(tmp_path: Path) -> None:
+    """A second server on a store in use is refused, naming the directory and the holder's pid;
+    readers find the running server instead of starting their own."""
+    first = EmbeddedNats(data_dir=tmp_path / "nats")
+    first.start()
+    try:
+        assert running_server_url(tmp_path / "nats") == first.url
+        with pytest.raises(DataDirInUse) as caught:
+            EmbeddedNats(data_dir=tmp_path / "nats").start()
+        message = caught.value.message
+        assert str(tmp_path / "nats") in message and f"pid {os.getpid()}" in message and first.url in message
+        assert "--data-dir" in message and "--nats-url" in message
+        assert first.proc is not None and first.proc.poll() is None  # the refusal touched nothing
+        assert len(list((tmp_path / "nats" / "run").glob("*.ports"))) == 1
+    finally:
+        first.stop()
+    assert running_server_url(tmp_path / "nats", timeout=0) is None
+    again = EmbeddedNats(data_dir=tmp_path / "nats")
+    again.start()
+    again.stop()
+
+
+def test_a_server_left_running_on_the_store_is_never_joined_by_a_second(tmp_path: Path) -> None:
+    """Its holder died but the nats-server lingers (no death signal reached it): a new holder
+    waits for it, then refuses, naming its pid, rather than open the store twice."""
+    import pyoco_es.nats.embedded as embedded
+
+    orphan = EmbeddedNats(data_dir=tmp_path / "nats")
+    orphan.start()
+    try:
+        assert orphan.proc is not None
+        os.close(orphan.lock_fd)  # the holder "dies"; its server does not
+        orphan.lock_fd = None
+        started = time.monotonic()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(embedded, "ORPHAN_WAIT", 0.3)
+            with pytest.raises(DataDirInUse, match=f"pid {orphan.proc.pid} \\(a nats-server left running"):
+                EmbeddedNats(data_dir=tmp_path / "nats").start()
+        assert time.monotonic() - started < 5
+        assert orphan.proc.poll() is None
+    finally:
+        orphan.stop()

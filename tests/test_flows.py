@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 from pyoco.core.engine import Engine
@@ -242,8 +243,9 @@ class TestGraph:
         assert fragment in info.value.message, info.value.message
         assert info.value.message.startswith("graph")
 
-    def test_runs_in_pyoco(self) -> None:
+    def test_runs_in_pyoco(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """A fan-out/join operator graph really executes in pyoco's engine in dependency order."""
+        monkeypatch.chdir(tmp_path)  # pyoco's Context creates ./artifacts in the working directory
         order: list[str] = []
 
         def make(n: str) -> Task:

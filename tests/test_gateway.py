@@ -470,7 +470,8 @@ async def test_metrics_families(gw: GW) -> None:
         assert "pyoco_workers_alive_total 1.0" in text
         assert "pyoco_dlq_messages_total 0.0" in text
         assert "pyoco_events_appended_total 3.0" in text
-        assert 'pyoco_queue_depth{tag="default"} 2.0' in text  # both dispatched, nobody consumed them
+        assert 'pyoco_queue_depth{tag="default"} 1.0' in text  # the PENDING run; the other is RUNNING
+        assert 'pyoco_work_stream_messages{tag="default"} 2.0' in text  # both dispatched, nobody consumed them
         assert "pyoco_runs_unprojectable_total 0.0" in text
         # A corrupt event marks its run as not projectable: visible in the metric and the list.
         bad = "c0ffee" * 5 + "00"

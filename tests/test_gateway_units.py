@@ -4,6 +4,7 @@ entries), SSE framing, worker normalisation, idempotency keys."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -141,7 +142,7 @@ class TestIdempotency:
     def test_run_id_is_deterministic_per_tenant(self) -> None:
         assert run_id_for_key(None, "k") == run_id_for_key(None, "k") != run_id_for_key("t1", "k")
         assert run_id_for_key(None, "k") != run_id_for_key(None, "k2")
-        assert len(run_id_for_key(None, "k")) == 32
+        assert str(uuid.UUID(run_id_for_key(None, "k"))) == run_id_for_key(None, "k")  # canonical form
 
     def test_fingerprint_ignores_key_order(self) -> None:
         assert request_fingerprint({"a": 1, "b": {"x": 1, "y": 2}}) == request_fingerprint({"b": {"y": 2, "x": 1}, "a": 1})

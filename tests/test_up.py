@@ -3,7 +3,9 @@ Ctrl-C/SIGTERM stops everything."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +25,137 @@ def _alive(pid: int) -> bool:
         return False
 
 
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_") and k != "PYTHONPATH"}
+# The console scripts, as the README runs them (``python -c`` would put the current directory on
+# sys.path and hide what a newcomer meets).
+BIN = Path(sys.executable).parent
+SERVER = [str(BIN / "pyoco-server")]
+PYOCO_ES = [str(BIN / "pyoco-es")]
+
+
+def _project(tmp_path: Path) -> Path:
+    """A newcomer's project root: a copy of examples/ and nothing on PYTHONPATH."""
+    root = tmp_path / "project"
+    shutil.copytree(ROOT / "examples", root / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _start_up(log: Path, *args: str, cwd: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
+    """``pyoco-server ARGS`` with stderr in ``log``; returns the process and its gateway URL."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*SERVER, "--port", "0", *args], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=out)
+    url = ""
+    deadline = time.monotonic() + 60
+    while not url and time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if "gateway on" in line:
+                url = line.split("gateway on ")[1].split()[0].rstrip("/")
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    assert url, log.read_text()
+    return proc, url
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
+    """From a project root, as the README says: the example resolver in module form (no
+    PYTHONPATH), a YAML run and a named run complete, and no ./artifacts is left behind."""
+    log = tmp_path / "up.log"
+    project = _project(tmp_path)
+    proc, url = _start_up(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples",
+                          "--worker-flow-resolver", "examples.flows:resolve", cwd=project)  # fmt: skip
+    try:
+        named = httpx.post(f"{url}/runs", json={"flow_name": "hello", "params": {"x": 4}})
+        assert named.status_code == 200, named.text
+        flow = (ROOT / "examples" / "flow.yaml").read_bytes()
+        r = httpx.post(f"{url}/runs/yaml", files={"workflow": ("flow.yaml", flow)}, data={"flow_name": "main", "tag": "default"})
+        assert r.status_code == 200, r.text
+        run_id = r.json()["run_id"]
+        snap: dict[str, object] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            snap = httpx.get(f"{url}/runs/{run_id}", params={"include": "records"}).json()
+            if snap["status"] in ("COMPLETED", "FAILED", "CANCELLED"):
+                break
+            time.sleep(0.02)
+        assert snap["status"] == "COMPLETED", snap
+        assert snap["task_records"]["to_text"]["output"] == "value=2"  # type: ignore[index]
+        hello = httpx.get(f"{url}/runs/{named.json()['run_id']}", params={"include": "records"}).json()
+        assert hello["status"] == "COMPLETED", hello  # it was submitted first, so it has ended too
+        assert hello["task_records"]["to_text"]["output"] == "value=5"
+        nats_pid = int((tmp_path / "data" / "nats" / "nats-server.pid").read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0, log.read_text()
+        deadline = time.monotonic() + 10
+        while _alive(nats_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(nats_pid)
+        assert "Traceback" not in log.read_text()
+        assert sorted(p.name for p in project.iterdir()) == ["examples"]  # no ./artifacts
+    finally:
+        _stop(proc)
+
+
+def test_a_file_path_resolver_in_a_package_loads(tmp_path: Path) -> None:
+    """``examples/flows.py:resolve`` is a module of a package with a relative import (``from .
+    import tasks``): the child loads it as ``examples.flows``, from its own scratch directory."""
+    project = _project(tmp_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    spec = f"{project / 'examples' / 'flows.py'}:resolve"
+    code = f"from pyoco_es.worker.child import load_resolver; print(load_resolver({spec!r})('hello').name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=scratch, env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "hello", out.stderr
+
+
+def test_up_names_the_flag_the_user_typed(tmp_path: Path) -> None:
+    for spec, reason in (("no_such_module:resolve", "cannot find module 'no_such_module'"),
+                         ("examples/nope.py:resolve", "file not found"), ("resolve", "expected 'module:function'")):  # fmt: skip
+        out = subprocess.run([*SERVER, "--port", "0", "--data-dir", str(tmp_path / "d"), "--with-worker", "--worker-flow-resolver", spec],
+                             cwd=_project(tmp_path / spec.replace("/", "_")), env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.startswith(f"ERR-PYOCO-0018: --worker-flow-resolver: {reason}"), out.stderr
+        assert "Usage:" not in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything started
+    help_text = subprocess.run([*SERVER, "up", "--help"], env=ENV, capture_output=True, text=True, timeout=60).stdout
+    assert "child process" in help_text and "in this process" not in help_text
+
+
+def test_one_data_dir_one_nats_server(tmp_path: Path) -> None:
+    """While `up` runs, `events` and `replay` use its server (no second nats-server on the store,
+    no scratch bucket left behind), and a second `up` on the same data dir is refused."""
+    data = tmp_path / "data"
+    proc, url = _start_up(tmp_path / "up.log", "--data-dir", str(data))
+    try:
+        run_id = httpx.post(f"{url}/runs", json={"flow_name": "hello"}).json()["run_id"]
+        events = subprocess.run([*PYOCO_ES, "events", run_id, "--data-dir", str(data), "--output", "json"],
+                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert events.returncode == 0, events.stderr
+        assert json.loads(events.stdout.splitlines()[0])["type"] == "run.submitted"
+        replay = subprocess.run([*PYOCO_ES, "replay", "--data-dir", str(data)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+        assert replay.returncode in (0, 1), replay.stderr  # 1: the projector had not caught up yet
+        assert "replayed 1 events of 1 runs" in replay.stdout, replay.stdout + replay.stderr
+        nats_log = (data / "nats" / "nats-server.log").read_text()
+        assert nats_log.count("Starting nats-server") == 1, nats_log
+        assert "will rebuild" not in nats_log
+        monitor = json.loads(next((data / "nats" / "run").glob("*.ports")).read_text())["monitoring"][0]
+        streams = httpx.get(f"{monitor}/jsz", params={"streams": "true"}).text
+        assert "KV_pyoco_runs\"" in streams and "KV_pyoco_runs_replay" not in streams
+        second = subprocess.run([*SERVER, "--port", "0", "--data-dir", str(data)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert second.stderr.startswith("ERR-PYOCO-0018: data dir "), second.stderr
+        assert str(data / "nats") in second.stderr and f"pid {proc.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert (data / "nats" / "nats-server.log").read_text().count("Starting nats-server") == 1
+    finally:
+        _stop(proc)
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -36,30 +169,11 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+def _start_readme_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     """``pyoco-server up --with-worker --allow-module examples`` as the README starts it (plus a
     random port and a private data dir); returns the process, the gateway URL and the log."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")}
     log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from pyoco_es.cli.main import server_main; server_main()",
-             "up", "--port", "0", "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out,
-        )
-    url = ""
-    deadline = time.monotonic() + 30
-    while not url and time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            if "gateway on" in line:
-                url = line.split("gateway on ")[1].split()[0].rstrip("/")
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    if not url:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(log.read_text())
+    proc, url = _start_up(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples")
     return proc, url, log
 
 
@@ -78,31 +192,11 @@ def _run_example(url: str) -> dict[str, object]:
     return snap
 
 
-def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
-    proc, url, log = _start_up(tmp_path)
-    try:
-        snap = _run_example(url)
-        assert snap["status"] == "COMPLETED", snap
-        assert snap["task_records"]["to_text"]["output"] == "value=2"  # type: ignore[index]
-        nats_pid = int((tmp_path / "data" / "nats" / "nats-server.pid").read_text())
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=40) == 0, log.read_text()
-        deadline = time.monotonic() + 10
-        while _alive(nats_pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not _alive(nats_pid)
-        assert "Traceback" not in log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def test_up_with_worker_outlives_trio_thread_reaping(tmp_path: Path) -> None:
     """Issue 11 #1: the README's command stays up idle past Trio's 10 s idle-thread reaping (the
     worker's parent-death signal used to belong to a retired helper thread: SIGTERM at ~10-12 s),
     then still completes a run with the same worker process."""
-    proc, url, log = _start_up(tmp_path)
+    proc, url, log = _start_readme_up(tmp_path)
     try:
         [worker] = [p for p in _children(proc.pid) if b"\0worker\0" in Path(f"/proc/{p}/cmdline").read_bytes()]
         until = time.monotonic() + 13.0  # longer than the 10 s thread reaping plus a margin
@@ -124,7 +218,7 @@ def test_sigkilled_up_takes_its_worker_and_nats_with_it(tmp_path: Path) -> None:
     exits at once, nothing to drain with NATS gone; the run process follows its closed command
     pipe; nats-server's parent-death signal is armed from a thread that lives as long as ``up``).
     The old worker drained for up to its drain timeout instead."""
-    proc, url, log = _start_up(tmp_path)
+    proc, url, log = _start_readme_up(tmp_path)
     children = _children(proc.pid)
     nats_pid = int((tmp_path / "data" / "nats" / "nats-server.pid").read_text())
     [worker] = [p for p in children if p != nats_pid]

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from .client_errors import (
     input_error,
 )
 from .client_http import (
+    TERMINAL_STATUSES,
     Api,
     ClientSettings,
     SseEvent,
@@ -150,6 +152,18 @@ class _Group(click.Group):
             raise _usage_error(exc) from exc
 
 
+async def _cancel_on_sigint(scope: trio.CancelScope, *, task_status: trio.TaskStatus[trio.Event] = trio.TASK_STATUS_IGNORED) -> None:
+    """Cancel ``scope`` on the first SIGINT; the event it reports says whether that happened.  A
+    second SIGINT (the receiver is gone by then) interrupts at once, as Trio does by default."""
+    interrupted = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        task_status.started(interrupted)
+        async for _ in signals:
+            interrupted.set()
+            scope.cancel()
+            return
+
+
 def _api_command(fn: Callable[..., Awaitable[int | None]]) -> Callable[..., Awaitable[None]]:
     """Run ``fn(api, **params)`` with an open :class:`Api`; its int result is the exit status."""
 
@@ -158,8 +172,17 @@ def _api_command(fn: Callable[..., Awaitable[int | None]]) -> Callable[..., Awai
     async def wrapper(ctx: click.Context, /, **kwargs: Any) -> None:
         settings = ctx.find_object(ClientSettings)
         assert settings is not None, "the client group's callback sets ClientSettings"
-        async with open_api(settings) as api:
-            code = await fn(api, **kwargs)
+        code: int | None = None
+        # Ctrl-C cancels the command at its next checkpoint, like any cancellation, instead of
+        # a KeyboardInterrupt raised wherever the signal lands (inside an HTTP stream's
+        # generator, say, which then prints a traceback while being finalized).
+        async with trio.open_nursery() as nursery:
+            interrupted = await nursery.start(_cancel_on_sigint, nursery.cancel_scope)
+            async with open_api(settings) as api:
+                code = await fn(api, **kwargs)
+            nursery.cancel_scope.cancel()
+        if interrupted.is_set():
+            raise click.exceptions.Exit(EXIT_INTERRUPTED)
         if code:
             raise click.exceptions.Exit(code)
 
@@ -348,6 +371,24 @@ def _print_items(body: Any, output: str, columns: Sequence[str], rows: Callable[
 
 # -- waiting and watching ---------------------------------------------------------------------
 
+CANCEL_WAIT_MARGIN: Final = 5.0  # past the longest a cancel may take: appends, projection, the stream
+
+
+def default_cancel_wait() -> float:
+    """How long ``cancel --wait`` waits by default: the longest a cancel may take."""
+    grace, lease = cancel_timing()
+    return grace + 2 * lease + CANCEL_WAIT_MARGIN
+
+
+def cancel_timing() -> tuple[float, float]:
+    """(cancel grace, run lease) in seconds, as the server's environment sets them (same names,
+    same ``.env``); the client cannot ask the server, so it reads what the operator configured."""
+    from ..config import Settings
+
+    settings = Settings.from_env()
+    return settings.cancel_grace_period, settings.run_lease_seconds
+
+
 
 def _stderr(text: str) -> None:
     sys.stderr.write(text + "\n")
@@ -390,7 +431,9 @@ async def watch_run(
                 count += 1
                 if max_events and count >= max_events:
                     break
-                if options.until_terminal and result.terminal:
+                # This event's own status: ``result`` may already describe a later frame the
+                # follower has parsed but not handed over yet (it would never be shown).
+                if options.until_terminal and event.status in TERMINAL_STATUSES:
                     break
         nursery.cancel_scope.cancel()
     if view is not None:
@@ -699,16 +742,28 @@ async def watch_cmd(
 @client.command("cancel")
 @click.option("--run-id", required=True, help="The run to cancel.")
 @click.option("--wait", is_flag=True, help="Wait until the run has ended, then print its final snapshot.")
-@click.option("--timeout-sec", type=click.FloatRange(min=0.1), default=30, show_default=True, help="With --wait: give up after this many seconds (ERR-PYOCO-CANCEL, exit 1).")
+@click.option(
+    "--timeout-sec",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="With --wait: give up after this many seconds (ERR-PYOCO-CANCEL, exit 1). Default: the longest a cancel "
+    "can take, the cancel grace (PYOCO_CANCEL_GRACE_PERIOD_SEC, 30) + two run leases (PYOCO_RUN_LEASE_SEC, 15) + 5 s.",
+)
 @_api_command
-async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float) -> None:
+async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | None) -> None:
     """Ask a run to stop. Cancelling an ended run changes nothing.
+
+    A running run's worker stops it at the next task boundary, or kills it when the cancel grace
+    period has passed (the run ends CANCELLED either way); if its worker is gone, the conductor
+    cancels it after the grace plus two leases.  --wait waits that long by default.
 
     \b
     Examples:
       pyoco-client cancel --run-id RUN_ID
-      pyoco-client cancel --run-id RUN_ID --wait --timeout-sec 60
+      pyoco-client cancel --run-id RUN_ID --wait --timeout-sec 120
     """
+    grace, lease = cancel_timing()
+    timeout_sec = timeout_sec or default_cancel_wait()
     snapshot = await api.post_json(f"/runs/{run_id}/cancel")
     status = snapshot.get("status") if isinstance(snapshot, dict) else None
     if wait and status not in ("COMPLETED", "FAILED", "CANCELLED"):
@@ -719,7 +774,12 @@ async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float) -> N
                 ERR_CANCEL,
                 "wait timeout",
                 reason=f"run {run_id} is still {result.status or status} after {timeout_sec:g} s",
-                hint="a worker must pick the cancel up; check `pyoco-client workers`, or wait longer with --timeout-sec",
+                hint=(
+                    f"the cancel is recorded and still in progress: a worker kills a run that ignores it "
+                    f"{grace:g} s after the request (the cancel grace), and the conductor ends it "
+                    f"{grace + 2 * lease:g} s after the request if its worker is gone; follow it with "
+                    f"`{_sub('watch')} {run_id} --until-terminal`, or wait longer with --timeout-sec"
+                ),
             )
         snapshot = await api.get_json(f"/runs/{run_id}")
     write_json(snapshot)

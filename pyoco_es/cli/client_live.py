@@ -25,6 +25,7 @@ _ICONS: Final = {
     "SUCCEEDED": "✓",
     "FAILED": "✗",
     "CANCELLED": "⊘",
+    "INTERRUPTED": "↯",
 }
 _COLOURS: Final = {
     "RUNNING": "\x1b[33m",
@@ -33,6 +34,7 @@ _COLOURS: Final = {
     "COMPLETED": "\x1b[32m",
     "FAILED": "\x1b[31m",
     "CANCELLED": "\x1b[35m",
+    "INTERRUPTED": "\x1b[35m",
 }
 _RESET: Final = "\x1b[0m"
 
@@ -64,10 +66,17 @@ def _task_rows(snapshot: Mapping[str, Any], now: float) -> list[tuple[str, str]]
     records = as_mapping(snapshot.get("task_records"))
     names = list(states) + [n for n in records if n not in states]
     name_w = max((len(n) for n in names), default=4)
+    end = _num(snapshot.get("end_time"))
+    finished = str(snapshot.get("status")) in TERMINAL_STATUSES
     rows = []
     for name in names:
         record = as_mapping(records.get(name))
         state = str(states.get(name) or record.get("state") or "PENDING")
+        if finished and state != "SUCCEEDED" and _num(record.get("started_at")) is not None and _num(record.get("ended_at")) is None:
+            # Started, never ended, and the run is over: its process died or was killed (a forced
+            # cancel, a lost worker).  As the dashboard says it; it ran until the run ended.
+            state = "INTERRUPTED"
+            record = {**record, "ended_at": end} if end is not None else record
         took = task_duration(record, now)
         dur = fmt_duration(took) if took is not None else ""
         rows.append((state, f"  {_ICONS.get(state, '?')} {name.ljust(name_w)}  {state.ljust(9)}  {dur}".rstrip()))

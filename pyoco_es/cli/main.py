@@ -4,7 +4,7 @@ plus ``pyoco-server`` (defaults to ``up``) and ``pyoco-worker`` as compatible na
 from __future__ import annotations
 
 import json
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 import os
 import sys
 from datetime import datetime, timezone
@@ -69,7 +69,7 @@ def cli() -> None:
 @DATA_DIR
 @NATS_SYNC
 @click.option("--dashboard-lang", type=click.Choice(["auto", "ja", "en"]), default=None, help="Dashboard language (PYOCO_DASHBOARD_LANG).")
-@click.option("--with-worker", is_flag=True, help="Also run a worker in this process.")
+@click.option("--with-worker", is_flag=True, help="Also start a worker, as a child process that stops with this one.")
 @click.option("--worker-id", default="worker", show_default=True)
 @click.option("--worker-tags", default="default", show_default=True, help="CSV of tags the worker serves.")
 @click.option("--worker-concurrency", default=4, show_default=True, type=int)
@@ -114,7 +114,10 @@ async def up(
         fail(str(exc), hint="pyoco-server up --help")
 
     if worker_flow_resolver:
-        load_flow_resolver(worker_flow_resolver)  # a bad spec fails here, before anything starts
+        try:  # a bad spec fails here, before anything starts
+            worker_flow_resolver = load_flow_resolver(worker_flow_resolver, flag="--worker-flow-resolver")
+        except click.BadParameter as exc:
+            fail(f"--worker-flow-resolver: {exc.message}", hint="pyoco-server up --help")
     stop = trio.Event()
     try:
         async with open_system_nats(settings, name="pyoco-server", announce=True) as nats:
@@ -193,17 +196,23 @@ async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: st
       pyoco-es replay --nats-url nats://127.0.0.1:4222
     """
     configure_logging("warning")
-    from ..conductor.replay import replay as do_replay
+    from ..conductor.replay import REPLAY_BUCKET, replay as do_replay
+    from ..nats.resources import delete_bucket
 
     settings = _settings(nats_url=nats_url, data_dir=data_dir)
     try:
-        async with open_system_nats(settings, name="pyoco-replay") as nats:
+        async with open_system_nats(settings, name="pyoco-replay", attach=True) as nats:
 
             def progress(done: int, total: int) -> None:
                 if sys.stderr.isatty():
                     print(f"\rreplayed up to stream seq {done}/{total}", end="", file=sys.stderr, flush=True)
 
-            report = await do_replay(nats, rebuild=rebuild, progress=progress, max_snapshot_bytes=settings.max_run_snapshot_bytes)
+            try:
+                report = await do_replay(nats, rebuild=rebuild, progress=progress, max_snapshot_bytes=settings.max_run_snapshot_bytes)
+            finally:
+                # The scratch bucket is never left behind: not on an error, not on Ctrl-C.
+                with trio.CancelScope(shield=True), trio.move_on_after(10), suppress(PyocoError):
+                    await delete_bucket(nats, REPLAY_BUCKET)
     except PyocoError as exc:
         fail(exc.message)
         return
@@ -244,7 +253,7 @@ async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str 
         fail(f"invalid run id {run_id!r}: use letters, digits, '_' or '-'")
     settings = _settings(nats_url=nats_url, data_dir=data_dir)
     try:
-        async with open_system_nats(settings, name="pyoco-events") as nats:
+        async with open_system_nats(settings, name="pyoco-events", attach=True) as nats:
             history = await RunStore(nats).history(run_id)
     except PyocoError as exc:
         fail(exc.message)

@@ -34,32 +34,43 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 CONNECT_TIMEOUT = 10.0
 
 
-def load_flow_resolver(spec: str) -> str:
-    """Validate a ``--flow-resolver`` spec and return it (the children import it, not the worker).
+def load_flow_resolver(spec: str, *, flag: str = "--flow-resolver") -> str:
+    """Validate a flow-resolver spec and return it (the children import it, not the worker).
 
     ``module:function`` or ``path/to/file.py:function``, split on the **last** ``:``; a target
     that ends in ``.py`` or contains a path separator is a file.  Dotted attributes are allowed.
+    Modules are looked up from the current directory too, as the children do (they get it first
+    on their path), so ``examples.flows:resolve`` works from the project root without PYTHONPATH.
+    ``flag`` is the option the user typed, for the messages.
 
     Raises:
         click.BadParameter: malformed spec, missing file, or a module that cannot be found.
     """
     import importlib.util
 
+    usage = f"expected 'module:function' or 'path.py:function', got {spec!r}"
     if ":" not in spec:
-        raise click.BadParameter(f"expected 'module:function' or 'path.py:function', got {spec!r}", param_hint="--flow-resolver")
+        raise click.BadParameter(usage, param_hint=flag)
     target, attr = spec.rsplit(":", 1)
     if not target or not attr or not all(part.isidentifier() for part in attr.split(".")):
-        raise click.BadParameter(f"expected 'module:function' or 'path.py:function', got {spec!r}", param_hint="--flow-resolver")
+        raise click.BadParameter(usage, param_hint=flag)
     if target.endswith(".py") or "/" in target or "\\" in target:
         if not os.path.isfile(target):
-            raise click.BadParameter(f"file not found: {target}", param_hint="--flow-resolver")
+            raise click.BadParameter(f"file not found: {target}", param_hint=flag)
         return f"{os.path.abspath(target)}:{attr}"
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         found = importlib.util.find_spec(target)
     except (ImportError, ValueError) as exc:
-        raise click.BadParameter(f"cannot find module {target!r}: {exc}", param_hint="--flow-resolver") from exc
+        raise click.BadParameter(f"cannot find module {target!r}: {exc}", param_hint=flag) from exc
+    finally:
+        if added:
+            sys.path.remove(cwd)
     if found is None:
-        raise click.BadParameter(f"cannot find module {target!r}", param_hint="--flow-resolver")
+        raise click.BadParameter(f"cannot find module {target!r} (looked in {cwd} and the installed packages)", param_hint=flag)
     return spec
 
 

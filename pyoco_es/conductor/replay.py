@@ -13,7 +13,7 @@ from ..core.fold import apply
 from ..core.model import RunSnapshot
 from ..nats import subjects
 from ..nats.client import NatsClient
-from ..nats.resources import recreate_bucket
+from ..nats.resources import delete_bucket, recreate_bucket
 
 log = logging.getLogger(__name__)
 REPLAY_BUCKET = "pyoco_runs_replay"
@@ -106,15 +106,24 @@ async def replay(
     if rebuild:
         for run_id, value in to_fix:
             await nats.kv_put(subjects.RUNS_BUCKET, run_id, value)
+    await delete_bucket(nats, out_bucket)  # scratch only (the CLI also drops it on an error)
     return ReplayReport(events=events, runs=len(snaps), differences=tuple(diffs))
 
 
 def _first_difference(live: bytes, replayed: bytes) -> str:
+    """Every field that differs, ``status`` first with both values (live → replayed)."""
     import json
 
     try:
         a, b = json.loads(live), json.loads(replayed)
     except ValueError:
         return "live value is not JSON"
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return "live value is not a JSON object"
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return "fields differ: " + ", ".join(keys[:8])
+    head = ""
+    if "status" in keys:
+        keys.remove("status")
+        head = f"status {a.get('status')} → {b.get('status')}; "
+        keys.insert(0, "status")
+    return f"{head}{len(keys)} field(s) differ: " + ", ".join(keys)

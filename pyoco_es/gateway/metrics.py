@@ -24,7 +24,8 @@ class MetricValues:
     projector_lag: int | None
     sse_streams: int
     index_runs: int
-    queue_depth: Mapping[str, int] | None = None  # work items waiting, by tag
+    queue_depth: Mapping[str, int] | None = None  # PENDING runs, by tag (what waits for a worker)
+    work_items: Mapping[str, int] | None = None  # messages in PYOCO_WORK, by tag (incl. obsolete ones)
     unprojectable_runs: int = 0
 
 
@@ -50,10 +51,15 @@ class _Collector(Collector):
         yield _gauge(
             "pyoco_projector_lag", "Events not yet projected (projector consumer num_pending + ack_pending).", v.projector_lag
         )
-        depth = GaugeMetricFamily("pyoco_queue_depth", "Work items waiting in PYOCO_WORK, by tag.", labels=["tag"])
-        for tag in sorted(v.queue_depth or {}):
-            depth.add_metric([tag], (v.queue_depth or {})[tag])
-        yield depth
+        # Runs waiting for a worker.  Not the work stream's message count: a run cancelled or
+        # finished while its item still sits in PYOCO_WORK no longer waits for anything (its
+        # item is dropped as obsolete when a worker fetches it), so it is not in the queue.
+        yield _by_tag("pyoco_queue_depth", "PENDING runs waiting for a worker, by tag.", v.queue_depth)
+        yield _by_tag(
+            "pyoco_work_stream_messages",
+            "Messages in the PYOCO_WORK stream, by tag (including items of runs cancelled meanwhile).",
+            v.work_items,
+        )
         yield GaugeMetricFamily(
             "pyoco_runs_unprojectable_total",
             "Runs the projector cannot fold (a corrupt or unknown event; see projection_error on the run).",
@@ -61,6 +67,13 @@ class _Collector(Collector):
         )
         yield GaugeMetricFamily("pyoco_gateway_sse_streams", "SSE streams open on this gateway.", value=v.sse_streams)
         yield GaugeMetricFamily("pyoco_gateway_index_runs", "Runs in this gateway's in-memory list index.", value=v.index_runs)
+
+
+def _by_tag(name: str, help_text: str, values: Mapping[str, int] | None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=["tag"])
+    for tag in sorted(values or {}):
+        family.add_metric([tag], (values or {})[tag])
+    return family
 
 
 def _gauge(name: str, help_text: str, value: int | None) -> GaugeMetricFamily:

@@ -85,8 +85,19 @@ PATCH_RETRY_SECONDS = 5.0  # how long PATCH /workers/{id} keeps retrying its com
 
 def run_id_for_key(tenant_id: str | None, key: str) -> str:
     """The run id an Idempotency-Key maps to (per tenant): a retry appends to the same run, whose
-    create-once ``run.submitted`` makes it a no-op forever, not just within the dedupe window."""
-    return uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{tenant_id or ''}\x00{key}").hex
+    create-once ``run.submitted`` makes it a no-op forever, not just within the dedupe window.
+
+    Canonical UUID form like every new run id; :func:`legacy_run_id_for_key` is the 32-hex form
+    earlier versions derived, still honoured for keys first used before the change."""
+    return str(_key_uuid(tenant_id, key))
+
+
+def legacy_run_id_for_key(tenant_id: str | None, key: str) -> str:
+    return _key_uuid(tenant_id, key).hex
+
+
+def _key_uuid(tenant_id: str | None, key: str) -> uuid.UUID:
+    return uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{tenant_id or ''}\x00{key}")
 
 
 def request_fingerprint(doc: JSONObject) -> str:
@@ -320,6 +331,10 @@ async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject
     """
     tenant = event.tenant_id
     run_id = run_id_for_key(tenant, key) if key else new_run_id()
+    if key:
+        legacy = gw.index.get(legacy_run_id_for_key(tenant, key))
+        if legacy is not None:  # the key's run from before run ids took the canonical form
+            run_id = str(legacy["run_id"])
     event = attrs.evolve(event, idempotency_key=key, request_sha256=request_fingerprint(fingerprint), fast_dispatch=True)
     size = len(dumps(event_data(event))) + 1024
     if size > gw.nats.max_payload:
@@ -350,7 +365,7 @@ async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject
         raise
     except RunAlreadyExists as exc:
         if exc.same_request:
-            return {"run_id": run_id, "status": "PENDING", "bundle_hash": None}, {"Idempotent-Replayed": "true"}
+            return await replayed_answer(gw, run_id)
         raise RequestInvalid(
             f"Idempotency-Key {key!r} was already used for a different request (run {run_id}); "
             "use a new key for a new run, or resend the identical request to get the same run"
@@ -379,6 +394,16 @@ async def jetstream_state(gw: Gateway) -> JSONObject:
             out["writable"] = False
             out["account_error"] = exc.message
     return out
+
+
+async def replayed_answer(gw: Gateway, run_id: str) -> tuple[JSONObject, dict[str, str]]:
+    """The answer to a retried submit: the run as it is now (a finished run is not PENDING)."""
+    doc = await read_snapshot(gw, run_id)
+    status = doc.get("status") if doc is not None else None
+    return (
+        {"run_id": run_id, "status": status if isinstance(status, str) else "PENDING", "bundle_hash": None},
+        {"Idempotent-Replayed": "true"},
+    )
 
 
 async def read_snapshot(gw: Gateway, run_id: str) -> JSONObject | None:
@@ -829,10 +854,14 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
         now = gw.clock()
         start, end = local_day_bounds(now)
         today: dict[str, int] = {}
+        waiting: dict[str, int] = {}
         unprojectable = 0
         for summary in gw.index.summaries():
             if summary.get("projection_error"):
                 unprojectable += 1
+            if summary.get("status") == "PENDING":
+                tag = str(summary.get("tag") or "")
+                waiting[tag] = waiting.get(tag, 0) + 1
             updated = summary.get("updated_at")
             if isinstance(updated, (int, float)) and start <= updated < end:
                 status = str(summary.get("status") or "UNKNOWN")
@@ -858,7 +887,8 @@ def register_routes(app: QuartTrio, gw: Gateway) -> None:  # noqa: C901 - one fl
             projector_lag=lag,
             sse_streams=gw.sse_streams,
             index_runs=len(gw.index),
-            queue_depth=depth,
+            queue_depth=waiting,
+            work_items=depth,
             unprojectable_runs=unprojectable,
         )
         return Response(render(values, gw.http), content_type=METRICS_CONTENT_TYPE)

@@ -446,6 +446,18 @@ def _clean_scratch() -> None:
         pass
 
 
+def file_module(path: str) -> tuple[str, str]:
+    """(import root, dotted name) of a ``.py`` file: inside a package (``__init__.py`` files up
+    the tree) it is that package's module, so its relative imports work (``examples/flows.py``
+    is ``examples.flows`` under the directory holding ``examples/``)."""
+    directory, filename = os.path.split(os.path.abspath(path))
+    parts = [os.path.splitext(filename)[0]]
+    while os.path.isfile(os.path.join(directory, "__init__.py")):
+        directory, package = os.path.split(directory)
+        parts.insert(0, package)
+    return directory, ".".join(parts)
+
+
 def load_resolver(spec: str) -> Callable[[str], Any]:
     """``module:fn`` or ``path/to/file.py:fn`` (split on the last ``:``; dotted attributes ok).
 
@@ -461,22 +473,29 @@ def load_resolver(spec: str) -> Callable[[str], Any]:
         path = os.path.abspath(target)
         if not os.path.isfile(path):
             raise ValueError(f"--flow-resolver file not found: {target}")
-        name = "pyoco_es_resolver_" + os.path.splitext(os.path.basename(path))[0]
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ValueError(f"--flow-resolver cannot load {target}")
-        module: Any = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
+        root, dotted = file_module(path)
+        if root not in sys.path:
+            sys.path.insert(0, root)  # its siblings (or its package) import as they would from there
+        if "." in dotted:
+            module: Any = importlib.import_module(dotted)
+        else:  # a lone file: under a private name, so it never collides with an installed module
+            name = "pyoco_es_resolver_" + dotted
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise ValueError(f"--flow-resolver cannot load {target}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(target)
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ValueError(f"--flow-resolver: {target} has no attribute {attr!r}")
+            # No flag name: the operator typed --flow-resolver or up's --worker-flow-resolver.
+            raise ValueError(f"flow resolver {spec!r}: {target} has no attribute {attr!r}")
     if not callable(obj):
-        raise ValueError(f"--flow-resolver: {spec} is not callable")
+        raise ValueError(f"flow resolver {spec!r} is not callable")
     return obj  # type: ignore[no-any-return]
 
 

@@ -117,6 +117,9 @@
     return key in (STRINGS[lang] || {}) || key in STRINGS.en ? t(key) : String(fallback);
   }
   const statusLabel = (s) => tOr("status." + (s || "UNKNOWN"), s);
+  /** A run's ending reason (run.failed / run.cancelled: forced, worker_lost ...) in words; an
+   * unknown one as it came. */
+  const reasonLabel = (r) => (r === null || r === undefined || r === "" ? "" : tOr("reason." + r, r));
 
   function applyStaticI18n() {
     document.documentElement.lang = lang;
@@ -997,7 +1000,7 @@
       ),
       run.error
         ? h("div", { class: "error-box" },
-          h("div", { class: "error-title" }, t("detail.error"), run.failure_reason ? h("span", { class: "muted" }, " · ", t("detail.failure_reason", { reason: run.failure_reason })) : null),
+          h("div", { class: "error-title" }, t("detail.error"), run.failure_reason ? h("span", { class: "muted" }, " · ", t("detail.failure_reason", { reason: reasonLabel(run.failure_reason) })) : null),
           h("pre", { class: "pre pre-error", id: "detail-error" }, asText(run.error)))
         : null,
     );
@@ -1038,8 +1041,11 @@
     const list = [...names].map((name) => {
       const rec = records[name] && typeof records[name] === "object" ? records[name] : {};
       let state = rec.state || states[name] || "PENDING";
-      // a task still "running" in a finished run was cut off (its process died or was killed)
-      if (finished && state === "RUNNING") state = "INTERRUPTED";
+      // A task that started but never ended in a finished run was cut off: its process died or
+      // was killed (a forced cancel, a lost worker).  The fold marks it CANCELLED or FAILED with
+      // the run; it did neither on its own, so say what happened.
+      const cutOff = state === "RUNNING" || ((state === "CANCELLED" || state === "FAILED") && typeof rec.started_at === "number" && typeof rec.ended_at !== "number");
+      if (finished && cutOff) state = "INTERRUPTED";
       return { name, state, rec };
     });
     const order = { SUCCEEDED: 0, FAILED: 0, CANCELLED: 0, INTERRUPTED: 0, RUNNING: 1, PENDING: 2 };
@@ -1106,7 +1112,8 @@
       const rec = task.rec;
       const dur = typeof rec.duration_ms === "number" ? rec.duration_ms / 1000
         : rec.started_at && rec.ended_at ? rec.ended_at - rec.started_at
-        : task.state === "RUNNING" && rec.started_at ? now - rec.started_at : null;
+        : task.state === "RUNNING" && rec.started_at ? now - rec.started_at
+        : task.state === "INTERRUPTED" && rec.started_at && typeof run.end_time === "number" ? Math.max(0, run.end_time - rec.started_at) : null;
       const durEl = h("span", { class: "dur num" }, fmtDuration(dur));
       if (task.state === "RUNNING" && rec.started_at) durEl.dataset.start = String(rec.started_at);
       const hasBody = rec.error || rec.traceback || rec.output !== undefined && rec.output !== null || (rec.inputs && Object.keys(rec.inputs).length);
@@ -1161,8 +1168,8 @@
       case "task.failed": return t("ev.sum.failed", { reason: d.task, error: d.error });
       case "run.cancel_requested": return d.by ? t("ev.sum.cancel_requested", { by: d.by }) : t("ev.sum.cancel_requested_anon");
       case "run.completed": return "";
-      case "run.failed": return t("ev.sum.failed", { reason: d.reason, error: d.error });
-      case "run.cancelled": return t("ev.sum.cancelled", { reason: d.reason }) + (d.by ? " · " + d.by : "");
+      case "run.failed": return t("ev.sum.failed", { reason: reasonLabel(d.reason), error: d.error });
+      case "run.cancelled": return t("ev.sum.cancelled", { reason: reasonLabel(d.reason) }) + (d.by ? " · " + d.by : "");
       default: return "";
     }
   }

@@ -56,6 +56,15 @@ window.PYOCO_I18N = {
     "task.CANCELLED": "Cancelled",
     "task.INTERRUPTED": "Interrupted",
 
+    "reason.requested": "requested",
+    "reason.forced": "forced (stopped after the grace period)",
+    "reason.not_started": "before it started",
+    "reason.error": "a task failed",
+    "reason.flow_not_found": "flow not found",
+    "reason.build_error": "the flow could not be built",
+    "reason.worker_lost": "worker lost",
+    "reason.invalid_job": "invalid job",
+
     "worker.RUNNING": "Running",
     "worker.IDLE": "Idle",
     "worker.STOPPED_GRACEFUL": "Stopped",
@@ -258,6 +267,15 @@ window.PYOCO_I18N = {
     "task.FAILED": "失敗",
     "task.CANCELLED": "キャンセル済み",
     "task.INTERRUPTED": "中断",
+
+    "reason.requested": "要求により",
+    "reason.forced": "強制終了（猶予時間の経過後）",
+    "reason.not_started": "開始前",
+    "reason.error": "タスクが失敗",
+    "reason.flow_not_found": "フローが見つからない",
+    "reason.build_error": "フローを構築できない",
+    "reason.worker_lost": "ワーカー喪失",
+    "reason.invalid_job": "不正なジョブ",
 
     "worker.RUNNING": "実行中",
     "worker.IDLE": "待機",
