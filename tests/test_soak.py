@@ -182,13 +182,18 @@ def test_the_readme_stack_survives_past_every_timer_with_faults(tmp_path: Path) 
         os.kill(first_worker, signal.SIGKILL)
         killed_at = time.time()
         ledger.fault_log.append((killed_at, f"SIGKILL up's worker {first_worker}"))
+        def still_up(when: str) -> None:
+            assert up.poll() is None, f"up exited {when}:\n" + up_log.read_text()[-3000:]
+
         at(FREEZE_SECOND_WORKER_AT)
+        still_up("after its worker was SIGKILLed")
         os.kill(w2.pid, signal.SIGSTOP)
         w2_frozen_at = time.time()
         at(THAW_SECOND_WORKER_AT)
         os.kill(w2.pid, signal.SIGCONT)
         w2_thawed_at = time.time()
         at(FREEZE_NATS_AT)
+        still_up("while a second worker was frozen")
         os.kill(nats_pid, signal.SIGSTOP)
         at(THAW_NATS_AT)
         os.kill(nats_pid, signal.SIGCONT)
