@@ -58,7 +58,7 @@ flow:
   defaults: {{x: 1, path: "{path}", seconds: 30}}
 tasks:
   first: {{callable: "examples.tasks:add_one"}}
-  gate: {{callable: "examples.tasks:wait_for_file"}}
+  gate: {{callable: "tests.tasks:wait_for_file"}}
   last: {{callable: "examples.tasks:to_text", inputs: {{value: "$node.first.output"}}}}
 """
 
@@ -70,7 +70,7 @@ def fast_settings() -> Settings:
         cancel_grace_period=1.0,
         worker_poll_timeout=0.25,
         worker_drain_timeout=5.0,
-        allowed_modules=("examples",),
+        allowed_modules=("examples", "tests.tasks"),
         sse_heartbeat_interval=0.5,
     )
 

@@ -61,7 +61,7 @@ flow:
   graph: |
     die
 tasks:
-  die: {callable: "examples.tasks:die"}
+  die: {callable: "tests.tasks:die"}
 """
 
 FAILING_XSS = f"""\
@@ -92,7 +92,7 @@ def _serve(data_dir: str) -> None:
         cancel_grace_period=1.5,
         worker_poll_timeout=0.25,
         worker_drain_timeout=2.0,
-        allowed_modules=("examples",),
+        allowed_modules=("examples", "tests.tasks"),
         dashboard_lang="en",
         sse_heartbeat_interval=2.0,
     )

@@ -226,10 +226,10 @@ async def test_a_task_raising_a_huge_message_fails_once_as_error_not_worker_lost
 flow:
   graph: a
 tasks:
-  a: {callable: "examples.tasks:fail_loudly", inputs: {size: 4500000}}
+  a: {callable: "tests.tasks:fail_loudly", inputs: {size: 4500000}}
 """
     with trio.fail_after(60):
-        async with open_stack(tmp_path, settings=Settings(worker_heartbeat_interval=0.5), worker=True, concurrency=1) as stack:
+        async with open_stack(tmp_path, settings=Settings(worker_heartbeat_interval=0.5), worker=True, concurrency=1, allowed_modules=("examples", "tests.tasks")) as stack:
             async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
                 r = await client.post("/runs/yaml", files={"workflow": ("f.yaml", flow)}, data={"flow_name": "main", "tag": "default"})
                 assert r.status_code == 200, r.text

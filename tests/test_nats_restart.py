@@ -23,8 +23,8 @@ GATED = """\
 flow:
   graph: mark >> hold
 tasks:
-  mark: {{callable: "examples.tasks:record", inputs: {{marker_dir: "{markers}", label: "mark"}}}}
-  hold: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 60}}}}
+  mark: {{callable: "tests.tasks:record", inputs: {{marker_dir: "{markers}", label: "mark"}}}}
+  hold: {{callable: "tests.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 60}}}}
 """
 
 
@@ -48,7 +48,7 @@ async def test_a_run_survives_a_nats_crash(tmp_path: Path) -> None:
     # A write holds up to nats_unavailable_wait for NATS to come back, then answers 503.
     settings = Settings(worker_heartbeat_interval=0.5, run_lease_seconds=30.0, nats_unavailable_wait=1.0)
     with trio.fail_after(90):
-        async with open_stack(tmp_path, settings=settings, worker=True, concurrency=1) as stack:
+        async with open_stack(tmp_path, settings=settings, worker=True, concurrency=1, allowed_modules=("examples", "tests.tasks")) as stack:
             async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
                 # Given a run that is executing (its first task has run, the second waits).
                 flow = GATED.format(markers=markers, gate=gate).encode()
@@ -125,7 +125,7 @@ async def test_submits_across_a_nats_freeze_are_never_falsely_refused(tmp_path: 
 
     settings = Settings(worker_heartbeat_interval=0.5, run_lease_seconds=60.0)
     with trio.fail_after(120):
-        async with open_stack(tmp_path, settings=settings, worker=True, concurrency=2) as stack:
+        async with open_stack(tmp_path, settings=settings, worker=True, concurrency=2, allowed_modules=("examples", "tests.tasks")) as stack:
             assert stack.server.proc is not None
             async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
                 ledger: dict[str, tuple[str, dict[str, object] | None]] = {}

@@ -52,13 +52,13 @@ def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 REFUSED = [
     # the two escapes from the issue: an allowed module's `os` attribute, reached two ways
-    ("examples.tasks:os.system", f"'os' is module 'os', which {NEVER}"),
-    ("examples:tasks.os.system", f"'os' is module 'os', which {NEVER}"),
+    ("tests.hostile.mod:os.system", f"'os' is module 'os', which {NEVER}"),
+    ("tests.hostile:mod.os.system", f"'os' is module 'os', which {NEVER}"),
     # re-exports: the object is what counts, not the module that holds it
     ("tests.hostile.mod:system", f"it is defined in module 'posix', which {NEVER}"),
     ("tests.hostile.mod:evaluate", f"it is defined in module 'builtins', which {NEVER}"),
     ("tests.hostile.mod:Popen", f"it is defined in module 'subprocess', which {NEVER}"),
-    ("examples.tasks:Path", f"it is defined in module 'pathlib', which {NEVER}"),
+    ("tests.hostile.mod:Path", f"it is defined in module 'pathlib', which {NEVER}"),
     # a class defined in the allowed module whose constructor is Popen's
     ("tests.hostile.mod:Shell", f"its base class 'Popen' is defined in module 'subprocess', which {NEVER}"),
     # a partial of os.system; a slot wrapper of object; methods of builtin instances
@@ -113,7 +113,7 @@ def test_star_allows_any_module_except_the_standard_library_and_the_never_list()
         ("subprocess:run", f"module 'subprocess' {NEVER}"),
         ("pyoco_es.worker.child:load_resolver", f"module 'pyoco_es.worker.child' {NEVER}"),
         ("tests.hostile.mod:system", f"defined in module 'posix', which {NEVER}"),
-        ("examples.tasks:os.system", f"'os' is module 'os', which {NEVER}"),
+        ("tests.hostile.mod:os.system", f"'os' is module 'os', which {NEVER}"),
     ]:
         with pytest.raises(RefusedCallable, match=re.escape(why)):
             resolve_callable(path, ("*",))
@@ -233,13 +233,13 @@ tasks:
 
 
 async def test_the_escapes_fail_the_run_and_execute_nothing(tmp_path: Path) -> None:
-    """`examples.tasks:os.system`, `examples:tasks.os.system` and a re-exported `system` each end
+    """`tests.hostile.mod:os.system`, `tests.hostile:mod.os.system` and a re-exported `system` each end
     FAILED (build_error naming the callable and the rule); the command never ran."""
     with trio.fail_after(60):
         async with open_gateway(tmp_path) as gw:
             await _start_worker(gw, _fast(allowed_modules=ALLOWED), "default")
             cases = {}
-            for i, path in enumerate(["examples.tasks:os.system", "examples:tasks.os.system", "tests.hostile.mod:system"]):
+            for i, path in enumerate(["tests.hostile.mod:os.system", "tests.hostile:mod.os.system", "tests.hostile.mod:system"]):
                 marker = tmp_path / f"pwned-{i}"
                 cases[await _submit(gw, ESCAPE.format(callable=path, marker=marker), "default")] = (path, marker)
             good = await _submit(gw, "flow: {graph: a}\ntasks: {a: {callable: 'tests.hostile.mod:ok', inputs: {x: 41}}}\n", "default")
@@ -368,3 +368,20 @@ def test_up_passes_expose_env_to_its_worker(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_the_readme_allow_list_offers_only_examples_own_harmless_functions() -> None:
+    """`--allow-module examples` (the README's stack) offers every public name of the package to
+    whoever can submit: only functions defined there, none that write files or kill processes
+    (those test helpers live in tests/tasks.py)."""
+    import inspect
+
+    import examples.tasks
+
+    # Only functions can pass the allow-list here (a name imported from elsewhere, like
+    # typing.Any, is refused for its module: see the table above).
+    offered = {name for name, obj in vars(examples.tasks).items() if not name.startswith("_") and inspect.isfunction(obj)}
+    assert offered, "examples.tasks offers no callables"
+    for name in offered:
+        assert getattr(examples.tasks, name).__module__ == "examples.tasks", name
+    assert not offered & {"record", "wait_for_file", "die", "big", "fail_loudly"}, offered

@@ -169,11 +169,11 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _start_readme_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+def _start_readme_up(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
     """``pyoco-server up --with-worker --allow-module examples`` as the README starts it (plus a
     random port and a private data dir); returns the process, the gateway URL and the log."""
     log = tmp_path / "up.log"
-    proc, url = _start_up(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples")
+    proc, url = _start_up(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples", *extra)
     return proc, url, log
 
 
@@ -218,14 +218,14 @@ def test_sigkilled_up_takes_its_worker_and_nats_with_it(tmp_path: Path) -> None:
     exits at once, nothing to drain with NATS gone; the run process follows its closed command
     pipe; nats-server's parent-death signal is armed from a thread that lives as long as ``up``).
     The old worker drained for up to its drain timeout instead."""
-    proc, url, log = _start_readme_up(tmp_path)
+    proc, url, log = _start_readme_up(tmp_path, "--allow-module", "tests.tasks")
     children = _children(proc.pid)
     nats_pid = int((tmp_path / "data" / "nats" / "nats-server.pid").read_text())
     [worker] = [p for p in children if p != nats_pid]
     never = tmp_path / "never"
     flow = (
         "version: 1\nflow:\n  graph: hold\ntasks:\n"
-        f'  hold: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{never}", seconds: 60}}}}\n'
+        f'  hold: {{callable: "tests.tasks:wait_for_file", inputs: {{path: "{never}", seconds: 60}}}}\n'
     ).encode()
     r = httpx.post(f"{url}/runs/yaml", files={"workflow": ("flow.yaml", flow)}, data={"flow_name": "main", "tag": "default"})
     assert r.status_code == 200, r.text

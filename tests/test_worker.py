@@ -39,7 +39,7 @@ def fast_settings(**overrides: object) -> Settings:
         "cancel_grace_period": 1.0,
         "worker_poll_timeout": 0.25,
         "worker_drain_timeout": 5.0,
-        "allowed_modules": ("examples",),
+        "allowed_modules": ("examples", "tests.tasks"),
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
@@ -200,8 +200,8 @@ async def test_parallel_branches_still_run_at_once(nats: NatsClient, nursery: tr
 flow:
   graph: left | right
 tasks:
-  left: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{tmp_path}/go", seconds: 20}}}}
-  right: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{tmp_path}/go", seconds: 20}}}}
+  left: {{callable: "tests.tasks:wait_for_file", inputs: {{path: "{tmp_path}/go", seconds: 20}}}}
+  right: {{callable: "tests.tasks:wait_for_file", inputs: {{path: "{tmp_path}/go", seconds: 20}}}}
 """
     with trio.fail_after(30):
         await start_stack(nursery, nats, fast_settings(), concurrency=1)
@@ -355,7 +355,7 @@ async def test_registry_heartbeat_drain_and_hidden(nats: NatsClient, nursery: tr
 flow:
   graph: hold
 tasks:
-  hold: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 30}}}}
+  hold: {{callable: "tests.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 30}}}}
 """
         run_id = await submit(store, yaml_text=blocking)
         await wait_for(lambda: task_running(store, run_id, "hold"), "blocking task to run")
@@ -412,7 +412,7 @@ async def test_poison_run_fails_after_max_attempts(nats: NatsClient, nursery: tr
         settings = fast_settings()
         await start_stack(nursery, nats, settings)
         store = RunStore(nats)
-        poison = TWO_TASKS.replace("examples.tasks:to_text", "examples.tasks:die").replace(
+        poison = TWO_TASKS.replace("examples.tasks:to_text", "tests.tasks:die").replace(
             '{value: "$node.add_one.output"}', "{signal_number: 9}"
         )
         run_id = await submit(store, yaml_text=poison, max_attempts=2)
@@ -452,12 +452,12 @@ async def test_sigkilled_worker_process(nats_server: EmbeddedNats, nats: NatsCli
 flow:
   graph: mark >> hold
 tasks:
-  mark: {{callable: "examples.tasks:record", inputs: {{marker_dir: "{markers}", label: "mark"}}}}
-  hold: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 30}}}}
+  mark: {{callable: "tests.tasks:record", inputs: {{marker_dir: "{markers}", label: "mark"}}}}
+  hold: {{callable: "tests.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 30}}}}
 """
         proc = subprocess.Popen(
             [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()",
-             "--nats-url", nats_server.url, "--worker-id", "victim", "--concurrency", "1", "--allow-module", "examples"],
+             "--nats-url", nats_server.url, "--worker-id", "victim", "--concurrency", "1", "--allow-module", "examples", "--allow-module", "tests.tasks"],
             env=worker_env(nats_server),
             cwd=ROOT,
             stderr=subprocess.DEVNULL,

@@ -50,8 +50,8 @@ def hold_flow(markers: Path, gate: Path | str) -> str:
 flow:
   graph: mark >> hold
 tasks:
-  mark: {{callable: "examples.tasks:record", inputs: {{marker_dir: "{markers}", label: "mark"}}}}
-  hold: {{callable: "examples.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 60}}}}
+  mark: {{callable: "tests.tasks:record", inputs: {{marker_dir: "{markers}", label: "mark"}}}}
+  hold: {{callable: "tests.tasks:wait_for_file", inputs: {{path: "{gate}", seconds: 60}}}}
 """
 
 
@@ -118,7 +118,7 @@ async def conductor_for(nursery: trio.Nursery, nats: NatsClient, tmp_path: Path,
 def cli_worker(nats_server: EmbeddedNats, worker_id: str, *, concurrency: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()",
-         "--nats-url", nats_server.url, "--worker-id", worker_id, "--concurrency", str(concurrency), "--allow-module", "examples"],
+         "--nats-url", nats_server.url, "--worker-id", worker_id, "--concurrency", str(concurrency), "--allow-module", "examples", "--allow-module", "tests.tasks"],
         env={**worker_env(nats_server), **(env or {})},
         cwd=ROOT,
         stderr=subprocess.DEVNULL,

@@ -8,6 +8,7 @@ import subprocess
 from builtins import eval as evaluate  # noqa: F401 - builtins.eval re-exported
 from os import system  # noqa: F401 - os.system re-exported
 from subprocess import Popen  # noqa: F401 - a class from a module that is never allowed
+from pathlib import Path  # noqa: F401 - a class from a module that is never allowed
 
 from pyoco import task
 
