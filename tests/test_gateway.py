@@ -509,7 +509,7 @@ async def test_dashboard_index_lang_and_static_files(tmp_path: Path) -> None:
 
 
 def test_dashboard_lang_resolution() -> None:
-    from pyoco_es.gateway.routes import resolve_dashboard_lang
+    from pyoco_es.gateway.dashboard import resolve_dashboard_lang
 
     assert resolve_dashboard_lang("ja_JP") == "ja"
     assert resolve_dashboard_lang("en-US") == "en"

@@ -11,8 +11,9 @@ import pytest
 
 from pyoco_es.gateway import sse
 from pyoco_es.gateway.index import RunIndex, decode_cursor, encode_cursor
-from pyoco_es.gateway.routes import filter_snapshot, request_fingerprint, run_id_for_key
-from pyoco_es.gateway.workers import effective_state, liveness, normalize_worker
+from pyoco_es.gateway.snapshot import filter_snapshot
+from pyoco_es.gateway.submit import request_fingerprint, run_id_for_key
+from pyoco_es.gateway.registry import effective_state, liveness, normalize_worker
 from pyoco_es.nats.client import KVEntry
 
 

@@ -299,3 +299,22 @@ def check_tag(value: object, loc: tuple[str | int, ...], *, what: str = "tag") -
             value[:64].encode("unicode_escape").decode("ascii") if not faithful(value) else value[:64],
         )
     return value
+
+
+def idempotency_key(key: str | None) -> str | None:
+    """The ``Idempotency-Key`` header's value, validated (None when absent).
+
+    Raises:
+        RequestInvalid: blank, too long or not printable.
+    """
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX or not (key.isascii() and key.isprintable()):
+        raise invalid(
+            "idempotency_key",
+            ("header", "Idempotency-Key"),
+            f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} printable ASCII characters (e.g. a UUID)",
+            key[:64],
+        )
+    return key

@@ -1,0 +1,94 @@
+"""How the gateway answers: JSON bodies, SSE bodies, and the one place errors become responses.
+
+Every error a handler raises is a :class:`~pyoco_es.core.errors.PyocoError` whose
+``http_status`` picks the status; the body is always ``{"detail": ...}`` and never a traceback.
+NATS trouble is a 503 with a hint.  The fast path words its errors with :func:`error_answer` too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from quart import Response, current_app, request
+from werkzeug.exceptions import HTTPException
+
+from ..core.errors import InfraError, PayloadTooLarge, PyocoError
+from .context import Gateway, current_gateway
+from .params import RequestInvalid
+
+log = logging.getLogger(__name__)
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+
+
+def json_response(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_dumps(doc), status=status, headers=headers, content_type="application/json")
+
+
+def error_answer(gw: Gateway, exc: PyocoError, method: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) of the answer to a request that failed with ``exc``."""
+    if isinstance(exc, RequestInvalid):
+        return exc.http_status, {"detail": exc.detail}, {}
+    if isinstance(exc, PayloadTooLarge):
+        # The client may still be sending: close the connection after the answer, so it
+        # stops (instead of both sides waiting on a body nobody reads).
+        return 413, {"detail": exc.message}, {"Connection": "close"}
+    if isinstance(exc, InfraError):
+        log.warning("%s %s: %s", method, path, exc.message)
+        return 503, gw.unavailable_answer(exc), {"Retry-After": "1"}
+    if exc.http_status >= 500:
+        log.error("%s %s failed: %s", method, path, exc.message)
+    return exc.http_status, {"detail": exc.message}, {}
+
+
+# -- Quart's error handlers (registered by create_app) -----------------------------------------
+
+
+async def on_pyoco_error(exc: PyocoError) -> Response:
+    status, doc, headers = error_answer(current_gateway(), exc, _method(), _path())
+    return json_response(doc, status, headers)
+
+
+async def on_http_error(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    if code == 413:
+        detail = f"request body too large (limit {current_app.config['MAX_CONTENT_LENGTH']} bytes)"
+        return json_response({"detail": detail}, 413, {"Connection": "close"})
+    elif code == 404:
+        detail = "Not Found"
+    elif code == 405:
+        detail = "Method Not Allowed"
+    else:
+        detail = exc.description or exc.name
+    return json_response({"detail": detail}, code)
+
+
+async def on_unexpected(exc: Exception) -> Response:
+    if isinstance(exc, BaseExceptionGroup):
+        inner = _unwrap(exc)
+        if isinstance(inner, PyocoError):
+            return await on_pyoco_error(inner)
+    log.exception("%s %s: unexpected error", _method(), _path())
+    return json_response({"detail": f"internal error ({type(exc).__name__}); see the gateway log"}, 500)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _method() -> str:
+    try:
+        return request.method
+    except RuntimeError:  # pragma: no cover - outside a request
+        return "-"
+
+
+def _path() -> str:
+    try:
+        return request.path
+    except RuntimeError:  # pragma: no cover
+        return "-"
