@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Any
 
+import trio
 from quart import Response, current_app, request
+from quart.wrappers.response import ResponseBody
 from werkzeug.exceptions import HTTPException
 
 from ..core.errors import InfraError, PayloadTooLarge, PyocoError
 from .context import Gateway, current_gateway
+from . import sse
 from .params import RequestInvalid
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,37 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=Fa
 
 def json_response(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_dumps(doc), status=status, headers=headers, content_type="application/json")
+
+
+def sse_response(gw: Gateway, stream: AbstractAsyncContextManager[trio.abc.ReceiveChannel[bytes]]) -> Response:
+    """A 200 ``text/event-stream`` whose body is the frames of ``stream`` (an ``open_*_stream``
+    of :mod:`.streams`), counted in ``gw.sse_streams`` while it is open."""
+    response = Response(_SSEBody(gw, stream), status=200, headers=sse.SSE_HEADERS)
+    response.timeout = None  # streams end on their own deadline (timeout_sec)
+    return response
+
+
+class _SSEBody(ResponseBody):
+    """Quart enters a body with ``async with`` in the task that sends it, so the stream's
+    nursery (``@trio.as_safe_channel``) opens and closes in that task, never across a yield."""
+
+    def __init__(self, gw: Gateway, stream: AbstractAsyncContextManager[trio.abc.ReceiveChannel[bytes]]) -> None:
+        self._gw = gw
+        self._stream = stream
+
+    async def __aenter__(self) -> trio.abc.ReceiveChannel[bytes]:
+        self._gw.sse_streams += 1
+        try:
+            return await self._stream.__aenter__()
+        except BaseException:
+            self._gw.sse_streams -= 1
+            raise
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        try:
+            return await self._stream.__aexit__(exc_type, exc, tb)
+        finally:
+            self._gw.sse_streams -= 1
 
 
 def error_answer(gw: Gateway, exc: PyocoError, method: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
