@@ -7,7 +7,6 @@ NATS trouble is a 503 with a hint.  The fast path words its errors with :func:`e
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -18,6 +17,7 @@ from quart import Response, current_app, request
 from quart.wrappers.response import ResponseBody
 from werkzeug.exceptions import HTTPException
 
+from ..core.codec import dumps
 from ..core.errors import InfraError, PayloadTooLarge, PyocoError
 from .context import Gateway, current_gateway
 from . import sse
@@ -25,11 +25,8 @@ from .params import RequestInvalid
 
 log = logging.getLogger(__name__)
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
-
-
 def json_response(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_dumps(doc), status=status, headers=headers, content_type="application/json")
+    return Response(dumps(doc), status=status, headers=headers, content_type="application/json")
 
 
 def sse_response(gw: Gateway, stream: AbstractAsyncContextManager[trio.abc.ReceiveChannel[bytes]]) -> Response:

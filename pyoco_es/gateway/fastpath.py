@@ -22,8 +22,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..core.codec import dumps
 from ..core.errors import PyocoError
-from .answer import _dumps, error_answer
+from .answer import error_answer
 from .context import Gateway
 from .guard import check_host, check_request
 from .params import idempotency_key
@@ -104,7 +105,7 @@ class FastPath:
         await self._answer(send, status, doc, extra, ("POST", _YAML_ROUTE), started)
 
     async def _answer(self, send: Send, status: int, doc: object, extra: dict[str, str], route: tuple[str, str], started: float) -> None:
-        body = _dumps(doc).encode()
+        body = dumps(doc)
         self.served += 1
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]

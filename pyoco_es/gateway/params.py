@@ -24,6 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import ClassVar, Final, cast
 
+from ..core.codec import dumps
 from ..core.errors import PayloadTooLarge, ValidationError
 from ..core.events import JSONObject, JSONValue
 
@@ -68,7 +69,7 @@ def _shown(value: object) -> JSONValue:
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, (list, dict)):
         try:
-            text = _compact(value)
+            text = dumps(value).decode("ascii")
         except (ValueError, TypeError, RecursionError):
             return repr(value)[:256]
         return cast(JSONValue, value) if len(text) <= 1024 else text[:256] + "..."
@@ -282,7 +283,6 @@ def _locate_problem(params: JSONObject, loc: tuple[str | int, ...]) -> None:
 
 
 _strict = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 
 
 def check_tag(value: object, loc: tuple[str | int, ...], *, what: str = "tag") -> str:
