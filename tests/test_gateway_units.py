@@ -198,3 +198,13 @@ def test_full_snapshots_are_cached_for_reads_within_bounds() -> None:
     assert index.doc_of("a") is None and index.doc_of("c") is not None  # bounded: oldest evicted
     index.apply(KVEntry(key="c", value=None, revision=5))
     assert index.doc_of("c") is None
+
+
+async def test_a_missing_dashboard_is_a_404_through_the_one_error_path(tmp_path: Any) -> None:
+    """No handler words its own 404: a dashboard without its files answers like any other error."""
+    from pyoco_es.config import Settings
+    from pyoco_es.gateway.app import create_app
+
+    app = create_app(None, Settings(), static_dir=tmp_path)  # type: ignore[arg-type]  # "/" touches no NATS
+    response = await app.test_client().get("/")
+    assert response.status_code == 404 and await response.get_json() == {"detail": "dashboard not found"}

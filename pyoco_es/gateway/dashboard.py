@@ -10,8 +10,8 @@ import trio
 from quart import Blueprint, Response, send_from_directory
 from werkzeug.exceptions import NotFound
 
-from .answer import json_response
 from .context import current_gateway
+from .params import ResourceNotFound
 
 LANG_PLACEHOLDER: Final = "__PYOCO_DASHBOARD_LANG_VALUE__"
 
@@ -25,7 +25,7 @@ async def dashboard() -> Response:
     try:
         text = await trio.Path(index_html).read_text(encoding="utf-8")
     except OSError:
-        return json_response({"detail": "dashboard not found"}, 404)
+        raise ResourceNotFound("dashboard not found") from None
     text = text.replace(LANG_PLACEHOLDER, resolve_dashboard_lang(gw.settings.dashboard_lang))
     return Response(text, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
 

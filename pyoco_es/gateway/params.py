@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import ClassVar, Final, cast
 
 from ..core.codec import dumps
-from ..core.errors import PayloadTooLarge, ValidationError
+from ..core.errors import PayloadTooLarge, PyocoError, ValidationError
 from ..core.events import JSONObject, JSONValue
 
 TAG_RE: Final = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch only: `^...$` passes "tag\n"
@@ -50,6 +50,13 @@ class RequestInvalid(ValidationError):
     def __init__(self, detail: str | list[dict[str, JSONValue]]) -> None:
         super().__init__(detail if isinstance(detail, str) else "; ".join(str(d["msg"]) for d in detail))
         self.detail = detail
+
+
+class ResourceNotFound(PyocoError):
+    """What the request names does not exist (a worker, the dashboard's files); the message is
+    the answer's ``detail``.  Runs have their own :class:`~pyoco_es.core.errors.RunNotFound`."""
+
+    http_status: ClassVar[int] = 404
 
 
 def field_error(kind: str, loc: tuple[str | int, ...], msg: str, value: object = None) -> dict[str, JSONValue]:

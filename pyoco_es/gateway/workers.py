@@ -17,7 +17,7 @@ from ..nats import subjects
 from ..nats.client import KVEntry
 from .answer import json_response
 from .context import current_gateway, request_body
-from .params import WORKER_ID_MAX, RequestInvalid, invalid, json_loads, query_bool, query_int
+from .params import WORKER_ID_MAX, RequestInvalid, ResourceNotFound, invalid, json_loads, query_bool, query_int
 from .registry import ALIVE_STATES, WORKER_STATES, normalize_worker, worker_view
 
 PATCH_RETRY_SECONDS: Final = 5.0  # how long PATCH /workers/{id} keeps retrying its compare-and-swap
@@ -72,7 +72,7 @@ async def patch_worker(worker_id: str) -> Response:
     if not isinstance(hidden, bool):
         raise invalid("bool_type", ("body", "hidden"), "hidden must be true or false", body["hidden"])
     if not subjects.is_token(worker_id) or len(worker_id) > WORKER_ID_MAX:
-        return json_response({"detail": "worker not found"}, 404)
+        raise ResourceNotFound("worker not found")
     gw.require_nats()
     deadline = trio.current_time() + PATCH_RETRY_SECONDS
     for attempt in itertools.count():
@@ -84,7 +84,7 @@ async def patch_worker(worker_id: str) -> Response:
             await trio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))
         entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
         if entry is None or not entry.value:
-            return json_response({"detail": "worker not found"}, 404)
+            raise ResourceNotFound("worker not found")
         try:
             record = json.loads(entry.value)
         except ValueError:
