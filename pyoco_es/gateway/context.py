@@ -25,6 +25,7 @@ from . import sse
 from .index import RunIndex, WorkerIndex
 from .metrics import HttpMetrics
 from .params import idempotency_key, invalid
+from .registry import worker_view
 
 STATIC_DIR: Final = Path(__file__).with_name("static")
 JSON_BODY_MAX: Final = 1024 * 1024  # POST /runs bodies; NATS max_payload bounds the event anyway
@@ -74,14 +75,19 @@ class Gateway:
         """
         await _wait_ready(self.index.ready, f"the run index is still loading from NATS at {self.nats.url}")
 
-    async def worker_records(self) -> list[tuple[str, JSONObject]]:
-        """(key, record) of every worker in the registry index (served also while NATS is away).
+    async def worker_views(self) -> list[JSONObject]:
+        """Every worker in the registry index as the API shows it, with its effective state
+        (served also while NATS is away).
 
         Raises:
             InfraError: the registry index is still loading after ``READY_WAIT`` seconds.
         """
         await _wait_ready(self.workers.ready, f"the worker registry is still loading from NATS at {self.nats.url}")
-        return self.workers.records()
+        timeout = self.settings.worker_disconnect_timeout
+        return [
+            worker_view(record, key=key, silent=self.workers.silence(key), disconnect_timeout=timeout)
+            for key, record in self.workers.records()
+        ]
 
     def unavailable_answer(self, exc: InfraError) -> dict[str, Any]:
         """The body of a 503: pyoco-server's ``detail`` plus whether the request took effect."""

@@ -1,8 +1,11 @@
 """Worker registry records as the API serves them (contract §2.3), pure.
 
 Records live in KV ``pyoco_workers`` (written by workers' heartbeats).  Reading normalises them
-and derives the effective state: ``DISCONNECTED`` when the last heartbeat is older than the
-disconnect timeout.  Workers never write ``DISCONNECTED`` themselves.
+and derives the effective state: ``DISCONNECTED`` when the gateway has not seen the record
+change for the disconnect timeout (``silent``, measured on the gateway's own monotonic clock by
+:class:`~.index.WorkerIndex`).  The times a worker stamps are shown, never compared with the
+gateway's clock: a worker whose clock is 20 s behind is as alive as any other.  Workers never
+write ``DISCONNECTED`` themselves.
 """
 
 from __future__ import annotations
@@ -43,31 +46,30 @@ def normalize_worker(record: JSONObject, *, key: str) -> JSONObject:
     return out
 
 
-def effective_state(record: JSONObject, *, now: float, disconnect_timeout: float) -> str:
+def effective_state(record: JSONObject, *, silent: float | None, disconnect_timeout: float) -> str:
+    """The stored state, or ``DISCONNECTED`` when the record has not changed for longer than
+    ``disconnect_timeout`` seconds (``silent``; None: never seen)."""
     state = str(record.get("state") or "IDLE")
     if state in ("STOPPED_GRACEFUL", "DISCONNECTED"):
         return state
-    seen = _num(record.get("last_seen_at"))
-    if seen is None:
-        seen = _num(record.get("last_heartbeat_at"))
-    if seen is None or now - seen > disconnect_timeout:
+    if silent is None or silent > disconnect_timeout:
         return "DISCONNECTED"
     return state
 
 
-def worker_view(record: JSONObject, *, key: str, now: float, disconnect_timeout: float) -> JSONObject:
+def worker_view(record: JSONObject, *, key: str, silent: float | None, disconnect_timeout: float) -> JSONObject:
     """A normalised record with the effective ``state`` (what GET /workers returns per item)."""
     out = normalize_worker(record, key=key)
     out["stored_state"] = out["state"]
-    out["state"] = effective_state(out, now=now, disconnect_timeout=disconnect_timeout)
+    out["state"] = effective_state(out, silent=silent, disconnect_timeout=disconnect_timeout)
     return out
 
 
-def liveness(record: JSONObject | None, *, key: str, now: float, disconnect_timeout: float) -> JSONObject:
+def liveness(record: JSONObject | None, *, key: str, silent: float | None, disconnect_timeout: float) -> JSONObject:
     """The ``worker_*`` fields GET /runs/{id} adds for the run's worker (contract §1.5)."""
     if record is None:
         return {"worker_alive": False, "worker_state": "DISCONNECTED", "worker_heartbeat_at": None}
-    view = worker_view(record, key=key, now=now, disconnect_timeout=disconnect_timeout)
+    view = worker_view(record, key=key, silent=silent, disconnect_timeout=disconnect_timeout)
     return {
         "worker_alive": view["state"] in ALIVE_STATES,
         "worker_state": view["state"],

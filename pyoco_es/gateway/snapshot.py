@@ -67,8 +67,10 @@ async def enrich(gw: Gateway, doc: JSONObject) -> JSONObject:
     worker_id = doc.get("worker_id")
     if not isinstance(worker_id, str) or not worker_id:
         return doc
+    silent: float | None = 0.0  # read just now: a full window from first sight, as the reaper gives
     if gw.workers.ready.is_set():
         record = gw.workers.get(worker_id)  # the registry as the watch delivered it: no round trip
+        silent = gw.workers.silence(worker_id)
     else:
         try:
             entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
@@ -79,7 +81,7 @@ async def enrich(gw: Gateway, doc: JSONObject) -> JSONObject:
         record = None
     out = dict(doc)
     out.update(
-        liveness(record, key=worker_id, now=gw.clock(), disconnect_timeout=gw.settings.worker_disconnect_timeout)
+        liveness(record, key=worker_id, silent=silent, disconnect_timeout=gw.settings.worker_disconnect_timeout)
     )
     return out
 

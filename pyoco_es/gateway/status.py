@@ -16,7 +16,7 @@ from .context import Gateway, current_gateway
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricValues, local_day_bounds, render
 from .openapi import app_routes, openapi_document
-from .registry import ALIVE_STATES, worker_view
+from .registry import ALIVE_STATES
 
 blueprint = Blueprint("status", __name__)
 
@@ -66,7 +66,7 @@ async def metrics() -> Response:
         if isinstance(updated, (int, float)) and start <= updated < end:
             status = str(summary.get("status") or "UNKNOWN")
             today[status] = today.get(status, 0) + 1
-    workers_alive = await _optional(_workers_alive(gw, now))
+    workers_alive = await _optional(_workers_alive(gw))
     dlq = appended = lag = None
     depth: dict[str, int] | None = None
     if gw.nats.is_connected:
@@ -123,10 +123,8 @@ async def _optional(coro: Awaitable[int]) -> int | None:
         return None
 
 
-async def _workers_alive(gw: Gateway, now: float) -> int:
-    timeout = gw.settings.worker_disconnect_timeout
-    views = [worker_view(r, key=k, now=now, disconnect_timeout=timeout) for k, r in await gw.worker_records()]
-    return sum(v["state"] in ALIVE_STATES for v in views)
+async def _workers_alive(gw: Gateway) -> int:
+    return sum(view["state"] in ALIVE_STATES for view in await gw.worker_views())
 
 
 async def _stream_field(gw: Gateway, stream: str, field: str) -> int:

@@ -18,7 +18,7 @@ from ..nats.client import KVEntry
 from .answer import json_response
 from .context import current_gateway, request_body
 from .params import WORKER_ID_MAX, RequestInvalid, ResourceNotFound, invalid, json_loads, query_bool, query_int
-from .registry import ALIVE_STATES, WORKER_STATES, normalize_worker, worker_view
+from .registry import ALIVE_STATES, WORKER_STATES, normalize_worker
 
 PATCH_RETRY_SECONDS: Final = 5.0  # how long PATCH /workers/{id} keeps retrying its compare-and-swap
 
@@ -41,10 +41,8 @@ async def list_workers() -> Response:
         state = None
     include_hidden = query_bool(args, "include_hidden", default=False)
     limit = query_int(args, "limit", default=100, lo=1, hi=500)
-    now = gw.clock()  # served from the registry index, also while NATS is away
     items = []
-    for key, record in await gw.worker_records():
-        view = worker_view(record, key=key, now=now, disconnect_timeout=gw.settings.worker_disconnect_timeout)
+    for view in await gw.worker_views():
         if view["hidden"] and not include_hidden:
             continue
         if scope == "active" and view["state"] not in ALIVE_STATES:
