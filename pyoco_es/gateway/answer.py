@@ -18,7 +18,7 @@ from quart.wrappers.response import ResponseBody
 from werkzeug.exceptions import HTTPException
 
 from ..core.codec import dumps
-from ..core.errors import InfraError, PayloadTooLarge, PyocoError
+from ..core.errors import InfraError, OutcomeUnknown, PayloadTooLarge, PyocoError
 from .context import Gateway, current_gateway
 from . import sse
 from .params import RequestInvalid
@@ -70,10 +70,35 @@ def error_answer(gw: Gateway, exc: PyocoError, method: str, path: str) -> tuple[
         return 413, {"detail": exc.message}, {"Connection": "close"}
     if isinstance(exc, InfraError):
         log.warning("%s %s: %s", method, path, exc.message)
-        return 503, gw.unavailable_answer(exc), {"Retry-After": "1"}
+        return 503, unavailable_answer(exc, gw.nats.url), {"Retry-After": "1"}
     if exc.http_status >= 500:
         log.error("%s %s failed: %s", method, path, exc.message)
     return exc.http_status, {"detail": exc.message}, {}
+
+
+def unavailable_answer(exc: InfraError, nats_url: str) -> dict[str, Any]:
+    """The body of a 503: pyoco-server's ``detail`` plus whether the request took effect."""
+    if isinstance(exc, OutcomeUnknown):
+        doc: dict[str, Any] = {
+            "detail": (
+                f"nats unavailable: {exc.message}. The outcome is UNKNOWN: the request may have been applied. "
+                "Retrying with the same Idempotency-Key is safe (it returns the same run, never a second one); "
+                "a cancel may be retried as is."
+            ),
+            "outcome": "unknown",
+            "retry_safe_with_idempotency_key": True,
+        }
+        if exc.run_id:
+            doc["run_id"] = exc.run_id
+        return doc
+    return {
+        "detail": (
+            f"nats unavailable: {exc.message}. This request was not applied; retry later "
+            f"(with the same Idempotency-Key for submits). Check the NATS server at {nats_url}."
+        ),
+        "outcome": "not_applied",
+        "retry_safe_with_idempotency_key": True,
+    }
 
 
 # -- Quart's error handlers (registered by create_app) -----------------------------------------

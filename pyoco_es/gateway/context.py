@@ -17,7 +17,7 @@ import trio
 from quart import current_app, request
 
 from ..config import Settings
-from ..core.errors import InfraError, OutcomeUnknown
+from ..core.errors import InfraError
 from ..core.events import JSONObject, Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
@@ -88,33 +88,6 @@ class Gateway:
             worker_view(record, key=key, silent=self.workers.silence(key), disconnect_timeout=timeout)
             for key, record in self.workers.records()
         ]
-
-    def unavailable_answer(self, exc: InfraError) -> dict[str, Any]:
-        """The body of a 503: pyoco-server's ``detail`` plus whether the request took effect."""
-        if isinstance(exc, OutcomeUnknown):
-            doc: dict[str, Any] = {
-                "detail": (
-                    f"nats unavailable: {exc.message}. The outcome is UNKNOWN: the request may have been applied. "
-                    "Retrying with the same Idempotency-Key is safe (it returns the same run, never a second one); "
-                    "a cancel may be retried as is."
-                ),
-                "outcome": "unknown",
-                "retry_safe_with_idempotency_key": True,
-            }
-            if exc.run_id:
-                doc["run_id"] = exc.run_id
-            return doc
-        return {
-            "detail": (
-                f"nats unavailable: {exc.message}. This request was not applied; retry later "
-                f"(with the same Idempotency-Key for submits). Check the NATS server at {self.nats.url}."
-            ),
-            "outcome": "not_applied",
-            "retry_safe_with_idempotency_key": True,
-        }
-
-    def unavailable_detail(self, exc: InfraError) -> str:
-        return str(self.unavailable_answer(exc)["detail"])
 
 
 async def _wait_ready(ready: trio.Event, what: str) -> None:
