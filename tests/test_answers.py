@@ -12,7 +12,7 @@ import trio
 
 from pyoco_es.core import decide
 from pyoco_es.core.events import Producer, RunSubmitted
-from pyoco_es.gateway import routes
+from pyoco_es.gateway import submit as routes
 from pyoco_es.service import RunStore
 from test_gateway_support import (  # noqa: F401 - gw is a fixture
     HTTPX_STREAM_WARNINGS,

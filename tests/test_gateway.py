@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from pyoco_es.config import Settings
 from pyoco_es.nats import subjects
+from pyoco_es.testing.stack import open_stack
 from test_gateway_support import (  # noqa: F401 - gw is a fixture
     HTTPX_STREAM_WARNINGS,
     gw,
@@ -209,7 +211,8 @@ async def test_snapshot_records_and_worker_liveness(gw: GW) -> None:
         stale = time.time() - 3600
         await put_worker(gw.nats, "w-live", visible_on=gw.client, state="RUNNING", last_seen_at=stale, last_heartbeat_at=stale, heartbeat_at=stale)
         snap = (await gw.client.get(f"/runs/{run_id}")).json()
-        assert snap["worker_alive"] is False and snap["worker_state"] == "DISCONNECTED"
+        # stamps an hour old are the worker's clock, not its silence (silence: the test below)
+        assert snap["worker_alive"] is True and snap["worker_state"] == "RUNNING" and snap["worker_heartbeat_at"] == stale
         # include=records
         assert "task_records" not in snap
         full = (await gw.client.get(f"/runs/{run_id}", params={"include": "records"})).json()
@@ -378,14 +381,27 @@ async def test_list_by_workflow_sha_is_delta_mode(gw: GW) -> None:
 # -- workers --------------------------------------------------------------------------------------
 
 
-async def test_workers_filters_hide_and_disconnected(gw: GW) -> None:
-    with trio.fail_after(10):
-        stale = time.time() - 3600
+async def test_workers_filters_hide_and_disconnected(tmp_path: Path) -> None:
+    settings = Settings(sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0, worker_disconnect_timeout=3.0)
+    async with open_gateway(tmp_path, settings=settings) as gw:
+        await _workers_filters_hide_and_disconnected(gw)
+
+
+async def _workers_filters_hide_and_disconnected(gw: GW) -> None:
+    with trio.fail_after(20):
+        # lost1 wrote once and fell silent: DISCONNECTED once the gateway has not seen it change
+        # for the disconnect timeout (its stamps are not what decides)
+        await put_worker(gw.nats, "lost1", visible_on=gw.client)
+
+        async def lost() -> bool:
+            r = await gw.client.get("/workers", params={"scope": "all", "state": "DISCONNECTED"})
+            return [w["worker_id"] for w in r.json()] == ["lost1"]
+
+        await wait_until(lost, timeout=10, what="lost1 to be DISCONNECTED")
         await put_worker(gw.nats, "idle1", visible_on=gw.client)
         await put_worker(gw.nats, "busy1", visible_on=gw.client, state="RUNNING", current_run_id="r1")
         await put_worker(gw.nats, "hidden1", visible_on=gw.client, hidden=True)
         await put_worker(gw.nats, "stopped1", visible_on=gw.client, state="STOPPED_GRACEFUL", stop_reason="graceful_shutdown")
-        await put_worker(gw.nats, "lost1", visible_on=gw.client, last_seen_at=stale, last_heartbeat_at=stale, heartbeat_at=stale)
 
         async def ids(**params: Any) -> set[str]:
             r = await gw.client.get("/workers", params=params)
@@ -415,6 +431,46 @@ async def test_workers_filters_hide_and_disconnected(gw: GW) -> None:
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "hidden"]
         bad = await gw.client.patch("/workers/idle1", json={})
         assert bad.status_code == 422 and bad.json()["detail"][0]["type"] == "missing"
+
+
+async def test_a_worker_clock_behind_is_alive_and_silence_disconnects(tmp_path: Path) -> None:
+    """GET /workers and GET /runs/{id} judge a worker the way the reaper does: alive while the
+    gateway sees its registry record change, on the gateway's own clock.  A worker whose clock
+    is 20 s behind is IDLE (it used to show DISCONNECTED), and a worker whose record stops
+    changing is DISCONNECTED once the timeout has passed, whatever its stamps say."""
+    settings = Settings(
+        sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0, worker_clock_offset=-20.0,
+        worker_heartbeat_interval=0.2, worker_disconnect_timeout=3.0,
+    )
+    async with open_stack(tmp_path, settings=settings, worker=True, worker_id="behind") as stack:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=10.0) as client:
+            with trio.fail_after(30):
+
+                async def behind() -> dict[str, Any] | None:
+                    items = (await client.get("/workers", params={"scope": "all"})).json()
+                    return next((w for w in items if w["worker_id"] == "behind"), None)
+
+                seen = await wait_until(behind, what="the skewed worker in GET /workers")
+                assert seen["last_heartbeat_at"] < time.time() - 15  # its clock is behind...
+                for _ in range(5):  # ...and it stays alive, heartbeat after heartbeat
+                    view = await behind()
+                    assert view is not None and view["state"] == "IDLE", view
+                    await trio.sleep(0.3)
+
+                worker = FakeWorker(stack.nats, worker_id="quiet")
+                run_id = await submit(client, tag="nobody")  # no worker serves it: only ours claims it
+                await worker.claim(run_id)
+                await wait_projected(stack.nats, run_id, 2)
+                await put_worker(stack.nats, "quiet", visible_on=client, state="RUNNING")  # then silence
+                assert (await client.get(f"/runs/{run_id}")).json()["worker_state"] == "RUNNING"
+
+                async def disconnected() -> bool:
+                    snap = (await client.get(f"/runs/{run_id}")).json()
+                    return snap["worker_state"] == "DISCONNECTED" and snap["worker_alive"] is False
+
+                await wait_until(disconnected, timeout=10, what="the silent worker to be DISCONNECTED")
+                items = (await client.get("/workers", params={"scope": "all", "state": "DISCONNECTED"})).json()
+                assert [w["worker_id"] for w in items] == ["quiet"]
 
 
 async def test_hide_never_loses_a_concurrent_heartbeat(gw: GW) -> None:
@@ -509,7 +565,7 @@ async def test_dashboard_index_lang_and_static_files(tmp_path: Path) -> None:
 
 
 def test_dashboard_lang_resolution() -> None:
-    from pyoco_es.gateway.routes import resolve_dashboard_lang
+    from pyoco_es.gateway.dashboard import resolve_dashboard_lang
 
     assert resolve_dashboard_lang("ja_JP") == "ja"
     assert resolve_dashboard_lang("en-US") == "en"

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from pyoco_es.gateway import sse
-from pyoco_es.gateway.index import RunIndex, decode_cursor, encode_cursor
-from pyoco_es.gateway.routes import filter_snapshot, request_fingerprint, run_id_for_key
-from pyoco_es.gateway.workers import effective_state, liveness, normalize_worker
+from pyoco_es.gateway.index import RunIndex, WorkerIndex, decode_cursor, encode_cursor
+from pyoco_es.gateway.snapshot import filter_snapshot
+from pyoco_es.gateway.submit import request_fingerprint, run_id_for_key
+from pyoco_es.gateway.registry import effective_state, liveness, normalize_worker
 from pyoco_es.nats.client import KVEntry
 
 
@@ -128,13 +129,29 @@ class TestWorkers:
         rec = normalize_worker({"heartbeat_at": 100.0, "state": "??", "tags": None}, key="w")
         assert rec["worker_id"] == "w" and rec["instance_id"] == "w" and rec["state"] == "IDLE" and rec["tags"] == []
         assert rec["last_seen_at"] == rec["last_heartbeat_at"] == 100.0
-        assert effective_state(rec, now=110.0, disconnect_timeout=20.0) == "IDLE"
-        assert effective_state(rec, now=130.0, disconnect_timeout=20.0) == "DISCONNECTED"
+        # judged by how long the gateway has not seen the record change, never by its stamps
+        assert effective_state(rec, silent=10.0, disconnect_timeout=20.0) == "IDLE"
+        assert effective_state(rec, silent=30.0, disconnect_timeout=20.0) == "DISCONNECTED"
         stopped = normalize_worker({"state": "STOPPED_GRACEFUL", "last_seen_at": 0.0}, key="s")
-        assert effective_state(stopped, now=1e9, disconnect_timeout=20.0) == "STOPPED_GRACEFUL"
+        assert effective_state(stopped, silent=1e9, disconnect_timeout=20.0) == "STOPPED_GRACEFUL"
+
+    def test_the_registry_index_sees_life_in_changes_not_in_stamps(self) -> None:
+        """A new revision from the worker is a sign of life whatever its stamps say; the same
+        revision again (a restarted watch) or the gateway's own hide toggle is not."""
+        now = [100.0]
+        index = WorkerIndex(None, monotonic=lambda: now[0])  # type: ignore[arg-type]  # fed by hand
+        record = {"worker_id": "w", "state": "IDLE", "heartbeat_at": 5.0, "hidden": False, "updated_at": 5.0}
+        index.apply(KVEntry(key="w", value=json.dumps(record).encode(), revision=1))
+        now[0] = 125.0
+        assert index.silence("w") == 25.0
+        index.apply(KVEntry(key="w", value=json.dumps(record).encode(), revision=1))
+        index.apply(KVEntry(key="w", value=json.dumps({**record, "hidden": True, "updated_at": 9e9}).encode(), revision=2))
+        assert index.silence("w") == 25.0
+        index.apply(KVEntry(key="w", value=json.dumps({**record, "heartbeat_at": 1.0}).encode(), revision=3))
+        assert index.silence("w") == 0.0 and index.silence("ghost") is None
 
     def test_liveness_of_a_missing_worker(self) -> None:
-        assert liveness(None, key="w", now=0.0, disconnect_timeout=20.0) == {
+        assert liveness(None, key="w", silent=None, disconnect_timeout=20.0) == {
             "worker_alive": False, "worker_state": "DISCONNECTED", "worker_heartbeat_at": None}
 
 
@@ -197,3 +214,13 @@ def test_full_snapshots_are_cached_for_reads_within_bounds() -> None:
     assert index.doc_of("a") is None and index.doc_of("c") is not None  # bounded: oldest evicted
     index.apply(KVEntry(key="c", value=None, revision=5))
     assert index.doc_of("c") is None
+
+
+async def test_a_missing_dashboard_is_a_404_through_the_one_error_path(tmp_path: Any) -> None:
+    """No handler words its own 404: a dashboard without its files answers like any other error."""
+    from pyoco_es.config import Settings
+    from pyoco_es.gateway.app import create_app
+
+    app = create_app(None, Settings(), static_dir=tmp_path)  # type: ignore[arg-type]  # "/" touches no NATS
+    response = await app.test_client().get("/")
+    assert response.status_code == 404 and await response.get_json() == {"detail": "dashboard not found"}

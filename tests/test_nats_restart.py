@@ -120,7 +120,7 @@ async def test_submits_across_a_nats_freeze_are_never_falsely_refused(tmp_path: 
     arrive.  Ledger of every submit (ok / refused / unknown): every ok run is stored once and
     ends once; no refused run is stored; no 503 says "nothing was changed" for a stored run
     (before: 503 "Nothing was changed unless a 2xx was returned" for runs that were stored)."""
-    from pyoco_es.gateway.routes import run_id_for_key
+    from pyoco_es.gateway.submit import run_id_for_key
     from pyoco_es.testing.faults import frozen
 
     settings = Settings(worker_heartbeat_interval=0.5, run_lease_seconds=60.0)

@@ -4,7 +4,7 @@ Each run is one ``POST /runs/yaml`` (or ``POST /runs``) and then polls of ``GET 
 (pyoco-client ``--wait``, dashboards, scripts).  For those, Quart's request machinery (request
 context, routing, hooks, a Response object, three ASGI sends) cost more CPU than the work.  This
 layer answers them directly with the same logic, body, status, headers and request metrics as the
-Quart routes (the shared functions live in :mod:`.routes`):
+Quart routes (the shared functions live in :mod:`.submit` and :mod:`.snapshot`):
 
 - ``GET /runs/{id}`` without a query string, when the run's latest snapshot is in the watch
   cache (no I/O at all);
@@ -22,21 +22,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..core.codec import dumps
 from ..core.errors import PyocoError
-from .app import Gateway, _dumps, error_answer
+from .answer import error_answer
+from .context import Gateway
 from .guard import check_host, check_request
-from .routes import (
-    INLINE_PARSE_BYTES,
-    check_yaml_length,
-    enrich,
-    filter_snapshot,
-    idempotency_key,
-    submit_event,
-    valid_run_id,
-    yaml_document,
-    yaml_event,
-    yaml_form,
-)
+from .params import idempotency_key
+from .snapshot import enrich, filter_snapshot, valid_run_id
+from .submit import INLINE_PARSE_BYTES, check_yaml_length, submit_event, yaml_document, yaml_event, yaml_form
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -112,7 +105,7 @@ class FastPath:
         await self._answer(send, status, doc, extra, ("POST", _YAML_ROUTE), started)
 
     async def _answer(self, send: Send, status: int, doc: object, extra: dict[str, str], route: tuple[str, str], started: float) -> None:
-        body = _dumps(doc).encode()
+        body = dumps(doc)
         self.served += 1
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]

@@ -19,8 +19,9 @@ import bisect
 import json
 import logging
 import math
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import attrs
@@ -30,6 +31,7 @@ from ..core.events import JSONObject
 from ..nats import subjects
 from ..nats.client import KVEntry, NatsClient
 from ..watch import BucketFollower
+from .registry import normalize_worker
 
 log = logging.getLogger(__name__)
 
@@ -367,10 +369,25 @@ class RunIndex:
 
 class WorkerIndex:
     """The worker registry (KV ``pyoco_workers``) kept in memory by a watch: ``GET /workers`` and
-    ``/metrics`` read it without a key scan per request."""
+    ``/metrics`` read it without a key scan per request.
 
-    def __init__(self, nats: NatsClient, *, bucket: str = subjects.WORKERS_BUCKET, check_interval: float = 2.0) -> None:
+    It also notes, on the gateway's own monotonic clock, when it last saw each record *change*
+    (a new KV revision that is more than this gateway's hide/show toggle): a worker is judged by
+    that, never by comparing the gateway's clock with the times the worker stamped (issue 11's
+    rule, as the conductor's reaper applies it).
+    """
+
+    def __init__(
+        self,
+        nats: NatsClient,
+        *,
+        bucket: str = subjects.WORKERS_BUCKET,
+        check_interval: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._records: dict[str, tuple[int, JSONObject]] = {}
+        self._changed: dict[str, float] = {}  # key -> monotonic time the record last changed
+        self.monotonic = monotonic
         self.follower = BucketFollower(nats, bucket, self.apply, self._drop_missing, check_interval)
         self.ready = self.follower.ready
 
@@ -386,6 +403,7 @@ class WorkerIndex:
             return
         if entry.value is None:
             self._records.pop(entry.key, None)
+            self._changed.pop(entry.key, None)
             return
         try:
             record = json.loads(entry.value)
@@ -393,11 +411,14 @@ class WorkerIndex:
             log.warning("worker index: undecodable record for %s; skipped", entry.key)
             return
         if isinstance(record, dict):
+            if held is None or (held[0] != entry.revision and _beat(entry.key, held[1]) != _beat(entry.key, record)):
+                self._changed[entry.key] = self.monotonic()
             self._records[entry.key] = (entry.revision, record)
 
     def _drop_missing(self, present: set[str]) -> None:
         for key in [k for k in self._records if k not in present]:
             del self._records[key]
+            self._changed.pop(key, None)
 
     def records(self) -> list[tuple[str, JSONObject]]:
         return [(key, record) for key, (_, record) in self._records.items()]
@@ -406,5 +427,20 @@ class WorkerIndex:
         held = self._records.get(key)
         return None if held is None else held[1]
 
+    def silence(self, key: str) -> float | None:
+        """Seconds, on this gateway's monotonic clock, since it last saw ``key``'s record change
+        (None: no record)."""
+        changed = self._changed.get(key)
+        return None if changed is None else self.monotonic() - changed
+
     def __len__(self) -> int:
         return len(self._records)
+
+
+_NOT_A_BEAT: Final = frozenset({"hidden", "updated_at"})  # what PATCH /workers/{id} writes
+
+
+def _beat(key: str, record: JSONObject) -> JSONObject:
+    """What a worker's own write changes: its record (normalised, as the toggle writes it) without
+    the fields the gateway's hide/show toggle writes (a toggle is no sign of the worker's life)."""
+    return {k: v for k, v in normalize_worker(record, key=key).items() if k not in _NOT_A_BEAT}

@@ -24,7 +24,8 @@ import re
 from collections.abc import Mapping
 from typing import ClassVar, Final, cast
 
-from ..core.errors import PayloadTooLarge, ValidationError
+from ..core.codec import dumps
+from ..core.errors import PayloadTooLarge, PyocoError, ValidationError
 from ..core.events import JSONObject, JSONValue
 
 TAG_RE: Final = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch only: `^...$` passes "tag\n"
@@ -51,6 +52,13 @@ class RequestInvalid(ValidationError):
         self.detail = detail
 
 
+class ResourceNotFound(PyocoError):
+    """What the request names does not exist (a worker, the dashboard's files); the message is
+    the answer's ``detail``.  Runs have their own :class:`~pyoco_es.core.errors.RunNotFound`."""
+
+    http_status: ClassVar[int] = 404
+
+
 def field_error(kind: str, loc: tuple[str | int, ...], msg: str, value: object = None) -> dict[str, JSONValue]:
     return {"type": kind, "loc": list[JSONValue](loc), "msg": msg, "input": _shown(value)}
 
@@ -68,7 +76,7 @@ def _shown(value: object) -> JSONValue:
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, (list, dict)):
         try:
-            text = _compact(value)
+            text = dumps(value).decode("ascii")
         except (ValueError, TypeError, RecursionError):
             return repr(value)[:256]
         return cast(JSONValue, value) if len(text) <= 1024 else text[:256] + "..."
@@ -282,7 +290,6 @@ def _locate_problem(params: JSONObject, loc: tuple[str | int, ...]) -> None:
 
 
 _strict = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 
 
 def check_tag(value: object, loc: tuple[str | int, ...], *, what: str = "tag") -> str:
@@ -299,3 +306,22 @@ def check_tag(value: object, loc: tuple[str | int, ...], *, what: str = "tag") -
             value[:64].encode("unicode_escape").decode("ascii") if not faithful(value) else value[:64],
         )
     return value
+
+
+def idempotency_key(key: str | None) -> str | None:
+    """The ``Idempotency-Key`` header's value, validated (None when absent).
+
+    Raises:
+        RequestInvalid: blank, too long or not printable.
+    """
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX or not (key.isascii() and key.isprintable()):
+        raise invalid(
+            "idempotency_key",
+            ("header", "Idempotency-Key"),
+            f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} printable ASCII characters (e.g. a UUID)",
+            key[:64],
+        )
+    return key

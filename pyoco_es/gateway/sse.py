@@ -5,8 +5,9 @@ Data is compact JSON on a single ``data:`` line, so a frame never needs multi-li
 
 from __future__ import annotations
 
-import json
 from typing import Final
+
+from ..core.codec import dumps
 
 SSE_HEADERS: Final = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -14,9 +15,6 @@ SSE_HEADERS: Final = {
     "Connection": "keep-alive",
     "X-Accel-Buffering": "no",
 }
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
-
 
 def frame(event: str, data: object, *, id: int | str | None = None, retry_ms: int | None = None) -> bytes:
     """One SSE event: ``id:`` (if any), ``event:``, ``data:`` (compact JSON), blank line."""
@@ -31,7 +29,7 @@ def frame(event: str, data: object, *, id: int | str | None = None, retry_ms: in
             raise ValueError("an SSE id cannot contain a line break")
         lines.append(f"id: {sid}")
     lines.append(f"event: {event}")
-    lines.append(f"data: {_dumps(data)}")
+    lines.append(f"data: {dumps(data).decode('ascii')}")
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 

@@ -1,77 +1,103 @@
-"""Worker registry records as the API serves them (contract §2.3), pure.
-
-Records live in KV ``pyoco_workers`` (written by workers' heartbeats).  Reading normalises them
-and derives the effective state: ``DISCONNECTED`` when the last heartbeat is older than the
-disconnect timeout.  Workers never write ``DISCONNECTED`` themselves.
-"""
+"""The workers resource: ``GET /workers`` (the registry with each worker's effective state) and
+``PATCH /workers/{id}`` (hide or show one, a compare-and-swap on its registry record)."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import random
 from typing import Final
 
-from ..core.events import JSONObject
+import trio
+from quart import Blueprint, Response, request
 
-WORKER_STATES: Final = ("RUNNING", "IDLE", "STOPPED_GRACEFUL", "DISCONNECTED")
-ALIVE_STATES: Final = frozenset({"RUNNING", "IDLE"})
+from ..core.codec import dumps
+from ..core.errors import ConcurrencyConflict, InfraError
+from ..nats import subjects
+from ..nats.client import KVEntry
+from .answer import json_response
+from .context import current_gateway, request_body
+from .params import WORKER_ID_MAX, RequestInvalid, ResourceNotFound, invalid, json_loads, query_bool, query_int
+from .registry import ALIVE_STATES, WORKER_STATES, normalize_worker
 
+PATCH_RETRY_SECONDS: Final = 5.0  # how long PATCH /workers/{id} keeps retrying its compare-and-swap
 
-def _num(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def normalize_worker(record: JSONObject, *, key: str) -> JSONObject:
-    """Fill pyoco-server's defaults: instance_id, state, timestamps and tags."""
-    out = dict(record)
-    out.setdefault("worker_id", key)
-    if not out.get("instance_id"):
-        out["instance_id"] = out["worker_id"]
-    if out.get("state") not in WORKER_STATES:
-        out["state"] = "IDLE"
-    hb = _num(out.get("heartbeat_at"))
-    last_seen = _num(out.get("last_seen_at"))
-    if last_seen is None:
-        last_seen = hb
-    last_hb = _num(out.get("last_heartbeat_at"))
-    if last_hb is None:
-        last_hb = hb if hb is not None else last_seen
-    out["last_seen_at"] = last_seen
-    out["last_heartbeat_at"] = last_hb
-    out["heartbeat_at"] = last_hb
-    if not isinstance(out.get("tags"), list):
-        out["tags"] = []
-    out["hidden"] = bool(out.get("hidden", False))
-    return out
+blueprint = Blueprint("workers", __name__)
 
 
-def effective_state(record: JSONObject, *, now: float, disconnect_timeout: float) -> str:
-    state = str(record.get("state") or "IDLE")
-    if state in ("STOPPED_GRACEFUL", "DISCONNECTED"):
-        return state
-    seen = _num(record.get("last_seen_at"))
-    if seen is None:
-        seen = _num(record.get("last_heartbeat_at"))
-    if seen is None or now - seen > disconnect_timeout:
-        return "DISCONNECTED"
-    return state
+@blueprint.get("/workers")
+async def list_workers() -> Response:
+    gw = current_gateway()
+    args = request.args
+    scope = (args.get("scope") or "active").strip().lower()
+    if scope not in ("active", "all"):
+        raise RequestInvalid("invalid workers request: scope must be 'active' or 'all'")
+    state = args.get("state")
+    if state is not None and state.strip():
+        state = state.strip().upper()
+        if state not in WORKER_STATES:
+            raise RequestInvalid(f"invalid workers request: state must be one of {', '.join(WORKER_STATES)}")
+    else:
+        state = None
+    include_hidden = query_bool(args, "include_hidden", default=False)
+    limit = query_int(args, "limit", default=100, lo=1, hi=500)
+    items = []
+    for view in await gw.worker_views():
+        if view["hidden"] and not include_hidden:
+            continue
+        if scope == "active" and view["state"] not in ALIVE_STATES:
+            continue
+        if state is not None and view["state"] != state:
+            continue
+        items.append(view)
+    items.sort(key=lambda w: (w.get("last_seen_at") or 0.0, str(w.get("worker_id"))), reverse=True)
+    return json_response(items[:limit])
 
 
-def worker_view(record: JSONObject, *, key: str, now: float, disconnect_timeout: float) -> JSONObject:
-    """A normalised record with the effective ``state`` (what GET /workers returns per item)."""
-    out = normalize_worker(record, key=key)
-    out["stored_state"] = out["state"]
-    out["state"] = effective_state(out, now=now, disconnect_timeout=disconnect_timeout)
-    return out
-
-
-def liveness(record: JSONObject | None, *, key: str, now: float, disconnect_timeout: float) -> JSONObject:
-    """The ``worker_*`` fields GET /runs/{id} adds for the run's worker (contract §1.5)."""
-    if record is None:
-        return {"worker_alive": False, "worker_state": "DISCONNECTED", "worker_heartbeat_at": None}
-    view = worker_view(record, key=key, now=now, disconnect_timeout=disconnect_timeout)
-    return {
-        "worker_alive": view["state"] in ALIVE_STATES,
-        "worker_state": view["state"],
-        "worker_heartbeat_at": view["last_heartbeat_at"],
-        "worker_hidden": view["hidden"],
-        "worker_tags": view["tags"],
-    }
+@blueprint.patch("/workers/<worker_id>")
+async def patch_worker(worker_id: str) -> Response:
+    gw = current_gateway()
+    body = json_loads(await request_body())
+    if not isinstance(body, dict):
+        raise invalid("model_attributes_type", ("body",), 'request body must be a JSON object like {"hidden": true}', body)
+    if "hidden" not in body:
+        raise invalid("missing", ("body", "hidden"), "Field required: hidden (true or false)")
+    hidden = body["hidden"]
+    if isinstance(hidden, str) and hidden.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        hidden = hidden.strip().lower() in ("true", "1", "yes", "on")
+    elif isinstance(hidden, int) and not isinstance(hidden, bool) and hidden in (0, 1):
+        hidden = bool(hidden)
+    if not isinstance(hidden, bool):
+        raise invalid("bool_type", ("body", "hidden"), "hidden must be true or false", body["hidden"])
+    if not subjects.is_token(worker_id) or len(worker_id) > WORKER_ID_MAX:
+        raise ResourceNotFound("worker not found")
+    gw.require_nats()
+    deadline = trio.current_time() + PATCH_RETRY_SECONDS
+    for attempt in itertools.count():
+        if attempt and trio.current_time() > deadline:
+            break
+        if attempt:
+            # Lost the race to a heartbeat: back off a little (jittered) so a busy writer
+            # cannot starve the toggle.
+            await trio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))
+        entry = await gw.nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
+        if entry is None or not entry.value:
+            raise ResourceNotFound("worker not found")
+        try:
+            record = json.loads(entry.value)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            record = {"worker_id": worker_id}
+        record = normalize_worker(record, key=worker_id)
+        now = gw.clock()
+        record["hidden"] = hidden
+        record["updated_at"] = now
+        value = dumps(record)
+        try:
+            revision = await gw.nats.kv_update(subjects.WORKERS_BUCKET, worker_id, value, last=entry.revision)
+        except ConcurrencyConflict:
+            continue  # a heartbeat landed in between: re-read and apply the toggle again
+        gw.workers.apply(KVEntry(key=worker_id, value=value, revision=revision))  # read-your-writes
+        return json_response({"worker_id": worker_id, "hidden": hidden, "updated_at": now})
+    raise InfraError(f"worker {worker_id}: gave up after repeated concurrent updates")
