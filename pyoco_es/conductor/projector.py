@@ -30,6 +30,7 @@ from ..core.errors import ConcurrencyConflict, CorruptStreamError, InfraError, P
 from ..core.events import Envelope, RunReleased, RunSubmitted, RunWorkerLost
 from ..core.fold import SequenceGap, apply, fold
 from ..core.model import RunSnapshot, RunStatus
+from ..core.work import WorkItem
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient
 
@@ -66,38 +67,6 @@ def projector_consumer_config(ack_wait: float = 10.0) -> dict[str, Any]:
         "max_ack_pending": -1,
         "max_deliver": -1,
     }
-
-
-def work_item(
-    submitted: RunSubmitted, *, run_id: str, attempt: int, run_version: int | None = None, run_last_stream_seq: int | None = None
-) -> bytes:
-    """The job message for one attempt (pyoco-server's job fields plus ``attempt``).
-
-    ``run_version`` / ``run_last_stream_seq`` say where the run stood when the item was made: a
-    worker can append its claim right there without reading the run first (if the run moved on
-    meanwhile, the append conflicts and the worker reads and decides again).
-    """
-    body: dict[str, object] = {
-        "run_id": run_id,
-        "attempt": attempt,
-        "max_attempts": submitted.max_attempts,
-        "flow_name": submitted.flow_name,
-        "tag": submitted.tag,
-        "tags": list(submitted.tags),
-        "tenant_id": submitted.tenant_id,
-        "api_key_id": submitted.api_key_id,
-        "params": submitted.params,
-        "submitted_at": submitted.submitted_at,
-        "schedule_id": submitted.schedule_id,
-    }
-    if run_version is not None and run_last_stream_seq:
-        body["run_seq"] = run_version
-        body["run_stream_seq"] = run_last_stream_seq
-    if submitted.workflow_yaml is not None:
-        body["workflow_yaml"] = submitted.workflow_yaml
-        body["workflow_yaml_sha256"] = submitted.workflow_yaml_sha256
-        body["workflow_yaml_bytes"] = submitted.workflow_yaml_bytes
-    return dumps(body)
 
 
 class Projector:
@@ -393,9 +362,9 @@ class Projector:
             items.append(
                 (
                     subjects.work_subject(snap.tag, self.work_prefix),
-                    work_item(
+                    WorkItem.for_attempt(
                         submitted, run_id=run_id, attempt=attempt, run_version=snap.version, run_last_stream_seq=snap.last_stream_seq
-                    ),
+                    ).to_json(),
                     subjects.work_msg_id(run_id, attempt),
                 )
             )

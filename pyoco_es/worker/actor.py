@@ -5,7 +5,7 @@ Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
 
 1. A tag's pull loop long-polls its shared durable consumer when the worker has room (no busy
    polling; every tag asks for its share of the free room, so no tag starves another).
-2. The run task decodes the job (invalid → DLQ ``invalid_job`` + TERM), takes a warm child and
+2. The run task decodes the item (:class:`~pyoco_es.core.work.WorkItem`; invalid → DLQ ``invalid_job`` + TERM), takes a warm child and
    sends it *prepare* (parse/validate YAML, import the allowed callables, build the pyoco Flow;
    cached per sha256 in the child) while it reads the run's events (or takes the run's position
    from the job).  The task names go into ``run.claimed``.  When the child has built this
@@ -73,7 +73,6 @@ import trio
 from ..config import Settings
 from ..core import decide
 from ..core.codec import decode_envelope, dumps
-from ..core.codec import loads as strict_loads
 from ..core.errors import (
     ConcurrencyConflict,
     CorruptStreamError,
@@ -87,6 +86,7 @@ from ..core.errors import (
 from ..core.events import Envelope, Event, Producer, RunFailed, TaskCompleted, TaskFailed, TaskStarted
 from ..core.fold import apply, fold
 from ..core.model import RunSnapshot, RunStatus
+from ..core.work import InvalidWorkItem, WorkItem
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored, PullSubscription
 from ..service import Outcome, RunStore, new_event_id
@@ -119,113 +119,6 @@ def _offset_clock(offset: float) -> Callable[[], float]:
     if not offset:
         return time.time
     return lambda: time.time() + offset
-
-
-class InvalidJob(ValueError):
-    """A work item that is not a job.  ``run_id``/``attempt`` are set when they could be read, so
-    the run it names can be failed rather than left PENDING."""
-
-    def __init__(self, message: str, *, run_id: str | None = None, attempt: int | None = None) -> None:
-        super().__init__(message)
-        self.run_id = run_id
-        self.attempt = attempt
-
-
-@attrs.frozen(kw_only=True)
-class Job:
-    """A decoded work item (contract §2.9 plus ``attempt``)."""
-
-    run_id: str
-    attempt: int
-    flow_name: str
-    tag: str
-    tags: tuple[str, ...]
-    params: dict[str, Any]
-    tenant_id: str | None = None
-    api_key_id: str | None = None
-    workflow_yaml: str | None = None
-    workflow_yaml_sha256: str | None = None
-    workflow_yaml_bytes: int | None = None
-    schedule_id: str | None = None
-    submitted_at: float = 0.0
-    max_attempts: int | None = None
-    # The run's position when the dispatcher enqueued this attempt (optional): with it the claim
-    # needs no read first (a stale position just makes the claim conflict and re-read).
-    run_seq: int | None = None
-    run_stream_seq: int | None = None
-
-    def pending_snapshot(self) -> RunSnapshot | None:
-        """The PENDING snapshot the dispatcher saw, rebuilt from the job, or None without
-        ``run_seq``/``run_stream_seq``.  Good enough to decide the claim and fold what follows."""
-        if not self.run_seq or not self.run_stream_seq:
-            return None
-        return RunSnapshot(
-            run_id=self.run_id,
-            flow_name=self.flow_name,
-            tag=self.tag,
-            tags=self.tags,
-            params=self.params,
-            status=RunStatus.PENDING,
-            submitted_at=self.submitted_at,
-            updated_at=self.submitted_at,
-            version=self.run_seq,
-            last_stream_seq=self.run_stream_seq,
-            max_attempts=self.max_attempts or 1,
-            attempt=self.attempt,
-            tenant_id=self.tenant_id,
-            api_key_id=self.api_key_id,
-            workflow_yaml_sha256=self.workflow_yaml_sha256,
-            workflow_yaml_bytes=self.workflow_yaml_bytes,
-            schedule_id=self.schedule_id,
-        )
-
-    @classmethod
-    def decode(cls, data: bytes) -> Job:
-        try:
-            doc = strict_loads(data)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise InvalidJob(f"payload is not JSON: {str(exc)[:200]}") from None
-        if not isinstance(doc, dict):
-            raise InvalidJob("payload is not a JSON object")
-        run_id = doc.get("run_id")
-        if not isinstance(run_id, str) or not subjects.is_token(run_id):
-            raise InvalidJob("run_id missing or not a subject token")
-        attempt = doc.get("attempt", 1)
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-            raise InvalidJob("attempt must be a positive integer", run_id=run_id)
-        flow_name = doc.get("flow_name")
-        if not isinstance(flow_name, str):
-            raise InvalidJob("flow_name missing", run_id=run_id, attempt=attempt)
-        params = doc.get("params") or {}
-        if not isinstance(params, dict):
-            raise InvalidJob("params must be an object", run_id=run_id, attempt=attempt)
-        yaml_text = doc.get("workflow_yaml")
-        if yaml_text is not None and not isinstance(yaml_text, str):
-            raise InvalidJob("workflow_yaml must be a string", run_id=run_id, attempt=attempt)
-        tag = doc.get("tag") or "default"
-        tags = doc.get("tags") or [tag]
-        return cls(
-            run_id=run_id,
-            attempt=attempt,
-            flow_name=flow_name,
-            tag=str(tag),
-            tags=tuple(str(t) for t in tags) if isinstance(tags, list) else (str(tag),),
-            params=params,
-            tenant_id=doc.get("tenant_id") if isinstance(doc.get("tenant_id"), str) else None,
-            api_key_id=doc.get("api_key_id") if isinstance(doc.get("api_key_id"), str) else None,
-            workflow_yaml=yaml_text,
-            workflow_yaml_sha256=doc.get("workflow_yaml_sha256") if isinstance(doc.get("workflow_yaml_sha256"), str) else None,
-            workflow_yaml_bytes=_opt_int(doc.get("workflow_yaml_bytes")),
-            schedule_id=doc.get("schedule_id") if isinstance(doc.get("schedule_id"), str) else None,
-            submitted_at=float(doc["submitted_at"]) if isinstance(doc.get("submitted_at"), (int, float)) else 0.0,
-            max_attempts=_opt_int(doc.get("max_attempts")),
-            run_seq=_opt_int(doc.get("run_seq")),
-            run_stream_seq=_opt_int(doc.get("run_stream_seq")),
-        )
-
-
-def _opt_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def normalize_tags(tags: Sequence[str], default_tag: str) -> tuple[str, ...]:
@@ -278,7 +171,7 @@ def resolver_spec(flow_resolver: Callable[..., Any] | str | None) -> str | None:
 
 @attrs.define(eq=False)
 class _Active:
-    job: Job
+    job: WorkItem
     msg: Delivered
     started_at: float  # time.time(), for the registry
     inbox: trio.MemorySendChannel[tuple[str, Any]]
@@ -616,11 +509,11 @@ class WorkerActor:
     # -- one run --------------------------------------------------------------------------------
 
     async def _process(self, msg: Delivered, tag: str) -> None:
-        job: Job | None = None
+        job: WorkItem | None = None
         try:
             try:
-                job = Job.decode(msg.data)
-            except InvalidJob as exc:
+                job = WorkItem.from_json(msg.data)
+            except InvalidWorkItem as exc:
                 await self._invalid_job(msg, str(exc), run_id=exc.run_id, attempt=exc.attempt)
                 return
             child = await self.pool.acquire()
@@ -701,7 +594,7 @@ class WorkerActor:
         except PyocoError as exc:
             log.warning("DLQ publish failed (best effort): %s", exc)
 
-    def _dlq_run(self, job: Job, reason: str, error: str) -> dict[str, Any]:
+    def _dlq_run(self, job: WorkItem, reason: str, error: str) -> dict[str, Any]:
         return {
             "reason": reason,
             "error": error,
@@ -717,7 +610,7 @@ class WorkerActor:
         }
 
     @staticmethod
-    def _prepare_command(job: Job, child: ChildProcess) -> dict[str, Any]:
+    def _prepare_command(job: WorkItem, child: ChildProcess) -> dict[str, Any]:
         cmd: dict[str, Any] = {"op": "prepare", "run_id": job.run_id, "flow_name": job.flow_name, "params": job.params}
         if job.workflow_yaml is not None:
             sha = job.workflow_yaml_sha256
@@ -726,7 +619,7 @@ class WorkerActor:
                 cmd["yaml"] = job.workflow_yaml
         return cmd
 
-    async def _prepare_reply(self, job: Job, child: ChildProcess) -> dict[str, Any]:
+    async def _prepare_reply(self, job: WorkItem, child: ChildProcess) -> dict[str, Any]:
         reply = await child.receive()
         sha = job.workflow_yaml_sha256 if job.workflow_yaml is not None else None
         if reply.get("ev") == "prepared" and sha:
@@ -779,7 +672,7 @@ class WorkerActor:
             snap = apply(snap, env)
         return Outcome(snap, tuple(stored))
 
-    async def _execute(self, job: Job, msg: Delivered, child: ChildProcess) -> None:
+    async def _execute(self, job: WorkItem, msg: Delivered, child: ChildProcess) -> None:
         run_id, attempt = job.run_id, job.attempt
         sha = job.workflow_yaml_sha256 if job.workflow_yaml is not None else None
         known = self._yaml_tasks.get(sha) if sha else None
@@ -824,7 +717,7 @@ class WorkerActor:
 
     async def _claim_guarded(
         self,
-        job: Job,
+        job: WorkItem,
         msg: Delivered,
         child: ChildProcess,
         prep: dict[str, Any] | None,
@@ -846,7 +739,7 @@ class WorkerActor:
                 del self.runs[key]
                 self.active.pop(key, None)
 
-    async def _unprepare(self, job: Job, child: ChildProcess, prep: dict[str, Any] | None, deferred: dict[str, Any] | None) -> None:
+    async def _unprepare(self, job: WorkItem, child: ChildProcess, prep: dict[str, Any] | None, deferred: dict[str, Any] | None) -> None:
         """After a failed claim: forget the child's prepared run (nothing to do if the prepare
         was never sent)."""
         if deferred is not None:
@@ -863,7 +756,7 @@ class WorkerActor:
 
     async def _claim_and_run(
         self,
-        job: Job,
+        job: WorkItem,
         msg: Delivered,
         child: ChildProcess,
         prep: dict[str, Any] | None,
@@ -991,7 +884,7 @@ class _RunDriver:
     def __init__(
         self,
         actor: WorkerActor,
-        job: Job,
+        job: WorkItem,
         child: ChildProcess,
         snap: RunSnapshot | None,
         active: _Active,
@@ -1458,4 +1351,4 @@ class _bound:
         await self._stack.__aexit__(*exc)
 
 
-__all__ = ["Job", "WorkerActor", "normalize_tags", "run_worker"]
+__all__ = ["WorkerActor", "normalize_tags", "run_worker"]
