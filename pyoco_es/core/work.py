@@ -1,10 +1,13 @@
-"""The work item: the one wire document the dispatcher publishes and a worker consumes.
+"""The worker's wire documents: the work item it consumes and the registry record it writes.
 
 A work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``) is a command, not a fact:
 pyoco-server's job fields plus ``attempt``, derived from ``run.submitted``.  It is built here
 (:meth:`WorkItem.for_attempt`), encoded here (:meth:`WorkItem.to_json`) and decoded here
 (:meth:`WorkItem.from_json`), like h11's events: one frozen class converted at one edge.  The
 conductor, the gateway and the worker import this type, never each other.
+
+The worker record (KV ``pyoco_workers``, key = worker id) is :class:`WorkerRecord`: written by a
+worker's heartbeat, read by the reaper (``runs``, ``state``) and the gateway (GET/PATCH /workers).
 
 Pure: no trio, no NATS.
 """
@@ -202,4 +205,101 @@ def _opt_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-__all__ = ["InvalidWorkItem", "WorkItem"]
+WORKER_RUNNING: Final = "RUNNING"
+WORKER_IDLE: Final = "IDLE"
+WORKER_STOPPED: Final = "STOPPED_GRACEFUL"
+
+# ``wheel_sync`` of a worker that does not sync wheels (pyoco-server's record shape).
+WHEEL_SYNC_DISABLED: Final[dict[str, Any]] = {
+    "enabled": False,
+    "last_result": "disabled",
+    "last_attempt_at": None,
+    "last_success_at": None,
+    "last_synced_at": None,
+    "last_error": None,
+    "selected_count": 0,
+    "updated_count": 0,
+    "removed_count": 0,
+    "skipped_incompatible_count": 0,
+    "selected_wheels": [],
+    "updated_wheels": [],
+    "removed_wheels": [],
+    "skipped_incompatible": [],
+    "installed_wheels": [],
+}
+
+
+@attrs.frozen(kw_only=True)
+class LastRun:
+    """The run a worker finished last (``last_run_*`` of its record)."""
+
+    run_id: str
+    status: str | None
+    started_at: float
+    finished_at: float
+
+
+@attrs.frozen(kw_only=True)
+class WorkerRecord:
+    """A worker's registry record (contract §2.3): who it is, what it holds, when it last beat.
+
+    ``runs`` maps run id -> the highest attempt the worker holds; the reaper trusts it (with the
+    record changing on its own clock) to keep those attempts' leases alive.
+    """
+
+    worker_id: str
+    instance_id: str
+    state: str
+    hidden: bool
+    tags: tuple[str, ...]
+    now: float
+    runs: dict[str, int]
+    last_run: LastRun | None
+    wheel_sync: dict[str, Any] | None
+    concurrency: int
+    completed_runs: int
+    pid: int
+    hostname: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as stored (``stopped_at``/``stop_reason`` set once ``STOPPED_GRACEFUL``)."""
+        run_ids = sorted(self.runs)
+        stopped = self.state == WORKER_STOPPED
+        last = self.last_run
+        return {
+            "worker_id": self.worker_id,
+            "instance_id": self.instance_id,
+            "state": self.state,
+            "hidden": self.hidden,
+            "tags": list(self.tags),
+            "last_seen_at": self.now,
+            "last_heartbeat_at": self.now,
+            "heartbeat_at": self.now,
+            "updated_at": self.now,
+            "current_run_id": run_ids[0] if run_ids else None,
+            "current_run_ids": run_ids,
+            "runs": self.runs,
+            "last_run_id": last.run_id if last else None,
+            "last_run_status": last.status if last else None,
+            "last_run_started_at": last.started_at if last else None,
+            "last_run_finished_at": last.finished_at if last else None,
+            "stopped_at": self.now if stopped else None,
+            "stop_reason": "graceful_shutdown" if stopped else None,
+            "wheel_sync": self.wheel_sync or WHEEL_SYNC_DISABLED,
+            "concurrency": self.concurrency,
+            "completed_runs": self.completed_runs,
+            "pid": self.pid,
+            "hostname": self.hostname,
+        }
+
+
+__all__ = [
+    "WHEEL_SYNC_DISABLED",
+    "WORKER_IDLE",
+    "WORKER_RUNNING",
+    "WORKER_STOPPED",
+    "InvalidWorkItem",
+    "LastRun",
+    "WorkItem",
+    "WorkerRecord",
+]

@@ -53,12 +53,9 @@ finish within ``worker_drain_timeout``, then release the rest (``run.released``)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -76,7 +73,6 @@ from ..core.codec import decode_envelope, dumps
 from ..core.errors import (
     ConcurrencyConflict,
     CorruptStreamError,
-    DomainError,
     InfraError,
     PayloadTooLarge,
     PyocoError,
@@ -86,11 +82,12 @@ from ..core.errors import (
 from ..core.events import Envelope, Event, Producer, RunFailed, TaskCompleted, TaskFailed, TaskStarted
 from ..core.fold import apply, fold
 from ..core.model import RunSnapshot, RunStatus
-from ..core.work import InvalidWorkItem, WorkItem
+from ..core.work import WORKER_IDLE, WORKER_STOPPED, InvalidWorkItem, WorkItem
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored, PullSubscription
 from ..service import Outcome, RunStore, new_event_id
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
+from .registry import Registry
 from .trust import check_allowed_modules, check_env_names
 
 log = logging.getLogger(__name__)
@@ -102,11 +99,7 @@ FETCH_GATHER: Final = 0.002
 COALESCE_WINDOW: Final = 0.002  # how long task events may wait to be appended together
 MAX_FETCH_BATCH: Final = 64
 APPEND_RETRIES: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
-STATE_RUNNING: Final = "RUNNING"
-STATE_IDLE: Final = "IDLE"
-STATE_STOPPED: Final = "STOPPED_GRACEFUL"
 LOST: Final = "LOST"  # final_status of an attempt that was fenced (another attempt owns the run)
-HEARTBEAT_RETRY: Final = 1.0  # after a failed heartbeat write
 # Run events that were not appended by the attempt itself and mean it is over (lost, re-claimed,
 # ended by the conductor); the cancel watch forwards every ``run.*`` event (the pattern matches
 # the envelope's compact JSON) and stops the child at once on these.
@@ -266,22 +259,23 @@ class WorkerActor:
         # Keyed by (run, attempt): a stale attempt still winding down (its worker was frozen past
         # its lease) must never touch the live attempt's entries (issue 11).
         self.active: dict[tuple[str, int], _Active] = {}  # claimed attempts
-        self.runs: dict[tuple[str, int], int] = {}  # attempts for the heartbeat (set before the claim)
         self.clock = _offset_clock(settings.worker_clock_offset)  # wall clock for stamps (tests skew it)
+        self.registry = Registry(
+            nats, settings, worker_id=worker_id, instance_id=self.instance_id, tags=self.tags, concurrency=concurrency, clock=self.clock
+        )
         self.pending = 0  # accepted items not finished (waiting for a child or running)
         self.draining = False
         self._room = trio.Event()
         self._ack_send, self._ack_recv = trio.open_memory_channel[Delivered](math.inf)
-        self._registry_rev: int | None = None
-        self._hidden = False
-        self._wheel_sync: dict[str, Any] | None = None
-        self._last_run: dict[str, Any] = {}
-        self.completed = 0
         self._became_active = trio.Event()
-        self._beat_soon = trio.Event()  # set when the first run is taken: heartbeat now, not at the idle pace
         self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
         self._reader: _Batcher[str, list[Envelope]] = _Batcher(nats.read_runs)
         self._appender: _Batcher[tuple[str, Sequence[Envelope], int, OnStored | None], list[int]] = _Batcher(nats.append_many)
+
+    @property
+    def completed(self) -> int:
+        """Attempts this worker has finished (whatever their outcome)."""
+        return self.registry.completed
 
     @property
     def producer_kind(self) -> str:
@@ -388,123 +382,6 @@ class WorkerActor:
                 if now - active.claimed_at >= CANCEL_WATCH_DELAY:
                     driver.watched = True
                     nursery.start_soon(driver.watch_cancel)
-
-    # -- registry -------------------------------------------------------------------------------
-
-    def heartbeat_runs(self) -> dict[str, int]:
-        """``runs`` of the registry record: run id -> the highest attempt this worker holds (a
-        stale lower attempt never hides the live one)."""
-        out: dict[str, int] = {}
-        for run_id, attempt in self.runs:
-            out[run_id] = max(attempt, out.get(run_id, 0))
-        return out
-
-    def _registry_doc(self, state: str, now: float) -> dict[str, Any]:
-        runs = self.heartbeat_runs()
-        run_ids = sorted(runs)
-        doc: dict[str, Any] = {
-            "worker_id": self.worker_id,
-            "instance_id": self.instance_id,
-            "state": state,
-            "hidden": self._hidden,
-            "tags": list(self.tags),
-            "last_seen_at": now,
-            "last_heartbeat_at": now,
-            "heartbeat_at": now,
-            "updated_at": now,
-            "current_run_id": run_ids[0] if run_ids else None,
-            "current_run_ids": run_ids,
-            "runs": runs,
-            "last_run_id": self._last_run.get("run_id"),
-            "last_run_status": self._last_run.get("status"),
-            "last_run_started_at": self._last_run.get("started_at"),
-            "last_run_finished_at": self._last_run.get("finished_at"),
-            "stopped_at": now if state == STATE_STOPPED else None,
-            "stop_reason": "graceful_shutdown" if state == STATE_STOPPED else None,
-            "wheel_sync": self._wheel_sync
-            or {
-                "enabled": False,
-                "last_result": "disabled",
-                "last_attempt_at": None,
-                "last_success_at": None,
-                "last_synced_at": None,
-                "last_error": None,
-                "selected_count": 0,
-                "updated_count": 0,
-                "removed_count": 0,
-                "skipped_incompatible_count": 0,
-                "selected_wheels": [],
-                "updated_wheels": [],
-                "removed_wheels": [],
-                "skipped_incompatible": [],
-                "installed_wheels": [],
-            },
-            "concurrency": self.concurrency,
-            "completed_runs": self.completed,
-            "pid": os.getpid(),
-            "hostname": socket.gethostname(),
-        }
-        return doc
-
-    async def _reread_registry(self) -> None:
-        entry = await self.nats.kv_get(subjects.WORKERS_BUCKET, self.worker_id)
-        if entry is None or not entry.value:
-            self._registry_rev = 0
-            return
-        self._registry_rev = entry.revision
-        try:
-            old = json.loads(entry.value)
-        except ValueError:
-            return
-        if isinstance(old, dict):
-            self._hidden = bool(old.get("hidden", False))
-            if isinstance(old.get("wheel_sync"), dict):
-                self._wheel_sync = old["wheel_sync"]
-
-    async def write_registry(self, state: str | None = None) -> None:
-        """Write the registry record with compare-and-swap, keeping a concurrent ``hidden`` PATCH."""
-        state = state or (STATE_RUNNING if self.runs else STATE_IDLE)
-        for _ in range(5):
-            if self._registry_rev is None:
-                await self._reread_registry()
-            value = dumps(self._registry_doc(state, self.clock()))
-            try:
-                self._registry_rev = await self.nats.kv_update(
-                    subjects.WORKERS_BUCKET, self.worker_id, value, last=self._registry_rev or 0
-                )
-                return
-            except ConcurrencyConflict:
-                self._registry_rev = None  # someone else wrote (a hidden PATCH): re-read, merge
-        log.warning("registry write for %s kept conflicting; will retry at the next heartbeat", self.worker_id)
-
-    def heartbeat_interval(self) -> float:
-        base = self.settings.worker_heartbeat_interval
-        if self.runs:
-            return max(0.1, min(base, self.settings.run_lease_seconds / 3))
-        return base
-
-    async def heartbeat_loop(self) -> None:
-        last = trio.current_time()
-        failed = False
-        while True:
-            interval = self.heartbeat_interval()
-            if failed:
-                # A NATS blip: try again soon rather than a whole interval later, so the
-                # reaper sees the record change again as soon as NATS is back.
-                interval = min(interval, HEARTBEAT_RETRY)
-            due = last + interval
-            if trio.current_time() < due:
-                with trio.move_on_at(due):
-                    await self._beat_soon.wait()  # a first run: the running interval may be due already
-                self._beat_soon = trio.Event()
-                continue
-            last = trio.current_time()
-            try:
-                await self.write_registry()
-                failed = False
-            except PyocoError as exc:
-                log.warning("heartbeat failed: %s", exc)
-                failed = True
 
     # -- one run --------------------------------------------------------------------------------
 
@@ -727,16 +604,12 @@ class WorkerActor:
         deferred: dict[str, Any] | None,
     ) -> None:
         key = (job.run_id, job.attempt)
-        if not self.runs:
-            self._beat_soon.set()  # the idle interval may be longer than the run's lease
-        self.runs[key] = self.runs.get(key, 0) + 1  # before the claim: the reaper trusts our heartbeat
+        self.registry.hold(key)  # before the claim: the reaper trusts our heartbeat
         try:
             inbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
             await self._claim_and_run(job, msg, child, prep, snap, tasks, inbox, deferred)
         finally:
-            self.runs[key] -= 1  # a redelivered copy of the same item may be in flight too
-            if not self.runs[key]:
-                del self.runs[key]
+            if self.registry.unhold(key):  # a redelivered copy of the same item may be in flight too
                 self.active.pop(key, None)
 
     async def _unprepare(self, job: WorkItem, child: ChildProcess, prep: dict[str, Any] | None, deferred: dict[str, Any] | None) -> None:
@@ -830,7 +703,7 @@ class WorkerActor:
             await runner.finish_without_running(reason, error)
         else:
             await runner.run()
-        self._record_last(run_id, runner.final_status, active.started_at)
+        self.registry.record_finished(run_id, runner.final_status, active.started_at)
         if runner.nak:
             await self._nak(msg, NAK_DELAY)
         elif runner.final_status == LOST:
@@ -839,10 +712,6 @@ class WorkerActor:
             self._ack(msg)
         if runner.dlq is not None:
             await self._dlq(job.tag, runner.dlq)
-
-    def _record_last(self, run_id: str, status: str | None, started_at: float) -> None:
-        self.completed += 1
-        self._last_run = {"run_id": run_id, "status": status, "started_at": started_at, "finished_at": self.clock()}
 
     # -- drain ----------------------------------------------------------------------------------
 
@@ -1288,9 +1157,9 @@ async def run_worker(
     try:
         async with trio.open_nursery() as outer:
             outer.start_soon(actor.pool.warm)
-            await actor.write_registry(STATE_IDLE)
+            await actor.registry.write(WORKER_IDLE)
             async with trio.open_nursery() as service:
-                service.start_soon(actor.heartbeat_loop)
+                service.start_soon(actor.registry.run_heartbeat)
                 service.start_soon(actor.progress_loop)
                 service.start_soon(actor._reader.run)
                 service.start_soon(actor._appender.run)
@@ -1315,7 +1184,7 @@ async def run_worker(
                 service.cancel_scope.cancel()
             with trio.move_on_after(5), trio.CancelScope(shield=True):
                 try:
-                    await actor.write_registry(STATE_STOPPED)
+                    await actor.registry.write(WORKER_STOPPED)
                 except PyocoError as exc:
                     log.warning("could not write STOPPED_GRACEFUL: %s", exc)
             outer.cancel_scope.cancel()
