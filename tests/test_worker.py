@@ -505,6 +505,54 @@ tasks:
         assert len(list(markers.iterdir())) == 2  # one execution per attempt, nothing more
 
 
+async def test_a_sigkilled_workers_scratch_directory_is_removed_by_the_next_worker(
+    nats_server: EmbeddedNats, nats: NatsClient, nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILLed worker cannot remove its scratch directory; the next worker to start on the
+    machine removes it (a live worker's is left alone), so nothing piles up in /tmp over time."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with trio.fail_after(40):
+        env = worker_env(nats_server)
+        env["TMPDIR"] = str(tmp)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()",
+             "--nats-url", nats_server.url, "--worker-id", "victim", "--concurrency", "1"],
+            env=env,
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            async def registered() -> bool:
+                entry = await nats.kv_get(subjects.WORKERS_BUCKET, "victim")
+                return bool(entry and entry.value)
+
+            await wait_for(registered, "the victim to register", timeout=20)
+
+            def leftovers() -> list[Path]:
+                return [p for p in tmp.rglob("*") if "victim" in p.name]
+
+            assert leftovers(), "the victim keeps its scratch directory under TMPDIR"
+            proc.send_signal(signal.SIGKILL)
+            await trio.to_thread.run_sync(proc.wait)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert leftovers(), "SIGKILLed, the victim could not clean up"
+        monkeypatch.setattr("tempfile.tempdir", str(tmp))
+        stop = trio.Event()
+        await nursery.start(
+            lambda task_status: run_worker(
+                nats, fast_settings(), worker_id="next", tags=["default"], concurrency=1, stop=stop, task_status=task_status
+            )
+        )
+        assert leftovers() == []
+        assert [p for p in tmp.rglob("*") if "next" in p.name], "the live worker's own directory is kept"
+        stop.set()
+
+
 async def test_invalid_job_is_termed_and_dead_lettered(nats: NatsClient, nursery: trio.Nursery) -> None:
     """A work item that is not a job (bad JSON, no run_id) is TERMed and sent to the DLQ; the
     worker keeps serving."""

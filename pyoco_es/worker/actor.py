@@ -55,8 +55,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -89,6 +87,7 @@ from .attempt import CANCEL_WATCH_DELAY, LOST, ActiveAttempt, RunDriver
 from .batch import Batcher
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 from .registry import Registry
+from .scratch import open_scratch_root
 from .trust import check_allowed_modules, check_env_names
 
 log = logging.getLogger(__name__)
@@ -697,58 +696,57 @@ async def run_worker(
     spec = resolver_spec(flow_resolver)
     allowed = check_allowed_modules([*settings.allowed_modules, *allowed_modules])
     check_env_names(settings.worker_expose_env)
-    scratch_root = Path(tempfile.mkdtemp(prefix=f"pyoco-worker-{worker_id}-"))
-    actor = WorkerActor(
-        nats,
-        settings,
-        worker_id=worker_id,
-        tags=tag_list,
-        concurrency=max(1, concurrency),
-        flow_resolver=spec,
-        allowed_modules=allowed,
-        poll_timeout=poll_timeout if poll_timeout is not None else settings.worker_poll_timeout,
-        drain_timeout=settings.worker_drain_timeout,
-        scratch_root=scratch_root,
-    )
-    for tag in tag_list:
-        await nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), consumer_config(tag, settings))
-    try:
-        async with trio.open_nursery() as outer:
-            outer.start_soon(actor.pool.warm)
-            await actor.registry.write(WORKER_IDLE)
-            async with trio.open_nursery() as service:
-                service.start_soon(actor.registry.run_heartbeat)
-                service.start_soon(actor.progress_loop)
-                service.start_soon(actor._reader.run)
-                service.start_soon(actor._appender.run)
-                async with trio.open_nursery() as acks:
-                    acks.start_soon(actor.ack_loop)
-                    async with trio.open_nursery() as runs:
-                        runs.start_soon(actor.cancel_watch_loop, runs)
-                        async with _bound(nats, tag_list, settings) as psubs:
-                            async with trio.open_nursery() as pulls:
-                                for tag, psub in psubs:
-                                    pulls.start_soon(actor.pull_loop, tag, psub, runs)
-                                task_status.started(actor)
-                                if stop is None:
-                                    await trio.sleep_forever()
-                                else:
-                                    await stop.wait()
-                                await actor.drain()
-                                # the pull loops end on their own (within one poll), so no pull
-                                # request is left lingering on the server to capture an item
-                        runs.cancel_scope.cancel()  # only what outlived the drain and the release
-                    actor._ack_send.close()  # the ack loop flushes what is left, then ends
-                service.cancel_scope.cancel()
-            with trio.move_on_after(5), trio.CancelScope(shield=True):
-                try:
-                    await actor.registry.write(WORKER_STOPPED)
-                except PyocoError as exc:
-                    log.warning("could not write STOPPED_GRACEFUL: %s", exc)
-            outer.cancel_scope.cancel()
-    finally:
-        await actor.pool.aclose()
-        shutil.rmtree(scratch_root, ignore_errors=True)
+    with open_scratch_root(worker_id) as scratch_root:
+        actor = WorkerActor(
+            nats,
+            settings,
+            worker_id=worker_id,
+            tags=tag_list,
+            concurrency=max(1, concurrency),
+            flow_resolver=spec,
+            allowed_modules=allowed,
+            poll_timeout=poll_timeout if poll_timeout is not None else settings.worker_poll_timeout,
+            drain_timeout=settings.worker_drain_timeout,
+            scratch_root=scratch_root,
+        )
+        for tag in tag_list:
+            await nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), consumer_config(tag, settings))
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(actor.pool.warm)
+                await actor.registry.write(WORKER_IDLE)
+                async with trio.open_nursery() as service:
+                    service.start_soon(actor.registry.run_heartbeat)
+                    service.start_soon(actor.progress_loop)
+                    service.start_soon(actor._reader.run)
+                    service.start_soon(actor._appender.run)
+                    async with trio.open_nursery() as acks:
+                        acks.start_soon(actor.ack_loop)
+                        async with trio.open_nursery() as runs:
+                            runs.start_soon(actor.cancel_watch_loop, runs)
+                            async with _bound(nats, tag_list, settings) as psubs:
+                                async with trio.open_nursery() as pulls:
+                                    for tag, psub in psubs:
+                                        pulls.start_soon(actor.pull_loop, tag, psub, runs)
+                                    task_status.started(actor)
+                                    if stop is None:
+                                        await trio.sleep_forever()
+                                    else:
+                                        await stop.wait()
+                                    await actor.drain()
+                                    # the pull loops end on their own (within one poll), so no pull
+                                    # request is left lingering on the server to capture an item
+                            runs.cancel_scope.cancel()  # only what outlived the drain and the release
+                        actor._ack_send.close()  # the ack loop flushes what is left, then ends
+                    service.cancel_scope.cancel()
+                with trio.move_on_after(5), trio.CancelScope(shield=True):
+                    try:
+                        await actor.registry.write(WORKER_STOPPED)
+                    except PyocoError as exc:
+                        log.warning("could not write STOPPED_GRACEFUL: %s", exc)
+                outer.cancel_scope.cancel()
+        finally:
+            await actor.pool.aclose()
 
 
 class _bound:
