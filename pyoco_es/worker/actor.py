@@ -53,6 +53,7 @@ finish within ``worker_drain_timeout``, then release the rest (``run.released``)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -85,6 +86,7 @@ from ..nats.client import Delivered, NatsClient, OnStored, PullSubscription
 from ..service import Outcome, RunStore, new_event_id
 from .attempt import CANCEL_WATCH_DELAY, LOST, ActiveAttempt, RunDriver
 from .batch import Batcher
+from .intake import Intake
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 from .registry import Registry
 from .scratch import open_scratch_root
@@ -93,9 +95,6 @@ from .trust import check_allowed_modules, check_env_names
 log = logging.getLogger(__name__)
 
 NAK_DELAY: Final = 2.0
-ACK_COALESCE: Final = 0.005
-FETCH_GATHER: Final = 0.002
-MAX_FETCH_BATCH: Final = 64
 
 
 def _offset_clock(offset: float) -> Callable[[], float]:
@@ -173,8 +172,6 @@ class WorkerActor:
         self.settings = settings
         self.worker_id = worker_id
         self.tags = tuple(tags)
-        self.concurrency = concurrency
-        self.poll_timeout = poll_timeout
         self.drain_timeout = drain_timeout
         self.instance_id = uuid.uuid4().hex
         self.store = RunStore(nats, clock=_offset_clock(settings.worker_clock_offset))
@@ -186,7 +183,6 @@ class WorkerActor:
             max_output_bytes=settings.max_output_bytes,
             expose_env=settings.worker_expose_env,
         )
-        self.held: set[Delivered] = set()  # fetched, not yet acked/naked: in-progress targets
         # Keyed by (run, attempt): a stale attempt still winding down (its worker was frozen past
         # its lease) must never touch the live attempt's entries (issue 11).
         self.active: dict[tuple[str, int], ActiveAttempt] = {}  # claimed attempts
@@ -194,10 +190,7 @@ class WorkerActor:
         self.registry = Registry(
             nats, settings, worker_id=worker_id, instance_id=self.instance_id, tags=self.tags, concurrency=concurrency, clock=self.clock
         )
-        self.pending = 0  # accepted items not finished (waiting for a child or running)
-        self.draining = False
-        self._room = trio.Event()
-        self._ack_send, self._ack_recv = trio.open_memory_channel[Delivered](math.inf)
+        self.intake = Intake(nats, settings, tags=self.tags, concurrency=concurrency, poll_timeout=poll_timeout)
         self._became_active = trio.Event()
         self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
         self._reader: Batcher[str, list[Envelope]] = Batcher(nats.read_runs)
@@ -214,89 +207,6 @@ class WorkerActor:
 
     def _producer(self, attempt: int) -> Producer:
         return Producer(kind="worker", id=self.worker_id, attempt=attempt)
-
-    def _notify_room(self) -> None:
-        self._room.set()
-        self._room = trio.Event()
-
-    # -- pull loops -----------------------------------------------------------------------------
-
-    async def pull_loop(self, tag: str, psub: PullSubscription, nursery: trio.Nursery) -> None:
-        while not self.draining:
-            room = self.concurrency - self.pending
-            if room <= 0:
-                await self._room.wait()
-                continue
-            if self.pending and room < self.concurrency / 4:
-                # Busy: let a little more room free up so one fetch brings several items
-                # (a fetch per freed slot would cost a bridge crossing per run).
-                with trio.move_on_after(FETCH_GATHER):
-                    while self.concurrency - self.pending < self.concurrency / 4 and self.pending:
-                        await self._room.wait()
-                room = self.concurrency - self.pending
-            batch = max(1, min(MAX_FETCH_BATCH, math.ceil(room / len(self.tags))))
-            try:
-                msgs = await psub.fetch(batch, self.poll_timeout)
-            except PyocoError as exc:
-                log.warning("fetch on tag %s failed: %s", tag, exc)
-                await trio.sleep(min(1.0, self.poll_timeout))
-                continue
-            for msg in msgs:
-                if self.draining:
-                    await self._nak(msg, 0)
-                    continue
-                self.pending += 1
-                self.held.add(msg)
-                nursery.start_soon(self._process, msg, tag)
-
-    # -- acks -----------------------------------------------------------------------------------
-
-    def _ack(self, msg: Delivered) -> None:
-        self.held.discard(msg)
-        self._ack_send.send_nowait(msg)
-
-    async def _nak(self, msg: Delivered, delay: float | None) -> None:
-        self.held.discard(msg)
-        try:
-            await self.nats.nak(msg, delay if delay else None)
-        except PyocoError as exc:
-            log.warning("nak failed (the item is redelivered after ack_wait): %s", exc)
-
-    async def _term(self, msg: Delivered) -> None:
-        self.held.discard(msg)
-        try:
-            await self.nats.term(msg)
-        except PyocoError as exc:
-            log.warning("term failed: %s", exc)
-
-    async def ack_loop(self) -> None:
-        async for first in self._ack_recv:
-            # Acks are not on any run's critical path: wait a moment so they go out in batches.
-            await trio.sleep(ACK_COALESCE)
-            batch = [first]
-            while True:
-                try:
-                    batch.append(self._ack_recv.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            try:
-                await self.nats.ack_many(batch)
-            except PyocoError as exc:
-                log.warning("ack of %d item(s) failed (they are redelivered and found obsolete): %s", len(batch), exc)
-
-    async def progress_loop(self) -> None:
-        interval = self.settings.ack_progress_interval
-        if interval <= 0:
-            return
-        interval = min(interval, max(0.05, self.settings.consumer_ack_wait / 2))
-        while True:
-            await trio.sleep(interval)
-            msgs = list(self.held)
-            if msgs:
-                try:
-                    await self.nats.in_progress_many(msgs)
-                except PyocoError as exc:
-                    log.warning("in-progress ack failed: %s", exc)
 
     async def cancel_watch_loop(self, nursery: trio.Nursery) -> None:
         """Start a cancel watch for each run once it is ``CANCEL_WATCH_DELAY`` old (one loop for
@@ -316,7 +226,7 @@ class WorkerActor:
 
     # -- one run --------------------------------------------------------------------------------
 
-    async def _process(self, msg: Delivered, tag: str) -> None:
+    async def process(self, msg: Delivered, tag: str) -> None:
         job: WorkItem | None = None
         try:
             try:
@@ -326,8 +236,8 @@ class WorkerActor:
                 return
             child = await self.pool.acquire()
             try:
-                if self.draining:
-                    await self._nak(msg, 0)
+                if self.intake.draining:
+                    await self.intake.nak(msg, 0)
                     return
                 await self._execute(job, msg, child)
             except Exception:
@@ -341,7 +251,7 @@ class WorkerActor:
             await self._invalid_job(msg, str(exc), run_id=job.run_id if job else None, attempt=job.attempt if job else None)
         except ChildDied as exc:
             log.warning("could not start a child process: %s", exc)
-            await self._nak(msg, NAK_DELAY)
+            await self.intake.nak(msg, NAK_DELAY)
         except Exception as exc:  # noqa: BLE001 - poison, not crash (DESIGN "Decisions")
             # Whatever this item carried made processing it fail in a way nothing above
             # foresaw (a value that cannot be encoded, a malformed frame ...).  Redelivering it
@@ -355,9 +265,7 @@ class WorkerActor:
                 attempt=job.attempt if job else None,
             )
         finally:
-            self.pending -= 1
-            self.held.discard(msg)
-            self._notify_room()
+            self.intake.finished(msg)
 
     async def _invalid_job(self, msg: Delivered, error: str, *, run_id: str | None = None, attempt: int | None = None) -> None:
         """TERM + DLQ a work item that cannot be processed; fail the run it names (if that run is
@@ -374,7 +282,7 @@ class WorkerActor:
             "payload": msg.data[:4096].decode("utf-8", errors="replace"),
         }
         await self._dlq(tag, body)
-        await self._term(msg)
+        await self.intake.term(msg)
         if run_id is not None:
             await self._fail_unrunnable(run_id, attempt or 1, error)
 
@@ -493,13 +401,13 @@ class WorkerActor:
             log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc)
             await self._prepare_reply(job, child)  # keep the pipe in step
             await self._abort(child, run_id)
-            await self._nak(msg, NAK_DELAY)
+            await self.intake.nak(msg, NAK_DELAY)
             return
         except CorruptStreamError as exc:
             log.error("run %s cannot be read (%s); dropping its work item", run_id, exc)
             await self._prepare_reply(job, child)
             await self._abort(child, run_id)
-            self._ack(msg)
+            self.intake.ack(msg)
             return
         obsolete = snap is None or snap.status is not RunStatus.PENDING or snap.attempt != attempt
         if known is not None and not obsolete:
@@ -511,7 +419,7 @@ class WorkerActor:
             known = prep.get("tasks", []) if prep.get("ev") == "prepared" else []
         if obsolete:
             await self._abort(child, run_id)
-            self._ack(msg)  # obsolete: cancelled, claimed, or a later attempt is current
+            self.intake.ack(msg)  # obsolete: cancelled, claimed, or a later attempt is current
             return
         assert snap is not None
         await self._claim_guarded(job, msg, child, prep, snap, known, deferred=None)
@@ -592,17 +500,17 @@ class WorkerActor:
             )
         except (StaleAttempt, RunNotFound):
             await self._unprepare(job, child, prep, deferred)
-            self._ack(msg)
+            self.intake.ack(msg)
             return
         except InfraError as exc:
             log.warning("run %s: claim failed (%s); NAK", run_id, exc)
             await self._unprepare(job, child, prep, deferred)
-            await self._nak(msg, NAK_DELAY)
+            await self.intake.nak(msg, NAK_DELAY)
             return
         except PayloadTooLarge as exc:  # a size, never an outage: retrying cannot help
             log.error("run %s: its claim cannot be stored (%s); dropping the work item", run_id, exc)
             await self._unprepare(job, child, prep, deferred)
-            await self._term(msg)
+            await self.intake.term(msg)
             return
         died: ChildDied | None = None
         try:
@@ -629,23 +537,23 @@ class WorkerActor:
             await runner.run()
         self.registry.record_finished(run_id, runner.final_status, active.started_at)
         if runner.nak:
-            await self._nak(msg, NAK_DELAY)
+            await self.intake.nak(msg, NAK_DELAY)
         elif runner.final_status == LOST:
-            await self._term(msg)  # fenced: this attempt was not done by us; never ack it as done
+            await self.intake.term(msg)  # fenced: this attempt was not done by us; never ack it as done
         else:
-            self._ack(msg)
+            self.intake.ack(msg)
         if runner.dlq is not None:
             await self._dlq(job.tag, runner.dlq)
 
     # -- drain ----------------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        self.draining = True
-        self._notify_room()
+        """Stop pulling, let what was accepted finish within ``drain_timeout``, then release the
+        attempts still running and wait (a bounded time) for them to settle."""
+        self.intake.stop_pulling()
         with trio.move_on_after(self.drain_timeout):
-            while self.pending:
-                await self._room.wait()
-        if self.pending:
+            await self.intake.wait_idle()
+        if self.intake.pending:
             log.warning("drain timeout: releasing %d run(s)", len(self.active))
             for active in list(self.active.values()):
                 try:
@@ -653,9 +561,7 @@ class WorkerActor:
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     pass
             with trio.move_on_after(max(5.0, self.settings.cancel_grace_period)):
-                while self.pending:
-                    await self._room.wait()
-
+                await self.intake.wait_idle()
 
 async def run_worker(
     nats: NatsClient,
@@ -717,17 +623,19 @@ async def run_worker(
                 await actor.registry.write(WORKER_IDLE)
                 async with trio.open_nursery() as service:
                     service.start_soon(actor.registry.run_heartbeat)
-                    service.start_soon(actor.progress_loop)
+                    service.start_soon(actor.intake.run_progress)
                     service.start_soon(actor._reader.run)
                     service.start_soon(actor._appender.run)
                     async with trio.open_nursery() as acks:
-                        acks.start_soon(actor.ack_loop)
+                        acks.start_soon(actor.intake.run_acks)
                         async with trio.open_nursery() as runs:
                             runs.start_soon(actor.cancel_watch_loop, runs)
                             async with _bound(nats, tag_list, settings) as psubs:
                                 async with trio.open_nursery() as pulls:
                                     for tag, psub in psubs:
-                                        pulls.start_soon(actor.pull_loop, tag, psub, runs)
+                                        pulls.start_soon(
+                                            functools.partial(actor.intake.run_pulls, tag, psub, actor.process, handler_nursery=runs)
+                                        )
                                     task_status.started(actor)
                                     if stop is None:
                                         await trio.sleep_forever()
@@ -737,7 +645,7 @@ async def run_worker(
                                     # the pull loops end on their own (within one poll), so no pull
                                     # request is left lingering on the server to capture an item
                             runs.cancel_scope.cancel()  # only what outlived the drain and the release
-                        actor._ack_send.close()  # the ack loop flushes what is left, then ends
+                        actor.intake.close_acks()  # the ack loop flushes what is left, then ends
                     service.cancel_scope.cancel()
                 with trio.move_on_after(5), trio.CancelScope(shield=True):
                     try:
