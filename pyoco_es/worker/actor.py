@@ -618,44 +618,70 @@ async def run_worker(
         for tag in tag_list:
             await nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), consumer_config(tag, settings))
         try:
-            async with trio.open_nursery() as outer:
-                outer.start_soon(actor.pool.warm)
-                await actor.registry.write(WORKER_IDLE)
-                async with trio.open_nursery() as service:
-                    service.start_soon(actor.registry.run_heartbeat)
-                    service.start_soon(actor.intake.run_progress)
-                    service.start_soon(actor._reader.run)
-                    service.start_soon(actor._appender.run)
-                    async with trio.open_nursery() as acks:
-                        acks.start_soon(actor.intake.run_acks)
-                        async with trio.open_nursery() as runs:
-                            runs.start_soon(actor.cancel_watch_loop, runs)
-                            async with _bound(nats, tag_list, settings) as psubs:
-                                async with trio.open_nursery() as pulls:
-                                    for tag, psub in psubs:
-                                        pulls.start_soon(
-                                            functools.partial(actor.intake.run_pulls, tag, psub, actor.process, handler_nursery=runs)
-                                        )
-                                    task_status.started(actor)
-                                    if stop is None:
-                                        await trio.sleep_forever()
-                                    else:
-                                        await stop.wait()
-                                    await actor.drain()
-                                    # the pull loops end on their own (within one poll), so no pull
-                                    # request is left lingering on the server to capture an item
-                            runs.cancel_scope.cancel()  # only what outlived the drain and the release
-                        actor.intake.close_acks()  # the ack loop flushes what is left, then ends
-                    service.cancel_scope.cancel()
-                with trio.move_on_after(5), trio.CancelScope(shield=True):
-                    try:
-                        await actor.registry.write(WORKER_STOPPED)
-                    except PyocoError as exc:
-                        log.warning("could not write STOPPED_GRACEFUL: %s", exc)
-                outer.cancel_scope.cancel()
+            await serve_worker(actor, stop=stop, task_status=task_status)
         finally:
             await actor.pool.aclose()
 
+
+async def serve_worker(
+    actor: WorkerActor, *, stop: trio.Event | None, task_status: trio.TaskStatus[WorkerActor] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The worker's supervisor: start its parts, and stop them in order once ``stop`` is set.
+
+    Each nursery below owns one layer; an outer layer outlives every inner one, which is the stop
+    order (also when cancelled):
+
+    1. **Runs** (:func:`serve_runs`): stop pulling, NAK what was fetched but not started, let the
+       running attempts finish within ``drain_timeout``, release the rest, cancel what outlived
+       even that.
+    2. **Acks**: the ack loop flushes the acks of the attempts that just ended, then returns.
+    3. **Liveness** (heartbeat, in-progress acks) and the read/append batchers are cancelled: no
+       attempt is held any more.
+    4. **Registry**: ``STOPPED_GRACEFUL`` is written (shielded, at most 5 s).
+    5. **Pool**: warming stops; :func:`run_worker` then closes the children and removes the
+       scratch directory.
+    """
+    async with trio.open_nursery() as pool_nursery:
+        pool_nursery.start_soon(actor.pool.warm)
+        await actor.registry.write(WORKER_IDLE)
+        async with trio.open_nursery() as liveness:
+            liveness.start_soon(actor.registry.run_heartbeat)
+            liveness.start_soon(actor.intake.run_progress)
+            liveness.start_soon(actor._reader.run)
+            liveness.start_soon(actor._appender.run)
+            async with trio.open_nursery() as acks:
+                acks.start_soon(actor.intake.run_acks)
+                await serve_runs(actor, stop=stop, task_status=task_status)
+                actor.intake.close_acks()  # the ack loop flushes what is left, then ends
+            liveness.cancel_scope.cancel()
+        with trio.move_on_after(5), trio.CancelScope(shield=True):
+            try:
+                await actor.registry.write(WORKER_STOPPED)
+            except PyocoError as exc:
+                log.warning("could not write STOPPED_GRACEFUL: %s", exc)
+        pool_nursery.cancel_scope.cancel()
+
+
+async def serve_runs(
+    actor: WorkerActor, *, stop: trio.Event | None, task_status: trio.TaskStatus[WorkerActor] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Pull work for every tag and run each item as an attempt in one nursery, until ``stop``;
+    then drain (see :meth:`WorkerActor.drain`) and cancel only what outlived the drain."""
+    async with trio.open_nursery() as attempts:
+        attempts.start_soon(actor.cancel_watch_loop, attempts)
+        async with _bound(actor.nats, actor.tags, actor.settings) as psubs:
+            async with trio.open_nursery() as pulls:
+                for tag, psub in psubs:
+                    pulls.start_soon(functools.partial(actor.intake.run_pulls, tag, psub, actor.process, handler_nursery=attempts))
+                task_status.started(actor)
+                if stop is None:
+                    await trio.sleep_forever()
+                else:
+                    await stop.wait()
+                await actor.drain()
+                # the pull loops end on their own (within one poll), so no pull request is
+                # left lingering on the server to capture an item
+        attempts.cancel_scope.cancel()  # only what outlived the drain and the release
 
 class _bound:
     """Bind one pull subscription per tag (an async context manager over several)."""
@@ -684,4 +710,4 @@ class _bound:
         await self._stack.__aexit__(*exc)
 
 
-__all__ = ["WorkerActor", "normalize_tags", "run_worker"]
+__all__ = ["WorkerActor", "normalize_tags", "run_worker", "serve_runs", "serve_worker"]
