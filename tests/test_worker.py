@@ -24,7 +24,8 @@ from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.service import RunStore, new_run_id
-from pyoco_es.worker.actor import WorkerActor, run_worker
+from pyoco_es.worker.actor import WorkerActor
+from pyoco_es.worker.supervisor import run_worker
 
 GW = Producer(kind="gateway", id="test")
 ROOT = Path(__file__).resolve().parents[1]
