@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,14 +93,6 @@ log = logging.getLogger(__name__)
 NAK_DELAY: Final = 2.0
 
 
-def _offset_clock(offset: float) -> Callable[[], float]:
-    """The wall clock, shifted by ``offset`` seconds (``PYOCO_WORKER_CLOCK_OFFSET_SEC``: tests
-    simulate a worker whose clock is wrong; nothing may judge liveness from these stamps)."""
-    if not offset:
-        return time.time
-    return lambda: time.time() + offset
-
-
 class WorkerActor:
     def __init__(
         self,
@@ -116,6 +107,7 @@ class WorkerActor:
         poll_timeout: float,
         drain_timeout: float,
         scratch_root: Path,
+        clock: Callable[[], float],
     ) -> None:
         self.nats = nats
         self.settings = settings
@@ -123,7 +115,8 @@ class WorkerActor:
         self.tags = tuple(tags)
         self.drain_timeout = drain_timeout
         self.instance_id = uuid.uuid4().hex
-        self.store = RunStore(nats, clock=_offset_clock(settings.worker_clock_offset))
+        self.clock = clock  # wall clock for stamps; nothing judges liveness from it (tests skew it)
+        self.store = RunStore(nats, clock=clock)
         self.pool = ChildPool(
             size=concurrency,
             scratch_root=scratch_root,
@@ -135,7 +128,6 @@ class WorkerActor:
         # Keyed by (run, attempt): a stale attempt still winding down (its worker was frozen past
         # its lease) must never touch the live attempt's entries (issue 11).
         self.active: dict[tuple[str, int], ActiveAttempt] = {}  # claimed attempts
-        self.clock = _offset_clock(settings.worker_clock_offset)  # wall clock for stamps (tests skew it)
         self.registry = Registry(
             nats, settings, worker_id=worker_id, instance_id=self.instance_id, tags=self.tags, concurrency=concurrency, clock=self.clock
         )

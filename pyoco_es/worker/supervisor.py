@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -25,6 +26,14 @@ from .scratch import open_scratch_root
 from .trust import check_allowed_modules, check_env_names
 
 log = logging.getLogger(__name__)
+
+
+def offset_clock(offset: float) -> Callable[[], float]:
+    """The wall clock, shifted by ``offset`` seconds (``PYOCO_WORKER_CLOCK_OFFSET_SEC``: tests
+    simulate a worker whose clock is wrong; nothing may judge liveness from these stamps)."""
+    if not offset:
+        return time.time
+    return lambda: time.time() + offset
 
 
 def normalize_tags(tags: Sequence[str], default_tag: str) -> tuple[str, ...]:
@@ -86,6 +95,7 @@ async def run_worker(
     allowed_modules: Sequence[str] = (),
     stop: trio.Event | None = None,
     poll_timeout: float | None = None,
+    clock: Callable[[], float] | None = None,
     task_status: trio.TaskStatus[WorkerActor] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one worker actor until ``stop`` is set, then drain gracefully and return.
@@ -101,6 +111,8 @@ async def run_worker(
             merged with ``settings.allowed_modules``.
         stop: set it to drain and return (``None``: run until cancelled).
         poll_timeout: long-poll duration of a fetch (default ``settings.worker_poll_timeout``).
+        clock: the wall clock for event and registry stamps (default: ``time.time`` shifted by
+            ``settings.worker_clock_offset``).  Liveness is never judged from it.
 
     ``task_status.started(actor)`` fires once the consumers are bound and polling.
 
@@ -126,6 +138,7 @@ async def run_worker(
             poll_timeout=poll_timeout if poll_timeout is not None else settings.worker_poll_timeout,
             drain_timeout=settings.worker_drain_timeout,
             scratch_root=scratch_root,
+            clock=clock or offset_clock(settings.worker_clock_offset),
         )
         for tag in tag_list:
             await nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), consumer_config(tag, settings))
@@ -219,4 +232,4 @@ class _bound:
         await self._stack.__aexit__(*exc)
 
 
-__all__ = ["consumer_config", "normalize_tags", "resolver_spec", "run_worker", "serve_runs", "serve_worker"]
+__all__ = ["consumer_config", "normalize_tags", "offset_clock", "resolver_spec", "run_worker", "serve_runs", "serve_worker"]
