@@ -86,6 +86,7 @@ from .attempt import CANCEL_WATCH_DELAY, LOST, ActiveAttempt, RunDriver
 from .batch import Batcher
 from .intake import Intake
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
+from .protocol import Abort, Go, Prepare
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -257,16 +258,6 @@ class WorkerActor:
         except PyocoError as exc:
             log.warning("DLQ publish failed (best effort): %s", exc)
 
-    @staticmethod
-    def _prepare_command(job: WorkItem, child: ChildProcess) -> dict[str, Any]:
-        cmd: dict[str, Any] = {"op": "prepare", "run_id": job.run_id, "flow_name": job.flow_name, "params": job.params}
-        if job.workflow_yaml is not None:
-            sha = job.workflow_yaml_sha256
-            cmd["sha256"] = sha
-            if not sha or sha not in child.known_docs:
-                cmd["yaml"] = job.workflow_yaml
-        return cmd
-
     async def _prepare_reply(self, job: WorkItem, child: ChildProcess) -> dict[str, Any]:
         reply = await child.receive()
         sha = job.workflow_yaml_sha256 if job.workflow_yaml is not None else None
@@ -337,11 +328,11 @@ class WorkerActor:
             # The common case: a document this child has built before, and the run's position
             # is in the job.  Claim straight away; the claim's hook sends prepare and go together
             # (one write, one wake-up of the child) the moment the claim is stored.
-            await self._claim_guarded(job, msg, child, None, pending, known, deferred=self._prepare_command(job, child))
+            await self._claim_guarded(job, msg, child, None, pending, known, deferred=Prepare.for_item(job, known_docs=child.known_docs))
             return
         # The child prepares the flow while we read the run: the command goes out first, the
         # reply is read after the run's events came back.
-        await child.send(self._prepare_command(job, child))
+        await child.send(Prepare.for_item(job, known_docs=child.known_docs))
         try:
             snap = pending or await self._load(run_id)
         except InfraError as exc:
@@ -380,7 +371,7 @@ class WorkerActor:
         snap: RunSnapshot,
         tasks: list[str],
         *,
-        deferred: dict[str, Any] | None,
+        deferred: Prepare | None,
     ) -> None:
         key = (job.run_id, job.attempt)
         self.registry.hold(key)  # before the claim: the reaper trusts our heartbeat
@@ -391,7 +382,7 @@ class WorkerActor:
             if self.registry.unhold(key):  # a redelivered copy of the same item may be in flight too
                 self.active.pop(key, None)
 
-    async def _unprepare(self, job: WorkItem, child: ChildProcess, prep: dict[str, Any] | None, deferred: dict[str, Any] | None) -> None:
+    async def _unprepare(self, job: WorkItem, child: ChildProcess, prep: dict[str, Any] | None, deferred: Prepare | None) -> None:
         """After a failed claim: forget the child's prepared run (nothing to do if the prepare
         was never sent)."""
         if deferred is not None:
@@ -402,7 +393,7 @@ class WorkerActor:
 
     async def _abort(self, child: ChildProcess, run_id: str) -> None:
         try:
-            await child.send({"op": "abort", "run_id": run_id})
+            await child.send(Abort(run_id))
         except ChildDied:
             pass
 
@@ -415,13 +406,13 @@ class WorkerActor:
         snap: RunSnapshot,
         tasks: list[str],
         inbox: tuple[trio.MemorySendChannel[tuple[str, Any]], trio.MemoryReceiveChannel[tuple[str, Any]]],
-        deferred: dict[str, Any] | None,
+        deferred: Prepare | None,
     ) -> None:
         """Claim, then run.  ``prep`` is the child's prepare reply if already read; ``deferred``
         is a prepare command not sent yet (the claim's hook sends it with the go)."""
         run_id, attempt = job.run_id, job.attempt
         go_sent: list[bool] = []
-        go = {"op": "go", "run_id": run_id}
+        go = Go(run_id)
 
         def go_now(seqs: list[int]) -> None:
             # On the NATS thread, the moment the claim is stored: start the child without

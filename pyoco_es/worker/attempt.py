@@ -30,6 +30,7 @@ from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored
 from ..service import Outcome
 from .pool import ChildDied, ChildProcess, ChildProtocolError
+from .protocol import Cancel, Go
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ class RunDriver:
         self.cancel_sent = True
         self.cancel_deadline = trio.current_time() + self.actor.settings.cancel_grace_period
         try:
-            await self.child.send({"op": "cancel", "run_id": self.run_id})
+            await self.child.send(Cancel(self.run_id))
         except ChildDied:
             pass  # the pump reports the death
 
@@ -340,7 +341,7 @@ class RunDriver:
     async def _drive(self, recv: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
         if not self.go_sent:
             try:
-                await self.child.send({"op": "go", "run_id": self.run_id})
+                await self.child.send(Go(self.run_id))
             except ChildDied:
                 pass  # the pump reports the death
         pending: list[Event] = []
