@@ -60,30 +60,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import attrs
 import trio
 
 from ..config import Settings
 from ..core import decide
 from ..core.codec import dumps
-from ..core.errors import (
-    ConcurrencyConflict,
-    CorruptStreamError,
-    InfraError,
-    PayloadTooLarge,
-    PyocoError,
-    RunNotFound,
-    StaleAttempt,
-)
+from ..core.errors import CorruptStreamError, InfraError, PayloadTooLarge, PyocoError, RunNotFound, StaleAttempt
 from ..core.events import Envelope, Event, Producer, RunFailed
-from ..core.fold import apply, fold
 from ..core.model import RunSnapshot, RunStatus
 from ..core.work import InvalidWorkItem, WorkItem
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored
-from ..service import Outcome, RunStore, new_event_id
+from ..service import Outcome, RunStore
 from .attempt import CANCEL_WATCH_DELAY, LOST, ActiveAttempt, RunDriver
-from .batch import Batcher
+from .batch import BatchedRunStore
 from .intake import Intake
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 from .protocol import Abort, Go, Prepare
@@ -135,14 +125,7 @@ class WorkerActor:
         self.intake = Intake(nats, settings, tags=self.tags, concurrency=concurrency, poll_timeout=poll_timeout)
         self._became_active = trio.Event()
         self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
-        self._reader: Batcher[str, list[Envelope]] = Batcher(nats.read_runs)
-        self._appender: Batcher[tuple[str, Sequence[Envelope], int, OnStored | None], list[int]] = Batcher(nats.append_many)
-
-    async def run_batchers(self) -> None:
-        """Serve the batched reads and appends of every attempt (until cancelled)."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reader.run)
-            nursery.start_soon(self._appender.run)
+        self.batched = BatchedRunStore(nats, self.store, clock=clock)
 
     @property
     def completed(self) -> int:
@@ -269,7 +252,7 @@ class WorkerActor:
         return reply
 
     async def _load(self, run_id: str) -> RunSnapshot | None:
-        return fold(None, await self.read_events(run_id))
+        return await self.batched.load(run_id)
 
     async def read_events(self, run_id: str) -> list[Envelope]:
         """The run's events, read in a batch with other runs' reads (one bridge crossing).
@@ -277,7 +260,7 @@ class WorkerActor:
         Raises:
             PyocoError: NATS failed or the stream is corrupt.
         """
-        return await self._reader.submit(run_id)
+        return await self.batched.read_events(run_id)
 
     async def execute(
         self,
@@ -288,36 +271,8 @@ class WorkerActor:
         hint: RunSnapshot | None,
         on_stored: OnStored | None = None,
     ) -> Outcome:
-        """``RunStore.execute`` with the append batched across runs (one crossing per batch).
-
-        Decides against ``hint``; on a concurrency conflict (usually a cancel request) the run is
-        re-read and the same decision is made again through ``RunStore``.
-
-        Raises:
-            DomainError: from ``make`` (StaleAttempt: the attempt is not ours any more).
-            InfraError: NATS failed.
-        """
-        producer = self._producer(attempt)
-        if hint is None:
-            return await self.store.execute(run_id, make, producer=producer)
-        events = make(hint)
-        if not events:
-            return Outcome(hint, ())
-        envs = decide.stamp(hint, events, run_id=run_id, producer=producer, now=self.clock(), new_id=new_event_id)
-        try:
-            seqs = await self._appender.submit((run_id, envs, hint.last_stream_seq, on_stored))
-        except ConcurrencyConflict:
-            # Re-read the whole run (not from the hint's position, which may be the dispatcher's
-            # and is what just proved wrong), then decide again.
-            fresh = await self._load(run_id)
-            return await self.store.execute(run_id, make, producer=producer, hint=fresh)
-        snap: RunSnapshot | None = hint
-        stored = []
-        for env, seq in zip(envs, seqs, strict=True):
-            env = attrs.evolve(env, stream_seq=seq)
-            stored.append(env)
-            snap = apply(snap, env)
-        return Outcome(snap, tuple(stored))
+        """:meth:`BatchedRunStore.execute` as this worker's ``attempt``."""
+        return await self.batched.execute(run_id, make, producer=self._producer(attempt), hint=hint, on_stored=on_stored)
 
     async def _execute(self, job: WorkItem, msg: Delivered, child: ChildProcess) -> None:
         run_id, attempt = job.run_id, job.attempt

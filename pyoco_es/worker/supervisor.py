@@ -172,7 +172,7 @@ async def serve_worker(
         async with trio.open_nursery() as liveness:
             liveness.start_soon(actor.registry.run_heartbeat)
             liveness.start_soon(actor.intake.run_progress)
-            liveness.start_soon(actor.run_batchers)
+            liveness.start_soon(actor.batched.run)
             async with trio.open_nursery() as acks:
                 acks.start_soon(actor.intake.run_acks)
                 await serve_runs(actor, stop=stop, task_status=task_status)
