@@ -1,5 +1,10 @@
-"""The worker actor: one nursery that owns the pull loops, the registry heartbeat, the batched
-acks and in-progress acks, a warm pool of child processes, and one task per run.
+"""The worker actor: a work item in, a claimed attempt out (decode → child prepare → claim),
+handed to a :class:`~.attempt.RunDriver`, then settled (ack, NAK or TERM).
+
+Its parts live next door: :mod:`.intake` (pull loops, acks, in-progress acks), :mod:`.registry`
+(the record and its heartbeat), :mod:`.attempt` (driving a claimed attempt to its end),
+:mod:`.batch` (batched reads and appends), :mod:`.pool` (warm child processes) and
+:mod:`.supervisor` (``run_worker``: who starts what, and the stop order).
 
 Life of a work item (``pyoco.work.<tag>``, ``Nats-Msg-Id = run_id:attempt``):
 

@@ -69,7 +69,7 @@ class AttemptHost(Protocol):
 class ActiveAttempt:
     job: WorkItem
     msg: Delivered
-    started_at: float  # time.time(), for the registry
+    started_at: float  # the worker's (injected) wall clock, for the registry
     inbox: trio.MemorySendChannel[tuple[str, Any]]
     driver: RunDriver | None = None
     claimed_at: float = 0.0  # trio clock
