@@ -260,3 +260,36 @@ async def test_a_conductor_started_after_a_purge_restores_the_work_items(nats: N
             assert sorted(await items()) == sorted((r, 1) for r in ids)
             assert conductor.projector.statistics().events_projected == 0  # it was not the projector
             nursery.cancel_scope.cancel()
+
+
+async def test_a_run_whose_work_item_cannot_be_published_ends_failed_naming_the_limit(nats: NatsClient) -> None:
+    """A work item the work stream refuses for its size is poison: its run ends FAILED with a
+    reason that names the limit (before: the run stayed PENDING forever), and the others go on."""
+    from pyoco_es.conductor.projector import run_projector
+
+    async def shrink_work_stream() -> None:
+        info = await nats.js.stream_info(subjects.WORK_STREAM)
+        info.config.max_msg_size = 4000
+        await nats.js.update_stream(info.config)
+
+    with trio.fail_after(30):
+        await nats.run("shrink the work stream", shrink_work_stream)
+        store = RunStore(nats)
+        big_id = new_run_id()
+        big = submitted(params={"blob": "b" * 6000})
+        await store.execute(big_id, lambda s: decide.submit_run(s, big, run_id=big_id), producer=GW)
+        small = await submit(store, 2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: run_projector(nats, task_status=task_status))
+
+            async def big_failed() -> bool:
+                doc = await snapshot(nats, big_id)
+                return doc is not None and doc.get("status") == "FAILED"
+
+            await wait_until(big_failed, what="the run whose item is too large to end FAILED", timeout=20)
+            doc = await snapshot(nats, big_id)
+            assert doc is not None and "max_msg_size" in str(doc.get("error")), doc
+            for run_id in small:
+                other = await snapshot(nats, run_id)
+                assert other is not None and other["status"] == "PENDING"
+            nursery.cancel_scope.cancel()

@@ -277,3 +277,16 @@ def test_oversized_snapshot_drops_task_records_deterministically() -> None:
     doc = json.loads(raw)
     assert doc["task_records"] == {} and doc["task_records_truncated"] is True and doc["tasks"] == {"a": "SUCCEEDED", "b": "PENDING"}
     assert raw == encode_snapshot(snap, max_bytes=1000)
+
+
+def test_a_work_item_survives_its_wire_round_trip() -> None:
+    """The work item has one typed home: what the dispatcher encodes, the worker decodes as is."""
+    from pyoco_es.core.work import InvalidWorkItem, WorkItem
+
+    item = WorkItem.for_attempt(submitted(), run_id="r1", attempt=2, run_version=3, run_last_stream_seq=9)
+    assert WorkItem.from_json(item.to_json()) == item
+    snap = item.pending_snapshot()
+    assert snap is not None and snap.version == 3 and snap.last_stream_seq == 9 and snap.attempt == 2
+    with pytest.raises(InvalidWorkItem) as info:
+        WorkItem.from_json(b'{"run_id": "r1", "attempt": 1}')
+    assert (info.value.run_id, info.value.attempt) == ("r1", 1)

@@ -284,10 +284,10 @@ async def test_a_fresh_submit_is_dispatched_by_the_gateway_without_the_conductor
             entries = await g.nats.read_events(subjects.RUN_EVENTS_WILDCARD, after_stream_seq=0, limit=10)
             [(stream_seq, _)] = entries
             # The same item from the conductor's side is a duplicate.
-            from pyoco_es.conductor.projector import work_item
+            from pyoco_es.core.work import WorkItem
             from pyoco_es.core.events import RunSubmitted
 
             ev = RunSubmitted(flow_name="main", params={"x": 1}, tag="fast", tags=["fast"], submitted_at=0.0)
-            ack = await g.nats.publish("pyoco.work.fast", work_item(ev, run_id=run_id, attempt=1), msg_id=f"{run_id}:1")
+            ack = await g.nats.publish("pyoco.work.fast", WorkItem.for_attempt(ev, run_id=run_id, attempt=1).to_json(), msg_id=f"{run_id}:1")
             assert ack.duplicate
             assert stream_seq == 1

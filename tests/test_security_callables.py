@@ -29,7 +29,7 @@ from pyoco_es.config import Settings
 from pyoco_es.core.errors import ValidationError
 from pyoco_es.flows.yaml import parse_workflow_yaml
 from pyoco_es.worker import child
-from pyoco_es.worker.actor import run_worker
+from pyoco_es.worker.supervisor import run_worker
 from pyoco_es.worker.trust import RefusedCallable, check_allowed_modules, check_env_names, module_allowed, resolve_callable
 from test_gateway_support import HTTPX_STREAM_WARNINGS, GW, open_gateway, submit_yaml, wait_until
 

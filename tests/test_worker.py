@@ -24,7 +24,8 @@ from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.service import RunStore, new_run_id
-from pyoco_es.worker.actor import WorkerActor, run_worker
+from pyoco_es.worker.actor import WorkerActor
+from pyoco_es.worker.supervisor import run_worker
 
 GW = Producer(kind="gateway", id="test")
 ROOT = Path(__file__).resolve().parents[1]
@@ -503,6 +504,54 @@ tasks:
         assert [e.type for e in history].count("run.completed") == 1
         assert [e.type for e in history].count("run.worker_lost") == 1
         assert len(list(markers.iterdir())) == 2  # one execution per attempt, nothing more
+
+
+async def test_a_sigkilled_workers_scratch_directory_is_removed_by_the_next_worker(
+    nats_server: EmbeddedNats, nats: NatsClient, nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILLed worker cannot remove its scratch directory; the next worker to start on the
+    machine removes it (a live worker's is left alone), so nothing piles up in /tmp over time."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with trio.fail_after(40):
+        env = worker_env(nats_server)
+        env["TMPDIR"] = str(tmp)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()",
+             "--nats-url", nats_server.url, "--worker-id", "victim", "--concurrency", "1"],
+            env=env,
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            async def registered() -> bool:
+                entry = await nats.kv_get(subjects.WORKERS_BUCKET, "victim")
+                return bool(entry and entry.value)
+
+            await wait_for(registered, "the victim to register", timeout=20)
+
+            def leftovers() -> list[Path]:
+                return [p for p in tmp.rglob("*") if "victim" in p.name]
+
+            assert leftovers(), "the victim keeps its scratch directory under TMPDIR"
+            proc.send_signal(signal.SIGKILL)
+            await trio.to_thread.run_sync(proc.wait)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert leftovers(), "SIGKILLed, the victim could not clean up"
+        monkeypatch.setattr("tempfile.tempdir", str(tmp))
+        stop = trio.Event()
+        await nursery.start(
+            lambda task_status: run_worker(
+                nats, fast_settings(), worker_id="next", tags=["default"], concurrency=1, stop=stop, task_status=task_status
+            )
+        )
+        assert leftovers() == []
+        assert [p for p in tmp.rglob("*") if "next" in p.name], "the live worker's own directory is kept"
+        stop.set()
 
 
 async def test_invalid_job_is_termed_and_dead_lettered(nats: NatsClient, nursery: trio.Nursery) -> None:

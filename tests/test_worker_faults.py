@@ -27,7 +27,7 @@ from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.service import RunStore, new_run_id
-from pyoco_es.worker.actor import run_worker
+from pyoco_es.worker.supervisor import run_worker
 from test_worker import (
     ROOT,
     TERMINAL,

@@ -25,7 +25,7 @@ from ..nats import subjects
 from ..nats.client import open_nats
 from ..nats.resources import ResourceConfig, ensure_resources
 from ..runtime import configure_logging, wait_for_stop_signal
-from ..worker.actor import normalize_tags, run_worker
+from ..worker.supervisor import normalize_tags, run_worker
 from ..worker.trust import check_allowed_modules, check_env_names
 
 log = logging.getLogger(__name__)

@@ -26,16 +26,20 @@ import attrs
 import trio
 
 from ..core.codec import bound_snapshot_doc, decode_envelope, decode_snapshot, dumps, encode_snapshot
-from ..core.errors import ConcurrencyConflict, CorruptStreamError, InfraError, PyocoError
-from ..core.events import Envelope, RunReleased, RunSubmitted, RunWorkerLost
+from ..core import decide
+from ..core.errors import ConcurrencyConflict, CorruptStreamError, InfraError, PayloadTooLarge, PyocoError
+from ..core.events import Envelope, Producer, RunReleased, RunSubmitted, RunWorkerLost
 from ..core.fold import SequenceGap, apply, fold
 from ..core.model import RunSnapshot, RunStatus
+from ..core.work import WorkItem
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient
+from ..service import RunStore
 
 log = logging.getLogger(__name__)
 
 REQUEUE_EVENTS: Final = (RunSubmitted.TYPE, RunWorkerLost.TYPE, RunReleased.TYPE)
+DISPATCHER: Final = Producer(kind="conductor", id="dispatcher")  # who fails a run whose item cannot be published
 
 
 @attrs.frozen
@@ -66,38 +70,6 @@ def projector_consumer_config(ack_wait: float = 10.0) -> dict[str, Any]:
         "max_ack_pending": -1,
         "max_deliver": -1,
     }
-
-
-def work_item(
-    submitted: RunSubmitted, *, run_id: str, attempt: int, run_version: int | None = None, run_last_stream_seq: int | None = None
-) -> bytes:
-    """The job message for one attempt (pyoco-server's job fields plus ``attempt``).
-
-    ``run_version`` / ``run_last_stream_seq`` say where the run stood when the item was made: a
-    worker can append its claim right there without reading the run first (if the run moved on
-    meanwhile, the append conflicts and the worker reads and decides again).
-    """
-    body: dict[str, object] = {
-        "run_id": run_id,
-        "attempt": attempt,
-        "max_attempts": submitted.max_attempts,
-        "flow_name": submitted.flow_name,
-        "tag": submitted.tag,
-        "tags": list(submitted.tags),
-        "tenant_id": submitted.tenant_id,
-        "api_key_id": submitted.api_key_id,
-        "params": submitted.params,
-        "submitted_at": submitted.submitted_at,
-        "schedule_id": submitted.schedule_id,
-    }
-    if run_version is not None and run_last_stream_seq:
-        body["run_seq"] = run_version
-        body["run_stream_seq"] = run_last_stream_seq
-    if submitted.workflow_yaml is not None:
-        body["workflow_yaml"] = submitted.workflow_yaml
-        body["workflow_yaml_sha256"] = submitted.workflow_yaml_sha256
-        body["workflow_yaml_bytes"] = submitted.workflow_yaml_bytes
-    return dumps(body)
 
 
 class Projector:
@@ -315,17 +287,21 @@ class Projector:
         """Write dirty snapshots (CAS) and publish due work items in one crossing, then ack
         everything absorbed (in the same crossing when nothing conflicted)."""
         publishes = await self._dispatch_items()
+        too_large: list[tuple[str, int, str]] = []
         acks, self._unacked = self._unacked, []
         acked = False
         while self._dirty or publishes:
             run_ids = list(self._dirty)
             items = [(r, self._encode(r, self._dirty[r]), self._dirty[r].revision) for r in run_ids]
             kv_res, pub_res = await self.nats.commit(self.bucket, items, publishes, acks)
-            for (_subject, _body, msg_id), r in zip(publishes, pub_res, strict=True):
+            for (_subject, body, msg_id), r in zip(publishes, pub_res, strict=True):
                 if isinstance(r, InfraError):
                     self._unacked = acks
                     raise r
-                if isinstance(r, PyocoError):  # e.g. too large: that run only
+                if isinstance(r, PayloadTooLarge):  # poison: that run fails, naming the limit
+                    run_id, _, attempt = (msg_id or "").partition(":")
+                    too_large.append((run_id, int(attempt or 1), f"work item of {len(body)} bytes not published: {r.message}"))
+                elif isinstance(r, PyocoError):  # that run only
                     self._poison((msg_id or "").split(":", 1)[0], f"work item not published: {r.message}")
             self._published += len(publishes)
             publishes = []
@@ -353,6 +329,23 @@ class Projector:
                 await self._refresh(conflicts)
         if acks and not acked:
             await self.nats.ack_many(acks)
+        for run_id, attempt, error in too_large:
+            await self._fail_undispatchable(run_id, attempt, error)
+
+    async def _fail_undispatchable(self, run_id: str, attempt: int, error: str) -> None:
+        """Append ``run.failed(work_item_too_large)`` for a run whose item the stream refused."""
+        log.error("run %s: %s; failing it", run_id, error, extra={"run_id": run_id})
+        store = RunStore(self.nats)
+        try:
+            await store.execute(
+                run_id,
+                lambda s: decide.fail_undispatchable(s, run_id=run_id, attempt=attempt, now=time.time(), error=error),
+                producer=DISPATCHER,
+            )
+        except InfraError:
+            raise
+        except PyocoError as exc:
+            self._poison(run_id, f"{error}; and the run could not be failed: {exc.message}")
 
     async def _refresh(self, run_ids: list[str]) -> None:
         """Someone else wrote these runs: re-read, fold the stream on top, mark dirty if ours is newer."""
@@ -393,9 +386,9 @@ class Projector:
             items.append(
                 (
                     subjects.work_subject(snap.tag, self.work_prefix),
-                    work_item(
+                    WorkItem.for_attempt(
                         submitted, run_id=run_id, attempt=attempt, run_version=snap.version, run_last_stream_seq=snap.last_stream_seq
-                    ),
+                    ).to_json(),
                     subjects.work_msg_id(run_id, attempt),
                 )
             )

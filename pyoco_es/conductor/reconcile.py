@@ -32,9 +32,10 @@ from ..core.errors import CorruptStreamError, PyocoError
 from ..core.events import RunSubmitted
 from ..core.fold import fold
 from ..core.model import RunStatus
+from ..core.work import WorkItem
 from ..nats import subjects
 from ..nats.client import NatsClient
-from .projector import Projector, work_item
+from .projector import Projector
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Reconciler:
             publishes.append(
                 (
                     subjects.work_subject(snap.tag, self.work_prefix),
-                    work_item(events[0].event, run_id=run_id, attempt=snap.attempt, run_version=snap.version, run_last_stream_seq=snap.last_stream_seq),
+                    WorkItem.for_attempt(events[0].event, run_id=run_id, attempt=snap.attempt, run_version=snap.version, run_last_stream_seq=snap.last_stream_seq).to_json(),
                     key if not rounds else f"{key}:r{rounds}",
                     None,
                 )

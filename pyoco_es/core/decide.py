@@ -179,6 +179,17 @@ def mark_worker_lost(
     ]
 
 
+def fail_undispatchable(snap: RunSnapshot | None, *, run_id: str, attempt: int, now: float, error: str) -> list[Event]:
+    """A PENDING run whose work item cannot be published (too large for the work stream) is
+    poison: it fails with ``reason="work_item_too_large"`` rather than waiting forever.  A run that
+    moved on (claimed, cancelled, a later attempt) is left alone: nothing."""
+    if snap is None:
+        raise RunNotFound(run_id)
+    if snap.status is not RunStatus.PENDING or snap.attempt != attempt:
+        return []
+    return [RunFailed(attempt=attempt, ended_at=now, reason="work_item_too_large", error=error)]
+
+
 def release_run(
     snap: RunSnapshot | None, *, run_id: str, attempt: int, worker_id: str, reason: str, now: float
 ) -> list[Event]:

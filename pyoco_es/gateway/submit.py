@@ -15,11 +15,11 @@ from typing import Any, Final
 
 import attrs
 
-from ..conductor.projector import work_item
 from ..core import decide
 from ..core.codec import dumps, event_data
 from ..core.errors import OutcomeUnknown, PayloadTooLarge, RunAlreadyExists, ValidationError
 from ..core.events import JSONObject, JSONValue, RunSubmitted
+from ..core.work import WorkItem
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
 from ..nats import subjects
 from ..service import new_run_id
@@ -223,7 +223,7 @@ async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject
         # Fast path, on the NATS thread the moment the PubAck is in: hand the first attempt to
         # the workers without a thread hop.  The event says so (fast_dispatch), so the conductor
         # does not publish it again; if this publish is lost, its reconcile publishes the item.
-        item = work_item(event, run_id=run_id, attempt=1, run_version=1, run_last_stream_seq=seqs[-1])
+        item = WorkItem.for_attempt(event, run_id=run_id, attempt=1, run_version=1, run_last_stream_seq=seqs[-1]).to_json()
         gw.nats.publish_soon(subject, item, subjects.work_msg_id(run_id, 1))
 
     try:

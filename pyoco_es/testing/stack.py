@@ -61,7 +61,7 @@ async def open_stack(
                     url = f"http://{host}:{port}"
                 stop: trio.Event | None = None
                 if worker:
-                    from ..worker.actor import run_worker
+                    from ..worker.supervisor import run_worker
 
                     stop = trio.Event()
                     await nursery.start(

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from .protocol import FrameDecoder, ProtocolError, encode_frame
+from .protocol import Command, FrameDecoder, ProtocolError, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +89,24 @@ class ChildProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    async def send(self, msg: dict[str, Any]) -> None:
+    async def send(self, cmd: Command) -> None:
         try:
-            frame = encode_frame(msg)
+            frame = encode_frame(cmd.to_json())
         except (ValueError, TypeError, RecursionError) as exc:
-            raise ProtocolError(f"cannot encode the {msg.get('op')!r} command: {exc}") from exc
+            raise ProtocolError(f"cannot encode the {cmd.OP!r} command: {exc}") from exc
         try:
             await self._cmd.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.healthy = False
             raise ChildDied(self.proc.poll()) from exc
 
-    def send_from_any_thread(self, *msgs: dict[str, Any]) -> bool:
+    def send_from_any_thread(self, *cmds: Command) -> bool:
         """Write small frames now, in one write, from any thread (e.g. a NATS-thread hook), if the
         pipe takes them whole; False otherwise (the caller then sends them the usual way).  Only
         while no :meth:`send` is in flight: up to ``PIPE_BUF`` bytes are written atomically or
         not at all, so frames never interleave."""
         try:
-            frame = b"".join(encode_frame(m) for m in msgs)
+            frame = b"".join(encode_frame(c.to_json()) for c in cmds)
         except (ValueError, TypeError, RecursionError):
             return False  # send() reports it on the Trio side
         if len(frame) > select.PIPE_BUF:

@@ -5,7 +5,8 @@ big-endian length followed by that many bytes of UTF-8 JSON (an object with ``op
 child, ``ev`` from child to parent).
 
 Parent → child: ``prepare`` (run_id, flow_name, params, yaml text and/or sha256), ``go``,
-``abort``, ``cancel`` (all with run_id).
+``abort``, ``cancel`` (all with run_id): the :data:`Command` classes below, the one place these
+frames are built.
 
 Child → parent: ``prepared`` (tasks) or ``prepare_failed`` (reason, error); while running
 ``task.started`` / ``task.completed`` / ``task.failed`` (the event payloads, ready to wrap);
@@ -21,9 +22,15 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Final
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import attrs
 
 from ..core.codec import loads
+
+if TYPE_CHECKING:  # the child imports this module: keep its start light
+    from ..core.work import WorkItem
 
 HEADER: Final = struct.Struct(">I")
 MAX_FRAME: Final = 64 * 1024 * 1024
@@ -58,6 +65,79 @@ def decode_body(body: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ProtocolError(f"frame is a JSON {type(msg).__name__}, not an object")
     return msg
+
+
+@attrs.frozen(kw_only=True)
+class Prepare:
+    """Build the run's flow (parse and validate YAML, import the allowed callables); the child
+    answers ``prepared`` (task names) or ``prepare_failed``.  The YAML text is left out when the
+    child has built this document (by sha256) before."""
+
+    OP: ClassVar[str] = "prepare"
+    run_id: str
+    flow_name: str
+    params: dict[str, Any]
+    document: bool = False  # a YAML run (``sha256`` and maybe ``yaml`` follow)
+    sha256: str | None = None
+    yaml: str | None = None
+
+    @classmethod
+    def for_item(cls, item: WorkItem, *, known_docs: Container[str]) -> Prepare:
+        if item.workflow_yaml is None:
+            return cls(run_id=item.run_id, flow_name=item.flow_name, params=item.params)
+        sha = item.workflow_yaml_sha256
+        known = bool(sha) and sha in known_docs
+        return cls(
+            run_id=item.run_id,
+            flow_name=item.flow_name,
+            params=item.params,
+            document=True,
+            sha256=sha,
+            yaml=None if known else item.workflow_yaml,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        cmd: dict[str, Any] = {"op": self.OP, "run_id": self.run_id, "flow_name": self.flow_name, "params": self.params}
+        if self.document:
+            cmd["sha256"] = self.sha256
+            if self.yaml is not None:
+                cmd["yaml"] = self.yaml
+        return cmd
+
+
+@attrs.frozen
+class _RunCommand:
+    """A command that names only its run."""
+
+    OP: ClassVar[str]
+    run_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.OP, "run_id": self.run_id}
+
+
+@attrs.frozen
+class Go(_RunCommand):
+    """Start the prepared run (dropped by the child if its prepare failed)."""
+
+    OP: ClassVar[str] = "go"
+
+
+@attrs.frozen
+class Abort(_RunCommand):
+    """Forget the prepared run (its claim failed or it is obsolete)."""
+
+    OP: ClassVar[str] = "abort"
+
+
+@attrs.frozen
+class Cancel(_RunCommand):
+    """Cancel the running run cooperatively (pyoco's ``Engine.cancel``)."""
+
+    OP: ClassVar[str] = "cancel"
+
+
+Command = Prepare | Go | Abort | Cancel
 
 
 class FrameDecoder:
