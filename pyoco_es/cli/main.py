@@ -4,7 +4,8 @@ plus ``pyoco-server`` (defaults to ``up``) and ``pyoco-worker`` as compatible na
 from __future__ import annotations
 
 import json
-from contextlib import AsyncExitStack, suppress
+from contextlib import suppress
+from functools import partial
 import os
 import sys
 from datetime import datetime, timezone
@@ -17,7 +18,7 @@ import trio
 from ..config import Settings
 from ..core.codec import envelope_to_json
 from ..core.errors import PyocoError
-from ..runtime import configure_logging, open_child_service, open_system_nats, wait_for_stop_signal
+from ..runtime import configure_logging, run_child_service, open_system_nats, wait_for_stop_signal
 
 NATS_URL = click.option("--nats-url", envvar="PYOCO_NATS_URL", default=None, help="Use this NATS server/cluster instead of the embedded one.")
 DATA_DIR = click.option("--data-dir", envvar="PYOCO_DATA_DIR", default=".pyoco-es", show_default=True, type=click.Path(path_type=Path), help="Where the embedded NATS keeps its store.")
@@ -137,11 +138,12 @@ async def up(
                 await nursery.start(wait_for_stop_signal, stop)
                 await nursery.start(run_conductor, nats, settings)
                 bound = await nursery.start(lambda task_status: run_gateway(nats, settings, host=host, port=port, task_status=task_status))
-                async with AsyncExitStack() as services:
-                    if with_worker:
-                        await services.enter_async_context(open_child_service(worker_args, ready_marker="serving", name="worker"))
+                async with trio.open_nursery() as services:
+                    if with_worker:  # restarted whenever it dies, until we stop
+                        await services.start(partial(run_child_service, worker_args, ready_marker="serving", name="worker"))
                     click.echo(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)", err=True)
                     await stop.wait()
+                    services.cancel_scope.cancel()
                 # The worker has drained and stopped; the gateway answered until now.
                 nursery.cancel_scope.cancel()
     except* PyocoError as group:
