@@ -36,7 +36,6 @@ ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("module", "pyoco_es.worker.child"): (704, "issue 12: worker split"),
     ("shell-import", "pyoco_es.gateway.routes -> pyoco_es.conductor.projector"): (0, "issue 12: typed work item"),
     ("cycle", "pyoco_es.gateway.app <-> pyoco_es.gateway.routes"): (2, "issue 12: routes by resource"),
-    ("cycle", "pyoco_es.cli.gateway <-> pyoco_es.cli.main"): (2, "issue 12"),
 }
 
 
