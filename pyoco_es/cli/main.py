@@ -15,7 +15,7 @@ import asyncclick as click
 import attrs
 import trio
 
-from ..core.codec import envelope_to_json
+from ..core.codec import compact_json, envelope_to_json
 from ..core.errors import PyocoError
 from ..runtime import configure_logging, open_system_nats, run_child_service, wait_for_stop_signal
 from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, first_error, settings_with
@@ -235,7 +235,7 @@ async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str 
         if mode == "json":
             doc = envelope_to_json(env)
             doc["stream_seq"] = env.stream_seq
-            click.echo(json.dumps(doc, separators=(",", ":")))
+            click.echo(compact_json(doc))
         else:
             who = f"{env.producer.kind}:{env.producer.id}" + (f"#{env.producer.attempt}" if env.producer.attempt else "")
             data = {k: v for k, v in envelope_to_json(env)["data"].items() if v not in (None, {}, [], "") and k != "workflow_yaml"}

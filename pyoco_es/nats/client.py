@@ -25,7 +25,7 @@ import nats.js.errors
 import trio
 from nats.js import api
 
-from ..core.codec import decode_envelope, encode_envelope_bounded
+from ..core.codec import decode_envelope, dumps, encode_envelope_bounded
 from ..core.errors import (
     ConcurrencyConflict,
     CorruptStreamError,
@@ -177,7 +177,7 @@ class _Puller:
             req["no_wait"] = True
         else:
             req["expires"] = int(expires * 1e9)
-        await self._nc.publish(self._api, json.dumps(req).encode(), reply=self._inbox)
+        await self._nc.publish(self._api, dumps(req), reply=self._inbox)
         try:
             async with asyncio.timeout(wait):
                 await self._wake.wait()
@@ -623,7 +623,7 @@ class NatsClient:
             sub = await self._nc.subscribe(inbox)
             got = 0
             try:
-                req = json.dumps({"seq": start, "next_by_subj": subject, "batch": batch}).encode()
+                req = dumps({"seq": start, "next_by_subj": subject, "batch": batch})
                 await self._nc.publish(api_subject, req, reply=inbox)
                 while True:
                     msg = await sub.next_msg(timeout=self.op_timeout)
