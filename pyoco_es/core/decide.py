@@ -103,7 +103,7 @@ def finish_run(
     run_id: str,
     attempt: int,
     worker_id: str,
-    outcome: str,
+    outcome: RunStatus | str,
     now: float,
     error: str | None = None,
     reason: str | None = None,
@@ -114,11 +114,11 @@ def finish_run(
     cancel was pending is CANCELLED (reason requested) unless every task finished first.
     """
     snap = check_owner(snap, run_id=run_id, attempt=attempt, worker_id=worker_id)
-    if outcome == "COMPLETED":
+    if outcome == RunStatus.COMPLETED:
         return [RunCompleted(attempt=attempt, ended_at=now)]
-    if outcome == "CANCELLED":
+    if outcome == RunStatus.CANCELLED:
         return [RunCancelled(attempt=attempt, ended_at=now, reason=reason or "requested")]
-    if outcome == "FAILED":
+    if outcome == RunStatus.FAILED:
         return [RunFailed(attempt=attempt, ended_at=now, reason=reason or "error", error=error or "failed")]
     raise IllegalTransition(f"unknown outcome {outcome!r}")
 
