@@ -52,7 +52,9 @@ NO_ROOM: Final = frozenset({10023, 10028, 10047, 10077})
 DEFAULT_MAX_MSG_SIZE: Final = 4 * 1024 * 1024  # the streams' max_msg_size (see resources.py)
 HEADER_HEADROOM: Final = 2048  # headers (Nats-Msg-Id, expected seqs) count toward max_payload
 WRITE_FAILURE_MEMORY: Final = 60.0  # seconds a refused write keeps /ready "not ready"
-_TRANSIENT: Final = (
+# What the NATS client raises when the server did not answer; translated to EventLogUnavailable
+# (core.errors.TRANSIENT_ERRORS), never caught as the root error.
+NATS_TRANSIENT_ERRORS: Final = (
     nats.errors.TimeoutError,
     asyncio.TimeoutError,
     nats.errors.ConnectionClosedError,
@@ -78,7 +80,7 @@ def _translate(exc: BaseException, what: str) -> PyocoError:
         return exc.translate(what)
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
         return EventLogUnavailable(f"{what}: no JetStream stream answered (are the resources created?)")
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, NATS_TRANSIENT_ERRORS):
         return EventLogUnavailable(f"{what}: NATS unavailable ({type(exc).__name__})")
     if isinstance(exc, nats.js.errors.APIError):
         if exc.err_code in MESSAGE_TOO_LARGE:
@@ -1079,6 +1081,7 @@ __all__ = [
     "CorruptStreamError",
     "Delivered",
     "KVEntry",
+    "NATS_TRANSIENT_ERRORS",
     "NatsClient",
     "PubAck",
     "PullSubscription",
