@@ -750,30 +750,6 @@ class NatsClient:
 
         return await self._call("kv update", go)
 
-    async def commit(
-        self,
-        bucket: str,
-        kv_items: Sequence[tuple[str, bytes, int]],
-        publishes: Sequence[tuple[str, bytes, str | None]],
-        acks: Sequence[Delivered],
-    ) -> tuple[list[int | PyocoError], list[PubAck | PyocoError]]:
-        """The projector's flush in one crossing: CAS writes and publishes (concurrently), then
-        the acks, which are sent only when every write and publish succeeded."""
-
-        async def go() -> tuple[list[Any], list[Any]]:
-            async with asyncio.timeout(self.op_timeout * 2):
-                kv_res, pub_res = await asyncio.gather(
-                    self._gather("kv update", self._cas_one, [(bucket, *it) for it in kv_items]),
-                    self._gather("publish", self._publish_one, publishes),
-                )
-            if not any(isinstance(r, PyocoError) for r in (*kv_res, *pub_res)):
-                publish = self._nc.publish
-                for m in acks:
-                    await publish(m.msg.reply, b"+ACK")
-            return kv_res, pub_res
-
-        return await self._call("commit", go)
-
     async def kv_keys(self, bucket: str) -> list[str]:
         """All live keys ([] for an empty bucket, unlike nats-py's NoKeysError)."""
 
