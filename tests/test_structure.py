@@ -29,8 +29,6 @@ ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("module", "pyoco_es.cli.client"): (871, "issue 12"),
     ("module", "pyoco_es.gateway.routes"): (930, "issue 12: routes by resource"),
     ("function", "pyoco_es.gateway.routes.register_routes"): (409, "issue 12: routes by resource"),
-    ("module", "pyoco_es.nats.client"): (1087, "issue 12: ports split"),
-    ("class", "pyoco_es.nats.client.NatsClient"): (693, "issue 12: ports split"),
     ("module", "pyoco_es.worker.actor"): (1461, "issue 12: worker split"),
     ("class", "pyoco_es.worker.actor.WorkerActor"): (632, "issue 12: worker split"),
     ("module", "pyoco_es.worker.child"): (704, "issue 12: worker split"),
