@@ -166,3 +166,22 @@ def test_the_allow_list_lists_only_what_still_breaks_a_rule() -> None:
 def test_the_walk_sees_the_package() -> None:
     """The measures read real code (a wrong path would make every rule pass vacuously)."""
     assert "pyoco_es.core.fold" in MODULES and "pyoco_es.core.events" in GRAPH["pyoco_es.core.fold"]
+
+
+@pytest.mark.parametrize("port", ["EventLog", "SnapshotStore", "WorkQueue"])
+def test_the_nats_client_implements_every_port(port: str) -> None:
+    """Every method a port names exists on ``NatsClient`` with the same parameters (names,
+    kinds, defaults), so a shell typed against the port runs on the adapter."""
+    import inspect
+
+    from pyoco_es import ports
+    from pyoco_es.nats.client import NatsClient
+
+    protocol = getattr(ports, port)
+    members = [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    assert members
+    for name in members:
+        want = inspect.signature(getattr(protocol, name)).parameters
+        have = inspect.signature(getattr(NatsClient, name)).parameters
+        assert [(p.name, p.kind, p.default) for p in have.values()] == [(p.name, p.kind, p.default) for p in want.values()], name
+

@@ -11,17 +11,17 @@ import outcome
 import trio
 
 from ..core.errors import PyocoError
-from ..nats.client import Delivered, NatsClient, PubAck
+from ..nats.client import NatsClient
+from ..ports import Delivered, KVWrite, PubAck
 
-KVWrite = tuple[str, bytes, int]  # key, value, expected revision (0: create)
-WorkPublish = tuple[str, bytes, str | None]  # subject, body, Nats-Msg-Id
+DueWork = tuple[str, bytes, str | None]  # a work item: subject, body, Nats-Msg-Id
 
 
 async def commit(
     nats: NatsClient,
     bucket: str,
     kv_items: Sequence[KVWrite],
-    publishes: Sequence[WorkPublish],
+    publishes: Sequence[DueWork],
     acks: Sequence[Delivered],
 ) -> tuple[list[int | PyocoError], list[PubAck | PyocoError]]:
     """Write ``kv_items`` into ``bucket`` and publish ``publishes`` concurrently, then ack ``acks``.

@@ -15,11 +15,12 @@ from typing import Any
 import nats
 
 from ..core.errors import CorruptStreamError, EventLogUnavailable, PyocoError
+from ..ports import Delivered, KVEntry, OnStored, PubAck
 from .bridge import AsyncioThread
-from .connection import DEFAULT_MAX_MSG_SIZE, NATS_TRANSIENT_ERRORS, PubAck, _guard, log
-from .event_log import NatsEventLog, OnStored
-from .kv import WATCH_CAUGHT_UP, KVEntry, NatsSnapshotStore
-from .work import Delivered, NatsWorkQueue, PullSubscription
+from .connection import DEFAULT_MAX_MSG_SIZE, NATS_TRANSIENT_ERRORS, _guard, log
+from .event_log import NatsEventLog
+from .kv import WATCH_CAUGHT_UP, NatsSnapshotStore
+from .work import NatsWorkQueue, PullSubscription
 
 
 class NatsClient(NatsEventLog, NatsSnapshotStore, NatsWorkQueue):

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
-import attrs
 import nats
 import nats.errors
 import nats.js.errors
@@ -22,6 +21,7 @@ import trio
 
 from ..core.codec import dumps
 from ..core.errors import EventLogUnavailable, InfraError, PayloadTooLarge, PyocoError, WritesRefused
+from ..ports import PubAck
 from . import subjects
 from .bridge import AsyncioThread
 
@@ -88,12 +88,6 @@ async def _guard(what: str, fn: Callable[..., Awaitable[T]], *args: object) -> T
         raise
     except Exception as exc:  # translated into the pyoco error tree, on the asyncio side
         raise _translate(exc, what) from exc
-
-
-@attrs.frozen
-class PubAck:
-    seq: int
-    duplicate: bool
 
 
 class JetStreamAckError(Exception):

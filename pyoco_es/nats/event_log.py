@@ -13,6 +13,7 @@ import nats.errors
 from ..core.codec import decode_envelope, encode_envelope_bounded
 from ..core.errors import ConcurrencyConflict, CorruptStreamError, EventLogUnavailable, OutcomeUnknown, PayloadTooLarge, PyocoError, WritesRefused
 from ..core.events import Envelope
+from ..ports import OnStored
 from . import subjects
 from .connection import WRONG_LAST_SEQUENCE, JetStreamAckError, NatsConnection, _guard, log
 

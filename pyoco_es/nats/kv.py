@@ -8,21 +8,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
-import attrs
 import nats
 import nats.js.errors
 import trio
 
 from ..core.errors import ConcurrencyConflict, PyocoError, WritesRefused
+from ..ports import KVEntry
 from . import subjects
 from .connection import JetStreamAckError, NatsConnection, WRONG_LAST_SEQUENCE
-
-
-@attrs.frozen
-class KVEntry:
-    key: str
-    value: bytes | None  # None for a delete / purge marker
-    revision: int
 
 
 WATCH_CAUGHT_UP: Final = None  # sent once on a watch channel when the initial values are delivered

@@ -17,21 +17,9 @@ from nats.js import api
 
 from ..core.codec import dumps
 from ..core.errors import EventLogUnavailable, PyocoError
+from ..ports import Delivered, PubAck
 from . import subjects
-from .connection import NatsConnection, PubAck, log
-
-
-@attrs.define(eq=False)
-class Delivered:
-    """A message delivered by a pull consumer, with its JetStream metadata."""
-
-    data: bytes
-    subject: str
-    headers: dict[str, str] | None
-    stream_seq: int
-    num_delivered: int
-    num_pending: int
-    msg: Any = attrs.field(repr=False)
+from .connection import NatsConnection, log
 
 
 def _ack_metadata(reply: str) -> tuple[int, int, int]:
