@@ -28,6 +28,8 @@ KVWrite = tuple[str, bytes, int]
 """A compare-and-swap write: key, value, expected revision (0: create)."""
 WorkPublish = tuple[str, bytes, str | None, dict[str, str] | None]
 """A publish: subject, payload, Nats-Msg-Id (dedupe), headers."""
+DueWork = tuple[str, bytes, str | None]
+"""A work item the projector dispatches: subject, payload, Nats-Msg-Id (``run_id:attempt``)."""
 
 
 @attrs.frozen
@@ -150,3 +152,16 @@ class WorkQueue(Protocol):
     async def in_progress_many(self, msgs: Sequence[Delivered]) -> None: ...
 
     async def consumer_pending(self, stream: str, durable: str) -> dict[str, int]: ...
+
+
+class ProcessRecorder(Protocol):
+    """Store a projection's writes and the work they cause, then record its position (the acks
+    of the events it absorbed) only when all of it was stored: a crash in between replays the
+    events, and the fold is idempotent."""
+
+    async def store_then_ack(
+        self, bucket: str, kv_items: Sequence[KVWrite], publishes: Sequence[DueWork], acks: Sequence[Delivered]
+    ) -> tuple[list[int | PyocoError], list[PubAck | PyocoError]]:
+        """Per write its new revision or error, per publish its ack or error."""
+        ...
+

@@ -168,7 +168,7 @@ def test_the_walk_sees_the_package() -> None:
     assert "pyoco_es.core.fold" in MODULES and "pyoco_es.core.events" in GRAPH["pyoco_es.core.fold"]
 
 
-@pytest.mark.parametrize("port", ["EventLog", "SnapshotStore", "WorkQueue"])
+@pytest.mark.parametrize("port", ["EventLog", "SnapshotStore", "WorkQueue", "ProcessRecorder"])
 def test_the_nats_client_implements_every_port(port: str) -> None:
     """Every method a port names exists on ``NatsClient`` with the same parameters (names,
     kinds, defaults), so a shell typed against the port runs on the adapter."""

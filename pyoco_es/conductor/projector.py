@@ -32,7 +32,6 @@ from ..core.fold import SequenceGap, apply, fold
 from ..core.model import RunSnapshot, RunStatus
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient
-from .flush import commit
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +320,7 @@ class Projector:
         while self._dirty or publishes:
             run_ids = list(self._dirty)
             items = [(r, self._encode(r, self._dirty[r]), self._dirty[r].revision) for r in run_ids]
-            kv_res, pub_res = await commit(self.nats, self.bucket, items, publishes, acks)
+            kv_res, pub_res = await self.nats.store_then_ack(self.bucket, items, publishes, acks)
             for (_subject, _body, msg_id), r in zip(publishes, pub_res, strict=True):
                 if isinstance(r, InfraError):
                     self._unacked = acks

@@ -8,14 +8,14 @@ exception crosses this module.  Batch methods (``append_many``, ``kv_update_many
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
 
 from ..core.errors import CorruptStreamError, EventLogUnavailable, PyocoError
-from ..ports import Delivered, KVEntry, OnStored, PubAck
+from ..ports import Delivered, DueWork, KVEntry, KVWrite, OnStored, PubAck
 from .bridge import AsyncioThread
 from .connection import DEFAULT_MAX_MSG_SIZE, NATS_TRANSIENT_ERRORS, _guard, log
 from .event_log import NatsEventLog
@@ -26,6 +26,30 @@ from .work import NatsWorkQueue, PullSubscription
 class NatsClient(NatsEventLog, NatsSnapshotStore, NatsWorkQueue):
     """One NATS connection serving every port: the event log, the snapshot store and the work
     queue (each in its own module), on the connection of :class:`~.connection.NatsConnection`."""
+
+    async def store_then_ack(
+        self, bucket: str, kv_items: Sequence[KVWrite], publishes: Sequence[DueWork], acks: Sequence[Delivered]
+    ) -> tuple[list[int | PyocoError], list[PubAck | PyocoError]]:
+        """CAS writes into ``bucket`` and publishes (concurrently), then ``acks``, sent only when
+        every write and publish succeeded: one crossing, so the acks follow the writes at once.
+
+        The :class:`~pyoco_es.ports.ProcessRecorder` port (what eventsourcing's process recorder
+        does with a tracking position); the projector's flush decides what to write.
+        """
+
+        async def go() -> tuple[list[Any], list[Any]]:
+            async with asyncio.timeout(self.op_timeout * 2):
+                kv_res, pub_res = await asyncio.gather(
+                    self._gather("kv update", self._cas_one, [(bucket, *it) for it in kv_items]),
+                    self._gather("publish", self._publish_one, publishes),
+                )
+            if not any(isinstance(r, PyocoError) for r in (*kv_res, *pub_res)):
+                publish = self._nc.publish
+                for m in acks:
+                    await publish(m.msg.reply, b"+ACK")
+            return kv_res, pub_res
+
+        return await self._call("store then ack", go)
 
 
 @asynccontextmanager
