@@ -98,18 +98,28 @@ def fold(snapshot: RunSnapshot | None, envelopes: Iterable[Envelope]) -> RunSnap
 
 
 def _submitted(env: Envelope, e: RunSubmitted) -> RunSnapshot:
+    return submitted_snapshot(env.run_id, e, version=env.seq, last_stream_seq=env.stream_seq or 0, updated_at=env.occurred_at)
+
+
+def submitted_snapshot(
+    run_id: str, e: RunSubmitted, *, version: int, last_stream_seq: int, updated_at: float, attempt: int = 1
+) -> RunSnapshot:
+    """The PENDING snapshot of a submitted run, the one place it is built: the fold's first
+    step, and (issue 12, with the typed work item) what a worker rebuilds from a work item that
+    carries the run's position, ``attempt`` and the position then being the work item's."""
     return RunSnapshot(
-        run_id=env.run_id,
+        run_id=run_id,
         flow_name=e.flow_name,
         tag=e.tag,
         tags=e.tags,
         params=e.params,
         status=RunStatus.PENDING,
         submitted_at=e.submitted_at,
-        updated_at=env.occurred_at,
-        version=env.seq,
-        last_stream_seq=env.stream_seq or 0,
+        updated_at=updated_at,
+        version=version,
+        last_stream_seq=last_stream_seq,
         max_attempts=e.max_attempts,
+        attempt=attempt,
         tenant_id=e.tenant_id,
         api_key_id=e.api_key_id,
         workflow_yaml_sha256=e.workflow_yaml_sha256,
