@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NoReturn
 
+import attrs
 import trio
 
 from .config import Settings
@@ -84,7 +86,7 @@ CLI_ENTRY = "from pyoco_es.runtime import exit_with_parent; exit_with_parent(); 
 
 
 def exit_with_parent() -> None:
-    """In a child started by :func:`open_child_service`: exit at once when the parent dies.
+    """In a child started by :func:`run_child_service`: exit at once when the parent dies.
 
     The parent holds the write end of a pipe whose read end we inherit (fd in
     ``PYOCO_ES_PARENT_FD``); nobody ever writes, so the read returns EOF exactly when the last
@@ -119,16 +121,85 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="pyoco-es-parent-watch", daemon=True).start()
 
 
-@asynccontextmanager
-async def open_child_service(
-    args: list[str], *, ready_marker: str, name: str, stop_timeout: float = 40.0, start_timeout: float = 30.0
-) -> AsyncIterator[trio.Process]:
-    """Run ``pyoco-es ARGS`` as a child process that dies with us, for as long as the block runs.
+@attrs.frozen
+class RestartBackoff:
+    """How long a supervisor waits before restarting a child that exited on its own.
 
-    Its stderr is forwarded to ours; the block is entered once a stderr line contains
-    ``ready_marker``.  The child exits at once if we die, even by SIGKILL (:func:`exit_with_parent`).
-    On exit the child gets SIGTERM (a worker drains its runs), then SIGKILL after ``stop_timeout``.  If the child exits on its own meanwhile, the block is cancelled and
-    :class:`ChildServiceDied` is raised.
+    The first restart waits ``first`` seconds; each further quick death doubles the wait, up to
+    ``longest``; a child that lived ``healthy_after`` seconds or more starts the count again.
+    """
+
+    first: float = 1.0
+    longest: float = 30.0
+    healthy_after: float = 60.0
+
+    def next_delay(self, previous: float | None, *, lived: float) -> float:
+        """The wait before the next restart, given the last wait (None: no restart yet) and how
+        long the child that just died had lived."""
+        if previous is None or lived >= self.healthy_after:
+            return self.first
+        return min(previous * 2, self.longest)
+
+
+async def run_child_service(
+    args: list[str],
+    *,
+    ready_marker: str,
+    name: str,
+    stop_timeout: float = 40.0,
+    start_timeout: float = 30.0,
+    backoff: RestartBackoff = RestartBackoff(),
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run ``pyoco-es ARGS`` as a child process that dies with us, and keep it running.
+
+    Started (``task_status``) once the child's stderr shows ``ready_marker``; its stderr is
+    forwarded to ours.  Each child exits at once if we die, even by SIGKILL
+    (:func:`exit_with_parent`).  A child that exits on its own (a crash, a SIGKILL) is logged and
+    restarted after :class:`RestartBackoff`'s wait.  When cancelled, the child gets SIGTERM (a
+    worker drains its runs), then SIGKILL after ``stop_timeout``.
+
+    Raises:
+        ChildServiceDied: the first child exited, or did not show ``ready_marker`` within
+            ``start_timeout``, before it was ever ready (a start-up error is not retried).
+    """
+    started = False
+    delay: float | None = None
+
+    def on_ready(proc: trio.Process) -> None:
+        nonlocal started
+        if started:
+            log.warning("%s restarted (pid %s)", name, proc.pid)
+        else:
+            started = True
+            task_status.started()
+
+    while True:
+        born = trio.current_time()
+        code = await _run_child_once(
+            args, ready_marker=ready_marker, name=name, stop_timeout=stop_timeout, start_timeout=start_timeout, on_ready=on_ready
+        )
+        if not started:
+            raise ChildServiceDied(f"{name} exited unexpectedly with code {code}; see its log lines above")
+        delay = backoff.next_delay(delay, lived=trio.current_time() - born)
+        log.warning("%s exited unexpectedly with code %s; restarting it in %.0f s", name, code, delay)
+        await trio.sleep(delay)
+
+
+async def _run_child_once(
+    args: list[str],
+    *,
+    ready_marker: str,
+    name: str,
+    stop_timeout: float,
+    start_timeout: float,
+    on_ready: Callable[[trio.Process], None],
+) -> int:
+    """Run one child until it exits on its own, and return its exit code.
+
+    ``on_ready`` is called once its stderr shows ``ready_marker``; one that does not within
+    ``start_timeout`` is killed (its code is returned).  When cancelled, the child gets SIGTERM,
+    then SIGKILL after ``stop_timeout``.
     """
     watch_r, watch_w = os.pipe()  # both non-inheritable: only the child gets watch_r (pass_fds)
     try:
@@ -147,8 +218,7 @@ async def open_child_service(
     finally:
         os.close(watch_r)
     ready = trio.Event()
-    stopping = False
-    died: list[int] = []
+    settled = trio.Event()  # ready, or exited before it
 
     async def forward() -> None:
         assert proc.stderr is not None
@@ -160,25 +230,27 @@ async def open_child_service(
                 text = line.decode("utf-8", "replace")
                 if ready_marker in text:
                     ready.set()
+                    settled.set()
                 print(f"[{name}] {text}", file=sys.stderr, flush=True)
+
+    async def watch() -> None:
+        await proc.wait()
+        settled.set()
 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(forward)
-
-            async def watch() -> None:
-                code = await proc.wait()
-                if not stopping:
-                    died.append(code)
-                    nursery.cancel_scope.cancel()
-
             nursery.start_soon(watch)
-            with trio.fail_after(start_timeout):
-                await ready.wait()
             try:
-                yield proc
+                with trio.move_on_after(start_timeout):
+                    await settled.wait()
+                if ready.is_set() and proc.returncode is None:
+                    on_ready(proc)
+                elif proc.returncode is None:
+                    log.warning("%s did not become ready within %.0f s: killing it", name, start_timeout)
+                    proc.kill()
+                code = await proc.wait()
             finally:
-                stopping = True
                 with trio.CancelScope(shield=True):
                     if proc.returncode is None:
                         proc.send_signal(signal.SIGTERM)
@@ -187,14 +259,13 @@ async def open_child_service(
                         if proc.returncode is None:
                             proc.kill()
                             await proc.wait()
-                nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()  # its run processes may still hold the stderr pipe
     finally:
         if proc.returncode is None:
             proc.kill()
         os.close(watch_w)
-    if died:
-        raise ChildServiceDied(f"{name} exited unexpectedly with code {died[0]}; see its log lines above")
+    return code
 
 
 class ChildServiceDied(PyocoError):
-    """A service ``pyoco-server up`` started as a child process exited on its own."""
+    """A service ``pyoco-server up`` started as a child process exited before it was ever ready."""

@@ -381,7 +381,7 @@ async def test_cancel_wait_and_its_timeout(server: CannedServer) -> None:
 async def test_cancel_wait_outlasts_the_forced_cancel_and_says_why(server: CannedServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """--wait gave up at 30 s, exactly the default grace, just when the worker kills the run; its
     hint blamed the worker."""
-    from pyoco_es.cli.client import CANCEL_WAIT_MARGIN, default_cancel_wait
+    from pyoco_es.cli.client_watch import CANCEL_WAIT_MARGIN, default_cancel_wait
 
     for name in ("PYOCO_CANCEL_GRACE_PERIOD_SEC", "PYOCO_RUN_LEASE_SEC"):
         monkeypatch.delenv(name, raising=False)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from pyoco_es.cli.client import _TAG_RE
+from pyoco_es.cli.client_params import _TAG_RE
 from pyoco_es.config import Settings
 from pyoco_es.gateway.params import TAG_RE
 from pyoco_es.gateway.server import run_gateway

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -245,3 +246,65 @@ def test_sigkilled_up_takes_its_worker_and_nats_with_it(tmp_path: Path) -> None:
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"still running 2 s after up was SIGKILLed: {left} of {doomed}"
+
+
+def _worker_child(pid: int) -> int | None:
+    for p in _children(pid):
+        try:
+            if b"\0worker\0" in Path(f"/proc/{p}/cmdline").read_bytes():
+                return p
+        except OSError:
+            pass
+    return None
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_up_restarts_its_worker_when_the_worker_dies(tmp_path: Path, stop: str) -> None:
+    """``up`` supervises its worker child: the worker is SIGKILLed, ``up`` logs the death, starts
+    a new worker after a short back-off, and that worker completes a run; ``up`` never exits.
+    Afterwards ``up`` still stops cleanly on SIGTERM, and a SIGKILLed ``up`` still takes the new
+    worker with it (each child gets its own parent-watch pipe)."""
+    proc, url, log = _start_readme_up(tmp_path)
+    try:
+        worker = _worker_child(proc.pid)
+        assert worker is not None, log.read_text()
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "worker restarted" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        text = log.read_text()
+        assert "worker exited unexpectedly with code -9; restarting it in 1 s" in text, text
+        again = _worker_child(proc.pid)
+        assert again is not None and again != worker, text
+        snap = _run_example(url)
+        assert snap["status"] == "COMPLETED", snap
+        assert proc.poll() is None and _alive(again), log.read_text()
+        if stop == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=40) == 0, log.read_text()
+            assert not _alive(again)
+            assert "Traceback" not in log.read_text()
+        else:
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 2.0
+            while _alive(again) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not _alive(again), "the restarted worker outlived a SIGKILLed up"
+    finally:
+        _stop(proc)
+
+
+def test_restart_backoff_doubles_to_a_ceiling_and_resets_after_a_healthy_life() -> None:
+    from pyoco_es.runtime import RestartBackoff
+
+    backoff = RestartBackoff(first=1.0, longest=30.0, healthy_after=60.0)
+    delays: list[float] = []
+    delay = None
+    for _ in range(7):
+        delay = backoff.next_delay(delay, lived=0.5)
+        delays.append(delay)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert backoff.next_delay(30.0, lived=60.0) == 1.0

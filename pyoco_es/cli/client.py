@@ -10,44 +10,16 @@ The group is exported as :data:`client` so the umbrella ``pyoco-es`` command can
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import re
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import asyncclick as click
-import trio
-import yaml
 
-from .client_errors import (
-    ERR_CANCEL,
-    ERR_UNEXPECTED,
-    ERR_WAIT,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    INPUT_MESSAGE,
-    OUTCOME_EXIT_CODES,
-    ERR_INPUT,
-    CliError,
-    WaitTimeout,
-    input_error,
-)
-from .client_http import (
-    TERMINAL_STATUSES,
-    Api,
-    ClientSettings,
-    SseEvent,
-    WatchOptions,
-    WatchResult,
-    follow_run,
-    open_api,
-)
-from .client_live import LiveView
+from .client_command import ClientGroup, api_command
+from .client_errors import ERR_CANCEL, EXIT_INTERRUPTED, EXIT_OK, CliError
+from .client_http import Api, ClientSettings, WatchOptions
 from .client_output import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
@@ -56,143 +28,23 @@ from .client_output import (
     render_table,
     run_rows,
     terminal_width,
-    watch_status_line,
     worker_rows,
     write_json,
     write_text,
 )
+from .client_params import build_params, check_tag, parse_tags, read_text_file, sub_command
+from .client_watch import after_submit, cancel_timing, default_cancel_wait, default_watch_output, outcome_code, watch_run
 
 DEFAULT_SERVER: Final = "http://127.0.0.1:8000"
-_TAG_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 _CONTEXT: Final = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-# -- error translation: one place, at the top of every command ---------------------------------
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
-def _translate(exc: BaseException) -> BaseException:
-    """Map what a command raised to what asyncclick should see (CliError, Exit) or re-raise."""
-    leaves = list(_leaves(exc))
-    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
-        return click.exceptions.Exit(EXIT_INTERRUPTED)
-    for e in leaves:
-        if isinstance(e, (click.ClickException, click.exceptions.Exit, click.Abort)):
-            return e
-    for e in leaves:
-        if isinstance(e, Exception):
-            if os.environ.get("PYOCO_CLIENT_DEBUG"):
-                return exc
-            return CliError(
-                ERR_UNEXPECTED,
-                f"{type(e).__name__}: {e}",
-                hint="set PYOCO_CLIENT_DEBUG=1 to see the traceback, and please report it",
-            )
-    return exc
-
-
-def _usage_error(exc: click.UsageError) -> CliError:
-    ctx = exc.ctx
-    usage = ctx.get_usage().removeprefix("Usage: ").strip() if ctx is not None else None
-    path = ctx.command_path if ctx is not None else "pyoco-client"
-    return CliError(ERR_INPUT, INPUT_MESSAGE, reason=exc.format_message(), usage=usage, hint=f"{path} -h")
-
-
-class _Command(click.Command):
-    """A command whose parse errors and failures come out in pyoco-server's error shape."""
-
-    async def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
-        try:
-            return await super().make_context(info_name, args, parent=parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as exc:
-            raise _usage_error(exc) from exc
-
-    async def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return await super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except BaseException as exc:  # translated and re-raised: KeyboardInterrupt → 130, groups unwrapped
-            translated = _translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
-
-
-class _Group(click.Group):
-    """The client group: usage errors (unknown command or flag) in pyoco-server's error shape."""
-
-    command_class = _Command
-
-    async def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
-        try:
-            return await super().make_context(info_name, args, parent=parent, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:
-            assert exc.ctx is not None
-            click.echo(exc.ctx.get_help())
-            raise click.exceptions.Exit(EXIT_OK) from exc
-        except click.UsageError as exc:
-            raise _usage_error(exc) from exc
-
-    async def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
-        try:
-            return await super().resolve_command(ctx, args)
-        except click.UsageError as exc:
-            raise _usage_error(exc) from exc
-
-
-async def _cancel_on_sigint(scope: trio.CancelScope, *, task_status: trio.TaskStatus[trio.Event] = trio.TASK_STATUS_IGNORED) -> None:
-    """Cancel ``scope`` on the first SIGINT; the event it reports says whether that happened.  A
-    second SIGINT (the receiver is gone by then) interrupts at once, as Trio does by default."""
-    interrupted = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT) as signals:
-        task_status.started(interrupted)
-        async for _ in signals:
-            interrupted.set()
-            scope.cancel()
-            return
-
-
-def _api_command(fn: Callable[..., Awaitable[int | None]]) -> Callable[..., Awaitable[None]]:
-    """Run ``fn(api, **params)`` with an open :class:`Api`; its int result is the exit status."""
-
-    @functools.wraps(fn)
-    @click.pass_context
-    async def wrapper(ctx: click.Context, /, **kwargs: Any) -> None:
-        settings = ctx.find_object(ClientSettings)
-        assert settings is not None, "the client group's callback sets ClientSettings"
-        code: int | None = None
-        # Ctrl-C cancels the command at its next checkpoint, like any cancellation, instead of
-        # a KeyboardInterrupt raised wherever the signal lands (inside an HTTP stream's
-        # generator, say, which then prints a traceback while being finalized).
-        async with trio.open_nursery() as nursery:
-            interrupted = await nursery.start(_cancel_on_sigint, nursery.cancel_scope)
-            async with open_api(settings) as api:
-                code = await fn(api, **kwargs)
-            nursery.cancel_scope.cancel()
-        if interrupted.is_set():
-            raise click.exceptions.Exit(EXIT_INTERRUPTED)
-        if code:
-            raise click.exceptions.Exit(code)
-
-    return wrapper
-
-
 # -- the group -----------------------------------------------------------------------------------
 
 
-@click.group("client", cls=_Group, context_settings=_CONTEXT, no_args_is_help=True)
+@click.group("client", cls=ClientGroup, context_settings=_CONTEXT, no_args_is_help=True)
 @click.option(
     "--server",
     default=DEFAULT_SERVER,
@@ -241,111 +93,6 @@ async def client(ctx: click.Context, server: str, api_key: str | None, api_key_h
 # -- parameter helpers -------------------------------------------------------------------------
 
 
-def _settings() -> ClientSettings:
-    settings = click.get_current_context().find_object(ClientSettings)
-    assert settings is not None
-    return settings
-
-
-def _sub(name: str) -> str:
-    return f"{_settings().command_path} {name}"
-
-
-def parse_json_object(raw: str, *, flag: str, example: str) -> dict[str, Any]:
-    """``--params``: a JSON object, or an input error saying how to write one."""
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise input_error(f"{flag} must be valid JSON object ({exc})", hint=example) from exc
-    if not isinstance(value, dict):
-        raise input_error(f"{flag} must be JSON object (got {type(value).__name__})", hint=example)
-    return value
-
-
-def parse_param_assignments(items: Sequence[str], *, example: str) -> dict[str, Any]:
-    """``--param k=v`` (repeatable): the value is JSON when it parses, else the plain string."""
-    out: dict[str, Any] = {}
-    for raw in items:
-        key, sep, text = raw.partition("=")
-        key, text = key.strip(), text.strip()
-        if not sep:
-            raise input_error(f"--param must be key=value (got {raw!r})", hint=example)
-        if not key:
-            raise input_error(f"--param key is empty (got {raw!r})", hint=example)
-        if text == "":
-            out[key] = ""
-            continue
-        try:
-            out[key] = json.loads(text)
-        except ValueError:
-            out[key] = text
-    return out
-
-
-def read_text_file(path: str, *, flag: str) -> str:
-    """A UTF-8 file named by ``flag``, or ``ERR-PYOCO-0018: file I/O error`` naming it."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise CliError(
-            ERR_INPUT,
-            "file I/O error",
-            reason=f"cannot read {flag} {path}: {detail}",
-            hint="check the path and that the file is readable UTF-8 text",
-        ) from exc
-
-
-def parse_params_file(path: str, *, example: str) -> dict[str, Any]:
-    """``--params-file``: a JSON or YAML (``yaml.safe_load``) object."""
-    text = read_text_file(path, flag="--params-file")
-    try:
-        value = json.loads(text)
-    except ValueError as json_exc:
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as yaml_exc:
-            raise input_error(
-                f"--params-file must be JSON/YAML object ({path}): not JSON ({json_exc}) nor YAML ({yaml_exc})".replace("\n", " "),
-                hint=example,
-            ) from yaml_exc
-    if not isinstance(value, dict):
-        raise input_error(f"--params-file must contain an object at the top level ({path}, got {type(value).__name__})", hint=example)
-    return value
-
-
-def build_params(params_file: str | None, params: str | None, param: Sequence[str]) -> dict[str, Any]:
-    """Merge params-file → --params → --param; later wins."""
-    sub = _sub("submit")
-    merged: dict[str, Any] = {}
-    if params_file:
-        merged.update(parse_params_file(params_file, example=f"{sub} --params-file params.yaml  (containing e.g. x: 1)"))
-    if params is not None:
-        merged.update(parse_json_object(params, flag="--params", example=f"{sub} --params '{{\"x\": 1}}'"))
-    if param:
-        merged.update(parse_param_assignments(param, example=f"{sub} --param x=1 --param name=alice"))
-    return merged
-
-
-def parse_tags(raw: str | None) -> list[str] | None:
-    if raw is None:
-        return None
-    tags = [t.strip() for t in raw.split(",") if t.strip()]
-    return tags or None
-
-
-def check_tag(tag: str | None, command: str) -> str | None:
-    if tag is None:
-        return None
-    tag = tag.strip()
-    if tag and not _TAG_RE.fullmatch(tag):
-        raise input_error(
-            f"--tag must be letters, digits, '_' or '-' (got {tag!r})",
-            hint=f"{_sub(command)} --tag default",
-        )
-    return tag or None
-
-
 def _json_or_table(default: str) -> Callable[[F], F]:
     return click.option(
         "--output",
@@ -371,112 +118,6 @@ def _print_items(body: Any, output: str, columns: Sequence[str], rows: Callable[
 
 # -- waiting and watching ---------------------------------------------------------------------
 
-CANCEL_WAIT_MARGIN: Final = 5.0  # past the longest a cancel may take: appends, projection, the stream
-
-
-def default_cancel_wait() -> float:
-    """How long ``cancel --wait`` waits by default: the longest a cancel may take."""
-    grace, lease = cancel_timing()
-    return grace + 2 * lease + CANCEL_WAIT_MARGIN
-
-
-def cancel_timing() -> tuple[float, float]:
-    """(cancel grace, run lease) in seconds, as the server's environment sets them (same names,
-    same ``.env``); the client cannot ask the server, so it reads what the operator configured."""
-    from ..config import Settings
-
-    settings = Settings.from_env()
-    return settings.cancel_grace_period, settings.run_lease_seconds
-
-
-
-def _stderr(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
-async def watch_run(
-    api: Api,
-    options: WatchOptions,
-    *,
-    output: str,
-    max_events: int = 0,
-) -> WatchResult:
-    """Follow a run's SSE stream and print it as ``output`` (json, status, live or none)."""
-    result = WatchResult()
-    send, recv = trio.open_memory_channel[SseEvent](0)
-    view = LiveView(sys.stdout, options.run_id, width=max(20, (terminal_width() or 80) - 1)) if output == "live" else None
-
-    def on_reconnect(lost: bool) -> None:
-        note = "connection lost; reconnecting…" if lost else ""
-        if view is not None:
-            view.set_note(note)
-        elif output != "none":
-            _stderr(f"watch {options.run_id}: {'connection lost; reconnecting' if lost else 'reconnected'}")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(follow_run, api, options, send, result, on_reconnect=on_reconnect))
-        if view is not None:
-            nursery.start_soon(view.run_ticker)
-        count = 0
-        async with recv:
-            async for event in recv:
-                if view is not None:
-                    view.update(event)
-                    view.draw()
-                elif output == "json":
-                    write_json(event.to_json())
-                elif output == "status":
-                    write_text(watch_status_line(event.event, event.data))
-                count += 1
-                if max_events and count >= max_events:
-                    break
-                # This event's own status: ``result`` may already describe a later frame the
-                # follower has parsed but not handed over yet (it would never be shown).
-                if options.until_terminal and event.status in TERMINAL_STATUSES:
-                    break
-        nursery.cancel_scope.cancel()
-    if view is not None:
-        view.note = ""
-        view.draw()
-    return result
-
-
-def _outcome_code(result: WatchResult, run_id: str, waited: float | None) -> int:
-    if result.terminal and result.status is not None:
-        return OUTCOME_EXIT_CODES.get(result.status, EXIT_OK)
-    raise WaitTimeout(
-        ERR_WAIT,
-        "wait timeout",
-        reason=f"run {run_id} is still {result.status or 'not finished'} after {waited:g} s" if waited else f"run {run_id} did not finish",
-        hint=f"keep following it with `{_sub('watch')} {run_id}`",
-    )
-
-
-def _default_watch_output() -> str:
-    return "live" if sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb" else "json"
-
-
-async def _after_submit(api: Api, submitted: Any, *, wait: bool, watch: bool, timeout_sec: float | None) -> int:
-    """Print the submit answer, then optionally wait for / watch the run; return the exit code."""
-    run_id = submitted.get("run_id") if isinstance(submitted, dict) else None
-    if not (wait or watch) or not run_id:
-        write_json(submitted)
-        return EXIT_OK
-    options = WatchOptions(run_id=str(run_id), records=watch, timeout_sec=timeout_sec, until_terminal=True)
-    if watch:
-        output = _default_watch_output()
-        if output == "json":
-            write_json(submitted)
-        result = await watch_run(api, options, output=output)
-        return _outcome_code(result, str(run_id), timeout_sec)
-    if sys.stderr.isatty():
-        _stderr(f"submitted {run_id}; waiting for it to finish…")
-    result = await watch_run(api, options, output="none")
-    code = _outcome_code(result, str(run_id), timeout_sec)
-    write_json(await api.get_json(f"/runs/{run_id}"))
-    return code
-
 
 def _wait_options(fn: F) -> F:
     fn = click.option("--timeout-sec", type=click.FloatRange(min=0.1), default=None, help="With --wait/--watch: give up after this many seconds (exit 4). Default: no limit.")(fn)
@@ -501,7 +142,7 @@ def _idempotency_headers(key: str | None) -> dict[str, str] | None:
 @click.option("--tag", default=None, help="Routing tag: which workers may run it (default: the server's default tag).")
 @click.option("--tags", default=None, help="Display tags, comma separated.")
 @_wait_options
-@_api_command
+@api_command
 async def submit_cmd(
     api: Api,
     flow_name: str,
@@ -534,7 +175,7 @@ async def submit_cmd(
     if tag_list is not None:
         body["tags"] = tag_list
     submitted = await api.post_json("/runs", json_body=body, headers=_idempotency_headers(idempotency_key))
-    return await _after_submit(api, submitted, wait=wait, watch=watch, timeout_sec=timeout_sec)
+    return await after_submit(api, submitted, wait=wait, watch=watch, timeout_sec=timeout_sec)
 
 
 @client.command("submit-yaml")
@@ -542,7 +183,7 @@ async def submit_cmd(
 @click.option("--flow-name", required=True, help="Name to record for the run.")
 @click.option("--tag", default=None, help="Routing tag (default: the server's default tag).")
 @_wait_options
-@_api_command
+@api_command
 async def submit_yaml_cmd(
     api: Api,
     workflow_file: str,
@@ -570,13 +211,13 @@ async def submit_yaml_cmd(
         data["tag"] = checked
     files = {"workflow": (Path(workflow_file).name or "flow.yaml", text.encode("utf-8"), "application/x-yaml")}
     submitted = await api.post_json("/runs/yaml", files=files, data=data, headers=_idempotency_headers(idempotency_key))
-    return await _after_submit(api, submitted, wait=wait, watch=watch, timeout_sec=timeout_sec)
+    return await after_submit(api, submitted, wait=wait, watch=watch, timeout_sec=timeout_sec)
 
 
 @client.command("get")
 @click.argument("run_id")
 @click.option("--records", is_flag=True, help="Include task_records (inputs, outputs, errors, durations).")
-@_api_command
+@api_command
 async def get_cmd(api: Api, run_id: str, records: bool) -> None:
     """Print a run's snapshot as JSON.
 
@@ -590,7 +231,7 @@ async def get_cmd(api: Api, run_id: str, records: bool) -> None:
 
 @client.command("tasks")
 @click.argument("run_id")
-@_api_command
+@api_command
 async def tasks_cmd(api: Api, run_id: str) -> None:
     """Print a run's tasks and task records as JSON.
 
@@ -625,7 +266,7 @@ def _list_options(fn: F) -> F:
 @client.command("list")
 @_list_options
 @_json_or_table("json")
-@_api_command
+@api_command
 async def list_cmd(api: Api, status: str | None, flow: str | None, tag: str | None, full: bool, limit: int | None, output: str) -> None:
     """List runs, newest first.
 
@@ -644,7 +285,7 @@ async def list_cmd(api: Api, status: str | None, flow: str | None, tag: str | No
 @click.option("--cursor", default=None, help="Continue after this next_cursor from a previous page.")
 @click.option("--workflow-yaml-sha256", default=None, help="Only runs of this flow.yaml (sha256 of its bytes).")
 @_json_or_table("json")
-@_api_command
+@api_command
 async def list_vnext_cmd(
     api: Api,
     status: str | None,
@@ -701,7 +342,7 @@ async def list_vnext_cmd(
     default=None,
     help="json: one JSON line per event; status: ts<TAB>event<TAB>status<TAB>run_id; live: status and tasks updated in place. Default: live on a terminal, json otherwise.",
 )
-@_api_command
+@api_command
 async def watch_cmd(
     api: Api,
     run_id: str,
@@ -724,7 +365,7 @@ async def watch_cmd(
       pyoco-client watch RUN_ID --until-terminal --output status
       pyoco-client watch RUN_ID --output json --max-events 5
     """
-    output = output or _default_watch_output()
+    output = output or default_watch_output()
     live = output == "live"
     options = WatchOptions(
         run_id=run_id,
@@ -735,7 +376,7 @@ async def watch_cmd(
     )
     result = await watch_run(api, options, output=output, max_events=max_events)
     if options.until_terminal and (result.terminal or result.timed_out):
-        return _outcome_code(result, run_id, timeout_sec)
+        return outcome_code(result, run_id, timeout_sec)
     return EXIT_OK  # stopped by --max-events, or the watch window ended
 
 
@@ -749,7 +390,7 @@ async def watch_cmd(
     help="With --wait: give up after this many seconds (ERR-PYOCO-CANCEL, exit 1). Default: the longest a cancel "
     "can take, the cancel grace (PYOCO_CANCEL_GRACE_PERIOD_SEC, 30) + two run leases (PYOCO_RUN_LEASE_SEC, 15) + 5 s.",
 )
-@_api_command
+@api_command
 async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | None) -> None:
     """Ask a run to stop. Cancelling an ended run changes nothing.
 
@@ -778,7 +419,7 @@ async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | Non
                     f"the cancel is recorded and still in progress: a worker kills a run that ignores it "
                     f"{grace:g} s after the request (the cancel grace), and the conductor ends it "
                     f"{grace + 2 * lease:g} s after the request if its worker is gone; follow it with "
-                    f"`{_sub('watch')} {run_id} --until-terminal`, or wait longer with --timeout-sec"
+                    f"`{sub_command('watch')} {run_id} --until-terminal`, or wait longer with --timeout-sec"
                 ),
             )
         snapshot = await api.get_json(f"/runs/{run_id}")
@@ -791,7 +432,7 @@ async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | Non
 @click.option("--include-hidden", is_flag=True, help="Include workers hidden from the dashboard.")
 @click.option("--limit", type=click.IntRange(1, 500), default=None, help="At most this many workers (server default 100).")
 @_json_or_table("json")
-@_api_command
+@api_command
 async def workers_cmd(api: Api, scope: str | None, state: str | None, include_hidden: bool, limit: int | None, output: str) -> None:
     """List workers and their state.
 
@@ -814,7 +455,7 @@ async def workers_cmd(api: Api, scope: str | None, state: str | None, include_hi
 
 
 @client.command("metrics")
-@_api_command
+@api_command
 async def metrics_cmd(api: Api) -> None:
     """Print the Prometheus metrics text.
 
@@ -835,7 +476,7 @@ async def metrics_cmd(api: Api) -> None:
     default=None,
     help="table: one row per event; json: one JSON envelope per line. Default: table on a terminal, json otherwise.",
 )
-@_api_command
+@api_command
 async def events_cmd(api: Api, run_id: str, after_seq: int, output: str | None) -> None:
     """Print a run's audit history (every event recorded for it, in order).
 

@@ -9,7 +9,7 @@ import trio
 
 from ..core.errors import PyocoError
 from ..runtime import configure_logging, open_system_nats, wait_for_stop_signal
-from .main import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, _settings, fail
+from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, settings_with
 
 
 @click.command()
@@ -33,7 +33,7 @@ async def gateway(
       pyoco-es gateway --nats-url nats://nats-1:4222 --host 0.0.0.0 --port 8000
     """
     configure_logging(log_level)
-    settings = _settings(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync, dashboard_lang=dashboard_lang)
+    settings = settings_with(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync, dashboard_lang=dashboard_lang)
     from ..gateway.server import run_gateway
 
     stop = trio.Event()

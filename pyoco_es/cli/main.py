@@ -4,7 +4,8 @@ plus ``pyoco-server`` (defaults to ``up``) and ``pyoco-worker`` as compatible na
 from __future__ import annotations
 
 import json
-from contextlib import AsyncExitStack, suppress
+from contextlib import suppress
+from functools import partial
 import os
 import sys
 from datetime import datetime, timezone
@@ -14,42 +15,10 @@ import asyncclick as click
 import attrs
 import trio
 
-from ..config import Settings
-from ..core.codec import envelope_to_json
+from ..core.codec import compact_json, envelope_to_json
 from ..core.errors import PyocoError
-from ..runtime import configure_logging, open_child_service, open_system_nats, wait_for_stop_signal
-
-NATS_URL = click.option("--nats-url", envvar="PYOCO_NATS_URL", default=None, help="Use this NATS server/cluster instead of the embedded one.")
-DATA_DIR = click.option("--data-dir", envvar="PYOCO_DATA_DIR", default=".pyoco-es", show_default=True, type=click.Path(path_type=Path), help="Where the embedded NATS keeps its store.")
-NATS_SYNC = click.option(
-    "--nats-sync",
-    envvar="PYOCO_NATS_SYNC",
-    type=click.Choice(["1s", "always", "default"]),
-    default="1s",
-    show_default=True,
-    help="Embedded NATS fsync: 1s (a killed process loses nothing, an OS crash at most ~1 s), always (fsync before every ack, ~3x slower), default (NATS's 2 min).",
-)
-LOG_LEVEL = click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _settings(**overrides: object) -> Settings:
-    base = Settings.from_env()
-    return attrs.evolve(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def fail(message: str, *, hint: str | None = None) -> None:
-    click.echo(f"ERR-PYOCO-0018: {message}", err=True)
-    if hint:
-        click.echo(f"- hint: {hint}", err=True)
-    sys.exit(1)
-
+from ..runtime import configure_logging, open_system_nats, run_child_service, wait_for_stop_signal
+from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, first_error, settings_with
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
@@ -101,7 +70,7 @@ async def up(
       open http://127.0.0.1:8000/
     """
     configure_logging(log_level)
-    settings = _settings(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync, dashboard_lang=dashboard_lang)
+    settings = settings_with(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync, dashboard_lang=dashboard_lang)
     if allow_modules:
         settings = attrs.evolve(settings, allowed_modules=tuple(allow_modules))
     from ..conductor.service import run_conductor
@@ -137,17 +106,18 @@ async def up(
                 await nursery.start(wait_for_stop_signal, stop)
                 await nursery.start(run_conductor, nats, settings)
                 bound = await nursery.start(lambda task_status: run_gateway(nats, settings, host=host, port=port, task_status=task_status))
-                async with AsyncExitStack() as services:
-                    if with_worker:
-                        await services.enter_async_context(open_child_service(worker_args, ready_marker="serving", name="worker"))
+                async with trio.open_nursery() as services:
+                    if with_worker:  # restarted whenever it dies, until we stop
+                        await services.start(partial(run_child_service, worker_args, ready_marker="serving", name="worker"))
                     click.echo(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)", err=True)
                     await stop.wait()
+                    services.cancel_scope.cancel()
                 # The worker has drained and stopped; the gateway answered until now.
                 nursery.cancel_scope.cancel()
     except* PyocoError as group:
-        fail(_first(group).message, hint="pyoco-server up --help")  # type: ignore[attr-defined]
+        fail(first_error(group).message, hint="pyoco-server up --help")  # type: ignore[attr-defined]
     except* OSError as group:
-        exc = _first(group)
+        exc = first_error(group)
         if getattr(exc, "errno", None) == 98:
             fail(f"cannot listen on {host}:{port}: the address is already in use", hint="pick another --port (0 = random)")
         fail(f"{type(exc).__name__}: {exc}")
@@ -166,7 +136,7 @@ async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_le
       pyoco-es conductor --nats-url nats://nats-1:4222
     """
     configure_logging(log_level)
-    settings = _settings(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync)
+    settings = settings_with(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync)
     from ..conductor.service import run_conductor
 
     stop = trio.Event()
@@ -179,7 +149,7 @@ async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_le
                 await stop.wait()
                 nursery.cancel_scope.cancel()
     except* PyocoError as group:
-        fail(_first(group).message)  # type: ignore[attr-defined]
+        fail(first_error(group).message)  # type: ignore[attr-defined]
 
 
 @cli.command()
@@ -199,7 +169,7 @@ async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: st
     from ..conductor.replay import REPLAY_BUCKET, replay as do_replay
     from ..nats.resources import delete_bucket
 
-    settings = _settings(nats_url=nats_url, data_dir=data_dir)
+    settings = settings_with(nats_url=nats_url, data_dir=data_dir)
     try:
         async with open_system_nats(settings, name="pyoco-replay", attach=True) as nats:
 
@@ -251,7 +221,7 @@ async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str 
 
     if not is_token(run_id):
         fail(f"invalid run id {run_id!r}: use letters, digits, '_' or '-'")
-    settings = _settings(nats_url=nats_url, data_dir=data_dir)
+    settings = settings_with(nats_url=nats_url, data_dir=data_dir)
     try:
         async with open_system_nats(settings, name="pyoco-events", attach=True) as nats:
             history = await RunStore(nats).history(run_id)
@@ -265,7 +235,7 @@ async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str 
         if mode == "json":
             doc = envelope_to_json(env)
             doc["stream_seq"] = env.stream_seq
-            click.echo(json.dumps(doc, separators=(",", ":")))
+            click.echo(compact_json(doc))
         else:
             who = f"{env.producer.kind}:{env.producer.id}" + (f"#{env.producer.attempt}" if env.producer.attempt else "")
             data = {k: v for k, v in envelope_to_json(env)["data"].items() if v not in (None, {}, [], "") and k != "workflow_yaml"}

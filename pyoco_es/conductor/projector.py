@@ -293,7 +293,7 @@ class Projector:
         while self._dirty or publishes:
             run_ids = list(self._dirty)
             items = [(r, self._encode(r, self._dirty[r]), self._dirty[r].revision) for r in run_ids]
-            kv_res, pub_res = await self.nats.commit(self.bucket, items, publishes, acks)
+            kv_res, pub_res = await self.nats.store_then_ack(self.bucket, items, publishes, acks)
             for (_subject, body, msg_id), r in zip(publishes, pub_res, strict=True):
                 if isinstance(r, InfraError):
                     self._unacked = acks

@@ -37,6 +37,7 @@ from ..config import Settings
 from ..core import decide
 from ..core.errors import PyocoError
 from ..core.events import Producer
+from ..core.model import RunStatus
 from ..nats import subjects
 from ..nats.client import NatsClient
 from ..service import RunStore
@@ -44,7 +45,7 @@ from ..watch import BucketFollower
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("RUNNING", "CANCELLING")
+ACTIVE = (RunStatus.RUNNING, RunStatus.CANCELLING)  # RunStatus is a str: the KV docs compare equal
 STOPPED = "STOPPED_GRACEFUL"
 PULSE_KEY = "_reaper_pulse"  # never written: reading it is a cheap round trip
 
@@ -160,7 +161,7 @@ class Reaper:
         if (key, run.attempt) not in self.attempt_seen:
             self.attempt_seen[(key, run.attempt)] = now
             self._note_listing(run, now)
-        if run.status == "CANCELLING":
+        if run.status == RunStatus.CANCELLING:
             self.cancelling_seen.setdefault(key, now)
 
     def on_worker(self, key: str, value: bytes | None, revision: int = 0) -> None:
@@ -225,7 +226,7 @@ class Reaper:
                         acted += 1
                         self._forget_run(run.run_id)
                 elif (
-                    run.status == "CANCELLING"
+                    run.status == RunStatus.CANCELLING
                     and now - self.cancelling_seen.setdefault(run.run_id, now) > self.settings.cancel_grace_period + 2 * run.lease
                 ):
                     out = await self.store.execute(

@@ -23,7 +23,9 @@ UPCASTERS: Final[dict[tuple[str, int], Callable[[JSONObject], JSONObject]]] = {}
 _FIELDS: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(a.name for a in attrs.fields(cls)) for cls in EVENT_TYPES.values()
 }
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+# The one compact JSON encoder (ASCII, no NaN/Infinity): every document pyoco-es writes or serves
+# goes through it or :func:`dumps` (its bytes form).
+compact_json: Final[Callable[[object], str]] = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 
 
 def event_data(event: Event) -> JSONObject:
@@ -47,7 +49,7 @@ def envelope_to_json(env: Envelope) -> JSONObject:
 
 
 def encode_envelope(env: Envelope) -> bytes:
-    return _dumps(envelope_to_json(env)).encode("ascii")
+    return compact_json(envelope_to_json(env)).encode("ascii")
 
 
 # Fields an oversized event may lose the tail of (each type's free text and task data); every
@@ -65,13 +67,13 @@ _MARK_ROOM: Final = 96  # bytes a truncation marker needs, with its JSON quoting
 def truncate_text(text: str, max_bytes: int, *, total: int | None = None, unit: str = "bytes") -> str:
     """``text`` cut so that its JSON encoding fits ``max_bytes``, with a visible marker naming
     the full size (``total``: the size to report, default the encoded size of ``text``)."""
-    size = len(_dumps(text))
+    size = len(compact_json(text))
     if size <= max_bytes:
         return text
     mark = f"...[truncated: {total if total is not None else size} {unit}]"
     keep = max(0, max_bytes - len(mark) - 2)
     head = text[:keep]
-    while head and (enc := len(_dumps(head)) - 2) > keep:  # escapes (\uXXXX) take up to 6 bytes
+    while head and (enc := len(compact_json(head)) - 2) > keep:  # escapes (\uXXXX) take up to 6 bytes
         head = head[: min(len(head) - 1, len(head) * keep // enc)]
     return head + mark
 
@@ -83,7 +85,7 @@ def cap_value(value: JSONValue, max_bytes: int, *, as_object: bool = False) -> t
     """A JSON value whose encoding fits ``max_bytes``: itself, or a marked preview of its JSON
     text (a string, or with ``as_object`` ``{"_truncated": preview}``, the form the worker
     uses for task inputs).  Idempotent."""
-    raw = _dumps(value)
+    raw = compact_json(value)
     if len(raw) <= max_bytes:
         return value, False
     if isinstance(value, str):
@@ -110,7 +112,7 @@ def encode_envelope_bounded(env: Envelope, max_bytes: int) -> bytes:
         return raw
     names = SHRINKABLE.get(env.type, ())
     data = event_data(env.event)
-    sizes = {n: len(_dumps(data[n])) for n in names}
+    sizes = {n: len(compact_json(data[n])) for n in names}
     budget = max_bytes - (len(raw) - sum(sizes.values())) - _MARK_ROOM * len(names)
     if names and budget > 0:
         # Water-filling: small fields stay whole, the big ones share what is left equally.
@@ -241,7 +243,7 @@ def encode_snapshot(snap: RunSnapshot, *, max_bytes: int = 262144) -> bytes:
     Deterministic, so a replay produces byte-identical values.
     """
     doc = snap.to_json()
-    raw = _dumps(doc).encode("ascii")
+    raw = compact_json(doc).encode("ascii")
     if max_bytes <= 0 or len(raw) <= max_bytes:
         return raw
     return bound_snapshot_doc(doc, max_bytes)
@@ -262,27 +264,27 @@ def bound_snapshot_doc(doc: dict[str, JSONValue], max_bytes: int) -> bytes:
     for name, share in (("error", 8), ("params", 4)):
         if doc.get(name) is not None:
             doc[name] = cap_value(doc[name], max_bytes // share, as_object=name in _OBJECT_FIELDS)[0]
-    raw = _dumps(doc).encode("ascii")
+    raw = compact_json(doc).encode("ascii")
     if len(raw) <= max_bytes:
         return raw
     doc["task_records"] = {}
     doc["task_records_truncated"] = True
-    raw = _dumps(doc).encode("ascii")
+    raw = compact_json(doc).encode("ascii")
     if len(raw) <= max_bytes:
         return raw
     tasks = doc.get("tasks")
     if isinstance(tasks, dict) and tasks:
-        room = max_bytes - (len(raw) - len(_dumps(tasks))) - 64
+        room = max_bytes - (len(raw) - len(compact_json(tasks))) - 64
         kept: dict[str, JSONValue] = {}
         used = 2
         for name, state in tasks.items():
-            used += len(_dumps({name: state})) - 1
+            used += len(compact_json({name: state})) - 1
             if used > room:
                 break
             kept[name] = state
         doc["tasks"] = kept
         doc["tasks_truncated"] = len(tasks)
-        raw = _dumps(doc).encode("ascii")
+        raw = compact_json(doc).encode("ascii")
         if len(raw) <= max_bytes:
             return raw
     # Nothing bounded is left to cut (huge tags or names): identity and status only.
@@ -293,7 +295,7 @@ def bound_snapshot_doc(doc: dict[str, JSONValue], max_bytes: int) -> bytes:
     small["tags"] = []
     small["params"] = {"_truncated": "...[truncated]"}
     small["snapshot_truncated"] = True
-    return _dumps(small).encode("ascii")
+    return compact_json(small).encode("ascii")
 
 
 def decode_snapshot(raw: bytes) -> RunSnapshot:
@@ -302,4 +304,4 @@ def decode_snapshot(raw: bytes) -> RunSnapshot:
 
 def dumps(doc: object) -> bytes:
     """Compact ASCII JSON, the one format for everything pyoco-es writes."""
-    return _dumps(doc).encode("ascii")
+    return compact_json(doc).encode("ascii")

@@ -103,7 +103,7 @@ def finish_run(
     run_id: str,
     attempt: int,
     worker_id: str,
-    outcome: str,
+    outcome: RunStatus | str,
     now: float,
     error: str | None = None,
     reason: str | None = None,
@@ -114,11 +114,11 @@ def finish_run(
     cancel was pending is CANCELLED (reason requested) unless every task finished first.
     """
     snap = check_owner(snap, run_id=run_id, attempt=attempt, worker_id=worker_id)
-    if outcome == "COMPLETED":
+    if outcome == RunStatus.COMPLETED:
         return [RunCompleted(attempt=attempt, ended_at=now)]
-    if outcome == "CANCELLED":
+    if outcome == RunStatus.CANCELLED:
         return [RunCancelled(attempt=attempt, ended_at=now, reason=reason or "requested")]
-    if outcome == "FAILED":
+    if outcome == RunStatus.FAILED:
         return [RunFailed(attempt=attempt, ended_at=now, reason=reason or "error", error=error or "failed")]
     raise IllegalTransition(f"unknown outcome {outcome!r}")
 
@@ -150,6 +150,13 @@ def force_cancel(snap: RunSnapshot | None, *, run_id: str, now: float) -> list[E
     return [RunCancelled(attempt=snap.attempt, ended_at=now, reason="forced")]
 
 
+def attempts_left(snap: RunSnapshot | None, attempt: int) -> bool:
+    """Whether a run whose ``attempt`` ended without a verdict (its worker was lost, its child
+    process died) gets another attempt; an unknown run (None) has none.  The one rule for both:
+    :func:`mark_worker_lost` here, the worker's dead child in the shell."""
+    return snap is not None and attempt < snap.max_attempts
+
+
 def mark_worker_lost(
     snap: RunSnapshot | None, *, run_id: str, attempt: int, detected_by: str, now: float, detail: str | None = None
 ) -> list[Event]:
@@ -166,7 +173,7 @@ def mark_worker_lost(
         return []
     if snap.status is RunStatus.CANCELLING:
         return [RunCancelled(attempt=attempt, ended_at=now, reason="forced", by=detected_by)]
-    if attempt < snap.max_attempts:
+    if attempts_left(snap, attempt):
         return [RunWorkerLost(attempt=attempt, worker_id=snap.worker_id, detected_by=detected_by)]
     return [
         RunFailed(

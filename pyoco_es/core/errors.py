@@ -6,7 +6,7 @@ errors to responses in one handler, without guessing.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
 
 
 class PyocoError(Exception):
@@ -131,3 +131,9 @@ class WritesRefused(InfraError):
 
 class SnapshotStoreUnavailable(InfraError):
     """A KV bucket could not be reached."""
+
+
+# The failures worth retrying with backoff: the infrastructure did not answer (an outage, a
+# reconnect, a timeout).  Everything else, WritesRefused and PayloadTooLarge included, is an
+# answer, and retrying it returns the same answer.  Shells catch this list, never the root.
+TRANSIENT_ERRORS: Final[tuple[type[PyocoError], ...]] = (EventLogUnavailable, SnapshotStoreUnavailable)

@@ -9,6 +9,7 @@ raises :class:`CorruptStreamError` (the shell marks that run as not projectable)
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import singledispatch
 
 import attrs
 
@@ -66,7 +67,8 @@ def apply(snapshot: RunSnapshot | None, env: Envelope) -> RunSnapshot:
             seq=env.seq,
         )
     status = None if snapshot is None else snapshot.status
-    new_status = next_status(status, env.type)
+    event = env.event
+    new_status = next_status(status, type(event))
     if new_status is None:
         raise CorruptStreamError(
             f"run {env.run_id}: {env.type} cannot follow status {status.value if status else 'none'}"
@@ -74,12 +76,11 @@ def apply(snapshot: RunSnapshot | None, env: Envelope) -> RunSnapshot:
             run_id=env.run_id,
             seq=env.seq,
         )
-    event = env.event
     if snapshot is None:
         assert isinstance(event, RunSubmitted)  # the table only allows run.submitted first
         return _submitted(env, event)
     _check_attempt(snapshot, env, event)
-    changes = _mutate(snapshot, env, event)
+    changes = _mutate(event, snapshot, env.occurred_at)
     return snapshot.replace(
         status=new_status,
         version=env.seq,
@@ -97,18 +98,28 @@ def fold(snapshot: RunSnapshot | None, envelopes: Iterable[Envelope]) -> RunSnap
 
 
 def _submitted(env: Envelope, e: RunSubmitted) -> RunSnapshot:
+    return submitted_snapshot(env.run_id, e, version=env.seq, last_stream_seq=env.stream_seq or 0, updated_at=env.occurred_at)
+
+
+def submitted_snapshot(
+    run_id: str, e: RunSubmitted, *, version: int, last_stream_seq: int, updated_at: float, attempt: int = 1
+) -> RunSnapshot:
+    """The PENDING snapshot of a submitted run, the one place it is built: the fold's first
+    step, and (issue 12, with the typed work item) what a worker rebuilds from a work item that
+    carries the run's position, ``attempt`` and the position then being the work item's."""
     return RunSnapshot(
-        run_id=env.run_id,
+        run_id=run_id,
         flow_name=e.flow_name,
         tag=e.tag,
         tags=e.tags,
         params=e.params,
         status=RunStatus.PENDING,
         submitted_at=e.submitted_at,
-        updated_at=env.occurred_at,
-        version=env.seq,
-        last_stream_seq=env.stream_seq or 0,
+        updated_at=updated_at,
+        version=version,
+        last_stream_seq=last_stream_seq,
         max_attempts=e.max_attempts,
+        attempt=attempt,
         tenant_id=e.tenant_id,
         api_key_id=e.api_key_id,
         workflow_yaml_sha256=e.workflow_yaml_sha256,
@@ -139,83 +150,106 @@ def _with_task(snap: RunSnapshot, name: str, rec: TaskRecord) -> dict[str, TaskR
     return tasks
 
 
-def _mutate(snap: RunSnapshot, env: Envelope, event: Event) -> dict[str, object]:  # noqa: C901
-    at = env.occurred_at
-    if isinstance(event, RunClaimed):
-        return {
-            "worker_id": event.worker_id,
-            "lease_seconds": event.lease_seconds,
-            "start_time": snap.start_time if snap.start_time is not None else at,
-            "claimed_at": at,
-            "tasks": {name: TaskRecord() for name in event.tasks},
-            "error": None,
-        }
-    if isinstance(event, TaskStarted):
-        rec = attrs.evolve(_task(snap, event.task), state=TaskState.RUNNING, started_at=event.started_at)
-        return {"tasks": _with_task(snap, event.task, rec)}
-    if isinstance(event, TaskCompleted):
-        old = _task(snap, event.task)
-        rec = TaskRecord(
-            state=TaskState.SUCCEEDED,
-            started_at=event.started_at if event.started_at is not None else old.started_at,
-            ended_at=event.ended_at,
-            duration_ms=event.duration_ms,
-            inputs=event.inputs,
-            output=event.output,
-            output_truncated=event.truncated,
-        )
-        return {"tasks": _with_task(snap, event.task, rec)}
-    if isinstance(event, TaskFailed):
-        old = _task(snap, event.task)
-        rec = TaskRecord(
-            state=TaskState.FAILED,
-            started_at=event.started_at if event.started_at is not None else old.started_at,
-            ended_at=event.ended_at,
-            duration_ms=event.duration_ms,
-            inputs=event.inputs,
-            error=event.error,
-            traceback=event.traceback,
-        )
-        return {"tasks": _with_task(snap, event.task, rec)}
-    if isinstance(event, RunCancelRequested):
-        return {
-            "cancel_requested_at": event.requested_at,
-            "cancel_requested_by": event.by,
-        }
-    if isinstance(event, RunCompleted):
-        return {"end_time": event.ended_at, "error": None}
-    if isinstance(event, RunFailed):
-        # A task still RUNNING when its run failed was interrupted (its process died, or the
-        # worker was lost on the last attempt): it did not succeed, so it is FAILED.
-        tasks = {
-            name: (
-                attrs.evolve(rec, state=TaskState.FAILED, error=rec.error or f"interrupted: {event.reason}")
-                if rec.state is TaskState.RUNNING
-                else rec
-            )
-            for name, rec in snap.tasks.items()
-        }
-        return {"end_time": event.ended_at, "error": event.error, "failure_reason": event.reason, "tasks": tasks}
-    if isinstance(event, RunCancelled):
-        tasks = {
-            name: (
-                attrs.evolve(rec, state=TaskState.CANCELLED)
-                if rec.state in (TaskState.PENDING, TaskState.RUNNING)
-                else rec
-            )
-            for name, rec in snap.tasks.items()
-        }
-        changes: dict[str, object] = {
-            "end_time": event.ended_at,
-            "cancel_reason": event.reason,
-            "tasks": tasks,
-        }
-        if snap.cancel_requested_at is None:
-            changes["cancel_requested_at"] = at
-            changes["cancel_requested_by"] = event.by
-        return changes
-    if isinstance(event, (RunWorkerLost, RunReleased)):
-        return {"attempt": snap.attempt + 1, "worker_id": None}
+@singledispatch
+def _mutate(event: Event, snap: RunSnapshot, at: float) -> dict[str, object]:
+    """The snapshot fields ``event`` changes (one rule per event class; ``at`` is its time)."""
     raise CorruptStreamError(  # pragma: no cover - the table rejects unknown types first
-        f"no fold rule for {env.type}", run_id=env.run_id, seq=env.seq
+        f"no fold rule for {event.TYPE}", run_id=snap.run_id
     )
+
+
+@_mutate.register
+def _claimed(event: RunClaimed, snap: RunSnapshot, at: float) -> dict[str, object]:
+    return {
+        "worker_id": event.worker_id,
+        "lease_seconds": event.lease_seconds,
+        "start_time": snap.start_time if snap.start_time is not None else at,
+        "claimed_at": at,
+        "tasks": {name: TaskRecord() for name in event.tasks},
+        "error": None,
+    }
+
+
+@_mutate.register
+def _task_started(event: TaskStarted, snap: RunSnapshot, at: float) -> dict[str, object]:
+    rec = attrs.evolve(_task(snap, event.task), state=TaskState.RUNNING, started_at=event.started_at)
+    return {"tasks": _with_task(snap, event.task, rec)}
+
+
+@_mutate.register
+def _task_completed(event: TaskCompleted, snap: RunSnapshot, at: float) -> dict[str, object]:
+    return {"tasks": _with_task(snap, event.task, _ended_task(snap, event, TaskState.SUCCEEDED, output=event.output, output_truncated=event.truncated))}
+
+
+@_mutate.register
+def _task_failed(event: TaskFailed, snap: RunSnapshot, at: float) -> dict[str, object]:
+    return {"tasks": _with_task(snap, event.task, _ended_task(snap, event, TaskState.FAILED, error=event.error, traceback=event.traceback))}
+
+
+def _ended_task(snap: RunSnapshot, event: TaskCompleted | TaskFailed, state: TaskState, **outcome: object) -> TaskRecord:
+    """The record of a task that ended: its start (from the event, else from its TaskStarted),
+    end, duration and inputs, plus the ``outcome`` fields of ``state``."""
+    started_at = event.started_at if event.started_at is not None else _task(snap, event.task).started_at
+    return TaskRecord(
+        state=state,
+        started_at=started_at,
+        ended_at=event.ended_at,
+        duration_ms=event.duration_ms,
+        inputs=event.inputs,
+        **outcome,  # type: ignore[arg-type]
+    )
+
+
+@_mutate.register
+def _cancel_requested(event: RunCancelRequested, snap: RunSnapshot, at: float) -> dict[str, object]:
+    return {
+        "cancel_requested_at": event.requested_at,
+        "cancel_requested_by": event.by,
+    }
+
+
+@_mutate.register
+def _completed(event: RunCompleted, snap: RunSnapshot, at: float) -> dict[str, object]:
+    return {"end_time": event.ended_at, "error": None}
+
+
+@_mutate.register
+def _failed(event: RunFailed, snap: RunSnapshot, at: float) -> dict[str, object]:
+    # A task still RUNNING when its run failed was interrupted (its process died, or the
+    # worker was lost on the last attempt): it did not succeed, so it is FAILED.
+    tasks = {
+        name: (
+            attrs.evolve(rec, state=TaskState.FAILED, error=rec.error or f"interrupted: {event.reason}")
+            if rec.state is TaskState.RUNNING
+            else rec
+        )
+        for name, rec in snap.tasks.items()
+    }
+    return {"end_time": event.ended_at, "error": event.error, "failure_reason": event.reason, "tasks": tasks}
+
+
+@_mutate.register
+def _cancelled(event: RunCancelled, snap: RunSnapshot, at: float) -> dict[str, object]:
+    tasks = {
+        name: (
+            attrs.evolve(rec, state=TaskState.CANCELLED)
+            if rec.state in (TaskState.PENDING, TaskState.RUNNING)
+            else rec
+        )
+        for name, rec in snap.tasks.items()
+    }
+    changes: dict[str, object] = {
+        "end_time": event.ended_at,
+        "cancel_reason": event.reason,
+        "tasks": tasks,
+    }
+    if snap.cancel_requested_at is None:
+        changes["cancel_requested_at"] = at
+        changes["cancel_requested_by"] = event.by
+    return changes
+
+
+@_mutate.register(RunWorkerLost)
+@_mutate.register(RunReleased)
+def _attempt_ended(event: RunWorkerLost | RunReleased, snap: RunSnapshot, at: float) -> dict[str, object]:
+    return {"attempt": snap.attempt + 1, "worker_id": None}

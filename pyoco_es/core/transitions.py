@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Rule 1: everything that decides whether an event may follow a status lives in ``TRANSITIONS``.
+Rule 1: everything that decides whether an event may follow a status lives in ``TRANSITIONS``,
+keyed by event class (as h11's ``EVENT_TRIGGERED_TRANSITIONS``); wire tags stay in the codec.
 Rule 2: the table knows nothing about who appends the event; fencing by attempt is checked by the
 fold (stored history) and the decisions (before anything is appended).
 
@@ -16,34 +17,48 @@ from __future__ import annotations
 
 from typing import Final
 
+from .events import (
+    Event,
+    RunCancelled,
+    RunCancelRequested,
+    RunClaimed,
+    RunCompleted,
+    RunFailed,
+    RunReleased,
+    RunSubmitted,
+    RunWorkerLost,
+    TaskCompleted,
+    TaskFailed,
+    TaskStarted,
+)
 from .model import RunStatus
 
 P, R, C = RunStatus.PENDING, RunStatus.RUNNING, RunStatus.CANCELLING
 DONE, FAIL, CXL = RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED
 
-_TASK_EVENTS = ("task.started", "task.completed", "task.failed")
+_TASK_EVENTS: Final[tuple[type[Event], ...]] = (TaskStarted, TaskCompleted, TaskFailed)
 
-TRANSITIONS: Final[dict[RunStatus | None, dict[str, RunStatus]]] = {
-    None: {"run.submitted": P},
+TRANSITIONS: Final[dict[RunStatus | None, dict[type[Event], RunStatus]]] = {
+    None: {RunSubmitted: P},
     P: {
-        "run.claimed": R,
-        "run.cancelled": CXL,  # cancelled before any worker took it (reason not_started)
-        "run.failed": FAIL,  # gave up: attempts exhausted
+        RunClaimed: R,
+        RunCancelled: CXL,  # cancelled before any worker took it (reason not_started)
+        RunFailed: FAIL,  # gave up: attempts exhausted
     },
     R: {
         **{t: R for t in _TASK_EVENTS},
-        "run.cancel_requested": C,
-        "run.completed": DONE,
-        "run.failed": FAIL,
-        "run.cancelled": CXL,
-        "run.worker_lost": P,
-        "run.released": P,
+        RunCancelRequested: C,
+        RunCompleted: DONE,
+        RunFailed: FAIL,
+        RunCancelled: CXL,
+        RunWorkerLost: P,
+        RunReleased: P,
     },
     C: {
         **{t: C for t in _TASK_EVENTS},
-        "run.completed": DONE,
-        "run.failed": FAIL,
-        "run.cancelled": CXL,
+        RunCompleted: DONE,
+        RunFailed: FAIL,
+        RunCancelled: CXL,
     },
     DONE: {},
     FAIL: {},
@@ -51,6 +66,6 @@ TRANSITIONS: Final[dict[RunStatus | None, dict[str, RunStatus]]] = {
 }
 
 
-def next_status(status: RunStatus | None, event_type: str) -> RunStatus | None:
-    """The status after ``event_type``, or None when the table forbids it."""
+def next_status(status: RunStatus | None, event_type: type[Event]) -> RunStatus | None:
+    """The status after an event of class ``event_type``, or None when the table forbids it."""
     return TRANSITIONS[status].get(event_type)

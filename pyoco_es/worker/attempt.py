@@ -451,7 +451,7 @@ class RunDriver:
             await self._finish("FAILED", reason="error", error=error, pending=pending)
             return
         max_attempts = self.hint.max_attempts if self.hint is not None else 1
-        if self.attempt < max_attempts:
+        if decide.attempts_left(self.hint, self.attempt):
             log.warning("run %s attempt %d: %s; releasing it for another attempt", self.run_id, self.attempt, error)
             await self._release(pending, f"{error} (attempt {self.attempt} of {max_attempts})")
         else:
