@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -76,18 +77,12 @@ def test_up_with_worker_runs_a_flow_and_stops_cleanly(tmp_path: Path) -> None:
         flow = (ROOT / "examples" / "flow.yaml").read_bytes()
         r = httpx.post(f"{url}/runs/yaml", files={"workflow": ("flow.yaml", flow)}, data={"flow_name": "main", "tag": "default"})
         assert r.status_code == 200, r.text
-        run_id = r.json()["run_id"]
-        snap: dict[str, object] = {}
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            snap = httpx.get(f"{url}/runs/{run_id}", params={"include": "records"}).json()
-            if snap["status"] in ("COMPLETED", "FAILED", "CANCELLED"):
-                break
-            time.sleep(0.02)
+        snap = _wait_terminal(url, r.json()["run_id"])
         assert snap["status"] == "COMPLETED", snap
         assert snap["task_records"]["to_text"]["output"] == "value=2"  # type: ignore[index]
-        hello = httpx.get(f"{url}/runs/{named.json()['run_id']}", params={"include": "records"}).json()
-        assert hello["status"] == "COMPLETED", hello  # it was submitted first, so it has ended too
+        # Not "submitted first, so ended first": four run processes take runs in any order.
+        hello = _wait_terminal(url, named.json()["run_id"])
+        assert hello["status"] == "COMPLETED", hello
         assert hello["task_records"]["to_text"]["output"] == "value=5"
         nats_pid = int((tmp_path / "data" / "nats" / "nats-server.pid").read_text())
         proc.send_signal(signal.SIGTERM)
@@ -182,8 +177,12 @@ def _run_example(url: str) -> dict[str, object]:
     flow = (ROOT / "examples" / "flow.yaml").read_bytes()
     r = httpx.post(f"{url}/runs/yaml", files={"workflow": ("flow.yaml", flow)}, data={"flow_name": "main", "tag": "default"})
     assert r.status_code == 200, r.text
-    run_id = r.json()["run_id"]
-    snap: dict[str, object] = {}
+    return _wait_terminal(url, r.json()["run_id"])
+
+
+def _wait_terminal(url: str, run_id: str) -> dict[str, Any]:
+    """The run's snapshot (with records) once it has ended, or the last one seen after 30 s."""
+    snap: dict[str, Any] = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         snap = httpx.get(f"{url}/runs/{run_id}", params={"include": "records"}).json()

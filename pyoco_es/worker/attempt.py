@@ -314,29 +314,19 @@ class RunDriver:
         ev = frame.get("ev")
         if ev == "task.started":
             return TaskStarted(attempt=attempt, task=frame["task"], started_at=frame["started_at"])
+        if ev not in ("task.completed", "task.failed"):
+            return None
+        ended: dict[str, Any] = {
+            "attempt": attempt,
+            "task": frame["task"],
+            "started_at": frame.get("started_at"),
+            "ended_at": frame["ended_at"],
+            "duration_ms": frame.get("duration_ms"),
+            "inputs": frame.get("inputs") or {},
+        }
         if ev == "task.completed":
-            return TaskCompleted(
-                attempt=attempt,
-                task=frame["task"],
-                started_at=frame.get("started_at"),
-                ended_at=frame["ended_at"],
-                duration_ms=frame.get("duration_ms"),
-                inputs=frame.get("inputs") or {},
-                output=frame.get("output"),
-                truncated=bool(frame.get("truncated")),
-            )
-        if ev == "task.failed":
-            return TaskFailed(
-                attempt=attempt,
-                task=frame["task"],
-                started_at=frame.get("started_at"),
-                ended_at=frame["ended_at"],
-                duration_ms=frame.get("duration_ms"),
-                inputs=frame.get("inputs") or {},
-                error=str(frame.get("error") or "failed"),
-                traceback=frame.get("traceback"),
-            )
-        return None
+            return TaskCompleted(**ended, output=frame.get("output"), truncated=bool(frame.get("truncated")))
+        return TaskFailed(**ended, error=str(frame.get("error") or "failed"), traceback=frame.get("traceback"))
 
     async def _drive(self, recv: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
         if not self.go_sent:
