@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import attrs
@@ -21,12 +22,15 @@ import trio
 
 from pyoco_es.conductor.service import run_conductor
 from pyoco_es.config import Settings
-from pyoco_es.core.events import Envelope
+from pyoco_es.core import decide
+from pyoco_es.core.errors import ConcurrencyConflict
+from pyoco_es.core.events import Envelope, Producer, RunClaimed
 from pyoco_es.core.model import RunStatus
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.service import RunStore, new_run_id
+from pyoco_es.worker.attempt import CANCEL_WATCH_DELAY
 from pyoco_es.worker.supervisor import run_worker
 from test_worker import (
     ROOT,
@@ -219,6 +223,33 @@ async def test_sigkilled_worker_and_its_stale_item_never_fail_the_retry(
         types = await types_of(store, run_id)
         assert sum(t in ENDINGS for t in types) == 1 and types.count("run.worker_lost") == 1, types
         await nothing_more(store, run_id, 1.5 * settings.run_lease_seconds)
+
+
+async def test_a_publish_jetstream_refused_never_fences_a_live_attempt(
+    nats: NatsClient, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A stale writer's append that JetStream refuses (wrong last sequence) still reaches every
+    plain subscriber of the run's subject.  The worker's cancel watch is one: seen in a newcomer
+    session, the killed worker's redelivered item made the restarted worker try a stale claim, and
+    that refused `run.claimed` stopped the live retry at once (declared lost a lease later, and so
+    was the next one).  Only stored events may fence an attempt."""
+    with trio.fail_after(60):
+        settings = fast_settings(run_lease_seconds=2.0)
+        store, run_id, gate = await holding_run(nursery, nats, settings, tmp_path)
+        snap = await wait_for(lambda: holding(store, run_id, 1), "the run to hold", timeout=20)
+        await trio.sleep(2 * CANCEL_WATCH_DELAY)  # the scenario: the watch is live before the stale write
+        stale = decide.stamp(
+            None, [RunClaimed(worker_id="stale", attempt=1, lease_seconds=2.0, tasks=("hold",))],
+            run_id=run_id, producer=Producer(kind="worker", id="stale", attempt=1), now=time.time(), new_id=lambda: str(uuid.uuid4()),
+        )
+        with pytest.raises(ConcurrencyConflict):
+            await nats.append(run_id, stale, expected_last=1)  # refused: the run is further on
+        await hold_steady(store, run_id, 1.5 * settings.run_lease_seconds, attempt=1)
+        gate.write_text("go")
+        snap = await wait_status(store, run_id, TERMINAL, timeout=20)
+        types = await types_of(store, run_id)
+        assert snap.status is RunStatus.COMPLETED and snap.attempt == 1, (snap, types)
+        assert sum(t in ENDINGS for t in types) == 1 and "run.worker_lost" not in types, types
 
 
 async def test_skewed_worker_clocks_are_never_judged(nats: NatsClient, nursery: trio.Nursery, tmp_path: Path) -> None:

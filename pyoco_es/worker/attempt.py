@@ -281,16 +281,36 @@ class RunDriver:
                         env = decode_envelope(data)
                     except CorruptStreamError:
                         continue
+                    if self._fences(env) and not await self._stored(env):
+                        continue
                     self._on_run_event(env)
+
+    def _fences(self, env: Envelope) -> bool:
+        """A run event by someone else: it ended or took over our attempt (the reaper declared
+        it lost while we were frozen or cut off)."""
+        return env.type.startswith("run.") and env.type != "run.cancel_requested" and not (
+            env.producer.kind == "worker" and env.producer.id == self.actor.worker_id and env.producer.attempt == self.attempt
+        )
+
+    async def _stored(self, env: Envelope) -> bool:
+        """Whether ``env`` is a stored event after our claim.  A subscription also delivers
+        publishes JetStream refused (a stale writer's append with a wrong last sequence, e.g. the
+        killed worker's redelivered item claimed again): those are not facts and must never stop
+        a live attempt.  Checked against the stream, which costs a read only for such events."""
+        if env.seq <= self.claim_seq:
+            return False
+        try:
+            history = await self.actor.read_events(self.run_id)
+        except PyocoError as exc:
+            log.warning("run %s: cannot check a fencing event: %s", self.run_id, exc)
+            return False  # our next append finds out (StaleAttempt)
+        return any(e.event_id == env.event_id for e in history)
 
     def _on_run_event(self, env: Envelope) -> None:
         if env.type == "run.cancel_requested":
             self._post(("cancel", env))
-        elif env.type.startswith("run.") and not (
-            env.producer.kind == "worker" and env.producer.id == self.actor.worker_id and env.producer.attempt == self.attempt
-        ):
-            # Someone else ended or took over our attempt (the reaper declared it lost while we
-            # were frozen or cut off): stop the child now, not at its next append.
+        elif self._fences(env):
+            # Stop the child now, not at its next append.
             self._post(("fenced", env))
 
     def _post(self, item: tuple[str, Any]) -> None:
