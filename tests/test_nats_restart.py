@@ -70,8 +70,11 @@ async def test_a_run_survives_a_nats_crash(tmp_path: Path) -> None:
 
                 # ...a submit is refused (503 with a hint), never accepted without a durable event.
                 resp = await poll(refused, "a 503 while NATS is down")
-                assert "NATS" in resp.json()["detail"]
-                assert resp.json()["outcome"] == "not_applied"  # it was held, then refused: nothing sent
+                body = resp.json()
+                assert "nats" in body["detail"].lower() and body["retry_safe_with_idempotency_key"] is True, body
+                # Held, then refused: nothing sent.  Or, when the publish left just before the
+                # kill (seen under load), an honest "unknown" that names the run to look up.
+                assert body["outcome"] == "not_applied" or (body["outcome"] == "unknown" and body.get("run_id")), body
                 # Then it comes back on the same port with the same store.
                 stack.server.port = port
                 await trio.to_thread.run_sync(stack.server.start)

@@ -236,6 +236,7 @@ def test_the_readme_stack_survives_past_every_timer_with_faults(tmp_path: Path) 
                     break
 
             lost_healthy: list[str] = []
+            lost_faulted = 0
             for rid in ledger.ok.values():
                 events = client.get(f"{url}/runs/{rid}/events").json()
                 items = events["events"] if isinstance(events, dict) else events
@@ -253,12 +254,17 @@ def test_the_readme_stack_survives_past_every_timer_with_faults(tmp_path: Path) 
                     frozen = worker == "soak-w2" and claimed <= w2_thawed_at + 1 and lost["occurred_at"] >= w2_frozen_at
                     if not (killed or frozen):
                         lost_healthy.append(f"{rid} attempt {lost['data']['attempt']} on {worker}")
+                    else:
+                        lost_faulted += 1
                 snap = client.get(f"{url}/runs/{rid}").json()
                 if snap["status"] == "FAILED":
                     lost_healthy.append(f"{rid} FAILED: {snap.get('error')}")
             assert not lost_healthy, lost_healthy
             assert set(ledger.ok.values()) <= stored
             assert stored <= set(ledger.ok.values()), "a run nobody got a 2xx or an unknown for is stored"
+        print(f"soak ledger: ok {len(ledger.ok)} (of which unknown, then resolved {len(ledger.unknown)}), "
+              f"refused {len(ledger.refused)}, cancelled {len(ledger.cancelled)}, stored {len(stored)}, "
+              f"attempts lost with a faulted worker {lost_faulted}")
         assert len(ledger.ok) >= 200, (len(ledger.ok), len(ledger.refused), len(ledger.unknown))
         assert not ledger.refused, ledger.refused
         assert "Traceback" not in up_log.read_text(), up_log.read_text()[-5000:]
