@@ -57,6 +57,8 @@ class Registry:
         self.clock = clock
         self.runs: dict[tuple[str, int], int] = {}  # attempts for the heartbeat (set before the claim)
         self.completed = 0
+        # Called with each finished run id (pyoco_es.backend.PyocoNatsWorker.run_once); must not block.
+        self.on_finished: Callable[[str], object] | None = None
         self._last_run: LastRun | None = None
         self._revision: int | None = None
         self._hidden = False
@@ -82,6 +84,8 @@ class Registry:
     def record_finished(self, run_id: str, status: str | None, started_at: float) -> None:
         self.completed += 1
         self._last_run = LastRun(run_id=run_id, status=status, started_at=started_at, finished_at=self.clock())
+        if self.on_finished is not None:
+            self.on_finished(run_id)
 
     def heartbeat_runs(self) -> dict[str, int]:
         """``runs`` of the registry record: run id -> the highest attempt this worker holds (a
