@@ -32,10 +32,12 @@ _KEYS: Final = ("err_id", "msg_id", "run_id", "flow_name", "tag", "worker_id", "
 logging.addLevelName(TRACE, "TRACE")
 
 
-def _stamp(created: float, utc: bool) -> str:
+def _stamp(created: float, utc: bool, *, millis: bool = False) -> str:
+    """pyoco-server's ``ts`` (whole seconds); ``millis`` adds ``.mmm`` (the text lines)."""
+    frac = f".{int(created % 1 * 1000):03d}" if millis else ""
     if utc:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(created))
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + frac + "Z"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(created)) + frac + time.strftime("%z", time.localtime(created))
 
 
 class JsonFormatter(logging.Formatter):
@@ -89,7 +91,7 @@ class TextFormatter(logging.Formatter):
         self.include_traceback = include_traceback
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_stamp(record.created, self.utc)} {record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{_stamp(record.created, self.utc, millis=True)} {record.levelname} {record.name}: {record.getMessage()}"
         keys = [f"{k}={getattr(record, k)}" for k in _KEYS if getattr(record, k, None) is not None]
         if keys:
             line += " (" + ", ".join(keys) + ")"

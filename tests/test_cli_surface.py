@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -165,6 +166,7 @@ def test_trace_level_lets_trace_records_through(capsys: pytest.CaptureFixture[st
     logging.getLogger("x").log(logs.TRACE, "hidden")
     err = capsys.readouterr().err
     assert "TRACE x: deep" in err and "hidden" not in err
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z TRACE", err)
 
 
 # -- pyoco-server's settings --------------------------------------------------------------------
@@ -275,3 +277,26 @@ def test_text_line_keeps_the_keys_and_honours_the_traceback_switch() -> None:
     assert "Traceback" in line
     short = logs.TextFormatter(include_traceback=False).format(_record(exc=True))
     assert "Traceback" not in short and short.endswith("[ValueError: boom]")
+
+
+@pytest.mark.parametrize(("command", "ready", "service"), [("conductor", "conductor running", "pyoco-es:conductor"),
+                                                           ("gateway", "gateway on http://", "pyoco-server:http")])  # fmt: skip
+def test_json_logs_of_conductor_and_gateway_alone(tmp_path: Path, command: str, ready: str, service: str) -> None:
+    env = ENV | {"PYOCO_LOG_FORMAT": "json", "PYOCO_LOG_LEVEL": "debug"}
+    log = tmp_path / "out.log"
+    extra = ["--port", "0"] if command == "gateway" else []
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*PYOCO_ES, command, "--data-dir", str(tmp_path / "d"), *extra], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=out)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while ready not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, log.read_text()
+    docs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(ready in d["message"] for d in docs)
+    assert all(FIELDS <= d.keys() and d["service"] == service for d in docs)
+    assert any(d["level"] == "DEBUG" for d in docs)  # PYOCO_LOG_LEVEL honoured
