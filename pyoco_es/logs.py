@@ -151,3 +151,20 @@ def child_line(name: str, text: str) -> str:
             pass
     record = logging.getLogger(name).makeRecord(name, logging.WARNING, "", 0, text, (), None)
     return _formatter.format(record)
+
+
+def configure_logging(*, service: str) -> None:
+    """pyoco-server's ``configure_logging(service=...)``: the root logger from PYOCO_LOG_LEVEL,
+    PYOCO_LOG_FORMAT, PYOCO_LOG_UTC and PYOCO_LOG_INCLUDE_TRACEBACK (and ``.env``), for scripts
+    that called it.  Differences: the default format is text and the lines go to stderr.
+
+    Raises:
+        ValueError: PYOCO_LOG_LEVEL or PYOCO_LOG_FORMAT names no level or format.
+    """
+    from .config import Settings, refused_settings
+
+    bad = [m for m in refused_settings() if m.startswith(("PYOCO_LOG_LEVEL", "PYOCO_LOG_FORMAT"))]
+    if bad:
+        raise ValueError("; ".join(bad))
+    s = Settings.from_env()
+    configure(s.log_level or "warning", service=service, fmt=s.log_format, utc=s.log_utc, include_traceback=s.log_include_traceback)

@@ -300,3 +300,17 @@ def test_json_logs_of_conductor_and_gateway_alone(tmp_path: Path, command: str, 
     assert any(ready in d["message"] for d in docs)
     assert all(FIELDS <= d.keys() and d["service"] == service for d in docs)
     assert any(d["level"] == "DEBUG" for d in docs)  # PYOCO_LOG_LEVEL honoured
+
+
+def test_pyoco_servers_configure_logging_reads_the_environment(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PYOCO_LOAD_DOTENV", "0")
+    monkeypatch.setenv("PYOCO_LOG_FORMAT", "json")
+    monkeypatch.setenv("PYOCO_LOG_LEVEL", "INFO")
+    logs.configure_logging(service="pyoco-server:worker")
+    logging.getLogger("pyoco_server.worker").info("hello", extra={"err_id": "ERR-PYOCO-0012", "msg_id": "MSG-PYOCO-0012"})
+    logging.getLogger("x").debug("below the level")
+    docs = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(d["service"], d["message"], d["err_id"], d["msg_id"]) for d in docs] == [("pyoco-server:worker", "hello", "ERR-PYOCO-0012", "MSG-PYOCO-0012")]
+    monkeypatch.setenv("PYOCO_LOG_FORMAT", "xml")
+    with pytest.raises(ValueError, match="PYOCO_LOG_FORMAT='xml' is not a format"):
+        logs.configure_logging(service="s")
