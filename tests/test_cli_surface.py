@@ -34,6 +34,16 @@ PYOCO_ES = [str(BIN / "pyoco-es")]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_") and k != "PYTHONPATH"} | {"PYOCO_LOAD_DOTENV": "0"}
 
 
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Any:
+    """The tests that configure logging in this process leave the root logger as they found it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -314,3 +324,21 @@ def test_pyoco_servers_configure_logging_reads_the_environment(monkeypatch: pyte
     monkeypatch.setenv("PYOCO_LOG_FORMAT", "xml")
     with pytest.raises(ValueError, match="PYOCO_LOG_FORMAT='xml' is not a format"):
         logs.configure_logging(service="s")
+
+
+def test_log_utc_and_traceback_switches_reach_the_formatter(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in (("PYOCO_LOAD_DOTENV", "0"), ("PYOCO_LOG_FORMAT", "json"), ("PYOCO_LOG_UTC", "false"),
+                        ("PYOCO_LOG_INCLUDE_TRACEBACK", "false"), ("TZ", "Asia/Tokyo")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    time.tzset()
+    try:
+        logs.configure_logging(service="s")
+        try:
+            raise KeyError("k")
+        except KeyError:
+            logging.getLogger("x").exception("failed")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    doc = json.loads(capsys.readouterr().err)
+    assert doc["ts"].endswith("+0900") and doc["exc_type"] == "KeyError" and "exc_traceback" not in doc
