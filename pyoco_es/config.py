@@ -137,6 +137,19 @@ class Settings:
     # read timeout of its own httpx-based client (contract §10 #25); 4 s keeps such clients alive.
     sse_heartbeat_interval: float = 4.0
     gateway_watch_check_interval: float = 2.0  # how often the gateway checks its KV watch is not stalled
+    # dead letters (pyoco-server's limits on the PYOCO_DLQ stream)
+    dlq_max_age: float = 604800.0
+    dlq_max_msgs: int = 100000
+    dlq_max_bytes: int = 536870912
+    # logs (the --log-level flag wins over log_level; None: the flag's default)
+    log_level: str | None = None
+    log_format: str = "text"
+    log_utc: bool = True
+    log_include_traceback: bool = True
+    # the embedded NATS's addresses (pyoco-server up's --nats-* flags; -1: a random free port)
+    nats_listen_host: str = "127.0.0.1"
+    nats_client_port: int = -1
+    nats_http_port: int = -1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -176,4 +189,56 @@ class Settings:
             http_allowed_hosts=tuple(h.lower() for h in _csv(e, "PYOCO_HTTP_ALLOWED_HOSTS")),
             sse_heartbeat_interval=_num(e, "PYOCO_SSE_HEARTBEAT_INTERVAL_SEC", 4.0, 0.05),
             gateway_watch_check_interval=_num(e, "PYOCO_GATEWAY_WATCH_CHECK_INTERVAL_SEC", 2.0, 0.05),
+            dlq_max_age=_num(e, "PYOCO_DLQ_MAX_AGE_SEC", 604800.0, 0.0),
+            dlq_max_msgs=_int(e, "PYOCO_DLQ_MAX_MSGS", 100000),
+            dlq_max_bytes=_int(e, "PYOCO_DLQ_MAX_BYTES", 536870912),
+            log_level=(e.get("PYOCO_LOG_LEVEL") or "").strip().lower() or None,
+            log_format=(e.get("PYOCO_LOG_FORMAT") or "text").strip().lower(),
+            log_utc=_bool(e, "PYOCO_LOG_UTC", True),
+            log_include_traceback=_bool(e, "PYOCO_LOG_INCLUDE_TRACEBACK", True),
         )
+
+
+LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
+LOG_FORMATS: Final = ("text", "json")
+
+# pyoco-server settings whose only accepted value is ours, and why (docs/operator-guide.md,
+# "pyoco-server settings").  Anything else is refused at start rather than ignored.
+FIXED: Final = {
+    "PYOCO_RUNS_KV_BUCKET": ("pyoco_runs", "the runs bucket is the read model every conductor writes and every gateway "
+                             "and pyoco-server reader reads; another name would make them disagree"),
+    "PYOCO_WORKERS_KV_BUCKET": ("pyoco_workers", "the workers bucket is shared by every worker and gateway under its fixed name"),
+    "PYOCO_DLQ_STREAM": ("PYOCO_DLQ", "the dashboard and /metrics count dead letters in this stream under its fixed name"),
+    "PYOCO_DLQ_SUBJECT_PREFIX": ("pyoco.dlq", "dead letters are published and counted under this fixed prefix"),
+}
+NOT_HERE: Final = {
+    "PYOCO_WORKERS_KV_TTL_SEC": "worker records do not expire here: the gateway judges a worker by its heartbeat's age "
+                                "(set PYOCO_WORKER_DISCONNECT_TIMEOUT_SEC instead)",
+    "PYOCO_RUN_HEARTBEAT_INTERVAL_SEC": "runs carry no heartbeat of their own here: a running attempt lives by its "
+                                        "worker's heartbeat and its lease (set PYOCO_WORKER_HEARTBEAT_INTERVAL_SEC "
+                                        "and PYOCO_RUN_LEASE_SEC instead)",
+}
+
+
+def refused_settings(env: Mapping[str, str] | None = None) -> list[str]:
+    """What in the environment (and ``.env``) pyoco-es cannot honour, one message each.
+
+    pyoco-server reads these; a value we would silently ignore would mislead the operator, so a
+    command refuses to start instead.  Empty: everything set is honoured.
+    """
+    e = environment(env)
+    out: list[str] = []
+    for name, (ours, why) in FIXED.items():
+        value = e.get(name, "").strip()
+        if value and value != ours:
+            out.append(f"{name}={value!r} is not supported: only {ours!r} is ({why})")
+    for name, why in NOT_HERE.items():
+        if e.get(name, "").strip():
+            out.append(f"{name} is not supported: {why}; unset it")
+    level = (e.get("PYOCO_LOG_LEVEL") or "").strip().lower()
+    if level and level not in LOG_LEVELS:
+        out.append(f"PYOCO_LOG_LEVEL={level!r} is not a level: use one of {', '.join(LOG_LEVELS)}")
+    fmt = (e.get("PYOCO_LOG_FORMAT") or "").strip().lower()
+    if fmt and fmt not in LOG_FORMATS:
+        out.append(f"PYOCO_LOG_FORMAT={fmt!r} is not a format: use json or text")
+    return out

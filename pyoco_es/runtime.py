@@ -17,6 +17,7 @@ from typing import NoReturn
 import attrs
 import trio
 
+from . import logs
 from .config import Settings
 from .core.errors import PyocoError
 from .nats.client import NatsClient, open_nats
@@ -26,11 +27,26 @@ from .nats.resources import ResourceConfig, ensure_resources
 log = logging.getLogger(__name__)
 
 
-def configure_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+def configure_logging(settings: Settings, level: str | None = None, *, service: str) -> None:
+    """Logs on stderr in ``settings.log_format`` (PYOCO_LOG_FORMAT), at ``level`` (the
+    ``--log-level`` the user typed), else ``settings.log_level`` (PYOCO_LOG_LEVEL), else warning."""
+    logs.configure(
+        level or settings.log_level or "warning",
+        service=service,
+        fmt=settings.log_format,
+        utc=settings.log_utc,
+        include_traceback=settings.log_include_traceback,
+    )
+
+
+def resource_config(settings: Settings) -> ResourceConfig:
+    """The streams' and buckets' shape that ``settings`` asks for."""
+    return ResourceConfig(
+        replicas=settings.nats_replicas,
+        work_prefix=settings.work_subject_prefix,
+        dlq_max_age=settings.dlq_max_age,
+        dlq_max_msgs=settings.dlq_max_msgs,
+        dlq_max_bytes=settings.dlq_max_bytes,
     )
 
 
@@ -53,16 +69,19 @@ async def open_system_nats(
     if not url and attach:
         url = await trio.to_thread.run_sync(running_server_url, Path(settings.data_dir) / "nats")
     if not url:
-        server = EmbeddedNats(data_dir=Path(settings.data_dir) / "nats", sync=settings.nats_sync)
+        server = EmbeddedNats(
+            data_dir=Path(settings.data_dir) / "nats",
+            sync=settings.nats_sync,
+            host=settings.nats_listen_host,
+            port=settings.nats_client_port,
+            http_port=settings.nats_http_port,
+        )
         url = server.start()
         if announce:
-            print(f"embedded NATS at {url} (data {server.data_dir}, sync {settings.nats_sync})", file=sys.stderr)
+            logs.announce(f"embedded NATS at {url} (data {server.data_dir}, sync {settings.nats_sync})")
     try:
         async with open_nats(url, name=name, unavailable_wait=settings.nats_unavailable_wait) as nats:
-            await ensure_resources(
-                nats,
-                ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix),
-            )
+            await ensure_resources(nats, resource_config(settings))
             yield nats
     finally:
         if server is not None:
@@ -231,7 +250,7 @@ async def _run_child_once(
                 if ready_marker in text:
                     ready.set()
                     settled.set()
-                print(f"[{name}] {text}", file=sys.stderr, flush=True)
+                print(logs.child_line(name, text), file=sys.stderr, flush=True)
 
     async def watch() -> None:
         await proc.wait()

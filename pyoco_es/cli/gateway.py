@@ -8,6 +8,7 @@ import asyncclick as click
 import trio
 
 from ..core.errors import PyocoError
+from ..logs import announce
 from ..runtime import configure_logging, open_system_nats, wait_for_stop_signal
 from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, settings_with
 
@@ -21,7 +22,7 @@ from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, settings_wi
 @click.option("--dashboard-lang", type=click.Choice(["auto", "ja", "en"]), default=None, help="Dashboard language (PYOCO_DASHBOARD_LANG).")
 @LOG_LEVEL
 async def gateway(
-    host: str, port: int, nats_url: str | None, data_dir: Path, nats_sync: str, dashboard_lang: str | None, log_level: str
+    host: str, port: int, nats_url: str | None, data_dir: Path, nats_sync: str, dashboard_lang: str | None, log_level: str | None
 ) -> None:
     """Run the HTTP gateway alone, against a NATS that a conductor also uses.
 
@@ -32,8 +33,8 @@ async def gateway(
     Example:
       pyoco-es gateway --nats-url nats://nats-1:4222 --host 0.0.0.0 --port 8000
     """
-    configure_logging(log_level)
     settings = settings_with(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync, dashboard_lang=dashboard_lang)
+    configure_logging(settings, log_level, service="pyoco-server:http")
     from ..gateway.server import run_gateway
 
     stop = trio.Event()
@@ -42,7 +43,7 @@ async def gateway(
             async with trio.open_nursery() as nursery:
                 await nursery.start(wait_for_stop_signal, stop)
                 bound = await nursery.start(lambda task_status: run_gateway(nats, settings, host=host, port=port, task_status=task_status))
-                click.echo(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)", err=True)
+                announce(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)")
                 await stop.wait()
                 nursery.cancel_scope.cancel()
     except PyocoError as exc:

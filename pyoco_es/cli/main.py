@@ -17,8 +17,9 @@ import trio
 
 from ..core.codec import compact_json, envelope_to_json
 from ..core.errors import PyocoError
+from ..logs import announce
 from ..runtime import configure_logging, open_system_nats, run_child_service, wait_for_stop_signal
-from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, first_error, settings_with
+from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, first_error, nats_address, settings_with
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
@@ -45,6 +46,17 @@ def cli() -> None:
 @click.option("--worker-flow-resolver", default=None, help="module:function or path.py:function resolving named flows.")
 @click.option("--allow-module", "allow_modules", multiple=True, help="Module prefix YAML callables may import (repeatable).")
 @click.option("--expose-env", "expose_env", multiple=True, help="Environment variable the worker lets YAML runs read (repeatable; default none).")
+@click.option(
+    "--with-nats-bootstrap",
+    is_flag=True,
+    help="pyoco-server's flag: serve NATS at a fixed address (the --nats-* flags below; default nats://127.0.0.1:4222, "
+    "monitoring on 8222) so other processes can reach it. Here that server is the embedded one: it keeps its store "
+    "in --data-dir (pyoco-server's nats-bootstrap kept none) and stops with this command. Without this flag the "
+    "embedded server takes random free ports; --nats-url must then be absent or the same address.",
+)
+@click.option("--nats-listen-host", default=None, help="Address the embedded NATS listens on (with --with-nats-bootstrap: default 127.0.0.1).")
+@click.option("--nats-client-port", default=None, type=click.IntRange(1, 65535), help="Embedded NATS client port (with --with-nats-bootstrap: default 4222; otherwise random).")
+@click.option("--nats-http-port", default=None, type=click.IntRange(1, 65535), help="Embedded NATS monitoring port (with --with-nats-bootstrap: default 8222; otherwise random).")
 @LOG_LEVEL
 async def up(
     host: str,
@@ -60,7 +72,11 @@ async def up(
     worker_flow_resolver: str | None,
     allow_modules: tuple[str, ...],
     expose_env: tuple[str, ...],
-    log_level: str,
+    with_nats_bootstrap: bool,
+    nats_listen_host: str | None,
+    nats_client_port: int | None,
+    nats_http_port: int | None,
+    log_level: str | None,
 ) -> None:
     """Run the whole system: embedded NATS (unless --nats-url), conductor, gateway + dashboard.
 
@@ -69,8 +85,9 @@ async def up(
       pyoco-server up --with-worker --allow-module examples
       open http://127.0.0.1:8000/
     """
-    configure_logging(log_level)
     settings = settings_with(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync, dashboard_lang=dashboard_lang)
+    configure_logging(settings, log_level, service="pyoco-server:http")
+    settings = nats_address(settings, nats_url, with_nats_bootstrap, nats_listen_host, nats_client_port, nats_http_port)
     if allow_modules:
         settings = attrs.evolve(settings, allowed_modules=tuple(allow_modules))
     from ..conductor.service import run_conductor
@@ -94,7 +111,7 @@ async def up(
             # HTTP work never waits behind it); the conductor shares this process and its NATS
             # connection (measured: a separate conductor process cost more CPU per run than it
             # saved in contention).
-            worker_args = ["worker", "--nats-url", nats.url, "--log-level", log_level, "--worker-id", worker_id,
+            worker_args = ["worker", "--nats-url", nats.url, "--log-level", log_level or settings.log_level or "warning", "--worker-id", worker_id,
                            "--tags", worker_tags, "--concurrency", str(worker_concurrency)]
             for module in settings.allowed_modules:
                 worker_args += ["--allow-module", module]
@@ -109,7 +126,7 @@ async def up(
                 async with trio.open_nursery() as services:
                     if with_worker:  # restarted whenever it dies, until we stop
                         await services.start(partial(run_child_service, worker_args, ready_marker="serving", name="worker"))
-                    click.echo(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)", err=True)
+                    announce(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)")
                     await stop.wait()
                     services.cancel_scope.cancel()
                 # The worker has drained and stopped; the gateway answered until now.
@@ -128,15 +145,15 @@ async def up(
 @DATA_DIR
 @NATS_SYNC
 @LOG_LEVEL
-async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_level: str) -> None:
+async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_level: str | None) -> None:
     """Run a conductor alone (projector, dispatcher, reaper); run several for availability.
 
     \b
     Example:
       pyoco-es conductor --nats-url nats://nats-1:4222
     """
-    configure_logging(log_level)
     settings = settings_with(nats_url=nats_url, data_dir=data_dir, nats_sync=nats_sync)
+    configure_logging(settings, log_level, service="pyoco-es:conductor")
     from ..conductor.service import run_conductor
 
     stop = trio.Event()
@@ -145,7 +162,7 @@ async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_le
             async with trio.open_nursery() as nursery:
                 await nursery.start(wait_for_stop_signal, stop)
                 await nursery.start(run_conductor, nats, settings)
-                click.echo("conductor running (Ctrl-C to stop)", err=True)
+                announce("conductor running (Ctrl-C to stop)")
                 await stop.wait()
                 nursery.cancel_scope.cancel()
     except* PyocoError as group:
@@ -157,7 +174,8 @@ async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_le
 @DATA_DIR
 @click.option("--rebuild", is_flag=True, help="Also write missing/different snapshots into the live bucket.")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: str) -> None:
+@LOG_LEVEL
+async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: str, log_level: str | None) -> None:
     """Fold the whole event stream into a fresh bucket and report snapshots that differ from the
     live read model.  Exit code 1 when any differ.
 
@@ -165,11 +183,11 @@ async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: st
     Example:
       pyoco-es replay --nats-url nats://127.0.0.1:4222
     """
-    configure_logging("warning")
+    settings = settings_with(nats_url=nats_url, data_dir=data_dir)
+    configure_logging(settings, log_level, service="pyoco-es:replay")
     from ..conductor.replay import REPLAY_BUCKET, replay as do_replay
     from ..nats.resources import delete_bucket
 
-    settings = settings_with(nats_url=nats_url, data_dir=data_dir)
     try:
         async with open_system_nats(settings, name="pyoco-replay", attach=True) as nats:
 
@@ -208,20 +226,21 @@ def _ts(value: float) -> str:
 @NATS_URL
 @DATA_DIR
 @click.option("--output", type=click.Choice(["table", "json"]), default=None, help="Default: table on a terminal, JSON lines otherwise.")
-async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str | None) -> None:
+@LOG_LEVEL
+async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str | None, log_level: str | None) -> None:
     """Print a run's full event history (the audit trail) straight from the event stream.
 
     \b
     Example:
       pyoco-es events 3f2a... --output json | jq .type
     """
-    configure_logging("warning")
     from ..nats.subjects import is_token
     from ..service import RunStore
 
+    settings = settings_with(nats_url=nats_url, data_dir=data_dir)
+    configure_logging(settings, log_level, service="pyoco-es:events")
     if not is_token(run_id):
         fail(f"invalid run id {run_id!r}: use letters, digits, '_' or '-'")
-    settings = settings_with(nats_url=nats_url, data_dir=data_dir)
     try:
         async with open_system_nats(settings, name="pyoco-events", attach=True) as nats:
             history = await RunStore(nats).history(run_id)

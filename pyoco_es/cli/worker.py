@@ -8,23 +8,27 @@ a second signal stops at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from typing import Any
 
 import asyncclick as click
 import attrs
 import outcome
 import trio
 
-from ..config import Settings
+from ..config import Settings, refused_settings
 from ..core.errors import PyocoError
+from ..logs import announce
 from ..nats import subjects
-from ..nats.client import open_nats
-from ..nats.resources import ResourceConfig, ensure_resources
-from ..runtime import configure_logging, wait_for_stop_signal
+from ..nats.client import NatsClient, open_nats
+from ..nats.resources import ensure_resources
+from ..runtime import configure_logging, resource_config, wait_for_stop_signal
+from .options import LOG_LEVEL
 from ..worker.supervisor import normalize_tags, run_worker
 from ..worker.trust import check_allowed_modules, check_env_names
 
@@ -106,7 +110,13 @@ def trusted_settings(settings: Settings, allow_modules: Sequence[str], expose_en
     help="Environment variable a YAML run may read as `$env.NAME` (repeatable; also PYOCO_WORKER_EXPOSE_ENV, CSV; default none).",
 )
 @click.option("--poll-timeout", default=None, type=click.FloatRange(0.05, 60), help="Long-poll duration of one fetch, seconds.")
-@click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--run-once",
+    is_flag=True,
+    help="pyoco-server's flag: one poll cycle (up to --poll-timeout), run the one item it brings to its end, then exit 0 "
+    "(also when no run came). Implies --concurrency 1.",
+)
+@LOG_LEVEL
 async def worker(
     nats_url: str | None,
     tags: str,
@@ -116,7 +126,8 @@ async def worker(
     allow_modules: tuple[str, ...],
     expose_env: tuple[str, ...],
     poll_timeout: float | None,
-    log_level: str,
+    run_once: bool,
+    log_level: str | None,
 ) -> None:
     """Run a worker: claim runs for TAGS and execute them in warm child processes.
 
@@ -125,8 +136,13 @@ async def worker(
       pyoco-worker --nats-url nats://127.0.0.1:4222 --tags default,gpu --worker-id w1 \\
           --allow-module mytasks --flow-resolver flows.py:resolve --expose-env API_BASE_URL
     """
-    configure_logging(log_level)
+    refused = refused_settings()
+    if refused:
+        _fail("; ".join(refused))
     settings = Settings.from_env()
+    configure_logging(settings, log_level, service="pyoco-server:worker")
+    if run_once:
+        concurrency = 1
     try:
         settings = trusted_settings(settings, allow_modules, expose_env)
     except ValueError as exc:
@@ -148,38 +164,58 @@ async def worker(
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     nats = await stack.enter_async_context(open_nats(url, name=f"pyoco-worker:{worker_id}", unavailable_wait=settings.nats_unavailable_wait))
-                    await ensure_resources(
-                        nats, ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix)
-                    )
+                    await ensure_resources(nats, resource_config(settings))
             except trio.TooSlowError:
                 _fail(f"cannot reach NATS at {url} within {CONNECT_TIMEOUT:g}s (start one with `pyoco-server up`, or pass --nats-url)")
-            click.echo(
-                f"pyoco-worker {worker_id} serving {','.join(tag_list)} on {url} "
-                f"(concurrency {concurrency}; Ctrl-C to stop)",
-                err=True,
-            )
+            announce(f"pyoco-worker {worker_id} serving {','.join(tag_list)} on {url} "
+                     f"(concurrency {concurrency}; Ctrl-C to stop)", worker_id=worker_id)  # fmt: skip
             async with trio.open_nursery() as nursery:
                 await nursery.start(wait_for_stop_signal, stop)
                 # Captured so an error is not wrapped in the nursery's exception group.
                 result = await outcome.acapture(
-                    run_worker,
+                    _serve,
                     nats,
                     settings,
                     worker_id=worker_id,
                     tags=tag_list,
                     concurrency=concurrency,
                     flow_resolver=resolver,
-                    allowed_modules=settings.allowed_modules,
                     stop=stop,
                     poll_timeout=poll_timeout,
+                    run_once=run_once,
                 )
                 nursery.cancel_scope.cancel()
             result.unwrap()
-            click.echo(f"pyoco-worker {worker_id} stopped", err=True)
+            announce(f"pyoco-worker {worker_id} stopped", worker_id=worker_id)
     except ValueError as exc:
         _fail(str(exc))
     except PyocoError as exc:
         _fail(exc.message)
+
+
+async def _serve(nats: NatsClient, settings: Settings, *, stop: trio.Event, poll_timeout: float | None, run_once: bool, **kw: Any) -> None:
+    """:func:`run_worker` until ``stop``; with ``run_once``, until one poll cycle brought nothing
+    or the one item it brought has ended (pyoco-server's ``run_once``), then drain and return."""
+    if not run_once:
+        await run_worker(nats, settings, stop=stop, poll_timeout=poll_timeout, allowed_modules=settings.allowed_modules, **kw)
+        return
+    window = poll_timeout if poll_timeout is not None else settings.worker_poll_timeout
+    async with trio.open_nursery() as nursery:
+        actor = await nursery.start(
+            functools.partial(run_worker, nats, settings, stop=stop, poll_timeout=window, allowed_modules=settings.allowed_modules, **kw)
+        )
+        intake = actor.intake
+        intake.limit = 1  # counted from the start: an item accepted before this line is the one
+        with trio.move_on_after(window + ONCE_SLACK):
+            while not intake.accepted and not stop.is_set():
+                await trio.sleep(ONCE_TICK)
+        while intake.pending and not stop.is_set():  # the one item, to its end
+            await trio.sleep(ONCE_TICK)
+        stop.set()
+
+
+ONCE_TICK = 0.02  # how often --run-once looks whether its item came / ended
+ONCE_SLACK = 0.5  # the fetch started just before the window closed may still bring an item
 
 
 def _fail(message: str) -> None:

@@ -41,6 +41,8 @@ class Intake:
         self.held: set[Delivered] = set()  # fetched, not yet acked/naked: in-progress targets
         self.pending = 0  # accepted items not finished (waiting for a child or running)
         self.draining = False
+        self.accepted = 0  # items ever accepted
+        self.limit: int | None = None  # accept no more than this many (pyoco-worker --run-once: 1)
         self._room = trio.Event()
         self._ack_send, self._ack_recv = trio.open_memory_channel[Delivered](math.inf)
 
@@ -74,7 +76,7 @@ class Intake:
     ) -> None:
         """Fetch ``tag``'s items while there is room, starting ``process`` for each in
         ``handler_nursery``; return once draining."""
-        while not self.draining:
+        while not self.draining and (self.limit is None or self.accepted < self.limit):
             room = self.concurrency - self.pending
             if room <= 0:
                 await self._room.wait()
@@ -94,9 +96,10 @@ class Intake:
                 await trio.sleep(min(1.0, self.poll_timeout))
                 continue
             for msg in msgs:
-                if self.draining:
+                if self.draining or (self.limit is not None and self.accepted >= self.limit):
                     await self.nak(msg, 0)
                     continue
+                self.accepted += 1
                 self.pending += 1
                 self.held.add(msg)
                 handler_nursery.start_soon(process, msg, tag)
