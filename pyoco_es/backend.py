@@ -12,6 +12,7 @@ child processes, so the flow resolver must be importable by name.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import queue
 import threading
@@ -22,8 +23,8 @@ import anyio.to_thread
 import attrs
 import trio
 
-from .runtime import configure_logging as _configure_logging
 from .config import Settings
+from .logs import configure_logging as _configure_logging
 from .nats.client import open_nats
 from .nats.resources import ResourceConfig
 from .nats.resources import ensure_resources as _ensure_resources
@@ -178,9 +179,12 @@ async def ensure_resources(js: object = None, config: NatsBackendConfig | None =
 
 
 def configure_logging(*, service: str = "pyoco-es", level: str | None = None) -> None:
-    """pyoco-server's ``configure_logging(service=...)``: stdlib logging at ``PYOCO_LOG_LEVEL``
-    (default info).  ``service`` is accepted for compatibility."""
-    _configure_logging(level or os.environ.get("PYOCO_LOG_LEVEL", "info"))
+    """pyoco-server's ``configure_logging(service=...)``: :func:`pyoco_es.logs.configure_logging`
+    (PYOCO_LOG_LEVEL, PYOCO_LOG_FORMAT, PYOCO_LOG_UTC, PYOCO_LOG_INCLUDE_TRACEBACK), with
+    ``level`` (a stdlib level name) overriding PYOCO_LOG_LEVEL when given."""
+    _configure_logging(service=service)
+    if level:
+        logging.getLogger().setLevel(level.upper())
 
 
 class WorkerStopped(RuntimeError):
