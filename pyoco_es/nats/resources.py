@@ -30,6 +30,7 @@ class ResourceConfig:
     dlq_max_age: float = 604800.0
     dlq_max_msgs: int = 100000
     dlq_max_bytes: int = 536870912
+    auth_bucket: str = subjects.AUTH_BUCKET
 
 
 def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
@@ -68,6 +69,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
         ),
         _kv_config(subjects.RUNS_BUCKET, cfg, history=1),
         _kv_config(subjects.WORKERS_BUCKET, cfg, history=1),
+        _kv_config(cfg.auth_bucket, cfg, history=1),
     ]
 
 

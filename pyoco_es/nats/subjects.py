@@ -10,6 +10,8 @@ WORK_STREAM: Final = "PYOCO_WORK"
 DLQ_STREAM: Final = "PYOCO_DLQ"
 RUNS_BUCKET: Final = "pyoco_runs"
 WORKERS_BUCKET: Final = "pyoco_workers"
+AUTH_BUCKET: Final = "pyoco_auth"  # API key records (PYOCO_AUTH_KV_BUCKET), as pyoco-server keeps them
+API_KEY_PREFIX: Final = "api_keys."  # the records' keys in the auth bucket
 
 EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
