@@ -61,7 +61,7 @@ async def open_system_nats(
         async with open_nats(url, name=name, unavailable_wait=settings.nats_unavailable_wait) as nats:
             await ensure_resources(
                 nats,
-                ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix),
+                ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix, auth_bucket=settings.auth_kv_bucket),
             )
             yield nats
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,18 +112,18 @@ def test_key_made_here_verifies_upstream() -> None:
 
 
 async def test_store_create_list_revoke(nats: NatsClient) -> None:
-    key, rec = await keystore.create_key(nats, tenant_id="acme", now=100.0, pepper=None)
-    _, rec2 = await keystore.create_key(nats, tenant_id="beta", now=200.0, pepper=None)
+    key, rec = await keystore.create_key(nats, tenant_id="acme", now=100.0, pepper=None, actor="test")
+    _, rec2 = await keystore.create_key(nats, tenant_id="beta", now=200.0, pepper=None, actor="test")
     got = await keystore.get_key(nats, rec.key_id)
     assert got == rec and apikey.verify_api_key(key, record=got, pepper=None)
     assert [r.key_id for r in await keystore.list_keys(nats)] == [rec2.key_id, rec.key_id]
-    revoked = await keystore.revoke_key(nats, rec.key_id, now=300.0)
+    revoked = await keystore.revoke_key(nats, rec.key_id, now=300.0, actor="test")
     assert revoked is not None and revoked.revoked_at == 300.0
-    again = await keystore.revoke_key(nats, rec.key_id, now=400.0)
+    again = await keystore.revoke_key(nats, rec.key_id, now=400.0, actor="test")
     assert again is not None and again.revoked_at == 300.0  # the first revocation time stays
     stored = await keystore.get_key(nats, rec.key_id)
     assert stored is not None and not apikey.verify_api_key(key, record=stored, pepper=None)
-    assert await keystore.revoke_key(nats, "0123456789ab", now=1.0) is None
+    assert await keystore.revoke_key(nats, "0123456789ab", now=1.0, actor="test") is None
     await nats.kv_put(keystore.AUTH_BUCKET, "api_keys.corrupt000", b"not json")
     assert len(await keystore.list_keys(nats)) == 2  # an unreadable record is skipped, not fatal
 
@@ -142,9 +143,65 @@ async def test_upstream_admin_cli_and_our_store_share_the_bucket(nats: NatsClien
     rec = await keystore.get_key(nats, made["key_id"])
     assert rec is not None and apikey.verify_api_key(made["api_key"], record=rec, pepper="pep")
 
-    ours, our_rec = await keystore.create_key(nats, tenant_id="beta", now=1e9, pepper="pep")
+    ours, our_rec = await keystore.create_key(nats, tenant_id="beta", now=1e9, pepper="pep", actor="test")
     listed = run("list")
     assert isinstance(listed, list) and {r["key_id"] for r in listed} == {made["key_id"], our_rec.key_id}
     run("revoke", "--key-id", our_rec.key_id)
     stored = await keystore.get_key(nats, our_rec.key_id)
     assert stored is not None and stored.revoked and not apikey.verify_api_key(ours, record=stored, pepper="pep")
+
+
+# -- the admin CLI (pyoco-server-admin / pyoco-es admin) ---------------------------------------
+
+ADMIN = Path(sys.executable).with_name("pyoco-server-admin")
+
+
+def _admin(url: str, *args: str, code: int = 0, pepper: str = "pep") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYOCO_AUTH_PEPPER": pepper, "PYOCO_LOAD_DOTENV": "0"}
+    out = subprocess.run([str(ADMIN), "--nats-url", url, "api-key", *args], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == code, (out.stdout, out.stderr)
+    return out
+
+
+async def test_admin_cli_round_trip_and_audit(nats: NatsClient, nats_server: EmbeddedNats) -> None:
+    made = json.loads(_admin(nats_server.url, "create", "--tenant", "acme").stdout)
+    assert set(made) == {"key_id", "tenant_id", "api_key", "created_at"} and made["tenant_id"] == "acme"
+    rec = await keystore.get_key(nats, made["key_id"])
+    assert rec is not None and apikey.verify_api_key(made["api_key"], record=rec, pepper="pep")
+
+    listed = json.loads(_admin(nats_server.url, "list").stdout)
+    assert listed == [{"key_id": made["key_id"], "tenant_id": "acme", "created_at": made["created_at"], "revoked_at": None}]
+    table = _admin(nats_server.url, "list", "--output", "table").stdout
+    assert made["key_id"] in table and "acme" in table and made["api_key"] not in table
+
+    revoked = json.loads(_admin(nats_server.url, "revoke", "--key-id", made["key_id"]).stdout)
+    assert revoked["key_id"] == made["key_id"] and revoked["revoked_at"] >= made["created_at"]
+    missing = json.loads(_admin(nats_server.url, "revoke", "--key-id", "0123456789abcdef", code=2).stdout)
+    assert missing == {"error": "not_found", "key_id": "0123456789abcdef"}
+
+    audit = await keystore.read_audit(nats)
+    assert [(a["type"], a["key_id"], a["tenant_id"]) for a in audit] == [
+        ("api_key.created", made["key_id"], "acme"),
+        ("api_key.revoked", made["key_id"], "acme"),
+    ]
+    assert all(a["actor"].startswith("admin:") and a["at"] > 0 for a in audit)
+    assert made["api_key"].split(".", 1)[1] not in json.dumps(audit) and rec.hash_b64 not in json.dumps(audit)
+
+
+def test_admin_cli_refuses_bad_input_by_name(nats_server: EmbeddedNats) -> None:
+    out = _admin(nats_server.url, "create", "--tenant", "a b", code=1)
+    assert "invalid tenant_id" in out.stderr and out.stdout == ""
+    out = _admin(nats_server.url, "revoke", "--key-id", "../x", code=1)
+    assert "invalid key id" in out.stderr
+
+
+@upstream
+def test_key_from_our_cli_listed_and_revoked_by_upstream_cli(nats_server: EmbeddedNats) -> None:
+    made = json.loads(_admin(nats_server.url, "create", "--tenant", "acme").stdout)
+    env = {**os.environ, "PYOCO_AUTH_PEPPER": "pep", "PYOCO_LOAD_DOTENV": "0"}
+    up = [str(UPSTREAM_PY), "-m", "pyoco_server.admin_cli", "--nats-url", nats_server.url, "api-key"]
+    listed = json.loads(subprocess.run([*up, "list"], capture_output=True, text=True, timeout=60, env=env, check=True).stdout)
+    assert [r["key_id"] for r in listed] == [made["key_id"]]
+    subprocess.run([*up, "revoke", "--key-id", made["key_id"]], capture_output=True, timeout=60, env=env, check=True)
+    ours = json.loads(_admin(nats_server.url, "list").stdout)
+    assert ours[0]["revoked_at"] is not None

@@ -149,7 +149,7 @@ async def worker(
                 with trio.fail_after(CONNECT_TIMEOUT):
                     nats = await stack.enter_async_context(open_nats(url, name=f"pyoco-worker:{worker_id}", unavailable_wait=settings.nats_unavailable_wait))
                     await ensure_resources(
-                        nats, ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix)
+                        nats, ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix, auth_bucket=settings.auth_kv_bucket)
                     )
             except trio.TooSlowError:
                 _fail(f"cannot reach NATS at {url} within {CONNECT_TIMEOUT:g}s (start one with `pyoco-server up`, or pass --nats-url)")

@@ -7,8 +7,9 @@ records.  A record that does not parse is skipped by ``list_keys`` and treated a
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Final
+from typing import Any, Final
 
 from ..core import apikey
 from ..core.apikey import ApiKeyFormatError, ApiKeyRecord
@@ -33,12 +34,34 @@ def record_from_entry(entry: KVEntry | None) -> ApiKeyRecord | None:
         return None
 
 
+async def record_audit(client: NatsClient, action: str, record: ApiKeyRecord, *, actor: str, now: float) -> None:
+    """Append ``api_key.<action>`` (who, when, which key; never a secret or hash) to the event stream."""
+    doc = {"type": f"api_key.{action}", "key_id": record.key_id, "tenant_id": record.tenant_id, "actor": actor, "at": now}
+    body = json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode()
+
+    async def go() -> None:
+        await client.js.publish(subjects.API_KEY_AUDIT_SUBJECT, body, stream=subjects.EVENTS_STREAM)
+
+    await client.run("record api key audit", go)
+
+
+async def read_audit(client: NatsClient) -> list[dict[str, Any]]:
+    """Every key created/revoked through our tools, oldest first."""
+    out: list[dict[str, Any]] = []
+    after = 0
+    while batch := await client.read_events(subjects.API_KEY_AUDIT_SUBJECT, after_stream_seq=after):
+        out.extend(json.loads(body) for _, body in batch)
+        after = batch[-1][0]
+    return out
+
+
 async def create_key(
-    client: NatsClient, *, tenant_id: str, now: float, pepper: str | None, bucket: str = AUTH_BUCKET
+    client: NatsClient, *, tenant_id: str, now: float, pepper: str | None, actor: str, bucket: str = AUTH_BUCKET
 ) -> tuple[str, ApiKeyRecord]:
     """Make and store a new key; the plaintext key is returned once and stored nowhere."""
     api_key, record = apikey.generate_api_key(tenant_id=tenant_id, now=now, pepper=pepper)
     await client.kv_update(bucket, apikey.kv_key(record.key_id), record.to_json_bytes(), last=0)
+    await record_audit(client, "created", record, actor=actor, now=now)
     return api_key, record
 
 
@@ -55,7 +78,7 @@ async def list_keys(client: NatsClient, *, bucket: str = AUTH_BUCKET) -> list[Ap
 
 
 async def revoke_key(
-    client: NatsClient, key_id: str, *, now: float, bucket: str = AUTH_BUCKET
+    client: NatsClient, key_id: str, *, now: float, actor: str, bucket: str = AUTH_BUCKET
 ) -> ApiKeyRecord | None:
     """Mark a key revoked (None when there is no such key).  Revoking twice keeps the first time."""
     kv_key = apikey.kv_key(key_id)
@@ -66,4 +89,5 @@ async def revoke_key(
     revoked = record.revoke(now=now)
     if revoked is not record:
         await client.kv_update(bucket, kv_key, revoked.to_json_bytes(), last=entry.revision)
+        await record_audit(client, "revoked", revoked, actor=actor, now=now)
     return revoked

@@ -15,6 +15,7 @@ API_KEY_PREFIX: Final = "api_keys."  # the records' keys in the auth bucket
 
 EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
+API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"  # key created/revoked (the projector reads only pyoco.evt.run.*)
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 
