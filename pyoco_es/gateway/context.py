@@ -22,6 +22,7 @@ from ..core.events import JSONObject, Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
 from . import sse
+from .auth import KeyRing
 from .index import RunIndex, WorkerIndex
 from .metrics import HttpMetrics
 from .params import idempotency_key, invalid
@@ -51,6 +52,7 @@ class Gateway:
     parse_limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))  # YAML parses in a thread
     allowed_origins: frozenset[str] = frozenset()  # PYOCO_HTTP_ALLOWED_ORIGINS, normalised (see .guard)
     allowed_hosts: frozenset[str] | None = None  # Host names served; None: any (set by run_gateway on a loopback bind)
+    keys: KeyRing | None = None  # API keys (PYOCO_HTTP_AUTH_MODE=api_key); None: auth off
 
     def require_nats(self) -> None:
         """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""

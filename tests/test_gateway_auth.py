@@ -1,0 +1,154 @@
+"""PYOCO_HTTP_AUTH_MODE=api_key (issue 13) against a real gateway and nats-server: every protected
+route (taken from the app's own URL map) refuses a missing or wrong key as pyoco-server does, a
+revocation takes effect within a second (an open SSE stream ends), and refusals are counted."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from pyoco_es.config import Settings
+from pyoco_es.core import apikey
+from pyoco_es.gateway.app import create_app
+from pyoco_es.gateway.auth import PUBLIC_RULES
+from pyoco_es.nats import keystore
+
+from test_gateway_support import GW, open_gateway, submit_yaml, wait_until
+
+PEPPER = "pep"
+AUTH = Settings(sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0, http_auth_mode="api_key", auth_pepper=PEPPER)
+RUN_ID = "0b7c3e9a-9d2f-4c1e-8a5f-6d7c8b9a0e1f"
+
+
+@pytest.fixture
+async def agw(tmp_path: Path) -> AsyncIterator[GW]:
+    async with open_gateway(tmp_path, settings=AUTH) as g:
+        yield g
+
+
+async def _key(g: GW, tenant: str = "acme") -> tuple[str, str]:
+    key, rec = await keystore.create_key(g.nats, tenant_id=tenant, now=1.0, pepper=PEPPER, actor="test")
+    return key, rec.key_id
+
+
+def _protected_requests(g: GW) -> list[tuple[str, str]]:
+    """(method, concrete path) for every rule of the app that is not public."""
+    app = create_app(g.nats, Settings())
+    out = []
+    for rule in app.url_map.iter_rules():
+        if rule.rule in PUBLIC_RULES:
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", lambda m: {"run_id": RUN_ID, "worker_id": "w1"}[m.group(1)], rule.rule)
+        out += [(method, path) for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
+    assert len(out) >= 12 and ("GET", "/metrics") in out and ("PATCH", "/workers/w1") in out
+    return out
+
+
+async def test_every_protected_route_needs_a_valid_key(agw: GW) -> None:
+    key, _ = await _key(agw)
+    wrong = key[:-2] + ("AA" if not key.endswith("AA") else "BB")
+    for method, path in _protected_requests(agw):
+        r = await agw.client.request(method, path)
+        assert (r.status_code, r.json()) == (401, {"detail": "api key required"}), (method, path)
+        for bad in (wrong, "nonsense", "pyoco_0123456789abcdef.secretsecretsecretsecret"):
+            r = await agw.client.request(method, path, headers={"X-API-Key": bad})
+            assert (r.status_code, r.json()) == (403, {"detail": "invalid api key"}), (method, path, bad)
+        if path.endswith(("/watch", "/stream")):
+            continue  # streams are read below
+        r = await agw.client.request(method, path, headers={"X-API-Key": key})
+        assert r.status_code not in (401, 403), (method, path, r.text)
+    for path in ("/health", "/openapi.json", "/", "/static/app.js"):
+        assert (await agw.client.get(path)).status_code == 200, path
+
+
+async def test_valid_key_submits_and_reads_also_on_the_fast_path(agw: GW) -> None:
+    key, _ = await _key(agw)
+    keyed = {"X-API-Key": key}
+    r = await submit_yaml(agw.client, headers=keyed)  # the fast path's route
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    assert (await agw.client.post("/runs/yaml", files={"workflow": ("f.yaml", b"x")})).status_code == 401
+
+    async def cached() -> bool:
+        return (await agw.client.get(f"/runs/{run_id}", headers=keyed)).status_code == 200
+
+    await wait_until(cached, what="run readable with the key")
+    r = await agw.client.get(f"/runs/{run_id}")  # answered from the watch cache when keyed
+    assert (r.status_code, r.json()) == (401, {"detail": "api key required"})
+
+
+async def test_key_made_by_pyoco_server_format_is_accepted(agw: GW) -> None:
+    # A record written to pyoco-server 0.5's documented format (its own code: test_apikey.py).
+    key, rec = apikey.generate_api_key(tenant_id="old", now=1.0, pepper=PEPPER)
+    await agw.nats.kv_put(keystore.AUTH_BUCKET, apikey.kv_key(rec.key_id), rec.to_json_bytes())
+
+    async def accepted() -> bool:
+        return (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
+
+    await wait_until(accepted, what="a key stored directly in the bucket to be accepted")
+
+
+async def test_revocation_refuses_within_a_second_and_ends_open_streams(agw: GW) -> None:
+    key, key_id = await _key(agw)
+    keyed = {"X-API-Key": key}
+    r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers=keyed)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    ended = trio.Event()
+    got_first = trio.Event()
+
+    async def watch() -> None:
+        async with agw.client.stream("GET", f"/runs/{run_id}/watch", headers=keyed, timeout=30) as resp:
+            assert resp.status_code == 200
+            try:
+                async for _ in resp.aiter_bytes():
+                    got_first.set()
+            except httpx.HTTPError:
+                pass  # the server ended the stream mid-response
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await got_first.wait()
+        revoked_at = trio.current_time()
+        assert await keystore.revoke_key(agw.nats, key_id, now=2.0, actor="test") is not None
+        with trio.fail_after(1.0):
+            await ended.wait()
+
+        async def refused() -> bool:
+            return (await agw.client.get("/runs", headers=keyed)).status_code == 403
+
+        await wait_until(refused, timeout=1.0, what="the revoked key to be refused")
+        assert trio.current_time() - revoked_at < 1.0
+
+
+async def test_refusals_are_counted_in_metrics(agw: GW) -> None:
+    key, _ = await _key(agw)
+    for _ in range(3):
+        assert (await agw.client.get("/workers")).status_code == 401
+        assert (await agw.client.get("/workers", headers={"X-API-Key": "pyoco_0123456789abcdef.secretsecretsecretsecret"})).status_code == 403
+        assert (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
+    text = (await agw.client.get("/metrics", headers={"X-API-Key": key})).text
+    assert re.search(r'pyoco_http_requests_total\{method="GET",route="/workers",status="401"\} 3', text), text
+    assert re.search(r'pyoco_http_requests_total\{method="GET",route="/workers",status="403"\} 3', text)
+    assert (await agw.client.get("/metrics")).status_code == 401
+
+
+async def test_metrics_public_is_an_explicit_opt_in(tmp_path: Path) -> None:
+    import attrs
+
+    async with open_gateway(tmp_path, settings=attrs.evolve(AUTH, http_metrics_public=True)) as g:
+        assert (await g.client.get("/metrics")).status_code == 200
+        assert (await g.client.get("/workers")).status_code == 401
+
+
+def test_unknown_auth_mode_refused_at_start() -> None:
+    from pyoco_es.core.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="not a mode"):
+        create_app(None, Settings(http_auth_mode="basic"))  # type: ignore[arg-type]
