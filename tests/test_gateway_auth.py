@@ -152,3 +152,46 @@ def test_unknown_auth_mode_refused_at_start() -> None:
 
     with pytest.raises(ValidationError, match="not a mode"):
         create_app(None, Settings(http_auth_mode="basic"))  # type: ignore[arg-type]
+
+
+# -- tenants ------------------------------------------------------------------------------------
+
+
+async def test_tenant_never_sees_or_cancels_another_tenants_run(agw: GW) -> None:
+    a_key, a_id = await _key(agw, "team-a")
+    b_key, _ = await _key(agw, "team-b")
+    a, b = {"X-API-Key": a_key}, {"X-API-Key": b_key}
+    r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers=a)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    r = await submit_yaml(agw.client, headers=a)  # the fast path's submit
+    assert r.status_code == 200, r.text
+    yaml_run = r.json()["run_id"]
+
+    async def owned() -> dict | None:
+        r = await agw.client.get(f"/runs/{yaml_run}", headers=a)
+        return r.json() if r.status_code == 200 else None
+
+    doc = await wait_until(owned, what="tenant A reads its run")
+    assert (doc["tenant_id"], doc["api_key_id"]) == ("team-a", a_id)
+
+    for rid in (run_id, yaml_run):
+        for method, path in (("GET", f"/runs/{rid}"), ("GET", f"/runs/{rid}/tasks"), ("GET", f"/runs/{rid}/events"),
+                             ("GET", f"/runs/{rid}/watch"), ("POST", f"/runs/{rid}/cancel")):
+            r = await agw.client.request(method, path, headers=b)
+            assert (r.status_code, r.json()) == (404, {"detail": "run not found"}), (method, path)
+    assert (await agw.client.get("/runs", headers=b)).json() == []
+    assert (await agw.client.get("/runs", params={"updated_after": 0}, headers=b)).json()["items"] == []
+    r = await agw.client.get("/runs/stream", params={"timeout_sec": 1}, headers=b)
+    assert r.status_code == 200 and '"runs":0' in r.text  # not even the count of others' runs
+    r = await agw.client.get("/runs/stream", params={"timeout_sec": 1, "after": 0}, headers=b)
+    assert r.status_code == 200 and run_id not in r.text and yaml_run not in r.text
+    r = await agw.client.get("/runs/stream", params={"timeout_sec": 1, "after": 0}, headers=a)
+    assert run_id in r.text and yaml_run in r.text
+    assert {i["run_id"] for i in (await agw.client.get("/runs", headers=a)).json()} == {run_id, yaml_run}
+
+    r = await agw.client.post(f"/runs/{run_id}/cancel", headers=a)
+    assert r.status_code == 200, r.text
+    assert r.json()["cancel_requested_by"] == f"api_key:{a_id}" and r.json()["status"] == "CANCELLED"
+    events = (await agw.client.get(f"/runs/{run_id}/events", headers=a)).json()["events"]
+    assert events[0]["data"]["tenant_id"] == "team-a" and events[0]["data"]["api_key_id"] == a_id

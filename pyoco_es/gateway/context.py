@@ -17,12 +17,12 @@ import trio
 from quart import current_app, request
 
 from ..config import Settings
-from ..core.errors import InfraError
+from ..core.errors import InfraError, RunNotFound
 from ..core.events import JSONObject, Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
 from . import sse
-from .auth import KeyRing
+from .auth import KeyRing, Principal, principal_of
 from .index import RunIndex, WorkerIndex
 from .metrics import HttpMetrics
 from .params import idempotency_key, invalid
@@ -111,6 +111,28 @@ def current_gateway() -> Gateway:
 
 
 # -- the request's common parts ------------------------------------------------------------------
+
+
+def caller() -> Principal | None:
+    """Who made the request (the API key's tenant and id); None when auth is off."""
+    return principal_of(request.scope)
+
+
+def tenant_filter() -> dict[str, str]:
+    """The list filter that keeps a caller to its tenant's runs ({} when auth is off)."""
+    who = caller()
+    return {} if who is None else {"tenant_id": who.tenant_id}
+
+
+def check_tenant(doc: JSONObject, run_id: str) -> None:
+    """Another tenant's run (or one made with auth off) is not found, as if it did not exist.
+
+    Raises:
+        RunNotFound: the caller's tenant is not the run's.
+    """
+    who = caller()
+    if who is not None and doc.get("tenant_id") != who.tenant_id:
+        raise RunNotFound(run_id)
 
 
 def includes() -> set[str]:
