@@ -80,6 +80,8 @@ async def test_valid_key_submits_and_reads_also_on_the_fast_path(agw: GW) -> Non
     await wait_until(cached, what="run readable with the key")
     r = await agw.client.get(f"/runs/{run_id}")  # answered from the watch cache when keyed
     assert (r.status_code, r.json()) == (401, {"detail": "api key required"})
+    r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers={**keyed, "Origin": "https://evil.example"})
+    assert r.status_code == 403 and r.json()["detail"] != "invalid api key"  # a valid key does not lift the Origin check
 
 
 async def test_key_made_by_pyoco_server_format_is_accepted(agw: GW) -> None:
