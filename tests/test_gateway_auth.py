@@ -197,3 +197,20 @@ async def test_tenant_never_sees_or_cancels_another_tenants_run(agw: GW) -> None
     assert r.json()["cancel_requested_by"] == f"api_key:{a_id}" and r.json()["status"] == "CANCELLED"
     events = (await agw.client.get(f"/runs/{run_id}/events", headers=a)).json()["events"]
     assert events[0]["data"]["tenant_id"] == "team-a" and events[0]["data"]["api_key_id"] == a_id
+
+
+async def test_pyoco_client_with_and_without_key(agw: GW) -> None:
+    import os
+    import sys
+
+    key, _ = await _key(agw)
+    client = str(Path(sys.executable).with_name("pyoco-client"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYOCO_API_KEY", "PYOCO_HTTP_API_KEY_HEADER")}
+    env["PYOCO_LOAD_DOTENV"] = "0"
+    missing = await trio.run_process([client, "--server", agw.url, "list"], capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert missing.returncode != 0 and b"requires an API key" in missing.stderr and key.encode() not in missing.stderr
+    wrong = await trio.run_process([client, "--server", agw.url, "--api-key", key[:-3] + "zzz", "list"], capture_stderr=True, check=False, env=env)
+    assert wrong.returncode != 0 and b"API key was refused" in wrong.stderr
+    ok = await trio.run_process([client, "--server", agw.url, "list"], capture_stdout=True, capture_stderr=True, check=False,
+                                env={**env, "PYOCO_API_KEY": key})
+    assert ok.returncode == 0, ok.stderr
