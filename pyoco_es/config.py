@@ -129,6 +129,7 @@ class Settings:
     auth_kv_bucket: str = "pyoco_auth"  # API key records, as pyoco-server keeps them
     auth_pepper: str | None = None  # mixed into every key hash; must match the admin tool and the gateway
     http_metrics_public: bool = False  # with api_key auth: /metrics answers without a key (explicit opt-in)
+    http_auth_free_failures: int = 10  # refusals per client address per minute answered at once; later ones are slowed
     dashboard_lang: str = "auto"
     # Origins (scheme://host[:port]) besides the gateway's own whose browsers may send
     # state-changing requests (a dashboard served elsewhere); "*" allows any (not recommended).
@@ -177,6 +178,7 @@ class Settings:
             auth_kv_bucket=e.get("PYOCO_AUTH_KV_BUCKET") or "pyoco_auth",
             auth_pepper=e.get("PYOCO_AUTH_PEPPER") or None,
             http_metrics_public=_bool(e, "PYOCO_HTTP_METRICS_PUBLIC", False),
+            http_auth_free_failures=max(0, _int(e, "PYOCO_HTTP_AUTH_FREE_FAILURES", 10)),
             dashboard_lang=e.get("PYOCO_DASHBOARD_LANG") or "auto",
             http_allowed_origins=_csv(e, "PYOCO_HTTP_ALLOWED_ORIGINS"),
             http_allowed_hosts=tuple(h.lower() for h in _csv(e, "PYOCO_HTTP_ALLOWED_HOSTS")),

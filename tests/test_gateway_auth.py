@@ -21,7 +21,10 @@ from pyoco_es.nats import keystore
 from test_gateway_support import GW, open_gateway, submit_yaml, wait_until
 
 PEPPER = "pep"
-AUTH = Settings(sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0, http_auth_mode="api_key", auth_pepper=PEPPER)
+AUTH = Settings(
+    sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0, http_auth_mode="api_key", auth_pepper=PEPPER,
+    http_auth_free_failures=10_000,  # the route sweep refuses many; the slow-down has its own test
+)
 RUN_ID = "0b7c3e9a-9d2f-4c1e-8a5f-6d7c8b9a0e1f"
 
 
@@ -214,3 +217,27 @@ async def test_pyoco_client_with_and_without_key(agw: GW) -> None:
     ok = await trio.run_process([client, "--server", agw.url, "list"], capture_stdout=True, capture_stderr=True, check=False,
                                 env={**env, "PYOCO_API_KEY": key})
     assert ok.returncode == 0, ok.stderr
+
+
+async def test_repeated_failures_from_one_client_are_slowed_down(tmp_path: Path) -> None:
+    import attrs
+
+    async with open_gateway(tmp_path, settings=attrs.evolve(AUTH, http_auth_free_failures=10)) as g:
+        await _slowed_down(g, free=10)
+
+
+async def _slowed_down(agw: GW, *, free: int) -> None:
+    key, _ = await _key(agw)
+    assert (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200  # PBKDF2 once
+    bad = {"X-API-Key": "pyoco_0123456789abcdef.secretsecretsecretsecret"}
+    for _ in range(free):
+        started = trio.current_time()
+        assert (await agw.client.get("/runs", headers=bad)).status_code == 403
+        assert trio.current_time() - started < 0.1  # the first few are answered at once
+    for extra in (1, 2, 3):
+        started = trio.current_time()
+        assert (await agw.client.get("/runs", headers=bad)).status_code == 403
+        assert trio.current_time() - started >= 0.1 * extra  # each one later
+    started = trio.current_time()
+    assert (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
+    assert trio.current_time() - started < 0.1  # a valid key from the same client is not held

@@ -14,6 +14,9 @@ guards every protected route, in front of the fast path and Quart alike.
   its SHA-256; a wrong key is remembered too, so repeating it costs no PBKDF2.  A revocation
   (or a deleted or changed record) drops the key from the cache as soon as the watch delivers
   it, and cancels every request still open with it, so an open SSE stream ends.
+- **Slowed down.** After ``PYOCO_HTTP_AUTH_FREE_FAILURES`` (10) refusals from one client address within
+  :data:`FAILURE_WINDOW` seconds, each further refusal is answered later (0.1 s more each time, up
+  to 2 s); valid requests from that address are not delayed.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ INVALID: Final = "invalid api key"
 CACHE_MAX: Final = 10_000  # verified keys held (only valid keys get in)
 REFUSED_MAX: Final = 1_024  # wrong keys remembered (a flood of distinct ones just cycles)
 RETRY_WATCH: Final = 1.0
+FAILURE_WINDOW: Final = 60.0  # seconds
+FAILURE_DELAY_STEP: Final = 0.1  # each refusal beyond the free ones waits this much longer ...
+FAILURE_DELAY_MAX: Final = 2.0  # ... up to this
+CLIENTS_TRACKED: Final = 10_000
 
 
 @attrs.frozen
@@ -175,6 +182,7 @@ class AuthLayer:
         *,
         header: str = "X-API-Key",
         public_metrics: bool = False,
+        free_failures: int = 10,
         observe: Callable[[str, str, int, float], None] | None = None,
     ) -> None:
         self.app = app
@@ -183,6 +191,8 @@ class AuthLayer:
         self.public = PUBLIC_RULES | ({METRICS_RULE} if public_metrics else frozenset())
         self.adapter = url_map.bind("localhost")
         self.observe = observe
+        self.free_failures = free_failures
+        self._failures: dict[str, tuple[float, int]] = {}  # client address -> (window start, refusals)
 
     def rule_of(self, method: str, path: str) -> str | None:
         """The protected rule a request would reach (None: public, or no route matches)."""
@@ -218,7 +228,8 @@ class AuthLayer:
             log.info("%s %s ended: api key %s was revoked", scope["method"], scope["path"], outcome.key_id)
 
     async def _refuse(self, scope: dict[str, Any], send: Send, rule: str, refusal: Refusal, started: float) -> None:
-        client = (scope.get("client") or ("?", 0))[0]
+        client = str((scope.get("client") or ("?", 0))[0])
+        await trio.sleep(self._penalty(client))
         log.warning(
             "%s %s refused (%d, %s): key id %s from %s",
             scope["method"], rule, refusal.status, refusal.reason, refusal.key_id or "-", client,
@@ -231,6 +242,18 @@ class AuthLayer:
         await send({"type": "http.response.body", "body": body})
         if self.observe is not None:
             self.observe(scope["method"], rule, refusal.status, time.perf_counter() - started)
+
+
+    def _penalty(self, client: str) -> float:
+        """Seconds to hold this refusal: 0 for the first few from a client in a window."""
+        now = trio.current_time()
+        start, count = self._failures.get(client, (now, 0))
+        if now - start > FAILURE_WINDOW:
+            start, count = now, 0
+        if len(self._failures) >= CLIENTS_TRACKED and client not in self._failures:
+            self._failures.clear()
+        self._failures[client] = (start, count + 1)
+        return min(FAILURE_DELAY_MAX, FAILURE_DELAY_STEP * max(0, count + 1 - self.free_failures))
 
 
 def principal_of(scope: dict[str, Any]) -> Principal | None:

@@ -55,7 +55,8 @@ async def run_gateway(
         if keys is not None:
             asgi = AuthLayer(
                 asgi, app.url_map, keys,
-                header=settings.api_key_header, public_metrics=settings.http_metrics_public, observe=gw.http.observe,
+                header=settings.api_key_header, public_metrics=settings.http_metrics_public,
+                free_failures=settings.http_auth_free_failures, observe=gw.http.observe,
             )
         binds = await nursery.start(lambda task_status: serve(asgi, config, task_status=task_status))  # type: ignore[arg-type]
         url = urlsplit(binds[0])
