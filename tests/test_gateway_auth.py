@@ -241,3 +241,22 @@ async def _slowed_down(agw: GW, *, free: int) -> None:
     started = trio.current_time()
     assert (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
     assert trio.current_time() - started < 0.1  # a valid key from the same client is not held
+
+
+async def test_key_ring_answers_503_until_loaded_and_forgets_deleted_records() -> None:
+    from types import SimpleNamespace
+
+    from pyoco_es.gateway.auth import KeyRing, Principal, Refusal
+    from pyoco_es.ports import KVEntry
+
+    ring = KeyRing(SimpleNamespace(url="nats://x"))  # type: ignore[arg-type]
+    key, rec = apikey.generate_api_key(tenant_id="t", now=1.0, iterations=1000)
+    refused = await ring.authenticate(key)
+    assert isinstance(refused, Refusal) and refused.status == 503 and "still loading" in refused.detail
+    ring._on_entry(KVEntry(key=apikey.kv_key(rec.key_id), value=rec.to_json_bytes(), revision=1))
+    ring._on_loaded({apikey.kv_key(rec.key_id)})
+    ring.ready.set()
+    assert await ring.authenticate(key) == Principal(key_id=rec.key_id, tenant_id="t")
+    ring._on_loaded(set())  # a reload after the record was deleted while the watch was away
+    gone = await ring.authenticate(key)
+    assert isinstance(gone, Refusal) and gone.status == 403

@@ -35,10 +35,11 @@ from werkzeug.routing import Map
 from ..core import apikey
 from ..core.apikey import ApiKeyFormatError, ApiKeyRecord
 from ..core.codec import dumps
-from ..core.errors import PyocoError
 from ..nats import subjects
 from ..nats.client import NatsClient
 from ..nats.keystore import record_from_entry
+from ..ports import KVEntry
+from ..watch import BucketFollower
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ REQUIRED: Final = "api key required"
 INVALID: Final = "invalid api key"
 CACHE_MAX: Final = 10_000  # verified keys held (only valid keys get in)
 REFUSED_MAX: Final = 1_024  # wrong keys remembered (a flood of distinct ones just cycles)
-RETRY_WATCH: Final = 1.0
 FAILURE_WINDOW: Final = 60.0  # seconds
 FAILURE_DELAY_STEP: Final = 0.1  # each refusal beyond the free ones waits this much longer ...
 FAILURE_DELAY_MAX: Final = 2.0  # ... up to this
@@ -77,13 +77,17 @@ class Refusal:
 
 
 class KeyRing:
-    """Every API key record of the auth bucket, kept current by a watch, and the verified keys."""
+    """Every API key record of the auth bucket, kept current by a watch (a broken or stalled one
+    is restarted and re-reads every record: :class:`~pyoco_es.watch.BucketFollower`), and the
+    verified keys."""
 
-    def __init__(self, nats: NatsClient, *, bucket: str = subjects.AUTH_BUCKET, pepper: str | None = None) -> None:
+    def __init__(
+        self, nats: NatsClient, *, bucket: str = subjects.AUTH_BUCKET, pepper: str | None = None, check_interval: float = 2.0
+    ) -> None:
         self.nats = nats
         self.bucket = bucket
         self.pepper = pepper
-        self.ready = trio.Event()
+        self.follower = BucketFollower(nats, bucket, self._on_entry, self._on_loaded, check_interval)
         self._records: dict[str, ApiKeyRecord] = {}
         self._verified: dict[bytes, str] = {}  # sha256(key) -> key_id
         self._refused: dict[bytes, str] = {}  # sha256(key) -> key_id (wrong secret for a known id)
@@ -91,25 +95,26 @@ class KeyRing:
         self._limiter = trio.CapacityLimiter(2)  # PBKDF2 threads
         self.pbkdf2_runs = 0
 
+    @property
+    def ready(self) -> trio.Event:
+        return self.follower.ready
+
     async def run(self, *, task_status: trio.TaskStatus[KeyRing] = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch the bucket until cancelled; started once the current records are loaded."""
-        started = False
-        while True:
-            try:
-                async with self.nats.kv_watch(self.bucket, f"{subjects.API_KEY_PREFIX}>") as updates:
-                    async for entry in updates:
-                        if entry is None:
-                            if not started:
-                                started = True
-                                self.ready.set()
-                                task_status.started(self)
-                            continue
-                        self._apply(entry.key[len(subjects.API_KEY_PREFIX):], record_from_entry(entry))
-            except PyocoError as exc:
-                if not started:
-                    raise
-                log.warning("api key watch on %s broke (%s); watching again", self.bucket, exc)
-            await trio.sleep(RETRY_WATCH)
+        """Follow the bucket until cancelled; started once the records are loaded (or the first
+        attempt failed: requests then get 503 until they are)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.follower.run)
+            task_status.started(self)
+
+    def _on_entry(self, entry: KVEntry) -> None:
+        if entry.key.startswith(subjects.API_KEY_PREFIX):
+            self._apply(entry.key[len(subjects.API_KEY_PREFIX):], record_from_entry(entry))
+
+    def _on_loaded(self, present: set[str]) -> None:
+        """After a (re)load: a record that is gone was deleted while the watch was away."""
+        for key_id in list(self._records):
+            if subjects.API_KEY_PREFIX + key_id not in present:
+                self._apply(key_id, None)
 
     def _apply(self, key_id: str, record: ApiKeyRecord | None) -> None:
         old = self._records.get(key_id)
@@ -131,6 +136,8 @@ class KeyRing:
     async def authenticate(self, presented: str | None) -> Principal | Refusal:
         if not presented:
             return Refusal(401, REQUIRED, "missing")
+        if not self.ready.is_set():
+            return Refusal(503, f"api keys are still loading from NATS at {self.nats.url}", "keys not loaded")
         try:
             key_id, _ = apikey.parse_api_key(presented)
         except ApiKeyFormatError:

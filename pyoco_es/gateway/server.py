@@ -41,7 +41,7 @@ async def run_gateway(
         workers = await nursery.start(WorkerIndex(nats, check_interval=check).run)
         keys = None
         if settings.http_auth_mode == "api_key":
-            keys = await nursery.start(KeyRing(nats, bucket=settings.auth_kv_bucket, pepper=settings.auth_pepper).run)
+            keys = await nursery.start(KeyRing(nats, bucket=settings.auth_kv_bucket, pepper=settings.auth_pepper, check_interval=check).run)
         app = create_app(nats, settings, index=index, workers=workers, keys=keys)
         gw = gateway_of(app)
         gw.allowed_hosts = allowed_hosts(settings.http_allowed_hosts, gw.allowed_origins, bind_host=host)
