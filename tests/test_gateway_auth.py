@@ -5,6 +5,7 @@ revocation takes effect within a second (an open SSE stream ends), and refusals 
 from __future__ import annotations
 
 import re
+from json import loads as json_loads
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -260,3 +261,29 @@ async def test_key_ring_answers_503_until_loaded_and_forgets_deleted_records() -
     ring._on_loaded(set())  # a reload after the record was deleted while the watch was away
     gone = await ring.authenticate(key)
     assert isinstance(gone, Refusal) and gone.status == 403
+
+
+async def test_key_from_pyoco_server_admin_works_on_our_gateway(agw: GW) -> None:
+    import os
+
+    from test_apikey import UPSTREAM_PY
+
+    if not UPSTREAM_PY.exists():
+        pytest.skip("pyoco-server 0.5.1 scratch venv not installed")
+    env = {**os.environ, "PYOCO_AUTH_PEPPER": PEPPER, "PYOCO_LOAD_DOTENV": "0"}
+    cmd = [str(UPSTREAM_PY), "-m", "pyoco_server.admin_cli", "--nats-url", agw.stack.nats_url, "api-key"]
+    made = await trio.run_process([*cmd, "create", "--tenant", "legacy"], capture_stdout=True, capture_stderr=True, env=env)
+    key = json_loads(made.stdout)["api_key"]
+
+    async def accepted() -> bool:
+        return (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
+
+    await wait_until(accepted, what="pyoco-server-admin's key accepted")
+    r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers={"X-API-Key": key})
+    assert r.status_code == 200
+    await trio.run_process([*cmd, "revoke", "--key-id", key.split(".")[0][len("pyoco_"):]], capture_stdout=True, env=env)
+
+    async def refused() -> bool:
+        return (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 403
+
+    await wait_until(refused, timeout=1.0, what="revoked by pyoco-server-admin, refused here")
