@@ -1,7 +1,7 @@
 """API keys (issue 13): pyoco-server 0.5's key format, verified both ways against its own code.
 
 The cross-checks run pyoco-server 0.5.1's ``auth.py`` / ``pyoco-server-admin`` from a scratch venv
-(``PYOCO_UPSTREAM_PYTHON``, default /tmp/ak-ups/bin/python) in a subprocess; they skip when it is
+(``PYOCO_UPSTREAM_PYTHON``, else the venv benchmarks/bench_e2e.py makes, else /tmp/ak-ups) in a subprocess; they skip when it is
 not installed, and every other test here needs nothing but this package and a nats-server.
 """
 
@@ -21,7 +21,8 @@ from pyoco_es.nats import keystore
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
 
-UPSTREAM_PY = Path(os.environ.get("PYOCO_UPSTREAM_PYTHON", "/tmp/ak-ups/bin/python"))
+_CANDIDATES = [Path(__file__).resolve().parents[1] / "benchmarks" / ".pyoco-server-venv" / "bin" / "python", Path("/tmp/ak-ups/bin/python")]
+UPSTREAM_PY = Path(os.environ.get("PYOCO_UPSTREAM_PYTHON") or next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[0]))
 upstream = pytest.mark.skipif(not UPSTREAM_PY.exists(), reason="pyoco-server 0.5.1 scratch venv not installed")
 FAST = 1000  # iterations for tests that do not test the default cost
 
