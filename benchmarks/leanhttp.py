@@ -134,13 +134,15 @@ class Client:
             return resp
         raise AssertionError("unreachable")
 
+    extra_headers = b""  # e.g. b"X-API-Key: ...\r\n", sent with every request (bench_auth.py)
+
     async def get(self, path: str) -> Response:
-        return await self._send(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + self.hostport + b"\r\n\r\n")
+        return await self._send(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + self.hostport + b"\r\n" + self.extra_headers + b"\r\n")
 
     async def post(self, path: str, body: bytes, content_type: bytes) -> Response:
         return await self._send(
             b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + self.hostport
-            + b"\r\nContent-Type: " + content_type
+            + b"\r\n" + self.extra_headers + b"Content-Type: " + content_type
             + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
 

@@ -151,7 +151,7 @@ class NatsBackendConfig:
 
     def resource_config(self, settings: Settings) -> ResourceConfig:
         extra = {ours: getattr(self, theirs) for theirs, ours in _RESOURCE_FIELDS.items()}
-        return ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix, **extra)
+        return attrs.evolve(ResourceConfig.from_settings(settings), **extra)
 
 
 async def ensure_resources(js: object = None, config: NatsBackendConfig | None = None) -> list[str]:

@@ -126,6 +126,10 @@ class Settings:
     # gateway
     http_auth_mode: str = "none"
     api_key_header: str = "X-API-Key"
+    auth_kv_bucket: str = "pyoco_auth"  # API key records, as pyoco-server keeps them
+    auth_pepper: str | None = None  # mixed into every key hash; must match the admin tool and the gateway
+    http_metrics_public: bool = False  # with api_key auth: /metrics answers without a key (explicit opt-in)
+    http_auth_free_failures: int = 10  # refusals per client address per minute answered at once; later ones are slowed
     dashboard_lang: str = "auto"
     # Origins (scheme://host[:port]) besides the gateway's own whose browsers may send
     # state-changing requests (a dashboard served elsewhere); "*" allows any (not recommended).
@@ -184,6 +188,10 @@ class Settings:
             max_params_bytes=_int(e, "PYOCO_MAX_PARAMS_BYTES", 512 * 1024),
             http_auth_mode=(e.get("PYOCO_HTTP_AUTH_MODE") or "none").strip().lower(),
             api_key_header=e.get("PYOCO_HTTP_API_KEY_HEADER") or "X-API-Key",
+            auth_kv_bucket=e.get("PYOCO_AUTH_KV_BUCKET") or "pyoco_auth",
+            auth_pepper=e.get("PYOCO_AUTH_PEPPER") or None,
+            http_metrics_public=_bool(e, "PYOCO_HTTP_METRICS_PUBLIC", False),
+            http_auth_free_failures=max(0, _int(e, "PYOCO_HTTP_AUTH_FREE_FAILURES", 10)),
             dashboard_lang=e.get("PYOCO_DASHBOARD_LANG") or "auto",
             http_allowed_origins=_csv(e, "PYOCO_HTTP_ALLOWED_ORIGINS"),
             http_allowed_hosts=tuple(h.lower() for h in _csv(e, "PYOCO_HTTP_ALLOWED_HOSTS")),

@@ -41,13 +41,7 @@ def configure_logging(settings: Settings, level: str | None = None, *, service: 
 
 def resource_config(settings: Settings) -> ResourceConfig:
     """The streams' and buckets' shape that ``settings`` asks for."""
-    return ResourceConfig(
-        replicas=settings.nats_replicas,
-        work_prefix=settings.work_subject_prefix,
-        dlq_max_age=settings.dlq_max_age,
-        dlq_max_msgs=settings.dlq_max_msgs,
-        dlq_max_bytes=settings.dlq_max_bytes,
-    )
+    return ResourceConfig.from_settings(settings)
 
 
 @asynccontextmanager

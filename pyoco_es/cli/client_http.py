@@ -76,7 +76,7 @@ def _status_hint(status: int, settings: ClientSettings) -> str:
     if status == 401:
         return f"the server requires an API key: pass --api-key (sent as {settings.api_key_header}) or set PYOCO_API_KEY"
     if status == 403:
-        return "the API key was refused (unknown, revoked or for another tenant): check --api-key"
+        return "the API key was refused (malformed, unknown or revoked): check --api-key or PYOCO_API_KEY"
     if status == 404:
         return f"check the id; `{cmd} list` shows recent runs"
     if status in (413, 422, 400):

@@ -283,6 +283,9 @@ def _mount_optional() -> None:
         cli.add_command(client_group, "client")
     except ImportError:  # pragma: no cover
         pass
+    from .admin import admin as admin_group
+
+    cli.add_command(admin_group, "admin")
 
 
 _mount_optional()

@@ -32,7 +32,7 @@ async def run_conductor(
 ) -> None:
     """Run until cancelled.  ``task_status.started`` reports once every part is live."""
     cid = conductor_id or f"{socket.gethostname()}-{os.getpid()}"
-    resources = ResourceConfig(replicas=settings.nats_replicas, work_prefix=settings.work_subject_prefix)
+    resources = ResourceConfig.from_settings(settings)
 
     async def heal() -> None:
         # Streams, buckets deleted under a running system come back (their consumers with the

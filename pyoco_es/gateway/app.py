@@ -27,6 +27,7 @@ from ..service import RunStore
 from . import dashboard, events, runs, status, streams, workers
 from .answer import on_http_error, on_pyoco_error, on_unexpected
 from .context import JSON_BODY_MAX, MULTIPART_SLACK, STATIC_DIR, Gateway, current_gateway, gateway_of
+from .auth import KeyRing
 from .guard import allowed_origins, check_host, check_request, cors_headers
 from .index import RunIndex, WorkerIndex
 
@@ -43,6 +44,7 @@ def create_app(
     gateway_id: str | None = None,
     heartbeat_interval: float | None = None,
     static_dir: Path | None = None,
+    keys: KeyRing | None = None,
 ) -> QuartTrio:
     """Build the gateway app.
 
@@ -53,17 +55,14 @@ def create_app(
             port opens.
         heartbeat_interval: seconds of silence before an SSE heartbeat (default
             ``settings.sse_heartbeat_interval``).
+        keys: the API key ring; required with ``PYOCO_HTTP_AUTH_MODE=api_key``, whose checks
+            are made by the ASGI layer ``run_gateway`` puts in front (:mod:`.auth`).
 
     Raises:
-        ValidationError: the settings ask for something the gateway cannot do (API-key auth).
+        ValidationError: the settings ask for something the gateway cannot do (an unknown auth
+            mode, or api_key without a key ring).
     """
-    if settings.http_auth_mode not in ("", "none"):
-        # Fail closed: serving unauthenticated while the operator asked for API keys would be
-        # worse than not starting.
-        raise ValidationError(
-            f"PYOCO_HTTP_AUTH_MODE={settings.http_auth_mode!r} is not supported by the pyoco-es gateway yet; "
-            "unset it (auth off, pyoco-server's default) or put an authenticating proxy in front"
-        )
+    check_auth_mode(settings, keys)
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(JSON_BODY_MAX, settings.workflow_yaml_max_bytes + MULTIPART_SLACK)
     app.config["RESPONSE_TIMEOUT"] = None
@@ -80,6 +79,7 @@ def create_app(
         heartbeat_interval=heartbeat_interval if heartbeat_interval is not None else settings.sse_heartbeat_interval,
         static_dir=static_dir or STATIC_DIR,
         allowed_origins=allowed_origins(settings.http_allowed_origins),
+        keys=keys,
     )
     app.extensions["pyoco"] = gw
 
@@ -98,6 +98,17 @@ def create_app(
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     return app
+
+
+def check_auth_mode(settings: Settings, keys: KeyRing | None) -> None:
+    # Fail closed: serving unauthenticated while the operator asked for API keys would be worse
+    # than not starting.
+    if settings.http_auth_mode in ("", "none"):
+        return
+    if settings.http_auth_mode != "api_key":
+        raise ValidationError(f"PYOCO_HTTP_AUTH_MODE={settings.http_auth_mode!r} is not a mode: use none or api_key")
+    if keys is None:
+        raise ValidationError("PYOCO_HTTP_AUTH_MODE=api_key needs the key ring: serve the app with run_gateway")
 
 
 async def _check_request() -> None:

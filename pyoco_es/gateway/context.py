@@ -17,11 +17,12 @@ import trio
 from quart import current_app, request
 
 from ..config import Settings
-from ..core.errors import InfraError
+from ..core.errors import InfraError, RunNotFound
 from ..core.events import JSONObject, Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
 from . import sse
+from .auth import KeyRing, Principal, principal_of
 from .index import RunIndex, WorkerIndex
 from .metrics import HttpMetrics
 from .params import idempotency_key, invalid
@@ -51,6 +52,7 @@ class Gateway:
     parse_limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))  # YAML parses in a thread
     allowed_origins: frozenset[str] = frozenset()  # PYOCO_HTTP_ALLOWED_ORIGINS, normalised (see .guard)
     allowed_hosts: frozenset[str] | None = None  # Host names served; None: any (set by run_gateway on a loopback bind)
+    keys: KeyRing | None = None  # API keys (PYOCO_HTTP_AUTH_MODE=api_key); None: auth off
 
     def require_nats(self) -> None:
         """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""
@@ -109,6 +111,28 @@ def current_gateway() -> Gateway:
 
 
 # -- the request's common parts ------------------------------------------------------------------
+
+
+def caller() -> Principal | None:
+    """Who made the request (the API key's tenant and id); None when auth is off."""
+    return principal_of(request.scope)
+
+
+def tenant_filter() -> dict[str, str]:
+    """The list filter that keeps a caller to its tenant's runs ({} when auth is off)."""
+    who = caller()
+    return {} if who is None else {"tenant_id": who.tenant_id}
+
+
+def check_tenant(doc: JSONObject, run_id: str) -> None:
+    """Another tenant's run (or one made with auth off) is not found, as if it did not exist.
+
+    Raises:
+        RunNotFound: the caller's tenant is not the run's.
+    """
+    who = caller()
+    if who is not None and doc.get("tenant_id") != who.tenant_id:
+        raise RunNotFound(run_id)
 
 
 def includes() -> set[str]:

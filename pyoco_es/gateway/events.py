@@ -7,7 +7,7 @@ from quart import Blueprint, Response, request
 from ..core.codec import envelope_to_json
 from ..core.errors import RunNotFound
 from .answer import json_response
-from .context import current_gateway
+from .context import check_tenant, current_gateway
 from .params import query_int
 from .snapshot import valid_run_id
 
@@ -24,6 +24,7 @@ async def get_events(run_id: str) -> Response:
     events = await gw.store.history(run_id)
     if not events:
         raise RunNotFound(run_id)
+    check_tenant(envelope_to_json(events[0])["data"], run_id)  # run.submitted names the tenant
     items = []
     for env in events:
         if env.seq <= after_seq:

@@ -25,6 +25,7 @@ from typing import Any
 from ..core.codec import dumps
 from ..core.errors import PyocoError
 from .answer import error_answer
+from .auth import principal_of
 from .context import Gateway
 from .guard import check_host, check_request
 from .params import idempotency_key
@@ -53,7 +54,8 @@ class FastPath:
                 run_id = path[6:]
                 if self._host_ok(scope) and run_id not in _RESERVED and valid_run_id(run_id) and self.gw.nats.is_connected:
                     doc = self.gw.index.doc_of(run_id)
-                    if doc is not None:
+                    who = principal_of(scope)
+                    if doc is not None and (who is None or doc.get("tenant_id") == who.tenant_id):  # else Quart: 404
                         started = time.perf_counter()
                         body = await enrich(self.gw, filter_snapshot(doc, set()))
                         await self._answer(send, 200, body, {}, ("GET", _RUN_ROUTE), started)
@@ -98,7 +100,7 @@ class FastPath:
             await self.app(scope, _replay(body, ended, receive), send)
             return
         try:
-            doc, extra = await submit_event(self.gw, event, fingerprint, key)
+            doc, extra = await submit_event(self.gw, event, fingerprint, key, principal_of(scope))
             status = 200
         except PyocoError as exc:
             status, doc, extra = error_answer(self.gw, exc, "POST", _YAML_ROUTE)

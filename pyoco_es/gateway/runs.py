@@ -15,10 +15,11 @@ from quart import Blueprint, Response, request
 
 from ..core import decide
 from ..core.errors import RunNotFound
-from ..core.events import JSONObject, JSONValue, RunSubmitted
+from ..core.events import Event, JSONObject, JSONValue, RunSubmitted
+from ..core.model import RunSnapshot
 from ..nats import subjects
 from .answer import json_response
-from .context import Gateway, current_gateway, includes, request_body, request_idempotency_key
+from .context import Gateway, caller, check_tenant, current_gateway, includes, request_body, request_idempotency_key, tenant_filter
 from .index import decode_cursor
 from .params import RequestInvalid, json_loads, query_float, query_int, query_str
 from .snapshot import FULL_INCLUDES, enrich, filter_snapshot, read_existing, valid_run_id
@@ -29,7 +30,7 @@ blueprint = Blueprint("runs", __name__)
 
 async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> Response:
     """Append ``run.submitted`` and answer after the PubAck; Idempotency-Key retries are 200s."""
-    doc, headers = await submit_event(gw, event, fingerprint, request_idempotency_key())
+    doc, headers = await submit_event(gw, event, fingerprint, request_idempotency_key(), caller())
     return json_response(doc, headers=headers)
 
 
@@ -88,6 +89,7 @@ async def list_runs() -> Response:
         "tag": query_str(args, "tag"),
         "workflow_yaml_sha256": query_str(args, "workflow_yaml_sha256"),
         "schedule_id": query_str(args, "schedule_id"),
+        **tenant_filter(),
     }
     delta = "updated_after" in args or "cursor" in args or "workflow_yaml_sha256" in args
     await gw.wait_index_ready()
@@ -114,6 +116,7 @@ async def list_runs() -> Response:
 async def get_run(run_id: str) -> Response:
     gw = current_gateway()
     doc = await read_existing(gw, run_id)
+    check_tenant(doc, run_id)
     return json_response(await enrich(gw, filter_snapshot(doc, includes())))
 
 
@@ -121,6 +124,7 @@ async def get_run(run_id: str) -> Response:
 async def get_tasks(run_id: str) -> Response:
     gw = current_gateway()
     doc = await read_existing(gw, run_id)
+    check_tenant(doc, run_id)
     return json_response(
         {
             "run_id": doc.get("run_id", run_id),
@@ -140,9 +144,14 @@ async def cancel_run(run_id: str) -> Response:
         raise RunNotFound(run_id)
     await gw.await_nats()
     now = gw.clock()
-    outcome = await gw.store.execute(
-        run_id, lambda snap: decide.request_cancel(snap, run_id=run_id, now=now), producer=gw.producer
-    )
+    who = caller()
+
+    def decide_cancel(snap: RunSnapshot | None) -> list[Event]:
+        if who is not None and (snap is None or snap.tenant_id != who.tenant_id):
+            raise RunNotFound(run_id)  # another tenant's run does not exist for this caller
+        return decide.request_cancel(snap, run_id=run_id, now=now, by=None if who is None else f"api_key:{who.key_id}")
+
+    outcome = await gw.store.execute(run_id, decide_cancel, producer=gw.producer)
     if outcome.snapshot is None:  # pragma: no cover - request_cancel raises RunNotFound first
         raise RunNotFound(run_id)
     doc = outcome.snapshot.to_json()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit
 
 import trio
@@ -12,6 +13,7 @@ from hypercorn.trio import serve
 from ..config import Settings
 from ..nats.client import NatsClient
 from .app import create_app, gateway_of
+from .auth import AuthLayer, KeyRing
 from .fastpath import FastPath
 from .guard import allowed_hosts
 from .index import RunIndex, WorkerIndex
@@ -37,7 +39,10 @@ async def run_gateway(
         check = settings.gateway_watch_check_interval
         index = await nursery.start(RunIndex(nats, check_interval=check).run)
         workers = await nursery.start(WorkerIndex(nats, check_interval=check).run)
-        app = create_app(nats, settings, index=index, workers=workers)
+        keys = None
+        if settings.http_auth_mode == "api_key":
+            keys = await nursery.start(KeyRing(nats, bucket=settings.auth_kv_bucket, pepper=settings.auth_pepper, check_interval=check).run)
+        app = create_app(nats, settings, index=index, workers=workers, keys=keys)
         gw = gateway_of(app)
         gw.allowed_hosts = allowed_hosts(settings.http_allowed_hosts, gw.allowed_origins, bind_host=host)
         config = Config()
@@ -46,7 +51,13 @@ async def run_gateway(
         config.errorlog = logging.getLogger("pyoco_es.gateway.hypercorn")
         config.graceful_timeout = 1.0
         config.keep_alive_timeout = 75.0
-        asgi = FastPath(app, gw)
+        asgi: Any = FastPath(app, gw)
+        if keys is not None:
+            asgi = AuthLayer(
+                asgi, app.url_map, keys,
+                header=settings.api_key_header, public_metrics=settings.http_metrics_public,
+                free_failures=settings.http_auth_free_failures, observe=gw.http.observe,
+            )
         binds = await nursery.start(lambda task_status: serve(asgi, config, task_status=task_status))  # type: ignore[arg-type]
         url = urlsplit(binds[0])
         bound = (url.hostname or host, url.port or port)

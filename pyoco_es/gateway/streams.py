@@ -24,7 +24,7 @@ from ..core.events import JSONObject
 from ..core.model import TERMINAL_STATUSES
 from . import sse
 from .answer import sse_response
-from .context import current_gateway, includes, last_event_id
+from .context import check_tenant, current_gateway, includes, last_event_id, tenant_filter
 from .index import RunIndex, RunSlot
 from .params import query_float, query_int, query_str
 from .snapshot import filter_snapshot, read_snapshot, valid_run_id
@@ -61,13 +61,15 @@ async def open_run_list_stream(
     """
     deadline = trio.current_time() + pace.timeout
     sent = after if after is not None else index.revision
+    # A tenant (API keys on) counts only its own runs; others' are not to be known.
+    runs = len(index.changed_since(0, filters={"tenant_id": filters["tenant_id"]})) if "tenant_id" in filters else len(index)
     if after is None:
-        yield sse.frame("ready", {"revision": sent, "runs": len(index)}, id=sent, retry_ms=1000)
+        yield sse.frame("ready", {"revision": sent, "runs": runs}, id=sent, retry_ms=1000)
     elif after > index.revision:
         # An id from the future: the bucket was rebuilt (revisions restart) or this
         # gateway lags the one that sent it.  Tell the client to reload its list.
         sent = index.revision
-        yield sse.frame("reset", {"revision": sent, "runs": len(index)}, id=sent, retry_ms=1000)
+        yield sse.frame("reset", {"revision": sent, "runs": runs}, id=sent, retry_ms=1000)
     last_frame = trio.current_time()
     while True:
         changed = index.change_event()
@@ -161,6 +163,7 @@ async def stream_runs() -> Response:
             "status": query_str(args, "status"),
             "flow_name": query_str(args, "flow"),
             "tag": query_str(args, "tag"),
+            **tenant_filter(),
         }.items()
         if v
     }
@@ -186,6 +189,7 @@ async def watch_run(run_id: str) -> Response:
     first = await read_snapshot(gw, run_id)
     if first is None:
         raise RunNotFound(run_id)
+    check_tenant(first, run_id)
     pace = Pace(timeout=timeout, heartbeat=gw.heartbeat_interval, clock=gw.clock)
 
     async def read(rid: str) -> JSONObject | None:

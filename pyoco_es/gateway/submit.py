@@ -23,6 +23,7 @@ from ..core.work import WorkItem
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
 from ..nats import subjects
 from ..service import new_run_id
+from .auth import Principal
 from .context import MULTIPART_SLACK, Gateway
 from .multipart import parse_form
 from .params import (
@@ -195,14 +196,19 @@ def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc) -> tuple[RunS
 
 
 
-async def submit_event(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject, key: str | None) -> tuple[JSONObject, dict[str, str]]:
+async def submit_event(
+    gw: Gateway, event: RunSubmitted, fingerprint: JSONObject, key: str | None, principal: Principal | None = None
+) -> tuple[JSONObject, dict[str, str]]:
     """Append ``run.submitted`` (Idempotency-Key retries are replays): the answer's body and headers.
+    With API keys on, the run belongs to the ``principal``'s tenant and key.
 
     Raises:
         PayloadTooLarge: the event would not fit NATS's max_payload (nothing appended).
         RequestInvalid: the Idempotency-Key names a different request.
         InfraError: NATS is down or did not acknowledge.
     """
+    if principal is not None:
+        event = attrs.evolve(event, tenant_id=principal.tenant_id, api_key_id=principal.key_id)
     tenant = event.tenant_id
     run_id = run_id_for_key(tenant, key) if key else new_run_id()
     if key:

@@ -13,6 +13,7 @@ import attrs
 import nats.js.errors
 from nats.js import api
 
+from ..config import Settings
 from . import subjects
 from .client import DEFAULT_MAX_MSG_SIZE, NatsClient
 
@@ -30,6 +31,20 @@ class ResourceConfig:
     dlq_max_age: float = 604800.0
     dlq_max_msgs: int = 100000
     dlq_max_bytes: int = 536870912
+    auth_bucket: str = subjects.AUTH_BUCKET
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ResourceConfig:
+        """The streams' and buckets' shape that ``settings`` asks for (every process that
+        creates or heals resources uses this one, so none reverts another's settings)."""
+        return cls(
+            replicas=settings.nats_replicas,
+            work_prefix=settings.work_subject_prefix,
+            dlq_max_age=settings.dlq_max_age,
+            dlq_max_msgs=settings.dlq_max_msgs,
+            dlq_max_bytes=settings.dlq_max_bytes,
+            auth_bucket=settings.auth_kv_bucket,
+        )
 
 
 def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
@@ -68,6 +83,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
         ),
         _kv_config(subjects.RUNS_BUCKET, cfg, history=1),
         _kv_config(subjects.WORKERS_BUCKET, cfg, history=1),
+        _kv_config(cfg.auth_bucket, cfg, history=1),
     ]
 
 

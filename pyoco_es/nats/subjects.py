@@ -10,9 +10,12 @@ WORK_STREAM: Final = "PYOCO_WORK"
 DLQ_STREAM: Final = "PYOCO_DLQ"
 RUNS_BUCKET: Final = "pyoco_runs"
 WORKERS_BUCKET: Final = "pyoco_workers"
+AUTH_BUCKET: Final = "pyoco_auth"  # API key records (PYOCO_AUTH_KV_BUCKET), as pyoco-server keeps them
+API_KEY_PREFIX: Final = "api_keys."  # the records' keys in the auth bucket
 
 EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
+API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"  # key created/revoked (the projector reads only pyoco.evt.run.*)
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 

@@ -1,0 +1,289 @@
+"""PYOCO_HTTP_AUTH_MODE=api_key (issue 13) against a real gateway and nats-server: every protected
+route (taken from the app's own URL map) refuses a missing or wrong key as pyoco-server does, a
+revocation takes effect within a second (an open SSE stream ends), and refusals are counted."""
+
+from __future__ import annotations
+
+import re
+from json import loads as json_loads
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from pyoco_es.config import Settings
+from pyoco_es.core import apikey
+from pyoco_es.gateway.app import create_app
+from pyoco_es.gateway.auth import PUBLIC_RULES
+from pyoco_es.nats import keystore
+
+from test_gateway_support import GW, open_gateway, submit_yaml, wait_until
+
+PEPPER = "pep"
+AUTH = Settings(
+    sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0, http_auth_mode="api_key", auth_pepper=PEPPER,
+    http_auth_free_failures=10_000,  # the route sweep refuses many; the slow-down has its own test
+)
+RUN_ID = "0b7c3e9a-9d2f-4c1e-8a5f-6d7c8b9a0e1f"
+
+
+@pytest.fixture
+async def agw(tmp_path: Path) -> AsyncIterator[GW]:
+    async with open_gateway(tmp_path, settings=AUTH) as g:
+        yield g
+
+
+async def _key(g: GW, tenant: str = "acme") -> tuple[str, str]:
+    key, rec = await keystore.create_key(g.nats, tenant_id=tenant, now=1.0, pepper=PEPPER, actor="test")
+    return key, rec.key_id
+
+
+def _protected_requests(g: GW) -> list[tuple[str, str]]:
+    """(method, concrete path) for every rule of the app that is not public."""
+    app = create_app(g.nats, Settings())
+    out = []
+    for rule in app.url_map.iter_rules():
+        if rule.rule in PUBLIC_RULES:
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", lambda m: {"run_id": RUN_ID, "worker_id": "w1"}[m.group(1)], rule.rule)
+        out += [(method, path) for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
+    assert len(out) >= 12 and ("GET", "/metrics") in out and ("PATCH", "/workers/w1") in out
+    return out
+
+
+async def test_every_protected_route_needs_a_valid_key(agw: GW) -> None:
+    key, _ = await _key(agw)
+    wrong = key[:-2] + ("AA" if not key.endswith("AA") else "BB")
+    for method, path in _protected_requests(agw):
+        r = await agw.client.request(method, path)
+        assert (r.status_code, r.json()) == (401, {"detail": "api key required"}), (method, path)
+        for bad in (wrong, "nonsense", "pyoco_0123456789abcdef.secretsecretsecretsecret"):
+            r = await agw.client.request(method, path, headers={"X-API-Key": bad})
+            assert (r.status_code, r.json()) == (403, {"detail": "invalid api key"}), (method, path, bad)
+        if path.endswith(("/watch", "/stream")):
+            continue  # streams are read below
+        r = await agw.client.request(method, path, headers={"X-API-Key": key})
+        assert r.status_code not in (401, 403), (method, path, r.text)
+    for path in ("/health", "/openapi.json", "/", "/static/app.js"):
+        assert (await agw.client.get(path)).status_code == 200, path
+
+
+async def test_valid_key_submits_and_reads_also_on_the_fast_path(agw: GW) -> None:
+    key, _ = await _key(agw)
+    keyed = {"X-API-Key": key}
+    r = await submit_yaml(agw.client, headers=keyed)  # the fast path's route
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    assert (await agw.client.post("/runs/yaml", files={"workflow": ("f.yaml", b"x")})).status_code == 401
+
+    async def cached() -> bool:
+        return (await agw.client.get(f"/runs/{run_id}", headers=keyed)).status_code == 200
+
+    await wait_until(cached, what="run readable with the key")
+    r = await agw.client.get(f"/runs/{run_id}")  # answered from the watch cache when keyed
+    assert (r.status_code, r.json()) == (401, {"detail": "api key required"})
+    r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers={**keyed, "Origin": "https://evil.example"})
+    assert r.status_code == 403 and r.json()["detail"] != "invalid api key"  # a valid key does not lift the Origin check
+
+
+async def test_key_made_by_pyoco_server_format_is_accepted(agw: GW) -> None:
+    # A record written to pyoco-server 0.5's documented format (its own code: test_apikey.py).
+    key, rec = apikey.generate_api_key(tenant_id="old", now=1.0, pepper=PEPPER)
+    await agw.nats.kv_put(keystore.AUTH_BUCKET, apikey.kv_key(rec.key_id), rec.to_json_bytes())
+
+    async def accepted() -> bool:
+        return (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
+
+    await wait_until(accepted, what="a key stored directly in the bucket to be accepted")
+
+
+async def test_revocation_refuses_within_a_second_and_ends_open_streams(agw: GW) -> None:
+    key, key_id = await _key(agw)
+    keyed = {"X-API-Key": key}
+    r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers=keyed)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    ended = trio.Event()
+    got_first = trio.Event()
+
+    async def watch() -> None:
+        async with agw.client.stream("GET", f"/runs/{run_id}/watch", headers=keyed, timeout=30) as resp:
+            assert resp.status_code == 200
+            try:
+                async for _ in resp.aiter_bytes():
+                    got_first.set()
+            except httpx.HTTPError:
+                pass  # the server ended the stream mid-response
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await got_first.wait()
+        revoked_at = trio.current_time()
+        assert await keystore.revoke_key(agw.nats, key_id, now=2.0, actor="test") is not None
+        with trio.fail_after(1.0):
+            await ended.wait()
+
+        async def refused() -> bool:
+            return (await agw.client.get("/runs", headers=keyed)).status_code == 403
+
+        await wait_until(refused, timeout=1.0, what="the revoked key to be refused")
+        assert trio.current_time() - revoked_at < 1.0
+
+
+async def test_refusals_are_counted_in_metrics(agw: GW) -> None:
+    key, _ = await _key(agw)
+    for _ in range(3):
+        assert (await agw.client.get("/workers")).status_code == 401
+        assert (await agw.client.get("/workers", headers={"X-API-Key": "pyoco_0123456789abcdef.secretsecretsecretsecret"})).status_code == 403
+        assert (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
+    text = (await agw.client.get("/metrics", headers={"X-API-Key": key})).text
+    assert re.search(r'pyoco_http_requests_total\{method="GET",route="/workers",status="401"\} 3', text), text
+    assert re.search(r'pyoco_http_requests_total\{method="GET",route="/workers",status="403"\} 3', text)
+    assert (await agw.client.get("/metrics")).status_code == 401
+
+
+async def test_metrics_public_is_an_explicit_opt_in(tmp_path: Path) -> None:
+    import attrs
+
+    async with open_gateway(tmp_path, settings=attrs.evolve(AUTH, http_metrics_public=True)) as g:
+        assert (await g.client.get("/metrics")).status_code == 200
+        assert (await g.client.get("/workers")).status_code == 401
+
+
+def test_unknown_auth_mode_refused_at_start() -> None:
+    from pyoco_es.core.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="not a mode"):
+        create_app(None, Settings(http_auth_mode="basic"))  # type: ignore[arg-type]
+
+
+# -- tenants ------------------------------------------------------------------------------------
+
+
+async def test_tenant_never_sees_or_cancels_another_tenants_run(agw: GW) -> None:
+    a_key, a_id = await _key(agw, "team-a")
+    b_key, _ = await _key(agw, "team-b")
+    a, b = {"X-API-Key": a_key}, {"X-API-Key": b_key}
+    r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers=a)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["run_id"]
+    r = await submit_yaml(agw.client, headers=a)  # the fast path's submit
+    assert r.status_code == 200, r.text
+    yaml_run = r.json()["run_id"]
+
+    async def owned() -> dict | None:
+        r = await agw.client.get(f"/runs/{yaml_run}", headers=a)
+        return r.json() if r.status_code == 200 else None
+
+    doc = await wait_until(owned, what="tenant A reads its run")
+    assert (doc["tenant_id"], doc["api_key_id"]) == ("team-a", a_id)
+
+    for rid in (run_id, yaml_run):
+        for method, path in (("GET", f"/runs/{rid}"), ("GET", f"/runs/{rid}/tasks"), ("GET", f"/runs/{rid}/events"),
+                             ("GET", f"/runs/{rid}/watch"), ("POST", f"/runs/{rid}/cancel")):
+            r = await agw.client.request(method, path, headers=b)
+            assert (r.status_code, r.json()) == (404, {"detail": "run not found"}), (method, path)
+    assert (await agw.client.get("/runs", headers=b)).json() == []
+    assert (await agw.client.get("/runs", params={"updated_after": 0}, headers=b)).json()["items"] == []
+    r = await agw.client.get("/runs/stream", params={"timeout_sec": 1}, headers=b)
+    assert r.status_code == 200 and '"runs":0' in r.text  # not even the count of others' runs
+    r = await agw.client.get("/runs/stream", params={"timeout_sec": 1, "after": 0}, headers=b)
+    assert r.status_code == 200 and run_id not in r.text and yaml_run not in r.text
+    r = await agw.client.get("/runs/stream", params={"timeout_sec": 1, "after": 0}, headers=a)
+    assert run_id in r.text and yaml_run in r.text
+    assert {i["run_id"] for i in (await agw.client.get("/runs", headers=a)).json()} == {run_id, yaml_run}
+
+    r = await agw.client.post(f"/runs/{run_id}/cancel", headers=a)
+    assert r.status_code == 200, r.text
+    assert r.json()["cancel_requested_by"] == f"api_key:{a_id}" and r.json()["status"] == "CANCELLED"
+    events = (await agw.client.get(f"/runs/{run_id}/events", headers=a)).json()["events"]
+    assert events[0]["data"]["tenant_id"] == "team-a" and events[0]["data"]["api_key_id"] == a_id
+
+
+async def test_pyoco_client_with_and_without_key(agw: GW) -> None:
+    import os
+    import sys
+
+    key, _ = await _key(agw)
+    client = str(Path(sys.executable).with_name("pyoco-client"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYOCO_API_KEY", "PYOCO_HTTP_API_KEY_HEADER")}
+    env["PYOCO_LOAD_DOTENV"] = "0"
+    missing = await trio.run_process([client, "--server", agw.url, "list"], capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert missing.returncode != 0 and b"requires an API key" in missing.stderr and key.encode() not in missing.stderr
+    wrong = await trio.run_process([client, "--server", agw.url, "--api-key", key[:-3] + "zzz", "list"], capture_stderr=True, check=False, env=env)
+    assert wrong.returncode != 0 and b"API key was refused" in wrong.stderr
+    ok = await trio.run_process([client, "--server", agw.url, "list"], capture_stdout=True, capture_stderr=True, check=False,
+                                env={**env, "PYOCO_API_KEY": key})
+    assert ok.returncode == 0, ok.stderr
+
+
+async def test_repeated_failures_from_one_client_are_slowed_down(tmp_path: Path) -> None:
+    import attrs
+
+    async with open_gateway(tmp_path, settings=attrs.evolve(AUTH, http_auth_free_failures=10)) as g:
+        await _slowed_down(g, free=10)
+
+
+async def _slowed_down(agw: GW, *, free: int) -> None:
+    key, _ = await _key(agw)
+    assert (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200  # PBKDF2 once
+    bad = {"X-API-Key": "pyoco_0123456789abcdef.secretsecretsecretsecret"}
+    for _ in range(free):
+        started = trio.current_time()
+        assert (await agw.client.get("/runs", headers=bad)).status_code == 403
+        assert trio.current_time() - started < 0.1  # the first few are answered at once
+    for extra in (1, 2, 3):
+        started = trio.current_time()
+        assert (await agw.client.get("/runs", headers=bad)).status_code == 403
+        assert trio.current_time() - started >= 0.1 * extra  # each one later
+    started = trio.current_time()
+    assert (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
+    assert trio.current_time() - started < 0.1  # a valid key from the same client is not held
+
+
+async def test_key_ring_answers_503_until_loaded_and_forgets_deleted_records() -> None:
+    from types import SimpleNamespace
+
+    from pyoco_es.gateway.auth import KeyRing, Principal, Refusal
+    from pyoco_es.ports import KVEntry
+
+    ring = KeyRing(SimpleNamespace(url="nats://x"))  # type: ignore[arg-type]
+    key, rec = apikey.generate_api_key(tenant_id="t", now=1.0, iterations=1000)
+    refused = await ring.authenticate(key)
+    assert isinstance(refused, Refusal) and refused.status == 503 and "still loading" in refused.detail
+    ring._on_entry(KVEntry(key=apikey.kv_key(rec.key_id), value=rec.to_json_bytes(), revision=1))
+    ring._on_loaded({apikey.kv_key(rec.key_id)})
+    ring.ready.set()
+    assert await ring.authenticate(key) == Principal(key_id=rec.key_id, tenant_id="t")
+    ring._on_loaded(set())  # a reload after the record was deleted while the watch was away
+    gone = await ring.authenticate(key)
+    assert isinstance(gone, Refusal) and gone.status == 403
+
+
+async def test_key_from_pyoco_server_admin_works_on_our_gateway(agw: GW) -> None:
+    import os
+
+    from test_apikey import UPSTREAM_PY
+
+    if not UPSTREAM_PY.exists():
+        pytest.skip("pyoco-server 0.5.1 scratch venv not installed")
+    env = {**os.environ, "PYOCO_AUTH_PEPPER": PEPPER, "PYOCO_LOAD_DOTENV": "0"}
+    cmd = [str(UPSTREAM_PY), "-m", "pyoco_server.admin_cli", "--nats-url", agw.stack.nats_url, "api-key"]
+    made = await trio.run_process([*cmd, "create", "--tenant", "legacy"], capture_stdout=True, capture_stderr=True, env=env)
+    key = json_loads(made.stdout)["api_key"]
+
+    async def accepted() -> bool:
+        return (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 200
+
+    await wait_until(accepted, what="pyoco-server-admin's key accepted")
+    r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers={"X-API-Key": key})
+    assert r.status_code == 200
+    await trio.run_process([*cmd, "revoke", "--key-id", key.split(".")[0][len("pyoco_"):]], capture_stdout=True, env=env)
+
+    async def refused() -> bool:
+        return (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 403
+
+    await wait_until(refused, timeout=1.0, what="revoked by pyoco-server-admin, refused here")
