@@ -342,3 +342,22 @@ def test_log_utc_and_traceback_switches_reach_the_formatter(monkeypatch: pytest.
         time.tzset()
     doc = json.loads(capsys.readouterr().err)
     assert doc["ts"].endswith("+0900") and doc["exc_type"] == "KeyError" and "exc_traceback" not in doc
+
+
+def test_every_process_that_heals_resources_asks_for_the_same_shape() -> None:
+    """The conductor's reconcile re-applies the stream configs every interval: if it built its
+    own ResourceConfig, it would revert what `up` applied from the settings (it dropped the DLQ
+    limits and the auth bucket after the merge of both features).  One constructor serves all."""
+    import inspect
+
+    from pyoco_es import backend, runtime
+    from pyoco_es.conductor import service
+    from pyoco_es.nats.resources import ResourceConfig
+
+    settings = Settings(dlq_max_age=3600.0, dlq_max_msgs=500, dlq_max_bytes=1 << 20, auth_kv_bucket="other_auth")
+    cfg = ResourceConfig.from_settings(settings)
+    assert (cfg.dlq_max_age, cfg.dlq_max_msgs, cfg.dlq_max_bytes, cfg.auth_bucket) == (3600.0, 500, 1 << 20, "other_auth")
+    assert runtime.resource_config(settings) == cfg
+    for module in (service, backend, runtime):
+        source = inspect.getsource(module)
+        assert "ResourceConfig(" not in source.replace("ResourceConfig.from_settings(", ""), module.__name__

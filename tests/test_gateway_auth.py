@@ -266,12 +266,10 @@ async def test_key_ring_answers_503_until_loaded_and_forgets_deleted_records() -
 async def test_key_from_pyoco_server_admin_works_on_our_gateway(agw: GW) -> None:
     import os
 
-    from test_apikey import UPSTREAM_PY
+    from test_apikey import upstream_python
 
-    if not UPSTREAM_PY.exists():
-        pytest.skip("pyoco-server 0.5.1 scratch venv not installed")
     env = {**os.environ, "PYOCO_AUTH_PEPPER": PEPPER, "PYOCO_LOAD_DOTENV": "0"}
-    cmd = [str(UPSTREAM_PY), "-m", "pyoco_server.admin_cli", "--nats-url", agw.stack.nats_url, "api-key"]
+    cmd = [str(upstream_python()), "-m", "pyoco_server.admin_cli", "--nats-url", agw.stack.nats_url, "api-key"]
     made = await trio.run_process([*cmd, "create", "--tenant", "legacy"], capture_stdout=True, capture_stderr=True, env=env)
     key = json_loads(made.stdout)["api_key"]
 
