@@ -110,12 +110,14 @@ async def test_upstream_run_worker_example(tmp_path: Path) -> None:
     with trio.fail_after(120):
         async with open_stack(tmp_path, settings=fast_settings()) as stack, AsyncPyocoHttpClient(stack.url) as client:
             env = {**os.environ, "PYOCO_WORKER_HEARTBEAT_INTERVAL_SEC": "0.2"}
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, str(UPSTREAM / "run_worker.py"), "--nats-url", stack.nats_url, "--tags", "hello", "--worker-id", "up1"],
-                cwd=str(UPSTREAM),
-                env=env,
-                stderr=subprocess.PIPE,
-            )
+            log = tmp_path / "run_worker.log"
+            with open(log, "wb") as err:  # a file, not an unread pipe that fills and blocks the worker
+                proc = await trio.lowlevel.open_process(
+                    [sys.executable, str(UPSTREAM / "run_worker.py"), "--nats-url", stack.nats_url, "--tags", "hello", "--worker-id", "up1"],
+                    cwd=str(UPSTREAM),
+                    env=env,
+                    stderr=err,
+                )
             try:
                 await wait_workers(client, lambda ws: any(w["worker_id"] == "up1" for w in ws))
                 run_ids = [(await client.submit_run("main", params={}, tag="hello"))["run_id"] for _ in range(2)]
@@ -125,9 +127,14 @@ async def test_upstream_run_worker_example(tmp_path: Path) -> None:
                     assert snap["worker_id"] == "up1"
                     assert snap["tasks"] == {"hello": "SUCCEEDED", "world": "SUCCEEDED"}
             finally:
-                proc.send_signal(signal.SIGINT)  # Ctrl-C: asyncio.run unwinds, the script's finally closes the worker
-                await proc.wait()
-            assert proc.returncode != 0  # KeyboardInterrupt, as with pyoco-server
+                with trio.CancelScope(shield=True):
+                    proc.send_signal(signal.SIGINT)  # Ctrl-C: asyncio.run unwinds, the script's finally closes the worker
+                    with trio.move_on_after(30):
+                        await proc.wait()
+                    if proc.returncode is None:  # never leave it behind, whatever failed above
+                        proc.kill()
+                        await proc.wait()
+            assert proc.returncode != 0, log.read_text()  # KeyboardInterrupt, as with pyoco-server
             # the script's finally ran worker.close(): it drained and deregistered before exiting
             workers = await client.get_workers(scope="all", include_hidden=True)
             assert [(w["worker_id"], w["state"]) for w in workers] == [("up1", "STOPPED_GRACEFUL")]
