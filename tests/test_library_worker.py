@@ -90,8 +90,8 @@ async def test_worker_from_python_runs_and_stops(tmp_path: Path) -> None:
                 assert snap["task_records"]["world"]["output"] == "world"
             finally:
                 await worker.close()
-            workers = await client.get_workers(scope="all", include_hidden=True)
-            assert [(w["worker_id"], w["state"]) for w in workers] == [("lib1", "STOPPED_GRACEFUL")]  # close() deregistered it
+            # close() deregistered it (the gateway's list follows the registry bucket: wait, with a deadline)
+            await wait_workers(client, lambda ws: [(w["worker_id"], w["state"]) for w in ws] == [("lib1", "STOPPED_GRACEFUL")], seconds=15)
             with pytest.raises(WorkerStopped, match="lib1 is not running"):
                 await worker.run_once(timeout=5)
             await worker.close()  # twice is fine
@@ -136,8 +136,8 @@ async def test_upstream_run_worker_example(tmp_path: Path) -> None:
                         await proc.wait()
             assert proc.returncode != 0, log.read_text()  # KeyboardInterrupt, as with pyoco-server
             # the script's finally ran worker.close(): it drained and deregistered before exiting
-            workers = await client.get_workers(scope="all", include_hidden=True)
-            assert [(w["worker_id"], w["state"]) for w in workers] == [("up1", "STOPPED_GRACEFUL")]
+            # (the gateway's worker list follows the registry bucket: wait for it, with a deadline)
+            await wait_workers(client, lambda ws: [(w["worker_id"], w["state"]) for w in ws] == [("up1", "STOPPED_GRACEFUL")], seconds=15)
 
 
 @pytest.mark.parametrize(("level", "shown"), [("info", True), ("warning", False)])
