@@ -105,6 +105,10 @@ async def test_connect_to_no_server_fails_with_the_reason(tmp_path: Path) -> Non
         await PyocoNatsWorker.connect(config=NatsBackendConfig(nats_url=url), flow_resolver="tests.library_flows:resolve")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_upstream_run_worker_example(tmp_path: Path) -> None:
     """pyoco-server's examples/run_worker.py (import changed) serves ``main`` until interrupted."""
     with trio.fail_after(120):
@@ -117,6 +121,9 @@ async def test_upstream_run_worker_example(tmp_path: Path) -> None:
                     cwd=str(UPSTREAM),
                     env=env,
                     stderr=err,
+                    # A shell that runs the suite in the background ignores SIGINT, and the child
+                    # would inherit that: give it Ctrl-C back, as a terminal would.
+                    preexec_fn=_default_sigint,
                 )
             try:
                 await wait_workers(client, lambda ws: any(w["worker_id"] == "up1" for w in ws))
