@@ -237,13 +237,16 @@ async def test_a_publish_jetstream_refused_never_fences_a_live_attempt(
         settings = fast_settings(run_lease_seconds=2.0)
         store, run_id, gate = await holding_run(nursery, nats, settings, tmp_path)
         snap = await wait_for(lambda: holding(store, run_id, 1), "the run to hold", timeout=20)
-        await trio.sleep(2 * CANCEL_WATCH_DELAY)  # the scenario: the watch is live before the stale write
-        stale = decide.stamp(
-            None, [RunClaimed(worker_id="stale", attempt=1, lease_seconds=2.0, tasks=("hold",))],
-            run_id=run_id, producer=Producer(kind="worker", id="stale", attempt=1), now=time.time(), new_id=lambda: str(uuid.uuid4()),
-        )
-        with pytest.raises(ConcurrencyConflict):
-            await nats.append(run_id, stale, expected_last=1)  # refused: the run is further on
+        # A stale writer retrying for a while (paced, so some of its refused publishes land after
+        # the watch went live, whenever that was): each append is refused, the run is further on.
+        for _ in range(10):
+            stale = decide.stamp(
+                None, [RunClaimed(worker_id="stale", attempt=1, lease_seconds=2.0, tasks=("hold",))],
+                run_id=run_id, producer=Producer(kind="worker", id="stale", attempt=1), now=time.time(), new_id=lambda: str(uuid.uuid4()),
+            )
+            with pytest.raises(ConcurrencyConflict):
+                await nats.append(run_id, stale, expected_last=1)
+            await trio.sleep(CANCEL_WATCH_DELAY)
         await hold_steady(store, run_id, 1.5 * settings.run_lease_seconds, attempt=1)
         gate.write_text("go")
         snap = await wait_status(store, run_id, TERMINAL, timeout=20)
