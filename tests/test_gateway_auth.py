@@ -285,3 +285,23 @@ async def test_key_from_pyoco_server_admin_works_on_our_gateway(agw: GW) -> None
         return (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 403
 
     await wait_until(refused, timeout=1.0, what="revoked by pyoco-server-admin, refused here")
+
+
+# -- who am I ----------------------------------------------------------------------------------
+
+
+async def test_whoami_names_the_keys_tenant_and_needs_a_key(agw: GW) -> None:
+    key, key_id = await _key(agw, "team-w")
+    r = await agw.client.get("/auth/whoami")
+    assert (r.status_code, r.json()) == (401, {"detail": "api key required"})
+    r = await agw.client.get("/auth/whoami", headers={"X-API-Key": key[:-2] + ("AA" if not key.endswith("AA") else "BB")})
+    assert (r.status_code, r.json()) == (403, {"detail": "invalid api key"})
+    r = await agw.client.get("/auth/whoami", headers={"X-API-Key": key})
+    assert (r.status_code, r.json()) == (200, {"auth_mode": "api_key", "tenant_id": "team-w", "api_key_id": key_id})
+
+
+async def test_whoami_with_auth_off_answers_without_a_key(tmp_path: Path) -> None:
+    async with open_gateway(tmp_path) as g:
+        for headers in ({}, {"X-API-Key": "anything"}):
+            r = await g.client.get("/auth/whoami", headers=headers)
+            assert (r.status_code, r.json()) == (200, {"auth_mode": "none", "tenant_id": None, "api_key_id": None})

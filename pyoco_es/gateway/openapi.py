@@ -108,6 +108,8 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
     ("PATCH", "/workers/<worker_id>"): _op("Hide or unhide a worker", params=[_path("worker_id", WORKER_ID_MAX)],
                                            errors=(403, 404, 415, 422, 503), body=_body("application/json", {
                                                "type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "boolean"}}})),
+    ("GET", "/auth/whoami"): _op("Who is calling: the auth mode and, with an API key, its tenant and key id", errors=(401, 403, 503),
+                                 ok={"description": "OK", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/WhoAmI"}}}}),
     ("GET", "/metrics"): _op("Prometheus metrics", ok={"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}),
 }
 
@@ -120,6 +122,9 @@ _SCHEMAS: Final = {
                                   "at most PYOCO_MAX_PARAMS_BYTES of JSON (413)."},
         "tag": {"oneOf": [_TAG, {"type": "null"}]},
         "tags": {"type": "array", "items": _TAG, "maxItems": TAGS_MAX_ITEMS, "default": []}}},
+    "WhoAmI": {"type": "object", "required": ["auth_mode", "tenant_id", "api_key_id"], "properties": {
+        "auth_mode": {"type": "string", "enum": ["none", "api_key"]},
+        "tenant_id": {"type": ["string", "null"]}, "api_key_id": {"type": ["string", "null"]}}},
     "SubmitResponse": {"type": "object", "properties": {
         "run_id": {"type": "string"}, "status": {"type": "string"}, "bundle_hash": {"type": ["string", "null"]}}},
 }
