@@ -305,3 +305,36 @@ async def test_whoami_with_auth_off_answers_without_a_key(tmp_path: Path) -> Non
         for headers in ({}, {"X-API-Key": "anything"}):
             r = await g.client.get("/auth/whoami", headers=headers)
             assert (r.status_code, r.json()) == (200, {"auth_mode": "none", "tenant_id": None, "api_key_id": None})
+
+
+async def test_hiding_a_worker_records_which_key_did_it(agw: GW) -> None:
+    from pyoco_es.nats import subjects
+    from pyoco_es.nats.audit import read_audit
+
+    key, key_id = await _key(agw, "ops")
+    await agw.nats.kv_put(subjects.WORKERS_BUCKET, "w-audit", b'{"worker_id": "w-audit", "state": "IDLE"}')
+    keyed = {"X-API-Key": key}
+    assert (await agw.client.patch("/workers/w-audit", json={"hidden": True})).status_code == 401
+    for hidden in (True, False):
+        r = await agw.client.patch("/workers/w-audit", json={"hidden": hidden}, headers=keyed)
+        assert r.status_code == 200, r.text
+    assert (await agw.client.patch("/workers/no-such", json={"hidden": True}, headers=keyed)).status_code == 404
+    entries = await read_audit(agw.nats, subjects.WORKER_AUDIT_SUBJECT)
+    assert [(e["type"], e["worker_id"], e["hidden"]) for e in entries] == [
+        ("worker.hidden", "w-audit", True), ("worker.unhidden", "w-audit", False)]  # refused and missing ones: none
+    for e in entries:
+        assert (e["actor"], e["tenant_id"], e["api_key_id"]) == (f"api_key:{key_id}", "ops", key_id)
+        assert e["at"] > 0 and e["gateway"]
+    assert key.split(".", 1)[1] not in str(entries)
+
+
+async def test_hiding_a_worker_with_auth_off_is_recorded_as_anonymous(tmp_path: Path) -> None:
+    from pyoco_es.nats import subjects
+    from pyoco_es.nats.audit import read_audit
+
+    async with open_gateway(tmp_path) as g:
+        await g.nats.kv_put(subjects.WORKERS_BUCKET, "w-anon", b'{"worker_id": "w-anon", "state": "IDLE"}')
+        assert (await g.client.patch("/workers/w-anon", json={"hidden": True})).status_code == 200
+        entries = await read_audit(g.nats, subjects.WORKER_AUDIT_SUBJECT)
+        assert [(e["type"], e["actor"], e["tenant_id"], e["api_key_id"]) for e in entries] == [
+            ("worker.hidden", "anonymous", None, None)]
