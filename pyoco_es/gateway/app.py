@@ -57,7 +57,8 @@ def create_app(
         heartbeat_interval: seconds of silence before an SSE heartbeat (default
             ``settings.sse_heartbeat_interval``).
         keys: the API key ring; required with ``PYOCO_HTTP_AUTH_MODE=api_key``, whose checks
-            are made by the ASGI layer ``run_gateway`` puts in front (:mod:`.auth`).
+            are made by the ASGI layer ``run_gateway`` puts in front (:mod:`.auth`) and again,
+            for anything that reaches the app without it, by :func:`.identity.require_key`.
 
     Raises:
         ValidationError: the settings ask for something the gateway cannot do (an unknown auth
@@ -92,6 +93,7 @@ def create_app(
             await app.nursery.start(gw.workers.run)
 
     app.before_request(_check_request)
+    app.before_request(identity.require_key)  # behind the ASGI layer (.auth), not instead of it
     app.after_request(_finish)
     app.register_error_handler(PyocoError, on_pyoco_error)
     app.register_error_handler(HTTPException, on_http_error)

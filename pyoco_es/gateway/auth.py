@@ -49,6 +49,12 @@ ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 PUBLIC_RULES: Final = frozenset({"/health", "/ready", "/openapi.json", "/", "/static/<path:filename>"})
 METRICS_RULE: Final = "/metrics"
+
+
+def public_rules(*, public_metrics: bool) -> frozenset[str]:
+    """The rules served without a key (``/metrics`` only with ``PYOCO_HTTP_METRICS_PUBLIC``)."""
+    return PUBLIC_RULES | ({METRICS_RULE} if public_metrics else frozenset())
+
 PRINCIPAL_SCOPE_KEY: Final = "pyoco.principal"  # where the layer leaves the caller for the routes
 REQUIRED: Final = "api key required"
 INVALID: Final = "invalid api key"
@@ -195,7 +201,7 @@ class AuthLayer:
         self.app = app
         self.keys = keys
         self.header = header.lower().encode("latin-1")
-        self.public = PUBLIC_RULES | ({METRICS_RULE} if public_metrics else frozenset())
+        self.public = public_rules(public_metrics=public_metrics)
         self.adapter = url_map.bind("localhost")
         self.observe = observe
         self.free_failures = free_failures
@@ -269,4 +275,4 @@ def principal_of(scope: dict[str, Any]) -> Principal | None:
     return found if isinstance(found, Principal) else None
 
 
-__all__ = ["AuthLayer", "KeyRing", "Principal", "principal_of"]
+__all__ = ["AuthLayer", "KeyRing", "Principal", "principal_of", "public_rules"]
