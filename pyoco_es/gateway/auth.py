@@ -32,6 +32,7 @@ import trio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map
 
+from ..logs import KEY_INVALID, KEY_MISSING, NATS_UNAVAILABLE, ids as log_ids
 from ..core import apikey
 from ..core.apikey import ApiKeyFormatError, ApiKeyRecord
 from ..core.codec import dumps
@@ -80,6 +81,11 @@ class Refusal:
     detail: str
     reason: str
     key_id: str | None = None
+
+    def log_extra(self) -> dict[str, Any]:
+        """pyoco-server's ``err_id``/``msg_id`` for this refusal, and the key id (never the secret)."""
+        number = {401: KEY_MISSING, 403: KEY_INVALID}.get(self.status, NATS_UNAVAILABLE)
+        return log_ids(number, api_key_id=self.key_id) if self.key_id else log_ids(number)
 
 
 class KeyRing:
@@ -245,7 +251,7 @@ class AuthLayer:
         await trio.sleep(self._penalty(client))
         log.warning(
             "%s %s refused (%d, %s): key id %s from %s",
-            scope["method"], rule, refusal.status, refusal.reason, refusal.key_id or "-", client,
+            scope["method"], rule, refusal.status, refusal.reason, refusal.key_id or "-", client, extra=refusal.log_extra(),
         )
         body = dumps({"detail": refusal.detail})
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

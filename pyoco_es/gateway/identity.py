@@ -71,7 +71,7 @@ async def require_key() -> None:
     outcome = await gw.keys.authenticate(request.headers.get(gw.settings.api_key_header))
     if isinstance(outcome, Refusal):
         log.warning("%s %s refused by the app's own key check (%d, %s): key id %s",
-                    request.method, rule.rule, outcome.status, outcome.reason, outcome.key_id or "-")
+                    request.method, rule.rule, outcome.status, outcome.reason, outcome.key_id or "-", extra=outcome.log_extra())
         if outcome.status == 503:
             raise InfraError(outcome.detail)
         raise (KeyRequired if outcome.status == 401 else KeyInvalid)(outcome.detail)
