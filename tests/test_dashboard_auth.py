@@ -93,3 +93,28 @@ def test_key_required_then_refused_then_tenant_and_runs(browser: Any, auth_stack
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--serve":
     _serve(sys.argv[2])
+
+
+def test_api_docs_pages_render_the_openapi_document_offline(browser: Any, auth_stack: dict[str, str]) -> None:  # noqa: F811
+    """/docs and /redoc are public (no key on this api_key gateway), fetch nothing outside the
+    gateway (Page checks every request) and list the routes with their parameters and schemas."""
+    page = Page(browser, auth_stack["url"])
+    try:
+        for path, layout in (("docs", "docs"), ("redoc", "redoc")):
+            pg = page.goto(path)
+            pg.locator('html[data-loaded="1"]').wait_for()
+            assert pg.evaluate("document.documentElement.dataset.layout") == layout
+            op = pg.locator('.ad-op[data-method="get"][data-path="/runs/{run_id}/watch"]')
+            if layout == "docs":
+                assert not op.evaluate("el => el.open")
+                op.locator("summary").click()
+            assert op.locator('tr[data-param="Last-Event-ID"]').is_visible()
+            assert "SSE of the run's snapshots" in op.locator(".ad-summary").inner_text()
+            yaml_op = pg.locator('.ad-op[data-method="post"][data-path="/runs/yaml"]').text_content() or ""
+            assert "multipart/form-data" in yaml_op and "workflow*: string" in yaml_op
+            assert "WhoAmI" in pg.locator("#schema-WhoAmI").inner_text()
+            page.shot(f"apidocs-{layout}")
+        pg.fill("#ad-filter", "whoami")
+        assert pg.locator(".ad-op:not([hidden])").count() == 1
+    finally:
+        page.close()

@@ -2,7 +2,8 @@
 guards every protected route, in front of the fast path and Quart alike.
 
 - **What is protected.** Every route of the app except :data:`PUBLIC_RULES` (``/health``,
-  ``/ready``, ``/openapi.json``, the dashboard page and its static files) and, only when
+  ``/ready``, ``/openapi.json`` and its pages ``/docs``/``/redoc``, the dashboard page and its
+  static files) and, only when
   ``PYOCO_HTTP_METRICS_PUBLIC`` is on, ``/metrics``.  A route added later is protected unless it
   is named here.  Paths that match no route (404, 405, redirects) and CORS preflights go on to
   Quart, which answers them without data.
@@ -48,7 +49,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
-PUBLIC_RULES: Final = frozenset({"/health", "/ready", "/openapi.json", "/", "/static/<path:filename>"})
+PUBLIC_RULES: Final = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/redoc", "/", "/static/<path:filename>"})
 METRICS_RULE: Final = "/metrics"
 
 

@@ -27,6 +27,7 @@ _TAG: Final = {"type": "string", "minLength": 1, "maxLength": TAG_MAX, "pattern"
 _FLOW_NAME: Final = {"type": "string", "minLength": 1, "maxLength": FLOW_NAME_MAX,
                      "description": "Printable text (no control characters or lone surrogates)."}
 _TEXT: Final = {"type": "string", "maxLength": QUERY_STR_MAX}
+_HTML: Final = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
 
 
 def _path(name: str, max_len: int) -> JSONSchema:
@@ -72,6 +73,8 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
     ("GET", "/health"): _op("Liveness (does not check NATS)"),
     ("GET", "/ready"): _op("Readiness: NATS connection and run index", errors=(503,)),
     ("GET", "/openapi.json"): _op("This document"),
+    ("GET", "/docs"): _op("This document as a page (operations folded; offline, public)", ok=_HTML, errors=(404,)),
+    ("GET", "/redoc"): _op("This document as a page (two columns, every operation open; offline, public)", ok=_HTML, errors=(404,)),
     ("GET", "/"): _op("The dashboard (HTML)", ok={"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}, errors=(404,)),
     ("GET", "/static/<path:filename>"): _op("Dashboard assets", params=[
         {"name": "filename", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 256}}],
