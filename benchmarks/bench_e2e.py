@@ -42,22 +42,13 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import leanhttp  # noqa: E402 - the benchmark's own cheap HTTP client
+from pyoco_es.testing.upstream import WORKER_SHIM  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent
 THEIR_VENV = REPO / "benchmarks" / ".pyoco-server-venv"
 FLOW = (REPO / "examples" / "flow.yaml").read_bytes()  # the trivial 2-task flow
-SHIM = """
-import asyncio, runpy, sys
-async def wait_for(fut, timeout):
-    if timeout is None:
-        return await fut
-    async with asyncio.timeout(timeout):
-        return await fut
-asyncio.wait_for = wait_for
-sys.argv = ["pyoco-worker", *sys.argv[1:]]
-runpy.run_module("pyoco_server.worker_cli", run_name="__main__")
-"""
+SHIM = WORKER_SHIM  # pyoco-server's worker needs it on Python 3.11
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
 

@@ -150,6 +150,7 @@ class Settings:
     log_format: str = "text"
     log_utc: bool = True
     log_include_traceback: bool = True
+    log_stream: str | None = None  # PYOCO_LOG_STREAM: stdout|stderr; None: stdout for json, stderr for text
     # the embedded NATS's addresses (pyoco-server up's --nats-* flags; -1: a random free port)
     nats_listen_host: str = "127.0.0.1"
     nats_client_port: int = -1
@@ -200,15 +201,25 @@ class Settings:
             dlq_max_age=_num(e, "PYOCO_DLQ_MAX_AGE_SEC", 604800.0, 0.0),
             dlq_max_msgs=_int(e, "PYOCO_DLQ_MAX_MSGS", 100000),
             dlq_max_bytes=_int(e, "PYOCO_DLQ_MAX_BYTES", 536870912),
-            log_level=(e.get("PYOCO_LOG_LEVEL") or "").strip().lower() or None,
+            log_level=log_level_name(e.get("PYOCO_LOG_LEVEL") or "") or None,
             log_format=(e.get("PYOCO_LOG_FORMAT") or "text").strip().lower(),
             log_utc=_bool(e, "PYOCO_LOG_UTC", True),
             log_include_traceback=_bool(e, "PYOCO_LOG_INCLUDE_TRACEBACK", True),
+            log_stream=(e.get("PYOCO_LOG_STREAM") or "").strip().lower() or None,
         )
 
 
 LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
+# Other names for them: Python's (pyoco-server reads PYOCO_LOG_LEVEL with getattr(logging, NAME))
+LOG_LEVEL_ALIASES: Final = {"warn": "warning", "fatal": "critical", "notset": "trace"}
 LOG_FORMATS: Final = ("text", "json")
+LOG_STREAMS: Final = ("stdout", "stderr")
+
+
+def log_level_name(value: str) -> str:
+    """A level as :data:`LOG_LEVELS` names it (``WARN`` → ``warning``); unknown names unchanged."""
+    name = value.strip().lower()
+    return LOG_LEVEL_ALIASES.get(name, name)
 
 # pyoco-server settings whose only accepted value is ours, and why (docs/operator-guide.md,
 # "pyoco-server settings").  Anything else is refused at start rather than ignored.
@@ -243,10 +254,13 @@ def refused_settings(env: Mapping[str, str] | None = None) -> list[str]:
     for name, why in NOT_HERE.items():
         if e.get(name, "").strip():
             out.append(f"{name} is not supported: {why}; unset it")
-    level = (e.get("PYOCO_LOG_LEVEL") or "").strip().lower()
+    level = log_level_name(e.get("PYOCO_LOG_LEVEL") or "")
     if level and level not in LOG_LEVELS:
-        out.append(f"PYOCO_LOG_LEVEL={level!r} is not a level: use one of {', '.join(LOG_LEVELS)}")
+        out.append(f"PYOCO_LOG_LEVEL={level!r} is not a level: use one of {', '.join(LOG_LEVELS)} (or {', '.join(LOG_LEVEL_ALIASES)})")
     fmt = (e.get("PYOCO_LOG_FORMAT") or "").strip().lower()
     if fmt and fmt not in LOG_FORMATS:
         out.append(f"PYOCO_LOG_FORMAT={fmt!r} is not a format: use json or text")
+    stream = (e.get("PYOCO_LOG_STREAM") or "").strip().lower()
+    if stream and stream not in LOG_STREAMS:
+        out.append(f"PYOCO_LOG_STREAM={stream!r} is not a stream: use stdout or stderr")
     return out

@@ -1,12 +1,17 @@
-"""Log lines: plain text (the default) or pyoco-server's JSON lines, on stderr.
+"""Log lines: plain text (the default, on stderr) or pyoco-server's JSON lines (on stdout).
 
 ``PYOCO_LOG_FORMAT=json`` writes one JSON object per line with pyoco-server 0.5.1's field names
 (``ts``, ``service``, ``level``, ``logger``, ``message``, ``pathname``, ``lineno``, ``func``,
 ``process``, ``thread``, any ``extra`` such as ``err_id``/``msg_id``/``run_id``, and
 ``exc_type``/``exc_message``/``exc_traceback``/``exc_origin`` for an exception), so log pipelines
-built for it keep working.  Unlike pyoco-server the lines go to stderr, where ours always went
-(the commands' stdout is for their output).  The operator lines a command prints (the gateway's
-address, a worker serving) go through :func:`announce`, so in JSON mode every line parses.
+built for it keep working.  JSON lines go to **stdout**, as pyoco-server's do; text lines stay on
+stderr (a terminal's lines for people, stdout left free); ``PYOCO_LOG_STREAM`` overrides either.
+Commands whose stdout is their output (``pyoco-server-admin``, ``pyoco-es events``/``replay``)
+always log to stderr.  The operator lines a command prints (the gateway's address, a worker
+serving) go through :func:`announce` to the same stream, so in JSON mode every line parses.
+
+Log calls that match one of pyoco-server's carry its ``err_id``/``msg_id`` pair (:func:`ids`),
+so alerts keyed on them keep firing.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import logging
 import sys
 import time
 import traceback
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 TRACE: Final = 5  # uvicorn's "trace", below DEBUG
 LEVELS: Final = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
-                 "info": logging.INFO, "debug": logging.DEBUG, "trace": TRACE}  # fmt: skip
+                 "info": logging.INFO, "debug": logging.DEBUG, "trace": TRACE,
+                 "warn": logging.WARNING, "fatal": logging.CRITICAL, "notset": TRACE}  # fmt: skip  # + Python's names
 # LogRecord attributes that are not ``extra`` fields (pyoco-server's list, plus newer Pythons').
 _STANDARD: Final = frozenset({
     "args", "asctime", "created", "exc_info", "exc_text", "filename", "funcName", "levelname", "levelno", "lineno",
@@ -30,6 +36,28 @@ _STANDARD: Final = frozenset({
 _KEYS: Final = ("err_id", "msg_id", "run_id", "flow_name", "tag", "worker_id", "reason")
 
 logging.addLevelName(TRACE, "TRACE")
+
+# pyoco-server's message catalogue numbers (ERR-PYOCO-nnnn / MSG-PYOCO-nnnn) for the situations
+# our log calls share with it.
+INVALID_INPUT: Final = 2  # a request's input refused (422)
+NATS_UNAVAILABLE: Final = 3  # NATS could not be reached / did not answer
+RUN_NOT_FOUND: Final = 5
+FLOW_NOT_FOUND: Final = 6
+EXECUTION_ERROR: Final = 7  # a run failed while running
+INVALID_JOB: Final = 12  # a work item that cannot be processed
+KEY_MISSING: Final = 14  # 401 api key required
+KEY_INVALID: Final = 15  # 403 invalid api key
+TOO_LARGE: Final = 16  # 413
+WORKERS_QUERY_INVALID: Final = 19
+WORKER_NOT_FOUND: Final = 20
+CANCEL_TIMED_OUT: Final = 21  # a cancel that did not end the run in time (ours: forced)
+
+
+def ids(number: int, **extra: Any) -> dict[str, Any]:
+    """``extra=`` for a log call: pyoco-server's ``err_id``/``msg_id`` pair for ``number``, plus
+    ``extra`` (``run_id=...``)."""
+    return {"err_id": f"ERR-PYOCO-{number:04d}", "msg_id": f"MSG-PYOCO-{number:04d}", **extra}
+
 
 
 def _stamp(created: float, utc: bool, *, millis: bool = False) -> str:
@@ -105,12 +133,28 @@ class TextFormatter(logging.Formatter):
 
 
 _formatter: logging.Formatter | None = None  # the one configure() installed (None: text, unconfigured)
+_stream_name: str = "stderr"  # where configure() sends the lines (and announce() its own)
 
 
-def configure(level: str, *, service: str, fmt: str = "text", utc: bool = True, include_traceback: bool = True) -> None:
-    """Send the root logger's records to stderr in ``fmt`` at ``level`` (a :data:`LEVELS` name);
-    handlers installed before are replaced, so a second call does not double the lines."""
-    global _formatter
+def stream() -> TextIO:
+    """The stream log lines go to (looked up each time: tests swap ``sys.stdout``)."""
+    return sys.stdout if _stream_name == "stdout" else sys.stderr
+
+
+def configure(
+    level: str,
+    *,
+    service: str,
+    fmt: str = "text",
+    utc: bool = True,
+    include_traceback: bool = True,
+    to: str | None = None,
+) -> None:
+    """Send the root logger's records in ``fmt`` at ``level`` (a :data:`LEVELS` name) to ``to``
+    (``stdout``/``stderr``; None: stdout for JSON, stderr for text); handlers installed before are
+    replaced, so a second call does not double the lines."""
+    global _formatter, _stream_name
+    _stream_name = to or ("stdout" if fmt == "json" else "stderr")
     formatter: logging.Formatter
     if fmt == "json":
         formatter = JsonFormatter(service=service, utc=utc, include_traceback=include_traceback)
@@ -119,7 +163,7 @@ def configure(level: str, *, service: str, fmt: str = "text", utc: bool = True, 
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream())
     handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(LEVELS.get(level.lower(), logging.WARNING))
@@ -134,7 +178,7 @@ def announce(message: str, **extra: Any) -> None:
         line = _formatter.format(record)
     else:
         line = message
-    print(line, file=sys.stderr, flush=True)
+    print(line, file=stream(), flush=True)
 
 
 def child_line(name: str, text: str) -> str:
@@ -156,15 +200,17 @@ def child_line(name: str, text: str) -> str:
 def configure_logging(*, service: str) -> None:
     """pyoco-server's ``configure_logging(service=...)``: the root logger from PYOCO_LOG_LEVEL,
     PYOCO_LOG_FORMAT, PYOCO_LOG_UTC and PYOCO_LOG_INCLUDE_TRACEBACK (and ``.env``), for scripts
-    that called it.  Differences: the default format is text and the lines go to stderr.
+    that called it.  JSON lines go to stdout as there; the one difference is that the default
+    format is text (on stderr).
 
     Raises:
         ValueError: PYOCO_LOG_LEVEL or PYOCO_LOG_FORMAT names no level or format.
     """
     from .config import Settings, refused_settings
 
-    bad = [m for m in refused_settings() if m.startswith(("PYOCO_LOG_LEVEL", "PYOCO_LOG_FORMAT"))]
+    bad = [m for m in refused_settings() if m.startswith(("PYOCO_LOG_LEVEL", "PYOCO_LOG_FORMAT", "PYOCO_LOG_STREAM"))]
     if bad:
         raise ValueError("; ".join(bad))
     s = Settings.from_env()
-    configure(s.log_level or "warning", service=service, fmt=s.log_format, utc=s.log_utc, include_traceback=s.log_include_traceback)
+    configure(s.log_level or "warning", service=service, fmt=s.log_format, utc=s.log_utc,
+              include_traceback=s.log_include_traceback, to=s.log_stream)

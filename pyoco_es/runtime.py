@@ -27,15 +27,18 @@ from .nats.resources import ResourceConfig, ensure_resources
 log = logging.getLogger(__name__)
 
 
-def configure_logging(settings: Settings, level: str | None = None, *, service: str) -> None:
-    """Logs on stderr in ``settings.log_format`` (PYOCO_LOG_FORMAT), at ``level`` (the
-    ``--log-level`` the user typed), else ``settings.log_level`` (PYOCO_LOG_LEVEL), else warning."""
+def configure_logging(settings: Settings, level: str | None = None, *, service: str, stdout_is_output: bool = False) -> None:
+    """Logs in ``settings.log_format`` (PYOCO_LOG_FORMAT), at ``level`` (the ``--log-level`` the
+    user typed), else ``settings.log_level`` (PYOCO_LOG_LEVEL), else warning; JSON on stdout and
+    text on stderr unless PYOCO_LOG_STREAM says otherwise, and always on stderr for a command
+    whose stdout is its output (``stdout_is_output``)."""
     logs.configure(
         level or settings.log_level or "warning",
         service=service,
         fmt=settings.log_format,
         utc=settings.log_utc,
         include_traceback=settings.log_include_traceback,
+        to="stderr" if stdout_is_output else settings.log_stream,
     )
 
 
@@ -222,7 +225,9 @@ async def _run_child_once(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             pass_fds=(watch_r,),
-            env={**os.environ, PARENT_FD_ENV: str(watch_r)},
+            # the child logs to stderr, which is read here (its ready marker) and forwarded to our
+            # own log stream
+            env={**os.environ, PARENT_FD_ENV: str(watch_r), "PYOCO_LOG_STREAM": "stderr"},
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop children in order
         )
     except BaseException:
@@ -244,7 +249,7 @@ async def _run_child_once(
                 if ready_marker in text:
                     ready.set()
                     settled.set()
-                print(logs.child_line(name, text), file=sys.stderr, flush=True)
+                print(logs.child_line(name, text), file=logs.stream(), flush=True)
 
     async def watch() -> None:
         await proc.wait()

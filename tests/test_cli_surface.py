@@ -50,10 +50,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(log: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
-    """``pyoco-server --port 0 ARGS``; returns the process, its gateway URL and its NATS URL."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*SERVER, "--port", "0", *args], cwd=ROOT, env=env or ENV, stdout=subprocess.DEVNULL, stderr=out)
+def _start(log: Path, *args: str, env: dict[str, str] | None = None, json_logs: bool = False) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``pyoco-server --port 0 ARGS``; returns the process, its gateway URL and its NATS URL.
+
+    Its log lines go to ``log``: stderr's, or with ``json_logs`` stdout's (stderr then goes to
+    ``log`` + ``.err``)."""
+    with open(log, "wb") as out, open(log.with_suffix(".err"), "wb") as err:
+        streams = {"stdout": out, "stderr": err} if json_logs else {"stdout": subprocess.DEVNULL, "stderr": out}
+        proc = subprocess.Popen([*SERVER, "--port", "0", *args], cwd=ROOT, env=env or ENV, **streams)
     url = nats_url = ""
     deadline = time.monotonic() + 60
     while not url and time.monotonic() < deadline:
@@ -237,16 +241,18 @@ FIELDS = {"ts", "service", "level", "logger", "message", "pathname", "lineno", "
 
 
 def test_json_logs_of_a_real_up_parse_line_by_line(tmp_path: Path) -> None:
-    """`up --with-worker` with PYOCO_LOG_FORMAT=json at info: every stderr line (the parent's, the
-    worker child's, the announcements) is one JSON object with pyoco-server's fields."""
+    """`up --with-worker` with PYOCO_LOG_FORMAT=json at info: every stdout line (the parent's, the
+    worker child's, the announcements) is one JSON object with pyoco-server's fields; stderr stays
+    empty."""
     env = ENV | {"PYOCO_LOG_FORMAT": "json", "PYOCO_LOG_LEVEL": "info", "PYOCO_LOG_UTC": "true"}
     log = tmp_path / "up.log"
-    proc, url, _ = _start(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples", env=env)
+    proc, url, _ = _start(log, "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples", env=env, json_logs=True)
     try:
         assert _wait_status(url, _submit(url), "COMPLETED")["status"] == "COMPLETED"
     finally:
         _stop(proc)
     assert proc.returncode == 0, log.read_text()
+    assert log.with_suffix(".err").read_text() == ""
     lines = log.read_text().splitlines()
     docs = [json.loads(line) for line in lines]  # each line parses on its own
     assert all(isinstance(d, dict) and FIELDS <= d.keys() for d in docs), [d for d in docs if not FIELDS <= d.keys()]
@@ -295,9 +301,9 @@ def test_json_logs_of_conductor_and_gateway_alone(tmp_path: Path, command: str, 
     env = ENV | {"PYOCO_LOG_FORMAT": "json", "PYOCO_LOG_LEVEL": "debug"}
     log = tmp_path / "out.log"
     extra = ["--port", "0"] if command == "gateway" else []
-    with open(log, "wb") as out:
+    with open(log, "wb") as out, open(tmp_path / "err.log", "wb") as err:
         proc = subprocess.Popen([*PYOCO_ES, command, "--data-dir", str(tmp_path / "d"), *extra], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=out)  # fmt: skip
+                                stdout=out, stderr=err)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while ready not in log.read_text() and time.monotonic() < deadline:
@@ -319,7 +325,7 @@ def test_pyoco_servers_configure_logging_reads_the_environment(monkeypatch: pyte
     logs.configure_logging(service="pyoco-server:worker")
     logging.getLogger("pyoco_server.worker").info("hello", extra={"err_id": "ERR-PYOCO-0012", "msg_id": "MSG-PYOCO-0012"})
     logging.getLogger("x").debug("below the level")
-    docs = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # stdout, as pyoco-server
     assert [(d["service"], d["message"], d["err_id"], d["msg_id"]) for d in docs] == [("pyoco-server:worker", "hello", "ERR-PYOCO-0012", "MSG-PYOCO-0012")]
     monkeypatch.setenv("PYOCO_LOG_FORMAT", "xml")
     with pytest.raises(ValueError, match="PYOCO_LOG_FORMAT='xml' is not a format"):
@@ -340,7 +346,7 @@ def test_log_utc_and_traceback_switches_reach_the_formatter(monkeypatch: pytest.
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
-    doc = json.loads(capsys.readouterr().err)
+    doc = json.loads(capsys.readouterr().out)
     assert doc["ts"].endswith("+0900") and doc["exc_type"] == "KeyError" and "exc_traceback" not in doc
 
 
@@ -361,3 +367,70 @@ def test_every_process_that_heals_resources_asks_for_the_same_shape() -> None:
     for module in (service, backend, runtime):
         source = inspect.getsource(module)
         assert "ResourceConfig(" not in source.replace("ResourceConfig.from_settings(", ""), module.__name__
+
+
+def test_json_logs_on_stdout_carry_pyoco_servers_err_and_msg_ids(tmp_path: Path) -> None:
+    """A real gateway in api_key mode with PYOCO_LOG_FORMAT=json and PYOCO_LOG_LEVEL=WARN (Python's
+    name, as pyoco-server accepts it): its refusals are logged on stdout as JSON lines with
+    pyoco-server's err_id/msg_id (ERR-PYOCO-0014 for a missing key, 0015 for a bad one)."""
+    env = ENV | {"PYOCO_LOG_FORMAT": "json", "PYOCO_LOG_LEVEL": "WARN", "PYOCO_HTTP_AUTH_MODE": "api_key"}
+    log, err = tmp_path / "out.log", tmp_path / "err.log"
+    with open(log, "wb") as out, open(err, "wb") as errf:
+        proc = subprocess.Popen([*PYOCO_ES, "gateway", "--data-dir", str(tmp_path / "d"), "--port", "0"], cwd=ROOT, env=env,
+                                stdout=out, stderr=errf)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "gateway on http://" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, err.read_text()
+            time.sleep(0.05)
+        url = log.read_text().split("gateway on ")[1].split()[0].rstrip("/")
+        assert httpx.get(f"{url}/runs").status_code == 401
+        assert httpx.get(f"{url}/runs", headers={"X-API-Key": "pyoco_0123456789abcdef.secretsecretsecretsecret"}).status_code == 403
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, err.read_text()
+    assert err.read_text() == ""  # JSON lines go to stdout, as pyoco-server's
+    docs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(FIELDS <= d.keys() and d["service"] == "pyoco-server:http" for d in docs)
+    refused = [d for d in docs if d.get("err_id")]
+    assert [(d["err_id"], d["msg_id"], d["level"]) for d in refused] == [
+        ("ERR-PYOCO-0014", "MSG-PYOCO-0014", "WARNING"), ("ERR-PYOCO-0015", "MSG-PYOCO-0015", "WARNING")]
+    assert refused[1]["api_key_id"] == "0123456789abcdef" and "secret" not in json.dumps(docs)
+    assert not [d for d in docs if d["level"] in ("INFO", "DEBUG") and d["logger"] != "pyoco_es"]  # WARN honoured (announcements aside)
+
+
+@pytest.mark.parametrize(("value", "level"), [("WARN", "warning"), ("fatal", "critical"), ("NOTSET", "trace"), ("Info", "info")])
+def test_python_level_names_are_accepted(value: str, level: str) -> None:
+    from pyoco_es.config import Settings, refused_settings
+
+    assert Settings.from_env({"PYOCO_LOG_LEVEL": value, "PYOCO_LOAD_DOTENV": "0"}).log_level == level
+    assert not [m for m in refused_settings({"PYOCO_LOG_LEVEL": value}) if "LOG" in m]
+    assert [m for m in refused_settings({"PYOCO_LOG_STREAM": "file"}) if "PYOCO_LOG_STREAM='file' is not a stream" in m]
+
+
+def test_logs_go_to_stderr_for_commands_whose_stdout_is_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pyoco_es.config import Settings
+    from pyoco_es.runtime import configure_logging
+
+    settings = Settings(log_format="json", log_level="warning")
+    configure_logging(settings, service="pyoco-server:admin", stdout_is_output=True)
+    logging.getLogger("x").warning("to stderr")
+    configure_logging(settings, service="pyoco-server:http")
+    logging.getLogger("x").warning("to stdout")
+    out = capsys.readouterr()
+    assert json.loads(out.err)["message"] == "to stderr" and json.loads(out.out)["message"] == "to stdout"
+
+
+def test_refused_requests_are_logged_with_pyoco_servers_ids(caplog: pytest.LogCaptureFixture) -> None:
+    from pyoco_es.core.errors import PayloadTooLarge, RunNotFound
+    from pyoco_es.gateway.answer import error_answer
+    from pyoco_es.gateway.params import RequestInvalid, ResourceNotFound
+
+    cases = [(RunNotFound("r1"), "/runs/r1", "0005"), (PayloadTooLarge("big"), "/runs/yaml", "0016"),
+             (ResourceNotFound("worker not found"), "/workers/w1", "0020"), (RequestInvalid("bad scope"), "/workers", "0019"),
+             (RequestInvalid("bad tag"), "/runs", "0002")]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="pyoco_es.gateway.answer"):
+        for exc, path, _ in cases:
+            error_answer(None, exc, "GET", path)  # type: ignore[arg-type]  # 4xx answers need no gateway
+    assert [(r.err_id, r.msg_id) for r in caplog.records] == [(f"ERR-PYOCO-{n}", f"MSG-PYOCO-{n}") for _, _, n in cases]  # type: ignore[attr-defined]

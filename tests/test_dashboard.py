@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -118,13 +119,14 @@ def _serve(data_dir: str) -> None:
     trio.run(main)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    data_dir = tmp_path_factory.mktemp("dashboard-stack")
+@contextmanager
+def child_stack(script: str, data_dir: Path) -> Iterator[dict[str, str]]:
+    """Run ``python script --serve data_dir`` (a ``_serve`` above) and yield the JSON line it
+    prints; the child stops when its stdin closes."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYOCO_LOAD_DOTENV="0")
     log = open(data_dir / "stack.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(data_dir)],
+        [sys.executable, script, "--serve", str(data_dir)],
         cwd=ROOT,
         env=env,
         stdin=subprocess.PIPE,
@@ -149,6 +151,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             proc.wait()
         proc.stdout.close()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with child_stack(__file__, tmp_path_factory.mktemp("dashboard-stack")) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")

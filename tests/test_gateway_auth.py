@@ -285,3 +285,133 @@ async def test_key_from_pyoco_server_admin_works_on_our_gateway(agw: GW) -> None
         return (await agw.client.get("/runs", headers={"X-API-Key": key})).status_code == 403
 
     await wait_until(refused, timeout=1.0, what="revoked by pyoco-server-admin, refused here")
+
+
+# -- who am I ----------------------------------------------------------------------------------
+
+
+async def test_whoami_names_the_keys_tenant_and_needs_a_key(agw: GW) -> None:
+    key, key_id = await _key(agw, "team-w")
+    r = await agw.client.get("/auth/whoami")
+    assert (r.status_code, r.json()) == (401, {"detail": "api key required"})
+    r = await agw.client.get("/auth/whoami", headers={"X-API-Key": key[:-2] + ("AA" if not key.endswith("AA") else "BB")})
+    assert (r.status_code, r.json()) == (403, {"detail": "invalid api key"})
+    r = await agw.client.get("/auth/whoami", headers={"X-API-Key": key})
+    assert (r.status_code, r.json()) == (200, {"auth_mode": "api_key", "tenant_id": "team-w", "api_key_id": key_id})
+
+
+async def test_whoami_with_auth_off_answers_without_a_key(tmp_path: Path) -> None:
+    async with open_gateway(tmp_path) as g:
+        for headers in ({}, {"X-API-Key": "anything"}):
+            r = await g.client.get("/auth/whoami", headers=headers)
+            assert (r.status_code, r.json()) == (200, {"auth_mode": "none", "tenant_id": None, "api_key_id": None})
+
+
+async def test_hiding_a_worker_records_which_key_did_it(agw: GW) -> None:
+    from pyoco_es.nats import subjects
+    from pyoco_es.nats.audit import read_audit
+
+    key, key_id = await _key(agw, "ops")
+    await agw.nats.kv_put(subjects.WORKERS_BUCKET, "w-audit", b'{"worker_id": "w-audit", "state": "IDLE"}')
+    keyed = {"X-API-Key": key}
+    assert (await agw.client.patch("/workers/w-audit", json={"hidden": True})).status_code == 401
+    for hidden in (True, False):
+        r = await agw.client.patch("/workers/w-audit", json={"hidden": hidden}, headers=keyed)
+        assert r.status_code == 200, r.text
+    assert (await agw.client.patch("/workers/no-such", json={"hidden": True}, headers=keyed)).status_code == 404
+    entries = await read_audit(agw.nats, subjects.WORKER_AUDIT_SUBJECT)
+    assert [(e["type"], e["worker_id"], e["hidden"]) for e in entries] == [
+        ("worker.hidden", "w-audit", True), ("worker.unhidden", "w-audit", False)]  # refused and missing ones: none
+    for e in entries:
+        assert (e["actor"], e["tenant_id"], e["api_key_id"]) == (f"api_key:{key_id}", "ops", key_id)
+        assert e["at"] > 0 and e["gateway"]
+    assert key.split(".", 1)[1] not in str(entries)
+
+
+async def test_hiding_a_worker_with_auth_off_is_recorded_as_anonymous(tmp_path: Path) -> None:
+    from pyoco_es.nats import subjects
+    from pyoco_es.nats.audit import read_audit
+
+    async with open_gateway(tmp_path) as g:
+        await g.nats.kv_put(subjects.WORKERS_BUCKET, "w-anon", b'{"worker_id": "w-anon", "state": "IDLE"}')
+        assert (await g.client.patch("/workers/w-anon", json={"hidden": True})).status_code == 200
+        entries = await read_audit(g.nats, subjects.WORKER_AUDIT_SUBJECT)
+        assert [(e["type"], e["actor"], e["tenant_id"], e["api_key_id"]) for e in entries] == [
+            ("worker.hidden", "anonymous", None, None)]
+
+
+# -- defence in depth: the app's own check, without the ASGI layer --------------------------------
+
+
+async def test_the_app_refuses_without_a_key_even_without_the_layer() -> None:
+    """An app served without the AuthLayer (another ASGI server, a test client) and a route added
+    to it later still refuse a request without a valid key; a valid one gets its tenant."""
+    from types import SimpleNamespace
+
+    from pyoco_es.gateway.auth import KeyRing
+    from pyoco_es.gateway.context import caller
+    from pyoco_es.ports import KVEntry
+
+    ring = KeyRing(SimpleNamespace(url="nats://x"), pepper=PEPPER)  # type: ignore[arg-type]
+    key, rec = apikey.generate_api_key(tenant_id="deep", now=1.0, pepper=PEPPER, iterations=1000)
+    ring._on_entry(KVEntry(key=apikey.kv_key(rec.key_id), value=rec.to_json_bytes(), revision=1))
+    ring.ready.set()
+    app = create_app(None, AUTH, keys=ring)  # type: ignore[arg-type]  # these routes touch no NATS
+
+    @app.get("/added-later")
+    async def added_later() -> dict[str, str | None]:
+        who = caller()
+        return {"tenant": who.tenant_id if who else None}
+
+    client = app.test_client()
+    for path in ("/auth/whoami", "/added-later"):
+        r = await client.get(path)
+        assert (r.status_code, await r.get_json()) == (401, {"detail": "api key required"}), path
+        r = await client.get(path, headers={"X-API-Key": key[:-2] + ("AA" if not key.endswith("AA") else "BB")})
+        assert (r.status_code, await r.get_json()) == (403, {"detail": "invalid api key"}), path
+    r = await client.get("/auth/whoami", headers={"X-API-Key": key})
+    assert await r.get_json() == {"auth_mode": "api_key", "tenant_id": "deep", "api_key_id": rec.key_id}
+    r = await client.get("/added-later", headers={"X-API-Key": key})
+    assert (r.status_code, await r.get_json()) == (200, {"tenant": "deep"})
+    assert ring.pbkdf2_runs == 2  # the right key and the wrong one, once each: then cached
+    r = await client.patch("/workers/w1", json={"hidden": True})
+    assert r.status_code == 401  # refused before the handler touches NATS
+    assert (await client.get("/health")).status_code == 200  # public routes stay public
+
+
+async def test_the_fast_path_without_the_layer_leaves_refusal_to_the_app() -> None:
+    from types import SimpleNamespace
+
+    from pyoco_es.gateway.app import gateway_of
+    from pyoco_es.gateway.auth import KeyRing
+    from pyoco_es.gateway.fastpath import FastPath
+
+    ring = KeyRing(SimpleNamespace(url="nats://x"))  # type: ignore[arg-type]
+    ring.ready.set()
+    app = create_app(None, AUTH, keys=ring)  # type: ignore[arg-type]
+    gw = gateway_of(app)
+    gw.index.doc_of = lambda run_id: {"run_id": run_id, "tenant_id": "someone", "status": "PENDING"}  # type: ignore[method-assign]
+    gw.nats = SimpleNamespace(is_connected=True, url="nats://x")  # type: ignore[assignment]
+    sent: list[dict] = []
+    done = trio.Event()
+    requested = False
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    async def receive() -> dict:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "GET", "path": f"/runs/{RUN_ID}", "raw_path": f"/runs/{RUN_ID}".encode(),
+             "query_string": b"", "headers": [(b"host", b"localhost")], "scheme": "http", "http_version": "1.1",
+             "root_path": "", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1234)}
+    with trio.fail_after(5):
+        await FastPath(app, gw)(scope, receive, send)
+    assert sent[0]["status"] == 401 and b"api key required" in b"".join(m.get("body", b"") for m in sent)

@@ -69,7 +69,7 @@ async def _with_store(ctx: click.Context, fn: Any) -> Any:
     from ..nats import keystore
 
     settings = ctx.find_root().obj
-    configure_logging(settings, service="pyoco-server:admin")
+    configure_logging(settings, service="pyoco-server:admin", stdout_is_output=True)
     try:
         async with open_system_nats(settings, name="pyoco-admin", attach=True) as nats:
             return await fn(nats, keystore, settings)

@@ -184,7 +184,7 @@ async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: st
       pyoco-es replay --nats-url nats://127.0.0.1:4222
     """
     settings = settings_with(nats_url=nats_url, data_dir=data_dir)
-    configure_logging(settings, log_level, service="pyoco-es:replay")
+    configure_logging(settings, log_level, service="pyoco-es:replay", stdout_is_output=True)
     from ..conductor.replay import REPLAY_BUCKET, replay as do_replay
     from ..nats.resources import delete_bucket
 
@@ -238,7 +238,7 @@ async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str 
     from ..service import RunStore
 
     settings = settings_with(nats_url=nats_url, data_dir=data_dir)
-    configure_logging(settings, log_level, service="pyoco-es:events")
+    configure_logging(settings, log_level, service="pyoco-es:events", stdout_is_output=True)
     if not is_token(run_id):
         fail(f"invalid run id {run_id!r}: use letters, digits, '_' or '-'")
     try:

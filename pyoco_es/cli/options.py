@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncclick as click
 import attrs
 
-from ..config import LOG_LEVELS, Settings, refused_settings
+from ..config import LOG_LEVEL_ALIASES, LOG_LEVELS, Settings, refused_settings
 
 NATS_URL = click.option("--nats-url", envvar="PYOCO_NATS_URL", default=None, help="Use this NATS server/cluster instead of the embedded one.")
 DATA_DIR = click.option("--data-dir", envvar="PYOCO_DATA_DIR", default=".pyoco-es", show_default=True, type=click.Path(path_type=Path), help="Where the embedded NATS keeps its store.")
@@ -24,8 +24,9 @@ NATS_SYNC = click.option(
 LOG_LEVEL = click.option(
     "--log-level",
     default=None,
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    help="uvicorn's levels; default PYOCO_LOG_LEVEL, else warning. Format: PYOCO_LOG_FORMAT=text|json.",
+    type=click.Choice([*LOG_LEVELS, *LOG_LEVEL_ALIASES], case_sensitive=False),
+    help="uvicorn's levels (warn, fatal, notset also accepted); default PYOCO_LOG_LEVEL, else warning. "
+    "Format: PYOCO_LOG_FORMAT=text|json (json lines go to stdout).",
 )
 
 

@@ -18,7 +18,8 @@ from quart.wrappers.response import ResponseBody
 from werkzeug.exceptions import HTTPException
 
 from ..core.codec import dumps
-from ..core.errors import InfraError, OutcomeUnknown, PayloadTooLarge, PyocoError
+from ..logs import INVALID_INPUT, NATS_UNAVAILABLE, RUN_NOT_FOUND, TOO_LARGE, WORKERS_QUERY_INVALID, WORKER_NOT_FOUND, ids as log_ids
+from ..core.errors import InfraError, OutcomeUnknown, PayloadTooLarge, PyocoError, RunNotFound
 from .context import Gateway, current_gateway
 from . import sse
 from .params import RequestInvalid
@@ -62,6 +63,8 @@ class _SSEBody(ResponseBody):
 
 def error_answer(gw: Gateway, exc: PyocoError, method: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, body, headers) of the answer to a request that failed with ``exc``."""
+    if exc.http_status < 500 and log.isEnabledFor(logging.INFO):
+        log.info("%s %s: %d %s", method, path, exc.http_status, exc.message[:500], extra=_refusal_ids(exc, path))
     if isinstance(exc, RequestInvalid):
         return exc.http_status, {"detail": exc.detail}, {}
     if isinstance(exc, PayloadTooLarge):
@@ -69,11 +72,22 @@ def error_answer(gw: Gateway, exc: PyocoError, method: str, path: str) -> tuple[
         # stops (instead of both sides waiting on a body nobody reads).
         return 413, {"detail": exc.message}, {"Connection": "close"}
     if isinstance(exc, InfraError):
-        log.warning("%s %s: %s", method, path, exc.message)
+        log.warning("%s %s: %s", method, path, exc.message, extra=log_ids(NATS_UNAVAILABLE))
         return 503, unavailable_answer(exc, gw.nats.url), {"Retry-After": "1"}
     if exc.http_status >= 500:
         log.error("%s %s failed: %s", method, path, exc.message)
     return exc.http_status, {"detail": exc.message}, {}
+
+
+def _refusal_ids(exc: PyocoError, path: str) -> dict[str, Any]:
+    """pyoco-server's ``err_id``/``msg_id`` for a refused request, by what was refused."""
+    if isinstance(exc, RunNotFound):
+        return log_ids(RUN_NOT_FOUND)
+    if isinstance(exc, PayloadTooLarge):
+        return log_ids(TOO_LARGE)
+    if path.startswith("/workers"):
+        return log_ids(WORKER_NOT_FOUND if exc.http_status == 404 else WORKERS_QUERY_INVALID)
+    return log_ids(INVALID_INPUT)
 
 
 def unavailable_answer(exc: InfraError, nats_url: str) -> dict[str, Any]:

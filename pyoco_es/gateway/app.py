@@ -24,14 +24,15 @@ from ..core.errors import PyocoError, ValidationError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
-from . import dashboard, events, runs, status, streams, workers
+from . import apidocs, dashboard, events, identity, runs, status, streams, workers
 from .answer import on_http_error, on_pyoco_error, on_unexpected
 from .context import JSON_BODY_MAX, MULTIPART_SLACK, STATIC_DIR, Gateway, current_gateway, gateway_of
 from .auth import KeyRing
 from .guard import allowed_origins, check_host, check_request, cors_headers
 from .index import RunIndex, WorkerIndex
 
-BLUEPRINTS = (status.blueprint, dashboard.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint)
+BLUEPRINTS = (status.blueprint, dashboard.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint,
+              identity.blueprint, apidocs.blueprint)
 
 
 def create_app(
@@ -56,7 +57,8 @@ def create_app(
         heartbeat_interval: seconds of silence before an SSE heartbeat (default
             ``settings.sse_heartbeat_interval``).
         keys: the API key ring; required with ``PYOCO_HTTP_AUTH_MODE=api_key``, whose checks
-            are made by the ASGI layer ``run_gateway`` puts in front (:mod:`.auth`).
+            are made by the ASGI layer ``run_gateway`` puts in front (:mod:`.auth`) and again,
+            for anything that reaches the app without it, by :func:`.identity.require_key`.
 
     Raises:
         ValidationError: the settings ask for something the gateway cannot do (an unknown auth
@@ -91,6 +93,7 @@ def create_app(
             await app.nursery.start(gw.workers.run)
 
     app.before_request(_check_request)
+    app.before_request(identity.require_key)  # behind the ASGI layer (.auth), not instead of it
     app.after_request(_finish)
     app.register_error_handler(PyocoError, on_pyoco_error)
     app.register_error_handler(HTTPException, on_http_error)

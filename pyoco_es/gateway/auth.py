@@ -2,7 +2,8 @@
 guards every protected route, in front of the fast path and Quart alike.
 
 - **What is protected.** Every route of the app except :data:`PUBLIC_RULES` (``/health``,
-  ``/ready``, ``/openapi.json``, the dashboard page and its static files) and, only when
+  ``/ready``, ``/openapi.json`` and its pages ``/docs``/``/redoc``, the dashboard page and its
+  static files) and, only when
   ``PYOCO_HTTP_METRICS_PUBLIC`` is on, ``/metrics``.  A route added later is protected unless it
   is named here.  Paths that match no route (404, 405, redirects) and CORS preflights go on to
   Quart, which answers them without data.
@@ -32,6 +33,7 @@ import trio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map
 
+from ..logs import KEY_INVALID, KEY_MISSING, NATS_UNAVAILABLE, ids as log_ids
 from ..core import apikey
 from ..core.apikey import ApiKeyFormatError, ApiKeyRecord
 from ..core.codec import dumps
@@ -47,8 +49,14 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
-PUBLIC_RULES: Final = frozenset({"/health", "/ready", "/openapi.json", "/", "/static/<path:filename>"})
+PUBLIC_RULES: Final = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/redoc", "/", "/static/<path:filename>"})
 METRICS_RULE: Final = "/metrics"
+
+
+def public_rules(*, public_metrics: bool) -> frozenset[str]:
+    """The rules served without a key (``/metrics`` only with ``PYOCO_HTTP_METRICS_PUBLIC``)."""
+    return PUBLIC_RULES | ({METRICS_RULE} if public_metrics else frozenset())
+
 PRINCIPAL_SCOPE_KEY: Final = "pyoco.principal"  # where the layer leaves the caller for the routes
 REQUIRED: Final = "api key required"
 INVALID: Final = "invalid api key"
@@ -74,6 +82,11 @@ class Refusal:
     detail: str
     reason: str
     key_id: str | None = None
+
+    def log_extra(self) -> dict[str, Any]:
+        """pyoco-server's ``err_id``/``msg_id`` for this refusal, and the key id (never the secret)."""
+        number = {401: KEY_MISSING, 403: KEY_INVALID}.get(self.status, NATS_UNAVAILABLE)
+        return log_ids(number, api_key_id=self.key_id) if self.key_id else log_ids(number)
 
 
 class KeyRing:
@@ -195,7 +208,7 @@ class AuthLayer:
         self.app = app
         self.keys = keys
         self.header = header.lower().encode("latin-1")
-        self.public = PUBLIC_RULES | ({METRICS_RULE} if public_metrics else frozenset())
+        self.public = public_rules(public_metrics=public_metrics)
         self.adapter = url_map.bind("localhost")
         self.observe = observe
         self.free_failures = free_failures
@@ -239,7 +252,7 @@ class AuthLayer:
         await trio.sleep(self._penalty(client))
         log.warning(
             "%s %s refused (%d, %s): key id %s from %s",
-            scope["method"], rule, refusal.status, refusal.reason, refusal.key_id or "-", client,
+            scope["method"], rule, refusal.status, refusal.reason, refusal.key_id or "-", client, extra=refusal.log_extra(),
         )
         body = dumps({"detail": refusal.detail})
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -269,4 +282,4 @@ def principal_of(scope: dict[str, Any]) -> Principal | None:
     return found if isinstance(found, Principal) else None
 
 
-__all__ = ["AuthLayer", "KeyRing", "Principal", "principal_of"]
+__all__ = ["AuthLayer", "KeyRing", "Principal", "principal_of", "public_rules"]

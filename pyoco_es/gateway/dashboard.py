@@ -21,13 +21,22 @@ blueprint = Blueprint("dashboard", __name__)
 @blueprint.get("/")
 async def dashboard() -> Response:
     gw = current_gateway()
-    index_html = gw.static_dir / "index.html"
+    return await static_page("index.html", "dashboard", {LANG_PLACEHOLDER: resolve_dashboard_lang(gw.settings.dashboard_lang)})
+
+
+async def static_page(name: str, what: str, replace: dict[str, str], headers: dict[str, str] | None = None) -> Response:
+    """An HTML page of the static directory with its placeholders filled in.
+
+    Raises:
+        ResourceNotFound: the file is missing (``<what> not found``).
+    """
     try:
-        text = await trio.Path(index_html).read_text(encoding="utf-8")
+        text = await trio.Path(current_gateway().static_dir / name).read_text(encoding="utf-8")
     except OSError:
-        raise ResourceNotFound("dashboard not found") from None
-    text = text.replace(LANG_PLACEHOLDER, resolve_dashboard_lang(gw.settings.dashboard_lang))
-    return Response(text, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+        raise ResourceNotFound(f"{what} not found") from None
+    for placeholder, value in replace.items():
+        text = text.replace(placeholder, value)
+    return Response(text, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache", **(headers or {})})
 
 
 @blueprint.get("/static/<path:filename>")

@@ -48,7 +48,10 @@ class FastPath:
         self.served = 0  # answers given here (the rest went to Quart)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("query_string"):
+        # With keys on, only a request the AuthLayer verified is answered here; anything else goes
+        # to Quart, whose own key check (.identity.require_key) refuses it.
+        keyed = self.gw.keys is None or principal_of(scope) is not None
+        if keyed and scope["type"] == "http" and not scope.get("query_string"):
             method, path = scope["method"], scope["path"]
             if method == "GET" and path.startswith("/runs/"):
                 run_id = path[6:]

@@ -27,6 +27,7 @@ _TAG: Final = {"type": "string", "minLength": 1, "maxLength": TAG_MAX, "pattern"
 _FLOW_NAME: Final = {"type": "string", "minLength": 1, "maxLength": FLOW_NAME_MAX,
                      "description": "Printable text (no control characters or lone surrogates)."}
 _TEXT: Final = {"type": "string", "maxLength": QUERY_STR_MAX}
+_HTML: Final = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
 
 
 def _path(name: str, max_len: int) -> JSONSchema:
@@ -72,6 +73,8 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
     ("GET", "/health"): _op("Liveness (does not check NATS)"),
     ("GET", "/ready"): _op("Readiness: NATS connection and run index", errors=(503,)),
     ("GET", "/openapi.json"): _op("This document"),
+    ("GET", "/docs"): _op("This document as a page (operations folded; offline, public)", ok=_HTML, errors=(404,)),
+    ("GET", "/redoc"): _op("This document as a page (two columns, every operation open; offline, public)", ok=_HTML, errors=(404,)),
     ("GET", "/"): _op("The dashboard (HTML)", ok={"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}, errors=(404,)),
     ("GET", "/static/<path:filename>"): _op("Dashboard assets", params=[
         {"name": "filename", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 256}}],
@@ -108,6 +111,8 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
     ("PATCH", "/workers/<worker_id>"): _op("Hide or unhide a worker", params=[_path("worker_id", WORKER_ID_MAX)],
                                            errors=(403, 404, 415, 422, 503), body=_body("application/json", {
                                                "type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "boolean"}}})),
+    ("GET", "/auth/whoami"): _op("Who is calling: the auth mode and, with an API key, its tenant and key id", errors=(401, 403, 503),
+                                 ok={"description": "OK", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/WhoAmI"}}}}),
     ("GET", "/metrics"): _op("Prometheus metrics", ok={"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}),
 }
 
@@ -120,6 +125,9 @@ _SCHEMAS: Final = {
                                   "at most PYOCO_MAX_PARAMS_BYTES of JSON (413)."},
         "tag": {"oneOf": [_TAG, {"type": "null"}]},
         "tags": {"type": "array", "items": _TAG, "maxItems": TAGS_MAX_ITEMS, "default": []}}},
+    "WhoAmI": {"type": "object", "required": ["auth_mode", "tenant_id", "api_key_id"], "properties": {
+        "auth_mode": {"type": "string", "enum": ["none", "api_key"]},
+        "tenant_id": {"type": ["string", "null"]}, "api_key_id": {"type": ["string", "null"]}}},
     "SubmitResponse": {"type": "object", "properties": {
         "run_id": {"type": "string"}, "status": {"type": "string"}, "bundle_hash": {"type": ["string", "null"]}}},
 }

@@ -1,5 +1,6 @@
 """The workers resource: ``GET /workers`` (the registry with each worker's effective state) and
-``PATCH /workers/{id}`` (hide or show one, a compare-and-swap on its registry record)."""
+``PATCH /workers/{id}`` (hide or show one, a compare-and-swap on its registry record, then an
+entry in the audit history naming who did it)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import trio
 from quart import Blueprint, Response, request
 
 from ..core.codec import dumps
-from ..core.errors import ConcurrencyConflict, InfraError
+from ..core.errors import ConcurrencyConflict, InfraError, OutcomeUnknown
 from ..nats import subjects
+from ..nats.audit import record_audit
 from ..nats.client import KVEntry
 from .answer import json_response
-from .context import current_gateway, request_body
+from .context import Gateway, caller, current_gateway, request_body
 from .params import WORKER_ID_MAX, RequestInvalid, ResourceNotFound, invalid, json_loads, query_bool, query_int
 from .registry import ALIVE_STATES, WORKER_STATES, normalize_worker
 
@@ -99,5 +101,31 @@ async def patch_worker(worker_id: str) -> Response:
         except ConcurrencyConflict:
             continue  # a heartbeat landed in between: re-read and apply the toggle again
         gw.workers.apply(KVEntry(key=worker_id, value=value, revision=revision))  # read-your-writes
+        await _record_toggle(gw, worker_id, hidden, now)
         return json_response({"worker_id": worker_id, "hidden": hidden, "updated_at": now})
     raise InfraError(f"worker {worker_id}: gave up after repeated concurrent updates")
+
+
+async def _record_toggle(gw: Gateway, worker_id: str, hidden: bool, now: float) -> None:
+    """Who hid or showed the worker, in the audit history (``pyoco.evt.audit.worker``).
+
+    Raises:
+        OutcomeUnknown: the toggle is made but its entry was not stored (PATCH again: the same
+            toggle is harmless and records it).
+    """
+    who = caller()
+    doc = {
+        "type": "worker.hidden" if hidden else "worker.unhidden",
+        "worker_id": worker_id,
+        "hidden": hidden,
+        "actor": f"api_key:{who.key_id}" if who is not None else "anonymous",
+        "tenant_id": who.tenant_id if who is not None else None,
+        "api_key_id": who.key_id if who is not None else None,
+        "gateway": gw.producer.id,
+        "at": now,
+    }
+    try:
+        await record_audit(gw.nats, subjects.WORKER_AUDIT_SUBJECT, doc)
+    except InfraError as exc:
+        raise OutcomeUnknown(f"worker {worker_id} is {'hidden' if hidden else 'shown'} but its audit entry was not stored "
+                             f"({exc.message}): PATCH again to record it") from exc

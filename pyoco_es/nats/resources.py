@@ -159,9 +159,43 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
                 merged = attrs_merge(info.config, want)
                 await js.update_stream(merged)
                 done.append(f"updated {want.name}: {sorted(diff)}")
+        done += await _drop_foreign_work_consumers(js)
         return done
 
     return await client.run("ensure resources", go)
+
+
+async def drop_foreign_work_consumers(client: NatsClient) -> list[str]:
+    """Delete pyoco-server's per-tag work consumers from the work stream (see
+    :data:`subjects.FOREIGN_WORK_DURABLE_PREFIX`); what every resource healing also does."""
+    return await client.run("drop foreign work consumers", lambda: _drop_foreign_work_consumers(client.js))
+
+
+async def _drop_foreign_work_consumers(js: Any) -> list[str]:  # noqa: ANN401 - nats-py's JetStreamContext
+    """A consumer named ``pyoco_workers_<tag>`` on the work stream was left by a pyoco-es before
+    the rename (upgrade) or made by a pyoco-server worker pointed at this NATS.  Either way it
+    would hold the tag's work-queue filter, which our workers' consumer needs, and a pyoco-server
+    worker on it would run our items and write run snapshots behind the projector's back."""
+    try:
+        infos = await js.consumers_info(subjects.WORK_STREAM)
+    except nats.js.errors.NotFoundError:
+        return []
+    done = []
+    for info in infos:
+        if not info.name.startswith(subjects.FOREIGN_WORK_DURABLE_PREFIX):
+            continue
+        try:
+            await js.delete_consumer(subjects.WORK_STREAM, info.name)
+        except nats.js.errors.NotFoundError:
+            continue
+        log.warning(
+            "deleted consumer %s on %s: pyoco-server's work consumer name (left by an older pyoco-es, or made by a "
+            "pyoco-server worker pointed at this NATS, which cannot run pyoco-es work: docs/library.md); "
+            "pyoco-es workers use %s<tag>",
+            info.name, subjects.WORK_STREAM, subjects.WORK_DURABLE_PREFIX,
+        )
+        done.append(f"deleted consumer {info.name}")
+    return done
 
 
 def attrs_merge(have: api.StreamConfig, want: api.StreamConfig) -> api.StreamConfig:

@@ -16,6 +16,7 @@ API_KEY_PREFIX: Final = "api_keys."  # the records' keys in the auth bucket
 EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
 API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"  # key created/revoked (the projector reads only pyoco.evt.run.*)
+WORKER_AUDIT_SUBJECT: Final = "pyoco.evt.audit.worker"  # worker hidden/shown (PATCH /workers/{id})
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 
@@ -42,9 +43,16 @@ def work_subject(tag: str, prefix: str = WORK_PREFIX) -> str:
     return f"{prefix}.{tag}"
 
 
+WORK_DURABLE_PREFIX: Final = "pyoco_es_work_"
+# pyoco-server 0.5's per-tag work consumer name (and ours before the rename): a pyoco-server
+# worker binds ``pyoco_workers_<tag>``.  Ours differ, so such a worker cannot share our work
+# queue; resource healing deletes any consumer of this name on the work stream (docs/library.md).
+FOREIGN_WORK_DURABLE_PREFIX: Final = "pyoco_workers_"
+
+
 def work_durable(tag: str) -> str:
-    """Shared by every worker serving ``tag`` (pyoco-server's consumer name)."""
-    return f"pyoco_workers_{tag}"
+    """Shared by every worker serving ``tag`` (not pyoco-server's name: see above)."""
+    return f"{WORK_DURABLE_PREFIX}{tag}"
 
 
 def dlq_subject(tag: str, prefix: str = DLQ_PREFIX) -> str:

@@ -67,6 +67,7 @@ from typing import Any, Final
 
 import trio
 
+from ..logs import INVALID_JOB, NATS_UNAVAILABLE, ids as log_ids
 from ..config import Settings
 from ..core import decide
 from ..core.codec import dumps
@@ -193,7 +194,7 @@ class WorkerActor:
             # foresaw (a value that cannot be encoded, a malformed frame ...).  Redelivering it
             # would fail the same way on every worker, so: TERM + DLQ + the run FAILED, and
             # this worker goes on serving.
-            log.exception("poison work item on %s", msg.subject)
+            log.exception("poison work item on %s", msg.subject, extra=log_ids(INVALID_JOB))
             await self._invalid_job(
                 msg,
                 f"poison work item: {type(exc).__name__}: {str(exc)[:500]}",
@@ -206,7 +207,7 @@ class WorkerActor:
     async def _invalid_job(self, msg: Delivered, error: str, *, run_id: str | None = None, attempt: int | None = None) -> None:
         """TERM + DLQ a work item that cannot be processed; fail the run it names (if that run is
         still waiting for this attempt, or ours), so it does not stay PENDING or RUNNING."""
-        log.error("invalid job on %s: %s", msg.subject, error)
+        log.error("invalid job on %s: %s", msg.subject, error, extra=log_ids(INVALID_JOB, run_id=run_id))
         tag = msg.subject.rsplit(".", 1)[-1]
         body = {
             "reason": "invalid_job",
@@ -296,7 +297,7 @@ class WorkerActor:
         try:
             snap = pending or await self._load(run_id)
         except InfraError as exc:
-            log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc)
+            log.warning("run %s: NATS error before the claim (%s); NAK", run_id, exc, extra=log_ids(NATS_UNAVAILABLE, run_id=run_id))
             await self._prepare_reply(job, child)  # keep the pipe in step
             await self._abort(child, run_id)
             await self.intake.nak(msg, NAK_DELAY)

@@ -20,6 +20,7 @@ import outcome
 import trio
 
 from ..config import Settings
+from ..logs import CANCEL_TIMED_OUT, EXECUTION_ERROR, FLOW_NOT_FOUND, NATS_UNAVAILABLE, ids as log_ids
 from ..core import decide
 from ..core.codec import decode_envelope
 from ..core.errors import CorruptStreamError, InfraError, PayloadTooLarge, PyocoError, RunNotFound, StaleAttempt
@@ -212,6 +213,7 @@ class RunDriver:
             self.nak = True
             return
         if reason == "flow_not_found":
+            log.warning("run %s: flow not found: %s", self.run_id, error, extra=log_ids(FLOW_NOT_FOUND, **self._log_context()))
             self.dlq = dead_letter(self.job, "flow_not_found", error, worker_id=self.actor.worker_id, now=self.actor.clock())
 
     async def run(self) -> None:
@@ -231,7 +233,8 @@ class RunDriver:
             self.child.kill()
             self.final_status = LOST
         except InfraError as exc:
-            log.error("run %s: NATS unavailable while running (%s); NAK and kill the child", self.run_id, exc)
+            log.error("run %s: NATS unavailable while running (%s); NAK and kill the child", self.run_id, exc,
+                      extra=log_ids(NATS_UNAVAILABLE, run_id=self.run_id))
             self.child.kill()
             self.nak = True
         except PayloadTooLarge as exc:  # an event that cannot be stored even shrunk: fail the run, once
@@ -411,6 +414,8 @@ class RunDriver:
                 return
             if trio.current_time() >= self.cancel_deadline:
                 # The task ignored the cooperative cancel: kill the child, end the run.
+                log.warning("run %s: the cancel did not end it within the grace period; killing its process",
+                            self.run_id, extra=log_ids(CANCEL_TIMED_OUT, **self._log_context()))
                 self.child.kill()
                 await self._finish("CANCELLED", reason="forced", pending=pending)
                 return
@@ -425,12 +430,18 @@ class RunDriver:
                 if self.hint is not None and self.hint.status is RunStatus.CANCELLING:
                     await self._request_cancel()  # learned from a conflict re-read
 
+    def _log_context(self) -> dict[str, Any]:
+        """pyoco-server's context fields for this attempt's log lines."""
+        return {"run_id": self.run_id, "flow_name": self.job.flow_name, "tag": self.job.tag, "worker_id": self.actor.worker_id}
+
     async def _done(self, frame: dict[str, Any], pending: list[Event]) -> None:
         outcome = str(frame.get("outcome") or "FAILED")
         error = frame.get("error")
         if outcome == "CANCELLED":
             await self._finish("CANCELLED", reason="requested", pending=pending)
         elif outcome == "FAILED":
+            log.info("run %s: execution error: %s", self.run_id, str(error or "run failed")[:500],
+                     extra=log_ids(EXECUTION_ERROR, **self._log_context()))
             await self._finish("FAILED", reason="error", error=str(error or "run failed"), pending=pending)
             if self.actor.settings.dlq_publish_execution_error:
                 self.dlq = dead_letter(self.job, "execution_error", str(error or "run failed"), worker_id=self.actor.worker_id, now=self.actor.clock())

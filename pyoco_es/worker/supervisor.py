@@ -21,6 +21,7 @@ from ..core.errors import PyocoError
 from ..core.work import WORKER_IDLE, WORKER_STOPPED
 from ..nats import subjects
 from ..nats.client import NatsClient, PullSubscription
+from ..nats.resources import drop_foreign_work_consumers
 from .actor import WorkerActor
 from .scratch import open_scratch_root
 from .trust import check_allowed_modules, check_env_names
@@ -140,6 +141,7 @@ async def run_worker(
             scratch_root=scratch_root,
             clock=clock or offset_clock(settings.worker_clock_offset),
         )
+        await drop_foreign_work_consumers(nats)  # they would hold the filters our consumers need
         for tag in tag_list:
             await nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), consumer_config(tag, settings))
         try:

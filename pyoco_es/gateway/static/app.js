@@ -273,6 +273,7 @@
   function noteError(err) {
     if (err && err.name === "AbortError") return;
     const msg = err instanceof ApiError ? err.describe() : String(err);
+    if (err instanceof ApiError && (err.status === 401 || err.status === 403) && window.pyocoAuthState) window.pyocoAuthState.check();
     $("footer-error").textContent = msg;
   }
 
@@ -1529,6 +1530,7 @@
   }
   function authChanged() {
     renderAuthButton();
+    if (window.pyocoAuthState) window.pyocoAuthState.check(true); // static/auth.js: required / refused / tenant
     runStream.restart();
     loadFirstPage();
     loadMetrics();

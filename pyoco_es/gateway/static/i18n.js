@@ -23,6 +23,11 @@ window.PYOCO_I18N = {
     "auth.cancel": "Close",
     "auth.saved": "API key saved",
     "auth.cleared": "API key cleared",
+    "auth.state_required": "API key required",
+    "auth.state_refused": "API key refused",
+    "auth.state_tenant": "Tenant",
+    "auth.state_tenant_title": "The gateway accepted this key for this tenant: you see its runs only.",
+    "auth.state_fix": "Set or change the key with the API key button.",
 
     "conn.live": "Live",
     "conn.connecting": "Connecting…",
@@ -235,6 +240,11 @@ window.PYOCO_I18N = {
     "auth.cancel": "閉じる",
     "auth.saved": "API キーを保存しました",
     "auth.cleared": "API キーを消去しました",
+    "auth.state_required": "API キーが必要です",
+    "auth.state_refused": "API キーが拒否されました",
+    "auth.state_tenant": "テナント",
+    "auth.state_tenant_title": "ゲートウェイはこのキーをこのテナントとして受け付けました。このテナントのランだけが見えます。",
+    "auth.state_fix": "「API キー」ボタンでキーを設定または変更してください。",
 
     "conn.live": "ライブ",
     "conn.connecting": "接続中…",
