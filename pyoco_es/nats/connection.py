@@ -255,15 +255,20 @@ class NatsConnection:
 
     async def account_info(self) -> dict[str, Any]:
         """JetStream's account info (``$JS.API.INFO``) as the server sent it."""
+        return await self.jetstream_api("INFO")
+
+    async def jetstream_api(self, endpoint: str, body: bytes = b"") -> dict[str, Any]:
+        """One JetStream API request (``$JS.API.<endpoint>``, e.g. ``STREAM.INFO.PYOCO_EVENTS``),
+        the answer as the server sent it (an ``error`` member included)."""
 
         async def go() -> dict[str, Any]:
-            msg = await self._nc.request("$JS.API.INFO", b"", timeout=self.op_timeout)
+            msg = await self._nc.request(f"$JS.API.{endpoint}", body, timeout=self.op_timeout)
             doc = json.loads(msg.data)
             if not isinstance(doc, dict):
-                raise InfraError("JetStream account info is not an object")
+                raise InfraError(f"JetStream API {endpoint}: the answer is not an object")
             return doc
 
-        return await self._call("account info", go)
+        return await self._call(f"JetStream API {endpoint}", go)
 
     @property
     def js(self) -> Any:
