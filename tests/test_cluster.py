@@ -19,6 +19,9 @@ import trio
 from pyoco_es.config import Settings
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.runtime import open_system_nats
+from pyoco_es.testing.ledger import Ledger, Submitter, check, listed_runs, side_effect_flow
+
+from conftest import ClusterSystem
 
 pytestmark = pytest.mark.cluster
 
@@ -83,3 +86,47 @@ async def test_dev_cluster_runs_three_nodes_and_an_r1_deployment_moves_to_r3(tmp
         if proc.poll() is None:
             proc.kill()
         proc.communicate()  # reaps it and closes its pipes
+
+
+def _watch_until_end(url: str, run_id: str) -> list[str]:
+    """The SSE event names of ``/runs/{id}/watch`` through ``url`` until its ``end`` frame."""
+    names: list[str] = []
+    with httpx.stream("GET", f"{url}/runs/{run_id}/watch", timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                names.append(line.split(":", 1)[1].strip())
+                if names[-1] == "end":
+                    return names
+    raise AssertionError(f"the watch of {run_id} ended without an end frame: {names}")
+
+
+def test_two_gateways_two_conductors_three_workers_behave_as_one(cluster_system: ClusterSystem) -> None:
+    """Any gateway serves any run (get, list, watch, events); every run is claimed and executed
+    once (two conductors project and dispatch without doubling anything); every worker takes work,
+    w3 over its own connections."""
+    fleet = cluster_system.fleet
+    g1, g2 = fleet.members["g1"].url, fleet.members["g2"].url
+    ledger = Ledger("scale", cluster_system.effects("scale"))
+    watched_key = "scale-watched"
+    ledger.flows[watched_key] = side_effect_flow(ledger.effects, watched_key, 1.0)
+    with httpx.Client(timeout=15) as client:
+        ledger.submit(client, g1, watched_key)
+    assert watched_key in ledger.ok, ledger.refused or ledger.unknown
+    assert _watch_until_end(g2, ledger.ok[watched_key])[-1] == "end"  # submitted through g1, watched on g2
+    submitter = Submitter(ledger, fleet.gateways, rate=8.0, seconds=(0.3, 0.6))
+    submitter.start()
+    time.sleep(3.0)  # the load's duration (the scenario), not a wait for state
+    submitter.stop()
+    figures = check(ledger, fleet.gateways, cluster_system.cluster.urls, settle=30, case="scale-out")
+    assert figures.ok >= 15 and not ledger.refused, figures
+    assert figures.attempts == figures.ok == figures.executions and figures.re_executed == 0, figures
+    assert set(figures.claims_by_worker) == {"w1", "w2", "w3"}, figures.claims_by_worker
+    with httpx.Client(timeout=15) as client:
+        for rid in list(ledger.ok.values())[:10]:
+            a, b = client.get(f"{g1}/runs/{rid}").json(), client.get(f"{g2}/runs/{rid}").json()
+            assert a == b and a["status"] == "COMPLETED", (a, b)
+            ea, eb = client.get(f"{g1}/runs/{rid}/events").json(), client.get(f"{g2}/runs/{rid}/events").json()
+            assert ea == eb
+        assert listed_runs(client, g1, "scale") == listed_runs(client, g2, "scale") == set(ledger.ok.values())
+    assert not fleet.tracebacks(), fleet.tracebacks()
