@@ -77,6 +77,12 @@ async def test_dev_cluster_runs_three_nodes_and_an_r1_deployment_moves_to_r3(tmp
                 assert set(after) == set(before), (before, after)  # updated in place, nothing recreated
                 assert {"PYOCO_EVENTS", "PYOCO_WORK", "PYOCO_DLQ", "KV_pyoco_runs", "KV_pyoco_workers", "KV_pyoco_auth"} <= set(after)
                 assert (await nats.kv_get("pyoco_workers", "w19")) is not None  # the data moved along
+            # A command started without PYOCO_NATS_REPLICAS (an operator's `pyoco-es replay` in a
+            # shell) leaves R3 alone: it used to scale every stream down to R1.
+            async with open_system_nats(Settings(nats_url=urls), name="unset") as nats:
+                assert await _replicas(nats) == after
+            replay = subprocess.run([str(BIN / "pyoco-es"), "replay", "--nats-url", urls], env=ENV, capture_output=True, text=True, timeout=60)
+            assert replay.returncode == 0 and "config changed" not in replay.stderr, replay.stderr
         pids = [int(p) for p in re.findall(r"pid (\d+)", proc.stderr.readline() + "".join(proc.stderr.readline() for _ in range(3)))]
         assert len(pids) == 3 and all(_pid_alive(p) for p in pids), pids
         proc.send_signal(signal.SIGTERM)
