@@ -81,7 +81,8 @@ def cluster_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
             fleet.add("gateway", name)
         fleet.add("worker", "w1", worker_args)
         fleet.add("worker", "w2", worker_args)
-        fleet.add("worker", "w3", worker_args, nats_url=",".join(p.url for p in proxies))
+        w3_args = ["--tags", ",".join((*CLUSTER_TAGS, "w3only")), *worker_args[2:]]
+        fleet.add("worker", "w3", w3_args, nats_url=",".join(p.url for p in proxies))
         yield ClusterSystem(cluster, fleet, proxies, root)
     finally:
         for p in proxies:

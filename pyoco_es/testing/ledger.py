@@ -198,7 +198,9 @@ def check(ledger: Ledger, gateways: Callable[[], list[str]], nats_url: str, *, s
         try:
             wait_for("every ok run to end", all_ended, settle, every=0.5)
         except AssertionError:
-            raise AssertionError(f"{case}: runs not ended {settle:g} s after the load stopped: {pending}") from None
+            stuck = {rid: (client.get(f"{gateways()[0]}/runs/{rid}").json().get("status"),
+                           [(e["type"], e.get("stream_seq")) for e in _events(client, gateways()[0], rid)]) for rid in pending.values()}  # fmt: skip
+            raise AssertionError(f"{case}: runs not ended {settle:g} s after the load stopped: {stuck}") from None
         settled = time.monotonic() - started
         lines = ledger.effects.read_text().splitlines() if ledger.effects.exists() else []
         executions = Counter(line.split()[0] for line in lines if line.strip())
