@@ -36,6 +36,7 @@ WARMUP, AFTER = 1.5, 2.5  # seconds of load before the fault and after it is hea
 
 def _loaded(system: ClusterSystem, case: str, fault: Callable[[], None]) -> Figures:
     """``fault()`` under load, then the ledger's checks; returns the figures."""
+    _all_current(system)
     ledger = Ledger(case, system.effects(case))
     submitter = Submitter(ledger, system.fleet.gateways, rate=4.0, seconds=(1.0, 1.5))
     submitter.start()
@@ -63,7 +64,6 @@ def _all_current(system: ClusterSystem) -> None:
 
 def test_1_and_7_kill_the_events_leader_a_gateway_and_a_conductor(cluster_system: ClusterSystem) -> None:
     system = cluster_system
-    _all_current(system)
     old = system.cluster.leader(EVENTS)
 
     def fault() -> None:
@@ -84,7 +84,6 @@ def test_1_and_7_kill_the_events_leader_a_gateway_and_a_conductor(cluster_system
 
 def test_2_kill_a_node_that_leads_nothing_of_ours(cluster_system: ClusterSystem) -> None:
     system = cluster_system
-    _all_current(system)
     victim = next(n.name for n in system.cluster.nodes if n.name != system.cluster.leader(EVENTS))
 
     def fault() -> None:
@@ -97,7 +96,6 @@ def test_2_kill_a_node_that_leads_nothing_of_ours(cluster_system: ClusterSystem)
 
 def test_3_freeze_the_events_leader_past_the_election_timeout(cluster_system: ClusterSystem) -> None:
     system = cluster_system
-    _all_current(system)
     old = system.cluster.leader(EVENTS)
 
     def fault() -> None:
@@ -117,7 +115,6 @@ def test_3_freeze_the_events_leader_past_the_election_timeout(cluster_system: Cl
 
 def test_4_and_7_rolling_restart_with_a_gateway_and_a_conductor_killed(cluster_system: ClusterSystem) -> None:
     system = cluster_system
-    _all_current(system)
 
     def fault() -> None:
         for i, node in enumerate(system.cluster.nodes):
@@ -134,7 +131,6 @@ def test_4_and_7_rolling_restart_with_a_gateway_and_a_conductor_killed(cluster_s
 
 def test_5_forced_leader_step_down(cluster_system: ClusterSystem) -> None:
     system = cluster_system
-    _all_current(system)
     streams = (EVENTS, "PYOCO_WORK", "KV_pyoco_runs", "KV_pyoco_workers")
     before = {s: system.cluster.leader(s) for s in streams}
 
@@ -152,7 +148,6 @@ def test_6_a_worker_cut_off_longer_than_its_lease(cluster_system: ClusterSystem)
     (a run tagged ``w3only``): the attempt is judged lost and the run is attempted again once w3
     is back; w3's late writes for the old attempt are refused; nothing runs twice per attempt."""
     system = cluster_system
-    _all_current(system)
     g = system.fleet.members["g2"].url
     pinned = Ledger("w3only", system.effects("w3only"))
     key = "w3only-held"
