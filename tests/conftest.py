@@ -66,6 +66,16 @@ class ClusterSystem:
         return self.root / f"effects-{case}.txt"
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The cluster fault suite's ledger figures, one line per case, after every run that had them."""
+    from pyoco_es.testing.ledger import RECORDED
+
+    if RECORDED:
+        terminalreporter.section("cluster ledgers")
+        for line in RECORDED:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def cluster_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSystem]:
     root = tmp_path_factory.mktemp("cluster")

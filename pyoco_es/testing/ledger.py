@@ -33,6 +33,7 @@ from .fleet import wait_for
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 TERMINAL_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled"})
 TASK = "tests.tasks:side_effect"
+RECORDED: list[str] = []  # every case's figures line, in order (a test session prints them at the end)
 
 
 def side_effect_flow(effects: Path, token: str, seconds: float, task: str = TASK) -> bytes:
@@ -242,4 +243,5 @@ def check(ledger: Ledger, gateways: Callable[[], list[str]], nats_url: str, *, s
     figures = Figures(case, len(ledger.flows), len(ledger.ok), ledger.resolved, len(ledger.refused), completed, dict(failed),
                       sum(executions.values()), attempts, re_executed, lost, settled, dict(by_worker))  # fmt: skip
     print(figures.line(), flush=True)
+    RECORDED.append(figures.line())
     return figures
