@@ -84,6 +84,16 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     return default
 
 
+def _replicas(env: Mapping[str, str]) -> int | None:
+    raw = env.get("PYOCO_NATS_REPLICAS", "").strip()
+    if not raw:
+        return None
+    if raw not in ("1", "2", "3", "4", "5"):
+        log.warning("PYOCO_NATS_REPLICAS=%r is not 1..5; existing streams keep their replicas", raw)
+        return None
+    return int(raw)
+
+
 def _csv(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
 
@@ -93,7 +103,10 @@ class Settings:
     nats_url: str | None = None  # None: start the embedded server (pyoco-server up)
     data_dir: Path = Path(".pyoco-es")
     nats_sync: str = "1s"
-    nats_replicas: int = 1
+    # None (PYOCO_NATS_REPLICAS unset): new streams and buckets get 1 replica and existing ones
+    # keep theirs, so a command started without the setting (an operator's `pyoco-es replay`)
+    # never scales a cluster's R3 streams down.
+    nats_replicas: int | None = None
     default_tag: str = "default"
     work_subject_prefix: str = "pyoco.work"
     max_attempts: int = 3
@@ -163,7 +176,7 @@ class Settings:
             nats_url=e.get("PYOCO_NATS_URL") or None,
             data_dir=Path(e.get("PYOCO_DATA_DIR") or ".pyoco-es"),
             nats_sync=e.get("PYOCO_NATS_SYNC") or "1s",
-            nats_replicas=_int(e, "PYOCO_NATS_REPLICAS", 1),
+            nats_replicas=_replicas(e),
             default_tag=(e.get("PYOCO_DEFAULT_TAG") or "default").strip(),
             work_subject_prefix=e.get("PYOCO_WORK_SUBJECT_PREFIX") or "pyoco.work",
             max_attempts=max(1, _int(e, "PYOCO_MAX_ATTEMPTS", 3)),

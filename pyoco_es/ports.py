@@ -83,8 +83,8 @@ class EventLog(Protocol):
         """Many runs' appends in one crossing; per batch its seqs or its error."""
         ...
 
-    async def read_run(self, run_id: str, *, after_stream_seq: int = 0) -> list[Envelope]:
-        """A run's events after a stream position."""
+    async def read_run(self, run_id: str, *, after_stream_seq: int = 0, from_leader: bool = False) -> list[Envelope]:
+        """A run's events after a stream position (``from_leader``: none missing on a cluster)."""
         ...
 
     async def read_runs(self, run_ids: Sequence[str]) -> list[list[Envelope] | PyocoError]:

@@ -57,8 +57,9 @@ class RunStore:
         self.nats = nats
         self.clock = clock
 
-    async def load(self, run_id: str, *, hint: RunSnapshot | None = None) -> RunSnapshot | None:
-        """The run's current state: the projected snapshot (or ``hint``) plus any newer events.
+    async def load(self, run_id: str, *, hint: RunSnapshot | None = None, from_leader: bool = False) -> RunSnapshot | None:
+        """The run's current state: the projected snapshot (or ``hint``) plus any newer events
+        (``from_leader``: read from the stream's leader, not a replica that may lag).
 
         Raises:
             CorruptStreamError: an event of this run cannot be folded.
@@ -74,7 +75,7 @@ class RunStore:
         after = snap.last_stream_seq if snap is not None and snap.last_stream_seq else 0
         if snap is not None and not after:
             snap = None  # folded without positions: refold from the start
-        events = await self.nats.read_run(run_id, after_stream_seq=after)
+        events = await self.nats.read_run(run_id, after_stream_seq=after, from_leader=from_leader)
         try:
             return fold(snap, events)
         except SequenceGap:
@@ -136,7 +137,8 @@ class RunStore:
                 log.debug("conflict appending to run %s; re-deciding", run_id, extra={"run_id": run_id})
                 stored += [e.event for e in envs[: exc.appended]]
                 appended += envs[: exc.appended]
-                snap = await self.load(run_id, hint=snap)
+                # The append proved a newer event exists: a replica's read could still miss it.
+                snap = await self.load(run_id, hint=snap, from_leader=True)
                 continue
             stored_now = [attrs.evolve(e, stream_seq=s) for e, s in zip(envs, seqs, strict=True)]
             for env in stored_now:

@@ -38,3 +38,15 @@ def wait_for_file(path: str, seconds: float = 30.0) -> str:
 def die(signal_number: int = 9) -> None:
     """Kills its own process (a poison run)."""
     os.kill(os.getpid(), signal_number)
+
+
+def side_effect(path: str, token: str, seconds: float = 1.0) -> str:
+    """Side effect counted per execution: appends ``<token> <pid>`` to ``path`` (one short
+    O_APPEND write, atomic), then lasts ``seconds`` (the cluster fault suite's ledger)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{token} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return token

@@ -16,12 +16,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+
+from pyoco_es.testing.fleet import wait_for as _poll
+from pyoco_es.testing.ledger import listed_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
@@ -63,17 +64,6 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def _poll(what: str, check: Callable[[], Any], timeout: float, every: float = 0.1) -> Any:  # noqa: ANN401
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
 
 
 class Ledger:
@@ -223,17 +213,7 @@ def test_the_readme_stack_survives_past_every_timer_with_faults(tmp_path: Path) 
 
             _poll("every acknowledged run to end", all_terminal, 120, every=1.0)
 
-            stored: set[str] = set()
-            cursor: str | None = None
-            while True:  # the delta form of GET /runs pages with a cursor
-                params: dict[str, Any] = {"limit": 200, "updated_after": 0}
-                if cursor:
-                    params["cursor"] = cursor
-                body = client.get(f"{url}/runs", params=params).json()
-                stored |= {item["run_id"] for item in body["items"]}
-                cursor = body.get("next_cursor")
-                if not cursor:
-                    break
+            stored = listed_runs(client, url)
 
             lost_healthy: list[str] = []
             lost_faulted = 0

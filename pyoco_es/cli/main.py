@@ -284,8 +284,10 @@ def _mount_optional() -> None:
     except ImportError:  # pragma: no cover
         pass
     from .admin import admin as admin_group
+    from .cluster import dev_cluster
 
     cli.add_command(admin_group, "admin")
+    cli.add_command(dev_cluster)
 
 
 _mount_optional()

@@ -217,7 +217,7 @@ class Projector:
                 try:
                     new = apply(snap, env)
                 except SequenceGap:
-                    new = await self._catch_up(run_id, snap, upto=env.stream_seq or 0)
+                    new = await self._catch_up(run_id, snap, upto=env.stream_seq or 0, need=env.seq - 1)
                     new = apply(new, env)
                 if new is not snap:
                     self._events += 1
@@ -240,11 +240,22 @@ class Projector:
             self._dirty[run_id] = cached
         self._track_pending(run_id, snap)
 
-    async def _catch_up(self, run_id: str, snap: RunSnapshot | None, *, upto: int) -> RunSnapshot | None:
-        """Fill a gap from the stream (events that went to another projector)."""
+    async def _catch_up(self, run_id: str, snap: RunSnapshot | None, *, upto: int, need: int) -> RunSnapshot | None:
+        """Fill a gap from the stream (events that went to another projector): the events before
+        stream seq ``upto``, which must bring the run to version ``need`` at least.
+
+        A direct read of an R3 stream may come from a replica still catching up and miss the
+        newest events (found by the cluster fault suite: the run was marked not projectable and
+        stayed RUNNING in the read model); such a short read is asked again of the leader, and
+        only a gap the leader confirms is corruption.
+        """
         after = snap.last_stream_seq if snap is not None else 0
-        missing = [e for e in await self.nats.read_run(run_id, after_stream_seq=after) if e.stream_seq is not None and e.stream_seq < upto]
-        return fold(snap, missing)
+        for from_leader in (False, True):
+            events = await self.nats.read_run(run_id, after_stream_seq=after, from_leader=from_leader)
+            caught = fold(snap, [e for e in events if e.stream_seq is not None and e.stream_seq < upto])
+            if (caught.version if caught is not None else 0) >= need:
+                break
+        return caught
 
     def _block(self, run_id: str, cached: _Cached, snap: RunSnapshot | None, reason: str) -> None:
         self._corrupt += 1
@@ -364,7 +375,7 @@ class Projector:
             if mine.snapshot is not None and (theirs is None or theirs.version < mine.snapshot.version):
                 # Theirs is older: fold the stream from their position (covers ours and more).
                 try:
-                    cached.snapshot = await self._catch_up(run_id, theirs, upto=1 << 62)
+                    cached.snapshot = await self._catch_up(run_id, theirs, upto=1 << 62, need=mine.snapshot.version)
                 except CorruptStreamError as exc:
                     cached.blocked = str(exc)
                 self._dirty[run_id] = cached

@@ -48,6 +48,8 @@ async def read_snapshot(gw: Gateway, run_id: str) -> JSONObject | None:
         if isinstance(doc, dict) and doc.get("version", 0) >= gw.index.version_of(run_id):
             return doc
     snap = await gw.store.load(run_id)
+    if snap is None:  # on a cluster the replica that answered may lag behind an acknowledged submit
+        snap = await gw.store.load(run_id, from_leader=True)
     return None if snap is None else snap.to_json()
 
 

@@ -20,6 +20,7 @@ from .bridge import AsyncioThread
 from .connection import DEFAULT_MAX_MSG_SIZE, NATS_TRANSIENT_ERRORS, _guard, log
 from .event_log import NatsEventLog
 from .kv import WATCH_CAUGHT_UP, NatsSnapshotStore
+from .urls import split_nats_urls
 from .work import NatsWorkQueue, PullSubscription
 
 
@@ -58,9 +59,14 @@ async def open_nats(
 ) -> AsyncIterator[NatsClient]:
     """Connect to NATS (reconnecting forever in the background) and close cleanly on exit.
 
+    ``url`` is one server or a cluster's nodes, comma-separated (:func:`~.urls.split_nats_urls`);
+    the client fails over between them.
+
     Raises:
-        EventLogUnavailable: the server could not be reached within ``connect_timeout``.
+        NatsUrlError: ``url`` is not a list of NATS server URLs (nothing was started).
+        EventLogUnavailable: no server could be reached within ``connect_timeout``.
     """
+    servers = split_nats_urls(url)
     thread = AsyncioThread(name=f"nats:{name}")
     closing: list[bool] = []
     try:
@@ -76,10 +82,11 @@ async def open_nats(
             async def _reco() -> None:
                 log.warning("reconnected to NATS at %s", url)
 
-            # nats-py retries the first connect forever when reconnects are unlimited: bound it.
-            async with asyncio.timeout(connect_timeout * 2):
+            # nats-py retries the first connect forever when reconnects are unlimited: bound it
+            # (each server of a list may take connect_timeout: a frozen node never refuses).
+            async with asyncio.timeout(connect_timeout * (len(servers) + 1)):
                 return await nats.connect(
-                    url,
+                    servers,
                     name=name,
                     connect_timeout=connect_timeout,
                     allow_reconnect=True,

@@ -5,6 +5,7 @@ themselves are in event_log.py, kv.py and work.py; :class:`~.client.NatsClient` 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -255,15 +256,20 @@ class NatsConnection:
 
     async def account_info(self) -> dict[str, Any]:
         """JetStream's account info (``$JS.API.INFO``) as the server sent it."""
+        return await self.jetstream_api("INFO")
+
+    async def jetstream_api(self, endpoint: str, body: bytes = b"") -> dict[str, Any]:
+        """One JetStream API request (``$JS.API.<endpoint>``, e.g. ``STREAM.INFO.PYOCO_EVENTS``),
+        the answer as the server sent it (an ``error`` member included)."""
 
         async def go() -> dict[str, Any]:
-            msg = await self._nc.request("$JS.API.INFO", b"", timeout=self.op_timeout)
+            msg = await self._nc.request(f"$JS.API.{endpoint}", body, timeout=self.op_timeout)
             doc = json.loads(msg.data)
             if not isinstance(doc, dict):
-                raise InfraError("JetStream account info is not an object")
+                raise InfraError(f"JetStream API {endpoint}: the answer is not an object")
             return doc
 
-        return await self._call("account info", go)
+        return await self._call(f"JetStream API {endpoint}", go)
 
     @property
     def js(self) -> Any:
@@ -305,6 +311,26 @@ class NatsConnection:
                 await sub.unsubscribe()
             if got < batch or once:
                 return out
+
+    async def _read_subject_from_leader(self, subject: str, after: int, stream: str = subjects.EVENTS_STREAM) -> list[tuple[int, bytes]]:
+        """What :meth:`_read_subject` reads, asked of the stream's leader one message at a time
+        (``$JS.API.STREAM.MSG.GET``).  A direct get may be answered by any replica of an R3
+        stream, one still catching up included; the leader has every acknowledged message."""
+        out: list[tuple[int, bytes]] = []
+        start = after + 1
+        while True:
+            req = dumps({"seq": start, "next_by_subj": subject})
+            msg = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{stream}", req, timeout=self.op_timeout)
+            doc = json.loads(msg.data)
+            err = doc.get("error")
+            if err is not None:
+                if err.get("err_code") == 10037:  # no message found: the end
+                    return out
+                raise InfraError(f"message get on {subject}: JetStream error {err.get('err_code')}: {err.get('description')}")
+            m = doc["message"]
+            seq = int(m["seq"])
+            out.append((seq, base64.b64decode(m.get("data") or "")))
+            start = seq + 1
 
     async def _publish_one(
         self, subject: str, data: bytes, msg_id: str | None, headers: dict[str, str] | None = None

@@ -213,6 +213,19 @@ def spawn_bound_to_parent(argv: Sequence[str], **kwargs: Any) -> subprocess.Pope
     return spawner.submit(lambda: subprocess.Popen(list(argv), preexec_fn=preexec, **kwargs)).result()
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` (SIGCONT first: a frozen process cannot act on it), wait up to
+    ``timeout``, then SIGKILL; returns once it is reaped."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @attrs.define(eq=False)
 class EmbeddedNats:
     """A private nats-server with JetStream under ``data_dir``.
@@ -347,14 +360,8 @@ class EmbeddedNats:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait, then SIGKILL, then release the data dir; idempotent."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         if proc is not None:
+            terminate(proc, timeout)
             for f in glob.glob(str(self.data_dir / PID_FILE)):
                 Path(f).unlink(missing_ok=True)
         self._unlock()

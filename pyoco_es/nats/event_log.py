@@ -168,13 +168,18 @@ class NatsEventLog(NatsConnection):
         if not task.cancelled() and task.exception() is not None:
             log.warning("fast-path publish failed (the conductor's reconcile publishes it again): %s", task.exception())
 
-    async def read_run(self, run_id: str, *, after_stream_seq: int = 0) -> list[Envelope]:
+    async def read_run(self, run_id: str, *, after_stream_seq: int = 0, from_leader: bool = False) -> list[Envelope]:
         """A run's events in order (after ``after_stream_seq``), read with batched direct gets.
+
+        On a cluster a direct get may be answered by a replica still catching up: the newest
+        events can be missing (never reordered).  ``from_leader`` asks the stream's leader, one
+        message per request, for a read that has every acknowledged event.
 
         Raises:
             CorruptStreamError: an event on the subject cannot be decoded.
         """
-        raw = await self._call("read run", self._read_subject, subjects.run_events_subject(run_id), after_stream_seq)
+        read = self._read_subject_from_leader if from_leader else self._read_subject
+        raw = await self._call("read run", read, subjects.run_events_subject(run_id), after_stream_seq)
         return [decode_envelope(data, stream_seq=seq) for seq, data in raw]
 
     async def read_runs(self, run_ids: Sequence[str]) -> list[list[Envelope] | PyocoError]:

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 @attrs.frozen(kw_only=True)
 class ResourceConfig:
-    replicas: int = 1
+    # None: create with 1 replica, never change an existing stream's count (see Settings).
+    replicas: int | None = None
     duplicate_window: float = 120.0
     max_msg_size: int = DEFAULT_MAX_MSG_SIZE
     work_prefix: str = subjects.WORK_PREFIX
@@ -54,7 +55,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             subjects=[f"{subjects.EVENTS_PREFIX}.>"],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
-            num_replicas=cfg.replicas,
+            num_replicas=cfg.replicas or 1,
             duplicate_window=cfg.duplicate_window,
             deny_delete=True,
             deny_purge=True,
@@ -66,7 +67,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             subjects=[f"{cfg.work_prefix}.>"],
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
-            num_replicas=cfg.replicas,
+            num_replicas=cfg.replicas or 1,
             duplicate_window=cfg.duplicate_window,
             allow_direct=True,  # the conductor's reconcile reads the waiting items
         ),
@@ -75,7 +76,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             subjects=[f"{cfg.dlq_prefix}.>"],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
-            num_replicas=cfg.replicas,
+            num_replicas=cfg.replicas or 1,
             max_age=cfg.dlq_max_age,
             max_msgs=cfg.dlq_max_msgs,
             max_bytes=cfg.dlq_max_bytes,
@@ -94,7 +95,7 @@ def _kv_config(bucket: str, cfg: ResourceConfig, *, history: int) -> api.StreamC
         subjects=[f"$KV.{bucket}.>"],
         retention=api.RetentionPolicy.LIMITS,
         storage=api.StorageType.FILE,
-        num_replicas=cfg.replicas,
+        num_replicas=cfg.replicas or 1,
         max_msgs_per_subject=history,
         discard=api.DiscardPolicy.NEW,
         allow_rollup_hdrs=True,
@@ -139,7 +140,11 @@ def _diff(want: api.StreamConfig, have: api.StreamConfig) -> dict[str, tuple[Any
 
 
 async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None) -> list[str]:
-    """Create what is missing and update what changed.  Returns a log of what it did."""
+    """Create what is missing and update what changed.  Returns a log of what it did.
+
+    The replica count of an existing stream changes only when ``cfg.replicas`` is set: a process
+    started without ``PYOCO_NATS_REPLICAS`` leaves a cluster's R3 streams R3.
+    """
     cfg = cfg or ResourceConfig()
     client.stream_max_msg_size = cfg.max_msg_size
 
@@ -154,6 +159,9 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
                 done.append(f"created {want.name}")
                 continue
             diff = _diff(want, info.config)
+            if cfg.replicas is None:
+                diff.pop("num_replicas", None)
+                want.num_replicas = info.config.num_replicas
             if diff:
                 log.warning("stream %s config changed, updating: %s", want.name, diff)
                 merged = attrs_merge(info.config, want)

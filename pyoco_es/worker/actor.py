@@ -258,7 +258,10 @@ class WorkerActor:
         return reply
 
     async def _load(self, run_id: str) -> RunSnapshot | None:
-        return await self.batched.load(run_id)
+        snap = await self.batched.load(run_id)
+        if snap is None:  # a work item names it, so it exists: on a cluster a replica may lag
+            snap = await self.batched.store.load(run_id, from_leader=True)
+        return snap
 
     async def read_events(self, run_id: str) -> list[Envelope]:
         """The run's events, read in a batch with other runs' reads (one bridge crossing).
