@@ -119,6 +119,7 @@ class RunSnapshot:
     cancel_requested_by: str | None = None
     cancel_reason: str | None = None
     tasks: dict[str, TaskRecord] = field(factory=dict)
+    wheels: tuple[dict[str, str], ...] = ()  # the current attempt's synced code (run.claimed)
 
     @property
     def terminal(self) -> bool:
@@ -164,6 +165,7 @@ class RunSnapshot:
             "cancel_reason": self.cancel_reason,
             "idempotency_key": self.idempotency_key,
             "request_sha256": self.request_sha256,
+            "wheels": list(self.wheels),
             "version": self.version,
             "last_stream_seq": self.last_stream_seq,
         }
@@ -184,6 +186,7 @@ class RunSnapshot:
             )
         kwargs = {a.name: data.get(a.name) for a in attrs.fields(cls) if a.name in data}
         kwargs["tags"] = tuple(data.get("tags") or ())  # type: ignore[arg-type]
+        kwargs["wheels"] = tuple(w for w in (data.get("wheels") or ()) if isinstance(w, dict))  # type: ignore[union-attr]
         kwargs["status"] = RunStatus(data["status"])
         kwargs["tasks"] = tasks
         return cls(**kwargs)  # type: ignore[arg-type]

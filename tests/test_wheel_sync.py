@@ -1,0 +1,230 @@
+"""Worker wheel sync (issue 14): a syncing worker installs the registry's wheels for its tags into
+versioned directories, new run processes import from them, and each attempt records which code
+it ran.  Real nats-server, real pip (``--no-deps --no-index`` of a local file) into temp dirs.
+
+Wheels are put into the object store the way pyoco-server 0.5.1's gateway does (object name =
+file name, headers ``sha256`` and ``x-pyoco-wheel-tags``), so this side needs no gateway."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from packaging.tags import Tag
+
+from pyoco_es.core.codec import decode_envelope, encode_envelope
+from pyoco_es.core.events import Envelope, Producer, RunClaimed
+from pyoco_es.core.model import RunStatus
+from pyoco_es.core.wheelsync import StoredWheel, select_wheels, shadowed_modules, unsafe_members, verify_sha256
+from pyoco_es.nats import subjects
+from pyoco_es.nats.client import NatsClient
+from pyoco_es.service import RunStore
+
+from test_worker import TERMINAL, fast_settings, start_stack, submit, wait_for, wait_status
+
+BUCKET = "pyoco_wheels"
+FLOW = """
+version: 1
+flow:
+  graph: which
+tasks:
+  which: {callable: "wsdemo.tasks:which"}
+"""
+NOT_ALLOWED = FLOW.replace("wsdemo.tasks:which", "wscommon.tasks:hello")
+
+
+def build_wheel(dist: str, version: str, files: dict[str, str], *, broken: bool = False) -> tuple[str, bytes]:
+    """A minimal pure-Python wheel (PEP 427) in memory; ``broken``: no ``.dist-info`` (pip refuses it)."""
+    name = f"{dist}-{version}-py3-none-any.whl"
+    info = f"{dist}-{version}.dist-info"
+    members = dict(files)
+    if not broken:
+        members[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
+        members[f"{info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    record = []
+    for path, text in members.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    if not broken:
+        record.append(f"{info}/RECORD,,")
+        members[f"{info}/RECORD"] = "\n".join(record) + "\n"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path, text in members.items():
+            zf.writestr(path, text)
+    return name, buf.getvalue()
+
+
+def demo_wheel(version: str, **kw: Any) -> tuple[str, bytes]:
+    return build_wheel("wsdemo", version, {"wsdemo/__init__.py": "", "wsdemo/tasks.py": f"def which():\n    return 'v{version}'\n"}, **kw)
+
+
+async def put_wheel(nats: NatsClient, name: str, data: bytes, *, tags: str | None = None, sha256: str | None = None) -> None:
+    """Store a wheel as pyoco-server's gateway does (contract §1.12 "Storage")."""
+    from nats.js import api
+    from nats.js.errors import BucketNotFoundError
+
+    headers = {"content-type": "application/octet-stream", "sha256": sha256 or hashlib.sha256(data).hexdigest()}
+    if tags:
+        headers["x-pyoco-wheel-tags"] = tags
+
+    async def go() -> None:
+        try:
+            store = await nats.js.object_store(BUCKET)
+        except BucketNotFoundError:
+            store = await nats.js.create_object_store(BUCKET)
+        await store.put(name, data, meta=api.ObjectMeta(name=name, headers=headers))
+
+    await nats.run("put wheel", go)
+
+
+async def worker_record(nats: NatsClient, worker_id: str = "w1") -> dict[str, Any]:
+    entry = await nats.kv_get(subjects.WORKERS_BUCKET, worker_id)
+    return json.loads(entry.value) if entry is not None else {}
+
+
+async def wheel_sync(nats: NatsClient) -> dict[str, Any]:
+    return (await worker_record(nats)).get("wheel_sync") or {}
+
+
+def installed(state: dict[str, Any]) -> dict[str, str]:
+    return {w["package_name"]: w["package_version"] for w in state.get("installed_wheels", [])}
+
+
+async def run_output(store: RunStore, yaml_text: str = FLOW) -> tuple[Any, Any]:
+    run_id = await submit(store, yaml_text=yaml_text)
+    snap = await wait_status(store, run_id, TERMINAL, timeout=20)
+    return snap, run_id
+
+
+async def test_worker_syncs_wheels_switches_versions_between_runs_and_survives_bad_ones(
+    nats: NatsClient, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """v1 runs; v2 uploaded → the next run uses v2 without a restart and records it; wheels for
+    other tags are ignored; a broken wheel and a sha mismatch are reported and v2 keeps serving;
+    an installed wheel's module still needs the allow-list."""
+    with trio.fail_after(120):
+        v1 = demo_wheel("1.0")
+        await put_wheel(nats, *v1, tags="default,other")
+        await put_wheel(nats, *build_wheel("wsgpu", "1.0", {"wsgpu.py": "X = 1\n"}), tags="gpu")
+        await put_wheel(nats, *build_wheel("wscommon", "1.0", {"wscommon/__init__.py": "", "wscommon/tasks.py": "def hello():\n    return 'hi'\n"}))
+        settings = fast_settings(
+            wheel_sync_enabled=True,
+            wheel_sync_dir=str(tmp_path / "wheels"),
+            wheel_sync_interval=0.2,
+            allowed_modules=("examples", "tests.tasks", "wsdemo"),
+        )
+        await start_stack(nursery, nats, settings)
+        store = RunStore(nats)
+
+        state = await wheel_sync(nats)
+        assert state["enabled"] is True and state["last_result"] == "ok", state
+        assert installed(state) == {"wsdemo": "1.0", "wscommon": "1.0"}  # the gpu wheel is not for us
+        assert sorted(state["selected_wheels"]) == ["wscommon-1.0-py3-none-any.whl", "wsdemo-1.0-py3-none-any.whl"]
+
+        snap, run_id = await run_output(store)
+        assert snap.status is RunStatus.COMPLETED, snap.error
+        assert snap.tasks["which"].output == "v1.0"
+        sha1 = hashlib.sha256(v1[1]).hexdigest()
+        assert {"name": "wsdemo", "version": "1.0", "sha256": sha1, "wheel_name": v1[0]} in snap.wheels
+        claimed = [e for e in await store.history(run_id) if isinstance(e.event, RunClaimed)]
+        assert [w["version"] for w in claimed[0].event.wheels if w["name"] == "wsdemo"] == ["1.0"]
+
+        # installed but not allowed: the allow-list still decides what a YAML callable may import
+        refused, _ = await run_output(store, NOT_ALLOWED)
+        assert refused.status is RunStatus.FAILED and refused.failure_reason == "build_error", refused.error
+        assert "wscommon" in (refused.error or "")
+
+        v2 = demo_wheel("2.0")
+        await put_wheel(nats, *v2, tags="default")
+
+        async def has(version: str) -> bool:
+            return installed(await wheel_sync(nats)).get("wsdemo") == version
+
+        await wait_for(lambda: has("2.0"), "v2 to be installed", timeout=30)
+        snap, run_id = await run_output(store)
+        assert snap.tasks["which"].output == "v2.0", snap.error
+        claimed = [e for e in await store.history(run_id) if isinstance(e.event, RunClaimed)]
+        assert {"name": "wsdemo", "version": "2.0", "sha256": hashlib.sha256(v2[1]).hexdigest(), "wheel_name": v2[0]} in claimed[0].event.wheels
+
+        # a wheel pip refuses, then one whose bytes are not what the registry recorded
+        await put_wheel(nats, *demo_wheel("3.0", broken=True), tags="default")
+
+        async def failed(fragment: str) -> dict[str, Any] | None:
+            state = await wheel_sync(nats)
+            hit = [f for f in state.get("failed_wheels", []) if fragment in f["wheel_name"]]
+            return state if hit and state["last_result"] == "error" else None
+
+        state = await wait_for(lambda: failed("wsdemo-3.0"), "the broken wheel to be reported", timeout=30)
+        assert "pip install failed" in state["failed_wheels"][0]["error"]
+        assert installed(state)["wsdemo"] == "2.0"
+        snap, _ = await run_output(store)
+        assert snap.tasks["which"].output == "v2.0"
+
+        name4, data4 = demo_wheel("4.0")
+        await put_wheel(nats, name4, data4, tags="default", sha256="0" * 64)
+        state = await wait_for(lambda: failed("wsdemo-4.0"), "the sha mismatch to be reported", timeout=30)
+        assert "sha256 mismatch" in state["failed_wheels"][0]["error"]
+        assert installed(state)["wsdemo"] == "2.0"
+        snap, _ = await run_output(store)
+        assert snap.tasks["which"].output == "v2.0"
+        # nothing of the refused versions reached the sync directory
+        assert not [p for p in (tmp_path / "wheels" / "w1").iterdir() if p.name.startswith(("wsdemo-3.0", "wsdemo-4.0"))]
+
+
+# -- the pure rules -------------------------------------------------------------------------------
+
+
+def _stored(name: str, tags: str | None = None, nuid: str = "n") -> StoredWheel:
+    headers = {"x-pyoco-wheel-tags": tags} if tags is not None else {}
+    return StoredWheel(name=name, nuid=nuid, size=1, digest="", headers=headers)
+
+
+def test_selection_follows_pyoco_server() -> None:
+    supported = {Tag("py3", "none", "any")}
+    objs = [
+        _stored("a-1.0-py3-none-any.whl", "default"),
+        _stored("a-1.10-py3-none-any.whl", "default"),  # newest (1.10 > 1.9 as versions)
+        _stored("a-1.9-py3-none-any.whl"),
+        _stored("b-2.0-py3-none-any.whl", "gpu"),  # another tag: ignored
+        _stored("c-1.0-py3-none-any.whl", "bad tag!,default"),  # invalid entries dropped, default kept
+        _stored("d-1.0-cp27-cp27m-win32.whl"),  # not for this interpreter: reported
+        _stored("not-a-wheel.txt"),
+        _stored("../evil-1.0-py3-none-any.whl"),
+    ]
+    sel = select_wheels(objs, ["default"], supported)
+    assert [(c.package, str(c.version)) for c in sel.chosen] == [("a", "1.10"), ("c", "1.0")]
+    assert sel.skipped_incompatible == ({"wheel_name": "d-1.0-cp27-cp27m-win32.whl", "package_name": "d", "package_version": "1.0", "reason": "unsupported_wheel_tags"},)
+
+
+def test_sha_and_member_checks() -> None:
+    data = b"wheel bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+    good = StoredWheel(name="a-1-py3-none-any.whl", nuid="n", size=1, digest=digest, headers={"sha256": sha})
+    assert verify_sha256(good, sha) is None
+    lying = StoredWheel(name="a-1-py3-none-any.whl", nuid="n", size=1, digest=digest, headers={"sha256": "1" * 64})
+    assert "registry's sha256" in (verify_sha256(lying, sha) or "")
+    unlabelled = StoredWheel(name="a-1-py3-none-any.whl", nuid="n", size=1, digest=digest)
+    assert verify_sha256(unlabelled, sha) is None
+    assert "object store's digest" in (verify_sha256(unlabelled, "2" * 64) or "")
+    members = ["pkg/__init__.py", "json/__init__.py", "pyoco_es/worker/trust.py", "site.py", "pkg-1.dist-info/METADATA", "pkg-1.data/scripts/x"]
+    assert shadowed_modules(members, {"json", "site", "os"}) == ["json", "pyoco_es", "site"]
+    assert unsafe_members(["ok/a.py", "../x.py", "/etc/passwd", "a/../../b", "C:/x"]) == ["../x.py", "/etc/passwd", "a/../../b", "C:/x"]
+
+
+def test_claimed_wheels_survive_the_codec() -> None:
+    wheels = ({"name": "a", "version": "1.0", "sha256": "f" * 64, "wheel_name": "a-1.0-py3-none-any.whl"},)
+    env = Envelope(event_id="e", run_id="r", seq=2, occurred_at=1.0, producer=Producer(kind="worker", id="w", attempt=1),
+                   event=RunClaimed(worker_id="w", attempt=1, lease_seconds=15, wheels=wheels))  # fmt: skip
+    back = decode_envelope(encode_envelope(env))
+    assert isinstance(back.event, RunClaimed) and back.event.wheels == wheels
+    with pytest.raises(TypeError):
+        RunClaimed(worker_id="w", attempt=1, lease_seconds=15, wheels=({"name": 1},))  # type: ignore[dict-item]
