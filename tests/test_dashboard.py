@@ -120,11 +120,15 @@ def _serve(data_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    data_dir = tmp_path_factory.mktemp("dashboard-stack")
+    yield from child_stack(__file__, tmp_path_factory.mktemp("dashboard-stack"))
+
+
+def child_stack(script: str, data_dir: Path) -> Iterator[dict[str, str]]:
+    """Run ``python SCRIPT --serve DATA_DIR`` and yield the JSON line it prints; stop it after."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYOCO_LOAD_DOTENV="0")
     log = open(data_dir / "stack.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(data_dir)],
+        [sys.executable, script, "--serve", str(data_dir)],
         cwd=ROOT,
         env=env,
         stdin=subprocess.PIPE,

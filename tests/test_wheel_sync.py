@@ -62,8 +62,24 @@ def build_wheel(dist: str, version: str, files: dict[str, str], *, broken: bool 
     return name, buf.getvalue()
 
 
+DEMO_TASKS = """import os
+import time
+
+
+def which():
+    return "v{version}"
+
+
+def held(gate):
+    while not os.path.exists(gate):  # the test opens the gate
+        time.sleep(0.01)
+    return "v{version}"
+"""
+HELD = FLOW.replace("graph: which", "graph: held").replace('which: {callable: "wsdemo.tasks:which"}', 'held: {callable: "wsdemo.tasks:held"}')
+
+
 def demo_wheel(version: str, **kw: Any) -> tuple[str, bytes]:
-    return build_wheel("wsdemo", version, {"wsdemo/__init__.py": "", "wsdemo/tasks.py": f"def which():\n    return 'v{version}'\n"}, **kw)
+    return build_wheel("wsdemo", version, {"wsdemo/__init__.py": "", "wsdemo/tasks.py": DEMO_TASKS.format(version=version)}, **kw)
 
 
 async def put_wheel(nats: NatsClient, name: str, data: bytes, *, tags: str | None = None, sha256: str | None = None) -> None:
@@ -179,6 +195,47 @@ async def test_worker_syncs_wheels_switches_versions_between_runs_and_survives_b
         assert not [p for p in (tmp_path / "wheels" / "w1").iterdir() if p.name.startswith(("wsdemo-3.0", "wsdemo-4.0"))]
 
 
+async def test_a_running_attempt_keeps_its_code_and_its_directory(nats: NatsClient, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A sync while a run is in progress: that run finishes with v1 (and records v1), a run
+    started after the sync gets v2 from a fresh process, and v1's directory is removed only once
+    no process uses it."""
+    with trio.fail_after(90):
+        await put_wheel(nats, *demo_wheel("1.0"))
+        root = tmp_path / "wheels"
+        settings = fast_settings(wheel_sync_enabled=True, wheel_sync_dir=str(root), wheel_sync_interval=0.2,
+                                 allowed_modules=("wsdemo",))  # fmt: skip
+        await start_stack(nursery, nats, settings, concurrency=2)
+        store = RunStore(nats)
+        gate = tmp_path / "gate"
+        held = await submit(store, yaml_text=HELD, params={"gate": str(gate)})
+        await wait_status(store, held, {RunStatus.RUNNING})
+        v1_dir = root / "w1" / Path(installed_paths(await wheel_sync(nats))["wsdemo"]).name
+
+        await put_wheel(nats, *demo_wheel("2.0"))
+
+        async def v2() -> bool:
+            return installed(await wheel_sync(nats)).get("wsdemo") == "2.0"
+
+        await wait_for(v2, "v2 to be installed", timeout=30)
+        snap, _ = await run_output(store)
+        assert snap.tasks["which"].output == "v2.0", snap.error
+        assert v1_dir.is_dir(), "v1 is still imported by the held run's process"
+
+        gate.touch()
+        done = await wait_status(store, held, TERMINAL, timeout=20)
+        assert done.status is RunStatus.COMPLETED and done.tasks["held"].output == "v1.0", done.error
+        assert [w["version"] for w in done.wheels] == ["1.0"]
+
+        async def v1_gone() -> bool:
+            return not v1_dir.exists()
+
+        await wait_for(v1_gone, "v1's directory to be removed once unused", timeout=20)
+
+
+def installed_paths(state: dict[str, Any]) -> dict[str, str]:
+    return {w["package_name"]: w["wheel_name"].split("-py3")[0] + "-" + w["sha256_hex"][:8] for w in state["installed_wheels"]}
+
+
 # -- the pure rules -------------------------------------------------------------------------------
 
 
@@ -228,3 +285,35 @@ def test_claimed_wheels_survive_the_codec() -> None:
     assert isinstance(back.event, RunClaimed) and back.event.wheels == wheels
     with pytest.raises(TypeError):
         RunClaimed(worker_id="w", attempt=1, lease_seconds=15, wheels=({"name": 1},))  # type: ignore[dict-item]
+
+
+# -- what users read --------------------------------------------------------------------------------
+
+
+async def test_client_shows_workers_plugins_and_claimed_wheels(nursery: trio.Nursery) -> None:
+    """``pyoco-client workers --output plugins`` (pyoco-server's columns) and the events table's
+    ``wheels=name@version(sha8)``."""
+    from asyncclick.testing import CliRunner
+
+    from pyoco_es.cli.client import client
+    from test_cli_support import CannedServer, start_canned
+
+    server = await start_canned(nursery, CannedServer())
+    sync = {"installed_wheels": [{"wheel_name": "a-1.0-py3-none-any.whl", "package_name": "a", "package_version": "1.0"},
+                                 {"wheel_name": "b-2.0-py3-none-any.whl", "package_name": "b", "package_version": "2.0"}]}  # fmt: skip
+    server.json("GET", "/workers", [{"worker_id": "w1", "state": "IDLE", "tags": ["default"], "wheel_sync": sync},
+                                    {"worker_id": "w2", "state": "RUNNING", "tags": [], "wheel_sync": {"installed_wheels": []}}])  # fmt: skip
+    claimed = {"seq": 2, "occurred_at": 1.0, "type": "run.claimed", "producer": {"kind": "worker", "id": "w1", "attempt": 1},
+               "data": {"worker_id": "w1", "wheels": [{"name": "a", "version": "1.0", "sha256": "abcdef0123" + "0" * 54, "wheel_name": "a-1.0-py3-none-any.whl"}]}}  # fmt: skip
+    server.json("GET", "/runs/r-1/events", {"items": [claimed]})
+    with trio.fail_after(10):
+        out = await CliRunner().invoke(client, ["--server", server.url, "workers", "--output", "plugins"], prog_name="pyoco-client")
+        events = await CliRunner().invoke(client, ["--server", server.url, "events", "r-1", "--output", "table"], prog_name="pyoco-client")
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["worker_id", "state", "tags", "package", "version", "wheel_name"]
+    assert [line.split() for line in lines[1:]] == [
+        ["w1", "IDLE", "default", "a", "1.0", "a-1.0-py3-none-any.whl"],
+        ["w1", "IDLE", "default", "b", "2.0", "b-2.0-py3-none-any.whl"],
+        ["w2", "RUNNING", "-", "-", "-", "-"],
+    ]
+    assert "wheels=a@1.0(abcdef01)" in events.stdout, events.stdout
