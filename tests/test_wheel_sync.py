@@ -11,6 +11,9 @@ import base64
 import hashlib
 import io
 import json
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,15 +22,17 @@ import pytest
 import trio
 from packaging.tags import Tag
 
+from pyoco_es.conductor.service import run_conductor
 from pyoco_es.core.codec import decode_envelope, encode_envelope
 from pyoco_es.core.events import Envelope, Producer, RunClaimed
 from pyoco_es.core.model import RunStatus
 from pyoco_es.core.wheelsync import StoredWheel, select_wheels, shadowed_modules, unsafe_members, verify_sha256
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
+from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.service import RunStore
 
-from test_worker import TERMINAL, fast_settings, start_stack, submit, wait_for, wait_status
+from test_worker import ROOT, TERMINAL, fast_settings, start_stack, submit, wait_for, wait_status, worker_env
 
 BUCKET = "pyoco_wheels"
 FLOW = """
@@ -317,3 +322,32 @@ async def test_client_shows_workers_plugins_and_claimed_wheels(nursery: trio.Nur
         ["w2", "RUNNING", "-", "-", "-", "-"],
     ]
     assert "wheels=a@1.0(abcdef01)" in events.stdout, events.stdout
+
+
+async def test_pyoco_worker_flags_and_a_restart_reuses_the_installed_directory(
+    nats_server: EmbeddedNats, nats: NatsClient, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``pyoco-worker --wheel-sync --wheel-sync-dir ... --wheel-install-timeout-sec ...`` plus
+    ``PYOCO_WHEEL_SYNC_INTERVAL_SEC``: the process runs wheel code; restarted, it reuses the
+    directory it installed (no second pip run) and runs the same code at once."""
+    with trio.fail_after(90):
+        await put_wheel(nats, *demo_wheel("1.0"))
+        await nursery.start(run_conductor, nats, fast_settings())
+        store = RunStore(nats)
+        env = dict(worker_env(nats_server), PYOCO_WHEEL_SYNC_INTERVAL_SEC="0.2")
+        argv = [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()", "--nats-url", nats_server.url,
+                "--worker-id", "cli", "--concurrency", "1", "--allow-module", "wsdemo", "--wheel-sync",
+                "--wheel-sync-dir", str(tmp_path / "wheels"), "--wheel-install-timeout-sec", "60"]  # fmt: skip
+        seen: list[float] = []
+        for _ in range(2):
+            proc = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+            try:
+                snap, _ = await run_output(store)
+                assert snap.tasks["which"].output == "v1.0", snap.error
+                state = (await worker_record(nats, "cli"))["wheel_sync"]
+                assert state["enabled"] and installed(state) == {"wsdemo": "1.0"}
+                seen.append(state["installed_wheels"][0]["installed_at"])
+            finally:
+                proc.send_signal(signal.SIGINT)
+                assert await trio.to_thread.run_sync(proc.wait) == 0
+        assert seen[0] == seen[1], "the restarted worker installed the same wheel again"

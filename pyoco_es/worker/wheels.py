@@ -228,8 +228,10 @@ class WheelSync:
             raise WheelFailed(problem)
         ref = WheelRef(package=cand.package, version=str(cand.version), sha256=sha, wheel_name=wheel.name)
         final = self.root / install_dir_name(ref)
-        if _marker_sha(final) == sha:  # installed by an earlier worker process
-            return InstalledWheel(ref=ref, path=str(final), nuid=wheel.nuid, installed_at=self.clock())
+        marker = _marker(final)
+        if marker.get("sha256_hex") == sha:  # installed by an earlier worker process: reuse it
+            at = marker.get("installed_at")
+            return InstalledWheel(ref=ref, path=str(final), nuid=wheel.nuid, installed_at=at if isinstance(at, (int, float)) else self.clock())
         check_members(data)
         self.root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".install-", dir=self.root))
@@ -259,12 +261,13 @@ class WheelSync:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _marker_sha(path: Path) -> str | None:
+def _marker(path: Path) -> dict[str, Any]:
+    """What an installed directory's marker says ({} when there is none or it is unreadable)."""
     try:
         doc = json.loads((path / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return doc.get("sha256_hex") if isinstance(doc, dict) else None
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 __all__ = ["WheelFailed", "WheelSync", "check_members", "install_dir_name", "pip_install"]
