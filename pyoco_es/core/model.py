@@ -132,8 +132,9 @@ class RunSnapshot:
         return new
 
     def to_json(self) -> JSONObject:
-        """The stored/served shape (contract §2.2 plus pyoco-es fields)."""
-        return {
+        """The stored/served shape (contract §2.2 plus pyoco-es fields; ``wheels`` when the
+        attempt's process had synced wheels)."""
+        doc: JSONObject = {
             "run_id": self.run_id,
             "flow_name": self.flow_name,
             "tag": self.tag,
@@ -165,10 +166,12 @@ class RunSnapshot:
             "cancel_reason": self.cancel_reason,
             "idempotency_key": self.idempotency_key,
             "request_sha256": self.request_sha256,
-            "wheels": list(self.wheels),
             "version": self.version,
             "last_stream_seq": self.last_stream_seq,
         }
+        if self.wheels:  # only with wheel sync: snapshots stored before the field stay byte-identical (replay)
+            doc["wheels"] = list(self.wheels)
+        return doc
 
     @classmethod
     def from_json(cls, data: JSONObject) -> RunSnapshot:
