@@ -322,6 +322,12 @@ async def test_client_shows_workers_plugins_and_claimed_wheels(nursery: trio.Nur
         ["w2", "RUNNING", "-", "-", "-", "-"],
     ]
     assert "wheels=a@1.0(abcdef01)" in events.stdout, events.stdout
+    # the live view (watch --output live) names the code too, within the width
+    from pyoco_es.cli.client_live import render
+
+    snap = {"run_id": "r-1", "status": "RUNNING", "start_time": 100.0, "wheels": claimed["data"]["wheels"], "tasks": {}}
+    assert "code a@1.0(abcdef01)" in render(snap, run_id="r-1", now=101.0, width=80)[1]
+    assert all(len(line) <= 30 for line in render(snap, run_id="r-1", now=101.0, width=30)[1:2])
 
 
 async def test_pyoco_worker_flags_and_a_restart_reuses_the_installed_directory(
