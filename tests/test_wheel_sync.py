@@ -357,3 +357,26 @@ async def test_pyoco_worker_flags_and_a_restart_reuses_the_installed_directory(
                 proc.send_signal(signal.SIGINT)
                 assert await trio.to_thread.run_sync(proc.wait) == 0
         assert seen[0] == seen[1], "the restarted worker installed the same wheel again"
+
+
+async def test_pip_is_killed_after_the_install_timeout(tmp_path: Path) -> None:
+    """``--wheel-install-timeout-sec``: a pip that takes longer is killed and the wheel fails."""
+    from pyoco_es.worker.wheels import WheelFailed, pip_install
+
+    name, data = demo_wheel("1.0")
+    (tmp_path / name).write_bytes(data)
+    with trio.fail_after(30), pytest.raises(WheelFailed, match="timed out after 0.05s"):
+        await pip_install(tmp_path / name, tmp_path / "target", 0.05)
+    assert not (tmp_path / "target" / "wsdemo").exists()
+
+
+def test_pyoco_server_wheel_variables() -> None:
+    from pyoco_es.config import Settings
+
+    s = Settings.from_env({"PYOCO_LOAD_DOTENV": "0", "PYOCO_WHEEL_SYNC_ENABLED": "true", "PYOCO_WHEEL_SYNC_DIR": "/srv/wheels",
+                           "PYOCO_WHEEL_SYNC_INTERVAL_SEC": "0.01", "PYOCO_WHEEL_INSTALL_TIMEOUT_SEC": "30",
+                           "PYOCO_WHEEL_OBJECT_STORE_BUCKET": "team_wheels"})  # fmt: skip
+    assert (s.wheel_sync_enabled, s.wheel_sync_dir, s.wheel_sync_interval, s.wheel_install_timeout, s.wheel_object_store_bucket) == (
+        True, "/srv/wheels", 0.1, 30.0, "team_wheels")  # fmt: skip
+    off = Settings.from_env({"PYOCO_LOAD_DOTENV": "0"})
+    assert (off.wheel_sync_enabled, off.wheel_sync_dir, off.wheel_sync_interval, off.wheel_install_timeout) == (False, ".pyoco/wheels", 10.0, 180.0)
