@@ -55,6 +55,24 @@ async def list_wheels(nats_client: NatsConnection, bucket: str) -> list[StoredWh
     return await nats_client.run(f"list object store {bucket}", go)
 
 
+async def store_position(nats_client: NatsConnection, bucket: str) -> int | None:
+    """The object store's last stream sequence: it moves with every put and delete, so an
+    unchanged value means an unchanged registry.  None when the bucket does not exist.
+
+    Raises:
+        InfraError: NATS failed.
+    """
+
+    async def go() -> int | None:
+        try:
+            info = await nats_client.js.stream_info(f"OBJ_{bucket}")
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(info.state.last_seq)
+
+    return await nats_client.run(f"stream info of object store {bucket}", go)
+
+
 async def get_wheel(nats_client: NatsConnection, bucket: str, name: str) -> bytes:
     """The bytes of object ``name`` (nats-py checks them against the object's digest).
 
@@ -73,4 +91,4 @@ async def get_wheel(nats_client: NatsConnection, bucket: str, name: str) -> byte
     return await nats_client.run(f"get {name} from {bucket}", go)
 
 
-__all__ = ["get_wheel", "list_wheels"]
+__all__ = ["get_wheel", "list_wheels", "store_position"]

@@ -305,7 +305,8 @@ class ChildPool:
         return child
 
     async def warm(self) -> None:
-        """Start children until ``size`` are idle (called once at start-up, in the background)."""
+        """Start children until ``size`` are idle (at start-up in the background, and after a new
+        code generation)."""
         count = max(0, self.size - len(self._all) - self._warming)
         self._warming += count
         async with trio.open_nursery() as nursery:

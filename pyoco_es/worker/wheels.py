@@ -5,8 +5,10 @@ One pass (at start, then every ``wheel_sync_interval``):
 
 1. List the object store ``pyoco_wheels`` and select, per distribution, the newest wheel whose
    tags match this worker's (pyoco-server's rules: :mod:`pyoco_es.core.wheelsync`).
-2. A wheel already installed with the same object ``nuid`` is kept as it is: when nothing changed
-   a pass costs one listing, and nothing else happens.
+2. A wheel already installed with the same object ``nuid`` is kept as it is.  A pass first reads
+   the object store's stream position (it moves with every put and delete): when it has not
+   moved since the last clean pass, that one request is the whole pass (plus the directory
+   clean-up of step 6), and the record rides on the next heartbeat.
 3. A new or changed wheel is downloaded, its sha256 checked against the registry's, its members
    checked (no absolute or ``..`` paths, nothing that shadows the standard library, ``pyoco`` or
    ``pyoco_es``), and installed with ``python -m pip install --no-deps --no-index --target
@@ -58,7 +60,7 @@ from ..core.wheelsync import (
     verify_sha256,
 )
 from ..nats.client import NatsClient
-from ..nats.wheelread import get_wheel, list_wheels
+from ..nats.wheelread import get_wheel, list_wheels, store_position
 from .pool import ChildPool
 from .registry import Registry
 
@@ -136,6 +138,7 @@ class WheelSync:
         # (wheel name, nuid) -> the failure: not tried again until the registry's object changes
         self.failed: dict[tuple[str, str], dict[str, Any]] = {}
         self.state: dict[str, Any] = initial_state(enabled=True)
+        self._seen: int | None = None  # the store's position when a pass last completed cleanly
         registry.set_wheel_sync(self.state)
 
     async def run(self) -> None:
@@ -150,8 +153,17 @@ class WheelSync:
     async def sync_once(self) -> None:
         """One pass (module docstring); never raises for a registry or wheel problem."""
         attempted = self.clock()
+        bucket = self.settings.wheel_object_store_bucket
         try:
-            objects = await list_wheels(self.nats, self.settings.wheel_object_store_bucket)
+            position = await store_position(self.nats, bucket)
+            if position is not None and position == self._seen:  # nothing changed: no listing
+                self._collect_garbage()
+                quiet = {"last_attempt_at": attempted}
+                if self.state.get("last_result") == "ok":
+                    quiet.update(last_success_at=attempted, last_synced_at=attempted)
+                await self._report({**self.state, **quiet})
+                return
+            objects = await list_wheels(self.nats, bucket)
         except PyocoError as exc:
             log.warning("wheel sync: cannot list the registry: %s", exc)
             await self._report(pass_state(self.state, attempted_at=attempted, finished_at=self.clock(), selection=None, updated=(),
@@ -159,6 +171,7 @@ class WheelSync:
                                           error=f"cannot list the wheel registry: {exc}"))  # fmt: skip
             return
         selection = select_wheels(objects, self.tags, self.supported)
+        self._seen = position
         current = {w.ref.package: w for w in self.code.installed}
         installed: list[InstalledWheel] = []
         updated: list[str] = []
@@ -192,8 +205,14 @@ class WheelSync:
         return [w.to_json() for w in self.code.installed]
 
     async def _report(self, state: dict[str, Any]) -> None:
+        """Hand the record to the registry; write it now only when something besides the times
+        changed (a quiet pass rides on the next heartbeat: no extra write per pass)."""
+        times = ("last_attempt_at", "last_success_at", "last_synced_at")
+        changed = {k: v for k, v in state.items() if k not in times} != {k: v for k, v in self.state.items() if k not in times}
         self.state = state
         self.registry.set_wheel_sync(state)
+        if not changed:
+            return
         try:
             await self.registry.write()
         except PyocoError as exc:
@@ -214,7 +233,9 @@ class WheelSync:
             reason = str(exc.message if isinstance(exc, PyocoError) else exc)
             log.warning("wheel sync: %s not installed: %s", wheel.name, reason, extra={"wheel_name": wheel.name})
             entry = {"wheel_name": wheel.name, "package_name": cand.package, "package_version": str(cand.version), "error": reason}
-            if not isinstance(exc, PyocoError):  # a NATS blip is tried again next pass
+            if isinstance(exc, PyocoError):  # a NATS blip: tried again next pass
+                self._seen = None
+            else:
                 self.failed[key] = entry
             failed.append(entry)
             return None
