@@ -84,6 +84,19 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def wait_synced(url: str, workers: int, timeout: float = 120.0) -> None:
+    """Until every bench worker lists its installed wheel: the install (pip) is start-up, not
+    something a run pays for, so it stays out of the measured window."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = httpx.get(f"{url}/workers?scope=all", timeout=5).json()
+        synced = [w for w in items if str(w.get("worker_id", "")).startswith("bench") and (w.get("wheel_sync") or {}).get("installed_wheels")]
+        if len(synced) >= workers:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the workers did not sync their wheel in time")
+
+
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of a process and its reaped children (from /proc)."""
     try:
@@ -225,6 +238,8 @@ def ours(tmp: Path, workers: int, concurrency: int, wheel_sync: float | None = N
                 stderr=subprocess.DEVNULL, cwd=REPO, env=env,
             )
         wait_http(url)
+        if wheel_sync is not None:
+            wait_synced(url, workers)
         try:
             yield url, procs
         except BaseException:
