@@ -15,7 +15,7 @@ pyoco-server runs from its own venv (created under benchmarks/.pyoco-server-venv
 shared/reference/pyoco-server-measured.md).
 
     .venv/bin/python benchmarks/bench_e2e.py [--runs 2000] [--clients 16] [--skip-theirs]
-        [--wheel-sync [--wheel-sync-interval 10]]
+        [--wheel-sync [--wheel-sync-interval 10]] [--warm-up N]
 
 ``--wheel-sync``: pyoco-es's workers sync wheels (a small wheel is put into the registry's object
 store first, as pyoco-server's gateway stores it), so a pass every interval finds nothing changed;
@@ -392,6 +392,14 @@ async def list_latency(url: str, samples: int = 20) -> float:
         return statistics.median(times) if times else float("nan")
 
 
+async def warm_up(url: str, n: int) -> None:
+    """``n`` runs at once, all to their end: every warm run process has run one (steady state)."""
+    async with leanhttp.Client(url) as client:
+        ids = [(await submit(client))[0] for _ in range(n)]
+        for run_id in ids:
+            await wait_terminal(client, run_id, poll=0.02)
+
+
 async def fill(url: str, n: int, clients: int = 16) -> None:
     async with leanhttp.Client(url) as client:
         todo = iter(range(n))
@@ -413,6 +421,8 @@ def pct(xs: list[float], p: float) -> float:
 def measure(name: str, start, args: argparse.Namespace, results: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
     for workers in (1, 2):
         with tempfile.TemporaryDirectory() as tmp, start(Path(tmp), workers) as (url, procs):
+            if args.warm_up:
+                trio.run(warm_up, url, args.warm_up)
             cpu0, roles0 = procs.cpu(), procs.cpu_by_role()
             done, sub, failed = trio.run(throughput, url, args.runs, args.clients)
             results[(name, f"completed runs/s, {workers} worker(s)")] = done
@@ -441,6 +451,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4, help="pyoco-es worker --concurrency")
     ap.add_argument("--list-runs", type=int, default=0, help="extra runs to store before timing GET /runs")
     ap.add_argument("--skip-theirs", action="store_true")
+    ap.add_argument("--warm-up", type=int, default=0, help="runs done before measuring (start-up work out of the numbers)")
     ap.add_argument("--wheel-sync", action="store_true", help="pyoco-es workers sync wheels (one wheel in the registry, unchanged)")
     ap.add_argument("--wheel-sync-interval", type=float, default=10.0, help="with --wheel-sync: seconds between passes")
     args = ap.parse_args()
