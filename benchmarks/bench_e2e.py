@@ -15,6 +15,11 @@ pyoco-server runs from its own venv (created under benchmarks/.pyoco-server-venv
 shared/reference/pyoco-server-measured.md).
 
     .venv/bin/python benchmarks/bench_e2e.py [--runs 2000] [--clients 16] [--skip-theirs]
+        [--wheel-sync [--wheel-sync-interval 10]] [--warm-up N]
+
+``--wheel-sync``: pyoco-es's workers sync wheels (a small wheel is put into the registry's object
+store first, as pyoco-server's gateway stores it), so a pass every interval finds nothing changed;
+compare with a run without it to see what sync costs per run.
 
 The HTTP client is benchmarks/leanhttp.py (keep-alive, no framework): httpx cost ~4 ms of CPU
 per run in this process, on the same two cores as the systems under test.
@@ -68,6 +73,19 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
             pass
         time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up")
+
+
+def wait_synced(url: str, workers: int, timeout: float = 120.0) -> None:
+    """Until every bench worker lists its installed wheel: the install (pip) is start-up, not
+    something a run pays for, so it stays out of the measured window."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = httpx.get(f"{url}/workers?scope=all", timeout=5).json()
+        synced = [w for w in items if str(w.get("worker_id", "")).startswith("bench") and (w.get("wheel_sync") or {}).get("installed_wheels")]
+        if len(synced) >= workers:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the workers did not sync their wheel in time")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -149,8 +167,40 @@ class Procs:
                 p.wait()
 
 
+def put_bench_wheel(nats_url: str) -> None:
+    """A one-module wheel in the object store ``pyoco_wheels``, stored as pyoco-server does."""
+    import asyncio
+    import hashlib
+    import io
+    import zipfile
+
+    import nats
+    from nats.js import api
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("benchwheel.py", "def hello():\n    return 'hi'\n")
+        zf.writestr("benchwheel-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: benchwheel\nVersion: 1.0\n")
+        zf.writestr("benchwheel-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: bench\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr("benchwheel-1.0.dist-info/RECORD", "")
+    data = buf.getvalue()
+
+    async def go() -> None:
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        try:
+            store = await js.object_store("pyoco_wheels")
+        except Exception:  # noqa: BLE001 - not created yet
+            store = await js.create_object_store("pyoco_wheels")
+        headers = {"content-type": "application/octet-stream", "sha256": hashlib.sha256(data).hexdigest()}
+        await store.put("benchwheel-1.0-py3-none-any.whl", data, meta=api.ObjectMeta(name="benchwheel-1.0-py3-none-any.whl", headers=headers))
+        await nc.close()
+
+    asyncio.run(go())
+
+
 @contextmanager
-def ours(tmp: Path, workers: int, concurrency: int) -> Iterator[tuple[str, Procs]]:
+def ours(tmp: Path, workers: int, concurrency: int, wheel_sync: float | None = None) -> Iterator[tuple[str, Procs]]:
     procs = Procs()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYOCO_NATS_URL", None)
@@ -169,12 +219,18 @@ def ours(tmp: Path, workers: int, concurrency: int) -> Iterator[tuple[str, Procs
             time.sleep(0.05)
         if not url:
             raise RuntimeError("pyoco-es did not start:\n" + (tmp / "ours-up.log").read_text())
+        sync: list[str] = []
+        if wheel_sync is not None:
+            put_bench_wheel(nats)
+            sync = ["--wheel-sync", "--wheel-sync-dir", str(tmp / "wheels"), "--wheel-sync-interval-sec", str(wheel_sync)]
         for i in range(workers):
             procs.start(
-                [str(VENV / "pyoco-worker"), "--nats-url", nats, "--tags", "default", "--worker-id", f"bench{i}", "--concurrency", str(concurrency), "--allow-module", "examples"],
+                [str(VENV / "pyoco-worker"), "--nats-url", nats, "--tags", "default", "--worker-id", f"bench{i}", "--concurrency", str(concurrency), "--allow-module", "examples", *sync],
                 stderr=subprocess.DEVNULL, cwd=REPO, env=env,
             )
         wait_http(url)
+        if wheel_sync is not None:
+            wait_synced(url, workers)
         try:
             yield url, procs
         except BaseException:
@@ -327,6 +383,14 @@ async def list_latency(url: str, samples: int = 20) -> float:
         return statistics.median(times) if times else float("nan")
 
 
+async def warm_up(url: str, n: int) -> None:
+    """``n`` runs at once, all to their end: every warm run process has run one (steady state)."""
+    async with leanhttp.Client(url) as client:
+        ids = [(await submit(client))[0] for _ in range(n)]
+        for run_id in ids:
+            await wait_terminal(client, run_id, poll=0.02)
+
+
 async def fill(url: str, n: int, clients: int = 16) -> None:
     async with leanhttp.Client(url) as client:
         todo = iter(range(n))
@@ -348,6 +412,8 @@ def pct(xs: list[float], p: float) -> float:
 def measure(name: str, start, args: argparse.Namespace, results: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
     for workers in (1, 2):
         with tempfile.TemporaryDirectory() as tmp, start(Path(tmp), workers) as (url, procs):
+            if args.warm_up:
+                trio.run(warm_up, url, args.warm_up)
             cpu0, roles0 = procs.cpu(), procs.cpu_by_role()
             done, sub, failed = trio.run(throughput, url, args.runs, args.clients)
             results[(name, f"completed runs/s, {workers} worker(s)")] = done
@@ -376,9 +442,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4, help="pyoco-es worker --concurrency")
     ap.add_argument("--list-runs", type=int, default=0, help="extra runs to store before timing GET /runs")
     ap.add_argument("--skip-theirs", action="store_true")
+    ap.add_argument("--warm-up", type=int, default=0, help="runs done before measuring (start-up work out of the numbers)")
+    ap.add_argument("--wheel-sync", action="store_true", help="pyoco-es workers sync wheels (one wheel in the registry, unchanged)")
+    ap.add_argument("--wheel-sync-interval", type=float, default=10.0, help="with --wheel-sync: seconds between passes")
     args = ap.parse_args()
     results: dict[tuple[str, str], float] = {}
-    measure("pyoco-es", lambda tmp, w: ours(tmp, w, args.concurrency), args, results)
+    sync = args.wheel_sync_interval if args.wheel_sync else None
+    measure("pyoco-es", lambda tmp, w: ours(tmp, w, args.concurrency, sync), args, results)
     if not args.skip_theirs:
         measure("pyoco-server", theirs, args, results)
     metrics = sorted({m for _, m in results}, key=lambda m: [k for _, k in results].index(m))

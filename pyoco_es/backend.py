@@ -50,6 +50,11 @@ _SETTINGS_FIELDS: Final = {
     "max_run_snapshot_bytes": "max_run_snapshot_bytes",
     "workflow_yaml_max_bytes": "workflow_yaml_max_bytes",
     "dashboard_lang": "dashboard_lang",
+    "wheel_object_store_bucket": "wheel_object_store_bucket",
+    "wheel_sync_enabled": "wheel_sync_enabled",
+    "wheel_sync_dir": "wheel_sync_dir",
+    "wheel_sync_interval_sec": "wheel_sync_interval",
+    "wheel_install_timeout_sec": "wheel_install_timeout",
 }
 # upstream field -> the ResourceConfig field that honours it
 _RESOURCE_FIELDS: Final = {"dlq_max_age_sec": "dlq_max_age", "dlq_max_msgs": "dlq_max_msgs", "dlq_max_bytes": "dlq_max_bytes"}
@@ -65,11 +70,6 @@ _NOT_CARRIED: Final = {
     "dlq_subject_prefix": "the dead-letter subject prefix is fixed in pyoco-es",
     "auth_kv_bucket": "API keys are configured on the gateway (pyoco-server's key store does not carry over)",
     "auth_pepper": "API keys are configured on the gateway (pyoco-server's key store does not carry over)",
-    "wheel_object_store_bucket": "pyoco-es has no wheel registry yet",
-    "wheel_sync_enabled": "pyoco-es has no wheel registry yet",
-    "wheel_sync_dir": "pyoco-es has no wheel registry yet",
-    "wheel_sync_interval_sec": "pyoco-es has no wheel registry yet",
-    "wheel_install_timeout_sec": "pyoco-es has no wheel registry yet",
     "wheel_max_bytes": "pyoco-es has no wheel registry yet",
     "wheel_history_kv_bucket": "pyoco-es has no wheel registry yet",
     "wheel_history_ttl_sec": "pyoco-es has no wheel registry yet",

@@ -131,6 +131,13 @@ class Settings:
     worker_poll_timeout: float = 1.0  # long-poll duration of one fetch
     worker_drain_timeout: float = 30.0  # graceful stop: how long running runs may finish
     worker_clock_offset: float = 0.0  # tests only: skew the worker's wall clock (no judge may trust it)
+    # wheel sync (pyoco-server's PYOCO_WHEEL_* names; opt-in): the worker installs registry wheels
+    # into versioned directories its run processes import from (docs/operator-guide.md)
+    wheel_object_store_bucket: str = "pyoco_wheels"
+    wheel_sync_enabled: bool = False
+    wheel_sync_dir: str = ".pyoco/wheels"
+    wheel_sync_interval: float = 10.0
+    wheel_install_timeout: float = 180.0
     # snapshots and uploads
     max_run_snapshot_bytes: int = 262144
     workflow_yaml_max_bytes: int = 262144
@@ -196,6 +203,11 @@ class Settings:
             worker_poll_timeout=_num(e, "PYOCO_WORKER_POLL_TIMEOUT_SEC", 1.0, 0.05),
             worker_drain_timeout=_num(e, "PYOCO_WORKER_DRAIN_TIMEOUT_SEC", 30.0, 0.0),
             worker_clock_offset=_num(e, "PYOCO_WORKER_CLOCK_OFFSET_SEC", 0.0),
+            wheel_object_store_bucket=e.get("PYOCO_WHEEL_OBJECT_STORE_BUCKET") or "pyoco_wheels",
+            wheel_sync_enabled=_bool(e, "PYOCO_WHEEL_SYNC_ENABLED", False),
+            wheel_sync_dir=e.get("PYOCO_WHEEL_SYNC_DIR") or ".pyoco/wheels",
+            wheel_sync_interval=_num(e, "PYOCO_WHEEL_SYNC_INTERVAL_SEC", 10.0, 0.1),
+            wheel_install_timeout=_num(e, "PYOCO_WHEEL_INSTALL_TIMEOUT_SEC", 180.0, 1.0),
             max_run_snapshot_bytes=_int(e, "PYOCO_MAX_RUN_SNAPSHOT_BYTES", 262144),
             workflow_yaml_max_bytes=_int(e, "PYOCO_WORKFLOW_YAML_MAX_BYTES", 262144),
             max_output_bytes=_int(e, "PYOCO_MAX_TASK_OUTPUT_BYTES", 65536),

@@ -60,8 +60,8 @@ def test_config_maps_onto_settings_and_refuses_what_cannot_carry() -> None:
     message = str(refused.value)
     assert "runs_kv_bucket='my_runs'" in message and "the conductor alone writes run snapshots" in message
     assert "workers_kv_ttl_sec=30.0" in message and "reaper" in message
-    with pytest.raises(ValueError, match="wheel_sync_enabled=True: pyoco-es has no wheel registry"):
-        PyocoNatsWorker(config=NatsBackendConfig(wheel_sync_enabled=True), flow_resolver="tests.library_flows:resolve")
+    synced = NatsBackendConfig(wheel_sync_enabled=True, wheel_sync_dir="/w", wheel_sync_interval_sec=2.0, wheel_install_timeout_sec=9.0).to_settings()
+    assert (synced.wheel_sync_enabled, synced.wheel_sync_dir, synced.wheel_sync_interval, synced.wheel_install_timeout) == (True, "/w", 2.0, 9.0)
     with pytest.raises(ValueError, match="invalid tag 'a.b'"):
         PyocoNatsWorker(flow_resolver="tests.library_flows:resolve", tags=["a.b"])
     with pytest.raises(ValueError, match="importable by name"):

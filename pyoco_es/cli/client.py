@@ -32,6 +32,7 @@ from .client_output import (
     write_json,
     write_text,
 )
+from .client_plugins import PLUGIN_COLUMNS, plugin_rows
 from .client_params import build_params, check_tag, parse_tags, read_text_file, sub_command
 from .client_watch import after_submit, cancel_timing, default_cancel_wait, default_watch_output, outcome_code, watch_run
 
@@ -431,7 +432,13 @@ async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | Non
 @click.option("--state", type=click.Choice(["RUNNING", "IDLE", "STOPPED_GRACEFUL", "DISCONNECTED"], case_sensitive=False), default=None, help="Only workers in this state.")
 @click.option("--include-hidden", is_flag=True, help="Include workers hidden from the dashboard.")
 @click.option("--limit", type=click.IntRange(1, 500), default=None, help="At most this many workers (server default 100).")
-@_json_or_table("json")
+@click.option(
+    "--output",
+    type=click.Choice(["json", "table", "plugins"]),
+    default="json",
+    show_default=True,
+    help="json: the server's JSON; table: columns that fit the terminal; plugins: one row per synced wheel of each worker.",
+)
 @api_command
 async def workers_cmd(api: Api, scope: str | None, state: str | None, include_hidden: bool, limit: int | None, output: str) -> None:
     """List workers and their state.
@@ -440,6 +447,7 @@ async def workers_cmd(api: Api, scope: str | None, state: str | None, include_hi
     Examples:
       pyoco-client workers --output table
       pyoco-client workers --scope all --state DISCONNECTED
+      pyoco-client workers --output plugins
     """
     params: list[tuple[str, Any]] = []
     if scope:
@@ -451,6 +459,9 @@ async def workers_cmd(api: Api, scope: str | None, state: str | None, include_hi
     if limit is not None:
         params.append(("limit", limit))
     body = await api.get_json("/workers", params=params)
+    if output == "plugins":
+        write_text(render_table(PLUGIN_COLUMNS, plugin_rows(_items(body)), terminal_width()))
+        return
     _print_items(body, output, WORKER_COLUMNS, worker_rows)
 
 

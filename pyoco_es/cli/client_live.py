@@ -17,6 +17,7 @@ import trio
 
 from .client_http import SseEvent, TERMINAL_STATUSES
 from .client_output import as_mapping, fmt_duration
+from .client_plugins import wheels_text
 
 REDRAW_INTERVAL: Final = 0.25
 _ICONS: Final = {
@@ -124,7 +125,9 @@ def render(
         if isinstance(attempt, int) and attempt > 1:
             head += f"  attempt {attempt}"
         lines.append(head[:width])
-        lines.append(f"status {_paint(status, status, colour)}  elapsed {elapsed}")
+        code = f"  code {wheels_text(snapshot['wheels'])}" if snapshot.get("wheels") else ""  # wheel sync: which code runs
+        rest = f"  elapsed {elapsed}{code}"[: max(0, width - 7 - len(status))]
+        lines.append(f"status {_paint(status, status, colour)}{rest}")
         tail = [f"error: {snapshot['error']}"[:width]] if snapshot.get("error") else []
         if note:
             tail.append(note[:width])

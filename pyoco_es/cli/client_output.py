@@ -13,6 +13,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
+from .client_plugins import wheels_text
+
 EMPTY_TABLE: Final = "(no items)"
 RUN_COLUMNS: Final = ("run_id", "status", "flow_name", "tag", "updated_at")
 WORKER_COLUMNS: Final = ("worker_id", "state", "tags", "heartbeat", "last_run_id")
@@ -188,6 +190,8 @@ def _details(data: Any) -> str:
             continue
         if key == "workflow_yaml":
             value = f"<{len(str(value))} chars>"
+        elif key == "wheels":
+            value = wheels_text(value)
         elif key.endswith("_at"):
             value = fmt_clock(value)
         elif isinstance(value, (dict, list)):

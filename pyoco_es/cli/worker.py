@@ -91,6 +91,22 @@ def trusted_settings(settings: Settings, allow_modules: Sequence[str], expose_en
     )
 
 
+def wheel_settings(
+    settings: Settings, enabled: bool | None, directory: str | None, interval: float | None, timeout: float | None
+) -> Settings:
+    """``settings`` with the ``--wheel-*`` flags that were given (pyoco-server's overrides)."""
+    changes: dict[str, Any] = {}
+    if enabled is not None:
+        changes["wheel_sync_enabled"] = enabled
+    if directory:
+        changes["wheel_sync_dir"] = directory
+    if interval is not None:
+        changes["wheel_sync_interval"] = interval
+    if timeout is not None:
+        changes["wheel_install_timeout"] = timeout
+    return attrs.evolve(settings, **changes)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--nats-url", envvar="PYOCO_NATS_URL", default=None, help=f"NATS server (default {DEFAULT_NATS_URL}).")
 @click.option("--tags", default="default", show_default=True, help="CSV of tags to serve (OR semantics).")
@@ -116,6 +132,16 @@ def trusted_settings(settings: Settings, allow_modules: Sequence[str], expose_en
     help="pyoco-server's flag: one poll cycle (up to --poll-timeout), run the one item it brings to its end, then exit 0 "
     "(also when no run came). Implies --concurrency 1.",
 )
+@click.option(
+    "--wheel-sync/--no-wheel-sync",
+    "wheel_sync",
+    default=None,
+    help="Install the wheel registry's wheels for these tags into versioned directories new run processes import from "
+    "(default: PYOCO_WHEEL_SYNC_ENABLED, off).",
+)
+@click.option("--wheel-sync-dir", default=None, help="Where synced wheels are installed (PYOCO_WHEEL_SYNC_DIR, default .pyoco/wheels).")
+@click.option("--wheel-sync-interval-sec", type=click.FloatRange(0.1), default=None, help="Seconds between sync passes (PYOCO_WHEEL_SYNC_INTERVAL_SEC, default 10).")
+@click.option("--wheel-install-timeout-sec", type=click.FloatRange(1.0), default=None, help="pip's time limit per wheel (PYOCO_WHEEL_INSTALL_TIMEOUT_SEC, default 180).")
 @LOG_LEVEL
 async def worker(
     nats_url: str | None,
@@ -127,6 +153,10 @@ async def worker(
     expose_env: tuple[str, ...],
     poll_timeout: float | None,
     run_once: bool,
+    wheel_sync: bool | None,
+    wheel_sync_dir: str | None,
+    wheel_sync_interval_sec: float | None,
+    wheel_install_timeout_sec: float | None,
     log_level: str | None,
 ) -> None:
     """Run a worker: claim runs for TAGS and execute them in warm child processes.
@@ -143,6 +173,7 @@ async def worker(
     configure_logging(settings, log_level, service="pyoco-server:worker")
     if run_once:
         concurrency = 1
+    settings = wheel_settings(settings, wheel_sync, wheel_sync_dir, wheel_sync_interval_sec, wheel_install_timeout_sec)
     try:
         settings = trusted_settings(settings, allow_modules, expose_env)
     except ValueError as exc:
@@ -167,8 +198,9 @@ async def worker(
                     await ensure_resources(nats, resource_config(settings))
             except trio.TooSlowError:
                 _fail(f"cannot reach NATS at {url} within {CONNECT_TIMEOUT:g}s (start one with `pyoco-server up`, or pass --nats-url)")
+            sync = f"; wheel sync into {settings.wheel_sync_dir}" if settings.wheel_sync_enabled else ""
             announce(f"pyoco-worker {worker_id} serving {','.join(tag_list)} on {url} "
-                     f"(concurrency {concurrency}; Ctrl-C to stop)", worker_id=worker_id)  # fmt: skip
+                     f"(concurrency {concurrency}{sync}; Ctrl-C to stop)", worker_id=worker_id)  # fmt: skip
             async with trio.open_nursery() as nursery:
                 await nursery.start(wait_for_stop_signal, stop)
                 # Captured so an error is not wrapped in the nursery's exception group.
@@ -231,4 +263,4 @@ def worker_main() -> None:
         sys.exit(130)
 
 
-__all__ = ["load_flow_resolver", "trusted_settings", "worker", "worker_main"]
+__all__ = ["load_flow_resolver", "trusted_settings", "wheel_settings", "worker", "worker_main"]

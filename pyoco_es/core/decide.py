@@ -48,6 +48,7 @@ def claim_run(
     lease_seconds: float,
     tasks: Sequence[str] = (),
     instance_id: str | None = None,
+    wheels: Sequence[dict[str, str]] = (),
 ) -> list[Event]:
     """Take ownership of ``attempt``: only a PENDING run whose current attempt it is.
 
@@ -67,6 +68,7 @@ def claim_run(
             lease_seconds=lease_seconds,
             tasks=tuple(tasks),
             instance_id=instance_id,
+            wheels=tuple(wheels),
         )
     ]
 

@@ -34,6 +34,18 @@ def _str_tuple(value: object) -> tuple[str, ...]:
 _str_items = deep_iterable(member_validator=_str)
 
 
+def _code_tuple(value: object) -> tuple[dict[str, str], ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list of wheel records, got {type(value).__name__}")
+    return tuple(value)
+
+
+def _check_code(instance: object, attribute: object, value: tuple[object, ...]) -> None:
+    for item in value:
+        if not isinstance(item, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in item.items()):
+            raise TypeError("each wheel record must be an object of strings (name, version, sha256, wheel_name)")
+
+
 @frozen(kw_only=True)
 class Event:
     """Base of every event payload."""
@@ -74,7 +86,8 @@ class RunSubmitted(Event):
 
 @frozen(kw_only=True)
 class RunClaimed(Event):
-    """A worker took ownership of one attempt; ``tasks`` lists the flow's tasks (all PENDING)."""
+    """A worker took ownership of one attempt; ``tasks`` lists the flow's tasks (all PENDING),
+    ``wheels`` the synced code its run process has."""
 
     TYPE: ClassVar[str] = "run.claimed"
     worker_id: str = field(validator=_str)
@@ -82,6 +95,9 @@ class RunClaimed(Event):
     lease_seconds: float = field(validator=_num)
     tasks: tuple[str, ...] = field(default=(), converter=_str_tuple, validator=_str_items)
     instance_id: str | None = field(default=None, validator=_opt_str)
+    # The synced wheels the attempt's run process imports from ({name, version, sha256,
+    # wheel_name} each; empty without wheel sync): which code ran this attempt.
+    wheels: tuple[dict[str, str], ...] = field(default=(), converter=_code_tuple, validator=_check_code)
 
 
 @frozen(kw_only=True)

@@ -167,6 +167,7 @@ def _claimed(event: RunClaimed, snap: RunSnapshot, at: float) -> dict[str, objec
         "claimed_at": at,
         "tasks": {name: TaskRecord() for name in event.tasks},
         "error": None,
+        "wheels": event.wheels,
     }
 
 

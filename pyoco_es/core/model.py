@@ -119,6 +119,7 @@ class RunSnapshot:
     cancel_requested_by: str | None = None
     cancel_reason: str | None = None
     tasks: dict[str, TaskRecord] = field(factory=dict)
+    wheels: tuple[dict[str, str], ...] = ()  # the current attempt's synced code (run.claimed)
 
     @property
     def terminal(self) -> bool:
@@ -131,8 +132,9 @@ class RunSnapshot:
         return new
 
     def to_json(self) -> JSONObject:
-        """The stored/served shape (contract §2.2 plus pyoco-es fields)."""
-        return {
+        """The stored/served shape (contract §2.2 plus pyoco-es fields; ``wheels`` when the
+        attempt's process had synced wheels)."""
+        doc: JSONObject = {
             "run_id": self.run_id,
             "flow_name": self.flow_name,
             "tag": self.tag,
@@ -167,6 +169,9 @@ class RunSnapshot:
             "version": self.version,
             "last_stream_seq": self.last_stream_seq,
         }
+        if self.wheels:  # only with wheel sync: snapshots stored before the field stay byte-identical (replay)
+            doc["wheels"] = list(self.wheels)
+        return doc
 
     @classmethod
     def from_json(cls, data: JSONObject) -> RunSnapshot:
@@ -184,6 +189,7 @@ class RunSnapshot:
             )
         kwargs = {a.name: data.get(a.name) for a in attrs.fields(cls) if a.name in data}
         kwargs["tags"] = tuple(data.get("tags") or ())  # type: ignore[arg-type]
+        kwargs["wheels"] = tuple(w for w in (data.get("wheels") or ()) if isinstance(w, dict))  # type: ignore[union-attr]
         kwargs["status"] = RunStatus(data["status"])
         kwargs["tasks"] = tasks
         return cls(**kwargs)  # type: ignore[arg-type]

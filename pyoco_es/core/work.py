@@ -22,6 +22,7 @@ import attrs
 from .codec import dumps, loads
 from .events import RunSubmitted
 from .model import RunSnapshot, RunStatus
+from .wheelsync import initial_state
 
 # One subject token (what run ids must be); the same rule as ``nats.subjects.is_token``.
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
@@ -210,23 +211,7 @@ WORKER_IDLE: Final = "IDLE"
 WORKER_STOPPED: Final = "STOPPED_GRACEFUL"
 
 # ``wheel_sync`` of a worker that does not sync wheels (pyoco-server's record shape).
-WHEEL_SYNC_DISABLED: Final[dict[str, Any]] = {
-    "enabled": False,
-    "last_result": "disabled",
-    "last_attempt_at": None,
-    "last_success_at": None,
-    "last_synced_at": None,
-    "last_error": None,
-    "selected_count": 0,
-    "updated_count": 0,
-    "removed_count": 0,
-    "skipped_incompatible_count": 0,
-    "selected_wheels": [],
-    "updated_wheels": [],
-    "removed_wheels": [],
-    "skipped_incompatible": [],
-    "installed_wheels": [],
-}
+WHEEL_SYNC_DISABLED: Final[dict[str, Any]] = initial_state(enabled=False)
 
 
 @attrs.frozen(kw_only=True)

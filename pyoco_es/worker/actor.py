@@ -84,6 +84,7 @@ from .intake import Intake
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 from .protocol import Abort, Go, Prepare
 from .registry import Registry
+from .wheels import WheelSync
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,9 @@ class WorkerActor:
             nats, settings, worker_id=worker_id, instance_id=self.instance_id, tags=self.tags, concurrency=concurrency, clock=self.clock
         )
         self.intake = Intake(nats, settings, tags=self.tags, concurrency=concurrency, poll_timeout=poll_timeout)
+        self.wheels = (
+            WheelSync(nats, settings, tags=self.tags, pool=self.pool, registry=self.registry, clock=clock) if settings.wheel_sync_enabled else None
+        )
         self._became_active = trio.Event()
         self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
         self.batched = BatchedRunStore(nats, self.store, clock=clock)
@@ -395,6 +399,7 @@ class WorkerActor:
                     lease_seconds=self.settings.run_lease_seconds,
                     tasks=tasks,
                     instance_id=self.instance_id,
+                    wheels=child.code.wheels,
                 ),
                 attempt=attempt,
                 hint=snap,

@@ -571,7 +571,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--expose-env", action="append", default=[], help="an environment name YAML runs may read")
     parser.add_argument("--max-output-bytes", type=int, default=65536)
     parser.add_argument("--scratch", default=None, help="this child's own working directory (cleaned after each run)")
+    parser.add_argument("--code-path", action="append", default=[], help="a synced wheel's directory (worker/wheels.py)")
     args = parser.parse_args(argv)
+    sys.path[:0] = args.code_path  # after the runner's own imports: a wheel can never replace them
     install_shared_executor()
     install_env_guard()
     channel = Channel(args.cmd_fd, args.evt_fd)

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from ..core.wheelsync import NO_CODE, CodeGeneration
 from .protocol import Command, FrameDecoder, ProtocolError, encode_frame
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,11 @@ def _child_pythonpath() -> str:
 class ChildProcess:
     """One running child: send commands, receive events."""
 
-    def __init__(self, proc: trio.Process, cmd: trio.lowlevel.FdStream, evt: trio.lowlevel.FdStream, scratch: Path) -> None:
+    def __init__(
+        self, proc: trio.Process, cmd: trio.lowlevel.FdStream, evt: trio.lowlevel.FdStream, scratch: Path, code: CodeGeneration = NO_CODE
+    ) -> None:
         self.proc = proc
+        self.code = code  # the synced wheels this process imports from, for its whole life
         self._cmd = cmd
         self._evt = evt
         self.scratch = scratch
@@ -176,8 +180,10 @@ async def spawn_child(
     flow_resolver: str | None,
     max_output_bytes: int,
     expose_env: Sequence[str] = (),
+    code: CodeGeneration = NO_CODE,
 ) -> ChildProcess:
-    """Start a child and wait for its ``ready`` frame.
+    """Start a child and wait for its ``ready`` frame.  ``code``'s wheel directories go first on
+    its import path (after its own imports, so a wheel never replaces the runner).
 
     Raises:
         ChildDied: the child failed to start.
@@ -204,6 +210,8 @@ async def spawn_child(
         argv += ["--allow-module", prefix]
     for name in expose_env:
         argv += ["--expose-env", name]
+    for path in code.paths:
+        argv += ["--code-path", path]
     env = dict(os.environ)
     env["PYTHONPATH"] = _child_pythonpath()
     env.setdefault("PYOCO_CUTE", "0")
@@ -219,7 +227,7 @@ async def spawn_child(
     finally:
         os.close(cmd_r)
         os.close(evt_w)
-    child = ChildProcess(proc, trio.lowlevel.FdStream(cmd_w), trio.lowlevel.FdStream(evt_r), scratch)
+    child = ChildProcess(proc, trio.lowlevel.FdStream(cmd_w), trio.lowlevel.FdStream(evt_r), scratch, code)
     try:
         with trio.fail_after(60):
             ready = await child.receive()
@@ -263,6 +271,25 @@ class ChildPool:
         self._warming = 0  # children warm() is starting right now
         self._warmed = trio.Event()  # set whenever one of them is ready (or failed)
         self.started = 0
+        self.code = NO_CODE  # what new children import (worker/wheels.py switches it between runs)
+
+    def _current(self, child: ChildProcess) -> bool:
+        return child.healthy and child.proc.poll() is None and child.code is self.code
+
+    async def set_code(self, code: CodeGeneration) -> None:
+        """Start new children with ``code`` from now on: idle children of an older generation
+        are closed (a busy one finishes its run with the code it started with, then goes), and
+        fresh ones are warmed."""
+        self.code = code
+        stale = [c for c in self._idle if c.code is not code]
+        self._idle = [c for c in self._idle if c.code is code]
+        for child in stale:
+            await self._discard(child)
+        await self.warm()
+
+    def paths_in_use(self) -> set[str]:
+        """Wheel directories some live child (idle or busy) imports from."""
+        return {p for child in self._all for p in child.code.paths}
 
     async def _spawn(self) -> ChildProcess:
         child = await spawn_child(
@@ -271,14 +298,16 @@ class ChildPool:
             flow_resolver=self.flow_resolver,
             max_output_bytes=self.max_output_bytes,
             expose_env=self.expose_env,
+            code=self.code,
         )
         self.started += 1
         self._all.add(child)
         return child
 
     async def warm(self) -> None:
-        """Start children until ``size`` are idle (called once at start-up, in the background)."""
-        count = max(0, self.size - len(self._all))
+        """Start children until ``size`` are idle (at start-up in the background, and after a new
+        code generation)."""
+        count = max(0, self.size - len(self._all) - self._warming)
         self._warming += count
         async with trio.open_nursery() as nursery:
             for _ in range(count):
@@ -294,7 +323,10 @@ class ChildPool:
             self._warming -= 1
             self._warmed.set()
             self._warmed = trio.Event()
-        self._idle.append(child)
+        if child.code is self.code:
+            self._idle.append(child)
+        else:  # the code changed while it was starting
+            await self._discard(child)
 
     async def acquire(self) -> ChildProcess:
         await self._slots.acquire()
@@ -303,7 +335,7 @@ class ChildPool:
                 await self._warmed.wait()  # one is starting already: take it, not a second one
             while self._idle:
                 child = self._idle.pop()
-                if child.healthy and child.proc.poll() is None:
+                if self._current(child):
                     return child
                 await self._discard(child)
             return await self._spawn()
@@ -314,7 +346,7 @@ class ChildPool:
     async def release(self, child: ChildProcess) -> None:
         """Return a child after a run; an unhealthy one is killed and replaced lazily."""
         try:
-            if child.healthy and child.proc.poll() is None and len(self._idle) < self.size:
+            if self._current(child) and len(self._idle) < self.size:
                 child.runs += 1
                 self._idle.append(child)
             else:

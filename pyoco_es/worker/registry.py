@@ -63,6 +63,7 @@ class Registry:
         self._revision: int | None = None
         self._hidden = False
         self._wheel_sync: dict[str, Any] | None = None
+        self._wheel_sync_owned = False  # set by the wheel sync: never taken from the stored record
         self._beat_soon = trio.Event()  # set when the first run is taken: beat now, not at the idle pace
 
     # -- what the record says -------------------------------------------------------------------
@@ -86,6 +87,11 @@ class Registry:
         self._last_run = LastRun(run_id=run_id, status=status, started_at=started_at, finished_at=self.clock())
         if self.on_finished is not None:
             self.on_finished(run_id)
+
+    def set_wheel_sync(self, state: dict[str, Any]) -> None:
+        """The ``wheel_sync`` object the next write carries (worker/wheels.py)."""
+        self._wheel_sync = state
+        self._wheel_sync_owned = True
 
     def heartbeat_runs(self) -> dict[str, int]:
         """``runs`` of the registry record: run id -> the highest attempt this worker holds (a
@@ -126,7 +132,7 @@ class Registry:
             return
         if isinstance(old, dict):
             self._hidden = bool(old.get("hidden", False))
-            if isinstance(old.get("wheel_sync"), dict):
+            if isinstance(old.get("wheel_sync"), dict) and not self._wheel_sync_owned:
                 self._wheel_sync = old["wheel_sync"]
 
     async def write(self, state: str | None = None) -> None:

@@ -165,12 +165,17 @@ async def serve_worker(
     3. **Liveness** (heartbeat, in-progress acks) and the read/append batchers are cancelled: no
        attempt is held any more.
     4. **Registry**: ``STOPPED_GRACEFUL`` is written (shielded, at most 5 s).
-    5. **Pool**: warming stops; :func:`run_worker` then closes the children and removes the
-       scratch directory.
+    5. **Pool**: warming and wheel sync stop; :func:`run_worker` then closes the children and
+       removes the scratch directory.
+
+    With wheel sync on, the first pass runs before the pool warms and the pulls start.
     """
     async with trio.open_nursery() as pool_nursery:
-        pool_nursery.start_soon(actor.pool.warm)
         await actor.registry.write(WORKER_IDLE)
+        if actor.wheels is not None:
+            await actor.wheels.sync_once()  # before warming and pulling: the first runs get the synced code
+            pool_nursery.start_soon(actor.wheels.run)
+        pool_nursery.start_soon(actor.pool.warm)
         async with trio.open_nursery() as liveness:
             liveness.start_soon(actor.registry.run_heartbeat)
             liveness.start_soon(actor.intake.run_progress)

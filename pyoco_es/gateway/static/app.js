@@ -36,6 +36,7 @@
   // small helpers
 
   const $ = (id) => document.getElementById(id);
+  const WSYNC = window.PyocoWheelSync || null; // wheelsync.js: wheel sync rows, a run's code
 
   function store(key, value) {
     try {
@@ -984,6 +985,7 @@
               ? h("span", { class: "warn" }, " · ", tOr("worker." + run.worker_state, run.worker_state)) : null)
           : h("span", { class: "muted" }, t("common.none"))),
         kv(t("detail.attempt"), run.attempt ? t("detail.attempt_of", { n: run.attempt, max: run.max_attempts || "?" }) : t("common.none")),
+        WSYNC && WSYNC.runCode(run.wheels, { h }) ? kv(t("wsync.code"), WSYNC.runCode(run.wheels, { h })) : null,
         kv(t("detail.duration"), durationEl(run)),
         kv(t("detail.submitted"), timeValue(run.submitted_at)),
         kv(t("detail.started"), timeValue(run.start_time)),
@@ -1158,7 +1160,7 @@
     const d = ev.data && typeof ev.data === "object" ? ev.data : {};
     switch (ev.type) {
       case "run.submitted": return t("ev.sum.submitted", { flow: d.flow_name, tag: d.tag, max: d.max_attempts ?? "?" });
-      case "run.claimed": return t("ev.sum.claimed", { worker: d.worker_id, attempt: d.attempt, lease: d.lease_seconds });
+      case "run.claimed": return t("ev.sum.claimed", { worker: d.worker_id, attempt: d.attempt, lease: d.lease_seconds }) + (WSYNC ? WSYNC.claimedSuffix(d) : "");
       case "run.worker_lost": return t("ev.sum.worker_lost", { worker: d.worker_id || "?", by: d.detected_by });
       case "run.released": return t("ev.sum.released", { worker: d.worker_id, attempt: d.attempt, reason: d.reason });
       case "task.started": return t("ev.sum.task", { task: d.task });
@@ -1393,7 +1395,8 @@
         kv(t("workers.heartbeat"), relTime(hb)),
         typeof w.completed_runs === "number" ? kv(t("workers.completed"), h("span", { class: "num" }, String(w.completed_runs))) : null,
         w.hostname ? kv(t("workers.host"), h("span", { class: "mono" }, w.hostname, w.pid ? h("span", { class: "muted" }, " · pid " + w.pid) : null)) : null,
-        w.instance_id && w.instance_id !== w.worker_id ? kv(t("workers.instance"), h("span", { class: "mono muted" }, shortId(w.instance_id))) : null),
+        w.instance_id && w.instance_id !== w.worker_id ? kv(t("workers.instance"), h("span", { class: "mono muted" }, shortId(w.instance_id))) : null,
+        WSYNC ? WSYNC.workerKvs(w, { h, t, kv, relTime }) : null),
       h("div", { class: "worker-foot" }, btn),
     );
   }
