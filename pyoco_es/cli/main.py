@@ -172,19 +172,31 @@ async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_le
 @cli.command()
 @NATS_URL
 @DATA_DIR
-@click.option("--rebuild", is_flag=True, help="Also write missing/different snapshots into the live bucket.")
+@click.option("--rebuild", is_flag=True, help="Also write missing/different snapshots into the live bucket (and, with --read-model, build that file afresh).")
+@click.option("--read-model", "read_model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also check a gateway's SQLite read model file against the runs bucket.")
+@click.option("--skip-events", is_flag=True, help="With --read-model: check only the file, not the event stream.")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @LOG_LEVEL
-async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: str, log_level: str | None) -> None:
+async def replay(
+    nats_url: str | None, data_dir: Path, rebuild: bool, read_model: Path | None, skip_events: bool, output: str, log_level: str | None
+) -> None:
     """Fold the whole event stream into a fresh bucket and report snapshots that differ from the
     live read model.  Exit code 1 when any differ.
 
     \b
     Example:
       pyoco-es replay --nats-url nats://127.0.0.1:4222
+      pyoco-es replay --read-model .pyoco-es/read-model/gateway-8000.sqlite3 --skip-events
     """
     settings = settings_with(nats_url=nats_url, data_dir=data_dir)
     configure_logging(settings, log_level, service="pyoco-es:replay")
+    if read_model is not None:
+        from .readmodel_check import run_read_model_check
+
+        ok = await run_read_model_check(settings, read_model, rebuild=rebuild, output=output)
+        if skip_events:
+            sys.exit(0 if ok else 1)
     from ..conductor.replay import REPLAY_BUCKET, replay as do_replay
     from ..nats.resources import delete_bucket
 

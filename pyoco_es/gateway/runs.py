@@ -89,12 +89,20 @@ async def list_runs() -> Response:
         "tag": query_str(args, "tag"),
         "workflow_yaml_sha256": query_str(args, "workflow_yaml_sha256"),
         "schedule_id": query_str(args, "schedule_id"),
+        "worker_id": query_str(args, "worker_id"),
+        "tenant_id": query_str(args, "tenant_id"),
         **tenant_filter(),
     }
     delta = "updated_after" in args or "cursor" in args or "workflow_yaml_sha256" in args
     await gw.wait_index_ready()
-    page = gw.index.page(
-        limit=limit, filters={k: v for k, v in filters.items() if v}, updated_after=updated_after, before=before
+    page = await gw.index.list_page(
+        limit=limit,
+        filters={k: v for k, v in filters.items() if v},
+        updated_after=updated_after,
+        before=before,
+        updated_before=query_float(args, "updated_before"),
+        run_id_prefix=query_str(args, "run_id_prefix"),
+        error_contains=query_str(args, "error_contains"),
     )
     items = page.items
     if includes() & FULL_INCLUDES and items:

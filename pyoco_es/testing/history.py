@@ -1,0 +1,80 @@
+"""Many finished runs, fast: each run's events appended and its folded snapshot written to the
+runs bucket as the projector would (for the history benchmark and the read model tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from typing import Any
+
+from ..core.codec import encode_envelope, encode_snapshot
+from ..core.events import Envelope, Producer, RunCancelled, RunClaimed, RunCompleted, RunFailed, RunSubmitted
+from ..core.fold import fold
+from ..core.model import RunSnapshot
+from ..nats import subjects
+from ..nats.client import NatsClient
+
+PRODUCER = Producer(kind="conductor", id="bench")
+FLOWS, TAGS, TENANTS, WORKERS = 20, 5, 10, 50
+ERRORS = ("ZeroDivisionError: division by zero", "KeyError: 'missing'", "TimeoutError: upstream took too long",
+          "ValueError: bad input row 17", "ConnectionError: database unreachable")
+
+
+def run_events(i: int, base: float) -> list[Envelope]:
+    run_id = hashlib.sha256(f"run-{i}".encode()).hexdigest()[:32]
+    t = base + i * 0.5
+    submitted = RunSubmitted(
+        flow_name=f"flow{i % FLOWS}", params={"i": i}, tag=f"t{i % TAGS}", tags=(f"t{i % TAGS}",), submitted_at=t,
+        tenant_id=f"tenant{i % TENANTS}",
+    )
+    worker = f"w{i % WORKERS}"
+    kind = i % 10
+    events: list[Any] = [submitted]
+    if kind == 9:
+        events.append(RunCancelled(ended_at=t + 0.1, reason="not_started"))
+    else:
+        events.append(RunClaimed(worker_id=worker, attempt=1, lease_seconds=15.0))
+        if kind in (7, 8):
+            events.append(RunFailed(attempt=1, ended_at=t + 0.3, reason="error", error=ERRORS[(i // 10) % len(ERRORS)]))
+        else:
+            events.append(RunCompleted(attempt=1, ended_at=t + 0.3))
+    return [
+        Envelope(event_id=f"{run_id}-{n}", run_id=run_id, seq=n, occurred_at=t + n * 0.1, producer=PRODUCER, event=e)
+        for n, e in enumerate(events, start=1)
+    ]
+
+
+async def fill(
+    nats: NatsClient,
+    n: int,
+    *,
+    first: int = 0,
+    chunk: int = 2000,
+    base: float | None = None,
+    progress: bool = True,
+    keep: list[RunSnapshot] | None = None,
+) -> float:
+    """Append runs ``first .. first + n - 1`` (events, then snapshots), ``chunk`` at a time,
+    ``updated_at`` half a second apart from ``base`` (default: ending now); returns runs/s.
+    ``keep`` collects the snapshots written (folded from the events appended)."""
+    base = time.time() - (first + n) * 0.5 if base is None else base
+    t0 = time.perf_counter()
+    for start in range(first, first + n, chunk):
+        events, kv = [], []
+        for i in range(start, min(first + n, start + chunk)):
+            envs = run_events(i, base)
+            events += [(subjects.run_events_subject(e.run_id), encode_envelope(e), e.event_id, None) for e in envs]
+            snap = fold(None, envs)
+            assert snap is not None
+            if keep is not None:
+                keep.append(snap)
+            kv.append((subjects.kv_subject(subjects.RUNS_BUCKET, snap.run_id), encode_snapshot(snap), None, None))
+        for res in await nats.publish_many(events) + await nats.publish_many(kv):
+            if isinstance(res, Exception):
+                raise res
+        if progress and ((start - first) // chunk) % 25 == 0:
+            print(f"\rfilled {start - first + chunk:,}/{n:,}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return n / (time.perf_counter() - t0)
