@@ -158,6 +158,7 @@ class Settings:
     read_model_path: Path | None = None
     # retention: terminal runs older than this many days are archived then removed (None: keep all)
     run_retention_days: float | None = None
+    events_allow_purge: bool = False  # PYOCO_EVENTS created without deny_purge (needed by retention)
 
     def gateway_read_model(self, port: int) -> Path | None:
         """Where a gateway on ``port`` keeps its read model (None: a temporary file, for port 0)."""
@@ -173,6 +174,7 @@ class Settings:
             data_dir=Path(e.get("PYOCO_DATA_DIR") or ".pyoco-es"),
             read_model_path=Path(e["PYOCO_READ_MODEL_PATH"]) if e.get("PYOCO_READ_MODEL_PATH") else None,
             run_retention_days=_num(e, "PYOCO_RUN_RETENTION_DAYS", 0.0, 0.0) or None,
+            events_allow_purge=_bool(e, "PYOCO_EVENTS_ALLOW_PURGE", False),
             nats_sync=e.get("PYOCO_NATS_SYNC") or "1s",
             nats_replicas=_int(e, "PYOCO_NATS_REPLICAS", 1),
             default_tag=(e.get("PYOCO_DEFAULT_TAG") or "default").strip(),

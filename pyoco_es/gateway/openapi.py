@@ -95,7 +95,7 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
     ("GET", "/runs/stream"): _op("SSE of run summaries as they change (event: run, id: KV revision; ready on connect, reset when Last-Event-ID is unknown, heartbeat)", params=[
         _q("status", _TEXT), _q("flow", _TEXT), _q("tag", _TEXT), _q("after", {"type": "integer", "minimum": 0}),
         _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 3600}), _LAST_ID], ok=_SSE_OK, errors=(422, 503)),
-    ("GET", "/runs/<run_id>"): _op("Run snapshot with worker liveness", params=[_RUN_ID, _INCLUDE], errors=(404, 503)),
+    ("GET", "/runs/<run_id>"): _op("Run snapshot with worker liveness", params=[_RUN_ID, _INCLUDE], errors=(404, 410, 503)),
     ("GET", "/runs/<run_id>/tasks"): _op("Tasks and task records", params=[_RUN_ID], errors=(404, 503)),
     ("GET", "/runs/<run_id>/events"): _op("The run's event history (audit trail)", params=[
         _RUN_ID, _q("after_seq", {"type": "integer", "minimum": 0, "default": 0})], errors=(404, 422, 503)),

@@ -19,6 +19,7 @@ from ..core.events import Event, JSONObject, JSONValue, RunSubmitted
 from ..core.model import RunSnapshot
 from ..nats import subjects
 from .answer import json_response
+from .archived import read_or_gone
 from .context import Gateway, caller, check_tenant, current_gateway, includes, request_body, request_idempotency_key, tenant_filter
 from .index import decode_cursor
 from .params import RequestInvalid, json_loads, query_float, query_int, query_str
@@ -123,7 +124,7 @@ async def list_runs() -> Response:
 @blueprint.get("/runs/<run_id>")
 async def get_run(run_id: str) -> Response:
     gw = current_gateway()
-    doc = await read_existing(gw, run_id)
+    doc = await read_or_gone(gw, run_id)
     check_tenant(doc, run_id)
     return json_response(await enrich(gw, filter_snapshot(doc, includes())))
 

@@ -122,6 +122,15 @@ class NatsSnapshotStore(NatsConnection):
         async with self._forward(produce, cleanup=watcher.stop) as channel:
             yield channel
 
+    async def kv_purge(self, bucket: str, key: str) -> int:
+        """Remove ``key``'s value and history (a PURGE marker rolls the key up)."""
+
+        async def go() -> int:
+            ack = await self._js.publish(subjects.kv_subject(bucket, key), b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+            return int(ack.seq)
+
+        return await self._call("kv purge", go)
+
     # -- following a bucket from a revision (the gateway's persistent read model) -----------------
 
     @asynccontextmanager

@@ -15,7 +15,9 @@ API_KEY_PREFIX: Final = "api_keys."  # the records' keys in the auth bucket
 
 EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
-API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"  # key created/revoked (the projector reads only pyoco.evt.run.*)
+API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"
+RUN_ARCHIVED_SUBJECT: Final = "pyoco.evt.audit.run_archived"  # a run archived then removed (retention)
+ARCHIVED_BUCKET: Final = "pyoco_archived"  # run_id -> where its archive is (GET /runs/{id} answers 410)  # key created/revoked (the projector reads only pyoco.evt.run.*)
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 
