@@ -159,6 +159,11 @@ class Settings:
     # retention: terminal runs older than this many days are archived then removed (None: keep all)
     run_retention_days: float | None = None
     events_allow_purge: bool = False  # PYOCO_EVENTS created without deny_purge (needed by retention)
+    run_retention_interval: float = 3600.0  # seconds between the conductor's retention passes
+    archive_dir: Path | None = None  # None: <data_dir>/archive
+
+    def archive_directory(self) -> Path:
+        return self.archive_dir if self.archive_dir is not None else Path(self.data_dir) / "archive"
 
     def gateway_read_model(self, port: int) -> Path | None:
         """Where a gateway on ``port`` keeps its read model (None: a temporary file, for port 0)."""
@@ -175,6 +180,8 @@ class Settings:
             read_model_path=Path(e["PYOCO_READ_MODEL_PATH"]) if e.get("PYOCO_READ_MODEL_PATH") else None,
             run_retention_days=_num(e, "PYOCO_RUN_RETENTION_DAYS", 0.0, 0.0) or None,
             events_allow_purge=_bool(e, "PYOCO_EVENTS_ALLOW_PURGE", False),
+            run_retention_interval=_num(e, "PYOCO_RUN_RETENTION_INTERVAL_SEC", 3600.0, 1.0),
+            archive_dir=Path(e["PYOCO_ARCHIVE_DIR"]) if e.get("PYOCO_ARCHIVE_DIR") else None,
             nats_sync=e.get("PYOCO_NATS_SYNC") or "1s",
             nats_replicas=_int(e, "PYOCO_NATS_REPLICAS", 1),
             default_tag=(e.get("PYOCO_DEFAULT_TAG") or "default").strip(),

@@ -140,3 +140,25 @@ async def test_a_stream_that_denies_purge_is_refused_before_anything_is_written(
         await archive_runs(nats, older_than=DAY, directory=tmp_path / "archive", now=time.time())
     assert not (tmp_path / "archive").exists()
     assert len(await nats.kv_keys(subjects.RUNS_BUCKET)) == 3
+
+
+async def test_the_conductor_applies_PYOCO_RUN_RETENTION_DAYS(tmp_path: Path, purgeable: NatsClient) -> None:
+    from pyoco_es.conductor.service import run_conductor
+
+    nats = purgeable
+    now = time.time()
+    await fill(nats, 12, base=now - 40 * DAY, progress=False)
+    young: list[RunSnapshot] = []
+    await fill(nats, 3, first=12, base=now - 3600, progress=False, keep=young)
+    settings = Settings(run_retention_days=30, run_retention_interval=3600, archive_dir=tmp_path / "arch", events_allow_purge=True)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_conductor, nats, settings)
+
+            async def only_young_left() -> bool:
+                return sorted(await nats.kv_keys(subjects.RUNS_BUCKET)) == sorted(s.run_id for s in young)
+
+            await wait_until(only_young_left, what="the conductor's retention pass", timeout=50)
+            nursery.cancel_scope.cancel()
+    files = list((tmp_path / "arch").iterdir())
+    assert files and sum(len(archive.verify(f).runs) for f in files) == 12

@@ -29,7 +29,7 @@ def parse_age(text: str) -> float:
 @click.group(invoke_without_command=True)
 @click.option("--older-than", "older_than", default=None, help="Archive terminal runs last updated longer ago than this (30d, 12h, ...).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Archive directory (default: DATA_DIR/archive).")
+              help="Archive directory (default: PYOCO_ARCHIVE_DIR, else DATA_DIR/archive).")
 @NATS_URL
 @DATA_DIR
 @LOG_LEVEL
@@ -55,7 +55,7 @@ async def archive(
     configure_logging(settings, log_level, service="pyoco-es:archive")
     from ..conductor.retention import archive_runs
 
-    target = directory or Path(settings.data_dir) / "archive"
+    target = directory or settings.archive_directory()
 
     def progress(done: int, total: int) -> None:
         click.echo(f"archived {done}/{total}", err=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -22,7 +23,7 @@ import trio
 
 from .. import archive
 from ..core.codec import envelope_to_json
-from ..core.errors import InfraError, PyocoError
+from ..core.errors import ConcurrencyConflict, InfraError, PyocoError
 from ..nats import subjects
 from ..nats.client import NatsClient
 
@@ -138,3 +139,54 @@ async def _write(
     for rec in records.values():
         await nats.kv_put(subjects.ARCHIVED_BUCKET, rec["run_id"], json.dumps(rec, separators=(",", ":")).encode())
     return records
+
+
+LOCK_KEY: Final = "retention-lock"  # in pyoco_archived: one conductor archives at a time
+
+
+async def _take_turn(nats: NatsClient, holder: str, now: float, ttl: float) -> bool:
+    """Whether this conductor may run a retention pass now (a compare-and-swap lease)."""
+    entry = await nats.kv_get(subjects.ARCHIVED_BUCKET, LOCK_KEY)
+    if entry is not None and entry.value:
+        try:
+            held = json.loads(entry.value)
+            if held.get("holder") != holder and float(held.get("until", 0)) > now:
+                return False
+        except (ValueError, TypeError, AttributeError):
+            pass
+    value = json.dumps({"holder": holder, "until": now + ttl}).encode()
+    try:
+        await nats.kv_update(subjects.ARCHIVED_BUCKET, LOCK_KEY, value, last=entry.revision if entry is not None else 0)
+    except ConcurrencyConflict:
+        return False
+    return True
+
+
+async def run_retention(
+    nats: NatsClient,
+    *,
+    days: float | None,
+    directory: Path,
+    holder: str,
+    interval: float = 3600.0,
+    clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Every ``interval`` seconds, archive then remove terminal runs older than ``days`` (the
+    conductor's part of PYOCO_RUN_RETENTION_DAYS; None: retention off, returns at once)."""
+    task_status.started()
+    if days is None:
+        return
+    while True:
+        now = clock()
+        try:
+            if await _take_turn(nats, holder, now, ttl=interval * 2):
+                report = await archive_runs(nats, older_than=days * 86400.0, directory=directory, now=now, by=f"conductor:{holder}")
+                if report.archived or report.skipped:
+                    log.info("retention: archived %d run(s) to %s", report.archived, ", ".join(report.files))
+        except PurgeDenied as exc:
+            log.error("retention is off: %s", exc.message)
+            return
+        except PyocoError as exc:
+            log.warning("retention pass failed (%s); next in %.0fs", exc.message, interval)
+        await trio.sleep(interval)

@@ -38,7 +38,7 @@ async def read_or_gone(gw: Gateway, run_id: str) -> JSONObject:
             record = json.loads(entry.value) if entry is not None and entry.value else None
         except (PyocoError, ValueError):
             record = None
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or "head" not in record:
             raise
         check_tenant(record, run_id)
         raise RunArchived(run_id, record) from None
