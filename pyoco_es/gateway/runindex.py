@@ -142,6 +142,8 @@ class RunIndex:
             log.warning("run index: bucket %s is at revision %d, below the read model's %d; rebuilding", self.bucket, last, self.revision)
             await self._reset()
         fresh = self.revision == 0
+        if last <= self.revision:
+            return  # nothing new (a pull would wait out its timeout to say so)
         async with self.nats.kv_pull(self.bucket, self.revision) as fetch:
             while True:
                 entries, pending = await fetch(PULL_BATCH)

@@ -4,9 +4,10 @@ runs bucket as the projector would (for the history benchmark and the read model
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 from ..core.codec import encode_envelope, encode_snapshot
 from ..core.events import Envelope, Producer, RunCancelled, RunClaimed, RunCompleted, RunFailed, RunSubmitted
@@ -21,8 +22,12 @@ ERRORS = ("ZeroDivisionError: division by zero", "KeyError: 'missing'", "Timeout
           "ValueError: bad input row 17", "ConnectionError: database unreachable")
 
 
+def run_id_of(i: int) -> str:
+    return hashlib.sha256(f"run-{i}".encode()).hexdigest()[:32]
+
+
 def run_events(i: int, base: float) -> list[Envelope]:
-    run_id = hashlib.sha256(f"run-{i}".encode()).hexdigest()[:32]
+    run_id = run_id_of(i)
     t = base + i * 0.5
     submitted = RunSubmitted(
         flow_name=f"flow{i % FLOWS}", params={"i": i}, tag=f"t{i % TAGS}", tags=(f"t{i % TAGS}",), submitted_at=t,
@@ -77,4 +82,37 @@ async def fill(
             print(f"\rfilled {start - first + chunk:,}/{n:,}", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    return n / (time.perf_counter() - t0)
+
+
+PERIOD: Final = 100  # every field run_events varies repeats with this period in i
+
+
+async def fill_snapshots(nats: NatsClient, n: int, *, first: int = 0, chunk: int = 5000, base: float | None = None) -> float:
+    """Only the snapshots of runs ``first .. first + n - 1`` (what a gateway reads), built from
+    ``PERIOD`` folded templates with the run id, times and params changed: a million in minutes.
+    The event stream stays empty (``replay`` has nothing to compare).  Returns runs/s."""
+    base = time.time() - (first + n) * 0.5 if base is None else base
+    templates = []
+    for i in range(PERIOD):
+        snap = fold(None, run_events(i, 0.0))
+        assert snap is not None
+        templates.append(snap.to_json())
+    t0 = time.perf_counter()
+    for start in range(first, first + n, chunk):
+        kv = []
+        for i in range(start, min(first + n, start + chunk)):
+            doc = dict(templates[i % PERIOD])
+            shift = base + (i - i % PERIOD) * 0.5
+            for key, value in doc.items():
+                if isinstance(value, float) and (key.endswith("_at") or key.endswith("_time")):
+                    doc[key] = value + shift
+            doc["run_id"] = run_id_of(i)
+            doc["params"] = {"i": i}
+            kv.append((subjects.kv_subject(subjects.RUNS_BUCKET, doc["run_id"]), json.dumps(doc, separators=(",", ":")).encode(), None, None))
+        for res in await nats.publish_many(kv):
+            if isinstance(res, Exception):
+                raise res
+        print(f"\rwrote {start - first + chunk:,}/{n:,} snapshots", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
     return n / (time.perf_counter() - t0)
