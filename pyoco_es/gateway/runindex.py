@@ -81,6 +81,7 @@ class RunIndex:
         self._read_limiter = trio.CapacityLimiter(4)
         self._runs = 0  # rows in the file as of the last write (for len())
         self._offline = False
+        self._indexes_deferred = False
 
     # -- running ----------------------------------------------------------------------------
 
@@ -144,6 +145,9 @@ class RunIndex:
         fresh = self.revision == 0
         if last <= self.revision:
             return  # nothing new (a pull would wait out its timeout to say so)
+        if fresh:  # a build: the indexes once at the end (a file reopened after a stop here gets them at open)
+            await self._on_writer(self.store_or_fail().drop_indexes)
+            self._indexes_deferred = True
         async with self.nats.kv_pull(self.bucket, self.revision) as fetch:
             while True:
                 entries, pending = await fetch(PULL_BATCH)
@@ -152,8 +156,9 @@ class RunIndex:
                 if not entries or not pending:
                     break
         await self.synced()
-        if fresh and self._runs > 10000:  # a rebuild: statistics for the query planner
-            await self._on_writer(self.store_or_fail().analyze)
+        if self._indexes_deferred:
+            await self._on_writer(self.store_or_fail().create_indexes)
+            self._indexes_deferred = False
 
     async def _reset(self) -> None:
         await self.synced()
