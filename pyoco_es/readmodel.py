@@ -28,7 +28,7 @@ import attrs
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: the error text search index (FTS5 trigram)
 ERROR_TEXT_MAX: Final = 1000  # characters of error + failure_reason kept for the error search
 SUMMARY_KEYS: Final = (
     "run_id",
@@ -86,6 +86,23 @@ _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS runs_revision ON runs (revision);"
     + "".join(f"CREATE INDEX IF NOT EXISTS runs_{c} ON runs ({c}, updated_at, run_id);" for c in _INDEXED)
 )
+# error text search: an FTS5 trigram index (substring LIKE, case-insensitive, served by the index
+# for 3+ characters) over the runs that have an error, kept by triggers; LIKE over the bounded
+# column where this SQLite has no FTS5 trigram tokenizer
+_FTS: Final = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS runs_error USING fts5(error_text, content='runs', content_rowid='rowid', tokenize='trigram');"
+)
+_FTS_TRIGGERS: Final = """
+CREATE TRIGGER IF NOT EXISTS runs_error_ai AFTER INSERT ON runs WHEN new.error_text IS NOT NULL
+    BEGIN INSERT INTO runs_error (rowid, error_text) VALUES (new.rowid, new.error_text); END;
+CREATE TRIGGER IF NOT EXISTS runs_error_ad AFTER DELETE ON runs WHEN old.error_text IS NOT NULL
+    BEGIN INSERT INTO runs_error (runs_error, rowid, error_text) VALUES ('delete', old.rowid, old.error_text); END;
+CREATE TRIGGER IF NOT EXISTS runs_error_ud AFTER UPDATE OF error_text ON runs WHEN old.error_text IS NOT NULL
+    BEGIN INSERT INTO runs_error (runs_error, rowid, error_text) VALUES ('delete', old.rowid, old.error_text); END;
+CREATE TRIGGER IF NOT EXISTS runs_error_ui AFTER UPDATE OF error_text ON runs WHEN new.error_text IS NOT NULL
+    BEGIN INSERT INTO runs_error (rowid, error_text) VALUES (new.rowid, new.error_text); END;
+"""
+_FTS_TRIGGER_NAMES: Final = ("runs_error_ai", "runs_error_ad", "runs_error_ud", "runs_error_ui")
 _SET = ", ".join(
     f"{c} = CASE WHEN {{cond}} THEN excluded.{c} ELSE runs.{c} END" for c in _COLUMNS if c not in ("run_id", "revision")
 )
@@ -155,7 +172,7 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def where(q: Query) -> tuple[str, list[Any]]:
+def where(q: Query, *, fts: bool = False) -> tuple[str, list[Any]]:
     """The WHERE clause (with leading ``WHERE`` or empty) and its parameters."""
     conds: list[str] = []
     args: list[Any] = []
@@ -174,7 +191,10 @@ def where(q: Query) -> tuple[str, list[Any]]:
     if q.run_id_prefix:
         conds.append("run_id >= ? AND run_id < ?")
         args.extend((q.run_id_prefix, q.run_id_prefix + "\U0010ffff"))
-    if q.error_contains:
+    if q.error_contains and fts and len(q.error_contains) >= 3:
+        conds.append("rowid IN (SELECT rowid FROM runs_error WHERE error_text LIKE ? ESCAPE '\\')")
+        args.append(f"%{_like_escape(q.error_contains)}%")
+    elif q.error_contains:
         conds.append("error_text LIKE ? ESCAPE '\\'")
         args.append(f"%{_like_escape(q.error_contains)}%")
     return (" WHERE " + " AND ".join(conds)) if conds else "", args
@@ -205,6 +225,7 @@ class ReadModelStore:
         self.path = path
         self.identity = identity
         self._writer = _connect(path)
+        self.fts = False
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -217,6 +238,7 @@ class ReadModelStore:
     def _check(self) -> None:
         try:
             self._writer.executescript(_SCHEMA + _INDEXES)
+            self.fts = self._try_fts()
             meta = dict(self._writer.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
             raise ReadModelBroken(f"unreadable ({exc})") from exc
@@ -267,14 +289,33 @@ class ReadModelStore:
             conn.execute("ROLLBACK")
             raise
 
+    def _try_fts(self) -> bool:
+        try:
+            self._writer.executescript(_FTS + _FTS_TRIGGERS)
+            stale = self._writer.execute("SELECT value FROM meta WHERE key = 'fts'").fetchone()
+            if stale is not None and stale[0] == "stale":  # stopped during a build: index what is there
+                self._writer.execute("INSERT INTO runs_error (runs_error) VALUES ('rebuild')")
+                self._writer.execute("DELETE FROM meta WHERE key = 'fts'")
+            return True
+        except sqlite3.OperationalError as exc:  # no FTS5, or no trigram tokenizer (SQLite < 3.34)
+            log.info("read model: no FTS5 trigram index (%s); error text search scans", exc)
+            return False
+
     def drop_indexes(self) -> None:
         """Before building from revision 0 (see :meth:`create_indexes`)."""
         for name in ("order", "revision", *_INDEXED):
             self._writer.execute(f"DROP INDEX IF EXISTS runs_{name}")
+        for name in _FTS_TRIGGER_NAMES:
+            self._writer.execute(f"DROP TRIGGER IF EXISTS {name}")
+        self._writer.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('fts', 'stale')")
 
     def create_indexes(self) -> None:
-        """The list indexes, then statistics for the query planner."""
+        """The list indexes and the error text index, then statistics for the query planner."""
         self._writer.executescript(_INDEXES)
+        if self.fts:
+            self._writer.execute("INSERT INTO runs_error (runs_error) VALUES ('rebuild')")
+            self._writer.executescript(_FTS_TRIGGERS)
+        self._writer.execute("DELETE FROM meta WHERE key = 'fts'")
         self._writer.execute("ANALYZE")
 
     # -- reading ------------------------------------------------------------------------------------
@@ -296,7 +337,7 @@ class ReadModelStore:
 
     def page(self, q: Query) -> tuple[list[dict[str, Any]], list[tuple[float, str]], bool]:
         """Up to ``q.limit`` summaries newest first, their sort keys, and whether more match."""
-        clause, args = where(q)
+        clause, args = where(q, fts=self.fts)
         with self._reader() as conn:
             rows = conn.execute(
                 f"SELECT updated_at, run_id, summary FROM runs{clause} ORDER BY updated_at DESC, run_id DESC LIMIT ?",
@@ -307,7 +348,7 @@ class ReadModelStore:
         return [json.loads(r[2]) for r in rows], [(r[0], r[1]) for r in rows], more
 
     def changed_since(self, revision: int, q: Query, limit: int = 10000) -> list[tuple[int, dict[str, Any]]]:
-        clause, args = where(q)
+        clause, args = where(q, fts=self.fts)
         clause = (clause + " AND" if clause else " WHERE") + " revision > ?"
         with self._reader() as conn:
             rows = conn.execute(
@@ -316,7 +357,7 @@ class ReadModelStore:
         return [(r[0], json.loads(r[1])) for r in rows]
 
     def count(self, q: Query | None = None) -> int:
-        clause, args = where(q or Query())
+        clause, args = where(q or Query(), fts=self.fts)
         with self._reader() as conn:
             return int(conn.execute(f"SELECT count(*) FROM runs{clause}", args).fetchone()[0])
 

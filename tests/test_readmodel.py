@@ -218,3 +218,32 @@ async def _nats_for(url: str, name: str, *, task_status: trio.TaskStatus[NatsCli
     async with open_nats(url, name=name) as client:
         task_status.started(client)
         await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("build", [False, True])
+def test_error_text_search_follows_updates_and_deletes(tmp_path: Path, build: bool) -> None:
+    """The error text index (FTS5 trigram where available) stays true through changes, also
+    for a file built with its indexes deferred."""
+    from pyoco_es.readmodel import Change, Query, open_store
+
+    store, _ = open_store(tmp_path / "rm.sqlite3")
+    assert store.fts  # this SQLite has the trigram tokenizer; the LIKE fallback is the same query shape
+    if build:
+        store.drop_indexes()
+
+    def doc(run_id: str, version: int, error: str | None) -> dict[str, Any]:
+        return {"run_id": run_id, "status": "FAILED" if error else "PENDING", "updated_at": float(version), "version": version, "error": error}
+
+    store.write([Change("a", doc("a", 1, "KeyError: 'alpha'"), 1), Change("b", doc("b", 1, "ValueError: beta"), 2),
+                 Change("c", doc("c", 1, None), 3)], 3)
+    if build:
+        store.create_indexes()
+    store.write([Change("a", doc("a", 2, "TimeoutError: gamma"), 4), Change("b", None, 5)], 5)
+
+    def found(text: str) -> list[str]:
+        return [i["run_id"] for i in store.page(Query(limit=10, error_contains=text))[0]]
+
+    assert found("alpha") == [] and found("GAMMA") == ["a"] and found("beta") == [] and found("Error") == ["a"]
+    store.write([Change("c", doc("c", 2, "OSError: delta"), 6)], 6)
+    assert found("delta") == ["c"] and found("er") == ["c", "a"]  # 2 characters: the column scan
+    store.close()
