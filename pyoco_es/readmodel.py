@@ -84,6 +84,7 @@ _INDEXED: Final = ("status", "flow_name", "tag", "tenant_id", "worker_id")
 _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS runs_order ON runs (updated_at, run_id);"
     "CREATE INDEX IF NOT EXISTS runs_revision ON runs (revision);"
+    "CREATE INDEX IF NOT EXISTS runs_unprojectable ON runs (projection_error) WHERE projection_error = 1;"
     + "".join(f"CREATE INDEX IF NOT EXISTS runs_{c} ON runs ({c}, updated_at, run_id);" for c in _INDEXED)
 )
 # error text search: an FTS5 trigram index (substring LIKE, case-insensitive, served by the index
@@ -303,7 +304,7 @@ class ReadModelStore:
 
     def drop_indexes(self) -> None:
         """Before building from revision 0 (see :meth:`create_indexes`)."""
-        for name in ("order", "revision", *_INDEXED):
+        for name in ("order", "revision", "unprojectable", *_INDEXED):
             self._writer.execute(f"DROP INDEX IF EXISTS runs_{name}")
         for name in _FTS_TRIGGER_NAMES:
             self._writer.execute(f"DROP TRIGGER IF EXISTS {name}")
