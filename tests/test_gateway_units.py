@@ -225,3 +225,11 @@ async def test_a_missing_dashboard_is_a_404_through_the_one_error_path(tmp_path:
     app = create_app(None, Settings(), static_dir=tmp_path)  # type: ignore[arg-type]  # "/" touches no NATS
     response = await app.test_client().get("/")
     assert response.status_code == 404 and await response.get_json() == {"detail": "dashboard not found"}
+
+
+def test_summaries_walks_every_run_in_pages() -> None:
+    """The compatible iteration (what callers of the in-memory index used) visits each run once."""
+    index = index_with(*(snap(f"r{i:04d}", float(i % 7)) for i in range(2500)))
+    ids = [s["run_id"] for s in index.summaries()]
+    assert len(ids) == len(set(ids)) == 2500
+    assert [s["run_id"] for s in index.summaries({"status": "RUNNING"})] == []

@@ -22,7 +22,7 @@ import logging
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -333,6 +333,17 @@ class RunIndex:
 
     def counts(self) -> dict[str, int]:
         return self.store_or_fail().counts()
+
+    def summaries(self, filters: dict[str, str] | None = None) -> Iterator[JSONObject]:
+        """Every run's summary, newest first, read a page of 1,000 at a time (each page a short
+        read on the calling thread; prefer :meth:`list_page` from a handler)."""
+        before: SortKey | None = None
+        while True:
+            page = self.page(limit=1000, filters=filters, before=before)
+            yield from page.items
+            if page.next_cursor is None or not page.keys:
+                return
+            before = page.keys[-1]
 
     def changed_since(self, revision: int, *, filters: dict[str, str] | None = None) -> list[tuple[int, JSONObject]]:
         return self.store_or_fail().changed_since(revision, Query(exact={k: v for k, v in (filters or {}).items() if v is not None}))
