@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any, Final
 
+import attrs
+
 from ..core.codec import encode_envelope, encode_snapshot
 from ..core.events import Envelope, Producer, RunCancelled, RunClaimed, RunCompleted, RunFailed, RunSubmitted
 from ..core.fold import fold
@@ -66,16 +68,23 @@ async def fill(
     base = time.time() - (first + n) * 0.5 if base is None else base
     t0 = time.perf_counter()
     for start in range(first, first + n, chunk):
-        events, kv = [], []
-        for i in range(start, min(first + n, start + chunk)):
-            envs = run_events(i, base)
-            events += [(subjects.run_events_subject(e.run_id), encode_envelope(e), e.event_id, None) for e in envs]
-            snap = fold(None, envs)
+        runs = [run_events(i, base) for i in range(start, min(first + n, start + chunk))]
+        events = [(subjects.run_events_subject(e.run_id), encode_envelope(e), e.event_id, None) for envs in runs for e in envs]
+        acks = iter(await nats.publish_many(events))
+        kv = []
+        for envs in runs:
+            stored = []
+            for env in envs:
+                ack = next(acks)
+                if isinstance(ack, Exception):
+                    raise ack
+                stored.append(attrs.evolve(env, stream_seq=ack.seq))
+            snap = fold(None, stored)  # with last_stream_seq, as the projector writes it
             assert snap is not None
             if keep is not None:
                 keep.append(snap)
             kv.append((subjects.kv_subject(subjects.RUNS_BUCKET, snap.run_id), encode_snapshot(snap), None, None))
-        for res in await nats.publish_many(events) + await nats.publish_many(kv):
+        for res in await nats.publish_many(kv):
             if isinstance(res, Exception):
                 raise res
         if progress and ((start - first) // chunk) % 25 == 0:
