@@ -175,6 +175,22 @@ class Settings:
     nats_listen_host: str = "127.0.0.1"
     nats_client_port: int = -1
     nats_http_port: int = -1
+    # the gateway's list read model (SQLite); None: <data_dir>/read-model/gateway-<port>.sqlite3
+    read_model_path: Path | None = None
+    # retention: terminal runs older than this many days are archived then removed (None: keep all)
+    run_retention_days: float | None = None
+    events_allow_purge: bool = False  # PYOCO_EVENTS created without deny_purge (needed by retention)
+    run_retention_interval: float = 3600.0  # seconds between the conductor's retention passes
+    archive_dir: Path | None = None  # None: <data_dir>/archive
+
+    def archive_directory(self) -> Path:
+        return self.archive_dir if self.archive_dir is not None else Path(self.data_dir) / "archive"
+
+    def gateway_read_model(self, port: int) -> Path | None:
+        """Where a gateway on ``port`` keeps its read model (None: a temporary file, for port 0)."""
+        if self.read_model_path is not None:
+            return self.read_model_path
+        return Path(self.data_dir) / "read-model" / f"gateway-{port}.sqlite3" if port else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -182,6 +198,11 @@ class Settings:
         return cls(
             nats_url=e.get("PYOCO_NATS_URL") or None,
             data_dir=Path(e.get("PYOCO_DATA_DIR") or ".pyoco-es"),
+            read_model_path=Path(e["PYOCO_READ_MODEL_PATH"]) if e.get("PYOCO_READ_MODEL_PATH") else None,
+            run_retention_days=_num(e, "PYOCO_RUN_RETENTION_DAYS", 0.0, 0.0) or None,
+            events_allow_purge=_bool(e, "PYOCO_EVENTS_ALLOW_PURGE", False),
+            run_retention_interval=_num(e, "PYOCO_RUN_RETENTION_INTERVAL_SEC", 3600.0, 1.0),
+            archive_dir=Path(e["PYOCO_ARCHIVE_DIR"]) if e.get("PYOCO_ARCHIVE_DIR") else None,
             nats_sync=e.get("PYOCO_NATS_SYNC") or "1s",
             nats_replicas=_replicas(e),
             default_tag=(e.get("PYOCO_DEFAULT_TAG") or "default").strip(),

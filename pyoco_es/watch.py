@@ -13,7 +13,8 @@ nats-py's KV watcher has two gaps this loop closes:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import attrs
 import trio
@@ -44,58 +45,85 @@ class BucketFollower:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Follow until cancelled; ``started`` once loaded, or after the first failed attempt (so
         the gateway still starts, and answers 503 while NATS is away)."""
-        started = False
-        backoff = 0.1
-        while True:
-            try:
-                async with trio.open_nursery() as nursery:
-                    async with self.nats.kv_watch(self.bucket) as updates:
-                        self.watching = True
-                        nursery.start_soon(self._watchdog, nursery.cancel_scope)
-                        initial: set[str] | None = set()
-                        async for item in updates:
-                            if item is None:
-                                if initial is not None:
-                                    self.on_loaded(initial)
-                                    initial = None
-                                self.ready.set()
-                                backoff = 0.1
-                                if not started:
-                                    started = True
-                                    task_status.started()
-                                continue
-                            if initial is not None:
-                                initial.add(item.key)
-                            self.revision = max(self.revision, item.revision)
-                            self.on_entry(item)
-                    log.warning("KV watch on %s ended; restarting", self.bucket)
-                    nursery.cancel_scope.cancel()
-            except PyocoError as exc:
-                log.warning("KV watch on %s failed (%s); retrying in %.1fs", self.bucket, exc.message, backoff)
-            finally:
-                self.watching = False
-            if not started:
-                started = True
-                task_status.started()
-            self.restarts += 1
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await follow_forever(f"KV watch on {self.bucket}", self._attempt, self, task_status)
+
+    async def _attempt(self, loaded: Callable[[], None]) -> None:
+        async with trio.open_nursery() as nursery:
+            async with self.nats.kv_watch(self.bucket) as updates:
+                self.watching = True
+                nursery.start_soon(self._watchdog, nursery.cancel_scope)
+                initial: set[str] | None = set()
+                async for item in updates:
+                    if item is None:
+                        if initial is not None:
+                            self.on_loaded(initial)
+                            initial = None
+                        loaded()
+                        continue
+                    if initial is not None:
+                        initial.add(item.key)
+                    self.revision = max(self.revision, item.revision)
+                    self.on_entry(item)
+            nursery.cancel_scope.cancel()
 
     async def _watchdog(self, watch_scope: trio.CancelScope) -> None:
-        """Cancel the watch when a revision that existed one check ago still has not arrived."""
-        owed: int | None = None
-        while True:
-            await trio.sleep(self.check_interval)
-            try:
-                last = (await self.nats.stream_info(subjects.kv_stream(self.bucket)))["last_seq"]
-            except PyocoError:
-                owed = None  # NATS is away; judge again once it answers
-                continue
-            if owed is not None and self.revision < owed:
-                log.warning(
-                    "KV watch on %s stalled at revision %d (bucket at %d); restarting it", self.bucket, self.revision, last
-                )
-                self.stalls += 1
-                watch_scope.cancel()
-                return
-            owed = last if last > self.revision else None
+        if await watch_stalled(self.nats, self.bucket, self.check_interval, lambda: self.revision):
+            self.stalls += 1
+            watch_scope.cancel()
+
+
+class Follower(Protocol):
+    ready: trio.Event
+    watching: bool
+    restarts: int
+
+
+async def follow_forever(
+    what: str, attempt: Callable[[Callable[[], None]], Awaitable[None]], owner: Follower, task_status: trio.TaskStatus[None]
+) -> None:
+    """Run ``attempt(loaded)`` again and again (with backoff) until cancelled: an attempt ends
+    when its watch breaks.  ``loaded()`` (called by the attempt once caught up) sets
+    ``owner.ready`` and reports ``started``; a first attempt that fails reports it too."""
+    started = False
+    backoff = 0.1
+
+    def loaded() -> None:
+        nonlocal started, backoff
+        owner.ready.set()
+        backoff = 0.1
+        if not started:
+            started = True
+            task_status.started()
+
+    while True:
+        try:
+            await attempt(loaded)
+            log.warning("%s ended; restarting", what)
+        except PyocoError as exc:
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc.message, backoff)
+        finally:
+            owner.watching = False
+        if not started:
+            started = True
+            task_status.started()
+        owner.restarts += 1
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
+
+
+async def watch_stalled(nats: NatsClient, bucket: str, interval: float, delivered: Callable[[], int]) -> bool:
+    """Return (True) once a revision that existed one check ago still has not been delivered
+    (``delivered()``: the highest revision the watch has handed over); runs until then."""
+    owed: int | None = None
+    while True:
+        await trio.sleep(interval)
+        try:
+            last = (await nats.stream_info(subjects.kv_stream(bucket)))["last_seq"]
+        except PyocoError:
+            owed = None  # NATS is away; judge again once it answers
+            continue
+        revision = delivered()
+        if owed is not None and revision < owed:
+            log.warning("KV watch on %s stalled at revision %d (bucket at %d); restarting it", bucket, revision, last)
+            return True
+        owed = last if last > revision else None

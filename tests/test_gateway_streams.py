@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from pyoco_es.core.events import JSONObject
-from pyoco_es.gateway.index import RunIndex
+from pyoco_es.gateway.runindex import RunIndex
 from pyoco_es.gateway.streams import Pace, open_run_list_stream, open_run_stream
 from pyoco_es.nats.client import KVEntry
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from pyoco_es.gateway import sse
-from pyoco_es.gateway.index import RunIndex, WorkerIndex, decode_cursor, encode_cursor
+from pyoco_es.gateway.index import WorkerIndex, decode_cursor, encode_cursor
+from pyoco_es.gateway.runindex import RunIndex
 from pyoco_es.gateway.snapshot import filter_snapshot
 from pyoco_es.gateway.submit import request_fingerprint, run_id_for_key
 from pyoco_es.gateway.registry import effective_state, liveness, normalize_worker
@@ -23,7 +24,7 @@ def snap(run_id: str, updated_at: float, *, status: str = "PENDING", version: in
 
 
 def index_with(*docs: dict[str, Any]) -> RunIndex:
-    index = RunIndex(None)  # type: ignore[arg-type]  # only run() touches NATS
+    index = RunIndex(None).open_offline()  # type: ignore[arg-type]  # only run() touches NATS
     for rev, doc in enumerate(docs, start=1):
         index.apply(KVEntry(key=doc["run_id"], value=json.dumps(doc).encode(), revision=rev))
     return index
@@ -191,10 +192,10 @@ def test_api_key_auth_mode_fails_closed() -> None:
 def test_full_snapshots_are_cached_for_reads_within_bounds() -> None:
     """GET /runs/{id} answers from the index's bounded cache, never with a version older than
     one this gateway acknowledged, and forgets deleted runs."""
-    from pyoco_es.gateway.index import RunIndex
+    from pyoco_es.gateway.runindex import RunIndex
     from pyoco_es.nats.client import KVEntry
 
-    index = RunIndex(None)  # type: ignore[arg-type]  # fed by hand: no NATS needed
+    index = RunIndex(None).open_offline()  # type: ignore[arg-type]  # fed by hand: no NATS needed
     index.doc_cache_size = 2
 
     def put(run_id: str, version: int, rev: int) -> None:
@@ -224,3 +225,11 @@ async def test_a_missing_dashboard_is_a_404_through_the_one_error_path(tmp_path:
     app = create_app(None, Settings(), static_dir=tmp_path)  # type: ignore[arg-type]  # "/" touches no NATS
     response = await app.test_client().get("/")
     assert response.status_code == 404 and await response.get_json() == {"detail": "dashboard not found"}
+
+
+def test_summaries_walks_every_run_in_pages() -> None:
+    """The compatible iteration (what callers of the in-memory index used) visits each run once."""
+    index = index_with(*(snap(f"r{i:04d}", float(i % 7)) for i in range(2500)))
+    ids = [s["run_id"] for s in index.summaries()]
+    assert len(ids) == len(set(ids)) == 2500
+    assert [s["run_id"] for s in index.summaries({"status": "RUNNING"})] == []

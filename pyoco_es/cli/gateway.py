@@ -26,8 +26,9 @@ async def gateway(
 ) -> None:
     """Run the HTTP gateway alone, against a NATS that a conductor also uses.
 
-    Every gateway keeps its own in-memory run index fed by the runs KV, and all writes are
-    appends fenced by optimistic concurrency, so any number of gateways behave as one.
+    Every gateway keeps its own list read model (a SQLite file: PYOCO_READ_MODEL_PATH, default
+    DATA_DIR/read-model/gateway-PORT.sqlite3) fed by the runs KV, and all writes are appends
+    fenced by optimistic concurrency, so any number of gateways behave as one.
 
     \b
     Example:

@@ -10,6 +10,7 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import asyncclick as click
 import attrs
@@ -172,19 +173,31 @@ async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_le
 @cli.command()
 @NATS_URL
 @DATA_DIR
-@click.option("--rebuild", is_flag=True, help="Also write missing/different snapshots into the live bucket.")
+@click.option("--rebuild", is_flag=True, help="Also write missing/different snapshots into the live bucket (and, with --read-model, build that file afresh).")
+@click.option("--read-model", "read_model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also check a gateway's SQLite read model file against the runs bucket.")
+@click.option("--skip-events", is_flag=True, help="With --read-model: check only the file, not the event stream.")
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @LOG_LEVEL
-async def replay(nats_url: str | None, data_dir: Path, rebuild: bool, output: str, log_level: str | None) -> None:
+async def replay(
+    nats_url: str | None, data_dir: Path, rebuild: bool, read_model: Path | None, skip_events: bool, output: str, log_level: str | None
+) -> None:
     """Fold the whole event stream into a fresh bucket and report snapshots that differ from the
     live read model.  Exit code 1 when any differ.
 
     \b
     Example:
       pyoco-es replay --nats-url nats://127.0.0.1:4222
+      pyoco-es replay --read-model .pyoco-es/read-model/gateway-8000.sqlite3 --skip-events
     """
     settings = settings_with(nats_url=nats_url, data_dir=data_dir)
     configure_logging(settings, log_level, service="pyoco-es:replay", stdout_is_output=True)
+    if read_model is not None:
+        from .readmodel_check import run_read_model_check
+
+        ok = await run_read_model_check(settings, read_model, rebuild=rebuild, output=output)
+        if skip_events:
+            sys.exit(0 if ok else 1)
     from ..conductor.replay import REPLAY_BUCKET, replay as do_replay
     from ..nats.resources import delete_bucket
 
@@ -226,13 +239,18 @@ def _ts(value: float) -> str:
 @NATS_URL
 @DATA_DIR
 @click.option("--output", type=click.Choice(["table", "json"]), default=None, help="Default: table on a terminal, JSON lines otherwise.")
+@click.option("--archive", "archive_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Read the history from an archive file (pyoco-es archive) instead of the stream; its hash chain is verified.")
 @LOG_LEVEL
-async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str | None, log_level: str | None) -> None:
+async def events(
+    run_id: str, nats_url: str | None, data_dir: Path, output: str | None, archive_file: Path | None, log_level: str | None
+) -> None:
     """Print a run's full event history (the audit trail) straight from the event stream.
 
     \b
     Example:
       pyoco-es events 3f2a... --output json | jq .type
+      pyoco-es events --archive archive/pyoco-runs-2026-10-01.jsonl.gz 3f2a...
     """
     from ..nats.subjects import is_token
     from ..service import RunStore
@@ -241,12 +259,15 @@ async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str 
     configure_logging(settings, log_level, service="pyoco-es:events", stdout_is_output=True)
     if not is_token(run_id):
         fail(f"invalid run id {run_id!r}: use letters, digits, '_' or '-'")
-    try:
-        async with open_system_nats(settings, name="pyoco-events", attach=True) as nats:
-            history = await RunStore(nats).history(run_id)
-    except PyocoError as exc:
-        fail(exc.message)
-        return
+    if archive_file is not None:
+        history = _archived_history(archive_file, run_id)
+    else:
+        try:
+            async with open_system_nats(settings, name="pyoco-events", attach=True) as nats:
+                history = await RunStore(nats).history(run_id)
+        except PyocoError as exc:
+            fail(exc.message)
+            return
     if not history:
         fail(f"run {run_id} has no events", hint="check the run id with `pyoco-client list`")
     mode = output or ("table" if sys.stdout.isatty() else "json")
@@ -261,6 +282,24 @@ async def events(run_id: str, nats_url: str | None, data_dir: Path, output: str 
             detail = json.dumps(data, separators=(",", ":"), default=str)
             width = max(20, (os.get_terminal_size().columns if sys.stdout.isatty() else 160) - 75)
             click.echo(f"{env.seq:>4}  {_ts(env.occurred_at)}  {env.type:<21} {who:<24} {detail[:width]}")
+
+
+def _archived_history(path: Path, run_id: str) -> list[Any]:
+    """A run's events from an archive file, after checking its hash chain (exit 1 if broken)."""
+    from .. import archive
+    from ..core.codec import decode_envelope
+
+    events, checked = archive.read_run(path, run_id)
+    broken = [p for p in checked.problems if run_id in p or "unreadable" in p]
+    if broken:
+        fail(f"archive {path} fails verification for run {run_id}: {'; '.join(broken)}")
+    if events and run_id not in checked.runs:
+        fail(f"archive {path}: run {run_id} is incomplete")
+    history = []
+    for doc in events:
+        seq = doc.pop("stream_seq", None)
+        history.append(decode_envelope(compact_json(doc).encode(), stream_seq=seq))
+    return history
 
 
 def _mount_optional() -> None:
@@ -288,6 +327,9 @@ def _mount_optional() -> None:
 
     cli.add_command(admin_group, "admin")
     cli.add_command(dev_cluster)
+    from .archive import archive as archive_group
+
+    cli.add_command(archive_group, "archive")
 
 
 _mount_optional()

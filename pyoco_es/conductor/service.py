@@ -14,6 +14,7 @@ from ..nats.resources import ResourceConfig, ensure_resources
 from .projector import Projector, run_projector
 from .reaper import Reaper, run_reaper
 from .reconcile import Reconciler, run_reconciler
+from .retention import run_retention
 
 
 @attrs.frozen
@@ -58,4 +59,7 @@ async def run_conductor(
             heal=heal,
         )
         await nursery.start(lambda task_status: run_reconciler(reconciler, interval=settings.reconcile_interval, task_status=task_status))
+        await nursery.start(lambda task_status: run_retention(
+            nats, days=settings.run_retention_days, directory=settings.archive_directory(), holder=cid,
+            interval=settings.run_retention_interval, task_status=task_status))
         task_status.started(Conductor(projector, reaper, reconciler))

@@ -29,7 +29,8 @@ from .answer import on_http_error, on_pyoco_error, on_unexpected
 from .context import JSON_BODY_MAX, MULTIPART_SLACK, STATIC_DIR, Gateway, current_gateway, gateway_of
 from .auth import KeyRing
 from .guard import allowed_origins, check_host, check_request, cors_headers
-from .index import RunIndex, WorkerIndex
+from .index import WorkerIndex
+from .runindex import RunIndex
 
 BLUEPRINTS = (status.blueprint, dashboard.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint,
               identity.blueprint, apidocs.blueprint)
@@ -73,7 +74,7 @@ def create_app(
     gw = Gateway(
         nats=nats,
         settings=settings,
-        index=index if index is not None else RunIndex(nats, check_interval=settings.gateway_watch_check_interval),
+        index=index if index is not None else RunIndex(nats, path=settings.read_model_path, check_interval=settings.gateway_watch_check_interval),
         workers=workers if workers is not None else WorkerIndex(nats, check_interval=settings.gateway_watch_check_interval),
         store=RunStore(nats, clock=clock),
         producer=Producer(kind="gateway", id=gateway_id or f"{socket.gethostname()}-{os.getpid()}"),

@@ -23,7 +23,8 @@ from ..nats.client import NatsClient
 from ..service import RunStore
 from . import sse
 from .auth import KeyRing, Principal, principal_of
-from .index import RunIndex, WorkerIndex
+from .index import WorkerIndex
+from .runindex import RunIndex
 from .metrics import HttpMetrics
 from .params import idempotency_key, invalid
 from .registry import worker_view

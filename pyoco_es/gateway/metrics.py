@@ -66,7 +66,7 @@ class _Collector(Collector):
             value=v.unprojectable_runs,
         )
         yield GaugeMetricFamily("pyoco_gateway_sse_streams", "SSE streams open on this gateway.", value=v.sse_streams)
-        yield GaugeMetricFamily("pyoco_gateway_index_runs", "Runs in this gateway's in-memory list index.", value=v.index_runs)
+        yield GaugeMetricFamily("pyoco_gateway_index_runs", "Runs in this gateway's list read model (SQLite).", value=v.index_runs)
 
 
 def _by_tag(name: str, help_text: str, values: Mapping[str, int] | None) -> GaugeMetricFamily:

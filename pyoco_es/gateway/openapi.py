@@ -90,12 +90,15 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
     ("GET", "/runs"): _op("List runs (plain array, or delta mode with updated_after/cursor/workflow_yaml_sha256)", params=[
         _q("status", _TEXT), _q("flow", _TEXT), _q("tag", _TEXT), _q("workflow_yaml_sha256", _TEXT), _q("schedule_id", _TEXT),
         _q("updated_after", {"type": "number"}), _q("cursor", {"type": "string", "maxLength": 2048}),
+        _q("worker_id", _TEXT), _q("tenant_id", _TEXT, "Ignored for an API key (its own tenant only)."),
+        _q("updated_before", {"type": "number"}), _q("run_id_prefix", _TEXT, "Runs whose id starts with this."),
+        _q("error_contains", _TEXT, "Case-insensitive text in the run's error or failure reason."),
         _q("include", {"type": "array", "items": {"type": "string", "enum": ["full", "all"]}}),
         _q("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50})], errors=(422, 503)),
     ("GET", "/runs/stream"): _op("SSE of run summaries as they change (event: run, id: KV revision; ready on connect, reset when Last-Event-ID is unknown, heartbeat)", params=[
         _q("status", _TEXT), _q("flow", _TEXT), _q("tag", _TEXT), _q("after", {"type": "integer", "minimum": 0}),
         _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 3600}), _LAST_ID], ok=_SSE_OK, errors=(422, 503)),
-    ("GET", "/runs/<run_id>"): _op("Run snapshot with worker liveness", params=[_RUN_ID, _INCLUDE], errors=(404, 503)),
+    ("GET", "/runs/<run_id>"): _op("Run snapshot with worker liveness", params=[_RUN_ID, _INCLUDE], errors=(404, 410, 503)),
     ("GET", "/runs/<run_id>/tasks"): _op("Tasks and task records", params=[_RUN_ID], errors=(404, 503)),
     ("GET", "/runs/<run_id>/events"): _op("The run's event history (audit trail)", params=[
         _RUN_ID, _q("after_seq", {"type": "integer", "minimum": 0, "default": 0})], errors=(404, 422, 503)),

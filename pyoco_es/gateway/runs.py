@@ -19,6 +19,7 @@ from ..core.events import Event, JSONObject, JSONValue, RunSubmitted
 from ..core.model import RunSnapshot
 from ..nats import subjects
 from .answer import json_response
+from .archived import read_or_gone
 from .context import Gateway, caller, check_tenant, current_gateway, includes, request_body, request_idempotency_key, tenant_filter
 from .index import decode_cursor
 from .params import RequestInvalid, json_loads, query_float, query_int, query_str
@@ -89,12 +90,20 @@ async def list_runs() -> Response:
         "tag": query_str(args, "tag"),
         "workflow_yaml_sha256": query_str(args, "workflow_yaml_sha256"),
         "schedule_id": query_str(args, "schedule_id"),
+        "worker_id": query_str(args, "worker_id"),
+        "tenant_id": query_str(args, "tenant_id"),
         **tenant_filter(),
     }
     delta = "updated_after" in args or "cursor" in args or "workflow_yaml_sha256" in args
     await gw.wait_index_ready()
-    page = gw.index.page(
-        limit=limit, filters={k: v for k, v in filters.items() if v}, updated_after=updated_after, before=before
+    page = await gw.index.list_page(
+        limit=limit,
+        filters={k: v for k, v in filters.items() if v},
+        updated_after=updated_after,
+        before=before,
+        updated_before=query_float(args, "updated_before"),
+        run_id_prefix=query_str(args, "run_id_prefix"),
+        error_contains=query_str(args, "error_contains"),
     )
     items = page.items
     if includes() & FULL_INCLUDES and items:
@@ -115,7 +124,7 @@ async def list_runs() -> Response:
 @blueprint.get("/runs/<run_id>")
 async def get_run(run_id: str) -> Response:
     gw = current_gateway()
-    doc = await read_existing(gw, run_id)
+    doc = await read_or_gone(gw, run_id)
     check_tenant(doc, run_id)
     return json_response(await enrich(gw, filter_snapshot(doc, includes())))
 

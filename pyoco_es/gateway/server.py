@@ -16,7 +16,8 @@ from .app import create_app, gateway_of
 from .auth import AuthLayer, KeyRing
 from .fastpath import FastPath
 from .guard import allowed_hosts
-from .index import RunIndex, WorkerIndex
+from .index import WorkerIndex
+from .runindex import RunIndex
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ async def run_gateway(
     """
     async with trio.open_nursery() as nursery:
         check = settings.gateway_watch_check_interval
-        index = await nursery.start(RunIndex(nats, check_interval=check).run)
+        index = await nursery.start(RunIndex(nats, path=settings.gateway_read_model(port), check_interval=check).run)
         workers = await nursery.start(WorkerIndex(nats, check_interval=check).run)
         keys = None
         if settings.http_auth_mode == "api_key":

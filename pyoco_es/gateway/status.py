@@ -53,19 +53,8 @@ async def metrics() -> Response:
     gw = current_gateway()
     now = gw.clock()
     start, end = local_day_bounds(now)
-    today: dict[str, int] = {}
-    waiting: dict[str, int] = {}
-    unprojectable = 0
-    for summary in gw.index.summaries():
-        if summary.get("projection_error"):
-            unprojectable += 1
-        if summary.get("status") == "PENDING":
-            tag = str(summary.get("tag") or "")
-            waiting[tag] = waiting.get(tag, 0) + 1
-        updated = summary.get("updated_at")
-        if isinstance(updated, (int, float)) and start <= updated < end:
-            status = str(summary.get("status") or "UNKNOWN")
-            today[status] = today.get(status, 0) + 1
+    loaded = gw.index.ready.is_set()
+    today, waiting, unprojectable = await gw.index.figures(start, end) if loaded else ({}, {}, 0)
     workers_alive = await _optional(_workers_alive(gw))
     dlq = appended = lag = None
     depth: dict[str, int] | None = None
@@ -79,7 +68,7 @@ async def metrics() -> Response:
         appended = await _optional(_stream_field(gw, subjects.EVENTS_STREAM, "last_seq"))
         lag = await _optional(_projector_lag(gw))
     values = MetricValues(
-        runs_by_status=gw.index.counts(),
+        runs_by_status=await gw.index.status_counts() if loaded else {},
         runs_today_by_status=today,
         workers_alive=workers_alive,
         dlq_messages=dlq,

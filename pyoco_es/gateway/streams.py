@@ -1,7 +1,7 @@
 """The SSE streams: ``GET /runs/stream`` (every change in the run list) and
 ``GET /runs/{id}/watch`` (one run's snapshots until it ends), both fed by the run index.
 
-Each stream is a unit over the :class:`~.index.RunIndex` that knows nothing of HTTP:
+Each stream is a unit over the :class:`~.runindex.RunIndex` that knows nothing of HTTP:
 :func:`open_run_list_stream` and :func:`open_run_stream` are ``@trio.as_safe_channel``
 generators of SSE frames, so a test reads their frames from a channel, and the handlers below
 only parse the query and hand the channel to :func:`~.answer.sse_response`.  Frames carry
@@ -25,7 +25,8 @@ from ..core.model import TERMINAL_STATUSES
 from . import sse
 from .answer import sse_response
 from .context import check_tenant, current_gateway, includes, last_event_id, tenant_filter
-from .index import RunIndex, RunSlot
+from .index import RunSlot
+from .runindex import RunIndex
 from .params import query_float, query_int, query_str
 from .snapshot import filter_snapshot, read_snapshot, valid_run_id
 
@@ -62,7 +63,7 @@ async def open_run_list_stream(
     deadline = trio.current_time() + pace.timeout
     sent = after if after is not None else index.revision
     # A tenant (API keys on) counts only its own runs; others' are not to be known.
-    runs = len(index.changed_since(0, filters={"tenant_id": filters["tenant_id"]})) if "tenant_id" in filters else len(index)
+    runs = await index.count(filters={"tenant_id": filters["tenant_id"]}) if "tenant_id" in filters else len(index)
     if after is None:
         yield sse.frame("ready", {"revision": sent, "runs": runs}, id=sent, retry_ms=1000)
     elif after > index.revision:
@@ -74,7 +75,7 @@ async def open_run_list_stream(
     while True:
         changed = index.change_event()
         now_rev = index.revision
-        for rev, summary in index.changed_since(sent, filters=filters):
+        for rev, summary in await index.changed(sent, filters=filters):
             yield sse.frame("run", summary, id=rev)
             last_frame = trio.current_time()
         sent = max(sent, now_rev)

@@ -213,3 +213,23 @@ class NatsEventLog(NatsConnection):
     async def read_events(self, subject_filter: str, *, after_stream_seq: int, limit: int = 1024) -> list[tuple[int, bytes]]:
         """Up to ``limit`` raw events on ``subject_filter`` (wildcards allowed) after a position."""
         return await self._call("read events", self._read_subject, subject_filter, after_stream_seq, limit, True)
+
+    async def purge_run_events(self, run_id: str) -> None:
+        """Remove every event of ``run_id`` from the event stream (retention, after archiving).
+
+        Raises:
+            InfraError: the stream denies purge (created with deny_purge), or NATS is away.
+        """
+
+        async def go() -> None:
+            await self._js.purge_stream(subjects.EVENTS_STREAM, subject=subjects.run_events_subject(run_id))
+
+        await self._call("purge run events", go)
+
+    async def events_purgeable(self) -> bool:
+        """Whether the event stream allows purging (it was created without deny_purge)."""
+
+        async def go() -> bool:
+            return not (await self._js.stream_info(subjects.EVENTS_STREAM)).config.deny_purge
+
+        return await self._call("stream info", go)

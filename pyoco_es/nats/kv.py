@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import nats
+import nats.errors
 import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 import trio
 
 from ..core.errors import ConcurrencyConflict, PyocoError, WritesRefused
@@ -119,3 +121,96 @@ class NatsSnapshotStore(NatsConnection):
 
         async with self._forward(produce, cleanup=watcher.stop) as channel:
             yield channel
+
+    async def kv_purge(self, bucket: str, key: str) -> int:
+        """Remove ``key``'s value and history (a PURGE marker rolls the key up)."""
+
+        async def go() -> int:
+            ack = await self._js.publish(subjects.kv_subject(bucket, key), b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+            return int(ack.seq)
+
+        return await self._call("kv purge", go)
+
+    # -- following a bucket from a revision (the gateway's persistent read model) -----------------
+
+    @asynccontextmanager
+    async def kv_pull(
+        self, bucket: str, after: int
+    ) -> AsyncIterator[Callable[[int], Awaitable[tuple[list[KVEntry], int]]]]:
+        """Read every change of ``bucket`` after revision ``after`` in batches: yields ``fetch(n)``,
+        which returns up to ``n`` entries (oldest first; value None for a delete) and how many are
+        still pending after them.  A pull consumer: nothing is read ahead of the caller, so a
+        million-key catch-up holds one batch in memory at a time."""
+
+        async def start() -> Any:
+            policy = DeliverPolicy.ALL if after <= 0 else DeliverPolicy.BY_START_SEQUENCE
+            config = ConsumerConfig(
+                deliver_policy=policy,
+                opt_start_seq=None if after <= 0 else after + 1,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=60.0,
+                max_waiting=1,
+            )
+            return await self._js.pull_subscribe(
+                subjects.kv_subject(bucket, ">"), durable=None, stream=subjects.kv_stream(bucket), config=config
+            )
+
+        sub = await self._call("kv pull", start)
+        prefix = subjects.kv_subject(bucket, "")
+
+        async def fetch(n: int) -> tuple[list[KVEntry], int]:
+            async def go() -> tuple[list[KVEntry], int]:
+                try:
+                    msgs = await sub.fetch(n, timeout=self.op_timeout)
+                except nats.errors.TimeoutError:
+                    return [], 0
+                out = [_kv_entry(m, prefix) for m in msgs]
+                return out, (int(msgs[-1].metadata.num_pending) if msgs else 0)
+
+            return await self._call("kv pull", go)
+
+        try:
+            yield fetch
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    try:
+                        await self._call("kv pull close", sub.unsubscribe)
+                    except PyocoError:
+                        pass
+
+    @asynccontextmanager
+    async def kv_watch_from(self, bucket: str, after: int) -> AsyncIterator[trio.MemoryReceiveChannel[KVEntry]]:
+        """Live changes of ``bucket`` with a revision above ``after`` (deletes with value None),
+        in order; an ordered push consumer (recreated by nats-py when it falls out of order)."""
+        prefix = subjects.kv_subject(bucket, "")
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def start() -> Any:
+            async def on_msg(msg: Any) -> None:
+                queue.put_nowait(msg)
+
+            return await self._js.subscribe(
+                subjects.kv_subject(bucket, ">"),
+                stream=subjects.kv_stream(bucket),
+                cb=on_msg,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=ConsumerConfig(opt_start_seq=after + 1),
+                inactive_threshold=300.0,
+            )
+
+        sub = await self._call("kv watch", start)
+
+        async def produce(emit: Callable[[object], None]) -> None:
+            while True:
+                emit(_kv_entry(await queue.get(), prefix))
+
+        async with self._forward(produce, cleanup=sub.unsubscribe) as channel:
+            yield channel
+
+
+def _kv_entry(msg: Any, prefix: str) -> KVEntry:
+    hdrs = msg.headers or {}
+    deleted = hdrs.get("KV-Operation") in ("DEL", "PURGE") or hdrs.get("Nats-Marker-Reason") in ("MaxAge", "Purge", "Remove")
+    return KVEntry(key=msg.subject[len(prefix):], value=None if deleted else msg.data, revision=int(msg.metadata.sequence.stream))

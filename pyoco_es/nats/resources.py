@@ -33,6 +33,9 @@ class ResourceConfig:
     dlq_max_msgs: int = 100000
     dlq_max_bytes: int = 536870912
     auth_bucket: str = subjects.AUTH_BUCKET
+    # PYOCO_EVENTS_ALLOW_PURGE: create PYOCO_EVENTS without deny_purge (retention removes runs'
+    # events); NATS cannot lift deny_purge from an existing stream, so it takes effect on creation
+    allow_event_purge: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResourceConfig:
@@ -45,6 +48,7 @@ class ResourceConfig:
             dlq_max_msgs=settings.dlq_max_msgs,
             dlq_max_bytes=settings.dlq_max_bytes,
             auth_bucket=settings.auth_kv_bucket,
+            allow_event_purge=settings.events_allow_purge,
         )
 
 
@@ -58,7 +62,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             num_replicas=cfg.replicas or 1,
             duplicate_window=cfg.duplicate_window,
             deny_delete=True,
-            deny_purge=True,
+            deny_purge=not cfg.allow_event_purge,
             allow_direct=True,
             max_msg_size=cfg.max_msg_size,
         ),
@@ -85,6 +89,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
         _kv_config(subjects.RUNS_BUCKET, cfg, history=1),
         _kv_config(subjects.WORKERS_BUCKET, cfg, history=1),
         _kv_config(cfg.auth_bucket, cfg, history=1),
+        _kv_config(subjects.ARCHIVED_BUCKET, cfg, history=1),
     ]
 
 
@@ -162,6 +167,10 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
             if cfg.replicas is None:
                 diff.pop("num_replicas", None)
                 want.num_replicas = info.config.num_replicas
+            if diff.get("deny_purge") == (True, False):  # NATS refuses to lift it (10052)
+                del diff["deny_purge"]
+                want.deny_purge = True
+                log.warning("stream %s denies purge and NATS cannot lift that: retention cannot remove events from it", want.name)
             if diff:
                 log.warning("stream %s config changed, updating: %s", want.name, diff)
                 merged = attrs_merge(info.config, want)

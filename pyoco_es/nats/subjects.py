@@ -17,6 +17,8 @@ EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
 API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"  # key created/revoked (the projector reads only pyoco.evt.run.*)
 WORKER_AUDIT_SUBJECT: Final = "pyoco.evt.audit.worker"  # worker hidden/shown (PATCH /workers/{id})
+RUN_ARCHIVED_SUBJECT: Final = "pyoco.evt.audit.run_archived"  # a run archived then removed (retention)
+ARCHIVED_BUCKET: Final = "pyoco_archived"  # run_id -> where its archive is (GET /runs/{id} answers 410)
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 
