@@ -38,3 +38,35 @@ def wait_for_file(path: str, seconds: float = 30.0) -> str:
 def die(signal_number: int = 9) -> None:
     """Kills its own process (a poison run)."""
     os.kill(os.getpid(), signal_number)
+
+
+def flaky(counter: str, fail_times: int = 2) -> int:
+    """Fails its first ``fail_times`` calls (counted in the file ``counter``), then returns the
+    number of calls made (retries, issue 16)."""
+    path = Path(counter)
+    calls = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(calls))
+    if calls <= fail_times:
+        raise RuntimeError(f"flaky failure {calls}")
+    return calls
+
+
+def spin(seconds: float = 60.0) -> str:
+    """A busy Python loop that ignores everything but an exception raised into it (a timeout)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return "spun"
+
+
+def stubborn(marker_dir: str, seconds: float = 60.0) -> str:
+    """Ignores its timeout: records its process, then blocks in one long C-level sleep (an
+    exception raised into its thread waits for the sleep to return), catching anything."""
+    record(marker_dir, "stubborn")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(end - time.monotonic())
+        except BaseException:  # noqa: BLE001 - it means to ignore its timeout
+            pass
+    return "outlasted"
