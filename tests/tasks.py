@@ -70,3 +70,21 @@ def stubborn(marker_dir: str, seconds: float = 60.0) -> str:
         except BaseException:  # noqa: BLE001 - it means to ignore its timeout
             pass
     return "outlasted"
+
+
+def retry_flows(name: str) -> object:
+    """A ``--flow-resolver`` for named flows whose pyoco tasks carry retry attributes."""
+    from pyoco.core.models import Flow, Task
+    from pyoco.dsl.syntax import TaskWrapper
+
+    task = Task(func=flaky, name="flaky", retries=2)
+    if name == "flaky":
+        task.retry_delay_sec = 0.05  # type: ignore[attr-defined]
+        task.retry_backoff = 1  # type: ignore[attr-defined]
+    elif name == "bad_policy":
+        task.retries = "twice"  # type: ignore[assignment]
+    else:
+        raise KeyError(name)
+    flow = Flow(name=name)
+    flow >> TaskWrapper(task)
+    return flow

@@ -14,17 +14,104 @@ import httpx
 import pytest
 import trio
 
+from pyoco_es.conductor.deadline import Deadlines
+from pyoco_es.core import decide
+from pyoco_es.core.errors import ValidationError
+from pyoco_es.core.events import RunCancelRequested, RunClaimed, TaskCompleted, TaskRetryScheduled, TaskStarted
+from pyoco_es.core.fold import fold
+from pyoco_es.core.model import RunStatus
+from pyoco_es.flows.policy import TaskPolicy, policy_of
 from pyoco_es.testing.stack import Stack, open_stack
+from pyoco_es.worker.attempt import add_task_event
+from pyoco_es.worker.timeouts import HARD_STOP_GRACE, AttemptTimeouts
+from test_core import history, submitted
 from test_worker import fast_settings, wait_for
 from test_worker_faults import cli_worker, gone, marker_pids
 
 ENDINGS = {"run.completed", "run.failed", "run.cancelled"}
 
 
+# -- the pure parts ------------------------------------------------------------------------------
+
+
+def test_retries_fold_into_tries_and_a_success_clears_the_error() -> None:
+    claimed = RunClaimed(worker_id="w1", attempt=1, lease_seconds=15.0, tasks=["a"])
+    retry = TaskRetryScheduled(attempt=1, task="a", try_number=1, max_tries=3, error="E: 1", delay_sec=0.5, failed_at=101.5)
+    snap = fold(None, history(submitted(), claimed, TaskStarted(attempt=1, task="a", started_at=101.0), retry))
+    assert snap is not None
+    rec = snap.tasks["a"]
+    assert rec.state.value == "RUNNING" and rec.tries == 2 and rec.error == "E: 1" and rec.started_at == 101.0
+    snap = fold(snap, history(submitted(), claimed, TaskStarted(attempt=1, task="a", started_at=101.0), retry,
+                              TaskCompleted(attempt=1, task="a", ended_at=103.0, output=1)))
+    assert snap is not None
+    out = snap.to_json()["task_records"]["a"]  # type: ignore[index]
+    assert out["state"] == "SUCCEEDED" and out["tries"] == 2 and out["error"] is None and out["started_at"] == 101.0  # type: ignore[index]
+    # A retried task keeps its task.started in a batch (the merge never skips a retry).
+    pending: list[object] = []
+    for e in (TaskStarted(attempt=1, task="a", started_at=1.0), retry, TaskCompleted(attempt=1, task="a", ended_at=2.0)):
+        add_task_event(pending, e)  # type: ignore[arg-type]
+    assert [type(e).__name__ for e in pending] == ["TaskStarted", "TaskRetryScheduled", "TaskCompleted"]
+
+
+def test_the_deadline_decision_by_status() -> None:
+    base = [submitted(timeout_sec=5.0)]  # submitted_at 100: due at 105
+    pending = fold(None, history(*base))
+    assert decide.expire_run(pending, run_id="r1", now=104.9) == []
+    [failed] = decide.expire_run(pending, run_id="r1", now=105.0)
+    assert failed.reason == "timeout" and "timeout_sec=5s" in failed.error  # type: ignore[attr-defined]
+    claimed = [*base, RunClaimed(worker_id="w1", attempt=1, lease_seconds=15.0, tasks=["a"])]
+    assert decide.expire_run(fold(None, history(*claimed)), run_id="r1", now=106)[0].reason == "timeout"  # type: ignore[attr-defined]
+    cancelling = fold(None, history(*claimed, RunCancelRequested(requested_at=101.0)))
+    assert cancelling is not None and cancelling.status is RunStatus.CANCELLING
+    [cancelled] = decide.expire_run(cancelling, run_id="r1", now=106)
+    assert type(cancelled).__name__ == "RunCancelled"  # a timeout during a cancel is a cancel
+    ended = fold(None, history(*claimed, *decide.expire_run(fold(None, history(*claimed)), run_id="r1", now=106)))
+    assert ended is not None and ended.status is RunStatus.FAILED and ended.failure_reason == "timeout"
+    assert decide.expire_run(ended, run_id="r1", now=200) == []  # exactly one ending
+    assert decide.expire_run(fold(None, history(submitted())), run_id="r1", now=1e12) == []  # no deadline
+
+
+def test_policies_back_off_and_named_tasks_carry_them() -> None:
+    p = TaskPolicy(retries=4, retry_delay_sec=0.5, retry_backoff=3, retry_max_delay_sec=2)
+    assert [p.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.5, 2, 2] and p.max_tries == 5
+    from pyoco.core.models import Task
+
+    task = Task(func=print, name="t", retries=2, timeout_sec=3)
+    assert policy_of(task) == TaskPolicy(retries=2, timeout_sec=3.0)
+    assert policy_of(Task(func=print, name="plain")) is None
+    task.retry_backoff = 0  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="task 't': retry_backoff"):
+        policy_of(task)
+
+
+def test_conductor_and_worker_deadline_bookkeeping() -> None:
+    d = Deadlines()
+    d.note("r1", {"status": "RUNNING", "deadline_at": 5.0})
+    d.note("r2", {"status": "PENDING"})
+    d.note("r3", {"status": "COMPLETED", "deadline_at": 5.0})
+    assert d.due == {"r1": 5.0}
+    d.note("r1", {"status": "FAILED", "deadline_at": 5.0})
+    assert d.due == {}
+    t = AttemptTimeouts.for_job(1005.0, 5.0, wall_now=1000.0, trio_now=10.0)
+    assert t.next_at() == 15.0 and not t.run_due(14.9) and t.run_due(15.0) and not t.run_due(16.0)
+    t.note({"ev": "task.try", "task": "a", "try_number": 1, "timeout_sec": 2}, now=20.0)
+    assert t.next_at() == 22.0 + HARD_STOP_GRACE and t.overdue_try(22.0) is None
+    assert t.overdue_try(22.0 + HARD_STOP_GRACE).task == "a"  # type: ignore[union-attr]
+    t.note({"ev": "task.retry_scheduled", "task": "a"}, now=21.0)
+    assert t.overdue_try(100.0) is None
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
 @asynccontextmanager
-async def stack_with_worker(tmp_path: Path, *, worker: bool = True, lease: float = 3.0) -> AsyncIterator[tuple[Stack, httpx.AsyncClient]]:
+async def stack_with_worker(
+    tmp_path: Path, *, worker: bool = True, lease: float = 3.0, flow_resolver: str | None = None
+) -> AsyncIterator[tuple[Stack, httpx.AsyncClient]]:
     settings = fast_settings(run_lease_seconds=lease)
-    async with open_stack(tmp_path, settings=settings, worker=worker, concurrency=2, allowed_modules=("examples", "tests.tasks")) as stack:
+    async with open_stack(
+        tmp_path, settings=settings, worker=worker, concurrency=2, allowed_modules=("examples", "tests.tasks"), flow_resolver=flow_resolver  # type: ignore[arg-type]
+    ) as stack:
         async with httpx.AsyncClient(base_url=stack.url, timeout=10.0) as client:
             yield stack, client
 
@@ -81,6 +168,22 @@ tasks:
             assert counter.read_text() == "3"
             types = [e["type"] for e in history]
             assert types.index("task.started") < types.index("task.retry_scheduled") < types.index("task.completed")
+
+
+async def test_named_flows_honour_retry_attributes_on_their_tasks(tmp_path: Path) -> None:
+    """A resolver's pyoco task with ``retries``/``retry_delay_sec``/``retry_backoff`` set: the
+    same retries and events as YAML; an attribute of the wrong type fails the build."""
+    counter = tmp_path / "calls"
+    with trio.fail_after(40):
+        async with stack_with_worker(tmp_path, flow_resolver="tests.tasks:retry_flows") as (_stack, client):
+            r = await client.post("/runs", json={"flow_name": "flaky", "params": {"counter": str(counter)}})
+            doc = await ended(client, r.json()["run_id"])
+            assert doc["status"] == "COMPLETED" and doc["task_records"]["flaky"]["tries"] == 3, doc
+            retries = [e["data"] for e in await events(client, doc["run_id"]) if e["type"] == "task.retry_scheduled"]
+            assert [(r["try_number"], r["delay_sec"]) for r in retries] == [(1, 0.05), (2, 0.05)]
+            r = await client.post("/runs", json={"flow_name": "bad_policy"})
+            doc = await ended(client, r.json()["run_id"])
+            assert doc["status"] == "FAILED" and doc["failure_reason"] == "build_error" and "retries" in doc["error"], doc
 
 
 async def test_a_busy_task_is_interrupted_at_its_timeout_and_retried(tmp_path: Path) -> None:
@@ -227,31 +330,25 @@ tasks:
             assert "RetriesStopped: cancelled before try 2 of 6" in doc["task_records"]["flaky"]["error"]
 
 
-@pytest.mark.parametrize(
-    "fragment, message",
-    [
-        ("retries: '3'", "tasks.a.retries (line 5): must be an integer"),
-        ("retries: -1", "tasks.a.retries (line 5): must be an integer at least 0"),
-        ("retry_delay_sec: soon", "tasks.a.retry_delay_sec (line 5): must be a number"),
-        ("retry_backoff: 0.5", "tasks.a.retry_backoff (line 5): must be a number at least 1"),
-        ("retry_max_delay_sec: [1]", "tasks.a.retry_max_delay_sec (line 5): must be a number"),
-        ("timeout_sec: 0", "tasks.a.timeout_sec (line 5): must be a number greater than 0"),
-        ("timeout_sec: .inf", "tasks.a.timeout_sec (line 5)"),
-    ],
-)
-async def test_bad_retry_keys_are_422(tmp_path: Path, fragment: str, message: str) -> None:
-    flow = f"flow:\n  graph: a\ntasks:\n  a:\n    {fragment}\n    callable: 'examples.tasks:add_one'\n"
-    with trio.fail_after(20):
-        async with stack_with_worker(tmp_path, worker=False) as (stack, client):
-            r = await client.post("/runs/yaml", data={"flow_name": "main"}, files={"workflow": ("flow.yaml", flow.encode())})
-            assert r.status_code == 422, r.text
-            assert message in r.json()["detail"], r.text
-            assert (await stack.nats.stream_info("PYOCO_EVENTS"))["messages"] == 0  # nothing stored
+BAD_KEYS = [
+    ("retries: '3'", "tasks.a.retries (line 5): must be an integer"),
+    ("retries: -1", "tasks.a.retries (line 5): must be an integer at least 0"),
+    ("retry_delay_sec: soon", "tasks.a.retry_delay_sec (line 5): must be a number"),
+    ("retry_backoff: 0.5", "tasks.a.retry_backoff (line 5): must be a number at least 1"),
+    ("retry_max_delay_sec: [1]", "tasks.a.retry_max_delay_sec (line 5): must be a number"),
+    ("timeout_sec: 0", "tasks.a.timeout_sec (line 5): must be a number greater than 0"),
+    ("timeout_sec: .inf", "tasks.a.timeout_sec (line 5)"),
+]
 
 
-async def test_bad_run_timeouts_are_422(tmp_path: Path) -> None:
-    with trio.fail_after(20):
+async def test_bad_retry_keys_and_run_timeouts_are_422(tmp_path: Path) -> None:
+    """Each wrong key is a 422 naming it (with its line); nothing is stored."""
+    with trio.fail_after(30):
         async with stack_with_worker(tmp_path, worker=False) as (stack, client):
+            for fragment, message in BAD_KEYS:
+                flow = f"flow:\n  graph: a\ntasks:\n  a:\n    {fragment}\n    callable: 'examples.tasks:add_one'\n"
+                r = await client.post("/runs/yaml", data={"flow_name": "main"}, files={"workflow": ("flow.yaml", flow.encode())})
+                assert r.status_code == 422 and message in r.json()["detail"], (fragment, r.text)
             for bad in (0, -1, "soon", True, 10**9, [1]):
                 r = await client.post("/runs", json={"flow_name": "f", "timeout_sec": bad})
                 assert r.status_code == 422 and "timeout_sec" in json.dumps(r.json()), (bad, r.text)
