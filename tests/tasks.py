@@ -51,8 +51,10 @@ def flaky(counter: str, fail_times: int = 2) -> int:
     return calls
 
 
-def spin(seconds: float = 60.0) -> str:
+def spin(seconds: float = 60.0, marker_dir: str | None = None) -> str:
     """A busy Python loop that ignores everything but an exception raised into it (a timeout)."""
+    if marker_dir is not None:
+        record(marker_dir, "spin")
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass

@@ -25,7 +25,7 @@ from pyoco_es.testing.stack import Stack, open_stack
 from pyoco_es.worker.attempt import add_task_event
 from pyoco_es.worker.timeouts import HARD_STOP_GRACE, AttemptTimeouts
 from test_core import history, submitted
-from test_worker import fast_settings, wait_for
+from test_worker import TWO_TASKS, fast_settings, wait_for
 from test_worker_faults import cli_worker, gone, marker_pids
 
 ENDINGS = {"run.completed", "run.failed", "run.cancelled"}
@@ -188,12 +188,15 @@ async def test_named_flows_honour_retry_attributes_on_their_tasks(tmp_path: Path
 
 async def test_a_busy_task_is_interrupted_at_its_timeout_and_retried(tmp_path: Path) -> None:
     """A Python busy loop past its timeout_sec is interrupted inside its run process: each try
-    fails with reason timeout, the retry applies, and the run fails with reason timeout."""
-    flow = """\
+    fails with reason timeout, the retry applies, and the run fails with reason timeout.  The
+    process that had an exception raised into it is retired after the run."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    flow = f"""\
 flow:
   graph: spin
 tasks:
-  spin: {callable: "tests.tasks:spin", inputs: {seconds: 30}, timeout_sec: 0.3, retries: 1, retry_delay_sec: 0.05}
+  spin: {{callable: "tests.tasks:spin", inputs: {{seconds: 30, marker_dir: "{markers}"}}, timeout_sec: 0.3, retries: 1, retry_delay_sec: 0.05}}
 """
     with trio.fail_after(40):
         async with stack_with_worker(tmp_path) as (_stack, client):
@@ -208,6 +211,11 @@ tasks:
             retries = [e["data"] for e in await events(client, run_id) if e["type"] == "task.retry_scheduled"]
             assert len(retries) == 1 and retries[0]["reason"] == "timeout" and "TaskTimeout" in retries[0]["error"]
             assert took < 5.0  # two 0.3 s tries, not 30 s of spinning
+            # The interrupted process is retired (both tries ran in it); the worker serves on.
+            [pid] = set(marker_pids(markers))
+            await wait_for(lambda: _true(gone(pid)), "the interrupted run process to be retired", timeout=5)
+            doc = await ended(client, await submit_yaml(client, TWO_TASKS))
+            assert doc["status"] == "COMPLETED", doc
 
 
 async def test_a_task_ignoring_its_timeout_is_stopped_with_its_process(tmp_path: Path) -> None:
@@ -235,6 +243,9 @@ tasks:
             assert rec["state"] == "FAILED" and rec["failure_reason"] == "timeout" and "run process was killed" in rec["error"]
             await wait_for(lambda: _true(gone(pid)), "the run process to be gone", timeout=2)
             assert sum(e["type"] in ENDINGS for e in await events(client, run_id)) == 1
+            # The worker goes on serving, in a fresh run process.
+            doc = await ended(client, await submit_yaml(client, TWO_TASKS))
+            assert doc["status"] == "COMPLETED", doc
 
 
 async def _true(value: bool) -> bool:

@@ -482,6 +482,8 @@ class RunDriver:
     async def _done(self, frame: dict[str, Any], pending: list[Event]) -> None:
         outcome = str(frame.get("outcome") or "FAILED")
         error = frame.get("error")
+        if frame.get("recycle"):  # a timeout was raised into a task thread: retire that process
+            self.child.healthy = False
         if outcome == "CANCELLED":
             await self._finish_stopped("requested", pending)
         elif outcome == "FAILED":

@@ -67,6 +67,7 @@ class Prepared:
         self.policies: dict[str, TaskPolicy] = {t.name: p for t in flow.tasks if (p := policy_of(t)) is not None}
         self.retries_stopped = False  # a cancel ended a task's retries: the run is cancelled
         self.timed_out = False  # a task failed on its timeout: the run fails with reason timeout
+        self.interrupted = False  # an exception was raised into a task thread (see verdict)
 
     @property
     def cancel_requested(self) -> bool:
@@ -79,7 +80,12 @@ class Prepared:
 
     def verdict(self, done: dict[str, Any]) -> dict[str, Any]:
         """The run's ``done`` frame, corrected for what the wrappers saw: a run whose retries a
-        cancel stopped is CANCELLED (pyoco saw a failing task), a task timeout gives ``reason``."""
+        cancel stopped is CANCELLED (pyoco saw a failing task), a task timeout gives ``reason``.
+        A process that had an exception raised into one of its threads asks to be replaced
+        (``recycle``): it may have landed inside library code holding a lock or half-way through
+        an update, and the next run deserves a clean process."""
+        if self.interrupted:
+            done["recycle"] = True
         if done.get("outcome") == "FAILED":
             if self.retries_stopped:
                 done.update(outcome="CANCELLED", error=None, traceback=None)
@@ -162,8 +168,10 @@ def _one_try(
         finally:
             timer.cancel()
             alarm.disarm()
+            p.interrupted = p.interrupted or alarm.rang
     except _Interrupted:
         alarm.disarm()  # it rings once: nothing can be raised into this thread after this
+        p.interrupted = True
         raise TaskTimeout(message) from None
     if alarm.rang:  # the task caught the interrupt and returned late: still a timeout
         raise TaskTimeout(message)
