@@ -1167,7 +1167,7 @@
         return t("ev.sum.task_done", { task: d.task, duration: fmtDuration(secs) });
       }
       case "task.failed": return t("ev.sum.failed", { reason: d.task, error: d.error });
-      case "task.retry_scheduled": return t("ev.sum.retry", { task: d.task, n: d.try_number, max: d.max_tries, reason: reasonLabel(d.reason), delay: fmtDuration(d.delay_sec), error: d.error });
+      case "task.retry_scheduled": return t("ev.sum.retry", { task: d.task, n: d.try_number, max: d.max_tries, delay: fmtDuration(d.delay_sec), error: d.error });
       case "run.cancel_requested": return d.by ? t("ev.sum.cancel_requested", { by: d.by }) : t("ev.sum.cancel_requested_anon");
       case "run.completed": return "";
       case "run.failed": return t("ev.sum.failed", { reason: reasonLabel(d.reason), error: d.error });
