@@ -117,6 +117,8 @@ def policy_of(task: Any) -> TaskPolicy | None:  # noqa: ANN401 - a pyoco Task
     Raises:
         ValidationError: an attribute of the wrong type or out of range (the run fails to build).
     """
+    if not getattr(task, "retries", 0) and getattr(task, "timeout_sec", None) is None:
+        return None  # the common case, checked first: every task of every run comes here
     spec = {k: getattr(task, k, None) for k in RETRY_KEYS}
     if not spec["retries"]:
         spec.pop("retries")

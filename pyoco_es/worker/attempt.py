@@ -146,9 +146,8 @@ def task_event(frame: dict[str, Any], attempt: int) -> Event | None:
     }
     if ev == "task.completed":
         return TaskCompleted(**ended, output=frame.get("output"), truncated=bool(frame.get("truncated")))
-    error = str(frame.get("error") or "failed")
-    reason = "timeout" if error.startswith("TaskTimeout: ") else None  # retry.TaskTimeout, the try's own
-    return TaskFailed(**ended, error=error, traceback=frame.get("traceback"), reason=reason)
+    reason = frame.get("reason")  # "timeout": the task's own timeout (retry.TaskTimeout)
+    return TaskFailed(**ended, error=str(frame.get("error") or "failed"), traceback=frame.get("traceback"), reason=str(reason) if reason else None)
 
 
 class RunDriver:

@@ -45,7 +45,7 @@ from ..flows.policy import apply_policy, policy_of
 from .describe import describe, describe_error
 from .executor import install_shared_executor
 from .protocol import HEADER, FrameDecoder, encode_frame
-from .retry import Prepared, guarded
+from .retry import Prepared, TaskTimeout, guarded
 from .scratch import clean_scratch
 from .trust import RefusedCallable, env_refusal, exposed_values, missing_env, resolve_callable
 
@@ -196,6 +196,7 @@ class Backend(TraceBackend):
                     "inputs": inputs,
                     "error": f"{type(error).__name__}: {message}",
                     "traceback": tb[-20000:],
+                    "reason": "timeout" if isinstance(error, TaskTimeout) else None,
                 }
             )
         except Exception:  # noqa: BLE001

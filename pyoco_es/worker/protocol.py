@@ -10,8 +10,8 @@ frames are built.
 
 Child → parent: ``prepared`` (tasks) or ``prepare_failed`` (reason, error); while running
 ``task.started`` / ``task.completed`` / ``task.failed`` / ``task.retry_scheduled`` (the event
-payloads, ready to wrap; a ``task.failed`` whose error starts ``TaskTimeout: `` has reason
-``timeout``) and ``task.try`` (task, try_number, timeout_sec: a timed try started, see
+payloads, ready to wrap; ``task.failed`` has ``reason: timeout`` when the task's own timeout
+failed it) and ``task.try`` (task, try_number, timeout_sec: a timed try started, see
 :mod:`.timeouts`); finally ``done`` (outcome COMPLETED | FAILED | CANCELLED, error, traceback, and
 ``reason: timeout`` when a task's timeout failed the run).
 
