@@ -349,6 +349,7 @@ BAD_KEYS = [
     ("retry_max_delay_sec: [1]", "tasks.a.retry_max_delay_sec (line 5): must be a number"),
     ("timeout_sec: 0", "tasks.a.timeout_sec (line 5): must be a number greater than 0"),
     ("timeout_sec: .inf", "tasks.a.timeout_sec (line 5)"),
+    ("retries: 1" + "0" * 400, "tasks.a.retries (line 5): must be an integer at least 0 and at most 100, got 1000"),
 ]
 
 
@@ -360,8 +361,9 @@ async def test_bad_retry_keys_and_run_timeouts_are_422(tmp_path: Path) -> None:
                 flow = f"flow:\n  graph: a\ntasks:\n  a:\n    {fragment}\n    callable: 'examples.tasks:add_one'\n"
                 r = await client.post("/runs/yaml", data={"flow_name": "main"}, files={"workflow": ("flow.yaml", flow.encode())})
                 assert r.status_code == 422 and message in r.json()["detail"], (fragment, r.text)
-            for bad in (0, -1, "soon", True, 10**9, [1]):
-                r = await client.post("/runs", json={"flow_name": "f", "timeout_sec": bad})
+            for bad in (0, -1, "soon", True, 10**9, [1], 10**400, float("nan")):
+                body = json.dumps({"flow_name": "f", "timeout_sec": bad}).encode()  # NaN as the literal
+                r = await client.post("/runs", content=body, headers={"Content-Type": "application/json"})
                 assert r.status_code == 422 and "timeout_sec" in json.dumps(r.json()), (bad, r.text)
             r = await client.post("/runs/yaml", data={"flow_name": "main", "timeout_sec": "nan"}, files={"workflow": ("f.yaml", b"flow: {graph: a}\ntasks: {a: {callable: 'm:f'}}\n")})
             assert r.status_code == 422 and "timeout_sec" in r.text, r.text

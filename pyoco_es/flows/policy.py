@@ -66,13 +66,19 @@ class TaskPolicy:
         return min(delay, MAX_SECONDS)
 
 
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(value: object, where: str, *, lo: float, hi: float, integer: bool = False, zero: bool = True) -> float:
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise ValidationError(f"{where}: must be {kind}, got {type(value).__name__} {str(value)[:40]!r}")
-    if not math.isfinite(value) or value < lo or value > hi or (not zero and value == 0):
+        raise ValidationError(f"{where}: must be {kind}, got {type(value).__name__} {_brief(value)}")
+    # Bounds first: math.isfinite(10**400) raises OverflowError; comparisons never do.
+    if value < lo or value > hi or (isinstance(value, float) and not math.isfinite(value)) or (not zero and value == 0):
         bound = "greater than 0" if not zero else f"at least {lo:g}"
-        raise ValidationError(f"{where}: must be {kind} {bound} and at most {hi:g}, got {value!r}")
+        raise ValidationError(f"{where}: must be {kind} {bound} and at most {hi:.0f}, got {_brief(value)}")
     return value
 
 
