@@ -50,3 +50,55 @@ def side_effect(path: str, token: str, seconds: float = 1.0) -> str:
         os.close(fd)
     time.sleep(seconds)
     return token
+
+
+def flaky(counter: str, fail_times: int = 2) -> int:
+    """Fails its first ``fail_times`` calls (counted in the file ``counter``), then returns the
+    number of calls made (retries, issue 16)."""
+    path = Path(counter)
+    calls = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(calls))
+    if calls <= fail_times:
+        raise RuntimeError(f"flaky failure {calls}")
+    return calls
+
+
+def spin(seconds: float = 60.0, marker_dir: str | None = None) -> str:
+    """A busy Python loop that ignores everything but an exception raised into it (a timeout)."""
+    if marker_dir is not None:
+        record(marker_dir, "spin")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return "spun"
+
+
+def stubborn(marker_dir: str, seconds: float = 60.0) -> str:
+    """Ignores its timeout: records its process, then blocks in one long C-level sleep (an
+    exception raised into its thread waits for the sleep to return), catching anything."""
+    record(marker_dir, "stubborn")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(end - time.monotonic())
+        except BaseException:  # noqa: BLE001 - it means to ignore its timeout
+            pass
+    return "outlasted"
+
+
+def retry_flows(name: str) -> object:
+    """A ``--flow-resolver`` for named flows whose pyoco tasks carry retry attributes."""
+    from pyoco.core.models import Flow, Task
+    from pyoco.dsl.syntax import TaskWrapper
+
+    task = Task(func=flaky, name="flaky", retries=2)
+    if name == "flaky":
+        task.retry_delay_sec = 0.05  # type: ignore[attr-defined]
+        task.retry_backoff = 1  # type: ignore[attr-defined]
+    elif name == "bad_policy":
+        task.retries = "twice"  # type: ignore[assignment]
+    else:
+        raise KeyError(name)
+    flow = Flow(name=name)
+    flow >> TaskWrapper(task)
+    return flow

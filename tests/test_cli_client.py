@@ -436,6 +436,9 @@ def test_live_render_shows_each_task_state_and_duration() -> None:
     assert lines[3] == "  ▶ load     RUNNING    3.00s"
     assert lines[4] == "  · report   PENDING"
     assert all(len(line) <= 60 for line in render(snapshot, run_id=RUN, now=105.0, width=12))
+    # A retried task (issue 16) says how many tries it has had so far.
+    snapshot["task_records"]["load"]["tries"] = 3  # type: ignore[index]
+    assert render(snapshot, run_id=RUN, now=105.0, width=60)[3] == "  ▶ load     RUNNING    3.00s  (3 tries)"
 
 
 def test_live_render_shows_a_killed_task_as_interrupted() -> None:

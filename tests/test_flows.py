@@ -73,7 +73,8 @@ class TestSchema:
             (doc("flow: {graph: 3}\n"), "flow.graph"),
             (doc("flow: {graph: a, defaults: [1]}\ntasks: {a: {callable: 'm:f'}}\n"), "flow.defaults"),
             (doc("version: abc\nflow: {graph: a}\n"), "version"),
-            (doc("flow: {graph: a}\ntasks: {a: {callable: 'm:f', retries: 3}}\n"), "tasks.a.retries"),
+            (doc("flow: {graph: a}\ntasks: {a: {callable: 'm:f', retries: '3'}}\n"), "tasks.a.retries"),
+            (doc("flow: {graph: a}\ntasks: {a: {callable: 'm:f', fail_policy: isolate}}\n"), "tasks.a.fail_policy"),
             (doc("flow: {graph: a}\ntasks: {a: {inputs: {}}}\n"), "`callable` is required"),
             (doc("flow: {graph: a}\ntasks: {a: {callable: 'nocolon'}}\n"), "tasks.a.callable"),
             (doc("flow: {graph: a}\ntasks: {a: {callable: 'a:b:c'}}\n"), "tasks.a.callable"),
@@ -115,7 +116,7 @@ class TestSchema:
             tasks:
               a:
                 callable: "m:f"
-                retries: 2
+                retries: two
             """
         )
         with pytest.raises(ValidationError, match=r"tasks\.a\.retries \(line 6\)"):

@@ -128,6 +128,12 @@ def _wait_options(fn: F) -> F:
     return fn
 
 
+_run_timeout_option = click.option(
+    "--run-timeout-sec", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="The run's deadline: past this many seconds after submission it ends FAILED (reason timeout), wherever it is.",
+)
+
+
 def _idempotency_headers(key: str | None) -> dict[str, str] | None:
     return {"Idempotency-Key": key} if key else None
 
@@ -142,6 +148,7 @@ def _idempotency_headers(key: str | None) -> dict[str, str] | None:
 @click.option("--param", multiple=True, metavar="KEY=VALUE", help="One param (repeatable); VALUE is JSON if it parses, else a string. Wins over --params and --params-file.")
 @click.option("--tag", default=None, help="Routing tag: which workers may run it (default: the server's default tag).")
 @click.option("--tags", default=None, help="Display tags, comma separated.")
+@_run_timeout_option
 @_wait_options
 @api_command
 async def submit_cmd(
@@ -152,6 +159,7 @@ async def submit_cmd(
     param: tuple[str, ...],
     tag: str | None,
     tags: str | None,
+    run_timeout_sec: float | None,
     idempotency_key: str | None,
     wait: bool,
     watch: bool,
@@ -167,6 +175,7 @@ async def submit_cmd(
       pyoco-client submit --flow-name main --param x=1 --param name=alice
       pyoco-client submit --params-file params.yaml --tag gpu --wait
       pyoco-client submit --idempotency-key order-42 --params '{"order": 42}'
+      pyoco-client submit --flow-name nightly --run-timeout-sec 600 --watch
     """
     body: dict[str, Any] = {"flow_name": flow_name, "params": build_params(params_file, params, param)}
     checked = check_tag(tag, "submit")
@@ -175,6 +184,8 @@ async def submit_cmd(
     tag_list = parse_tags(tags)
     if tag_list is not None:
         body["tags"] = tag_list
+    if run_timeout_sec is not None:
+        body["timeout_sec"] = run_timeout_sec
     submitted = await api.post_json("/runs", json_body=body, headers=_idempotency_headers(idempotency_key))
     return await after_submit(api, submitted, wait=wait, watch=watch, timeout_sec=timeout_sec)
 
@@ -183,6 +194,7 @@ async def submit_cmd(
 @click.option("--workflow-file", required=True, help="Path to a flow.yaml.")
 @click.option("--flow-name", required=True, help="Name to record for the run.")
 @click.option("--tag", default=None, help="Routing tag (default: the server's default tag).")
+@_run_timeout_option
 @_wait_options
 @api_command
 async def submit_yaml_cmd(
@@ -190,6 +202,7 @@ async def submit_yaml_cmd(
     workflow_file: str,
     flow_name: str,
     tag: str | None,
+    run_timeout_sec: float | None,
     idempotency_key: str | None,
     wait: bool,
     watch: bool,
@@ -210,6 +223,8 @@ async def submit_yaml_cmd(
     checked = check_tag(tag, "submit-yaml")
     if checked is not None:
         data["tag"] = checked
+    if run_timeout_sec is not None:  # else the document's runtime.timeout_sec, if any
+        data["timeout_sec"] = repr(run_timeout_sec)
     files = {"workflow": (Path(workflow_file).name or "flow.yaml", text.encode("utf-8"), "application/x-yaml")}
     submitted = await api.post_json("/runs/yaml", files=files, data=data, headers=_idempotency_headers(idempotency_key))
     return await after_submit(api, submitted, wait=wait, watch=watch, timeout_sec=timeout_sec)

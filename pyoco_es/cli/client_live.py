@@ -80,6 +80,9 @@ def _task_rows(snapshot: Mapping[str, Any], now: float) -> list[tuple[str, str]]
             record = {**record, "ended_at": end} if end is not None else record
         took = task_duration(record, now)
         dur = fmt_duration(took) if took is not None else ""
+        tries = record.get("tries")
+        if isinstance(tries, int) and tries > 1:  # retried (issue 16): how many tries so far
+            dur = f"{dur}  ({tries} tries)" if dur else f"({tries} tries)"
         rows.append((state, f"  {_ICONS.get(state, '?')} {name.ljust(name_w)}  {state.ljust(9)}  {dur}".rstrip()))
     return rows
 

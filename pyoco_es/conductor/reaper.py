@@ -42,6 +42,7 @@ from ..nats import subjects
 from ..nats.client import NatsClient
 from ..service import RunStore
 from ..watch import BucketFollower
+from .deadline import Deadlines
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Reaper:
         self.cancelling_seen: dict[str, float] = {}
         self.lost_total = 0
         self.forced_total = 0
+        self.deadlines = Deadlines()  # runs with a timeout_sec (issue 16), PENDING ones too
 
     def _forget_run(self, run_id: str) -> None:
         run = self.active.pop(run_id, None)
@@ -139,6 +141,7 @@ class Reaper:
             doc = json.loads(value) if value else None
         except ValueError:
             doc = None  # undecodable: not ours to judge (the projector records it)
+        self.deadlines.note(key, doc if isinstance(doc, dict) else None)
         if not isinstance(doc, dict) or doc.get("status") not in ACTIVE:
             self._forget_run(key)
             return
@@ -207,7 +210,7 @@ class Reaper:
     async def sweep(self) -> int:
         """Judge every active run once; returns how many decisions were appended."""
         now = self.monotonic()
-        acted = 0
+        acted = await self.deadlines.sweep(self.store, self.producer, self.clock) if self.deadlines.due else 0
         for run in list(self.active.values()):
             reason = lost_reason(run, self.workers.get(run.worker_id or ""), self.sight(run, now), now)
             try:
@@ -259,6 +262,8 @@ async def run_reaper(
     def forget_runs(present: set[str]) -> None:
         for key in set(reaper.active) - present:
             reaper._forget_run(key)
+        for key in set(reaper.deadlines.due) - present:
+            reaper.deadlines.note(key, None)
 
     def forget_workers(present: set[str]) -> None:
         for key in set(reaper.workers) - present:

@@ -57,6 +57,7 @@ def encode_envelope(env: Envelope) -> bytes:
 SHRINKABLE: Final[dict[str, tuple[str, ...]]] = {
     "task.completed": ("output", "inputs"),
     "task.failed": ("traceback", "error", "inputs"),
+    "task.retry_scheduled": ("error",),
     "run.failed": ("error",),
     "run.cancel_requested": ("reason", "by"),
     "run.released": ("reason",),

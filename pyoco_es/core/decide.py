@@ -152,6 +152,31 @@ def force_cancel(snap: RunSnapshot | None, *, run_id: str, now: float) -> list[E
     return [RunCancelled(attempt=snap.attempt, ended_at=now, reason="forced")]
 
 
+def expire_run(snap: RunSnapshot | None, *, run_id: str, now: float) -> list[Event]:
+    """The conductor's verdict on a run whose deadline (``timeout_sec`` after submission) passed:
+    PENDING or RUNNING ends FAILED with reason ``timeout``; CANCELLING ends CANCELLED (``forced``:
+    a timeout during a cancel is a cancel).  A run that ended, has no deadline or is not due yet:
+    nothing, so a re-decision after a conflict never appends a second ending.
+
+    Raises:
+        RunNotFound: the run has no events.
+    """
+    if snap is None:
+        raise RunNotFound(run_id)
+    if snap.terminal or snap.deadline_at is None or now < snap.deadline_at:
+        return []
+    if snap.status is RunStatus.CANCELLING:
+        return [RunCancelled(attempt=snap.attempt, ended_at=now, reason="forced", by="deadline")]
+    return [
+        RunFailed(
+            attempt=snap.attempt,
+            ended_at=now,
+            reason="timeout",
+            error=f"the run's deadline passed (timeout_sec={snap.timeout_sec:g}s after submission)",
+        )
+    ]
+
+
 def attempts_left(snap: RunSnapshot | None, attempt: int) -> bool:
     """Whether a run whose ``attempt`` ended without a verdict (its worker was lost, its child
     process died) gets another attempt; an unknown run (None) has none.  The one rule for both:

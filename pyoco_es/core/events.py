@@ -79,6 +79,9 @@ class RunSubmitted(Event):
     # The submitter hands attempt 1 to the workers itself (the gateway's fast path), so the
     # conductor does not publish it a second time; its reconcile covers a hand-off that was lost.
     fast_dispatch: bool = field(default=False, validator=instance_of(bool))
+    # The run's deadline, in seconds after ``submitted_at`` (issue 16): past it the run ends
+    # FAILED with reason ``timeout`` (the conductor enforces it from the events).
+    timeout_sec: float | None = field(default=None, validator=_opt_num)
 
 
 # -- ownership ----------------------------------------------------------------------------------
@@ -155,6 +158,23 @@ class TaskFailed(Event):
     inputs: JSONObject = field(factory=dict, validator=_dict)
     error: str = field(validator=_str)
     traceback: str | None = field(default=None, validator=_opt_str)
+    reason: str | None = field(default=None, validator=_opt_str)  # "timeout": its timeout_sec passed
+
+
+@frozen(kw_only=True)
+class TaskRetryScheduled(Event):
+    """Try ``try_number`` of a task failed (``reason`` error or timeout) and the task will be
+    tried again after ``delay_sec`` (issue 16: pyoco's own retries leave no trace)."""
+
+    TYPE: ClassVar[str] = "task.retry_scheduled"
+    attempt: int = field(validator=_attempt)
+    task: str = field(validator=_str)
+    try_number: int = field(validator=[instance_of(int), ge(1)])
+    max_tries: int = field(validator=[instance_of(int), ge(1)])
+    error: str = field(validator=_str)
+    reason: str = field(default="error", validator=_str)
+    delay_sec: float = field(validator=_num)
+    failed_at: float = field(validator=_num)
 
 
 # -- cancellation -------------------------------------------------------------------------------
@@ -185,6 +205,7 @@ RUN_FAILED_REASONS: Final = frozenset(
         "build_error",  # the flow could not be built (bad graph, import refused, ...)
         "worker_lost",  # the last allowed attempt lost its worker
         "invalid_job",
+        "timeout",  # the run's deadline passed, or a task's timeout_sec (issue 16)
     }
 )
 
@@ -220,6 +241,7 @@ EVENT_TYPES: Final[dict[str, type[Event]]] = {
         TaskStarted,
         TaskCompleted,
         TaskFailed,
+        TaskRetryScheduled,
         RunCancelRequested,
         RunCompleted,
         RunFailed,

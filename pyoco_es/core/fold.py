@@ -27,6 +27,7 @@ from .events import (
     RunWorkerLost,
     TaskCompleted,
     TaskFailed,
+    TaskRetryScheduled,
     TaskStarted,
 )
 from .model import RunSnapshot, RunStatus, TaskRecord, TaskState
@@ -127,6 +128,8 @@ def submitted_snapshot(
         schedule_id=e.schedule_id,
         idempotency_key=e.idempotency_key,
         request_sha256=e.request_sha256,
+        timeout_sec=e.timeout_sec,
+        deadline_at=e.submitted_at + e.timeout_sec if e.timeout_sec is not None else None,
     )
 
 
@@ -173,7 +176,23 @@ def _claimed(event: RunClaimed, snap: RunSnapshot, at: float) -> dict[str, objec
 
 @_mutate.register
 def _task_started(event: TaskStarted, snap: RunSnapshot, at: float) -> dict[str, object]:
-    rec = attrs.evolve(_task(snap, event.task), state=TaskState.RUNNING, started_at=event.started_at)
+    prior = _task(snap, event.task)
+    rec = attrs.evolve(prior, state=TaskState.RUNNING, started_at=event.started_at, tries=max(prior.tries, 1))
+    return {"tasks": _with_task(snap, event.task, rec)}
+
+
+@_mutate.register
+def _task_retry_scheduled(event: TaskRetryScheduled, snap: RunSnapshot, at: float) -> dict[str, object]:
+    # Still running (waiting for its next try); the failed try's error shows until a try succeeds.
+    prior = _task(snap, event.task)
+    rec = attrs.evolve(
+        prior,
+        state=TaskState.RUNNING,
+        started_at=prior.started_at if prior.started_at is not None else event.failed_at,
+        tries=event.try_number + 1,
+        error=event.error,
+        failure_reason=event.reason,
+    )
     return {"tasks": _with_task(snap, event.task, rec)}
 
 
@@ -184,15 +203,18 @@ def _task_completed(event: TaskCompleted, snap: RunSnapshot, at: float) -> dict[
 
 @_mutate.register
 def _task_failed(event: TaskFailed, snap: RunSnapshot, at: float) -> dict[str, object]:
-    return {"tasks": _with_task(snap, event.task, _ended_task(snap, event, TaskState.FAILED, error=event.error, traceback=event.traceback))}
+    ended = _ended_task(snap, event, TaskState.FAILED, error=event.error, traceback=event.traceback, failure_reason=event.reason)
+    return {"tasks": _with_task(snap, event.task, ended)}
 
 
 def _ended_task(snap: RunSnapshot, event: TaskCompleted | TaskFailed, state: TaskState, **outcome: object) -> TaskRecord:
     """The record of a task that ended: its start (from the event, else from its TaskStarted),
     end, duration and inputs, plus the ``outcome`` fields of ``state``."""
-    started_at = event.started_at if event.started_at is not None else _task(snap, event.task).started_at
-    return TaskRecord(
+    prior = _task(snap, event.task)
+    started_at = event.started_at if event.started_at is not None else prior.started_at
+    return TaskRecord(  # a success clears the error a failed try left (pyoco keeps it)
         state=state,
+        tries=max(prior.tries, 1),
         started_at=started_at,
         ended_at=event.ended_at,
         duration_ms=event.duration_ms,

@@ -53,6 +53,8 @@ class TaskRecord:
     inputs: JSONObject = field(factory=dict)
     output: JSONValue = None
     output_truncated: bool = False
+    tries: int = 0  # tries started (issue 16: retries); served once the task started
+    failure_reason: str | None = None  # "timeout" when its timeout_sec passed
 
     def to_json(self) -> JSONObject:
         out: JSONObject = {
@@ -68,6 +70,10 @@ class TaskRecord:
         }
         if self.output_truncated:
             out["output_truncated"] = True
+        if self.tries:
+            out["tries"] = self.tries
+        if self.failure_reason is not None:
+            out["failure_reason"] = self.failure_reason
         return out
 
     @classmethod
@@ -82,6 +88,8 @@ class TaskRecord:
             inputs=data.get("inputs") or {},  # type: ignore[arg-type]
             output=data.get("output"),
             output_truncated=bool(data.get("output_truncated", False)),
+            tries=data["tries"] if isinstance(data.get("tries"), int) else 0,  # type: ignore[arg-type]
+            failure_reason=data.get("failure_reason"),  # type: ignore[arg-type]
         )
 
 
@@ -118,6 +126,8 @@ class RunSnapshot:
     cancel_requested_at: float | None = None
     cancel_requested_by: str | None = None
     cancel_reason: str | None = None
+    timeout_sec: float | None = None  # the run's deadline (issue 16), served only when set
+    deadline_at: float | None = None  # submitted_at + timeout_sec
     tasks: dict[str, TaskRecord] = field(factory=dict)
     wheels: tuple[dict[str, str], ...] = ()  # the current attempt's synced code (run.claimed)
 
@@ -171,6 +181,9 @@ class RunSnapshot:
         }
         if self.wheels:  # only with wheel sync: snapshots stored before the field stay byte-identical (replay)
             doc["wheels"] = list(self.wheels)
+        if self.timeout_sec is not None:
+            doc["timeout_sec"] = self.timeout_sec
+            doc["deadline_at"] = self.deadline_at
         return doc
 
     @classmethod

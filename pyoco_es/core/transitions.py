@@ -29,6 +29,7 @@ from .events import (
     RunWorkerLost,
     TaskCompleted,
     TaskFailed,
+    TaskRetryScheduled,
     TaskStarted,
 )
 from .model import RunStatus
@@ -36,7 +37,7 @@ from .model import RunStatus
 P, R, C = RunStatus.PENDING, RunStatus.RUNNING, RunStatus.CANCELLING
 DONE, FAIL, CXL = RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED
 
-_TASK_EVENTS: Final[tuple[type[Event], ...]] = (TaskStarted, TaskCompleted, TaskFailed)
+_TASK_EVENTS: Final[tuple[type[Event], ...]] = (TaskStarted, TaskCompleted, TaskFailed, TaskRetryScheduled)
 
 TRANSITIONS: Final[dict[RunStatus | None, dict[type[Event], RunStatus]]] = {
     None: {RunSubmitted: P},

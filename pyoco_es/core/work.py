@@ -60,6 +60,11 @@ class WorkItem:
     # needs no read first (a stale position just makes the claim conflict and re-read).
     run_seq: int | None = None
     run_stream_seq: int | None = None
+    timeout_sec: float | None = None  # the run's deadline after submitted_at (issue 16)
+
+    @property
+    def deadline_at(self) -> float | None:
+        return self.submitted_at + self.timeout_sec if self.timeout_sec is not None else None
 
     @classmethod
     def for_attempt(
@@ -96,6 +101,7 @@ class WorkItem:
             workflow_yaml=submitted.workflow_yaml,
             workflow_yaml_sha256=submitted.workflow_yaml_sha256 if yaml else None,
             workflow_yaml_bytes=submitted.workflow_yaml_bytes if yaml else None,
+            timeout_sec=submitted.timeout_sec,
         )
 
     def to_json(self) -> bytes:
@@ -120,6 +126,8 @@ class WorkItem:
             body["workflow_yaml"] = self.workflow_yaml
             body["workflow_yaml_sha256"] = self.workflow_yaml_sha256
             body["workflow_yaml_bytes"] = self.workflow_yaml_bytes
+        if self.timeout_sec is not None:
+            body["timeout_sec"] = self.timeout_sec
         return dumps(body)
 
     @classmethod
@@ -170,6 +178,7 @@ class WorkItem:
             max_attempts=_opt_int(doc.get("max_attempts")),
             run_seq=_opt_int(doc.get("run_seq")),
             run_stream_seq=_opt_int(doc.get("run_stream_seq")),
+            timeout_sec=_opt_positive(doc.get("timeout_sec")),
         )
 
     def pending_snapshot(self) -> RunSnapshot | None:
@@ -195,7 +204,13 @@ class WorkItem:
             workflow_yaml_sha256=self.workflow_yaml_sha256,
             workflow_yaml_bytes=self.workflow_yaml_bytes,
             schedule_id=self.schedule_id,
+            timeout_sec=self.timeout_sec,
+            deadline_at=self.deadline_at,
         )
+
+
+def _opt_positive(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
 def _opt_str(value: object) -> str | None:

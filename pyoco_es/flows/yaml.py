@@ -43,6 +43,7 @@ import yaml
 
 from ..core.errors import PayloadTooLarge, ValidationError
 from .graph import FLOW_NAME, GraphPlan, plan_graph
+from .policy import RETRY_KEYS, TaskPolicy, check_timeout, parse_policy
 
 MAX_ALIASES: Final = 100
 MAX_DEPTH: Final = 64
@@ -52,8 +53,8 @@ CACHE_SIZE: Final = 512
 FORBIDDEN_TOP: Final = ("flows", "discovery")
 TOP_KEYS: Final = ("version", "flow", "tasks", "runtime", "pipes")
 FLOW_KEYS: Final = ("graph", "defaults")
-TASK_KEYS: Final = ("callable", "inputs", "outputs")
-RUNTIME_KEYS: Final = ("expose_env",)
+TASK_KEYS: Final = ("callable", "inputs", "outputs", *RETRY_KEYS)  # retries...: a pyoco-es extension
+RUNTIME_KEYS: Final = ("expose_env", "timeout_sec")
 
 TASK_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_INPUT_RE: Final = re.compile(r"^\$env\.(.*)$")
@@ -90,6 +91,7 @@ class TaskSpec:
     callable: str
     inputs: dict[str, Any] = attrs.field(factory=dict)
     outputs: tuple[str, ...] = ()
+    policy: TaskPolicy | None = None  # retries and timeout (:mod:`.policy`)
 
     @property
     def module(self) -> str:
@@ -110,6 +112,7 @@ class WorkflowDoc:
     expose_env: tuple[str, ...] = ()
     pipes: Mapping[str, str] = attrs.field(factory=dict)
     plan: GraphPlan
+    timeout_sec: float | None = None  # runtime.timeout_sec: the run's deadline unless the request sets one
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -344,6 +347,29 @@ def _json_safe(value: Any, path: str) -> None:  # noqa: ANN401
             _json_safe(v, f"{path}[{i}]")
 
 
+def _runtime(data: Mapping[str, Any], top: dict[str, tuple[int, yaml.Node]]) -> tuple[tuple[str, ...], float | None]:
+    """``runtime:``: the environment names the document may read, and the run's deadline."""
+    runtime = data.get("runtime", {}) or {}
+    runtime_lines = _key_lines(top["runtime"][1]) if "runtime" in top else {}
+    if not isinstance(runtime, dict):
+        raise ValidationError(f"{_at('runtime', top, 'runtime')}: must be a mapping, not {_type_name(runtime)}")
+    _unknown("runtime", runtime, RUNTIME_KEYS, runtime_lines)
+    expose = runtime.get("expose_env", []) or []
+    if not isinstance(expose, list) or not all(isinstance(x, str) for x in expose):
+        raise ValidationError(f"{_at('runtime.expose_env', runtime_lines, 'expose_env')}: must be a list of strings")
+    for name in expose:
+        if not ENV_NAME_RE.fullmatch(name):
+            raise ValidationError(
+                f"{_at('runtime.expose_env', runtime_lines, 'expose_env')}: {name[:100]!r} is not an environment "
+                f"variable name (letters, digits, _)"
+            )
+    expose_env = tuple(expose)
+    run_timeout = runtime.get("timeout_sec")
+    if run_timeout is not None:
+        run_timeout = check_timeout(run_timeout, _at("runtime.timeout_sec", runtime_lines, "timeout_sec"))
+    return expose_env, run_timeout
+
+
 def _parse(raw: bytes, sha: str) -> WorkflowDoc:
     try:
         text = raw.decode("utf-8")
@@ -390,21 +416,7 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
         raise ValidationError(f"{_at('flow.defaults', flow_lines, 'defaults')}: must be a mapping, not {_type_name(defaults)}")
     _json_safe(defaults, "flow.defaults")
 
-    runtime = data.get("runtime", {}) or {}
-    runtime_lines = _key_lines(top["runtime"][1]) if "runtime" in top else {}
-    if not isinstance(runtime, dict):
-        raise ValidationError(f"{_at('runtime', top, 'runtime')}: must be a mapping, not {_type_name(runtime)}")
-    _unknown("runtime", runtime, RUNTIME_KEYS, runtime_lines)
-    expose = runtime.get("expose_env", []) or []
-    if not isinstance(expose, list) or not all(isinstance(x, str) for x in expose):
-        raise ValidationError(f"{_at('runtime.expose_env', runtime_lines, 'expose_env')}: must be a list of strings")
-    for name in expose:
-        if not ENV_NAME_RE.fullmatch(name):
-            raise ValidationError(
-                f"{_at('runtime.expose_env', runtime_lines, 'expose_env')}: {name[:100]!r} is not an environment "
-                f"variable name (letters, digits, _)"
-            )
-    expose_env = tuple(expose)
+    expose_env, run_timeout = _runtime(data, top)
 
     pipes = data.get("pipes", {}) or {}
     if not isinstance(pipes, dict) or not all(isinstance(v, str) for v in pipes.values()):
@@ -449,7 +461,8 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
         outputs = spec.get("outputs", []) or []
         if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
             raise ValidationError(f"{_at(path + '.outputs', spec_lines, 'outputs')}: must be a list of strings")
-        tasks[name] = TaskSpec(name=name, callable=fn.strip(), inputs=inputs, outputs=tuple(outputs))
+        policy = parse_policy(spec, lambda key, p=path, lines=spec_lines: _at(f"{p}.{key}", lines, key))
+        tasks[name] = TaskSpec(name=name, callable=fn.strip(), inputs=inputs, outputs=tuple(outputs), policy=policy)
 
     plan = plan_graph(graph, list(tasks), pipes=pipes, expose_env=expose_env)
     return WorkflowDoc(
@@ -463,6 +476,7 @@ def _parse(raw: bytes, sha: str) -> WorkflowDoc:
         expose_env=expose_env,
         pipes=pipes,
         plan=plan,
+        timeout_sec=run_timeout,
     )
 
 

@@ -94,10 +94,10 @@ class FastPath:
             if not complete:
                 raise LookupError("body did not arrive as declared")
             key = idempotency_key(headers.get("idempotency-key"))
-            name, tag, data = yaml_form(self.gw, body, headers.get("content-type"))
+            name, tag, data, timeout = yaml_form(self.gw, body, headers.get("content-type"))
             if len(data) > INLINE_PARSE_BYTES:
                 raise LookupError("large documents are parsed off the event loop by the Quart route")
-            event, fingerprint = yaml_event(self.gw, name, tag, yaml_document(self.gw, data))
+            event, fingerprint = yaml_event(self.gw, name, tag, yaml_document(self.gw, data), timeout)
         except (LookupError, ValueError, PyocoError):
             # Nothing was appended: let Quart handle the request (and word any error).
             await self.app(scope, _replay(body, ended, receive), send)

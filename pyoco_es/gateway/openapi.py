@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from .. import __version__
+from ..flows.policy import MAX_SECONDS
 from .params import FLOW_NAME_MAX, IDEMPOTENCY_KEY_MAX, QUERY_STR_MAX, RUN_ID_MAX, TAG_MAX, TAGS_MAX_ITEMS, WORKER_ID_MAX
 
 JSONSchema = dict[str, Any]
@@ -28,6 +29,8 @@ _FLOW_NAME: Final = {"type": "string", "minLength": 1, "maxLength": FLOW_NAME_MA
                      "description": "Printable text (no control characters or lone surrogates)."}
 _TEXT: Final = {"type": "string", "maxLength": QUERY_STR_MAX}
 _HTML: Final = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
+_TIMEOUT: Final = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS,
+                   "description": "The run's deadline in seconds after submission: past it the run ends FAILED (reason timeout)."}
 
 
 def _path(name: str, max_len: int) -> JSONSchema:
@@ -86,7 +89,7 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
                                     "type": "object", "required": ["workflow", "flow_name"], "properties": {
                                         "workflow": {"type": "string", "format": "binary",
                                                      "description": "flow.yaml, at most PYOCO_WORKFLOW_YAML_MAX_BYTES (413)"},
-                                        "flow_name": _FLOW_NAME, "tag": _TAG}})),
+                                        "flow_name": _FLOW_NAME, "tag": _TAG, "timeout_sec": _TIMEOUT}})),
     ("GET", "/runs"): _op("List runs (plain array, or delta mode with updated_after/cursor/workflow_yaml_sha256)", params=[
         _q("status", _TEXT), _q("flow", _TEXT), _q("tag", _TEXT), _q("workflow_yaml_sha256", _TEXT), _q("schedule_id", _TEXT),
         _q("updated_after", {"type": "number"}), _q("cursor", {"type": "string", "maxLength": 2048}),
@@ -127,7 +130,8 @@ _SCHEMAS: Final = {
                    "description": "JSON object: finite numbers, integers below 10**64, valid Unicode, nesting at most 64, "
                                   "at most PYOCO_MAX_PARAMS_BYTES of JSON (413)."},
         "tag": {"oneOf": [_TAG, {"type": "null"}]},
-        "tags": {"type": "array", "items": _TAG, "maxItems": TAGS_MAX_ITEMS, "default": []}}},
+        "tags": {"type": "array", "items": _TAG, "maxItems": TAGS_MAX_ITEMS, "default": []},
+        "timeout_sec": {"oneOf": [_TIMEOUT, {"type": "null"}]}}},
     "WhoAmI": {"type": "object", "required": ["auth_mode", "tenant_id", "api_key_id"], "properties": {
         "auth_mode": {"type": "string", "enum": ["none", "api_key"]},
         "tenant_id": {"type": ["string", "null"]}, "api_key_id": {"type": ["string", "null"]}}},

@@ -27,6 +27,7 @@ from typing import ClassVar, Final, cast
 from ..core.codec import dumps
 from ..core.errors import PayloadTooLarge, PyocoError, ValidationError
 from ..core.events import JSONObject, JSONValue
+from ..flows.policy import check_timeout
 
 TAG_RE: Final = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch only: `^...$` passes "tag\n"
 TAG_MAX: Final = 128
@@ -85,6 +86,27 @@ def _shown(value: object) -> JSONValue:
 
 def invalid(kind: str, loc: tuple[str | int, ...], msg: str, value: object = None) -> RequestInvalid:
     return RequestInvalid([field_error(kind, loc, msg, value)])
+
+
+def check_run_timeout(value: object, loc: tuple[str | int, ...]) -> float | None:
+    """A submit's ``timeout_sec`` (issue 16): absent or null is no deadline; otherwise seconds
+    after submission, a number above 0 and at most a month.  A form field (text) is parsed first.
+
+    Raises:
+        RequestInvalid: naming ``timeout_sec``.
+    """
+    if value is None or value == "":
+        return None
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise invalid("float_parsing", loc, "timeout_sec must be a number of seconds", value) from None
+    try:
+        return check_timeout(number, "timeout_sec")
+    except ValidationError as exc:
+        raise invalid("value_error", loc, exc.message, value) from None
 
 
 def query_int(args: Mapping[str, str], name: str, *, default: int, lo: int, hi: int) -> int:

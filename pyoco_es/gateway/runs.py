@@ -22,7 +22,7 @@ from .answer import json_response
 from .archived import read_or_gone
 from .context import Gateway, caller, check_tenant, current_gateway, includes, request_body, request_idempotency_key, tenant_filter
 from .index import decode_cursor
-from .params import RequestInvalid, json_loads, query_float, query_int, query_str
+from .params import RequestInvalid, check_run_timeout, json_loads, query_float, query_int, query_str
 from .snapshot import FULL_INCLUDES, enrich, filter_snapshot, read_existing, valid_run_id
 from .submit import INLINE_PARSE_BYTES, check_yaml_length, parse_submit_body, submit_event, yaml_document, yaml_event, yaml_form
 
@@ -43,6 +43,7 @@ async def submit_run() -> Response:
     flow_name, params, tag, tags = parse_submit_body(
         body, default_tag=gw.settings.default_tag, max_params_bytes=gw.settings.max_params_bytes
     )
+    timeout = check_run_timeout(body.get("timeout_sec"), ("body", "timeout_sec"))  # type: ignore[union-attr]
     event = RunSubmitted(
         flow_name=flow_name,
         params=params,
@@ -50,8 +51,11 @@ async def submit_run() -> Response:
         tags=tuple(tags),
         submitted_at=gw.clock(),
         max_attempts=gw.settings.max_attempts,
+        timeout_sec=timeout,
     )
     fingerprint: JSONObject = {"kind": "flow", "flow_name": flow_name, "params": params, "tag": tag, "tags": list[JSONValue](tags)}
+    if timeout is not None:
+        fingerprint["timeout_sec"] = timeout
     return await submit(gw, event, fingerprint)
 
 
@@ -60,14 +64,14 @@ async def submit_yaml() -> Response:
     gw = current_gateway()
     await gw.await_nats()
     check_yaml_length(gw, request.content_length)
-    name, tag, data = yaml_form(gw, await request.get_data(cache=False), request.headers.get("Content-Type"))
+    name, tag, data, timeout = yaml_form(gw, await request.get_data(cache=False), request.headers.get("Content-Type"))
     if len(data) <= INLINE_PARSE_BYTES:
         doc = yaml_document(gw, data)  # ~1 ms, and cached by hash
     else:
         # A large document takes seconds of pure-Python parsing: off the event loop, one
         # at a time, so SSE streams and other requests keep flowing meanwhile.
         doc = await trio.to_thread.run_sync(functools.partial(yaml_document, gw, data), limiter=gw.parse_limiter)
-    event, fingerprint = yaml_event(gw, name, tag, doc)
+    event, fingerprint = yaml_event(gw, name, tag, doc, timeout)
     return await submit(gw, event, fingerprint)
 
 

@@ -32,6 +32,7 @@ from .params import (
     RequestInvalid,
     check_flow_name,
     check_params,
+    check_run_timeout,
     check_tag,
     field_error,
     invalid,
@@ -120,8 +121,8 @@ def check_yaml_length(gw: Gateway, length: int | None) -> None:
         raise PayloadTooLarge(f"workflow too large: the upload is {length} bytes, the limit is {limit} bytes (PYOCO_WORKFLOW_YAML_MAX_BYTES)")
 
 
-def yaml_form(gw: Gateway, body: bytes, content_type: str | None) -> tuple[str, str, bytes]:
-    """``POST /runs/yaml``'s form: (flow name, tag, the workflow file's bytes).
+def yaml_form(gw: Gateway, body: bytes, content_type: str | None) -> tuple[str, str, bytes, float | None]:
+    """``POST /runs/yaml``'s form: (flow name, tag, the workflow file's bytes, ``timeout_sec``).
 
     Raises:
         RequestInvalid: not multipart, a missing or blank field, a bad tag.
@@ -152,7 +153,7 @@ def yaml_form(gw: Gateway, body: bytes, content_type: str | None) -> tuple[str, 
     if not name:
         raise RequestInvalid("missing flow_name: flow_name must not be blank")
     check_flow_name(name, ("body", "flow_name"))
-    return name, raw_tag, upload.data
+    return name, raw_tag, upload.data, check_run_timeout(form.get("timeout_sec"), ("body", "timeout_sec"))
 
 
 def yaml_document(gw: Gateway, data: bytes) -> WorkflowDoc:
@@ -170,8 +171,9 @@ def yaml_document(gw: Gateway, data: bytes) -> WorkflowDoc:
         raise RequestInvalid(f"invalid workflow yaml: {exc.message}") from None
 
 
-def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc) -> tuple[RunSubmitted, JSONObject]:
-    """The ``run.submitted`` of a YAML upload and its idempotency fingerprint.
+def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc, timeout_sec: float | None = None) -> tuple[RunSubmitted, JSONObject]:
+    """The ``run.submitted`` of a YAML upload and its idempotency fingerprint; the run's deadline
+    is the form's ``timeout_sec``, else the document's ``runtime.timeout_sec``.
 
     Raises:
         RequestInvalid: ``flow.defaults`` holds something params cannot (names the key path).
@@ -188,8 +190,12 @@ def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc) -> tuple[RunS
         workflow_yaml=doc.text,
         workflow_yaml_sha256=doc.sha256,
         workflow_yaml_bytes=doc.size,
+        timeout_sec=timeout_sec if timeout_sec is not None else doc.timeout_sec,
     )
-    return event, {"kind": "yaml", "flow_name": name, "tag": tag, "workflow_yaml_sha256": doc.sha256}
+    fingerprint: JSONObject = {"kind": "yaml", "flow_name": name, "tag": tag, "workflow_yaml_sha256": doc.sha256}
+    if timeout_sec is not None:
+        fingerprint["timeout_sec"] = timeout_sec
+    return event, fingerprint
 
 
 # -- the gateway's operations -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..logs import CANCEL_TIMED_OUT, EXECUTION_ERROR, FLOW_NOT_FOUND, NATS_UNAVA
 from ..core import decide
 from ..core.codec import decode_envelope
 from ..core.errors import CorruptStreamError, InfraError, PayloadTooLarge, PyocoError, RunNotFound, StaleAttempt
-from ..core.events import Envelope, Event, TaskCompleted, TaskFailed, TaskStarted
+from ..core.events import Envelope, Event, TaskCompleted, TaskFailed, TaskRetryScheduled, TaskStarted
 from ..core.model import RunSnapshot, RunStatus
 from ..core.work import WorkItem
 from ..nats import subjects
@@ -32,6 +32,7 @@ from ..nats.client import Delivered, NatsClient, OnStored
 from ..service import Outcome
 from .pool import ChildDied, ChildProcess, ChildProtocolError
 from .protocol import Cancel, Go
+from .timeouts import RUN_STOP_GRACE, AttemptTimeouts, timed_out_task
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,53 @@ def add_task_event(pending: list[Event], event: Event) -> None:
     """Queue a task event; a task that started and ended within one batch is recorded by its
     ending alone (``task.completed`` / ``task.failed`` carry ``started_at``), which saves an
     event, an append and a projection for every fast task.  A task still running when a batch
-    goes out keeps its ``task.started``."""
+    goes out keeps its ``task.started``, and so does a task that was retried (its
+    ``task.retry_scheduled`` events stand between the two)."""
     if isinstance(event, (TaskCompleted, TaskFailed)):
         for i in range(len(pending) - 1, -1, -1):
             prior = pending[i]
-            if isinstance(prior, TaskStarted) and prior.task == event.task:
+            if getattr(prior, "task", None) != event.task:
+                continue
+            if isinstance(prior, TaskStarted):
                 del pending[i]
-                break
+            break
     pending.append(event)
+
+
+def task_event(frame: dict[str, Any], attempt: int) -> Event | None:
+    """The event a child's task frame stands for (None: a frame that is not one, e.g. ``task.try``).
+
+    Raises:
+        KeyError, TypeError, ValueError: a malformed frame.
+    """
+    ev = frame.get("ev")
+    if ev == "task.started":
+        return TaskStarted(attempt=attempt, task=frame["task"], started_at=frame["started_at"])
+    if ev == "task.retry_scheduled":
+        return TaskRetryScheduled(
+            attempt=attempt,
+            task=frame["task"],
+            try_number=frame["try_number"],
+            max_tries=frame["max_tries"],
+            error=str(frame["error"]),
+            reason=str(frame.get("reason") or "error"),
+            delay_sec=frame["delay_sec"],
+            failed_at=frame["failed_at"],
+        )
+    if ev not in ("task.completed", "task.failed"):
+        return None
+    ended: dict[str, Any] = {
+        "attempt": attempt,
+        "task": frame["task"],
+        "started_at": frame.get("started_at"),
+        "ended_at": frame["ended_at"],
+        "duration_ms": frame.get("duration_ms"),
+        "inputs": frame.get("inputs") or {},
+    }
+    if ev == "task.completed":
+        return TaskCompleted(**ended, output=frame.get("output"), truncated=bool(frame.get("truncated")))
+    reason = frame.get("reason")  # "timeout": the task's own timeout (retry.TaskTimeout)
+    return TaskFailed(**ended, error=str(frame.get("error") or "failed"), traceback=frame.get("traceback"), reason=str(reason) if reason else None)
 
 
 class RunDriver:
@@ -136,7 +176,9 @@ class RunDriver:
         self.dlq: dict[str, Any] | None = None
         self.final_status: str | None = None
         self.cancel_sent = False
+        self.user_cancelled = False  # the cancel came from a request (not from the run's deadline)
         self.cancel_deadline = math.inf
+        self.timeouts = AttemptTimeouts.for_job(job.deadline_at, job.timeout_sec, wall_now=actor.clock(), trio_now=trio.current_time())
         self.claim_seq = snap.version if snap is not None else 0
         self.running = False
         self.watched = False
@@ -322,7 +364,8 @@ class RunDriver:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
-    async def _request_cancel(self) -> None:
+    async def _request_cancel(self, *, user: bool = True) -> None:
+        self.user_cancelled = self.user_cancelled or user
         if self.cancel_sent:
             return
         self.cancel_sent = True
@@ -332,24 +375,31 @@ class RunDriver:
         except ChildDied:
             pass  # the pump reports the death
 
-    @staticmethod
-    def _task_event(frame: dict[str, Any], attempt: int) -> Event | None:
-        ev = frame.get("ev")
-        if ev == "task.started":
-            return TaskStarted(attempt=attempt, task=frame["task"], started_at=frame["started_at"])
-        if ev not in ("task.completed", "task.failed"):
-            return None
-        ended: dict[str, Any] = {
-            "attempt": attempt,
-            "task": frame["task"],
-            "started_at": frame.get("started_at"),
-            "ended_at": frame["ended_at"],
-            "duration_ms": frame.get("duration_ms"),
-            "inputs": frame.get("inputs") or {},
-        }
-        if ev == "task.completed":
-            return TaskCompleted(**ended, output=frame.get("output"), truncated=bool(frame.get("truncated")))
-        return TaskFailed(**ended, error=str(frame.get("error") or "failed"), traceback=frame.get("traceback"))
+    async def _finish_stopped(self, reason: str, pending: list[Event]) -> None:
+        """End a run whose process was asked to stop: CANCELLED, or FAILED ``timeout`` when only
+        the run's deadline asked (a cancel request wins: a timeout during a cancel is a cancel)."""
+        if self.timeouts.expired and not self.user_cancelled:
+            await self._finish("FAILED", reason="timeout", error=self.timeouts.run_error, pending=pending)
+        else:
+            await self._finish("CANCELLED", reason=reason, pending=pending)
+
+    async def _enforce_timeouts(self, pending: list[Event]) -> bool:
+        """A task try past its deadline: kill the run process, end the attempt (True).  The run's
+        deadline: ask the process to stop, with a short grace before the kill."""
+        now = trio.current_time()
+        late = self.timeouts.overdue_try(now)
+        if late is not None:
+            self.child.kill()
+            pending.append(timed_out_task(late, attempt=self.attempt, now=self.actor.clock()))
+            if self.cancel_sent:
+                await self._finish_stopped("forced", pending)
+            else:
+                await self._finish("FAILED", reason="timeout", error=pending[-1].error, pending=pending)  # type: ignore[attr-defined]
+            return True
+        if self.timeouts.run_due(now):
+            await self._request_cancel(user=False)
+            self.cancel_deadline = min(self.cancel_deadline, now + RUN_STOP_GRACE)
+        return False
 
     async def _drive(self, recv: trio.MemoryReceiveChannel[tuple[str, Any]]) -> None:
         if not self.go_sent:
@@ -361,7 +411,7 @@ class RunDriver:
         while True:
             items: list[tuple[str, Any]] = []
             if not pending:
-                with trio.move_on_at(self.cancel_deadline):
+                with trio.move_on_at(min(self.cancel_deadline, self.timeouts.next_at())):
                     try:
                         items.append(await recv.receive())
                     except trio.EndOfChannel:
@@ -390,7 +440,8 @@ class RunDriver:
                         done = value
                     else:
                         try:
-                            event = self._task_event(value, self.attempt)
+                            self.timeouts.note(value, trio.current_time())
+                            event = task_event(value, self.attempt)
                         except (KeyError, TypeError, ValueError) as exc:
                             self.child.kill()
                             problem = f"malformed {str(value.get('ev'))[:40]!r} frame ({type(exc).__name__}: {str(exc)[:200]})"
@@ -412,12 +463,14 @@ class RunDriver:
             if done is not None:
                 await self._done(done, pending)
                 return
+            if await self._enforce_timeouts(pending):
+                return
             if trio.current_time() >= self.cancel_deadline:
                 # The task ignored the cooperative cancel: kill the child, end the run.
                 log.warning("run %s: the cancel did not end it within the grace period; killing its process",
                             self.run_id, extra=log_ids(CANCEL_TIMED_OUT, **self._log_context()))
                 self.child.kill()
-                await self._finish("CANCELLED", reason="forced", pending=pending)
+                await self._finish_stopped("forced", pending)
                 return
             if pending:
                 batch, pending = pending, []
@@ -437,12 +490,15 @@ class RunDriver:
     async def _done(self, frame: dict[str, Any], pending: list[Event]) -> None:
         outcome = str(frame.get("outcome") or "FAILED")
         error = frame.get("error")
+        if frame.get("recycle"):  # a timeout was raised into a task thread: retire that process
+            self.child.healthy = False
         if outcome == "CANCELLED":
-            await self._finish("CANCELLED", reason="requested", pending=pending)
+            await self._finish_stopped("requested", pending)
         elif outcome == "FAILED":
             log.info("run %s: execution error: %s", self.run_id, str(error or "run failed")[:500],
                      extra=log_ids(EXECUTION_ERROR, **self._log_context()))
-            await self._finish("FAILED", reason="error", error=str(error or "run failed"), pending=pending)
+            reason = "timeout" if frame.get("reason") == "timeout" or (self.timeouts.expired and not self.user_cancelled) else "error"
+            await self._finish("FAILED", reason=reason, error=str(error or "run failed"), pending=pending)
             if self.actor.settings.dlq_publish_execution_error:
                 self.dlq = dead_letter(self.job, "execution_error", str(error or "run failed"), worker_id=self.actor.worker_id, now=self.actor.clock())
         else:
@@ -465,7 +521,7 @@ class RunDriver:
         """The child died on its own: release for another attempt, or fail on the last one."""
         error = str(exc)
         if self.cancel_sent:
-            await self._finish("CANCELLED", reason="forced", pending=pending)
+            await self._finish_stopped("forced", pending)
             return
         if isinstance(exc, ChildProtocolError):
             log.error("run %s attempt %d: %s", self.run_id, self.attempt, error)

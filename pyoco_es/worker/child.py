@@ -41,30 +41,16 @@ from pyoco.trace.backend import TraceBackend
 from ..core.errors import ValidationError
 from ..flows.graph import build_flow
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
+from ..flows.policy import apply_policy, policy_of
+from .describe import describe, describe_error
 from .executor import install_shared_executor
 from .protocol import HEADER, FrameDecoder, encode_frame
+from .retry import Prepared, TaskTimeout, guarded
 from .scratch import clean_scratch
 from .trust import RefusedCallable, env_refusal, exposed_values, missing_env, resolve_callable
 
 DOC_CACHE_SIZE: Final = 256
 _result = threading.local()
-
-
-def describe(value: object) -> str:
-    """``repr(value)``, or a placeholder when even that raises (task values may be anything)."""
-    try:
-        return repr(value)
-    except Exception:  # noqa: BLE001 - a broken __repr__ must not lose the task's record
-        return f"<unrepresentable {type(value).__name__}>"
-
-
-def describe_error(exc: BaseException) -> str:
-    """``"Type: message"`` for a task's exception, even when its ``__str__`` raises."""
-    try:
-        text = str(exc)
-    except Exception:  # noqa: BLE001
-        text = f"<str() of this {type(exc).__name__} raised>"
-    return f"{type(exc).__name__}: {text}"
 
 
 def json_safe(value: Any, max_bytes: int) -> tuple[Any, bool]:  # noqa: ANN401 - any task value
@@ -210,19 +196,11 @@ class Backend(TraceBackend):
                     "inputs": inputs,
                     "error": f"{type(error).__name__}: {message}",
                     "traceback": tb[-20000:],
+                    "reason": "timeout" if isinstance(error, TaskTimeout) else None,
                 }
             )
         except Exception:  # noqa: BLE001
             pass
-
-
-class Prepared:
-    def __init__(self, run_id: str, flow: Flow, params: dict[str, Any]) -> None:
-        self.run_id = run_id
-        self.flow = flow
-        self.params = params
-        self.cancel_requested = False
-        self.run_ctx: RunContext | None = None
 
 
 def _topological(flow: Flow) -> list[str]:
@@ -346,6 +324,7 @@ class Child:
             raise TypeError(f"flow resolver returned {type(flow).__name__}, not a pyoco Flow")
         for task in flow.tasks:
             task.func = _capture(task.func)
+            policy_of(task)  # bad retries/timeout attributes: a build error now, not at run time
         return flow
 
     def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -362,7 +341,7 @@ class Child:
 
                 def make(name: str) -> Task:
                     spec = doc.tasks[name]
-                    return Task(func=funcs[name], name=name, inputs=dict(spec.inputs), outputs=list(spec.outputs))
+                    return apply_policy(Task(func=funcs[name], name=name, inputs=dict(spec.inputs), outputs=list(spec.outputs)), spec.policy)
 
                 flow = build_flow(doc.plan, make, flow_name=flow_name)
                 merged = {**json.loads(json.dumps(doc.flow_defaults)), **params}
@@ -404,7 +383,8 @@ class Child:
         engine = Engine(trace_backend=Backend(self.channel, run_ctx, run_id, self.max_output_bytes))
         error = tb = None
         try:
-            engine.run(p.flow, p.params, run_ctx)
+            with guarded(p, self.channel):  # task retries and timeouts (issue 16)
+                engine.run(p.flow, p.params, run_ctx)
         except Exception as exc:  # noqa: BLE001 - the task's own exception, re-raised by pyoco
             error = describe_error(exc)
             tb = traceback.format_exc()[-20000:]
@@ -426,7 +406,7 @@ class Child:
             error = error or "run failed"
         else:
             outcome = "COMPLETED"
-        return {"ev": "done", "run_id": run_id, "outcome": outcome, "error": error, "traceback": tb}
+        return p.verdict({"ev": "done", "run_id": run_id, "outcome": outcome, "error": error, "traceback": tb})
 
 
 def file_module(path: str) -> tuple[str, str]:

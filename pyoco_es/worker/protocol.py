@@ -9,8 +9,11 @@ Parent → child: ``prepare`` (run_id, flow_name, params, yaml text and/or sha25
 frames are built.
 
 Child → parent: ``prepared`` (tasks) or ``prepare_failed`` (reason, error); while running
-``task.started`` / ``task.completed`` / ``task.failed`` (the event payloads, ready to wrap);
-finally ``done`` (outcome COMPLETED | FAILED | CANCELLED, error, traceback).
+``task.started`` / ``task.completed`` / ``task.failed`` / ``task.retry_scheduled`` (the event
+payloads, ready to wrap; ``task.failed`` has ``reason: timeout`` when the task's own timeout
+failed it) and ``task.try`` (task, try_number, timeout_sec: a timed try started, see
+:mod:`.timeouts`); finally ``done`` (outcome COMPLETED | FAILED | CANCELLED, error, traceback, and
+``reason: timeout`` when a task's timeout failed the run).
 
 Frames are ASCII JSON (``\\uXXXX`` escapes), so every Python string crosses the pipe faithfully,
 a lone surrogate included (issue 10 #3: UTF-8 encoding one crashed the worker).  A frame that

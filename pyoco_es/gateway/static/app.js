@@ -1128,6 +1128,7 @@
         statusBadge(task.state, "task"),
         h("span", { class: "task-name-wrap" },
           h("span", { class: "task-name mono" }, task.name),
+          rec.tries > 1 ? h("span", { class: "chip chip-soft task-tries" }, t("task.tries", { n: rec.tries })) : null,
           preview ? h("span", { class: "task-preview mono" + (rec.error ? " task-preview-error" : "") }, preview.slice(0, 200)) : null),
         h("span", { class: "task-dur" }, durEl),
         waterfall(rec, task.state, axisStart, span, axisEnd));
@@ -1154,7 +1155,7 @@
   const EV_ICON = {
     "run.submitted": "↥", "run.claimed": "⚑", "run.worker_lost": "⚠", "run.released": "↺",
     "task.started": "▸", "task.completed": "✓", "task.failed": "✕", "run.cancel_requested": "⊘",
-    "run.completed": "★", "run.failed": "✕", "run.cancelled": "■",
+    "run.completed": "★", "run.failed": "✕", "run.cancelled": "■", "task.retry_scheduled": "↻",
   };
   function eventSummary(ev) {
     const d = ev.data && typeof ev.data === "object" ? ev.data : {};
@@ -1169,6 +1170,7 @@
         return t("ev.sum.task_done", { task: d.task, duration: fmtDuration(secs) });
       }
       case "task.failed": return t("ev.sum.failed", { reason: d.task, error: d.error });
+      case "task.retry_scheduled": return t("ev.sum.retry", { task: d.task, n: d.try_number, max: d.max_tries, delay: fmtDuration(d.delay_sec), error: d.error });
       case "run.cancel_requested": return d.by ? t("ev.sum.cancel_requested", { by: d.by }) : t("ev.sum.cancel_requested_anon");
       case "run.completed": return "";
       case "run.failed": return t("ev.sum.failed", { reason: reasonLabel(d.reason), error: d.error });
