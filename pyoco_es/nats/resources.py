@@ -32,6 +32,9 @@ class ResourceConfig:
     dlq_max_msgs: int = 100000
     dlq_max_bytes: int = 536870912
     auth_bucket: str = subjects.AUTH_BUCKET
+    logs_max_age: float = 604800.0
+    logs_max_bytes: int = 1024 * 1024 * 1024
+    logs_max_msgs_per_run: int = 10000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResourceConfig:
@@ -44,6 +47,9 @@ class ResourceConfig:
             dlq_max_msgs=settings.dlq_max_msgs,
             dlq_max_bytes=settings.dlq_max_bytes,
             auth_bucket=settings.auth_kv_bucket,
+            logs_max_age=settings.logs_max_age,
+            logs_max_bytes=settings.logs_max_bytes,
+            logs_max_msgs_per_run=settings.logs_max_msgs_per_run,
         )
 
 
@@ -79,6 +85,23 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             max_age=cfg.dlq_max_age,
             max_msgs=cfg.dlq_max_msgs,
             max_bytes=cfg.dlq_max_bytes,
+            duplicate_window=cfg.duplicate_window,
+        ),
+        # Task output: its own stream, so a chatty task never bloats the history.  Limits, not
+        # interest: the oldest chunks (old runs first) make room; a run keeps at most
+        # logs_max_msgs_per_run chunks (the worker stops one short and marks the drop).
+        api.StreamConfig(
+            name=subjects.LOGS_STREAM,
+            subjects=[f"{subjects.LOGS_PREFIX}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=cfg.replicas,
+            max_age=cfg.logs_max_age,
+            max_bytes=cfg.logs_max_bytes,
+            max_msgs_per_subject=cfg.logs_max_msgs_per_run,
+            discard=api.DiscardPolicy.OLD,
+            allow_direct=True,
+            max_msg_size=cfg.max_msg_size,
             duplicate_window=cfg.duplicate_window,
         ),
         _kv_config(subjects.RUNS_BUCKET, cfg, history=1),

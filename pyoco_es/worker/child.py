@@ -41,6 +41,7 @@ from pyoco.trace.backend import TraceBackend
 from ..core.errors import ValidationError
 from ..flows.graph import build_flow
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
+from .capture import install_capture
 from .executor import install_shared_executor
 from .protocol import HEADER, FrameDecoder, encode_frame
 from .scratch import clean_scratch
@@ -575,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     install_shared_executor()
     install_env_guard()
     channel = Channel(args.cmd_fd, args.evt_fd)
+    install_capture(channel.send)  # task output → ``log`` frames (worker/capture.py)
     child = Child(
         channel,
         allowed_modules=args.allow_module,
