@@ -77,7 +77,7 @@ class Capture:
         self._fd_lock = threading.Lock()
         self._fd_partial: dict[int, bytes] = {}
         self._pipes: dict[int, tuple[str, int]] = {}  # read fd -> (stream, original fd)
-        self._fflush: Callable[[Any], int] | None = None
+        self._fflush: Callable[[], int] | None = None
 
     # -- tagging --------------------------------------------------------------------------------
 
@@ -129,6 +129,9 @@ class Capture:
         if tag is None or not self.active:
             return False
         key = (ident, stream)
+        if data == "\n":  # print()'s second write: the line is complete
+            self.add(tag[0], tag[1], stream, [self._partial.pop(key, "")])
+            return True
         if "\n" not in data:
             buf = self._partial.get(key, "") + data
             if len(buf) > LINE_MAX:
@@ -160,8 +163,12 @@ class Capture:
             os.dup2(w, fd)
             os.close(w)
             self._pipes[r] = (stream, original)
-        with contextlib.suppress(OSError):
-            self._fflush = ctypes.CDLL(None).fflush
+        with contextlib.suppress(OSError, ValueError):
+            libc = ctypes.CDLL(None)
+            c_stdout = ctypes.c_void_p.in_dll(libc, "stdout")  # C stdio's stdout (stderr is unbuffered)
+            fflush = libc.fflush
+            fflush.argtypes = [ctypes.c_void_p]
+            self._fflush = lambda: fflush(c_stdout)
         threading.Thread(target=self._read_fds, name="pyoco-es-fds", daemon=True).start()
 
     def original_fd(self, stream: str) -> int:
@@ -183,7 +190,10 @@ class Capture:
         """Read what the pipes hold now (non-blocking) and queue it, or pass it through when no
         run executes."""
         with self._fd_lock:
-            for fd, (stream, original) in self._pipes.items():
+            # One poll for both pipes: most task ends find nothing there (cheaper than a read each).
+            ready = select.select(list(self._pipes), [], [], 0)[0] if self._pipes else []
+            for fd in ready:
+                stream, original = self._pipes[fd]
                 chunks = []
                 while True:
                     try:
@@ -215,13 +225,11 @@ class Capture:
     def _flush_c_stdio(self) -> None:
         if self._fflush is not None:
             with contextlib.suppress(Exception):
-                self._fflush(None)
+                self._fflush()
 
     # -- runs and sending -----------------------------------------------------------------------
 
     def begin_run(self) -> None:
-        self._flush_c_stdio()
-        self.drain_fds()  # what was written before the run is not the run's
         with self._lock:
             self._queue.clear()
             self._dropped = 0
