@@ -259,3 +259,26 @@ def test_cli_help_lists_logs() -> None:
     out = subprocess.run([CLIENT, "logs", "--help"], capture_output=True, text=True, check=False, env={**os.environ})
     assert out.returncode == 0 and "--follow" in out.stdout and "--stream" in out.stdout, out.stderr
     assert sys.executable  # the console script belongs to this interpreter's venv
+
+
+async def test_logs_routes_are_tenant_scoped(tmp_path: Path) -> None:
+    """With API keys on, a run's output is its tenant's: another tenant (and no key) is refused
+    exactly as on every run route."""
+    from test_gateway_auth import AUTH, _key
+    from test_gateway_support import open_gateway
+
+    async with open_gateway(tmp_path, settings=AUTH) as agw:
+        a_key, _ = await _key(agw, "team-a")
+        b_key, _ = await _key(agw, "team-b")
+        a, b = {"X-API-Key": a_key}, {"X-API-Key": b_key}
+        r = await agw.client.post("/runs", json={"flow_name": "hello"}, headers=a)
+        assert r.status_code == 200, r.text
+        run_id = r.json()["run_id"]
+        for path in (f"/runs/{run_id}/logs", f"/runs/{run_id}/logs/stream"):
+            r = await agw.client.get(path, headers=b)
+            assert (r.status_code, r.json()) == (404, {"detail": "run not found"}), path
+            assert (await agw.client.get(path)).status_code == 401
+        r = await agw.client.get(f"/runs/{run_id}/logs", headers=a)
+        assert r.status_code == 200 and r.json() == {"run_id": run_id, "lines": [], "next": 0, "more": False}
+        r = await agw.client.get(f"/runs/{run_id}/logs/stream", params={"timeout_sec": 1}, headers=a)
+        assert r.status_code == 200 and "event: logs" in r.text
