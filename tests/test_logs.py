@@ -203,7 +203,12 @@ async def test_drop_marker_when_a_run_reaches_its_log_limit(tmp_path: Path) -> N
             run_id = await submit(http, flow("flood", "tests.tasks:flood", {"lines": 3000}))
             await wait_for(lambda: _done(http, run_id), "the run to end")
             assert await status(http, run_id) == "COMPLETED"
-            lines = await all_lines(http, run_id)
+
+            async def marked() -> list[dict[str, Any]]:
+                lines = await all_lines(http, run_id)
+                return lines if lines and lines[-1]["stream"] == "dropped" else []
+
+            lines = await wait_for(marked, "the drop marker")  # stored before the end, unless NATS is slow
             markers = [line for line in lines if line["stream"] == "dropped"]
             assert len(markers) == 1 and markers[0] is lines[-1]
             kept = len(lines) - 1
@@ -231,7 +236,7 @@ def _fast_kwargs() -> dict[str, Any]:
     }
 
 
-def test_worker_buffer_is_bounded_and_counts_what_it_drops() -> None:
+async def test_worker_buffer_is_bounded_and_counts_what_it_drops() -> None:
     """The worker never holds more than PYOCO_LOGS_BUFFER_LINES lines (NATS slow): the rest are
     counted as dropped, with a reason for the marker."""
     ship = LogShipper(None, Settings(logs_buffer_lines=100))  # type: ignore[arg-type]  # offer() never touches NATS

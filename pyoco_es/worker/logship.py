@@ -33,7 +33,8 @@ from ..nats.logs import CHUNK_CHARS, CHUNK_LINES, Line, chunk_body, marker_body,
 
 log = logging.getLogger(__name__)
 
-FLUSH_WAIT: Final = 2.0  # seconds an ending attempt waits for its lines to be stored, at most
+FLUSH_WAIT: Final = 5.0  # seconds an ending attempt waits for its lines to be stored, at most
+FORGET_AFTER: Final = 600.0  # an attempt quiet this long with nothing pending is forgotten (one that never ended: lost)
 
 Key = tuple[str, int]  # (run id, attempt)
 
@@ -47,6 +48,7 @@ class _AttemptLog:
     limited: bool = False  # the per-run limit was reached: the marker waits for the end
     ending: bool = False
     in_flight: int = 0
+    touched: float = 0.0  # trio clock of the last offer
 
 
 def _valid_lines(raw: object) -> list[Line]:
@@ -79,6 +81,7 @@ class LogShipper:
     def offer(self, run_id: str, attempt: int, frame: dict[str, Any]) -> None:
         """Take a ``log`` frame's lines (and the run process's own drop count)."""
         state = self._attempts.setdefault((run_id, attempt), _AttemptLog())
+        state.touched = trio.current_time()
         lines = _valid_lines(frame.get("lines"))
         dropped = frame.get("dropped")
         if isinstance(dropped, int) and dropped > 0:
@@ -96,9 +99,10 @@ class LogShipper:
 
     async def flushed(self, run_id: str, attempt: int) -> None:
         """Wait (at most ``FLUSH_WAIT`` s) until the attempt's lines and its drop marker are
-        stored; then forget the attempt.  Returns at once for an attempt that printed nothing."""
-        key = (run_id, attempt)
-        state = self._attempts.get(key)
+        stored.  Returns at once for an attempt that printed nothing.  What is still pending
+        then (NATS slow) is published after the run's end; the attempt is forgotten once all
+        of it is stored."""
+        state = self._attempts.get((run_id, attempt))
         if state is None:
             return
         state.ending = True
@@ -106,17 +110,16 @@ class LogShipper:
         with trio.move_on_after(FLUSH_WAIT):
             while state.lines or state.in_flight or state.dropped:
                 await self._round.wait()
-        if self._attempts.get(key) is state:
-            del self._attempts[key]
-            self._buffered -= len(state.lines)
-            if state.lines or state.dropped:
-                self.dropped_total += len(state.lines)
-                log.warning("run %s attempt %d: %d log lines not stored in time", run_id, attempt, len(state.lines) + state.dropped)
+        if state.lines or state.in_flight or state.dropped:
+            log.warning("run %s attempt %d: %d log lines still being stored as the run ends", run_id, attempt, len(state.lines))
 
     def _take(self, now: float) -> list[tuple[Key, _AttemptLog, bytes, int, int]]:
         """This round's chunks: (attempt, its state, body, lines in it, lines a marker reports),
         a run's marker before its lines."""
         out: list[tuple[Key, _AttemptLog, bytes, int, int]] = []
+        quiet = trio.current_time() - FORGET_AFTER
+        for key in [k for k, s in self._attempts.items() if (s.ending or s.touched < quiet) and not (s.lines or s.dropped or s.in_flight)]:
+            del self._attempts[key]  # ended and stored, or quiet and never ended (lost, killed)
         for key, state in self._attempts.items():
             if state.dropped and (not state.limited or state.ending):
                 out.append((key, state, marker_body(key[1], state.dropped, state.reason, now), 0, state.dropped))
@@ -163,8 +166,11 @@ class LogShipper:
                     self._drop(state, lines, f"NATS did not store them ({res.message[:200]})")
             self._round.set()
             self._round = trio.Event()
-            if any(state.dropped and not state.limited for state in self._attempts.values()):
-                await trio.sleep(0.5)  # NATS refuses: retry the marker soon, not in a hot loop
+            # What this round left or made publishable (a marker for lines it dropped at the
+            # per-run limit of an ending attempt, a marker NATS refused) goes in the next one.
+            if any(s.lines or (s.dropped and (not s.limited or s.ending)) for s in self._attempts.values()):
+                if any(isinstance(res, PyocoError) for res in results):
+                    await trio.sleep(0.5)  # NATS refuses: try again soon, not in a hot loop
                 self._wake.set()
 
 
