@@ -21,7 +21,9 @@ import trio
 
 from pyoco_es.cli.client_logs import escape_terminal, render_line
 from pyoco_es.config import Settings
-from pyoco_es.nats.logs import decode_chunk
+from pyoco_es.nats.client import NatsClient
+from pyoco_es.nats.logs import decode_chunk, read_chunks
+from pyoco_es.nats.resources import ResourceConfig, ensure_resources
 from pyoco_es.testing.stack import Stack, open_stack
 from pyoco_es.worker.logship import LogShipper
 
@@ -287,3 +289,27 @@ async def test_logs_routes_are_tenant_scoped(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json() == {"run_id": run_id, "lines": [], "next": 0, "more": False}
         r = await agw.client.get(f"/runs/{run_id}/logs/stream", params={"timeout_sec": 1}, headers=a)
         assert r.status_code == 200 and "event: logs" in r.text
+
+
+async def test_chunks_nats_refuses_are_dropped_with_a_marker(nats: NatsClient) -> None:
+    """JetStream refusing a chunk (here: above the stream's max_msg_size) drops its lines, counts
+    them, and the next thing stored for the run is the marker saying so; later lines follow."""
+    await ensure_resources(nats, ResourceConfig(max_msg_size=2048))
+    ship = LogShipper(nats, Settings())
+    big = [["t", 1, "stdout", 1.0, "x" * 100]] * 50  # one chunk of ~6 KB: refused
+
+    async def stored() -> list[dict[str, Any]]:
+        return [line for seq, data in await read_chunks(nats, "r1", after_seq=0, limit=100) for line in decode_chunk(seq, data)]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ship.run)
+        ship.offer("r1", 1, {"ev": "log", "lines": big, "dropped": 0})
+        lines = await wait_for(stored, "the drop marker")
+        assert [line["stream"] for line in lines] == ["dropped"]
+        assert lines[0]["dropped"] == 50 and "50 lines dropped: NATS did not store them" in lines[0]["text"]
+        assert ship.dropped_total == 50
+        ship.offer("r1", 1, {"ev": "log", "lines": [["t", 1, "stdout", 2.0, "small"]], "dropped": 0})
+        with trio.fail_after(10):
+            await ship.flushed("r1", 1)
+        assert [line["text"] for line in await stored()][1:] == ["small"]
+        nursery.cancel_scope.cancel()

@@ -49,6 +49,7 @@ class _AttemptLog:
     ending: bool = False
     in_flight: int = 0
     touched: float = 0.0  # trio clock of the last offer
+    refused: bool = False  # NATS did not store the attempt's last chunk (an ending run does not wait for it)
 
 
 def _valid_lines(raw: object) -> list[Line]:
@@ -108,7 +109,7 @@ class LogShipper:
         state.ending = True
         self._wake.set()
         with trio.move_on_after(FLUSH_WAIT):
-            while state.lines or state.in_flight or state.dropped:
+            while (state.lines or state.in_flight or state.dropped) and not state.refused:
                 await self._round.wait()
         if state.lines or state.in_flight or state.dropped:
             log.warning("run %s attempt %d: %d log lines still being stored as the run ends", run_id, attempt, len(state.lines))
@@ -157,7 +158,8 @@ class LogShipper:
                 results = [exc] * len(chunks)
             for (key, state, _body, lines, reported), res in zip(chunks, results, strict=True):
                 state.in_flight -= 1
-                if not isinstance(res, PyocoError):
+                state.refused = isinstance(res, PyocoError)
+                if not state.refused:
                     continue
                 if reported:  # a marker that was not stored: it goes again with the next round
                     state.dropped += reported
