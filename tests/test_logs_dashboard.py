@@ -40,9 +40,13 @@ def test_log_pane_shows_a_live_line_while_the_task_runs(page: Page, http: httpx.
     assert XSS in first.inner_text() and "\\x1b[2J" in first.inner_text()
     assert pg.locator('#logs-state[data-state="live"]').count() == 1
     page.shot("logs-live")
+    pg.fill("#logs-search", "onerror")  # typing while the run changes (the view re-renders)
     release.touch()
     wait_status(http, run_id, {"COMPLETED"})
     pg.locator('#logs-state[data-state="ended"]').wait_for()
+    pg.locator('#detail-status[data-status="COMPLETED"]').wait_for()
+    assert pg.evaluate("document.activeElement && document.activeElement.id") == "logs-search"
+    assert pg.input_value("#logs-search") == "onerror"
     total = pg.locator("#logs-body .log-line").count()
     stored = http.get(f"/runs/{run_id}/logs").json()["lines"]
     assert total == len(stored) >= 1

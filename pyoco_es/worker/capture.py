@@ -326,7 +326,7 @@ class CaptureHandler(logging.Handler):
             if self._capture.active:
                 task, try_no = tag if tag is not None else (None, 1)
                 self._capture.add(task, try_no, "log", text.split("\n"))
-            else:
+            elif record.levelno >= logging.WARNING:  # outside runs: what Python's last resort would print
                 os.write(self._capture.original_fd("stderr"), (text + "\n").encode("utf-8", "replace"))
         except Exception:  # noqa: BLE001 - logging must never fail the task
             self.handleError(record)

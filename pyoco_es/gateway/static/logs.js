@@ -111,7 +111,7 @@
   function open(run, ui) {
     const { h, t, EventStream } = ui;
     const runId = run.run_id;
-    const p = { runId, ui, lines: [], tasks: [], task: null, query: "", state: "connecting", ended: false };
+    const p = { runId, ui, lines: [], tasks: [], task: null, query: "", state: "connecting", ended: false, stick: true, savedTop: 0, searchFocused: false };
     p.tabs = h("div", { class: "log-tabs", role: "group" });
     p.search = h("input", { type: "search", class: "log-search", id: "logs-search", autocomplete: "off", spellcheck: "false" });
     p.search.addEventListener("input", () => { p.query = p.search.value.trim().toLowerCase(); renderLines(p); });
@@ -120,6 +120,15 @@
     p.title = h("h2", null);
     p.body = h("div", { class: "log-body mono", id: "logs-body", role: "log", "aria-live": "off", tabindex: "0" });
     p.empty = h("p", { class: "muted", id: "logs-empty" });
+    // The run view re-renders (and detaches this pane) on every change of the run: keep where
+    // the reader was, and the search box's focus.
+    p.body.addEventListener("scroll", () => {
+      if (!p.body.isConnected) return;
+      p.savedTop = p.body.scrollTop;
+      p.stick = p.body.scrollHeight - p.body.scrollTop - p.body.clientHeight < 24;
+    });
+    p.search.addEventListener("focus", () => { p.searchFocused = true; });
+    p.search.addEventListener("blur", () => { if (p.search.isConnected) p.searchFocused = false; });
     p.el = h("section", { class: "card logs-card", id: "logs-card" },
       h("div", { class: "logs-head" }, p.title, p.stateEl, p.tabs, p.search, p.downloadBtn), p.body, p.empty);
     p.stream = new EventStream(() => "/runs/" + encodeURIComponent(runId) + "/logs/stream?timeout_sec=600", {
@@ -160,6 +169,12 @@
       }
       pane.ui = ui;
       relabel(pane, run);
+      const p = pane;
+      requestAnimationFrame(() => {
+        if (pane !== p || !p.el.isConnected) return;
+        p.body.scrollTop = p.stick ? p.body.scrollHeight : p.savedTop;
+        if (p.searchFocused && document.activeElement !== p.search) p.search.focus();
+      });
       return pane.el;
     },
     close() {
