@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -313,3 +314,19 @@ async def test_chunks_nats_refuses_are_dropped_with_a_marker(nats: NatsClient) -
             await ship.flushed("r1", 1)
         assert [line["text"] for line in await stored()][1:] == ["small"]
         nursery.cancel_scope.cancel()
+
+
+def test_log_pane_script_has_no_html_sinks_and_translated_strings() -> None:
+    """static/logs.js follows the dashboard's rules: text only through textContent, every
+    string in both languages."""
+    from test_dashboard_static import STATIC, _table
+
+    js = (STATIC / "logs.js").read_text(encoding="utf-8")
+    code = re.sub(r"^\s*//.*$", "", re.sub(r"/\*.*?\*/", "", js, flags=re.S), flags=re.M)
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert sink not in code, sink
+    used = set(re.findall(r'\bt\("([\w.]+)"[,)]', js)) | {f"logs.state_{s}" for s in ("connecting", "live", "ended")}
+    assert {"logs.title", "logs.search", "logs.download", "logs.all", "logs.empty"} <= used
+    for lang in ("en", "ja"):
+        assert sorted(used - set(_table(lang))) == [], lang
+    assert '<script src="/static/logs.js"></script>' in (STATIC / "index.html").read_text(encoding="utf-8")
