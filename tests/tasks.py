@@ -102,3 +102,43 @@ def retry_flows(name: str) -> object:
     flow = Flow(name=name)
     flow >> TaskWrapper(task)
     return flow
+
+
+def chatter(count: int = 20, interval: float = 0.1, text: str = "tick") -> int:
+    """Prints a line every ``interval`` seconds (live logs: seen while the run is running)."""
+    for i in range(count):
+        print(f"{text} {i}", flush=True)
+        time.sleep(interval)
+    return count
+
+
+def chatter_until(path: str, text: str = "tick", seconds: float = 30.0) -> int:
+    """Prints a line every 0.1 s until ``path`` exists (tests release it once they saw a line)."""
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline and not os.path.exists(path):
+        print(f"{text} {i}", flush=True)
+        i += 1
+        time.sleep(0.1)
+    return i
+
+
+def flood(lines: int = 2000, text: str = "line") -> int:
+    """Prints ``lines`` lines as fast as it can (the log limits and drop markers)."""
+    for i in range(lines):
+        print(f"{text} {i}")
+    return lines
+
+
+def noisy(text: str = "hello") -> str:
+    """Writes every way a task can: print, stderr, logging, a subprocess, terminal escapes."""
+    import logging
+    import subprocess
+    import sys
+
+    print(f"out: {text}")
+    print(f"err: {text}", file=sys.stderr)
+    logging.getLogger("tests.noisy").warning("logged: %s", text)
+    subprocess.run(["echo", f"sub: {text}"], check=True)
+    print("esc: \x1b[2J\x1b[31mred\x1b[0m")
+    return text

@@ -20,6 +20,7 @@ import asyncclick as click
 from .client_command import ClientGroup, api_command
 from .client_errors import ERR_CANCEL, EXIT_INTERRUPTED, EXIT_OK, CliError
 from .client_http import Api, ClientSettings, WatchOptions
+from .client_logs import logs_cmd
 from .client_output import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
@@ -519,6 +520,9 @@ async def events_cmd(api: Api, run_id: str, after_seq: int, output: str | None) 
     else:
         for item in items:
             write_json(item)
+
+
+client.add_command(logs_cmd)  # `logs` (cli/client_logs.py)
 
 
 # -- entry point ------------------------------------------------------------------------------

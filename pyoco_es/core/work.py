@@ -260,6 +260,7 @@ class WorkerRecord:
     completed_runs: int
     pid: int
     hostname: str
+    log_lines_dropped: int = 0  # task output lines this worker dropped since it started (live logs)
 
     def to_json(self) -> dict[str, Any]:
         """The record as stored (``stopped_at``/``stop_reason`` set once ``STOPPED_GRACEFUL``)."""
@@ -290,6 +291,7 @@ class WorkerRecord:
             "completed_runs": self.completed_runs,
             "pid": self.pid,
             "hostname": self.hostname,
+            "log_lines_dropped": self.log_lines_dropped,
         }
 
 

@@ -27,6 +27,7 @@ class MetricValues:
     queue_depth: Mapping[str, int] | None = None  # PENDING runs, by tag (what waits for a worker)
     work_items: Mapping[str, int] | None = None  # messages in PYOCO_WORK, by tag (incl. obsolete ones)
     unprojectable_runs: int = 0
+    log_lines_dropped: Mapping[str, int] | None = None  # by worker id, from the worker records (live logs)
 
 
 class _Collector(Collector):
@@ -65,6 +66,14 @@ class _Collector(Collector):
             "Runs the projector cannot fold (a corrupt or unknown event; see projection_error on the run).",
             value=v.unprojectable_runs,
         )
+        dropped = GaugeMetricFamily(
+            "pyoco_log_lines_dropped",
+            "Task output lines a worker dropped since it started (NATS slow or full, the per-run log limit), by worker.",
+            labels=["worker_id"],
+        )
+        for worker_id in sorted(v.log_lines_dropped or {}):
+            dropped.add_metric([worker_id], (v.log_lines_dropped or {})[worker_id])
+        yield dropped
         yield GaugeMetricFamily("pyoco_gateway_sse_streams", "SSE streams open on this gateway.", value=v.sse_streams)
         yield GaugeMetricFamily("pyoco_gateway_index_runs", "Runs in this gateway's list read model (SQLite).", value=v.index_runs)
 

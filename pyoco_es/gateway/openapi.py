@@ -108,6 +108,14 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
     ("GET", "/runs/<run_id>/watch"): _op("SSE of the run's snapshots (event: snapshot, id: version; heartbeat; end)", params=[
         _RUN_ID, _INCLUDE, _q("since", {"type": "number"}),
         _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 600, "default": 60}), _LAST_ID], ok=_SSE_OK, errors=(404, 422, 503)),
+    ("GET", "/runs/<run_id>/logs"): _op("Task output (stdout, stderr, logging) by position; next is the after of the next page", params=[
+        _RUN_ID, _q("task", {"type": "string", "maxLength": 256}), _q("stream", {"type": "string", "enum": ["stdout", "stderr", "log"]}),
+        _q("after", {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0}),
+        _q("limit", {"type": "integer", "minimum": 1, "maximum": 5000, "default": 1000})], errors=(404, 422, 503)),
+    ("GET", "/runs/<run_id>/logs/stream"): _op("SSE of task output (event: logs, id: last line's position; heartbeat; end once the run ended and its output is read)", params=[
+        _RUN_ID, _q("task", {"type": "string", "maxLength": 256}), _q("stream", {"type": "string", "enum": ["stdout", "stderr", "log"]}),
+        _q("after", {"type": "integer", "minimum": 0, "maximum": 2**62}),
+        _q("timeout_sec", {"type": "integer", "minimum": 1, "maximum": 3600, "default": 600}), _LAST_ID], ok=_SSE_OK, errors=(404, 422, 503)),
     ("POST", "/runs/<run_id>/cancel"): _op("Cancel: PENDING→CANCELLED, RUNNING→CANCELLING, terminal unchanged (any body is ignored)",
                                            params=[_RUN_ID], errors=(403, 404, 503)),
     ("GET", "/workers"): _op("Worker registry", params=[

@@ -79,6 +79,7 @@ async def metrics() -> Response:
         queue_depth=waiting,
         work_items=depth,
         unprojectable_runs=unprojectable,
+        log_lines_dropped=await _log_drops(gw),
     )
     return Response(render(values, gw.http), content_type=METRICS_CONTENT_TYPE)
 
@@ -114,6 +115,15 @@ async def _optional(coro: Awaitable[int]) -> int | None:
 
 async def _workers_alive(gw: Gateway) -> int:
     return sum(view["state"] in ALIVE_STATES for view in await gw.worker_views())
+
+
+async def _log_drops(gw: Gateway) -> dict[str, int] | None:
+    """Each worker's ``log_lines_dropped`` (its registry record; None: the registry is not loaded)."""
+    try:
+        views = await gw.worker_views()
+    except PyocoError:
+        return None
+    return {str(v.get("worker_id")): v["log_lines_dropped"] for v in views if isinstance(v.get("log_lines_dropped"), int)}
 
 
 async def _stream_field(gw: Gateway, stream: str, field: str) -> int:

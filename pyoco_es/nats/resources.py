@@ -36,6 +36,9 @@ class ResourceConfig:
     # PYOCO_EVENTS_ALLOW_PURGE: create PYOCO_EVENTS without deny_purge (retention removes runs'
     # events); NATS cannot lift deny_purge from an existing stream, so it takes effect on creation
     allow_event_purge: bool = False
+    logs_max_age: float = 604800.0
+    logs_max_bytes: int = 1024 * 1024 * 1024
+    logs_max_msgs_per_run: int = 10000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResourceConfig:
@@ -49,6 +52,9 @@ class ResourceConfig:
             dlq_max_bytes=settings.dlq_max_bytes,
             auth_bucket=settings.auth_kv_bucket,
             allow_event_purge=settings.events_allow_purge,
+            logs_max_age=settings.logs_max_age,
+            logs_max_bytes=settings.logs_max_bytes,
+            logs_max_msgs_per_run=settings.logs_max_msgs_per_run,
         )
 
 
@@ -84,6 +90,23 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             max_age=cfg.dlq_max_age,
             max_msgs=cfg.dlq_max_msgs,
             max_bytes=cfg.dlq_max_bytes,
+            duplicate_window=cfg.duplicate_window,
+        ),
+        # Task output: its own stream, so a chatty task never bloats the history.  Limits, not
+        # interest: the oldest chunks (old runs first) make room; a run keeps at most
+        # logs_max_msgs_per_run chunks (the worker stops one short and marks the drop).
+        api.StreamConfig(
+            name=subjects.LOGS_STREAM,
+            subjects=[f"{subjects.LOGS_PREFIX}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=cfg.replicas,
+            max_age=cfg.logs_max_age,
+            max_bytes=cfg.logs_max_bytes,
+            max_msgs_per_subject=cfg.logs_max_msgs_per_run,
+            discard=api.DiscardPolicy.OLD,
+            allow_direct=True,
+            max_msg_size=cfg.max_msg_size,
             duplicate_window=cfg.duplicate_window,
         ),
         _kv_config(subjects.RUNS_BUCKET, cfg, history=1),

@@ -8,6 +8,7 @@ from typing import Final
 EVENTS_STREAM: Final = "PYOCO_EVENTS"
 WORK_STREAM: Final = "PYOCO_WORK"
 DLQ_STREAM: Final = "PYOCO_DLQ"
+LOGS_STREAM: Final = "PYOCO_LOGS"  # task output, one subject per run (never the event history)
 RUNS_BUCKET: Final = "pyoco_runs"
 WORKERS_BUCKET: Final = "pyoco_workers"
 AUTH_BUCKET: Final = "pyoco_auth"  # API key records (PYOCO_AUTH_KV_BUCKET), as pyoco-server keeps them
@@ -21,6 +22,7 @@ RUN_ARCHIVED_SUBJECT: Final = "pyoco.evt.audit.run_archived"  # a run archived t
 ARCHIVED_BUCKET: Final = "pyoco_archived"  # run_id -> where its archive is (GET /runs/{id} answers 410)
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
+LOGS_PREFIX: Final = "pyoco.logs"
 
 PROJECTOR_DURABLE: Final = "pyoco_projector"
 DISPATCHER_DURABLE: Final = "pyoco_dispatcher"
@@ -35,6 +37,11 @@ def is_token(value: str) -> bool:
 
 def run_events_subject(run_id: str) -> str:
     return f"{EVENTS_PREFIX}.run.{run_id}"
+
+
+def run_logs_subject(run_id: str) -> str:
+    """The subject of a run's task output in ``PYOCO_LOGS`` (chunks of lines, see nats/logs.py)."""
+    return f"{LOGS_PREFIX}.{run_id}"
 
 
 def run_id_from_subject(subject: str) -> str:

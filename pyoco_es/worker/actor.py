@@ -81,6 +81,7 @@ from ..service import Outcome, RunStore
 from .attempt import CANCEL_WATCH_DELAY, LOST, ActiveAttempt, RunDriver
 from .batch import BatchedRunStore
 from .intake import Intake
+from .logship import LogShipper
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 from .protocol import Abort, Go, Prepare
 from .registry import Registry
@@ -136,6 +137,8 @@ class WorkerActor:
         self._became_active = trio.Event()
         self._yaml_tasks: dict[str, list[str]] = {}  # sha256 -> task names a child reported
         self.batched = BatchedRunStore(nats, self.store, clock=clock)
+        self.logship = LogShipper(nats, settings)  # task output → PYOCO_LOGS (worker/logship.py)
+        self.registry.log_lines_dropped = lambda: self.logship.dropped_total
 
     @property
     def completed(self) -> int:

@@ -30,6 +30,7 @@ from ..core.work import WorkItem
 from ..nats import subjects
 from ..nats.client import Delivered, NatsClient, OnStored
 from ..service import Outcome
+from .logship import LogShipper
 from .pool import ChildDied, ChildProcess, ChildProtocolError
 from .protocol import Cancel, Go
 from .timeouts import RUN_STOP_GRACE, AttemptTimeouts, timed_out_task
@@ -53,6 +54,7 @@ class AttemptHost(Protocol):
     settings: Settings
     nats: NatsClient
     clock: Callable[[], float]
+    logship: LogShipper
 
     async def read_events(self, run_id: str) -> list[Envelope]: ...
 
@@ -219,6 +221,7 @@ class RunDriver:
 
     async def _finish(self, outcome: str, *, reason: str | None = None, error: str | None = None, pending: list[Event] | None = None) -> None:
         extra = list(pending or [])
+        await self.actor.logship.flushed(self.run_id, self.attempt)  # a reader who sees the end has every line
 
         def make(s: RunSnapshot | None) -> list[Event]:
             self._owner(s)
@@ -294,6 +297,9 @@ class RunDriver:
             try:
                 while True:
                     frame = await self.child.receive()
+                    if frame.get("ev") == "log":  # task output: shipped on its own (worker/logship.py)
+                        self.actor.logship.offer(self.run_id, self.attempt, frame)
+                        continue
                     await send.send(("frame", frame))
                     if frame.get("ev") == "done":
                         return

@@ -43,6 +43,7 @@ from ..flows.graph import build_flow
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
 from ..flows.policy import apply_policy, policy_of
 from .describe import describe, describe_error
+from .capture import install_capture
 from .executor import install_shared_executor
 from .protocol import HEADER, FrameDecoder, encode_frame
 from .retry import Prepared, TaskTimeout, guarded
@@ -557,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     install_shared_executor()
     install_env_guard()
     channel = Channel(args.cmd_fd, args.evt_fd)
+    install_capture(channel.send)  # task output → ``log`` frames (worker/capture.py)
     child = Child(
         channel,
         allowed_modules=args.allow_module,

@@ -64,6 +64,7 @@ class Registry:
         self._hidden = False
         self._wheel_sync: dict[str, Any] | None = None
         self._wheel_sync_owned = False  # set by the wheel sync: never taken from the stored record
+        self.log_lines_dropped: Callable[[], int] = lambda: 0  # task output lines dropped (worker/logship.py)
         self._beat_soon = trio.Event()  # set when the first run is taken: beat now, not at the idle pace
 
     # -- what the record says -------------------------------------------------------------------
@@ -116,6 +117,7 @@ class Registry:
             completed_runs=self.completed,
             pid=os.getpid(),
             hostname=socket.gethostname(),
+            log_lines_dropped=self.log_lines_dropped(),
         )
 
     # -- writing it -----------------------------------------------------------------------------

@@ -180,6 +180,7 @@ async def serve_worker(
             liveness.start_soon(actor.registry.run_heartbeat)
             liveness.start_soon(actor.intake.run_progress)
             liveness.start_soon(actor.batched.run)
+            liveness.start_soon(actor.logship.run)
             async with trio.open_nursery() as acks:
                 acks.start_soon(actor.intake.run_acks)
                 await serve_runs(actor, stop=stop, task_status=task_status)

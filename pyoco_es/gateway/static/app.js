@@ -836,6 +836,7 @@
     stream.start();
   }
   function closeDetail() {
+    if (window.PYOCO_LOGS) window.PYOCO_LOGS.close();
     if (detail.stream) detail.stream.stop();
     clearTimeout(detail.eventsTimer);
     detail.stream = null;
@@ -1027,6 +1028,7 @@
     clear(root);
     root.appendChild(head);
     root.appendChild(grid);
+    if (window.PYOCO_LOGS) root.appendChild(window.PYOCO_LOGS.pane(run, { h, clear, t, EventStream })); // static/logs.js
     for (const d of root.querySelectorAll("details[data-key]")) {
       if (open.has(d.dataset.key)) d.open = true;
       else if (closed.has(d.dataset.key)) d.open = false;
