@@ -38,3 +38,10 @@ def wait_for_file(path: str, seconds: float = 30.0) -> str:
 def die(signal_number: int = 9) -> None:
     """Kills its own process (a poison run)."""
     os.kill(os.getpid(), signal_number)
+
+
+def fail_unless_file(path: str) -> str:
+    """Fails until ``path`` exists (a dead letter that a re-submission can fix)."""
+    if not os.path.exists(path):
+        raise RuntimeError(f"not ready: {path} is missing")
+    return "ready"

@@ -24,14 +24,14 @@ from ..core.errors import PyocoError, ValidationError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
-from . import dashboard, events, runs, status, streams, workers
+from . import bulk, dashboard, dlq, events, runs, status, streams, workers
 from .answer import on_http_error, on_pyoco_error, on_unexpected
 from .context import JSON_BODY_MAX, MULTIPART_SLACK, STATIC_DIR, Gateway, current_gateway, gateway_of
 from .auth import KeyRing
 from .guard import allowed_origins, check_host, check_request, cors_headers
 from .index import RunIndex, WorkerIndex
 
-BLUEPRINTS = (status.blueprint, dashboard.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint)
+BLUEPRINTS = (status.blueprint, dashboard.blueprint, bulk.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint, dlq.blueprint)
 
 
 def create_app(

@@ -22,6 +22,7 @@ from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..core.work import WorkItem
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
 from ..nats import subjects
+from ..ports import OnStored
 from ..service import new_run_id
 from .auth import Principal
 from .context import MULTIPART_SLACK, Gateway
@@ -196,16 +197,13 @@ def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc) -> tuple[RunS
 
 
 
-async def submit_event(
+def prepare_submit(
     gw: Gateway, event: RunSubmitted, fingerprint: JSONObject, key: str | None, principal: Principal | None = None
-) -> tuple[JSONObject, dict[str, str]]:
-    """Append ``run.submitted`` (Idempotency-Key retries are replays): the answer's body and headers.
-    With API keys on, the run belongs to the ``principal``'s tenant and key.
+) -> tuple[str, RunSubmitted]:
+    """The run id and the final ``run.submitted`` of a request (tenant, Idempotency-Key, fingerprint).
 
     Raises:
-        PayloadTooLarge: the event would not fit NATS's max_payload (nothing appended).
-        RequestInvalid: the Idempotency-Key names a different request.
-        InfraError: NATS is down or did not acknowledge.
+        PayloadTooLarge: the event would not fit NATS's max_payload.
     """
     if principal is not None:
         event = attrs.evolve(event, tenant_id=principal.tenant_id, api_key_id=principal.key_id)
@@ -222,7 +220,11 @@ async def submit_event(
             f"run too large: the submitted event would be about {size} bytes, above the NATS max_payload of "
             f"{gw.nats.max_payload} bytes; send smaller params or workflow"
         )
-    await gw.await_nats()
+    return run_id, event
+
+
+def first_dispatch(gw: Gateway, event: RunSubmitted, run_id: str) -> OnStored:
+    """The append hook that hands attempt 1 to the workers (see :func:`submit_event`)."""
     subject = subjects.work_subject(event.tag, gw.settings.work_subject_prefix)
 
     def dispatch(seqs: list[int]) -> None:
@@ -232,13 +234,37 @@ async def submit_event(
         item = WorkItem.for_attempt(event, run_id=run_id, attempt=1, run_version=1, run_last_stream_seq=seqs[-1]).to_json()
         gw.nats.publish_soon(subject, item, subjects.work_msg_id(run_id, 1))
 
+    return dispatch
+
+
+async def submit_event(
+    gw: Gateway,
+    event: RunSubmitted,
+    fingerprint: JSONObject,
+    key: str | None,
+    principal: Principal | None = None,
+    *,
+    correlation_id: str | None = None,
+) -> tuple[JSONObject, dict[str, str]]:
+    """Append ``run.submitted`` (Idempotency-Key retries are replays): the answer's body and headers.
+    With API keys on, the run belongs to the ``principal``'s tenant and key.  ``correlation_id``
+    goes on the event's envelope (a dead letter's re-submission names the dead letter).
+
+    Raises:
+        PayloadTooLarge: the event would not fit NATS's max_payload (nothing appended).
+        RequestInvalid: the Idempotency-Key names a different request.
+        InfraError: NATS is down or did not acknowledge.
+    """
+    run_id, event = prepare_submit(gw, event, fingerprint, key, principal)
+    await gw.await_nats()
     try:
         outcome = await gw.store.execute(
             run_id,
             lambda snap: decide.submit_run(snap, event, run_id=run_id),
             producer=gw.producer,
             assume_new=True,
-            on_stored=dispatch,
+            on_stored=first_dispatch(gw, event, run_id),
+            correlation_id=correlation_id,
         )
     except OutcomeUnknown as exc:
         exc.run_id = run_id  # the 503 names it: the client may look it up

@@ -7,14 +7,14 @@ records.  A record that does not parse is skipped by ``list_keys`` and treated a
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Final
 
 from ..core import apikey
 from ..core.apikey import ApiKeyFormatError, ApiKeyRecord
 from ..ports import KVEntry
-from . import subjects
+from . import audit, subjects
+from .audit import append_audit
 from .client import NatsClient
 
 log = logging.getLogger(__name__)
@@ -37,22 +37,12 @@ def record_from_entry(entry: KVEntry | None) -> ApiKeyRecord | None:
 async def record_audit(client: NatsClient, action: str, record: ApiKeyRecord, *, actor: str, now: float) -> None:
     """Append ``api_key.<action>`` (who, when, which key; never a secret or hash) to the event stream."""
     doc = {"type": f"api_key.{action}", "key_id": record.key_id, "tenant_id": record.tenant_id, "actor": actor, "at": now}
-    body = json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode()
-
-    async def go() -> None:
-        await client.js.publish(subjects.API_KEY_AUDIT_SUBJECT, body, stream=subjects.EVENTS_STREAM)
-
-    await client.run("record api key audit", go)
+    await append_audit(client, subjects.API_KEY_AUDIT_SUBJECT, doc)
 
 
 async def read_audit(client: NatsClient) -> list[dict[str, Any]]:
     """Every key created/revoked through our tools, oldest first."""
-    out: list[dict[str, Any]] = []
-    after = 0
-    while batch := await client.read_events(subjects.API_KEY_AUDIT_SUBJECT, after_stream_seq=after):
-        out.extend(json.loads(body) for _, body in batch)
-        after = batch[-1][0]
-    return out
+    return await audit.read_audit(client, subjects.API_KEY_AUDIT_SUBJECT)
 
 
 async def create_key(

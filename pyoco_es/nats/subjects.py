@@ -16,6 +16,7 @@ API_KEY_PREFIX: Final = "api_keys."  # the records' keys in the auth bucket
 EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
 API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"  # key created/revoked (the projector reads only pyoco.evt.run.*)
+DLQ_AUDIT_SUBJECT: Final = "pyoco.evt.audit.dlq"  # dead letter resubmitted/dropped
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 
