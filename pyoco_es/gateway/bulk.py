@@ -16,6 +16,9 @@ A bulk cancel goes through the normal cancel decision per run (``run.cancel_requ
 from __future__ import annotations
 
 import functools
+import os
+import time
+import uuid
 from typing import Final
 
 import attrs
@@ -27,7 +30,6 @@ from ..core.errors import ConcurrencyConflict, OutcomeUnknown, PayloadTooLarge, 
 from ..core.events import Event, JSONObject, JSONValue, RunSubmitted
 from ..core.fold import apply
 from ..core.model import TERMINAL_STATUSES, RunSnapshot, RunStatus
-from ..service import new_event_id
 from .answer import json_response
 from .auth import Principal
 from .context import Gateway, caller, current_gateway, request_body, tenant_filter
@@ -49,6 +51,27 @@ BATCH_MAX: Final = 1000  # items in one POST /runs/batch, run ids in one POST /r
 CANCEL_FILTER_KEYS: Final = ("status", "flow_name", "tag")
 CANCEL_CONCURRENCY: Final = 32  # cancel decisions in flight at once
 _ITEM_KEYS: Final = frozenset({"flow_name", "params", "tag", "tags", "idempotency_key", "workflow_yaml"})
+
+
+def fresh_run_ids(n: int) -> list[str]:
+    """``n`` new run ids in :func:`~pyoco_es.service.new_run_id`'s form (uuid4) from one
+    ``os.urandom`` call: a system call per id was a tenth of a batch's time in a sandbox."""
+    raw = os.urandom(16 * n)
+    return [str(uuid.UUID(bytes=raw[i : i + 16], version=4)) for i in range(0, 16 * n, 16)]
+
+
+def fresh_event_ids(n: int) -> list[str]:
+    """``n`` UUIDv7 event ids (now's milliseconds, then a counter in ``rand_a`` so they sort in
+    batch order, then random bits) from one ``os.urandom`` call, as :func:`fresh_run_ids`."""
+    if n > 4096:
+        raise ValueError("at most 4096 ids share a millisecond's counter")
+    ms = time.time_ns() // 1_000_000
+    raw = os.urandom(8 * n)
+    out = []
+    for i in range(n):
+        rand_b = int.from_bytes(raw[8 * i : 8 * i + 8], "big") & ((1 << 62) - 1)
+        out.append(str(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (i << 64) | (0b10 << 62) | rand_b)))
+    return out
 
 
 class BatchTooLarge(PayloadTooLarge):
@@ -73,8 +96,12 @@ def _reason(exc: PyocoError) -> str:
     return exc.message if hasattr(exc, "message") else str(exc)
 
 
-async def _parse_item(gw: Gateway, raw: object) -> tuple[RunSubmitted, JSONObject, str | None]:
+YamlMemo = dict[tuple[str, str, str], tuple[RunSubmitted, JSONObject]]
+
+
+async def _parse_item(gw: Gateway, raw: object, memo: YamlMemo) -> tuple[RunSubmitted, JSONObject, str | None]:
     """One batch item → (event, fingerprint, Idempotency-Key), validated as the single routes do.
+    ``memo`` keeps the batch's parsed YAML items: the same document, name and tag is parsed once.
 
     Raises:
         RequestInvalid, PayloadTooLarge: the item is refused (the message says why).
@@ -101,12 +128,15 @@ async def _parse_item(gw: Gateway, raw: object) -> tuple[RunSubmitted, JSONObjec
         raise invalid("missing", ("body", "flow_name"), "Field required: flow_name (the flow of workflow_yaml)", name)
     check_flow_name(name.strip(), ("body", "flow_name"))
     routing = gw.settings.default_tag if tag is None or (isinstance(tag, str) and not tag.strip()) else check_tag(tag, ("body", "tag"))
+    known = memo.get((text, name, routing))
+    if known is not None:
+        return known[0], known[1], key
     data = text.encode("utf-8", errors="surrogatepass")
     if len(data) <= INLINE_PARSE_BYTES:
         doc = yaml_document(gw, data)
     else:
         doc = await trio.to_thread.run_sync(functools.partial(yaml_document, gw, data), limiter=gw.parse_limiter)
-    event, fingerprint = yaml_event(gw, name.strip(), routing, doc)
+    event, fingerprint = memo[(text, name, routing)] = yaml_event(gw, name.strip(), routing, doc)
     return event, fingerprint, key
 
 
@@ -116,10 +146,12 @@ async def submit_batch(gw: Gateway, items: list[object], principal: Principal | 
     first: list[tuple[int, str, RunSubmitted, tuple[RunSubmitted, JSONObject, str | None]]] = []  # appended together
     again: list[tuple[int, RunSubmitted, JSONObject, str | None]] = []  # a run id already in this batch
     taken: set[str] = set()
+    fresh = fresh_run_ids(len(items))
+    memo: YamlMemo = {}
     for i, raw in enumerate(items):
         try:
-            event, fingerprint, key = await _parse_item(gw, raw)
-            run_id, prepared = prepare_submit(gw, event, fingerprint, key, principal)
+            event, fingerprint, key = await _parse_item(gw, raw, memo)
+            run_id, prepared = prepare_submit(gw, event, fingerprint, key, principal, fresh_id=fresh[i], check_size=False)
         except (ValidationError, UnicodeError) as exc:
             results[i]["error"] = _reason(exc) if isinstance(exc, PyocoError) else f"not valid text: {exc}"
             continue
@@ -131,8 +163,9 @@ async def submit_batch(gw: Gateway, items: list[object], principal: Principal | 
     if first:
         await gw.await_nats()
         now = gw.clock()
+        event_id = iter(fresh_event_ids(len(first))).__next__
         batches = [
-            (run_id, decide.stamp(None, [ev], run_id=run_id, producer=gw.producer, now=now, new_id=new_event_id), 0, first_dispatch(gw, ev, run_id))
+            (run_id, decide.stamp(None, [ev], run_id=run_id, producer=gw.producer, now=now, new_id=event_id), 0, first_dispatch(gw, ev, run_id))
             for _, run_id, ev, _ in first
         ]
         stored = await gw.nats.append_many(batches)

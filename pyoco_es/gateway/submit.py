@@ -198,28 +198,39 @@ def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc) -> tuple[RunS
 
 
 def prepare_submit(
-    gw: Gateway, event: RunSubmitted, fingerprint: JSONObject, key: str | None, principal: Principal | None = None
+    gw: Gateway,
+    event: RunSubmitted,
+    fingerprint: JSONObject,
+    key: str | None,
+    principal: Principal | None = None,
+    *,
+    fresh_id: str | None = None,
+    check_size: bool = True,
 ) -> tuple[str, RunSubmitted]:
     """The run id and the final ``run.submitted`` of a request (tenant, Idempotency-Key, fingerprint).
+    ``fresh_id`` is the id of a run without a key (default: a new one); ``check_size=False`` leaves
+    the size to the append, which refuses an event that cannot fit (``PayloadTooLarge``).
 
     Raises:
         PayloadTooLarge: the event would not fit NATS's max_payload.
     """
-    if principal is not None:
-        event = attrs.evolve(event, tenant_id=principal.tenant_id, api_key_id=principal.key_id)
-    tenant = event.tenant_id
-    run_id = run_id_for_key(tenant, key) if key else new_run_id()
+    tenant = principal.tenant_id if principal is not None else event.tenant_id
+    run_id = run_id_for_key(tenant, key) if key else (fresh_id or new_run_id())
     if key:
         legacy = gw.index.get(legacy_run_id_for_key(tenant, key))
         if legacy is not None:  # the key's run from before run ids took the canonical form
             run_id = str(legacy["run_id"])
-    event = attrs.evolve(event, idempotency_key=key, request_sha256=request_fingerprint(fingerprint), fast_dispatch=True)
-    size = len(dumps(event_data(event))) + 1024
-    if size > gw.nats.max_payload:
-        raise PayloadTooLarge(
-            f"run too large: the submitted event would be about {size} bytes, above the NATS max_payload of "
-            f"{gw.nats.max_payload} bytes; send smaller params or workflow"
-        )
+    changes: dict[str, object] = {"idempotency_key": key, "request_sha256": request_fingerprint(fingerprint), "fast_dispatch": True}
+    if principal is not None:
+        changes.update(tenant_id=principal.tenant_id, api_key_id=principal.key_id)
+    event = attrs.evolve(event, **changes)
+    if check_size:
+        size = len(dumps(event_data(event))) + 1024
+        if size > gw.nats.max_payload:
+            raise PayloadTooLarge(
+                f"run too large: the submitted event would be about {size} bytes, above the NATS max_payload of "
+                f"{gw.nats.max_payload} bytes; send smaller params or workflow"
+            )
     return run_id, event
 
 

@@ -1,0 +1,113 @@
+"""Batch submit vs single submits (issue 18): runs/s accepted through ``POST /runs/batch`` on
+pyoco-es, beside single ``POST /runs/yaml`` and ``POST /runs`` submits on pyoco-es and on
+pyoco-server 0.5.1 (the target: a batch ≥ 10x pyoco-server's single-submit rate).
+
+Each system is started as in bench_e2e.py (its own NATS, over HTTP only), with no worker, so
+the numbers are the submit path alone.  Single submits use C concurrent clients; batches send
+``--batch`` items per request from ``--batch-clients`` concurrent clients.
+
+    .venv/bin/python benchmarks/bench_batch.py [--runs 4000] [--batch-runs 20000] [--batch 1000] [--skip-theirs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import leanhttp  # noqa: E402
+from bench_e2e import FLOW, ours, theirs  # noqa: E402
+
+JSON = b"application/json"
+
+
+async def singles(url: str, n: int, clients: int, kind: str) -> float:
+    """Single submits/s (``yaml``: POST /runs/yaml with the 2-task flow; ``named``: POST /runs)."""
+    if kind == "yaml":
+        body, ctype = leanhttp.multipart({"flow_name": "main", "tag": "nobody"}, {"workflow": ("flow.yaml", FLOW)})
+        path = "/runs/yaml"
+    else:
+        body, ctype, path = json.dumps({"flow_name": "main", "tag": "nobody", "params": {"x": 1}}).encode(), JSON, "/runs"
+    async with leanhttp.Client(url) as client:
+        (await client.post(path, body, ctype)).raise_for_status()  # warm-up
+        todo = iter(range(n))
+        t0 = time.perf_counter()
+
+        async def submitter() -> None:
+            for _ in todo:
+                (await client.post(path, body, ctype)).raise_for_status()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(submitter)
+        return n / (time.perf_counter() - t0)
+
+
+async def batches(url: str, n: int, size: int, clients: int, kind: str) -> float:
+    """Runs/s accepted through POST /runs/batch (``size`` items a request)."""
+    if kind == "yaml":
+        item = {"flow_name": "main", "tag": "nobody", "workflow_yaml": FLOW.decode()}
+    else:
+        item = {"flow_name": "main", "tag": "nobody", "params": {"x": 1}}
+    body = json.dumps({"items": [item] * size}).encode()
+    async with leanhttp.Client(url) as client:
+        (await client.post("/runs/batch", json.dumps({"items": [item]}).encode(), JSON)).raise_for_status()  # warm-up
+        todo = iter(range(n // size))
+        accepted = 0
+        t0 = time.perf_counter()
+
+        async def submitter() -> None:
+            nonlocal accepted
+            for _ in todo:
+                r = await client.post("/runs/batch", body, JSON)
+                r.raise_for_status()
+                accepted += r.json()["accepted"]
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(submitter)
+        elapsed = time.perf_counter() - t0
+        if accepted != (n // size) * size:
+            print(f"  only {accepted} of {(n // size) * size} batch items were accepted", file=sys.stderr)
+        return accepted / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=4000, help="single submits per measurement")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent single-submit clients")
+    ap.add_argument("--batch-runs", type=int, default=20000, help="runs submitted through batches")
+    ap.add_argument("--batch", type=int, default=1000, help="items per batch request")
+    ap.add_argument("--batch-clients", type=int, default=2, help="concurrent batch requests")
+    ap.add_argument("--skip-theirs", action="store_true")
+    args = ap.parse_args()
+    rows: list[tuple[str, str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp, ours(Path(tmp), 0, 1) as (url, _procs):
+        for kind in ("yaml", "named"):
+            rows.append(("pyoco-es", f"single {kind} submits/s (C={args.clients})", trio.run(singles, url, args.runs, args.clients, kind)))
+            rows.append(("pyoco-es", f"batch {kind} runs/s ({args.batch}/request, C={args.batch_clients})",
+                         trio.run(batches, url, args.batch_runs, args.batch, args.batch_clients, kind)))
+            print(f"  pyoco-es {kind} done", file=sys.stderr)
+    if not args.skip_theirs:
+        with tempfile.TemporaryDirectory() as tmp, theirs(Path(tmp), 0) as (url, _procs):
+            for kind in ("yaml", "named"):
+                rows.append(("pyoco-server", f"single {kind} submits/s (C={args.clients})", trio.run(singles, url, args.runs, args.clients, kind)))
+            print("  pyoco-server done", file=sys.stderr)
+    print(f"\n{'system':<14} {'metric':<52} {'runs/s':>10}")
+    for system, metric, value in rows:
+        print(f"{system:<14} {metric:<52} {value:>10.0f}")
+    theirs_single = {m.split()[1]: v for s, m, v in rows if s == "pyoco-server"}
+    for system, metric, value in rows:
+        if metric.startswith("batch") and metric.split()[1] in theirs_single:
+            kind = metric.split()[1]
+            print(f"batch {kind} vs pyoco-server single {kind}: {value / theirs_single[kind]:.1f}x (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()
