@@ -3,7 +3,8 @@ pyoco-es, beside single ``POST /runs/yaml`` and ``POST /runs`` submits on pyoco-
 pyoco-server 0.5.1 (the target: a batch ≥ 10x pyoco-server's single-submit rate).
 
 Each system is started as in bench_e2e.py (its own NATS, over HTTP only), with no worker, so
-the numbers are the submit path alone.  Single submits use C concurrent clients; batches send
+the numbers are the submit path alone; besides runs/s, the CPU its processes (server and NATS)
+spent per run, which a loaded machine disturbs less than the rate.  Single submits use C concurrent clients; batches send
 ``--batch`` items per request from ``--batch-clients`` concurrent clients.
 
     .venv/bin/python benchmarks/bench_batch.py [--runs 4000] [--batch-runs 20000] [--batch 1000] [--skip-theirs]
@@ -22,7 +23,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import leanhttp  # noqa: E402
-from bench_e2e import FLOW, ours, theirs  # noqa: E402
+from bench_e2e import FLOW, Procs, ours, theirs  # noqa: E402
 
 JSON = b"application/json"
 
@@ -87,23 +88,29 @@ def main() -> None:
     ap.add_argument("--batch-clients", type=int, default=2, help="concurrent batch requests")
     ap.add_argument("--skip-theirs", action="store_true")
     args = ap.parse_args()
-    rows: list[tuple[str, str, float]] = []
-    with tempfile.TemporaryDirectory() as tmp, ours(Path(tmp), 0, 1) as (url, _procs):
+    rows: list[tuple[str, str, float, float]] = []  # system, metric, runs/s, server CPU ms per run
+
+    def timed(system: str, metric: str, procs: Procs, n: int, fn, *fn_args) -> None:  # type: ignore[no-untyped-def]
+        cpu0 = procs.cpu()
+        rate = trio.run(fn, *fn_args)
+        rows.append((system, metric, rate, (procs.cpu() - cpu0) * 1000 / n))
+
+    with tempfile.TemporaryDirectory() as tmp, ours(Path(tmp), 0, 1) as (url, procs):
         for kind in ("yaml", "named"):
-            rows.append(("pyoco-es", f"single {kind} submits/s (C={args.clients})", trio.run(singles, url, args.runs, args.clients, kind)))
-            rows.append(("pyoco-es", f"batch {kind} runs/s ({args.batch}/request, C={args.batch_clients})",
-                         trio.run(batches, url, args.batch_runs, args.batch, args.batch_clients, kind)))
+            timed("pyoco-es", f"single {kind} submits/s (C={args.clients})", procs, args.runs, singles, url, args.runs, args.clients, kind)
+            timed("pyoco-es", f"batch {kind} runs/s ({args.batch}/request, C={args.batch_clients})", procs, args.batch_runs,
+                  batches, url, args.batch_runs, args.batch, args.batch_clients, kind)
             print(f"  pyoco-es {kind} done", file=sys.stderr)
     if not args.skip_theirs:
-        with tempfile.TemporaryDirectory() as tmp, theirs(Path(tmp), 0) as (url, _procs):
+        with tempfile.TemporaryDirectory() as tmp, theirs(Path(tmp), 0) as (url, procs):
             for kind in ("yaml", "named"):
-                rows.append(("pyoco-server", f"single {kind} submits/s (C={args.clients})", trio.run(singles, url, args.runs, args.clients, kind)))
+                timed("pyoco-server", f"single {kind} submits/s (C={args.clients})", procs, args.runs, singles, url, args.runs, args.clients, kind)
             print("  pyoco-server done", file=sys.stderr)
-    print(f"\n{'system':<14} {'metric':<52} {'runs/s':>10}")
-    for system, metric, value in rows:
-        print(f"{system:<14} {metric:<52} {value:>10.0f}")
-    theirs_single = {m.split()[1]: v for s, m, v in rows if s == "pyoco-server"}
-    for system, metric, value in rows:
+    print(f"\n{'system':<14} {'metric':<52} {'runs/s':>10} {'server CPU ms/run':>18}")
+    for system, metric, value, cpu in rows:
+        print(f"{system:<14} {metric:<52} {value:>10.0f} {cpu:>18.2f}")
+    theirs_single = {m.split()[1]: v for s, m, v, _ in rows if s == "pyoco-server"}
+    for system, metric, value, _ in rows:
         if metric.startswith("batch") and metric.split()[1] in theirs_single:
             kind = metric.split()[1]
             print(f"batch {kind} vs pyoco-server single {kind}: {value / theirs_single[kind]:.1f}x (target >= 10x)")

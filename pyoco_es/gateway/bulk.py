@@ -165,11 +165,11 @@ async def submit_batch(gw: Gateway, items: list[object], principal: Principal | 
         now = gw.clock()
         event_id = iter(fresh_event_ids(len(first))).__next__
         batches = [
-            (run_id, decide.stamp(None, [ev], run_id=run_id, producer=gw.producer, now=now, new_id=event_id), 0, first_dispatch(gw, ev, run_id))
+            (decide.stamp(None, [ev], run_id=run_id, producer=gw.producer, now=now, new_id=event_id)[0], first_dispatch(gw, ev, run_id, acked=False))
             for _, run_id, ev, _ in first
         ]
-        stored = await gw.nats.append_many(batches)
-        for (i, run_id, _, request), (_, envs, _, _), res in zip(first, batches, stored, strict=True):
+        stored = await gw.nats.append_first_many(batches)
+        for (i, run_id, _, request), (env, _), res in zip(first, batches, stored, strict=True):
             if isinstance(res, ConcurrencyConflict):  # the run exists: a replay, or a reused key
                 again.append((i, *request))
             elif isinstance(res, PyocoError):
@@ -177,7 +177,7 @@ async def submit_batch(gw: Gateway, items: list[object], principal: Principal | 
                 if isinstance(res, OutcomeUnknown):
                     results[i]["run_id"] = run_id  # it may be stored: look it up, or resend the key
             else:
-                snap = apply(None, attrs.evolve(envs[0], stream_seq=res[-1]))
+                snap = apply(None, attrs.evolve(env, stream_seq=res[-1]))
                 gw.index.note(snap.to_json())
                 results[i] = {"index": i, "status": "accepted", "run_id": run_id}
     for i, event, fingerprint, key in sorted(again, key=lambda a: a[0]):

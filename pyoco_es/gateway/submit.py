@@ -234,16 +234,18 @@ def prepare_submit(
     return run_id, event
 
 
-def first_dispatch(gw: Gateway, event: RunSubmitted, run_id: str) -> OnStored:
-    """The append hook that hands attempt 1 to the workers (see :func:`submit_event`)."""
+def first_dispatch(gw: Gateway, event: RunSubmitted, run_id: str, *, acked: bool = True) -> OnStored:
+    """The append hook that hands attempt 1 to the workers (see :func:`submit_event`);
+    ``acked=False`` sends it without waiting for its PubAck (a batch's many items)."""
     subject = subjects.work_subject(event.tag, gw.settings.work_subject_prefix)
+    publish = gw.nats.publish_soon if acked else gw.nats.publish_unacked_soon
 
     def dispatch(seqs: list[int]) -> None:
         # Fast path, on the NATS thread the moment the PubAck is in: hand the first attempt to
         # the workers without a thread hop.  The event says so (fast_dispatch), so the conductor
         # does not publish it again; if this publish is lost, its reconcile publishes the item.
         item = WorkItem.for_attempt(event, run_id=run_id, attempt=1, run_version=1, run_last_stream_seq=seqs[-1]).to_json()
-        gw.nats.publish_soon(subject, item, subjects.work_msg_id(run_id, 1))
+        publish(subject, item, subjects.work_msg_id(run_id, 1))
 
     return dispatch
 
