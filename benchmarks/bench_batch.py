@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,6 +80,18 @@ async def batches(url: str, n: int, size: int, clients: int, kind: str) -> float
         return accepted / elapsed
 
 
+def settle(url: str, timeout: float = 120.0) -> None:
+    """Until the server's projector has caught up (pyoco_projector_lag 0; pyoco-server has none)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        lag = [line.split()[-1] for line in text.splitlines() if line.startswith("pyoco_projector_lag")]
+        if not lag or float(lag[0]) == 0:
+            return
+        time.sleep(0.1)
+    print(f"  {url}: the projector did not catch up within {timeout:g} s", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=4000, help="single submits per measurement")
@@ -91,8 +104,10 @@ def main() -> None:
     rows: list[tuple[str, str, float, float]] = []  # system, metric, runs/s, server CPU ms per run
 
     def timed(system: str, metric: str, procs: Procs, n: int, fn, *fn_args) -> None:  # type: ignore[no-untyped-def]
+        settle(fn_args[0])
         cpu0 = procs.cpu()
         rate = trio.run(fn, *fn_args)
+        settle(fn_args[0])  # the CPU per run includes projecting what was submitted
         rows.append((system, metric, rate, (procs.cpu() - cpu0) * 1000 / n))
 
     with tempfile.TemporaryDirectory() as tmp, ours(Path(tmp), 0, 1) as (url, procs):

@@ -19,7 +19,7 @@ import functools
 import os
 import time
 import uuid
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
@@ -96,11 +96,12 @@ def _reason(exc: PyocoError) -> str:
     return exc.message if hasattr(exc, "message") else str(exc)
 
 
+Submitted = RunSubmitted | dict[str, Any]  # an event, or a named flow item's fields (built once, in prepare_submit)
 YamlMemo = dict[tuple[str, str, str], tuple[RunSubmitted, JSONObject]]
 
 
-async def _parse_item(gw: Gateway, raw: object, memo: YamlMemo) -> tuple[RunSubmitted, JSONObject, str | None]:
-    """One batch item → (event, fingerprint, Idempotency-Key), validated as the single routes do.
+async def _parse_item(gw: Gateway, raw: object, memo: YamlMemo) -> tuple[Submitted, JSONObject, str | None]:
+    """One batch item → (event or its fields, fingerprint, Idempotency-Key), validated as the single routes do.
     ``memo`` keeps the batch's parsed YAML items: the same document, name and tag is parsed once.
 
     Raises:
@@ -115,7 +116,7 @@ async def _parse_item(gw: Gateway, raw: object, memo: YamlMemo) -> tuple[RunSubm
     if "workflow_yaml" not in raw:
         body = {k: v for k, v in raw.items() if k != "idempotency_key"}
         flow_name, params, tag, tags = parse_submit_body(body, default_tag=gw.settings.default_tag, max_params_bytes=gw.settings.max_params_bytes)
-        event = RunSubmitted(flow_name=flow_name, params=params, tag=tag, tags=tuple(tags), submitted_at=gw.clock(), max_attempts=gw.settings.max_attempts)
+        event = {"flow_name": flow_name, "params": params, "tag": tag, "tags": tuple(tags), "submitted_at": gw.clock(), "max_attempts": gw.settings.max_attempts}
         fingerprint: JSONObject = {"kind": "flow", "flow_name": flow_name, "params": params, "tag": tag, "tags": list[JSONValue](tags)}
         return event, fingerprint, key
     text, name, tag = raw.get("workflow_yaml"), raw.get("flow_name"), raw.get("tag")
@@ -143,8 +144,8 @@ async def _parse_item(gw: Gateway, raw: object, memo: YamlMemo) -> tuple[RunSubm
 async def submit_batch(gw: Gateway, items: list[object], principal: Principal | None) -> list[JSONObject]:
     """Validate every item, append the good ones together, and answer one result per item, in order."""
     results: list[JSONObject] = [{"index": i, "status": "refused"} for i in range(len(items))]
-    first: list[tuple[int, str, RunSubmitted, tuple[RunSubmitted, JSONObject, str | None]]] = []  # appended together
-    again: list[tuple[int, RunSubmitted, JSONObject, str | None]] = []  # a run id already in this batch
+    first: list[tuple[int, str, RunSubmitted, tuple[Submitted, JSONObject, str | None]]] = []  # appended together
+    again: list[tuple[int, Submitted, JSONObject, str | None]] = []  # a run id already in this batch
     taken: set[str] = set()
     fresh = fresh_run_ids(len(items))
     memo: YamlMemo = {}
@@ -186,7 +187,7 @@ async def submit_batch(gw: Gateway, items: list[object], principal: Principal | 
 
 
 async def _submit_alone(
-    gw: Gateway, i: int, event: RunSubmitted, fingerprint: JSONObject, key: str | None, principal: Principal | None
+    gw: Gateway, i: int, event: Submitted, fingerprint: JSONObject, key: str | None, principal: Principal | None
 ) -> JSONObject:
     """A batch item on the single submit's path (its run id already has events)."""
     try:

@@ -199,7 +199,7 @@ def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc) -> tuple[RunS
 
 def prepare_submit(
     gw: Gateway,
-    event: RunSubmitted,
+    event: RunSubmitted | dict[str, Any],
     fingerprint: JSONObject,
     key: str | None,
     principal: Principal | None = None,
@@ -208,13 +208,15 @@ def prepare_submit(
     check_size: bool = True,
 ) -> tuple[str, RunSubmitted]:
     """The run id and the final ``run.submitted`` of a request (tenant, Idempotency-Key, fingerprint).
-    ``fresh_id`` is the id of a run without a key (default: a new one); ``check_size=False`` leaves
-    the size to the append, which refuses an event that cannot fit (``PayloadTooLarge``).
+    ``event`` may also be the event's fields (it is then built once, not built and evolved: a
+    batch's items).  ``fresh_id`` is the id of a run without a key (default: a new one);
+    ``check_size=False`` leaves the size to the append, which refuses an event that cannot fit
+    (``PayloadTooLarge``).
 
     Raises:
         PayloadTooLarge: the event would not fit NATS's max_payload.
     """
-    tenant = principal.tenant_id if principal is not None else event.tenant_id
+    tenant = principal.tenant_id if principal is not None else (event.get("tenant_id") if isinstance(event, dict) else event.tenant_id)
     run_id = run_id_for_key(tenant, key) if key else (fresh_id or new_run_id())
     if key:
         legacy = gw.index.get(legacy_run_id_for_key(tenant, key))
@@ -223,7 +225,7 @@ def prepare_submit(
     changes: dict[str, object] = {"idempotency_key": key, "request_sha256": request_fingerprint(fingerprint), "fast_dispatch": True}
     if principal is not None:
         changes.update(tenant_id=principal.tenant_id, api_key_id=principal.key_id)
-    event = attrs.evolve(event, **changes)
+    event = RunSubmitted(**{**event, **changes}) if isinstance(event, dict) else attrs.evolve(event, **changes)
     if check_size:
         size = len(dumps(event_data(event))) + 1024
         if size > gw.nats.max_payload:
@@ -252,7 +254,7 @@ def first_dispatch(gw: Gateway, event: RunSubmitted, run_id: str, *, acked: bool
 
 async def submit_event(
     gw: Gateway,
-    event: RunSubmitted,
+    event: RunSubmitted | dict[str, Any],
     fingerprint: JSONObject,
     key: str | None,
     principal: Principal | None = None,
