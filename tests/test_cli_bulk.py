@@ -67,4 +67,4 @@ async def test_submit_batch_cancel_filter_and_dlq(stack: Stack, tmp_path: Path) 
         assert again["resubmitted_from"] == missing and again["run_id"] != missing
         assert ok_json(await pyoco(url, "dlq", "drop", str(dead["id"]))) == {"id": dead["id"], "dropped": True}
         gone = await pyoco(url, "dlq", "show", str(dead["id"]))
-        assert gone.returncode == 1 and "404" in gone.stderr and "not found" in gone.stderr
+        assert gone.returncode == 1 and "404" in gone.stderr and "not found" in gone.stderr and "dlq list" in gone.stderr
