@@ -54,6 +54,11 @@ async def test_batch_stores_good_items_and_refuses_bad_ones(gw: GW) -> None:  # 
         first = await gw.client.post("/runs", json={"flow_name": "solo"}, headers={"Idempotency-Key": "k-2"})
         again = (await gw.client.post("/runs/batch", json={"items": [{"flow_name": "solo", "idempotency_key": "k-2"}]})).json()
         assert again["results"] == [{"index": 0, "status": "duplicate", "run_id": first.json()["run_id"]}]
+        # A retried batch of keyed items (the answer was lost): every item is a replay of its run.
+        keyed = [{"flow_name": "retry", "params": {"n": n}, "idempotency_key": f"r-{n}"} for n in range(50)]
+        sent = (await gw.client.post("/runs/batch", json={"items": keyed})).json()["results"]
+        resent = (await gw.client.post("/runs/batch", json={"items": keyed})).json()
+        assert resent["duplicate"] == 50 and [x["run_id"] for x in resent["results"]] == [x["run_id"] for x in sent]
 
 
 async def test_batch_limits_and_malformed_bodies(gw: GW) -> None:  # noqa: F811

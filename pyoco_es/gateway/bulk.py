@@ -49,7 +49,7 @@ blueprint = Blueprint("bulk", __name__)
 
 BATCH_MAX: Final = 1000  # items in one POST /runs/batch, run ids in one POST /runs/cancel
 CANCEL_FILTER_KEYS: Final = ("status", "flow_name", "tag")
-CANCEL_CONCURRENCY: Final = 32  # cancel decisions in flight at once
+CONCURRENCY: Final = 32  # single-path submits or cancel decisions in flight at once
 _ITEM_KEYS: Final = frozenset({"flow_name", "params", "tag", "tags", "idempotency_key", "workflow_yaml"})
 
 
@@ -181,8 +181,17 @@ async def submit_batch(gw: Gateway, items: list[object], principal: Principal | 
                 snap = apply(None, attrs.evolve(env, stream_seq=res[-1]))
                 gw.index.note(snap.to_json())
                 results[i] = {"index": i, "status": "accepted", "run_id": run_id}
-    for i, event, fingerprint, key in sorted(again, key=lambda a: a[0]):
-        results[i] = await _submit_alone(gw, i, event, fingerprint, key, principal)
+    # Their runs exist already, so their order does not change their outcome (a retried batch of
+    # keyed items is all replays): in parallel, bounded.
+    limiter = trio.CapacityLimiter(CONCURRENCY)
+
+    async def alone(i: int, event: Submitted, fingerprint: JSONObject, key: str | None) -> None:
+        async with limiter:
+            results[i] = await _submit_alone(gw, i, event, fingerprint, key, principal)
+
+    async with trio.open_nursery() as nursery:
+        for item in again:
+            nursery.start_soon(alone, *item)
     return results
 
 
@@ -275,7 +284,7 @@ async def cancel_runs(gw: Gateway, run_ids: list[str], who: Principal | None) ->
     which were already ending or ended, which do not exist (for this caller)."""
     report: dict[str, list[str]] = {"cancel_requested": [], "already_cancelling": [], "already_terminal": [], "not_found": []}
     outcome: dict[str, str] = {}
-    limiter = trio.CapacityLimiter(CANCEL_CONCURRENCY)
+    limiter = trio.CapacityLimiter(CONCURRENCY)
     by = None if who is None else f"api_key:{who.key_id}"
 
     async def one(run_id: str) -> None:
