@@ -142,3 +142,10 @@ def noisy(text: str = "hello") -> str:
     subprocess.run(["echo", f"sub: {text}"], check=True)
     print("esc: \x1b[2J\x1b[31mred\x1b[0m")
     return text
+
+
+def fail_unless_file(path: str) -> str:
+    """Fails until ``path`` exists (a dead letter that a re-submission can fix)."""
+    if not os.path.exists(path):
+        raise RuntimeError(f"not ready: {path} is missing")
+    return "ready"

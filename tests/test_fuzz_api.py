@@ -179,7 +179,7 @@ def test_the_document_covers_exactly_the_routes() -> None:
     doc = openapi_document(routes)
     assert set(routes) == set(OPERATIONS)
     for (method, rule), op in OPERATIONS.items():
-        if method in ("POST", "PATCH") and rule not in ("/runs/<run_id>/cancel",):
+        if method in ("POST", "PATCH") and rule not in ("/runs/<run_id>/cancel", "/dlq/<int:dlq_id>/resubmit"):  # bodyless
             assert "requestBody" in op, (method, rule)
         for param in op["parameters"]:
             assert param["schema"], (method, rule, param)

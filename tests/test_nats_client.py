@@ -11,6 +11,7 @@ import trio
 from pyoco_es.core.errors import ConcurrencyConflict, EventLogUnavailable
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient, open_nats
+from pyoco_es.nats.embedded import EmbeddedNats
 
 from test_gateway_support import wait_until
 
@@ -84,3 +85,40 @@ async def test_an_append_hook_runs_on_the_nats_thread_before_the_caller_resumes(
         with pytest.raises(ConcurrencyConflict):
             await nats.append("hookrun", again, expected_last=0, on_stored=hook)
         assert len(seen) == 1
+
+
+async def test_first_appends_pipelined_across_a_freeze_are_stored_once(nats_server: EmbeddedNats) -> None:
+    """``append_first_many`` (the batch submit's append): nats-server frozen longer than the
+    PubAck timeout while the events are in flight; afterwards every event is reported stored
+    with its real stream seq, each run holds exactly that one event, and a run that already had
+    events is a conflict (never a second first event)."""
+    from pyoco_es.core.events import Envelope, Producer, RunSubmitted
+    from pyoco_es.nats.resources import ensure_resources
+    from pyoco_es.testing.faults import frozen
+
+    def first(run_id: str, event_id: str | None = None) -> Envelope:
+        event = RunSubmitted(flow_name="f", params={}, tag="t", tags=("t",), submitted_at=1.0)
+        return Envelope(event_id=event_id or f"e-{run_id}", run_id=run_id, seq=1, occurred_at=1.0, producer=Producer(kind="gateway", id="g"), event=event)
+
+    assert nats_server.proc is not None
+    with trio.fail_after(30):
+        async with open_nats(nats_server.url, name="t", op_timeout=0.5, unavailable_wait=8.0) as client:
+            await ensure_resources(client)
+            assert await client.append_first_many([(first("taken"), None)]) == [[1]]
+            hooked: list[list[int]] = []
+            envs = [(first(f"r{i}"), hooked.append) for i in range(40)] + [(first("taken", "another"), None)]
+            results: list[object] = []
+
+            async def go() -> None:
+                results.extend(await client.append_first_many(envs))
+
+            async with trio.open_nursery() as nursery:
+                with frozen(nats_server.proc.pid):
+                    nursery.start_soon(go)
+                    await trio.sleep(1.5)  # the fault itself: three PubAck timeouts
+            assert isinstance(results[-1], ConcurrencyConflict), results[-1]
+            for i, res in enumerate(results[:-1]):
+                assert isinstance(res, list), (i, res)
+                stored = await client.read_run(f"r{i}")
+                assert [(e.event_id, e.stream_seq) for e in stored] == [(f"e-r{i}", res[0])]
+            assert sorted(hooked) == sorted(results[:-1])  # each follow-up ran once, with the seq

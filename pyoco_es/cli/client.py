@@ -17,8 +17,9 @@ from typing import Any, Final, TypeVar
 
 import asyncclick as click
 
+from .client_bulk import cancel_by_filter, cancel_filter_options, register
 from .client_command import ClientGroup, api_command
-from .client_errors import ERR_CANCEL, EXIT_INTERRUPTED, EXIT_OK, CliError
+from .client_errors import ERR_CANCEL, EXIT_INTERRUPTED, EXIT_OK, CliError, input_error
 from .client_http import Api, ClientSettings, WatchOptions
 from .client_logs import logs_cmd
 from .client_output import (
@@ -398,7 +399,7 @@ async def watch_cmd(
 
 
 @client.command("cancel")
-@click.option("--run-id", required=True, help="The run to cancel.")
+@click.option("--run-id", default=None, help="The run to cancel.")
 @click.option("--wait", is_flag=True, help="Wait until the run has ended, then print its final snapshot.")
 @click.option(
     "--timeout-sec",
@@ -407,8 +408,9 @@ async def watch_cmd(
     help="With --wait: give up after this many seconds (ERR-PYOCO-CANCEL, exit 1). Default: the longest a cancel "
     "can take, the cancel grace (PYOCO_CANCEL_GRACE_PERIOD_SEC, 30) + two run leases (PYOCO_RUN_LEASE_SEC, 15) + 5 s.",
 )
+@cancel_filter_options
 @api_command
-async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | None) -> None:
+async def cancel_cmd(api: Api, run_id: str | None, wait: bool, timeout_sec: float | None, filters: tuple[str, ...], yes: bool) -> int | None:
     """Ask a run to stop. Cancelling an ended run changes nothing.
 
     A running run's worker stops it at the next task boundary, or kills it when the cancel grace
@@ -419,7 +421,14 @@ async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | Non
     Examples:
       pyoco-client cancel --run-id RUN_ID
       pyoco-client cancel --run-id RUN_ID --wait --timeout-sec 120
+      pyoco-client cancel --filter status=RUNNING --filter flow_name=etl --yes
     """
+    if run_id is None and not filters:
+        raise input_error("Missing option '--run-id' (or --filter KEY=VALUE to cancel every matching run)", hint=f"{sub_command('cancel')} -h")
+    if run_id is not None and filters:
+        raise input_error("give --run-id or --filter, not both", hint=f"{sub_command('cancel')} -h")
+    if filters:
+        return await cancel_by_filter(api, filters, yes)
     grace, lease = cancel_timing()
     timeout_sec = timeout_sec or default_cancel_wait()
     snapshot = await api.post_json(f"/runs/{run_id}/cancel")
@@ -441,6 +450,7 @@ async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | Non
             )
         snapshot = await api.get_json(f"/runs/{run_id}")
     write_json(snapshot)
+    return None
 
 
 @client.command("workers")
@@ -523,6 +533,7 @@ async def events_cmd(api: Api, run_id: str, after_seq: int, output: str | None) 
 
 
 client.add_command(logs_cmd)  # `logs` (cli/client_logs.py)
+register(client)  # submit-batch, dlq (cli/client_bulk.py)
 
 
 # -- entry point ------------------------------------------------------------------------------

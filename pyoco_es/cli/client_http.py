@@ -93,7 +93,10 @@ def http_error(response: httpx.Response, settings: ClientSettings) -> CliError:
     body = describe_body(response)
     if body:
         reason = f"{reason}: {body}"
-    return CliError(ERR_HTTP, "request failed", reason=reason, hint=_status_hint(response.status_code, settings))
+    hint = _status_hint(response.status_code, settings)
+    if response.status_code == 404 and req.url.path.startswith("/dlq/"):
+        hint = f"check the id; `{settings.command_path} dlq list` shows the dead letters"
+    return CliError(ERR_HTTP, "request failed", reason=reason, hint=hint)
 
 
 def connection_error(exc: Exception, settings: ClientSettings) -> CliError:

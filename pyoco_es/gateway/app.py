@@ -24,7 +24,7 @@ from ..core.errors import PyocoError, ValidationError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
-from . import apidocs, dashboard, events, identity, logs, runs, status, streams, workers
+from . import apidocs, bulk, dashboard, dlq, events, identity, logs, runs, status, streams, workers
 from .answer import on_http_error, on_pyoco_error, on_unexpected
 from .context import JSON_BODY_MAX, MULTIPART_SLACK, STATIC_DIR, Gateway, current_gateway, gateway_of
 from .auth import KeyRing
@@ -32,8 +32,8 @@ from .guard import allowed_origins, check_host, check_request, cors_headers
 from .index import WorkerIndex
 from .runindex import RunIndex
 
-BLUEPRINTS = (status.blueprint, dashboard.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint,
-              identity.blueprint, apidocs.blueprint, logs.blueprint)
+BLUEPRINTS = (status.blueprint, dashboard.blueprint, bulk.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint,
+              identity.blueprint, apidocs.blueprint, logs.blueprint, dlq.blueprint)
 
 
 def create_app(

@@ -36,6 +36,8 @@ MULTIPART: Final = "multipart/form-data"
 BODY_TYPES: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("POST", "/runs"): frozenset({JSON}),
     ("POST", "/runs/yaml"): frozenset({MULTIPART}),
+    ("POST", "/runs/batch"): frozenset({JSON}),
+    ("POST", "/runs/cancel"): frozenset({JSON}),
     ("PATCH", "/workers/<worker_id>"): frozenset({JSON}),
 }
 CORS_HEADERS: Final = "Content-Type, Idempotency-Key, Last-Event-ID, X-API-Key"

@@ -66,6 +66,8 @@ _INCLUDE: Final = _q("include", {"type": "array", "items": {"type": "string", "e
                      "records/task_records/full/all keep task_records in the snapshot.")
 _IDEM: Final = _h("Idempotency-Key", {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX, "pattern": "^[\\x20-\\x7e]+$"},
                   "Printable ASCII.  A retry with the same key and request returns the same run; another request with the key is a 422.")
+_DLQ_ID: Final = {"name": "dlq_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                  "description": "The dead letter's id (its sequence in the PYOCO_DLQ stream)."}
 _LAST_ID: Final = _h("Last-Event-ID", {"type": "integer", "minimum": 0}, "Resume after this id.")
 _SUBMIT_OK: Final = {"description": "Accepted: run.submitted is durable",
                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitResponse"}}}}
@@ -127,6 +129,20 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
                                                "type": "object", "required": ["hidden"], "properties": {"hidden": {"type": "boolean"}}})),
     ("GET", "/auth/whoami"): _op("Who is calling: the auth mode and, with an API key, its tenant and key id", errors=(401, 403, 503),
                                  ok={"description": "OK", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/WhoAmI"}}}}),
+    # -- bulk operations and dead letters (issues 18 and 15) --
+    ("POST", "/runs/batch"): _op("Submit up to 1000 runs (named flows or flow.yaml text); one result per item, in order",
+                                 ok={"description": "One result per item", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchResponse"}}}},
+                                 errors=_WRITE_ERRORS, body=_body("application/json", {"$ref": "#/components/schemas/RunBatch"})),
+    ("POST", "/runs/cancel"): _op("Cancel many runs: by run_ids, or every active run matching a filter (status, flow_name, tag)",
+                                  errors=_WRITE_ERRORS, body=_body("application/json", {"$ref": "#/components/schemas/RunCancelMany"})),
+    ("GET", "/dlq"): _op("Dead letters, newest first (reason, run, flow, when, size)", params=[
+        _q("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
+        _q("before", {"type": "integer", "minimum": 1}, "next_cursor of the previous page: entries with a smaller id")],
+        errors=(422, 503)),
+    ("GET", "/dlq/<int:dlq_id>"): _op("One dead letter with its payload (as text or JSON, never executed)", params=[_DLQ_ID], errors=(404, 503)),
+    ("DELETE", "/dlq/<int:dlq_id>"): _op("Drop a dead letter (recorded in the audit history)", params=[_DLQ_ID], errors=(403, 404, 503)),
+    ("POST", "/dlq/<int:dlq_id>/resubmit"): _op("Re-submit a dead letter's run as a new run (recorded; the new run's events name the dead letter)",
+                                                params=[_DLQ_ID], ok=_SUBMIT_OK, errors=(403, 404, 409, 413, 422, 503)),
     ("GET", "/metrics"): _op("Prometheus metrics", ok={"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}),
 }
 
@@ -143,6 +159,22 @@ _SCHEMAS: Final = {
     "WhoAmI": {"type": "object", "required": ["auth_mode", "tenant_id", "api_key_id"], "properties": {
         "auth_mode": {"type": "string", "enum": ["none", "api_key"]},
         "tenant_id": {"type": ["string", "null"]}, "api_key_id": {"type": ["string", "null"]}}},
+    "RunBatch": {"type": "object", "required": ["items"], "properties": {"items": {
+        "type": "array", "maxItems": 1000, "description": "More than 1000 items: 413 (nothing stored).",
+        "items": {"type": "object", "properties": {
+            "flow_name": _FLOW_NAME, "params": {"type": "object"}, "tag": {"oneOf": [_TAG, {"type": "null"}]},
+            "tags": {"type": "array", "items": _TAG, "maxItems": TAGS_MAX_ITEMS},
+            "idempotency_key": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX, "pattern": "^[\\x20-\\x7e]+$"},
+            "workflow_yaml": {"type": "string", "description": "flow.yaml text (validated as POST /runs/yaml); with flow_name and tag only"}}}}}},
+    "BatchResponse": {"type": "object", "properties": {
+        "results": {"type": "array", "items": {"type": "object", "required": ["index", "status"], "properties": {
+            "index": {"type": "integer"}, "status": {"type": "string", "enum": ["accepted", "duplicate", "refused"]},
+            "run_id": {"type": "string"}, "error": {"type": "string"}}}},
+        "accepted": {"type": "integer"}, "duplicate": {"type": "integer"}, "refused": {"type": "integer"}}},
+    "RunCancelMany": {"type": "object", "description": "Exactly one of run_ids or filter.", "properties": {
+        "run_ids": {"type": "array", "maxItems": 1000, "items": {"type": "string", "maxLength": RUN_ID_MAX}},
+        "filter": {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": {
+            "status": _TEXT, "flow_name": _TEXT, "tag": _TEXT}}}},
     "SubmitResponse": {"type": "object", "properties": {
         "run_id": {"type": "string"}, "status": {"type": "string"}, "bundle_hash": {"type": ["string", "null"]}}},
 }

@@ -22,6 +22,7 @@ from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..core.work import WorkItem
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
 from ..nats import subjects
+from ..ports import OnStored
 from ..service import new_run_id
 from .auth import Principal
 from .context import MULTIPART_SLACK, Gateway
@@ -202,49 +203,89 @@ def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc, timeout_sec: 
 
 
 
-async def submit_event(
-    gw: Gateway, event: RunSubmitted, fingerprint: JSONObject, key: str | None, principal: Principal | None = None
-) -> tuple[JSONObject, dict[str, str]]:
-    """Append ``run.submitted`` (Idempotency-Key retries are replays): the answer's body and headers.
-    With API keys on, the run belongs to the ``principal``'s tenant and key.
+def prepare_submit(
+    gw: Gateway,
+    event: RunSubmitted | dict[str, Any],
+    fingerprint: JSONObject,
+    key: str | None,
+    principal: Principal | None = None,
+    *,
+    fresh_id: str | None = None,
+    check_size: bool = True,
+) -> tuple[str, RunSubmitted]:
+    """The run id and the final ``run.submitted`` of a request (tenant, Idempotency-Key, fingerprint).
+    ``event`` may also be the event's fields (it is then built once, not built and evolved: a
+    batch's items).  ``fresh_id`` is the id of a run without a key (default: a new one);
+    ``check_size=False`` leaves the size to the append, which refuses an event that cannot fit
+    (``PayloadTooLarge``).
 
     Raises:
-        PayloadTooLarge: the event would not fit NATS's max_payload (nothing appended).
-        RequestInvalid: the Idempotency-Key names a different request.
-        InfraError: NATS is down or did not acknowledge.
+        PayloadTooLarge: the event would not fit NATS's max_payload.
     """
-    if principal is not None:
-        event = attrs.evolve(event, tenant_id=principal.tenant_id, api_key_id=principal.key_id)
-    tenant = event.tenant_id
-    run_id = run_id_for_key(tenant, key) if key else new_run_id()
+    tenant = principal.tenant_id if principal is not None else (event.get("tenant_id") if isinstance(event, dict) else event.tenant_id)
+    run_id = run_id_for_key(tenant, key) if key else (fresh_id or new_run_id())
     if key:
         legacy = gw.index.get(legacy_run_id_for_key(tenant, key))
         if legacy is not None:  # the key's run from before run ids took the canonical form
             run_id = str(legacy["run_id"])
-    event = attrs.evolve(event, idempotency_key=key, request_sha256=request_fingerprint(fingerprint), fast_dispatch=True)
-    size = len(dumps(event_data(event))) + 1024
-    if size > gw.nats.max_payload:
-        raise PayloadTooLarge(
-            f"run too large: the submitted event would be about {size} bytes, above the NATS max_payload of "
-            f"{gw.nats.max_payload} bytes; send smaller params or workflow"
-        )
-    await gw.await_nats()
+    changes: dict[str, object] = {"idempotency_key": key, "request_sha256": request_fingerprint(fingerprint), "fast_dispatch": True}
+    if principal is not None:
+        changes.update(tenant_id=principal.tenant_id, api_key_id=principal.key_id)
+    event = RunSubmitted(**{**event, **changes}) if isinstance(event, dict) else attrs.evolve(event, **changes)
+    if check_size:
+        size = len(dumps(event_data(event))) + 1024
+        if size > gw.nats.max_payload:
+            raise PayloadTooLarge(
+                f"run too large: the submitted event would be about {size} bytes, above the NATS max_payload of "
+                f"{gw.nats.max_payload} bytes; send smaller params or workflow"
+            )
+    return run_id, event
+
+
+def first_dispatch(gw: Gateway, event: RunSubmitted, run_id: str, *, acked: bool = True) -> OnStored:
+    """The append hook that hands attempt 1 to the workers (see :func:`submit_event`);
+    ``acked=False`` sends it without waiting for its PubAck (a batch's many items)."""
     subject = subjects.work_subject(event.tag, gw.settings.work_subject_prefix)
+    publish = gw.nats.publish_soon if acked else gw.nats.publish_unacked_soon
 
     def dispatch(seqs: list[int]) -> None:
         # Fast path, on the NATS thread the moment the PubAck is in: hand the first attempt to
         # the workers without a thread hop.  The event says so (fast_dispatch), so the conductor
         # does not publish it again; if this publish is lost, its reconcile publishes the item.
         item = WorkItem.for_attempt(event, run_id=run_id, attempt=1, run_version=1, run_last_stream_seq=seqs[-1]).to_json()
-        gw.nats.publish_soon(subject, item, subjects.work_msg_id(run_id, 1))
+        publish(subject, item, subjects.work_msg_id(run_id, 1))
 
+    return dispatch
+
+
+async def submit_event(
+    gw: Gateway,
+    event: RunSubmitted | dict[str, Any],
+    fingerprint: JSONObject,
+    key: str | None,
+    principal: Principal | None = None,
+    *,
+    correlation_id: str | None = None,
+) -> tuple[JSONObject, dict[str, str]]:
+    """Append ``run.submitted`` (Idempotency-Key retries are replays): the answer's body and headers.
+    With API keys on, the run belongs to the ``principal``'s tenant and key.  ``correlation_id``
+    goes on the event's envelope (a dead letter's re-submission names the dead letter).
+
+    Raises:
+        PayloadTooLarge: the event would not fit NATS's max_payload (nothing appended).
+        RequestInvalid: the Idempotency-Key names a different request.
+        InfraError: NATS is down or did not acknowledge.
+    """
+    run_id, event = prepare_submit(gw, event, fingerprint, key, principal)
+    await gw.await_nats()
     try:
         outcome = await gw.store.execute(
             run_id,
             lambda snap: decide.submit_run(snap, event, run_id=run_id),
             producer=gw.producer,
             assume_new=True,
-            on_stored=dispatch,
+            on_stored=first_dispatch(gw, event, run_id),
+            correlation_id=correlation_id,
         )
     except OutcomeUnknown as exc:
         exc.run_id = run_id  # the 503 names it: the client may look it up

@@ -15,7 +15,7 @@ from quart import Blueprint, Response, request
 from ..core.codec import dumps
 from ..core.errors import ConcurrencyConflict, InfraError, OutcomeUnknown
 from ..nats import subjects
-from ..nats.audit import record_audit
+from ..nats.audit import append_audit
 from ..nats.client import KVEntry
 from .answer import json_response
 from .context import Gateway, caller, current_gateway, request_body
@@ -125,7 +125,7 @@ async def _record_toggle(gw: Gateway, worker_id: str, hidden: bool, now: float) 
         "at": now,
     }
     try:
-        await record_audit(gw.nats, subjects.WORKER_AUDIT_SUBJECT, doc)
+        await append_audit(gw.nats, subjects.WORKER_AUDIT_SUBJECT, doc)
     except InfraError as exc:
         raise OutcomeUnknown(f"worker {worker_id} is {'hidden' if hidden else 'shown'} but its audit entry was not stored "
                              f"({exc.message}): PATCH again to record it") from exc

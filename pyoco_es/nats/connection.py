@@ -149,6 +149,16 @@ class _FastPublisher:
             JetStreamAckError: the stream refused it (e.g. 10071 wrong last sequence).
             EventLogUnavailable: no stream listens on ``subject``.
         """
+        reply, fut = await self.send(subject, data, headers)
+        try:
+            msg = await fut
+        finally:
+            self._futures.pop(reply, None)
+        return self.outcome(subject, msg)
+
+    async def send(self, subject: str, data: bytes, headers: dict[str, str] | None) -> tuple[str, asyncio.Future[Any]]:
+        """Publish; returns the reply subject and the future its PubAck message completes (the
+        caller reads it with :meth:`outcome` and drops the reply from ``_futures`` if it gives up)."""
         if not self._prefix:
             await self._start()
         self._counter += 1
@@ -157,9 +167,14 @@ class _FastPublisher:
         self._futures[reply] = fut
         try:
             await self._nc.publish(subject, data, reply=reply, headers=headers)
-            msg = await fut
-        finally:
+        except BaseException:
             self._futures.pop(reply, None)
+            raise
+        return reply, fut
+
+    @staticmethod
+    def outcome(subject: str, msg: Any) -> tuple[int, bool]:  # noqa: ANN401 - a nats-py Msg
+        """(stream seq, duplicate) of a PubAck message (see :meth:`publish_ack` for the errors)."""
         raw = msg.data
         if not raw:
             status = (msg.headers or {}).get("Status")
@@ -187,6 +202,7 @@ class NatsConnection:
         self._js = nc.jetstream(timeout=op_timeout)
         self._pub = _FastPublisher(nc)
         self._soon: set[asyncio.Task[Any]] = set()  # publish_soon tasks (kept referenced)
+        self._unacked: list[tuple[str, bytes, str]] = []  # publish_unacked_soon's queue
         self.url = url
         self.op_timeout = op_timeout
         # How long an append rides out NATS being away (frozen, restarting) before it gives up.

@@ -65,6 +65,87 @@ class NatsEventLog(NatsConnection):
         results = iter(await self._call("append", self._gather, "append", self._append, prepared) if prepared else [])
         return [refused[i] if i in refused else next(results) for i in range(len(batches))]
 
+    async def append_first_many(self, items: Sequence[tuple[Envelope, OnStored | None]]) -> list[list[int] | PyocoError]:
+        """The first event of many new runs (each fenced by ``expected_last = 0``), in one
+        crossing: every publish goes out before any PubAck is awaited, with no task per event (a
+        batch submit).  Per-item stream seqs (as :meth:`append`) or errors; an item with no answer
+        in time goes through :meth:`append`'s retrying path, which first looks whether it was
+        stored, so an item is never reported twice nor stored twice."""
+        limit = self.max_message_bytes
+        prepared: list[tuple[int, str, str, bytes, OnStored | None]] = []
+        out: list[list[int] | PyocoError] = []
+        for i, (env, hook) in enumerate(items):
+            try:
+                prepared.append((i, env.run_id, env.event_id, encode_envelope_bounded(env, limit), hook))
+                out.append(EventLogUnavailable("not sent"))
+            except PayloadTooLarge as exc:
+                out.append(exc)
+        if prepared:
+            for i, res in await self._call("append", self._append_first_many, prepared):
+                out[i] = res
+        return out
+
+    async def _append_first_many(self, prepared: list[tuple[int, str, str, bytes, OnStored | None]]) -> list[tuple[int, Any]]:
+        pub = self._pub
+        sent: list[tuple[int, str, str, bytes, OnStored | None, str, asyncio.Future[Any]]] = []
+        results: list[tuple[int, Any]] = []
+        late: list[tuple[int, str, str, bytes, OnStored | None]] = []
+        for i, run_id, event_id, data, hook in prepared:
+            subject = subjects.run_events_subject(run_id)
+            headers = {"Nats-Msg-Id": event_id, "Nats-Expected-Last-Subject-Sequence": "0", "Nats-Expected-Stream": subjects.EVENTS_STREAM}
+            try:
+                reply, fut = await pub.send(subject, data, headers)
+            except Exception:  # noqa: BLE001 - not sent: the retrying path decides
+                late.append((i, run_id, event_id, data, hook))
+                continue
+            sent.append((i, run_id, event_id, data, hook, reply, fut))
+        if sent:
+            await asyncio.wait([s[6] for s in sent], timeout=self.op_timeout)
+        for i, run_id, event_id, data, hook, reply, fut in sent:
+            pub._futures.pop(reply, None)
+            if not fut.done():
+                fut.cancel()
+                late.append((i, run_id, event_id, data, hook))
+                continue
+            subject = subjects.run_events_subject(run_id)
+            try:
+                seq, _ = pub.outcome(subject, fut.result())
+            except JetStreamAckError as exc:
+                results.append((i, ConcurrencyConflict(subject, 0) if exc.err_code in WRONG_LAST_SEQUENCE else exc.translate(f"append to {subject}")))
+                continue
+            except PyocoError:  # no stream answered (restarting?): the retrying path decides
+                late.append((i, run_id, event_id, data, hook))
+                continue
+            self._note_write(None)
+            results.append((i, self._stored([seq], subject, hook)))
+        for i, run_id, event_id, data, hook in late:
+            try:
+                results.append((i, await _guard("append", self._append_unanswered, run_id, event_id, data, hook)))
+            except PyocoError as exc:
+                results.append((i, exc))
+        return results
+
+    async def _append_unanswered(self, run_id: str, event_id: str, data: bytes, on_stored: OnStored | None) -> list[int]:
+        """An event of :meth:`append_first_many` that got no answer: sent again through
+        :meth:`append`'s retrying path; a "wrong last sequence" then is this very event when the
+        run's first message holds its bytes (the first send was stored after all)."""
+        subject = subjects.run_events_subject(run_id)
+        try:
+            return await self._append(run_id, [(event_id, data)], 0, on_stored)
+        except ConcurrencyConflict:
+            first = await self._read_subject(subject, 0, 1, True)
+            if first and first[0][1] == data:
+                return self._stored([first[0][0]], subject, on_stored)
+            raise
+
+    def _stored(self, seqs: list[int], subject: str, on_stored: OnStored | None) -> list[int]:
+        if on_stored is not None:
+            try:
+                on_stored(seqs)
+            except Exception:  # noqa: BLE001 - a follow-up's failure must not undo a stored append
+                log.exception("follow-up of an append to %s failed", subject)
+        return seqs
+
     async def _append(
         self, run_id: str, payloads: list[tuple[str, bytes]], expected_last: int, on_stored: OnStored | None = None
     ) -> list[int]:
@@ -79,12 +160,7 @@ class NatsEventLog(NatsConnection):
             }
             last = await self._store_event(subject, data, headers, expected=last, appended=len(seqs))
             seqs.append(last)
-        if on_stored is not None:
-            try:
-                on_stored(seqs)
-            except Exception:  # noqa: BLE001 - a follow-up's failure must not undo a stored append
-                log.exception("follow-up of an append to %s failed", subject)
-        return seqs
+        return self._stored(seqs, subject, on_stored)
 
     async def _store_event(self, subject: str, data: bytes, headers: dict[str, str], *, expected: int, appended: int) -> int:
         """Publish one event and learn its outcome (on the asyncio side); returns its stream seq.
@@ -162,6 +238,24 @@ class NatsEventLog(NatsConnection):
         task = asyncio.get_running_loop().create_task(_guard("publish", self._publish_one, subject, data, msg_id))
         self._soon.add(task)
         task.add_done_callback(self._soon_done)
+
+    def publish_unacked_soon(self, subject: str, data: bytes, msg_id: str) -> None:
+        """:meth:`publish_soon` without waiting for a PubAck (from the NATS thread): queued, and
+        sent by one task with every other item queued meanwhile (a batch's work items: no future,
+        task or ack per item).  Only for hand-offs someone else makes good when lost (the
+        conductor's reconcile re-publishes a PENDING run's missing item)."""
+        self._unacked.append((subject, data, msg_id))
+        if len(self._unacked) == 1:
+            task = asyncio.get_running_loop().create_task(self._send_unacked())
+            self._soon.add(task)
+            task.add_done_callback(self._soon_done)
+
+    async def _send_unacked(self) -> None:
+        await asyncio.sleep(0)  # let the rest of the batch's appends queue theirs
+        items, self._unacked = self._unacked, []
+        publish = self._nc.publish
+        for subject, data, msg_id in items:
+            await publish(subject, data, headers={"Nats-Msg-Id": msg_id})
 
     def _soon_done(self, task: asyncio.Task[Any]) -> None:
         self._soon.discard(task)

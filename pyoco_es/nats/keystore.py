@@ -14,6 +14,7 @@ from ..core import apikey
 from ..core.apikey import ApiKeyFormatError, ApiKeyRecord
 from ..ports import KVEntry
 from . import audit, subjects
+from .audit import append_audit
 from .client import NatsClient
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def record_from_entry(entry: KVEntry | None) -> ApiKeyRecord | None:
 async def record_audit(client: NatsClient, action: str, record: ApiKeyRecord, *, actor: str, now: float) -> None:
     """Append ``api_key.<action>`` (who, when, which key; never a secret or hash) to the event stream."""
     doc = {"type": f"api_key.{action}", "key_id": record.key_id, "tenant_id": record.tenant_id, "actor": actor, "at": now}
-    await audit.record_audit(client, subjects.API_KEY_AUDIT_SUBJECT, doc)
+    await append_audit(client, subjects.API_KEY_AUDIT_SUBJECT, doc)
 
 
 async def read_audit(client: NatsClient) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"  # key created/revoked 
 WORKER_AUDIT_SUBJECT: Final = "pyoco.evt.audit.worker"  # worker hidden/shown (PATCH /workers/{id})
 RUN_ARCHIVED_SUBJECT: Final = "pyoco.evt.audit.run_archived"  # a run archived then removed (retention)
 ARCHIVED_BUCKET: Final = "pyoco_archived"  # run_id -> where its archive is (GET /runs/{id} answers 410)
+DLQ_AUDIT_SUBJECT: Final = "pyoco.evt.audit.dlq"  # dead letter resubmitted/dropped
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 LOGS_PREFIX: Final = "pyoco.logs"

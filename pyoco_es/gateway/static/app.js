@@ -658,7 +658,7 @@
   function runRow(run) {
     const worker = run.worker_id || "";
     const tags = Array.isArray(run.tags) ? run.tags.filter((x) => x !== run.tag) : [];
-    return h(
+    const row = h(
       "a",
       { class: "run-row", href: runHref(run.run_id), role: "listitem", dataset: { runId: run.run_id, status: run.status || "" } },
       h("span", { class: "c-status" }, statusBadge(run.status),
@@ -671,6 +671,7 @@
       h("span", { class: "c-duration num" }, durationEl(run)),
       run.error ? h("span", { class: "c-error", title: asText(run.error) }, asText(run.error)) : null,
     );
+    return runRowHooks.reduce((el, hook) => hook(el, run) || el, row);
   }
 
   /** The list cursor for a (updated_at, run_id) key, in the server's format (contract §1.4). */
@@ -1557,6 +1558,7 @@
     const [path, qs] = raw.split("?");
     const parts = path.split("/").filter(Boolean);
     if (parts[0] === "workers") return { view: "workers", runId: null, qs };
+    if (extViews[parts[0]]) return { view: parts[0], runId: null, qs };
     if (parts[0] === "runs" && parts[1]) return { view: "run", runId: decodeURIComponent(parts.slice(1).join("/")), qs };
     return { view: "runs", runId: null, qs };
   }
@@ -1567,8 +1569,9 @@
     if (route.view === "runs" && next.view !== "runs") runsScroll = window.scrollY;
     route.view = next.view;
     route.runId = next.runId;
-    for (const v of ["runs", "run", "workers"]) $("view-" + v).hidden = v !== route.view;
-    $("tab-runs").setAttribute("aria-current", route.view === "workers" ? "false" : "page");
+    for (const v of ["runs", "run", "workers", ...Object.keys(extViews)]) $("view-" + v).hidden = v !== route.view;
+    for (const [name, view] of Object.entries(extViews)) view.shown(route.view === name);
+    $("tab-runs").setAttribute("aria-current", route.view === "runs" || route.view === "run" ? "page" : "false");
     $("tab-workers").setAttribute("aria-current", route.view === "workers" ? "page" : "false");
     if (route.view === "runs" && next.qs !== undefined) {
       const p = new URLSearchParams(next.qs);
@@ -1607,6 +1610,7 @@
       // rows carry the language in their stamp, so they re-render themselves
       renderRuns();
     } else if (route.view === "run") renderDetail();
+    else if (extViews[route.view]) extViews[route.view].render();
     else renderWorkers();
     if (lastOk) $("footer-updated").textContent = t("footer.updated", { time: fmtAbsolute(lastOk) });
   }
@@ -1615,6 +1619,7 @@
   // wiring
 
   function setup() {
+    for (const extend of window.pyocoExtensions || []) extend(extensionApi);
     applyStaticI18n();
     fillStatusSelect();
     syncFilterInputs();
@@ -1667,6 +1672,23 @@
     runStream.start();
     loadMetrics();
   }
+
+  // Extensions (their own files: dlq.js, bulk.js) push a function onto window.pyocoExtensions;
+  // setup() calls each with these helpers.  registerView(name, {render, shown(bool)}) serves
+  // #/<name> in <section id="view-<name>">; onRunRow(fn) may decorate each runs-list row.
+  const extViews = {};
+  const runRowHooks = [];
+  const extensionApi = {
+    $, h, clear, t, tOr, api, ApiError, toast, noteError, noteOk, statusBadge, fmtAbsolute, relTime, runHref, shortId, asText, prettyJson,
+    ACTIVE, TERMINAL,
+    registerView(name, view) { extViews[name] = view; },
+    onRunRow(fn) { runRowHooks.push(fn); },
+    get route() { return { ...route }; },
+    get lang() { return lang; },
+    get filters() { return { ...filters }; },
+    visibleRuns: () => sortedVisibleRuns(),
+    rerenderRuns() { runs.rows.clear(); clear($("runs-list")); renderRuns(); },
+  };
 
   // test hook: read-only view of what the page believes
   window.pyocoDashboard = {
