@@ -443,3 +443,50 @@ def history_sort_key(item: Mapping[str, object]) -> tuple[float, str]:
     """Upstream's history order key (sort descending): ``(occurred_at, event_id)``."""
     at = item.get("occurred_at")
     return (float(at) if isinstance(at, int | float) else 0.0, str(item.get("event_id") or ""))
+
+
+# -- the registry's events (``pyoco.evt.audit.wheel``) -----------------------------------------
+
+EVENT_TYPES: Final = {"upload": "wheel.uploaded", "delete": "wheel.deleted"}
+EVENT_TYPE_VERSION: Final = 1
+HISTORY_FIELDS: Final = ("event_id", "occurred_at", "action", "wheel_name", "tags", "size_bytes", "sha256_hex", "replace", "actor", "source")
+
+
+def event_document(history: Mapping[str, object], *, wheel: WheelName, nuid: str, producer: str) -> dict[str, object]:
+    """The registry event for a history entry: the entry's fields plus ``type``, the package,
+    its version, the object's ``nuid`` and the gateway that wrote it."""
+    action = str(history["action"])
+    return {
+        "type": EVENT_TYPES[action],
+        "type_version": EVENT_TYPE_VERSION,
+        **history,
+        "package": wheel.distribution,
+        "version": wheel.version_text,
+        "nuid": nuid,
+        "producer": producer,
+    }
+
+
+def history_from_event(event: Mapping[str, object]) -> dict[str, object] | None:
+    """The ``/wheels/history`` item of a registry event (upstream's fields plus ``package`` and
+    ``version``); None for an event that is not a wheel upload or delete."""
+    if event.get("action") not in ACTIONS or not isinstance(event.get("wheel_name"), str):
+        return None
+    item = {k: event.get(k) for k in HISTORY_FIELDS}
+    item["package"] = event.get("package")
+    item["version"] = event.get("version")
+    return item
+
+
+def live_wheels(events: Iterable[Mapping[str, object]]) -> dict[str, Mapping[str, object]]:
+    """Fold registry events, oldest first: the wheels they say exist, name → its upload event."""
+    live: dict[str, Mapping[str, object]] = {}
+    for event in events:
+        name = event.get("wheel_name")
+        if not isinstance(name, str):
+            continue
+        if event.get("action") == "upload":
+            live[name] = event
+        elif event.get("action") == "delete":
+            live.pop(name, None)
+    return live

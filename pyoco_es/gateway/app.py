@@ -24,14 +24,15 @@ from ..core.errors import PyocoError, ValidationError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
-from . import dashboard, events, runs, status, streams, workers
+from . import dashboard, events, runs, status, streams, wheels, workers
 from .answer import on_http_error, on_pyoco_error, on_unexpected
 from .context import JSON_BODY_MAX, MULTIPART_SLACK, STATIC_DIR, Gateway, current_gateway, gateway_of
 from .auth import KeyRing
 from .guard import allowed_origins, check_host, check_request, cors_headers
 from .index import RunIndex, WorkerIndex
 
-BLUEPRINTS = (status.blueprint, dashboard.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint)
+BLUEPRINTS = (status.blueprint, dashboard.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint,
+              wheels.blueprint)
 
 
 def create_app(
@@ -67,6 +68,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = max(JSON_BODY_MAX, settings.workflow_yaml_max_bytes + MULTIPART_SLACK)
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
+    wheels.allow_uploads(app, settings)  # POST /wheels takes bodies up to PYOCO_WHEEL_MAX_BYTES
     own_index, own_workers = index is None, workers is None
     gw = Gateway(
         nats=nats,

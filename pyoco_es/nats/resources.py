@@ -32,6 +32,10 @@ class ResourceConfig:
     dlq_max_msgs: int = 100000
     dlq_max_bytes: int = 536870912
     auth_bucket: str = subjects.AUTH_BUCKET
+    wheel_bucket: str = subjects.WHEELS_BUCKET
+    wheel_max_bytes: int = 512 * 1024 * 1024  # the object store's total cap, as pyoco-server sets it (0: none)
+    wheel_history_bucket: str = subjects.WHEEL_HISTORY_BUCKET
+    wheel_history_ttl: float = 90 * 24 * 60 * 60
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResourceConfig:
@@ -44,6 +48,10 @@ class ResourceConfig:
             dlq_max_msgs=settings.dlq_max_msgs,
             dlq_max_bytes=settings.dlq_max_bytes,
             auth_bucket=settings.auth_kv_bucket,
+            wheel_bucket=settings.wheel_object_store_bucket,
+            wheel_max_bytes=settings.wheel_max_bytes,
+            wheel_history_bucket=settings.wheel_history_kv_bucket,
+            wheel_history_ttl=settings.wheel_history_ttl_sec,
         )
 
 
@@ -84,12 +92,32 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
         _kv_config(subjects.RUNS_BUCKET, cfg, history=1),
         _kv_config(subjects.WORKERS_BUCKET, cfg, history=1),
         _kv_config(cfg.auth_bucket, cfg, history=1),
+        _object_store_config(cfg),
+        _kv_config(cfg.wheel_history_bucket, cfg, history=1, max_age=cfg.wheel_history_ttl),
     ]
 
 
-def _kv_config(bucket: str, cfg: ResourceConfig, *, history: int) -> api.StreamConfig:
+def _object_store_config(cfg: ResourceConfig) -> api.StreamConfig:
+    # The layout nats-py's create_object_store produces (pyoco-server creates the wheel store
+    # with it), so either side's ObjectStore binds to a bucket the other created.
+    return api.StreamConfig(
+        name=subjects.obj_stream(cfg.wheel_bucket),
+        subjects=subjects.obj_subjects(cfg.wheel_bucket),
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=cfg.replicas,
+        max_bytes=cfg.wheel_max_bytes if cfg.wheel_max_bytes > 0 else -1,
+        discard=api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        duplicate_window=120.0,  # the server's default, which nats-py's bucket gets
+    )
+
+
+def _kv_config(bucket: str, cfg: ResourceConfig, *, history: int, max_age: float | None = None) -> api.StreamConfig:
     # The layout nats-py's create_key_value produces, so its KeyValue API binds to it.
     return api.StreamConfig(
+        max_age=max_age,
         name=subjects.kv_stream(bucket),
         subjects=[f"$KV.{bucket}.>"],
         retention=api.RetentionPolicy.LIMITS,
@@ -154,6 +182,10 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
                 done.append(f"created {want.name}")
                 continue
             diff = _diff(want, info.config)
+            if _shrinks_object_store(want, diff):
+                # Lowering an object store's max_bytes below its use would make JetStream drop
+                # stored wheels; keep the larger cap and say so.
+                log.warning("not lowering %s max_bytes %s -> %s: stored objects could be lost", want.name, *diff.pop("max_bytes"))
             if diff:
                 log.warning("stream %s config changed, updating: %s", want.name, diff)
                 merged = attrs_merge(info.config, want)
@@ -162,6 +194,13 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
         return done
 
     return await client.run("ensure resources", go)
+
+
+def _shrinks_object_store(want: api.StreamConfig, diff: dict[str, tuple[Any, Any]]) -> bool:
+    if not str(want.name).startswith("OBJ_") or "max_bytes" not in diff:
+        return False
+    have, wanted = diff["max_bytes"]
+    return bool(wanted is not None and wanted >= 0 and (have is None or have < 0 or have > wanted))
 
 
 def attrs_merge(have: api.StreamConfig, want: api.StreamConfig) -> api.StreamConfig:

@@ -12,10 +12,13 @@ RUNS_BUCKET: Final = "pyoco_runs"
 WORKERS_BUCKET: Final = "pyoco_workers"
 AUTH_BUCKET: Final = "pyoco_auth"  # API key records (PYOCO_AUTH_KV_BUCKET), as pyoco-server keeps them
 API_KEY_PREFIX: Final = "api_keys."  # the records' keys in the auth bucket
+WHEELS_BUCKET: Final = "pyoco_wheels"  # the wheel object store (PYOCO_WHEEL_OBJECT_STORE_BUCKET), as pyoco-server's
+WHEEL_HISTORY_BUCKET: Final = "pyoco_wheel_history"  # pyoco-server's wheel history KV (PYOCO_WHEEL_HISTORY_KV_BUCKET)
 
 EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
 API_KEY_AUDIT_SUBJECT: Final = "pyoco.evt.audit.api_key"  # key created/revoked (the projector reads only pyoco.evt.run.*)
+WHEEL_AUDIT_SUBJECT: Final = "pyoco.evt.audit.wheel"  # wheel uploaded/deleted: the registry's history
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 
@@ -65,3 +68,13 @@ def kv_stream(bucket: str) -> str:
 
 def direct_get_subject(stream: str) -> str:
     return f"$JS.API.DIRECT.GET.{stream}"
+
+
+def obj_stream(bucket: str) -> str:
+    """The stream behind an object store bucket (nats-py's and the Go client's layout)."""
+    return f"OBJ_{bucket}"
+
+
+def obj_subjects(bucket: str) -> list[str]:
+    """An object store's chunk and meta subjects."""
+    return [f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"]
