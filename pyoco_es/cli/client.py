@@ -17,6 +17,7 @@ from typing import Any, Final, TypeVar
 
 import asyncclick as click
 
+from . import client_wheels
 from .client_command import ClientGroup, api_command
 from .client_errors import ERR_CANCEL, EXIT_INTERRUPTED, EXIT_OK, CliError
 from .client_http import Api, ClientSettings, WatchOptions
@@ -493,6 +494,9 @@ async def events_cmd(api: Api, run_id: str, after_seq: int, output: str | None) 
     else:
         for item in items:
             write_json(item)
+
+
+client_wheels.register(client)  # wheels, wheel-history, wheel-upload, wheel-delete
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import configparser
 import io
 import re
 import zipfile
 from collections.abc import Iterable, Mapping
-from email.parser import HeaderParser
+from email.parser import HeaderParser, Parser
 from typing import ClassVar, Final
 
 import attrs
@@ -490,3 +491,63 @@ def live_wheels(events: Iterable[Mapping[str, object]]) -> dict[str, Mapping[str
         elif event.get("action") == "delete":
             live.pop(name, None)
     return live
+
+
+# -- the client's upload preflight (pyoco-server 0.5.1's pyoco-client, contract §5.3) ----------
+
+DOC_URL_LABELS: Final = frozenset({"documentation", "docs", "doc", "usage"})
+USAGE_DOC_MIN_CHARS: Final = 80
+
+
+def _count_entry_points(text: str) -> int:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(text)
+    return sum(len(parser.options(section)) for section in parser.sections())
+
+
+def preflight(data: bytes, *, require_entry_points: bool = True, require_usage_doc: bool = True) -> tuple[list[str], list[str]]:
+    """Upstream's ``wheel-upload`` checks on a wheel's bytes: ``(errors, warnings)``, worded as
+    pyoco-server's client words them (METADATA Name/Version, usage documentation, entry points,
+    an empty Summary; a body that is not a zip)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            members = zf.namelist()
+            meta_member = next((m for m in members if m.endswith(".dist-info/METADATA")), None)
+            if meta_member is None:
+                return ["missing dist-info/METADATA"], warnings
+            meta = Parser().parsestr(zf.read(meta_member).decode("utf-8", errors="replace"))
+            if not str(meta.get("Name") or "").strip():
+                errors.append("METADATA Name is missing")
+            if not str(meta.get("Version") or "").strip():
+                errors.append("METADATA Version is missing")
+            if not str(meta.get("Summary") or "").strip():
+                warnings.append("METADATA Summary is empty")
+            description = str(meta.get_payload() or "").strip()
+            urls = [str(v) for v in meta.get_all("Project-URL") or []]
+            has_docs_url = any(
+                label.strip().lower() in DOC_URL_LABELS and url.strip() for label, _, url in (u.partition(",") for u in urls)
+            )
+            if not (len(description) >= USAGE_DOC_MIN_CHARS or has_docs_url):
+                if require_usage_doc:
+                    errors.append(
+                        "usage documentation is missing (need METADATA description>=80 chars or Project-URL: Documentation,...)"
+                    )
+                else:
+                    warnings.append("usage documentation seems missing")
+            ep_member = next((m for m in members if m.endswith(".dist-info/entry_points.txt")), None)
+            count = 0
+            if ep_member is not None:
+                try:
+                    count = _count_entry_points(zf.read(ep_member).decode("utf-8", errors="replace"))
+                except configparser.Error:
+                    errors.append("dist-info/entry_points.txt format is invalid")
+            if count <= 0 and require_entry_points:
+                errors.append("entry_points are missing (dist-info/entry_points.txt)")
+            elif count <= 0:
+                warnings.append("entry_points are missing")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError):
+        errors.append("wheel file is not a valid zip archive")
+    return errors, warnings
