@@ -234,3 +234,23 @@ async def test_with_api_keys_wheels_are_shared_and_history_names_the_key(tmp_pat
             ("upload", {"tenant_id": "acme", "api_key_id": rec_a.key_id}),
         ]
         assert hist[1]["source"]["x_forwarded_for"] == "10.1.2.3"
+
+
+async def test_replay_reports_the_registry_against_the_object_store(wgw: GW) -> None:
+    from pyoco_es.conductor.replay import replay, replay_wheels
+
+    c, store = wgw.client, WheelStore(wgw.nats)
+    kept, gone, tampered = make_wheel("kept", "1.0"), make_wheel("gone", "1.0"), make_wheel("tampered", "1.0")
+    for name, data in (kept, gone, tampered):
+        assert (await upload(c, name, data)).status_code == 200
+    assert (await c.delete(f"/wheels/{gone[0]}")).status_code == 200
+    report = await replay(wgw.nats)
+    assert report.ok and (report.wheel_events, report.wheels) == (4, 2)
+
+    # Behind the registry's back: an object removed, one replaced, one added without events.
+    await store.delete(kept[0])
+    await store.put(tampered[0], kept[1], {"sha256": hashlib.sha256(kept[1]).hexdigest()})
+    await store.put(gone[0], gone[1], {})
+    events, count, diffs = await replay_wheels(store)
+    assert (events, count) == (4, 2)
+    assert [(d.name, d.kind) for d in diffs] == [(gone[0], "extra"), (kept[0], "missing"), (tampered[0], "different")]
