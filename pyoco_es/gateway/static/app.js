@@ -36,6 +36,9 @@
   // small helpers
 
   const $ = (id) => document.getElementById(id);
+  // Pages kept in their own files (static/wheels.js ...) register here before setup runs:
+  // {name, tab, title, init(ui), show(), hide(), render()}; see setupPages().
+  const pages = {};
 
   function store(key, value) {
     try {
@@ -136,7 +139,7 @@
   }
 
   function setTitle() {
-    let title = t("app.title") + " · " + t(route.view === "workers" ? "nav.workers" : "nav.runs");
+    let title = t("app.title") + " · " + t(pages[route.view] ? pages[route.view].title : route.view === "workers" ? "nav.workers" : "nav.runs");
     if (route.view === "run" && detail.run) title = statusLabel(detail.run.status) + " · " + (detail.run.flow_name || "") + " · " + t("app.title");
     if (document.title !== title) document.title = title;
   }
@@ -1548,6 +1551,7 @@
     const [path, qs] = raw.split("?");
     const parts = path.split("/").filter(Boolean);
     if (parts[0] === "workers") return { view: "workers", runId: null, qs };
+    if (pages[parts[0]]) return { view: parts[0], runId: null, qs };
     if (parts[0] === "runs" && parts[1]) return { view: "run", runId: decodeURIComponent(parts.slice(1).join("/")), qs };
     return { view: "runs", runId: null, qs };
   }
@@ -1558,9 +1562,13 @@
     if (route.view === "runs" && next.view !== "runs") runsScroll = window.scrollY;
     route.view = next.view;
     route.runId = next.runId;
-    for (const v of ["runs", "run", "workers"]) $("view-" + v).hidden = v !== route.view;
-    $("tab-runs").setAttribute("aria-current", route.view === "workers" ? "false" : "page");
+    for (const v of ["runs", "run", "workers", ...Object.keys(pages)]) $("view-" + v).hidden = v !== route.view;
+    $("tab-runs").setAttribute("aria-current", route.view === "runs" || route.view === "run" ? "page" : "false");
     $("tab-workers").setAttribute("aria-current", route.view === "workers" ? "page" : "false");
+    for (const p of Object.values(pages)) {
+      $(p.tab).setAttribute("aria-current", route.view === p.name ? "page" : "false");
+      if (route.view === p.name) p.show(); else p.hide();
+    }
     if (route.view === "runs" && next.qs !== undefined) {
       const p = new URLSearchParams(next.qs);
       const changed = ["status", "flow", "tag"].some((k) => (p.get(k) || "") !== filters[k]);
@@ -1598,6 +1606,7 @@
       // rows carry the language in their stamp, so they re-render themselves
       renderRuns();
     } else if (route.view === "run") renderDetail();
+    else if (pages[route.view]) pages[route.view].render();
     else renderWorkers();
     if (lastOk) $("footer-updated").textContent = t("footer.updated", { time: fmtAbsolute(lastOk) });
   }
@@ -1605,7 +1614,17 @@
   // ---------------------------------------------------------------------------------------------
   // wiring
 
+  /** Give each registered page the helpers it may use (text only ever via h()/textContent). */
+  function setupPages() {
+    const ui = { api, h, clear, t, toast, noteOk, noteError, relTime, fmtAbsolute, authHeaders, ApiError, get lang() { return lang; } };
+    for (const p of window.PYOCO_PAGES || []) {
+      pages[p.name] = p;
+      p.init(ui);
+    }
+  }
+
   function setup() {
+    setupPages();
     applyStaticI18n();
     fillStatusSelect();
     syncFilterInputs();
