@@ -4,6 +4,7 @@ registry's events and history, and every bad input refused with nothing stored."
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -254,3 +255,42 @@ async def test_replay_reports_the_registry_against_the_object_store(wgw: GW) -> 
     events, count, diffs = await replay_wheels(store)
     assert (events, count) == (4, 2)
     assert [(d.name, d.kind) for d in diffs] == [(gone[0], "extra"), (kept[0], "missing"), (tampered[0], "different")]
+
+
+async def test_a_full_store_is_507_with_nothing_left_and_its_cap_never_shrinks(wgw: GW) -> None:
+    from pyoco_es.nats.resources import ResourceConfig, ensure_resources
+
+    stream = subjects.obj_stream(subjects.WHEELS_BUCKET)
+
+    async def drop() -> None:
+        await wgw.nats.js.delete_stream(stream)
+
+    async def max_bytes() -> int:
+        async def go() -> int:
+            return int((await wgw.nats.js.stream_info(stream)).config.max_bytes)
+
+        return await wgw.nats.run("stream info", go)
+
+    await wgw.nats.run("drop the wheel store", drop)
+    await ensure_resources(wgw.nats, ResourceConfig(wheel_max_bytes=48 * 1024))
+    assert await max_bytes() == 48 * 1024
+    first = make_wheel("big", "1.0", extra_members={"big/blob.bin": os.urandom(30 * 1024)})
+    assert (await upload(wgw.client, *first)).status_code == 200
+    before = (await wgw.nats.stream_info(stream))["messages"]
+    r = await upload(wgw.client, *make_wheel("big", "2.0", extra_members={"big/blob.bin": os.urandom(30 * 1024)}))
+    assert r.status_code == 507 and "PYOCO_WHEEL_MAX_BYTES" in r.json()["detail"]
+    assert await stored_names(wgw) == [first[0]]
+    assert (await wgw.nats.stream_info(stream))["messages"] == before  # the refused chunks were purged
+    assert [e["wheel_name"] for _, e in await WheelStore(wgw.nats).events()] == [first[0]]
+
+    await ensure_resources(wgw.nats, ResourceConfig(wheel_max_bytes=16 * 1024))  # would drop wheels: not applied
+    assert await max_bytes() == 48 * 1024 and await stored_names(wgw) == [first[0]]
+    await ensure_resources(wgw.nats, ResourceConfig(wheel_max_bytes=1024 * 1024))
+    assert await max_bytes() == 1024 * 1024
+
+
+def test_bad_wheel_bucket_names_are_refused_at_start() -> None:
+    from pyoco_es.config import refused_settings
+
+    out = refused_settings({"PYOCO_WHEEL_OBJECT_STORE_BUCKET": "a.b", "PYOCO_WHEEL_HISTORY_KV_BUCKET": "ok_name", "PYOCO_LOAD_DOTENV": "0"})
+    assert out == ["PYOCO_WHEEL_OBJECT_STORE_BUCKET='a.b' is not a bucket name: use letters, digits, '_' and '-'"]

@@ -25,6 +25,7 @@ from ..core import wheels
 from ..core.errors import InfraError, PyocoError, WritesRefused
 from . import subjects
 from .client import NatsClient
+from .connection import NO_ROOM
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +146,27 @@ class WheelStore:
             WheelStoreFull: JetStream refused the bytes for lack of room.
         """
 
+        def full(why: str) -> WheelStoreFull:
+            return WheelStoreFull(
+                f"the wheel store refused {len(data)} bytes ({why}); delete old wheels or raise "
+                "PYOCO_WHEEL_MAX_BYTES (the store's total cap)"
+            )
+
         async def go() -> WheelObject:
             meta = api.ObjectMeta(name=name, headers=dict(headers))
-            return _object(await self._store().put(name, data, meta=meta))
+            try:
+                return _object(await self._store().put(name, data, meta=meta))
+            except nats.js.errors.APIError as exc:
+                # JetStream answers "maximum bytes exceeded" with code 503, which nats-py raises
+                # as ServiceUnavailableError: a refusal, not an outage.
+                if exc.err_code in NO_ROOM:
+                    raise full(f"JetStream error {exc.err_code}: {exc.description}") from exc
+                raise
 
         try:
             return await self.client.run("store wheel", go)
         except WritesRefused as exc:
-            raise WheelStoreFull(
-                f"the wheel store refused {len(data)} bytes ({exc.message}); delete old wheels or raise "
-                "PYOCO_WHEEL_MAX_BYTES (the store's total cap)"
-            ) from exc
+            raise full(exc.message) from exc
 
     async def delete(self, name: str) -> bool:
         """Delete ``name`` (its chunks are purged); False when there was no such object."""
