@@ -87,6 +87,7 @@ async def _upload_body() -> bytes:
         raw = await request.get_data(cache=False)
     except RequestEntityTooLarge:
         raise PayloadTooLarge(wheels.TOO_LARGE) from None
+    request.body.clear()  # Quart keeps its own buffer of the body until the request ends: one copy is enough
     return raw if isinstance(raw, bytes) else raw.encode("utf-8")
 
 
