@@ -46,6 +46,7 @@ async def test_wheel_commands_end_to_end(tmp_path: Path) -> None:
         out = await pyoco(url, "wheel-upload", "--wheel-file", str(v1))
         assert out.returncode == 1 and "ERR-PYOCO-HTTP" in out.stderr
         assert "HTTP 409 POST /wheels: wheel version already exists; bump version" in out.stderr
+        assert "hint: the package already has this version or a newer one" in out.stderr
         out = await pyoco(url, "wheel-upload", "--wheel-file", str(tmp_path / "missing.whl"))
         assert out.returncode == 1 and "file I/O error" in out.stderr
 

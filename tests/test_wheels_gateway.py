@@ -8,6 +8,7 @@ import os
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ import trio
 from pyoco_es.config import Settings
 from pyoco_es.core import wheels
 from pyoco_es.nats import keystore, subjects
+from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.nats.wheelstore import WheelStore
 
 from test_gateway_support import GW, open_gateway
@@ -294,3 +296,31 @@ def test_bad_wheel_bucket_names_are_refused_at_start() -> None:
 
     out = refused_settings({"PYOCO_WHEEL_OBJECT_STORE_BUCKET": "a.b", "PYOCO_WHEEL_HISTORY_KV_BUCKET": "ok_name", "PYOCO_LOAD_DOTENV": "0"})
     assert out == ["PYOCO_WHEEL_OBJECT_STORE_BUCKET='a.b' is not a bucket name: use letters, digits, '_' and '-'"]
+
+
+async def test_buckets_made_by_pyoco_server_are_taken_as_they_are(nats_server: EmbeddedNats) -> None:
+    """pyoco-server creates the wheel store and history bucket with nats-py's defaults; our
+    resources match that shape, so healing them changes nothing (no update, no lost wheels)."""
+    from nats.js import api
+
+    from pyoco_es.nats.client import open_nats
+    from pyoco_es.nats.resources import ensure_resources
+
+    async with open_nats(nats_server.url, name="test") as client:
+
+        async def as_upstream() -> None:  # pyoco_server/resources.py, verbatim calls
+            await client.js.create_object_store(bucket=subjects.WHEELS_BUCKET, max_bytes=512 * 1024 * 1024)
+            await client.js.create_key_value(api.KeyValueConfig(bucket=subjects.WHEEL_HISTORY_BUCKET, history=1, ttl=7776000.0))
+
+        await client.run("create as pyoco-server does", as_upstream)
+        done = await ensure_resources(client)
+        assert not [d for d in done if subjects.obj_stream(subjects.WHEELS_BUCKET) in d], done
+
+        async def configs() -> tuple[Any, Any]:
+            obj = await client.js.stream_info(subjects.obj_stream(subjects.WHEELS_BUCKET))
+            kv = await client.js.stream_info(subjects.kv_stream(subjects.WHEEL_HISTORY_BUCKET))
+            return obj.config, kv.config
+
+        obj, kv = await client.run("stream info", configs)
+        assert obj.max_bytes == 512 * 1024 * 1024 and obj.discard == api.DiscardPolicy.NEW and obj.allow_rollup_hdrs
+        assert kv.max_age == 7776000.0 and kv.max_msgs_per_subject == 1
