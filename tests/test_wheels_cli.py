@@ -1,5 +1,5 @@
 """Our ``pyoco-client`` wheel commands (the console script, a subprocess) against a real gateway,
-and the upload preflight (pure) worded as pyoco-server's client words it."""
+and the upload preflight (pure) worded as pyoco-server's client words it, and ``workers --output plugins``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 from pyoco_es.config import Settings
 from pyoco_es.core import wheels
 
+from test_cli_client import cli, server  # noqa: F401 - server is a fixture
 from test_cli_e2e import ok_json, pyoco
+from test_cli_support import CannedServer
 from test_gateway_support import open_gateway
 from wheelmaker import make_wheel, write_wheel
 
@@ -61,3 +63,23 @@ async def test_wheel_commands_end_to_end(tmp_path: Path) -> None:
         assert [h["wheel_name"] for h in hist] == [v1.name, bare.name]
         table = await pyoco(url, "wheel-history", "--output", "table", "--limit", "5")
         assert table.returncode == 0 and "delete" in table.stdout and "1.0.0" in table.stdout
+
+
+async def test_workers_output_plugins_lists_installed_wheels(server: CannedServer) -> None:
+    """pyoco-server's ``workers --output plugins``: one row per installed wheel, dashes for none."""
+    installed = [
+        {"package_name": "demo-pkg", "package_version": "2.0.0", "wheel_name": "demo_pkg-2.0.0-py3-none-any.whl"},
+        {"package_name": "other", "package_version": "1.0", "wheel_name": "other-1.0-py3-none-any.whl"},
+    ]
+    server.json("GET", "/workers", [
+        {"worker_id": "w1", "state": "IDLE", "tags": ["cpu"], "wheel_sync": {"enabled": True, "installed_wheels": installed}},
+        {"worker_id": "w2", "state": "RUNNING", "tags": [], "wheel_sync": None},
+    ])
+    result = await cli(server, "workers", "--output", "plugins")
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert lines[0] == ["worker_id", "state", "tags", "package", "version", "wheel_name"]
+    assert lines[1:] == [
+        ["w1", "IDLE", "cpu", "demo-pkg", "2.0.0", "demo_pkg-2.0.0-py3-none-any.whl"],
+        ["w1", "IDLE", "cpu", "other", "1.0", "other-1.0-py3-none-any.whl"],
+        ["w2", "RUNNING", "-", "-", "-", "-"],
+    ]

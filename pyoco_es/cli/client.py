@@ -432,7 +432,10 @@ async def cancel_cmd(api: Api, run_id: str, wait: bool, timeout_sec: float | Non
 @click.option("--state", type=click.Choice(["RUNNING", "IDLE", "STOPPED_GRACEFUL", "DISCONNECTED"], case_sensitive=False), default=None, help="Only workers in this state.")
 @click.option("--include-hidden", is_flag=True, help="Include workers hidden from the dashboard.")
 @click.option("--limit", type=click.IntRange(1, 500), default=None, help="At most this many workers (server default 100).")
-@_json_or_table("json")
+@click.option(
+    "--output", type=click.Choice(["json", "table", "plugins"]), default="json", show_default=True,
+    help="json: the server's JSON; table: columns that fit the terminal; plugins: one row per installed wheel.",
+)
 @api_command
 async def workers_cmd(api: Api, scope: str | None, state: str | None, include_hidden: bool, limit: int | None, output: str) -> None:
     """List workers and their state.
@@ -441,6 +444,7 @@ async def workers_cmd(api: Api, scope: str | None, state: str | None, include_hi
     Examples:
       pyoco-client workers --output table
       pyoco-client workers --scope all --state DISCONNECTED
+      pyoco-client workers --output plugins     # the wheels each worker installed
     """
     params: list[tuple[str, Any]] = []
     if scope:
@@ -452,7 +456,10 @@ async def workers_cmd(api: Api, scope: str | None, state: str | None, include_hi
     if limit is not None:
         params.append(("limit", limit))
     body = await api.get_json("/workers", params=params)
-    _print_items(body, output, WORKER_COLUMNS, worker_rows)
+    if output == "plugins":
+        _print_items(body, "table", client_wheels.PLUGIN_COLUMNS, client_wheels.plugin_rows)
+    else:
+        _print_items(body, output, WORKER_COLUMNS, worker_rows)
 
 
 @client.command("metrics")

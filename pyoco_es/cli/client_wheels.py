@@ -20,6 +20,7 @@ from .client_output import fmt_time, render_table, terminal_width, write_json, w
 
 WHEEL_COLUMNS: Final = ("name", "size_bytes", "tags", "mtime")
 HISTORY_COLUMNS: Final = ("occurred_at", "action", "wheel_name", "version", "tags", "actor")
+PLUGIN_COLUMNS: Final = ("worker_id", "state", "tags", "package", "version", "wheel_name")
 PREFLIGHT_HINT: Final = "fix wheel metadata/entry_points or use --preflight warn/off"
 
 _OUTPUT = click.option(
@@ -42,6 +43,22 @@ def history_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
         actor = h.get("actor") if isinstance(h.get("actor"), dict) else {}
         who = actor.get("api_key_id") or actor.get("tenant_id") or "-"
         rows.append([fmt_time(h.get("occurred_at")), h.get("action"), h.get("wheel_name"), h.get("version") or "-", _tags_text(h.get("tags")), who])
+    return rows
+
+
+def plugin_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
+    """``workers --output plugins``: one row per wheel in a worker's ``wheel_sync.installed_wheels``
+    (pyoco-server's record shape), or one row of dashes for a worker with none."""
+    rows: list[list[Any]] = []
+    for w in items:
+        head = [w.get("worker_id") or "-", w.get("state") or "-", _tags_text(w.get("tags"))]
+        sync = w.get("wheel_sync") if isinstance(w.get("wheel_sync"), dict) else {}
+        installed = sync.get("installed_wheels") if isinstance(sync.get("installed_wheels"), list) else []
+        plugins = [p for p in installed if isinstance(p, dict)]
+        if not plugins:
+            rows.append([*head, "-", "-", "-"])
+        for p in plugins:
+            rows.append([*head, p.get("package_name") or "-", p.get("package_version") or "-", p.get("wheel_name") or "-"])
     return rows
 
 
