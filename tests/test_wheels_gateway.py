@@ -20,7 +20,7 @@ from pyoco_es.nats import keystore, subjects
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.nats.wheelstore import WheelStore
 
-from test_gateway_support import GW, open_gateway
+from test_gateway_support import GW, open_gateway, wait_until
 from wheelmaker import make_wheel
 
 SMALL_MAX = 64 * 1024
@@ -324,3 +324,26 @@ async def test_buckets_made_by_pyoco_server_are_taken_as_they_are(nats_server: E
         obj, kv = await client.run("stream info", configs)
         assert obj.max_bytes == 512 * 1024 * 1024 and obj.discard == api.DiscardPolicy.NEW and obj.allow_rollup_hdrs
         assert kv.max_age == 7776000.0 and kv.max_msgs_per_subject == 1
+
+
+async def test_while_nats_is_away_bad_input_is_still_4xx_and_writes_503(wgw: GW) -> None:
+    name, data = make_wheel("away", "1.0")
+    port = int(wgw.stack.server.url.rsplit(":", 1)[1])
+    wgw.stack.server.kill()
+    try:
+        with trio.fail_after(20):
+            assert (await upload(wgw.client, "nope.zip", data)).json() == {"detail": "invalid wheel name"}
+            assert (await upload(wgw.client, name, b"not a zip")).status_code == 422
+            assert (await wgw.client.delete("/wheels/%2e%2e")).status_code == 404
+            r = await upload(wgw.client, name, data)  # held for nats_unavailable_wait (1 s), then refused
+            assert r.status_code == 503 and r.json()["outcome"] == "not_applied"
+            assert (await wgw.client.get("/wheels")).status_code == 503
+    finally:
+        wgw.stack.server.port = port
+        await trio.to_thread.run_sync(wgw.stack.server.start)
+
+    async def back() -> bool:
+        return (await wgw.client.get("/wheels")).status_code == 200
+
+    await wait_until(back, timeout=20, what="NATS back")
+    assert (await upload(wgw.client, name, data)).status_code == 200

@@ -19,9 +19,10 @@ wheelstore.WheelStore`, with pyoco-server 0.5.1's checks and answers (contract Â
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -29,13 +30,15 @@ import trio
 import uuid6
 
 from ..core import wheels
-from ..core.errors import PayloadTooLarge, PyocoError
+from ..core.errors import TRANSIENT_ERRORS, PayloadTooLarge, PyocoError
 from ..core.wheels import InvalidWheel, WheelConflict, WheelName, WheelNotFound
 from ..nats.wheelstore import WheelObject, WheelStore
 from .auth import Principal
 
 log = logging.getLogger(__name__)
 
+RECORD_ATTEMPTS: Final = 3  # an event append that got no answer is sent again (same id) this many times
+RECORD_BACKOFF: Final = 0.25  # seconds, times the attempt number
 SOURCE_VALUE_MAX: Final = 256  # request headers copied into history are cut to this
 CONTENT_TYPE_RE: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}")
 
@@ -66,6 +69,18 @@ def request_source(
     }
 
 
+@attrs.frozen(kw_only=True)
+class Upload:
+    """An upload that passed every check not needing NATS."""
+
+    wheel: WheelName
+    data: bytes = attrs.field(repr=False)
+    tags: tuple[str, ...]
+    replace: bool
+    sha256_hex: str
+    content_type: str | None
+
+
 @attrs.define(eq=False)
 class WheelRegistry:
     """One gateway's registry: the store, a lock for changes, and the events read so far."""
@@ -73,7 +88,7 @@ class WheelRegistry:
     store: WheelStore
     max_bytes: int
     producer: str
-    clock: Any  # () -> float
+    clock: Callable[[], float]
     _lock: trio.Lock = attrs.Factory(trio.Lock)
     _reading: trio.Lock = attrs.Factory(trio.Lock)
     _events: list[dict[str, Any]] = attrs.Factory(list)
@@ -84,22 +99,39 @@ class WheelRegistry:
         items = [o.to_http() for o in await self.store.list() if wheels.is_valid_name(o.name)]
         return sorted(items, key=lambda x: str(x["name"]))
 
-    async def upload(
-        self, *, filename: str, data: bytes, tags: str | None, replace: bool, content_type: str | None, actor: Actor
-    ) -> dict[str, object]:
-        """``POST /wheels`` after the form was read (see the module docstring for the order).
+    async def check(
+        self, *, filename: str, data: bytes, tags: str | None, replace: bool, content_type: str | None
+    ) -> Upload:
+        """The checks an upload passes before NATS is involved (in upstream's order, then ours).
+        Hashing and reading the archive run in a worker thread: a large wheel does not stall
+        the gateway.
 
         Raises:
-            InvalidWheel, PayloadTooLarge, WheelConflict: as upstream (plus archive problems).
-            WheelStoreFull, InfraError: NATS refused or was away; nothing is left stored.
+            InvalidWheel, PayloadTooLarge: the name, tags, size or archive is refused.
         """
         wheel = wheels.parse_name(filename)
         tag_list = wheels.parse_tags(tags)
         if 0 < self.max_bytes < len(data):
             raise PayloadTooLarge(wheels.TOO_LARGE)
-        wheels.inspect_archive(data, wheel)
-        sha256_hex = hashlib.sha256(data).hexdigest()
+
+        def digest() -> str:
+            wheels.inspect_archive(data, wheel)
+            return hashlib.sha256(data).hexdigest()
+
+        sha256_hex = await trio.to_thread.run_sync(digest)
         ctype = content_type if content_type and CONTENT_TYPE_RE.fullmatch(content_type) else None
+        return Upload(wheel=wheel, data=data, tags=tag_list, replace=replace, sha256_hex=sha256_hex, content_type=ctype)
+
+    async def upload(self, upload: Upload, *, actor: Actor) -> dict[str, object]:
+        """``POST /wheels`` once ``check`` passed: the version policy, the object, the event.
+
+        Raises:
+            WheelConflict: as upstream (409).
+            WheelStoreFull, InfraError: NATS refused or was away; nothing is left stored.
+        """
+        wheel, data, tag_list, replace, sha256_hex, ctype = (
+            upload.wheel, upload.data, upload.tags, upload.replace, upload.sha256_hex, upload.content_type
+        )
         async with self._lock:
             stored = await self.store.list()
             wheels.check_new_version(wheel, [o.name for o in stored])
@@ -129,7 +161,7 @@ class WheelRegistry:
         Raises:
             WheelNotFound: an invalid name or no such wheel (upstream answers both with 404).
         """
-        name = _name_or_not_found(raw_name)
+        name = name_or_not_found(raw_name)
         async with self._lock:
             obj = await self.store.info(name)
             if obj is None or not await self.store.delete(name):
@@ -142,7 +174,7 @@ class WheelRegistry:
 
     async def read(self, raw_name: str) -> tuple[WheelObject, bytes]:
         """``GET /wheels/{name}``: the bytes.  Raises WheelNotFound (invalid name or absent)."""
-        found = await self.store.read(_name_or_not_found(raw_name))
+        found = await self.store.read(name_or_not_found(raw_name))
         if found is None:
             raise WheelNotFound()
         return found
@@ -179,7 +211,15 @@ class WheelRegistry:
             event: dict[str, object] = {"type": wheels.EVENT_TYPES[action], "type_version": wheels.EVENT_TYPE_VERSION, **history}
         else:
             event = wheels.event_document(history, wheel=wheel, nuid=obj.nuid, producer=self.producer)
-        await self.store.record(event, history, wheels.history_key(occurred_at, event_id))
+        key = wheels.history_key(occurred_at, event_id)
+        for attempt in itertools.count(1):
+            try:
+                await self.store.record(event, history, key)  # deduplicated by event_id: safe to repeat
+                break
+            except TRANSIENT_ERRORS:
+                if attempt >= RECORD_ATTEMPTS:
+                    raise
+                await trio.sleep(RECORD_BACKOFF * attempt)
         log.info(
             "wheel %s: %s", action, obj.name,
             extra={"wheel_name": obj.name, "action": action, "api_key_id": who.key_id if who else None, "sha256": sha256_hex},
@@ -220,7 +260,8 @@ class WheelRegistry:
         return list(self._events)
 
 
-def _name_or_not_found(raw: str) -> str:
+def name_or_not_found(raw: str) -> str:
+    """A valid wheel name, or WheelNotFound (404, as upstream answers an invalid name)."""
     try:
         return wheels.normalize_name(raw)
     except InvalidWheel:

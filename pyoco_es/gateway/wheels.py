@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import trio
 from quart import Blueprint, Response, current_app, request
 from quart.wrappers import Request
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -32,7 +33,7 @@ from .answer import json_response
 from .context import MULTIPART_SLACK, caller, current_gateway
 from .multipart import parse_form
 from .params import RequestInvalid, field_error, query_bool, query_int
-from .wheel_registry import Actor, WheelRegistry, request_source
+from .wheel_registry import Actor, WheelRegistry, name_or_not_found, request_source
 
 UPLOAD_RULE: Final = "/wheels"
 REGISTRY_KEY: Final = "pyoco.wheels"
@@ -100,21 +101,19 @@ async def list_wheels() -> Response:
 @blueprint.post("/wheels")
 async def upload_wheel() -> Response:
     gw = current_gateway()
-    form = parse_form(await _upload_body(), request.headers.get("Content-Type"))
-    upload = form.files.get("wheel")
-    if upload is None:
+    body = await _upload_body()
+    form = await trio.to_thread.run_sync(parse_form, body, request.headers.get("Content-Type"))
+    del body
+    part = form.files.get("wheel")
+    if part is None:
         raise RequestInvalid([field_error("missing", ("body", "wheel"), "Field required: wheel (the .whl file, multipart)")])
     replace = query_bool(form.fields, "replace", default=True, where="body")
-    await gw.await_nats()
-    out = await registry().upload(
-        filename=upload.filename,
-        data=upload.data,
-        tags=form.fields.get("tags"),
-        replace=replace,
-        content_type=upload.content_type,
-        actor=_actor(),
+    reg = registry()
+    upload = await reg.check(
+        filename=part.filename, data=part.data, tags=form.fields.get("tags"), replace=replace, content_type=part.content_type
     )
-    return json_response(out)
+    await gw.await_nats()  # bad input is refused (4xx) even while NATS is away
+    return json_response(await reg.upload(upload, actor=_actor()))
 
 
 @blueprint.get("/wheels/history")
@@ -144,5 +143,6 @@ async def download_wheel(wheel_name: str) -> Response:
 
 @blueprint.delete("/wheels/<wheel_name>")
 async def delete_wheel(wheel_name: str) -> Response:
+    name = name_or_not_found(wheel_name)
     await current_gateway().await_nats()
-    return json_response(await registry().delete(wheel_name, actor=_actor()))
+    return json_response(await registry().delete(name, actor=_actor()))
