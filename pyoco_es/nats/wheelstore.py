@@ -29,6 +29,8 @@ from .connection import NO_ROOM
 
 log = logging.getLogger(__name__)
 
+LIST_BATCH = 10_000  # objects listed by one direct get; a larger store falls back to nats-py's list
+
 
 class WheelStoreFull(PyocoError):
     """JetStream refused a wheel for lack of room: the bucket's total cap (PYOCO_WHEEL_MAX_BYTES)
@@ -94,16 +96,35 @@ class WheelStore:
         return ObjectStore(name=self.bucket, stream=subjects.obj_stream(self.bucket), js=self.client.js)
 
     async def list(self) -> list[WheelObject]:
-        """Every live object (deleted ones left out), in the store's order."""
+        """Every live object (deleted ones and links left out), in the store's order.
+
+        One direct-get request for the last meta message of every object (``multi_last``),
+        instead of nats-py's list, which makes and drops a consumer each time (~5x slower);
+        nats-py's list is the fallback when the server does not answer that request whole.
+        """
 
         async def go() -> list[WheelObject]:
-            try:
-                infos = await self._store().list(ignore_deletes=True)
-            except nats.js.errors.NotFoundError:  # nats-py's answer for an empty store
-                return []
+            infos = await self._last_metas()
+            if infos is None:
+                try:
+                    infos = await self._store().list(ignore_deletes=True)
+                except nats.js.errors.NotFoundError:  # nats-py's answer for an empty store
+                    return []
             return [_object(i) for i in infos if not i.deleted and not i.is_link()]
 
         return await self.client.run("list wheels", go)
+
+    async def _last_metas(self) -> list[Any] | None:  # on the asyncio side
+        found = await _last_per_subject(self.client, subjects.obj_stream(self.bucket), f"$O.{self.bucket}.M.>")
+        if found is None:
+            return None
+        out: list[Any] = []
+        for hdrs, data in found:
+            try:
+                out.append(api.ObjectInfo.from_response(json.loads(data)))
+            except (ValueError, TypeError, KeyError):
+                log.warning("wheel store meta %s is unreadable; skipped", hdrs.get("Nats-Subject"))
+        return out
 
     async def info(self, name: str) -> WheelObject | None:
         async def go() -> WheelObject | None:
@@ -211,17 +232,49 @@ class WheelStore:
         return out
 
     async def upstream_history(self) -> list[dict[str, Any]]:
-        """Every readable entry of pyoco-server's history KV (written by either gateway)."""
-        keys = await self.client.kv_keys(self.history_bucket)
-        entries = await self.client.kv_get_many(self.history_bucket, keys) if keys else []
+        """Every readable entry of pyoco-server's history KV (written by either gateway): one
+        direct get of every key's last value, else (a huge bucket) the keys and then the values."""
+        stream = subjects.kv_stream(self.history_bucket)
+        found = await self.client.run(
+            "wheel history", _last_per_subject, self.client, stream, subjects.kv_subject(self.history_bucket, ">")
+        )
+        if found is not None:
+            values = [data for hdrs, data in found if hdrs.get("KV-Operation") not in ("DEL", "PURGE")]
+        else:
+            keys = await self.client.kv_keys(self.history_bucket)
+            entries = await self.client.kv_get_many(self.history_bucket, keys) if keys else []
+            values = [e.value for e in entries if e is not None and e.value is not None]
         out: list[dict[str, Any]] = []
-        for entry in entries:
-            if entry is None or entry.value is None:
-                continue
+        for value in values:
             try:
-                doc = json.loads(entry.value)
+                doc = json.loads(value)
             except ValueError:
                 continue
             if isinstance(doc, dict):
                 out.append(doc)
         return out
+
+
+async def _last_per_subject(client: NatsClient, stream: str, subject_filter: str) -> list[tuple[dict[str, str], bytes]] | None:
+    """The last message of every subject matching ``subject_filter`` (headers, data), in one
+    direct-get request (``multi_last``); [] when there is none; None when the server did not
+    answer it whole (more than ``LIST_BATCH`` subjects, or an older server): use another way.
+    On the asyncio side."""
+    nc = client.nc
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    out: list[tuple[dict[str, str], bytes]] = []
+    try:
+        req = {"multi_last": [subject_filter], "batch": LIST_BATCH}
+        await nc.publish(subjects.direct_get_subject(stream), json.dumps(req).encode(), reply=inbox)
+        while True:
+            msg = await sub.next_msg(timeout=client.op_timeout)
+            hdrs = dict(msg.headers or {})
+            status = hdrs.get("Status")
+            if status == "404":
+                return []
+            if status is not None:  # 204 EOB: complete only when nothing is left
+                return out if status == "204" and hdrs.get("Nats-Num-Pending", "0") == "0" else None
+            out.append((hdrs, msg.data))
+    finally:
+        await sub.unsubscribe()
