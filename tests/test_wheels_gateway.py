@@ -347,3 +347,23 @@ async def test_while_nats_is_away_bad_input_is_still_4xx_and_writes_503(wgw: GW)
 
     await wait_until(back, timeout=20, what="NATS back")
     assert (await upload(wgw.client, name, data)).status_code == 200
+
+
+async def test_list_and_history_fall_back_when_one_direct_get_is_not_enough(nats: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyoco_es.nats import wheelstore
+
+    store = WheelStore(nats)
+    names = []
+    for v in ("1", "2", "3"):
+        name, data = make_wheel("many", v)
+        await store.put(name, data, {})
+        names.append(name)
+        await store.record({"event_id": v, "wheel_name": name}, {"event_id": v, "wheel_name": name}, wheels.history_key(float(v), v))
+    await store.delete(names[0])
+    fast = ([o.name for o in await store.list()], sorted(d["event_id"] for d in await store.upstream_history()))
+    monkeypatch.setattr(wheelstore, "LIST_BATCH", 1)
+    stream = subjects.obj_stream(subjects.WHEELS_BUCKET)
+    assert await nats.run("direct get", wheelstore._last_per_subject, nats, stream, f"$O.{subjects.WHEELS_BUCKET}.M.>") is None
+    slow = ([o.name for o in await store.list()], sorted(d["event_id"] for d in await store.upstream_history()))
+    assert sorted(fast[0]) == sorted(slow[0]) == names[1:]
+    assert fast[1] == slow[1] == ["1", "2", "3"]
