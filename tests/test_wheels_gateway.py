@@ -367,3 +367,32 @@ async def test_list_and_history_fall_back_when_one_direct_get_is_not_enough(nats
     slow = ([o.name for o in await store.list()], sorted(d["event_id"] for d in await store.upstream_history()))
     assert sorted(fast[0]) == sorted(slow[0]) == names[1:]
     assert fast[1] == slow[1] == ["1", "2", "3"]
+
+
+async def test_no_room_for_the_wheel_store_does_not_keep_runs_from_starting(tmp_path: Path) -> None:
+    """The object store reserves PYOCO_WHEEL_MAX_BYTES (512 MiB, as pyoco-server) of JetStream
+    storage.  On a server without that room, resources are still made (runs work), the wheel
+    store is skipped with a warning, and /wheels says why instead of failing obscurely."""
+    from pyoco_es.gateway.server import run_gateway
+    from pyoco_es.nats.client import open_nats
+    from pyoco_es.nats.resources import ResourceConfig, ensure_resources
+
+    server = EmbeddedNats(data_dir=tmp_path / "nats", max_file_store=8 * 1024 * 1024)
+    server.start()
+    try:
+        with trio.fail_after(60):
+            async with open_nats(server.url, name="test") as nats, trio.open_nursery() as nursery:
+                done = await ensure_resources(nats, ResourceConfig(dlq_max_bytes=1024 * 1024))
+                assert any(d.startswith("skipped OBJ_pyoco_wheels not created: JetStream has no room") for d in done), done
+                assert "created PYOCO_EVENTS" in done and "created KV_pyoco_wheel_history" in done
+                settings = Settings(nats_unavailable_wait=1.0)
+                host, port = await nursery.start(lambda task_status: run_gateway(nats, settings, host="127.0.0.1", port=0, task_status=task_status))
+                async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as client:
+                    assert (await client.get("/wheels")).json() == []
+                    r = await upload(client, *make_wheel("roomless", "1.0"))
+                    assert r.status_code == 503 and "OBJ_pyoco_wheels does not exist" in r.json()["detail"], r.text
+                    r = await client.post("/runs", json={"flow_name": "main"})
+                    assert r.status_code == 200, r.text
+                nursery.cancel_scope.cancel()
+    finally:
+        server.stop()

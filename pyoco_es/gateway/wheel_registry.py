@@ -137,23 +137,26 @@ class WheelRegistry:
             wheels.check_new_version(wheel, [o.name for o in stored])
             if not replace and any(o.name == wheel.filename for o in stored):
                 raise WheelConflict(wheels.ALREADY_EXISTS)
-            obj = await self.store.put(wheel.filename, data, wheels.object_headers(sha256_hex=sha256_hex, tags=tag_list, content_type=ctype))
-            try:
-                await self._record("upload", wheel, obj, actor, tags=tag_list, size=len(data), sha256_hex=sha256_hex, replace=replace)
-            except PyocoError:
-                await self._undo_put(wheel.filename)
-                raise
+            # Shielded: a client that goes away mid-upload must not leave chunks without their
+            # object, nor an object without its event (NATS's own timeouts bound the wait).
+            with trio.CancelScope(shield=True):
+                headers = wheels.object_headers(sha256_hex=sha256_hex, tags=tag_list, content_type=ctype)
+                obj = await self.store.put(wheel.filename, data, headers)
+                try:
+                    await self._record("upload", wheel, obj, actor, tags=tag_list, size=len(data), sha256_hex=sha256_hex, replace=replace)
+                except PyocoError:
+                    await self._undo_put(wheel.filename)
+                    raise
         out = obj.to_http()
         out["sha256_hex"] = sha256_hex
         out["tags"] = list(tag_list)
         return out
 
     async def _undo_put(self, name: str) -> None:
-        with trio.CancelScope(shield=True):
-            try:
-                await self.store.delete(name)
-            except PyocoError as exc:
-                log.error("wheel %s is stored but its upload event is not, and deleting it failed: %s", name, exc.message)
+        try:
+            await self.store.delete(name)
+        except PyocoError as exc:
+            log.error("wheel %s is stored but its upload event is not, and deleting it failed: %s", name, exc.message)
 
     async def delete(self, raw_name: str, *, actor: Actor) -> dict[str, object]:
         """``DELETE /wheels/{name}``.
@@ -164,12 +167,15 @@ class WheelRegistry:
         name = name_or_not_found(raw_name)
         async with self._lock:
             obj = await self.store.info(name)
-            if obj is None or not await self.store.delete(name):
+            if obj is None:
                 raise WheelNotFound()
-            wheel = wheels.try_parse_name(name)
-            await self._record(
-                "delete", wheel, obj, actor, tags=obj.tags, size=obj.size, sha256_hex=obj.sha256_hex, replace=None
-            )
+            with trio.CancelScope(shield=True):  # the delete and its event, or neither (see upload)
+                if not await self.store.delete(name):
+                    raise WheelNotFound()
+                wheel = wheels.try_parse_name(name)
+                await self._record(
+                    "delete", wheel, obj, actor, tags=obj.tags, size=obj.size, sha256_hex=obj.sha256_hex, replace=None
+                )
         return {"name": name, "deleted": True}
 
     async def read(self, raw_name: str) -> tuple[WheelObject, bytes]:

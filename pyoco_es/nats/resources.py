@@ -16,6 +16,7 @@ from nats.js import api
 from ..config import Settings
 from . import subjects
 from .client import DEFAULT_MAX_MSG_SIZE, NatsClient
+from .connection import NO_ROOM
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
     cfg = cfg or ResourceConfig()
     client.stream_max_msg_size = cfg.max_msg_size
 
+    optional = {subjects.obj_stream(cfg.wheel_bucket), subjects.kv_stream(cfg.wheel_history_bucket)}
+
     async def go() -> list[str]:
         js = client.js
         done: list[str] = []
@@ -178,7 +181,13 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
             try:
                 info = await js.stream_info(want.name)
             except nats.js.errors.NotFoundError:
-                await js.add_stream(want)
+                try:
+                    await js.add_stream(want)
+                except nats.js.errors.APIError as exc:
+                    if want.name not in optional or exc.err_code not in NO_ROOM:
+                        raise
+                    done.append(_skip_optional(want, exc))
+                    continue
                 done.append(f"created {want.name}")
                 continue
             diff = _diff(want, info.config)
@@ -194,6 +203,19 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
         return done
 
     return await client.run("ensure resources", go)
+
+
+_SKIPPED_WARNED: set[str] = set()  # streams already warned about (reconcile retries every few seconds)
+
+
+def _skip_optional(want: api.StreamConfig, exc: Any) -> str:  # noqa: ANN401 - nats-py's APIError
+    """The wheel registry's streams reserve their max_bytes (PYOCO_WHEEL_MAX_BYTES, 512 MiB as
+    pyoco-server): a server without that much room must not keep runs from starting."""
+    why = f"{want.name} not created: JetStream has no room for its max_bytes {want.max_bytes} ({exc.description})"
+    if want.name not in _SKIPPED_WARNED:
+        _SKIPPED_WARNED.add(want.name)
+        log.warning("%s; the wheel registry answers 503 until it exists (lower PYOCO_WHEEL_MAX_BYTES or give JetStream more storage)", why)
+    return f"skipped {why}"
 
 
 def _shrinks_object_store(want: api.StreamConfig, diff: dict[str, tuple[Any, Any]]) -> bool:

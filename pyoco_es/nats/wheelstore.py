@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
+import nats.errors
 import nats.js.errors
 from nats.js import api
 from nats.js.object_store import ObjectStore
@@ -29,6 +30,7 @@ from .connection import NO_ROOM
 
 log = logging.getLogger(__name__)
 
+STREAM_NOT_FOUND = 10059  # JetStream's err_code
 LIST_BATCH = 10_000  # objects listed by one direct get; a larger store falls back to nats-py's list
 
 
@@ -173,11 +175,21 @@ class WheelStore:
                 "PYOCO_WHEEL_MAX_BYTES (the store's total cap)"
             )
 
+        def missing() -> InfraError:
+            return InfraError(
+                f"the wheel store {subjects.obj_stream(self.bucket)} does not exist (the log says why it could not be "
+                "created: too little JetStream storage for PYOCO_WHEEL_MAX_BYTES?)"
+            )
+
         async def go() -> WheelObject:
             meta = api.ObjectMeta(name=name, headers=dict(headers))
             try:
                 return _object(await self._store().put(name, data, meta=meta))
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as exc:
+                raise missing() from exc
             except nats.js.errors.APIError as exc:
+                if exc.err_code == STREAM_NOT_FOUND:
+                    raise missing() from exc
                 # JetStream answers "maximum bytes exceeded" with code 503, which nats-py raises
                 # as ServiceUnavailableError: a refusal, not an outage.
                 if exc.err_code in NO_ROOM:
