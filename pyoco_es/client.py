@@ -7,8 +7,8 @@ twin (httpx.AsyncClient): the same method names, arguments and return shapes as
 
 A non-2xx answer raises :class:`PyocoHttpError`, a subclass of ``httpx.HTTPStatusError``
 (what pyoco-server's ``raise_for_status`` raises), whose message carries the server's
-``detail``.  The wheel methods raise :class:`FeatureNotAvailable`: pyoco-es has no wheel
-registry yet.
+``detail``.  The wheel methods talk to the gateway's ``/wheels`` registry
+(``download_wheel`` is ours: pyoco-server's client has none).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from typing import Any, Final
+from urllib.parse import quote
 
 import attrs
 import httpx
@@ -43,13 +44,6 @@ class PyocoHttpError(httpx.HTTPStatusError):
 
 class FeatureNotAvailable(NotImplementedError):
     """A pyoco-server method whose feature pyoco-es does not have (yet): the message names it."""
-
-
-def _no_wheels(method: str) -> FeatureNotAvailable:
-    return FeatureNotAvailable(
-        f"{method}: pyoco-es has no wheel registry yet (pyoco-server's /wheels API); "
-        "install task packages on the worker hosts instead (docs/library.md)"
-    )
 
 
 @attrs.frozen
@@ -108,6 +102,28 @@ def _list_vnext(
     if workflow_yaml_sha256:
         params["workflow_yaml_sha256"] = workflow_yaml_sha256
     return _Call("GET", "/runs", params=params)
+
+
+def _wheel_history(limit: int | None, wheel_name: str | None, action: str | None) -> _Call:
+    params: dict[str, Any] = {}
+    if limit is not None:
+        params["limit"] = int(limit)
+    if wheel_name:
+        params["wheel_name"] = str(wheel_name)
+    if action:
+        params["action"] = str(action)
+    return _Call("GET", "/wheels/history", params=params)
+
+
+def _upload_wheel(filename: str, data: bytes, replace: bool, tags: list[str] | None) -> _Call:
+    form = {"replace": "true" if replace else "false"}
+    if tags:
+        form["tags"] = ",".join(str(t).strip() for t in tags if str(t).strip())
+    return _Call("POST", "/wheels", files={"wheel": (filename, data, "application/octet-stream")}, data=form)
+
+
+def _wheel_path(wheel_name: str) -> str:
+    return "/wheels/" + quote(wheel_name, safe="")
 
 
 def _workers(scope: str | None, state: str | None, include_hidden: bool | None, limit: int | None) -> _Call:
@@ -268,16 +284,24 @@ class PyocoHttpClient:
         return self._send(_Call("GET", "/metrics")).text
 
     def list_wheels(self) -> list[dict[str, Any]]:
-        raise _no_wheels("list_wheels")
+        """GET /wheels: the registry, by name."""
+        return self._json(_Call("GET", "/wheels"))  # type: ignore[no-any-return]
 
     def list_wheel_history(self, *, limit: int | None = None, wheel_name: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
-        raise _no_wheels("list_wheel_history")
+        """GET /wheels/history: uploads and deletes, newest first."""
+        return self._json(_wheel_history(limit, wheel_name, action))  # type: ignore[no-any-return]
 
     def upload_wheel(self, *, filename: str, data: bytes, replace: bool = True, tags: list[str] | None = None) -> dict[str, Any]:
-        raise _no_wheels("upload_wheel")
+        """POST /wheels (409 when the package already has this or a newer version)."""
+        return self._json(_upload_wheel(filename, data, replace, tags))  # type: ignore[no-any-return]
+
+    def download_wheel(self, wheel_name: str) -> bytes:
+        """GET /wheels/{name}: the wheel's bytes."""
+        return self._send(_Call("GET", _wheel_path(wheel_name))).content
 
     def delete_wheel(self, wheel_name: str) -> dict[str, Any]:
-        raise _no_wheels("delete_wheel")
+        """DELETE /wheels/{name}."""
+        return self._json(_Call("DELETE", _wheel_path(wheel_name)))  # type: ignore[no-any-return]
 
 
 class AsyncPyocoHttpClient:
@@ -379,13 +403,16 @@ class AsyncPyocoHttpClient:
         return (await self._send(_Call("GET", "/metrics"))).text
 
     async def list_wheels(self) -> list[dict[str, Any]]:
-        raise _no_wheels("list_wheels")
+        return await self._json(_Call("GET", "/wheels"))  # type: ignore[no-any-return]
 
     async def list_wheel_history(self, *, limit: int | None = None, wheel_name: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
-        raise _no_wheels("list_wheel_history")
+        return await self._json(_wheel_history(limit, wheel_name, action))  # type: ignore[no-any-return]
 
     async def upload_wheel(self, *, filename: str, data: bytes, replace: bool = True, tags: list[str] | None = None) -> dict[str, Any]:
-        raise _no_wheels("upload_wheel")
+        return await self._json(_upload_wheel(filename, data, replace, tags))  # type: ignore[no-any-return]
+
+    async def download_wheel(self, wheel_name: str) -> bytes:
+        return (await self._send(_Call("GET", _wheel_path(wheel_name)))).content
 
     async def delete_wheel(self, wheel_name: str) -> dict[str, Any]:
-        raise _no_wheels("delete_wheel")
+        return await self._json(_Call("DELETE", _wheel_path(wheel_name)))  # type: ignore[no-any-return]

@@ -161,6 +161,10 @@ class Settings:
     # read timeout of its own httpx-based client (contract §10 #25); 4 s keeps such clients alive.
     sse_heartbeat_interval: float = 4.0
     gateway_watch_check_interval: float = 2.0  # how often the gateway checks its KV watch is not stalled
+    # wheel registry (pyoco-server's names and defaults: the object store (above), its total cap, history)
+    wheel_max_bytes: int = 512 * 1024 * 1024  # one upload's cap and the bucket's total (0: none)
+    wheel_history_kv_bucket: str = "pyoco_wheel_history"
+    wheel_history_ttl_sec: float = 90 * 24 * 60 * 60
     # dead letters (pyoco-server's limits on the PYOCO_DLQ stream)
     dlq_max_age: float = 604800.0
     dlq_max_msgs: int = 100000
@@ -229,7 +233,6 @@ class Settings:
             worker_poll_timeout=_num(e, "PYOCO_WORKER_POLL_TIMEOUT_SEC", 1.0, 0.05),
             worker_drain_timeout=_num(e, "PYOCO_WORKER_DRAIN_TIMEOUT_SEC", 30.0, 0.0),
             worker_clock_offset=_num(e, "PYOCO_WORKER_CLOCK_OFFSET_SEC", 0.0),
-            wheel_object_store_bucket=e.get("PYOCO_WHEEL_OBJECT_STORE_BUCKET") or "pyoco_wheels",
             wheel_sync_enabled=_bool(e, "PYOCO_WHEEL_SYNC_ENABLED", False),
             wheel_sync_dir=e.get("PYOCO_WHEEL_SYNC_DIR") or ".pyoco/wheels",
             wheel_sync_interval=_num(e, "PYOCO_WHEEL_SYNC_INTERVAL_SEC", 10.0, 0.1),
@@ -249,6 +252,10 @@ class Settings:
             http_allowed_hosts=tuple(h.lower() for h in _csv(e, "PYOCO_HTTP_ALLOWED_HOSTS")),
             sse_heartbeat_interval=_num(e, "PYOCO_SSE_HEARTBEAT_INTERVAL_SEC", 4.0, 0.05),
             gateway_watch_check_interval=_num(e, "PYOCO_GATEWAY_WATCH_CHECK_INTERVAL_SEC", 2.0, 0.05),
+            wheel_object_store_bucket=(e.get("PYOCO_WHEEL_OBJECT_STORE_BUCKET") or "pyoco_wheels").strip(),
+            wheel_max_bytes=max(0, _int(e, "PYOCO_WHEEL_MAX_BYTES", 512 * 1024 * 1024)),
+            wheel_history_kv_bucket=(e.get("PYOCO_WHEEL_HISTORY_KV_BUCKET") or "pyoco_wheel_history").strip(),
+            wheel_history_ttl_sec=_num(e, "PYOCO_WHEEL_HISTORY_TTL_SEC", 90 * 24 * 60 * 60, 0.0),
             dlq_max_age=_num(e, "PYOCO_DLQ_MAX_AGE_SEC", 604800.0, 0.0),
             dlq_max_msgs=_int(e, "PYOCO_DLQ_MAX_MSGS", 100000),
             dlq_max_bytes=_int(e, "PYOCO_DLQ_MAX_BYTES", 536870912),
@@ -264,6 +271,7 @@ class Settings:
         )
 
 
+_BUCKET_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,200}")  # a JetStream bucket name (fullmatch)
 LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
 # Other names for them: Python's (pyoco-server reads PYOCO_LOG_LEVEL with getattr(logging, NAME))
 LOG_LEVEL_ALIASES: Final = {"warn": "warning", "fatal": "critical", "notset": "trace"}
@@ -309,6 +317,10 @@ def refused_settings(env: Mapping[str, str] | None = None) -> list[str]:
     for name, why in NOT_HERE.items():
         if e.get(name, "").strip():
             out.append(f"{name} is not supported: {why}; unset it")
+    for name in ("PYOCO_WHEEL_OBJECT_STORE_BUCKET", "PYOCO_WHEEL_HISTORY_KV_BUCKET"):
+        value = e.get(name, "").strip()
+        if value and _BUCKET_RE.fullmatch(value) is None:
+            out.append(f"{name}={value!r} is not a bucket name: use letters, digits, '_' and '-'")
     level = log_level_name(e.get("PYOCO_LOG_LEVEL") or "")
     if level and level not in LOG_LEVELS:
         out.append(f"PYOCO_LOG_LEVEL={level!r} is not a level: use one of {', '.join(LOG_LEVELS)} (or {', '.join(LOG_LEVEL_ALIASES)})")

@@ -47,7 +47,7 @@ def _protected_requests(g: GW) -> list[tuple[str, str]]:
     for rule in app.url_map.iter_rules():
         if rule.rule in PUBLIC_RULES:
             continue
-        path = re.sub(r"<(?:\w+:)?(\w+)>", lambda m: {"run_id": RUN_ID, "worker_id": "w1", "dlq_id": "1"}[m.group(1)], rule.rule)
+        path = re.sub(r"<(?:\w+:)?(\w+)>", lambda m: {"run_id": RUN_ID, "worker_id": "w1", "dlq_id": "1", "wheel_name": "demo-1.0-py3-none-any.whl"}[m.group(1)], rule.rule)
         out += [(method, path) for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
     assert len(out) >= 12 and ("GET", "/metrics") in out and ("PATCH", "/workers/w1") in out
     return out

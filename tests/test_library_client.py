@@ -21,9 +21,10 @@ import pytest
 import trio
 
 import pyoco_es
-from pyoco_es import AsyncPyocoHttpClient, FeatureNotAvailable, PyocoHttpClient, PyocoHttpError
+from pyoco_es import AsyncPyocoHttpClient, PyocoHttpClient, PyocoHttpError
 from pyoco_es.testing.stack import Stack, open_stack
 from test_cli_e2e import fast_settings
+from wheelmaker import make_wheel
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Async generator 'httpx.:ResourceWarning"),
@@ -118,9 +119,13 @@ def sync_story(url: str) -> None:
             client.submit_run("hello", params={"x": 1}, tag="not a tag!")
         assert bad.value.response.status_code == 422 and "tag" in str(bad.value)
 
-        for call in (client.list_wheels, client.list_wheel_history, lambda: client.delete_wheel("w")):
-            with pytest.raises(NotImplementedError, match="no wheel registry"):
-                call()
+        name, data = make_wheel("lib-demo", "1.0")
+        assert client.upload_wheel(filename=name, data=data, tags=["cpu", " "])["tags"] == ["cpu"]
+        assert [w["name"] for w in client.list_wheels()] == [name]
+        assert client.download_wheel(name) == data
+        assert client.delete_wheel(name) == {"name": name, "deleted": True}
+        assert [h["action"] for h in client.list_wheel_history(wheel_name=name, limit=5)] == ["delete", "upload"]
+        assert client.list_wheel_history(action="delete", limit=1)[0]["wheel_name"] == name
 
 
 async def test_sync_client_drives_every_method(stack: Stack) -> None:
@@ -155,8 +160,15 @@ async def test_async_client_on_trio(stack: Stack) -> None:
             with pytest.raises(PyocoHttpError) as missing:
                 await client.get_run("no-such-run")
             assert missing.value.response.status_code == 404
-            with pytest.raises(FeatureNotAvailable, match="upload_wheel: pyoco-es has no wheel registry"):
+            with pytest.raises(PyocoHttpError) as bad_wheel:
                 await client.upload_wheel(filename="x.whl", data=b"")
+            assert bad_wheel.value.response.status_code == 422 and bad_wheel.value.detail == "invalid wheel filename"
+            name, data = make_wheel("lib-async", "1.0")
+            assert (await client.upload_wheel(filename=name, data=data, replace=False))["name"] == name
+            assert (await client.download_wheel(name)) == data
+            assert [w["name"] for w in await client.list_wheels()] == [name]
+            assert (await client.list_wheel_history(limit=1))[0]["wheel_name"] == name
+            assert (await client.delete_wheel(name))["deleted"] is True
 
 
 async def test_api_key_is_sent_as_x_api_key() -> None:

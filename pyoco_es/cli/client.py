@@ -17,6 +17,7 @@ from typing import Any, Final, TypeVar
 
 import asyncclick as click
 
+from . import client_wheels
 from .client_bulk import cancel_by_filter, cancel_filter_options, register
 from .client_command import ClientGroup, api_command
 from .client_errors import ERR_CANCEL, EXIT_INTERRUPTED, EXIT_OK, CliError, input_error
@@ -532,6 +533,7 @@ async def events_cmd(api: Api, run_id: str, after_seq: int, output: str | None) 
             write_json(item)
 
 
+from . import client_wheels
 client.add_command(logs_cmd)  # `logs` (cli/client_logs.py)
 register(client)  # submit-batch, dlq (cli/client_bulk.py)
 

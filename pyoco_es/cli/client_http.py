@@ -71,8 +71,14 @@ def describe_body(response: httpx.Response) -> str:
     return text[:_BODY_LIMIT]
 
 
-def _status_hint(status: int, settings: ClientSettings) -> str:
+def _status_hint(status: int, settings: ClientSettings, path: str = "") -> str:
     cmd = settings.command_path
+    if path.startswith("/wheels") and status in (404, 409, 507):
+        return {
+            404: f"no such wheel: `{cmd} wheels` lists them",
+            409: "the package already has this version or a newer one: bump the version in the wheel",
+            507: "the wheel store is full: delete old versions (wheel-delete) or ask to raise PYOCO_WHEEL_MAX_BYTES",
+        }[status]
     if status == 401:
         return f"the server requires an API key: pass --api-key (sent as {settings.api_key_header}) or set PYOCO_API_KEY"
     if status == 403:
@@ -93,7 +99,7 @@ def http_error(response: httpx.Response, settings: ClientSettings) -> CliError:
     body = describe_body(response)
     if body:
         reason = f"{reason}: {body}"
-    hint = _status_hint(response.status_code, settings)
+    hint = _status_hint(response.status_code, settings, req.url.path)
     if response.status_code == 404 and req.url.path.startswith("/dlq/"):
         hint = f"check the id; `{settings.command_path} dlq list` shows the dead letters"
     return CliError(ERR_HTTP, "request failed", reason=reason, hint=hint)

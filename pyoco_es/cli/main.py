@@ -183,7 +183,8 @@ async def replay(
     nats_url: str | None, data_dir: Path, rebuild: bool, read_model: Path | None, skip_events: bool, output: str, log_level: str | None
 ) -> None:
     """Fold the whole event stream into a fresh bucket and report snapshots that differ from the
-    live read model.  Exit code 1 when any differ.
+    live read model, and wheels whose registry events disagree with the object store.  Exit code
+    1 when any differ.
 
     \b
     Example:
@@ -200,6 +201,7 @@ async def replay(
             sys.exit(0 if ok else 1)
     from ..conductor.replay import REPLAY_BUCKET, replay as do_replay
     from ..nats.resources import delete_bucket
+    from ..nats.wheelstore import WheelStore
 
     try:
         async with open_system_nats(settings, name="pyoco-replay", attach=True) as nats:
@@ -209,7 +211,10 @@ async def replay(
                     print(f"\rreplayed up to stream seq {done}/{total}", end="", file=sys.stderr, flush=True)
 
             try:
-                report = await do_replay(nats, rebuild=rebuild, progress=progress, max_snapshot_bytes=settings.max_run_snapshot_bytes)
+                store = WheelStore(nats, bucket=settings.wheel_object_store_bucket, history_bucket=settings.wheel_history_kv_bucket)
+                report = await do_replay(
+                    nats, rebuild=rebuild, progress=progress, max_snapshot_bytes=settings.max_run_snapshot_bytes, wheel_store=store
+                )
             finally:
                 # The scratch bucket is never left behind: not on an error, not on Ctrl-C.
                 with trio.CancelScope(shield=True), trio.move_on_after(10), suppress(PyocoError):
@@ -220,11 +225,18 @@ async def replay(
     if sys.stderr.isatty():
         print(file=sys.stderr)
     if output == "json":
-        click.echo(json.dumps({"events": report.events, "runs": report.runs, "differences": [attrs.asdict(d) for d in report.differences]}))
+        click.echo(json.dumps({
+            "events": report.events, "runs": report.runs, "differences": [attrs.asdict(d) for d in report.differences],
+            "wheel_events": report.wheel_events, "wheels": report.wheels,
+            "wheel_differences": [attrs.asdict(d) for d in report.wheel_differences],
+        }))
     else:
         click.echo(f"replayed {report.events} events of {report.runs} runs: {len(report.differences)} difference(s)")
         for d in report.differences:
             click.echo(f"  {d.kind:<9} {d.run_id}  {d.detail}")
+        click.echo(f"wheel registry: {report.wheel_events} events, {report.wheels} wheel(s): {len(report.wheel_differences)} difference(s)")
+        for w in report.wheel_differences:
+            click.echo(f"  {w.kind:<9} {w.name}  {w.detail}")
         if rebuild and report.differences:
             click.echo("rebuilt the live snapshots listed above")
     sys.exit(0 if report.ok else 1)

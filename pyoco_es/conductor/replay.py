@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import attrs
 
+from ..core import wheels
 from ..core.codec import decode_envelope, encode_snapshot
 from ..core.errors import CorruptStreamError, InfraError, PyocoError
 from ..core.fold import apply
@@ -14,6 +15,7 @@ from ..core.model import RunSnapshot
 from ..nats import subjects
 from ..nats.client import NatsClient
 from ..nats.resources import delete_bucket, recreate_bucket
+from ..nats.wheelstore import WheelStore
 
 log = logging.getLogger(__name__)
 REPLAY_BUCKET = "pyoco_runs_replay"
@@ -27,14 +29,42 @@ class Difference:
 
 
 @attrs.frozen
+class WheelDifference:
+    name: str
+    kind: str  # "missing" (an upload event, no object), "extra" (an object, no upload event), "different" (sha256)
+    detail: str = ""
+
+
+@attrs.frozen
 class ReplayReport:
     events: int
     runs: int
     differences: tuple[Difference, ...]
+    wheel_events: int = 0
+    wheels: int = 0  # the wheels the registry's events say exist
+    wheel_differences: tuple[WheelDifference, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not self.differences
+        return not self.differences and not self.wheel_differences
+
+
+async def replay_wheels(store: WheelStore) -> tuple[int, int, tuple[WheelDifference, ...]]:
+    """Fold the registry's events (``pyoco.evt.audit.wheel``) and compare the wheels they say
+    exist with the object store: (events, wheels, differences)."""
+    events = [doc for _, doc in await store.events()]
+    live = wheels.live_wheels(events)
+    stored = {o.name: o for o in await store.list()}
+    diffs: list[WheelDifference] = []
+    for name in sorted(set(live) | set(stored)):
+        event, obj = live.get(name), stored.get(name)
+        if obj is None:
+            diffs.append(WheelDifference(name, "missing", "uploaded by its events, not in the object store"))
+        elif event is None:
+            diffs.append(WheelDifference(name, "extra", "in the object store without an upload event (stored by pyoco-server or by hand?)"))
+        elif event.get("sha256_hex") != obj.sha256_hex:
+            diffs.append(WheelDifference(name, "different", f"sha256 {obj.sha256_hex} stored, {event.get('sha256_hex')} uploaded"))
+    return len(events), len(live), tuple(diffs)
 
 
 async def replay(
@@ -44,11 +74,14 @@ async def replay(
     out_bucket: str = REPLAY_BUCKET,
     max_snapshot_bytes: int = 262144,
     progress: Callable[[int, int], None] | None = None,
+    wheel_store: WheelStore | None = None,
 ) -> ReplayReport:
     """Fold every run event into ``out_bucket`` (recreated empty) and diff it with ``pyoco_runs``.
 
     With ``rebuild``, snapshots that are missing or different in the live bucket are written
     there too (stop the conductors first, or let them overwrite with the same values).
+    The wheel registry's events are checked against ``wheel_store`` (default: the default
+    buckets); the registry is reported, never rebuilt.
     """
     snaps: dict[str, RunSnapshot | None] = {}
     corrupt: dict[str, str] = {}
@@ -107,7 +140,11 @@ async def replay(
         for run_id, value in to_fix:
             await nats.kv_put(subjects.RUNS_BUCKET, run_id, value)
     await delete_bucket(nats, out_bucket)  # scratch only (the CLI also drops it on an error)
-    return ReplayReport(events=events, runs=len(snaps), differences=tuple(diffs))
+    wheel_events, wheel_count, wheel_diffs = await replay_wheels(wheel_store or WheelStore(nats))
+    return ReplayReport(
+        events=events, runs=len(snaps), differences=tuple(diffs),
+        wheel_events=wheel_events, wheels=wheel_count, wheel_differences=wheel_diffs,
+    )
 
 
 def _first_difference(live: bytes, replayed: bytes) -> str:

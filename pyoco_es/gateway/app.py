@@ -24,7 +24,7 @@ from ..core.errors import PyocoError, ValidationError
 from ..core.events import Producer
 from ..nats.client import NatsClient
 from ..service import RunStore
-from . import apidocs, bulk, dashboard, dlq, events, identity, logs, runs, status, streams, workers
+from . import apidocs, bulk, dashboard, dlq, events, identity, logs, runs, status, streams, wheels, workers
 from .answer import on_http_error, on_pyoco_error, on_unexpected
 from .context import JSON_BODY_MAX, MULTIPART_SLACK, STATIC_DIR, Gateway, current_gateway, gateway_of
 from .auth import KeyRing
@@ -33,7 +33,8 @@ from .index import WorkerIndex
 from .runindex import RunIndex
 
 BLUEPRINTS = (status.blueprint, dashboard.blueprint, bulk.blueprint, runs.blueprint, streams.blueprint, events.blueprint, workers.blueprint,
-              identity.blueprint, apidocs.blueprint, logs.blueprint, dlq.blueprint)
+              identity.blueprint, apidocs.blueprint, logs.blueprint, dlq.blueprint,
+              wheels.blueprint)
 
 
 def create_app(
@@ -70,6 +71,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = max(JSON_BODY_MAX, settings.workflow_yaml_max_bytes + MULTIPART_SLACK)
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
+    wheels.allow_uploads(app, settings)  # POST /wheels takes bodies up to PYOCO_WHEEL_MAX_BYTES
     own_index, own_workers = index is None, workers is None
     gw = Gateway(
         nats=nats,

@@ -39,6 +39,7 @@ BODY_TYPES: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("POST", "/runs/batch"): frozenset({JSON}),
     ("POST", "/runs/cancel"): frozenset({JSON}),
     ("PATCH", "/workers/<worker_id>"): frozenset({JSON}),
+    ("POST", "/wheels"): frozenset({MULTIPART}),
 }
 CORS_HEADERS: Final = "Content-Type, Idempotency-Key, Last-Event-ID, X-API-Key"
 _DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
@@ -185,6 +186,7 @@ def check_request(
                 f"unsupported content type {(raw or '(none)')[:100]!r} for {method} {rule}: "
                 f"send {' or '.join(sorted(takes))}"
                 + (" (e.g. curl -H 'Content-Type: application/json' -d '{...}')" if JSON in takes else
+                   " (e.g. curl -F wheel=@demo-1.0-py3-none-any.whl)" if rule == "/wheels" else
                    " (e.g. curl -F workflow=@flow.yaml -F flow_name=main)")
             )
 

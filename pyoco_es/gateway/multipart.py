@@ -3,13 +3,14 @@
 werkzeug's decoder (what Quart uses) compiles a regular expression per request from the random
 boundary; that cost ~1.9 ms of CPU per ``POST /runs/yaml`` here, more than the rest of the
 submit.  Bodies are already capped (``MAX_CONTENT_LENGTH``), so this parses the whole body at
-once: split on ``CRLF--boundary``, read each part's headers, keep fields and files apart.
+once: find each ``CRLF--boundary``, read each part's headers, keep fields and files apart.
 File names are only reported, never used as paths.
 """
 
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Iterator
 
 import attrs
 from werkzeug.http import parse_options_header
@@ -28,6 +29,36 @@ class Upload:
 class Form:
     fields: dict[str, str]
     files: dict[str, Upload]
+
+
+def _parts(body: bytes, boundary: bytes) -> Iterator[tuple[bytes, bytes | None]]:
+    """Each part's (headers, content) in order, then ``(b"", None)`` at the closing boundary.
+
+    Found by index, never by splitting: a part's content is the only copy made of it (an
+    upload may be hundreds of MiB: ``PYOCO_WHEEL_MAX_BYTES``).
+    """
+    delim = b"--" + boundary
+    sep = b"\r\n" + delim
+    if body.startswith(delim):
+        pos = len(delim)
+    else:
+        found = body.find(sep)
+        if found < 0:
+            raise ValidationError("malformed multipart upload: the boundary never appears in the body")
+        pos = found + len(sep)
+    while True:
+        if body.startswith(b"--", pos):
+            yield b"", None
+            return
+        nxt = body.find(sep, pos)
+        end = len(body) if nxt < 0 else nxt
+        head_end = body.find(b"\r\n\r\n", pos, end)
+        if head_end < 0:
+            raise ValidationError("malformed multipart upload: a part has no header/body separator")
+        yield body[pos:head_end], body[head_end + 4 : end]
+        if nxt < 0:
+            return
+        pos = nxt + len(sep)
 
 
 def parse_form(body: bytes, content_type: str | None) -> Form:
@@ -52,19 +83,13 @@ def parse_form(body: bytes, content_type: str | None) -> Form:
     boundary = options.get("boundary", "").encode("latin-1")
     if not boundary or len(boundary) > 200:
         raise ValidationError("multipart upload without a valid boundary in its Content-Type")
-    pieces = (b"\r\n" + body).split(b"\r\n--" + boundary)
-    if len(pieces) < 2:
-        raise ValidationError("malformed multipart upload: the boundary never appears in the body")
     fields: dict[str, str] = {}
     files: dict[str, Upload] = {}
     closed = False
-    for piece in pieces[1:]:
-        if piece.startswith(b"--"):
+    for head, content in _parts(body, boundary):
+        if content is None:
             closed = True
             break
-        head, sep, content = piece.partition(b"\r\n\r\n")
-        if not sep:
-            raise ValidationError("malformed multipart upload: a part has no header/body separator")
         disposition = ctype = None
         for line in head.split(b"\r\n"):
             name, colon, value = line.partition(b":")

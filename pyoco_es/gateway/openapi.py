@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from .. import __version__
+from ..core.wheels import NAME_MAX as WHEEL_NAME_MAX
 from ..flows.policy import MAX_SECONDS
 from .params import FLOW_NAME_MAX, IDEMPOTENCY_KEY_MAX, QUERY_STR_MAX, RUN_ID_MAX, TAG_MAX, TAGS_MAX_ITEMS, WORKER_ID_MAX
 
@@ -69,6 +70,8 @@ _IDEM: Final = _h("Idempotency-Key", {"type": "string", "minLength": 1, "maxLeng
 _DLQ_ID: Final = {"name": "dlq_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                   "description": "The dead letter's id (its sequence in the PYOCO_DLQ stream)."}
 _LAST_ID: Final = _h("Last-Event-ID", {"type": "integer", "minimum": 0}, "Resume after this id.")
+_WHEEL_NAME: Final = {"name": "wheel_name", "in": "path", "required": True, "schema": {
+    "type": "string", "minLength": 5, "maxLength": WHEEL_NAME_MAX, "pattern": "^[A-Za-z0-9._+-]+\\.whl$"}}
 _SUBMIT_OK: Final = {"description": "Accepted: run.submitted is durable",
                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitResponse"}}}}
 # 403: a browser's cross-site write (PYOCO_HTTP_ALLOWED_ORIGINS); 415: a body type the route does not take.
@@ -143,6 +146,21 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
     ("DELETE", "/dlq/<int:dlq_id>"): _op("Drop a dead letter (recorded in the audit history)", params=[_DLQ_ID], errors=(403, 404, 503)),
     ("POST", "/dlq/<int:dlq_id>/resubmit"): _op("Re-submit a dead letter's run as a new run (recorded; the new run's events name the dead letter)",
                                                 params=[_DLQ_ID], ok=_SUBMIT_OK, errors=(403, 404, 409, 413, 422, 503)),
+    ("GET", "/wheels"): _op("The wheel registry, by name (pyoco-server's fields)", errors=(503,)),
+    ("POST", "/wheels"): _op("Upload a wheel (multipart); its version must be above every stored one of its package (409)",
+                             errors=(*_WRITE_ERRORS, 409, 507), body=_body("multipart/form-data", {
+                                 "type": "object", "required": ["wheel"], "properties": {
+                                     "wheel": {"type": "string", "format": "binary",
+                                               "description": "the .whl (PEP 427 filename), at most PYOCO_WHEEL_MAX_BYTES (413)"},
+                                     "tags": {"type": "string", "maxLength": 8192, "description": "comma-separated tags ([A-Za-z0-9_-]+)"},
+                                     "replace": {"type": "boolean", "default": True}}})),
+    ("GET", "/wheels/history"): _op("Wheel uploads and deletes, newest first", params=[
+        _q("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}),
+        _q("wheel_name", {"type": "string", "maxLength": WHEEL_NAME_MAX}),
+        _q("action", {"type": "string", "enum": ["upload", "delete"]})], errors=(422, 503)),
+    ("GET", "/wheels/<wheel_name>"): _op("Download a wheel", params=[_WHEEL_NAME], errors=(404, 503), ok={
+        "description": "The wheel's bytes", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}),
+    ("DELETE", "/wheels/<wheel_name>"): _op("Delete a wheel", params=[_WHEEL_NAME], errors=(403, 404, 503)),
     ("GET", "/metrics"): _op("Prometheus metrics", ok={"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}),
 }
 

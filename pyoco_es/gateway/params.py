@@ -137,7 +137,8 @@ def query_float(args: Mapping[str, str], name: str) -> float | None:
     return value
 
 
-def query_bool(args: Mapping[str, str], name: str, *, default: bool) -> bool:
+def query_bool(args: Mapping[str, str], name: str, *, default: bool, where: str = "query") -> bool:
+    """A boolean query parameter (or, with ``where="body"``, form field) as pyoco-server reads it."""
     raw = args.get(name)
     if raw is None or raw == "":
         return default
@@ -146,7 +147,7 @@ def query_bool(args: Mapping[str, str], name: str, *, default: bool) -> bool:
         return True
     if v in _FALSE:
         return False
-    raise invalid("bool_parsing", ("query", name), f"{name} must be true or false", raw)
+    raise invalid("bool_parsing", (where, name), f"{name} must be true or false", raw)
 
 
 def query_str(args: Mapping[str, str], name: str, *, max_len: int = QUERY_STR_MAX) -> str | None:

@@ -292,6 +292,11 @@ class NatsConnection:
         """The raw JetStream context, for this package's own modules only."""
         return self._js
 
+    @property
+    def nc(self) -> Any:
+        """The raw NATS connection, for this package's own modules only."""
+        return self._nc
+
     async def run(self, what: str, fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run an asyncio coroutine function against this client (package-internal)."""
         return await self._call(what, fn, *args)

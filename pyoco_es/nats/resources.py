@@ -16,6 +16,7 @@ from nats.js import api
 from ..config import Settings
 from . import subjects
 from .client import DEFAULT_MAX_MSG_SIZE, NatsClient
+from .connection import NO_ROOM
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ class ResourceConfig:
     logs_max_age: float = 604800.0
     logs_max_bytes: int = 1024 * 1024 * 1024
     logs_max_msgs_per_run: int = 10000
+    wheel_bucket: str = subjects.WHEELS_BUCKET
+    wheel_max_bytes: int = 512 * 1024 * 1024  # the object store's total cap, as pyoco-server sets it (0: none)
+    wheel_history_bucket: str = subjects.WHEEL_HISTORY_BUCKET
+    wheel_history_ttl: float = 90 * 24 * 60 * 60
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ResourceConfig:
@@ -55,6 +60,10 @@ class ResourceConfig:
             logs_max_age=settings.logs_max_age,
             logs_max_bytes=settings.logs_max_bytes,
             logs_max_msgs_per_run=settings.logs_max_msgs_per_run,
+            wheel_bucket=settings.wheel_object_store_bucket,
+            wheel_max_bytes=settings.wheel_max_bytes,
+            wheel_history_bucket=settings.wheel_history_kv_bucket,
+            wheel_history_ttl=settings.wheel_history_ttl_sec,
         )
 
 
@@ -100,7 +109,7 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
             subjects=[f"{subjects.LOGS_PREFIX}.>"],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
-            num_replicas=cfg.replicas,
+            num_replicas=cfg.replicas or 1,
             max_age=cfg.logs_max_age,
             max_bytes=cfg.logs_max_bytes,
             max_msgs_per_subject=cfg.logs_max_msgs_per_run,
@@ -113,12 +122,32 @@ def _stream_configs(cfg: ResourceConfig) -> list[api.StreamConfig]:
         _kv_config(subjects.WORKERS_BUCKET, cfg, history=1),
         _kv_config(cfg.auth_bucket, cfg, history=1),
         _kv_config(subjects.ARCHIVED_BUCKET, cfg, history=1),
+        _object_store_config(cfg),
+        _kv_config(cfg.wheel_history_bucket, cfg, history=1, max_age=cfg.wheel_history_ttl),
     ]
 
 
-def _kv_config(bucket: str, cfg: ResourceConfig, *, history: int) -> api.StreamConfig:
+def _object_store_config(cfg: ResourceConfig) -> api.StreamConfig:
+    # The layout nats-py's create_object_store produces (pyoco-server creates the wheel store
+    # with it), so either side's ObjectStore binds to a bucket the other created.
+    return api.StreamConfig(
+        name=subjects.obj_stream(cfg.wheel_bucket),
+        subjects=subjects.obj_subjects(cfg.wheel_bucket),
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=cfg.replicas or 1,
+        max_bytes=cfg.wheel_max_bytes if cfg.wheel_max_bytes > 0 else -1,
+        discard=api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        duplicate_window=120.0,  # the server's default, which nats-py's bucket gets
+    )
+
+
+def _kv_config(bucket: str, cfg: ResourceConfig, *, history: int, max_age: float | None = None) -> api.StreamConfig:
     # The layout nats-py's create_key_value produces, so its KeyValue API binds to it.
     return api.StreamConfig(
+        max_age=max_age,
         name=subjects.kv_stream(bucket),
         subjects=[f"$KV.{bucket}.>"],
         retention=api.RetentionPolicy.LIMITS,
@@ -176,6 +205,8 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
     cfg = cfg or ResourceConfig()
     client.stream_max_msg_size = cfg.max_msg_size
 
+    optional = {subjects.obj_stream(cfg.wheel_bucket), subjects.kv_stream(cfg.wheel_history_bucket)}
+
     async def go() -> list[str]:
         js = client.js
         done: list[str] = []
@@ -183,7 +214,13 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
             try:
                 info = await js.stream_info(want.name)
             except nats.js.errors.NotFoundError:
-                await js.add_stream(want)
+                try:
+                    await js.add_stream(want)
+                except nats.js.errors.APIError as exc:
+                    if want.name not in optional or exc.err_code not in NO_ROOM:
+                        raise
+                    done.append(_skip_optional(want, exc))
+                    continue
                 done.append(f"created {want.name}")
                 continue
             diff = _diff(want, info.config)
@@ -194,6 +231,10 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
                 del diff["deny_purge"]
                 want.deny_purge = True
                 log.warning("stream %s denies purge and NATS cannot lift that: retention cannot remove events from it", want.name)
+            if _shrinks_object_store(want, diff):
+                # Lowering an object store's max_bytes below its use would make JetStream drop
+                # stored wheels; keep the larger cap and say so.
+                log.warning("not lowering %s max_bytes %s -> %s: stored objects could be lost", want.name, *diff.pop("max_bytes"))
             if diff:
                 log.warning("stream %s config changed, updating: %s", want.name, diff)
                 merged = attrs_merge(info.config, want)
@@ -236,6 +277,24 @@ async def _drop_foreign_work_consumers(js: Any) -> list[str]:  # noqa: ANN401 - 
         )
         done.append(f"deleted consumer {info.name}")
     return done
+_SKIPPED_WARNED: set[str] = set()  # streams already warned about (reconcile retries every few seconds)
+
+
+def _skip_optional(want: api.StreamConfig, exc: Any) -> str:  # noqa: ANN401 - nats-py's APIError
+    """The wheel registry's streams reserve their max_bytes (PYOCO_WHEEL_MAX_BYTES, 512 MiB as
+    pyoco-server): a server without that much room must not keep runs from starting."""
+    why = f"{want.name} not created: JetStream has no room for its max_bytes {want.max_bytes} ({exc.description})"
+    if want.name not in _SKIPPED_WARNED:
+        _SKIPPED_WARNED.add(want.name)
+        log.warning("%s; the wheel registry answers 503 until it exists (lower PYOCO_WHEEL_MAX_BYTES or give JetStream more storage)", why)
+    return f"skipped {why}"
+
+
+def _shrinks_object_store(want: api.StreamConfig, diff: dict[str, tuple[Any, Any]]) -> bool:
+    if not str(want.name).startswith("OBJ_") or "max_bytes" not in diff:
+        return False
+    have, wanted = diff["max_bytes"]
+    return bool(wanted is not None and wanted >= 0 and (have is None or have < 0 or have > wanted))
 
 
 def attrs_merge(have: api.StreamConfig, want: api.StreamConfig) -> api.StreamConfig:

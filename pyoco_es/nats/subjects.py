@@ -13,6 +13,8 @@ RUNS_BUCKET: Final = "pyoco_runs"
 WORKERS_BUCKET: Final = "pyoco_workers"
 AUTH_BUCKET: Final = "pyoco_auth"  # API key records (PYOCO_AUTH_KV_BUCKET), as pyoco-server keeps them
 API_KEY_PREFIX: Final = "api_keys."  # the records' keys in the auth bucket
+WHEELS_BUCKET: Final = "pyoco_wheels"  # the wheel object store (PYOCO_WHEEL_OBJECT_STORE_BUCKET), as pyoco-server's
+WHEEL_HISTORY_BUCKET: Final = "pyoco_wheel_history"  # pyoco-server's wheel history KV (PYOCO_WHEEL_HISTORY_KV_BUCKET)
 
 EVENTS_PREFIX: Final = "pyoco.evt"
 RUN_EVENTS_WILDCARD: Final = "pyoco.evt.run.*"
@@ -21,6 +23,7 @@ WORKER_AUDIT_SUBJECT: Final = "pyoco.evt.audit.worker"  # worker hidden/shown (P
 RUN_ARCHIVED_SUBJECT: Final = "pyoco.evt.audit.run_archived"  # a run archived then removed (retention)
 ARCHIVED_BUCKET: Final = "pyoco_archived"  # run_id -> where its archive is (GET /runs/{id} answers 410)
 DLQ_AUDIT_SUBJECT: Final = "pyoco.evt.audit.dlq"  # dead letter resubmitted/dropped
+WHEEL_AUDIT_SUBJECT: Final = "pyoco.evt.audit.wheel"  # wheel uploaded/deleted: the registry's history
 WORK_PREFIX: Final = "pyoco.work"
 DLQ_PREFIX: Final = "pyoco.dlq"
 LOGS_PREFIX: Final = "pyoco.logs"
@@ -83,3 +86,13 @@ def kv_stream(bucket: str) -> str:
 
 def direct_get_subject(stream: str) -> str:
     return f"$JS.API.DIRECT.GET.{stream}"
+
+
+def obj_stream(bucket: str) -> str:
+    """The stream behind an object store bucket (nats-py's and the Go client's layout)."""
+    return f"OBJ_{bucket}"
+
+
+def obj_subjects(bucket: str) -> list[str]:
+    """An object store's chunk and meta subjects."""
+    return [f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"]

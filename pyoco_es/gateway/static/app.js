@@ -37,6 +37,9 @@
 
   const $ = (id) => document.getElementById(id);
   const WSYNC = window.PyocoWheelSync || null; // wheelsync.js: wheel sync rows, a run's code
+  // Pages kept in their own files (static/wheels.js ...) register here before setup runs:
+  // {name, tab, title, init(ui), show(), hide(), render()}; see setupPages().
+  const pages = {};
 
   function store(key, value) {
     try {
@@ -137,7 +140,7 @@
   }
 
   function setTitle() {
-    let title = t("app.title") + " · " + t(route.view === "workers" ? "nav.workers" : "nav.runs");
+    let title = t("app.title") + " · " + t(pages[route.view] ? pages[route.view].title : route.view === "workers" ? "nav.workers" : "nav.runs");
     if (route.view === "run" && detail.run) title = statusLabel(detail.run.status) + " · " + (detail.run.flow_name || "") + " · " + t("app.title");
     if (document.title !== title) document.title = title;
   }
@@ -1558,7 +1561,7 @@
     const [path, qs] = raw.split("?");
     const parts = path.split("/").filter(Boolean);
     if (parts[0] === "workers") return { view: "workers", runId: null, qs };
-    if (extViews[parts[0]]) return { view: parts[0], runId: null, qs };
+    if (extViews[parts[0]] || pages[parts[0]]) return { view: parts[0], runId: null, qs };
     if (parts[0] === "runs" && parts[1]) return { view: "run", runId: decodeURIComponent(parts.slice(1).join("/")), qs };
     return { view: "runs", runId: null, qs };
   }
@@ -1569,10 +1572,14 @@
     if (route.view === "runs" && next.view !== "runs") runsScroll = window.scrollY;
     route.view = next.view;
     route.runId = next.runId;
-    for (const v of ["runs", "run", "workers", ...Object.keys(extViews)]) $("view-" + v).hidden = v !== route.view;
+    for (const v of ["runs", "run", "workers", ...Object.keys(extViews), ...Object.keys(pages)]) $("view-" + v).hidden = v !== route.view;
     for (const [name, view] of Object.entries(extViews)) view.shown(route.view === name);
     $("tab-runs").setAttribute("aria-current", route.view === "runs" || route.view === "run" ? "page" : "false");
     $("tab-workers").setAttribute("aria-current", route.view === "workers" ? "page" : "false");
+    for (const p of Object.values(pages)) {
+      $(p.tab).setAttribute("aria-current", route.view === p.name ? "page" : "false");
+      if (route.view === p.name) p.show(); else p.hide();
+    }
     if (route.view === "runs" && next.qs !== undefined) {
       const p = new URLSearchParams(next.qs);
       const changed = ["status", "flow", "tag"].some((k) => (p.get(k) || "") !== filters[k]);
@@ -1611,6 +1618,7 @@
       renderRuns();
     } else if (route.view === "run") renderDetail();
     else if (extViews[route.view]) extViews[route.view].render();
+    else if (pages[route.view]) pages[route.view].render();
     else renderWorkers();
     if (lastOk) $("footer-updated").textContent = t("footer.updated", { time: fmtAbsolute(lastOk) });
   }
@@ -1618,8 +1626,18 @@
   // ---------------------------------------------------------------------------------------------
   // wiring
 
+  /** Give each registered page the helpers it may use (text only ever via h()/textContent). */
+  function setupPages() {
+    const ui = { api, h, clear, t, toast, noteOk, noteError, relTime, fmtAbsolute, authHeaders, ApiError, get lang() { return lang; } };
+    for (const p of window.PYOCO_PAGES || []) {
+      pages[p.name] = p;
+      p.init(ui);
+    }
+  }
+
   function setup() {
     for (const extend of window.pyocoExtensions || []) extend(extensionApi);
+    setupPages();
     applyStaticI18n();
     fillStatusSelect();
     syncFilterInputs();
