@@ -25,7 +25,7 @@ from ..nats.logs import DROPPED, POSITION_BASE, STREAMS, decode_chunk, read_chun
 from . import sse
 from .answer import json_response, sse_response
 from .context import check_tenant, current_gateway, last_event_id
-from .index import RunIndex
+from .runindex import RunIndex
 from .params import invalid, query_int, query_str
 from .snapshot import read_existing, read_snapshot
 from .streams import TERMINAL, Pace
