@@ -3,8 +3,13 @@ and the upload preflight (pure) worded as pyoco-server's client words it, and ``
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import trio
+from asyncclick.testing import CliRunner
+
+from pyoco_es.cli.client import client
 from pyoco_es.config import Settings
 from pyoco_es.core import wheels
 
@@ -31,7 +36,17 @@ def test_preflight_as_upstream() -> None:
         "dist-info/entry_points.txt format is invalid", "entry_points are missing (dist-info/entry_points.txt)"]
 
 
+async def inproc(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pyoco-client --server URL ARGS`` in this process (CliRunner on this Trio loop)."""
+    with trio.fail_after(30):
+        result = await CliRunner().invoke(client, ["--server", url, *args], prog_name="pyoco-client", env={"COLUMNS": "120"})
+    assert "Traceback" not in result.stderr
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 async def test_wheel_commands_end_to_end(tmp_path: Path) -> None:
+    """The first command runs the real console script; the rest run in-process (same code, no
+    interpreter start per command)."""
     async with open_gateway(tmp_path, settings=Settings(nats_unavailable_wait=1.0), conductor=False) as g:
         url = g.url
         v1 = write_wheel(tmp_path, "demo-pkg", "1.0.0")
@@ -40,28 +55,28 @@ async def test_wheel_commands_end_to_end(tmp_path: Path) -> None:
         out = await pyoco(url, "wheel-upload", "--wheel-file", str(bare))
         assert out.returncode == 1 and out.stdout == ""
         assert "ERR-PYOCO-0018" in out.stderr and "wheel preflight failed: entry_points are missing" in out.stderr
-        out = await pyoco(url, "wheel-upload", "--wheel-file", str(bare), "--preflight", "warn")
+        out = await inproc(url, "wheel-upload", "--wheel-file", str(bare), "--preflight", "warn")
         assert ok_json(out)["name"] == bare.name and "[pyoco-client][preflight][warn] entry_points are missing" in out.stderr
 
-        up = ok_json(await pyoco(url, "wheel-upload", "--wheel-file", str(v1), "--tags", "cpu,gpu", "--no-replace"))
+        up = ok_json(await inproc(url, "wheel-upload", "--wheel-file", str(v1), "--tags", "cpu,gpu", "--no-replace"))
         assert up["tags"] == ["cpu", "gpu"] and up["size_bytes"] == v1.stat().st_size
-        out = await pyoco(url, "wheel-upload", "--wheel-file", str(v1))
+        out = await inproc(url, "wheel-upload", "--wheel-file", str(v1))
         assert out.returncode == 1 and "ERR-PYOCO-HTTP" in out.stderr
         assert "HTTP 409 POST /wheels: wheel version already exists; bump version" in out.stderr
         assert "hint: the package already has this version or a newer one" in out.stderr
-        out = await pyoco(url, "wheel-upload", "--wheel-file", str(tmp_path / "missing.whl"))
+        out = await inproc(url, "wheel-upload", "--wheel-file", str(tmp_path / "missing.whl"))
         assert out.returncode == 1 and "file I/O error" in out.stderr
 
-        assert [w["name"] for w in ok_json(await pyoco(url, "wheels"))] == sorted([bare.name, v1.name])
-        table = await pyoco(url, "wheels", "--output", "table")
+        assert [w["name"] for w in ok_json(await inproc(url, "wheels"))] == sorted([bare.name, v1.name])
+        table = await inproc(url, "wheels", "--output", "table")
         assert table.returncode == 0 and "cpu,gpu" in table.stdout and v1.name in table.stdout
-        assert ok_json(await pyoco(url, "wheel-delete", "--name", bare.name)) == {"name": bare.name, "deleted": True}
-        out = await pyoco(url, "wheel-delete", "--name", "../etc/passwd")
+        assert ok_json(await inproc(url, "wheel-delete", "--name", bare.name)) == {"name": bare.name, "deleted": True}
+        out = await inproc(url, "wheel-delete", "--name", "../etc/passwd")
         assert out.returncode == 1 and "HTTP 404" in out.stderr
 
-        hist = ok_json(await pyoco(url, "wheel-history", "--action", "upload"))
+        hist = ok_json(await inproc(url, "wheel-history", "--action", "upload"))
         assert [h["wheel_name"] for h in hist] == [v1.name, bare.name]
-        table = await pyoco(url, "wheel-history", "--output", "table", "--limit", "5")
+        table = await inproc(url, "wheel-history", "--output", "table", "--limit", "5")
         assert table.returncode == 0 and "delete" in table.stdout and "1.0.0" in table.stdout
 
 
