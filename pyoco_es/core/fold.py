@@ -176,8 +176,8 @@ def _claimed(event: RunClaimed, snap: RunSnapshot, at: float) -> dict[str, objec
 
 @_mutate.register
 def _task_started(event: TaskStarted, snap: RunSnapshot, at: float) -> dict[str, object]:
-    prior = _task(snap, event.task)
-    rec = attrs.evolve(prior, state=TaskState.RUNNING, started_at=event.started_at, tries=max(prior.tries, 1))
+    # A new execution of the task (a loop runs it again): its first try.
+    rec = attrs.evolve(_task(snap, event.task), state=TaskState.RUNNING, started_at=event.started_at, tries=1)
     return {"tasks": _with_task(snap, event.task, rec)}
 
 
@@ -214,7 +214,9 @@ def _ended_task(snap: RunSnapshot, event: TaskCompleted | TaskFailed, state: Tas
     started_at = event.started_at if event.started_at is not None else prior.started_at
     return TaskRecord(  # a success clears the error a failed try left (pyoco keeps it)
         state=state,
-        tries=max(prior.tries, 1),
+        # Retried: the count its retry events left; else one try (its task.started may have been
+        # merged into this event, and an earlier loop iteration's count does not carry over).
+        tries=prior.tries if prior.state is TaskState.RUNNING and prior.tries else 1,
         started_at=started_at,
         ended_at=event.ended_at,
         duration_ms=event.duration_ms,
