@@ -60,6 +60,16 @@ def ids(number: int, **extra: Any) -> dict[str, Any]:
 
 
 
+def untrusted(value: object, limit: int = 500) -> str:
+    """Text a client or a task supplied, made safe for one log line: control characters, lone
+    surrogates and other unprintables escaped (``\\x1b``, ``\\ud800``), cut at ``limit``; a
+    newline in a flow name or an error cannot forge a log line or break a UTF-8 log pipeline."""
+    text = str(value)[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _stamp(created: float, utc: bool, *, millis: bool = False) -> str:
     """pyoco-server's ``ts`` (whole seconds); ``millis`` adds ``.mmm`` (the text lines)."""
     frac = f".{int(created % 1 * 1000):03d}" if millis else ""

@@ -434,3 +434,16 @@ def test_refused_requests_are_logged_with_pyoco_servers_ids(caplog: pytest.LogCa
         for exc, path, _ in cases:
             error_answer(None, exc, "GET", path)  # type: ignore[arg-type]  # 4xx answers need no gateway
     assert [(r.err_id, r.msg_id) for r in caplog.records] == [(f"ERR-PYOCO-{n}", f"MSG-PYOCO-{n}") for _, _, n in cases]  # type: ignore[attr-defined]
+
+
+def test_untrusted_text_is_one_printable_log_line() -> None:
+    """A flow name or task error a client chose reaches log lines escaped: no forged second line,
+    no terminal escape, no lone surrogate (a UTF-8 log pipeline, and pytest-xdist, choke on it)."""
+    from pyoco_es.logs import untrusted
+
+    assert untrusted("plain text") == "plain text"
+    out = untrusted("a\nERROR forged\x1b[2J\ud800")
+    assert "\n" not in out and "\x1b" not in out
+    assert out == "a\\nERROR forged\\x1b[2J\\ud800"
+    out.encode("utf-8")  # would raise on a lone surrogate
+    assert len(untrusted("x" * 10_000)) == 500

@@ -67,7 +67,7 @@ from typing import Any, Final
 
 import trio
 
-from ..logs import INVALID_JOB, NATS_UNAVAILABLE, ids as log_ids
+from ..logs import INVALID_JOB, NATS_UNAVAILABLE, ids as log_ids, untrusted
 from ..config import Settings
 from ..core import decide
 from ..core.codec import dumps
@@ -214,7 +214,7 @@ class WorkerActor:
     async def _invalid_job(self, msg: Delivered, error: str, *, run_id: str | None = None, attempt: int | None = None) -> None:
         """TERM + DLQ a work item that cannot be processed; fail the run it names (if that run is
         still waiting for this attempt, or ours), so it does not stay PENDING or RUNNING."""
-        log.error("invalid job on %s: %s", msg.subject, error, extra=log_ids(INVALID_JOB, run_id=run_id))
+        log.error("invalid job on %s: %s", msg.subject, untrusted(error), extra=log_ids(INVALID_JOB, run_id=run_id))
         tag = msg.subject.rsplit(".", 1)[-1]
         body = {
             "reason": "invalid_job",

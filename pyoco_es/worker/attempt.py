@@ -20,7 +20,7 @@ import outcome
 import trio
 
 from ..config import Settings
-from ..logs import CANCEL_TIMED_OUT, EXECUTION_ERROR, FLOW_NOT_FOUND, NATS_UNAVAILABLE, ids as log_ids
+from ..logs import CANCEL_TIMED_OUT, EXECUTION_ERROR, FLOW_NOT_FOUND, NATS_UNAVAILABLE, ids as log_ids, untrusted
 from ..core import decide
 from ..core.codec import decode_envelope
 from ..core.errors import CorruptStreamError, InfraError, PayloadTooLarge, PyocoError, RunNotFound, StaleAttempt
@@ -258,7 +258,7 @@ class RunDriver:
             self.nak = True
             return
         if reason == "flow_not_found":
-            log.warning("run %s: flow not found: %s", self.run_id, error, extra=log_ids(FLOW_NOT_FOUND, **self._log_context()))
+            log.warning("run %s: flow not found: %s", self.run_id, untrusted(error), extra=log_ids(FLOW_NOT_FOUND, **self._log_context()))
             self.dlq = dead_letter(self.job, "flow_not_found", error, worker_id=self.actor.worker_id, now=self.actor.clock())
 
     async def run(self) -> None:
@@ -501,7 +501,7 @@ class RunDriver:
         if outcome == "CANCELLED":
             await self._finish_stopped("requested", pending)
         elif outcome == "FAILED":
-            log.info("run %s: execution error: %s", self.run_id, str(error or "run failed")[:500],
+            log.info("run %s: execution error: %s", self.run_id, untrusted(error or "run failed"),
                      extra=log_ids(EXECUTION_ERROR, **self._log_context()))
             reason = "timeout" if frame.get("reason") == "timeout" or (self.timeouts.expired and not self.user_cancelled) else "error"
             await self._finish("FAILED", reason=reason, error=str(error or "run failed"), pending=pending)
@@ -530,12 +530,12 @@ class RunDriver:
             await self._finish_stopped("forced", pending)
             return
         if isinstance(exc, ChildProtocolError):
-            log.error("run %s attempt %d: %s", self.run_id, self.attempt, error)
+            log.error("run %s attempt %d: %s", self.run_id, self.attempt, untrusted(error))
             await self._finish("FAILED", reason="error", error=error, pending=pending)
             return
         max_attempts = self.hint.max_attempts if self.hint is not None else 1
         if decide.attempts_left(self.hint, self.attempt):
-            log.warning("run %s attempt %d: %s; releasing it for another attempt", self.run_id, self.attempt, error)
+            log.warning("run %s attempt %d: %s; releasing it for another attempt", self.run_id, self.attempt, untrusted(error))
             await self._release(pending, f"{error} (attempt {self.attempt} of {max_attempts})")
         else:
             await self._finish(
