@@ -40,8 +40,10 @@ def test_select_runs_and_cancel_them(page: Page, http: httpx.Client) -> None:  #
     assert "Cancel 2 runs?" in pg.locator("#bulk-dialog").inner_text()
     page.shot("bulk-cancel-confirm")
     pg.click("#bulk-yes")
+    pg.locator("#toasts .toast").first.wait_for(timeout=30_000)
+    assert pg.locator("#toasts").inner_text().startswith("Cancel requested for 2 runs"), pg.locator("#toasts").inner_text()
     for run_id in (a, b):
-        wait_status(http, run_id, {"CANCELLED"})
+        wait_status(http, run_id, {"CANCELLED"}, timeout=30)
         pg.locator(f'.run-row[data-run-id="{run_id}"][data-status="CANCELLED"]').wait_for()
     assert pg.locator(f'.run-row[data-run-id="{a}"] .sel-box').count() == 0  # ended runs cannot be selected
     assert http.get(f"/runs/{keep}").json()["status"] == "PENDING"
