@@ -7,7 +7,7 @@ the existing stream, and a setting that JetStream cannot change in place is repo
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import nats.js.errors
@@ -16,8 +16,14 @@ from nats.js import api
 from ..config import Settings
 from . import subjects
 from .client import DEFAULT_MAX_MSG_SIZE, NatsClient
+from .connection import NO_ROOM
 
 log = logging.getLogger(__name__)
+
+# Streams whose absence degrades a feature but must never stop a process from starting: task
+# output (its max_bytes is reserved in JetStream's storage; when there is no room, task output
+# is dropped and counted, and the runs go on).
+OPTIONAL_STREAMS: Final = frozenset({subjects.LOGS_STREAM})
 
 
 @attrs.frozen(kw_only=True)
@@ -33,7 +39,7 @@ class ResourceConfig:
     dlq_max_bytes: int = 536870912
     auth_bucket: str = subjects.AUTH_BUCKET
     logs_max_age: float = 604800.0
-    logs_max_bytes: int = 1024 * 1024 * 1024
+    logs_max_bytes: int = 256 * 1024 * 1024
     logs_max_msgs_per_run: int = 10000
 
     @classmethod
@@ -171,20 +177,33 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
         done: list[str] = []
         for want in _stream_configs(cfg):
             try:
-                info = await js.stream_info(want.name)
-            except nats.js.errors.NotFoundError:
-                await js.add_stream(want)
-                done.append(f"created {want.name}")
-                continue
-            diff = _diff(want, info.config)
-            if diff:
-                log.warning("stream %s config changed, updating: %s", want.name, diff)
-                merged = attrs_merge(info.config, want)
-                await js.update_stream(merged)
-                done.append(f"updated {want.name}: {sorted(diff)}")
+                done += await _ensure_stream(js, want)
+            except nats.js.errors.APIError as exc:
+                if want.name not in OPTIONAL_STREAMS or exc.err_code not in NO_ROOM:
+                    raise
+                log.error(
+                    "cannot create or update stream %s (%s): task output will be dropped (counted in "
+                    "pyoco_log_lines_dropped) until there is room; lower PYOCO_LOGS_MAX_BYTES or give JetStream more storage",
+                    want.name, exc.description,
+                )
+                done.append(f"skipped {want.name}: {exc.description}")
         return done
 
     return await client.run("ensure resources", go)
+
+
+async def _ensure_stream(js: Any, want: api.StreamConfig) -> list[str]:  # noqa: ANN401 - nats-py's JetStream context
+    try:
+        info = await js.stream_info(want.name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(want)
+        return [f"created {want.name}"]
+    diff = _diff(want, info.config)
+    if not diff:
+        return []
+    log.warning("stream %s config changed, updating: %s", want.name, diff)
+    await js.update_stream(attrs_merge(info.config, want))
+    return [f"updated {want.name}: {sorted(diff)}"]
 
 
 def attrs_merge(have: api.StreamConfig, want: api.StreamConfig) -> api.StreamConfig:
