@@ -171,7 +171,7 @@ class Settings:
     dlq_max_bytes: int = 536870912
     # task output (live logs): the PYOCO_LOGS stream's limits and the worker's buffer
     logs_max_age: float = 604800.0  # PYOCO_LOGS_MAX_AGE_SEC: chunks older than this are removed
-    logs_max_bytes: int = 1024 * 1024 * 1024  # PYOCO_LOGS_MAX_BYTES: the stream's size (oldest chunks go first)
+    logs_max_bytes: int = 256 * 1024 * 1024  # PYOCO_LOGS_MAX_BYTES: the stream's size, reserved in JetStream (oldest chunks go first)
     logs_max_msgs_per_run: int = 10000  # PYOCO_LOGS_MAX_MSGS_PER_RUN: chunks kept per run (the rest are dropped, with a marker)
     logs_buffer_lines: int = 20000  # PYOCO_LOGS_BUFFER_LINES: lines a worker holds while NATS is slow (then drops, with a marker)
     # logs (the --log-level flag wins over log_level; None: the flag's default)
@@ -260,7 +260,7 @@ class Settings:
             dlq_max_msgs=_int(e, "PYOCO_DLQ_MAX_MSGS", 100000),
             dlq_max_bytes=_int(e, "PYOCO_DLQ_MAX_BYTES", 536870912),
             logs_max_age=_num(e, "PYOCO_LOGS_MAX_AGE_SEC", 604800.0, 1.0),
-            logs_max_bytes=max(1024 * 1024, _int(e, "PYOCO_LOGS_MAX_BYTES", 1024 * 1024 * 1024)),
+            logs_max_bytes=max(1024 * 1024, _int(e, "PYOCO_LOGS_MAX_BYTES", 256 * 1024 * 1024)),
             logs_max_msgs_per_run=max(2, _int(e, "PYOCO_LOGS_MAX_MSGS_PER_RUN", 10000)),
             logs_buffer_lines=max(100, _int(e, "PYOCO_LOGS_BUFFER_LINES", 20000)),
             log_level=log_level_name(e.get("PYOCO_LOG_LEVEL") or "") or None,

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
@@ -266,7 +265,6 @@ def test_terminal_escaping_and_chunk_decoding() -> None:
 def test_cli_help_lists_logs() -> None:
     out = subprocess.run([CLIENT, "logs", "--help"], capture_output=True, text=True, check=False, env={**os.environ})
     assert out.returncode == 0 and "--follow" in out.stdout and "--stream" in out.stdout, out.stderr
-    assert sys.executable  # the console script belongs to this interpreter's venv
 
 
 async def test_logs_routes_are_tenant_scoped(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ the existing stream, and a setting that JetStream cannot change in place is repo
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import nats.js.errors
@@ -19,6 +19,11 @@ from .client import DEFAULT_MAX_MSG_SIZE, NatsClient
 from .connection import NO_ROOM
 
 log = logging.getLogger(__name__)
+
+# Streams whose absence degrades a feature but must never stop a process from starting: task
+# output (its max_bytes is reserved in JetStream's storage; when there is no room, task output
+# is dropped and counted, and the runs go on).
+OPTIONAL_STREAMS: Final = frozenset({subjects.LOGS_STREAM})
 
 
 @attrs.frozen(kw_only=True)
@@ -38,7 +43,7 @@ class ResourceConfig:
     # events); NATS cannot lift deny_purge from an existing stream, so it takes effect on creation
     allow_event_purge: bool = False
     logs_max_age: float = 604800.0
-    logs_max_bytes: int = 1024 * 1024 * 1024
+    logs_max_bytes: int = 256 * 1024 * 1024
     logs_max_msgs_per_run: int = 10000
     wheel_bucket: str = subjects.WHEELS_BUCKET
     wheel_max_bytes: int = 512 * 1024 * 1024  # the object store's total cap, as pyoco-server sets it (0: none)
@@ -205,41 +210,18 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
     cfg = cfg or ResourceConfig()
     client.stream_max_msg_size = cfg.max_msg_size
 
-    optional = {subjects.obj_stream(cfg.wheel_bucket), subjects.kv_stream(cfg.wheel_history_bucket)}
+    optional = {subjects.obj_stream(cfg.wheel_bucket), subjects.kv_stream(cfg.wheel_history_bucket), *OPTIONAL_STREAMS}
 
     async def go() -> list[str]:
         js = client.js
         done: list[str] = []
         for want in _stream_configs(cfg):
             try:
-                info = await js.stream_info(want.name)
-            except nats.js.errors.NotFoundError:
-                try:
-                    await js.add_stream(want)
-                except nats.js.errors.APIError as exc:
-                    if want.name not in optional or exc.err_code not in NO_ROOM:
-                        raise
-                    done.append(_skip_optional(want, exc))
-                    continue
-                done.append(f"created {want.name}")
-                continue
-            diff = _diff(want, info.config)
-            if cfg.replicas is None:
-                diff.pop("num_replicas", None)
-                want.num_replicas = info.config.num_replicas
-            if diff.get("deny_purge") == (True, False):  # NATS refuses to lift it (10052)
-                del diff["deny_purge"]
-                want.deny_purge = True
-                log.warning("stream %s denies purge and NATS cannot lift that: retention cannot remove events from it", want.name)
-            if _shrinks_object_store(want, diff):
-                # Lowering an object store's max_bytes below its use would make JetStream drop
-                # stored wheels; keep the larger cap and say so.
-                log.warning("not lowering %s max_bytes %s -> %s: stored objects could be lost", want.name, *diff.pop("max_bytes"))
-            if diff:
-                log.warning("stream %s config changed, updating: %s", want.name, diff)
-                merged = attrs_merge(info.config, want)
-                await js.update_stream(merged)
-                done.append(f"updated {want.name}: {sorted(diff)}")
+                done += await _ensure_stream(js, want, cfg)
+            except nats.js.errors.APIError as exc:
+                if want.name not in optional or exc.err_code not in NO_ROOM:
+                    raise
+                done.append(_skip_optional(want, exc))
         done += await _drop_foreign_work_consumers(js)
         return done
 
@@ -281,12 +263,17 @@ _SKIPPED_WARNED: set[str] = set()  # streams already warned about (reconcile ret
 
 
 def _skip_optional(want: api.StreamConfig, exc: Any) -> str:  # noqa: ANN401 - nats-py's APIError
-    """The wheel registry's streams reserve their max_bytes (PYOCO_WHEEL_MAX_BYTES, 512 MiB as
-    pyoco-server): a server without that much room must not keep runs from starting."""
+    """The wheel registry's streams (PYOCO_WHEEL_MAX_BYTES, 512 MiB as pyoco-server) and task output
+    (PYOCO_LOGS_MAX_BYTES) reserve their max_bytes: a server without that much room must not keep
+    runs from starting."""
     why = f"{want.name} not created: JetStream has no room for its max_bytes {want.max_bytes} ({exc.description})"
     if want.name not in _SKIPPED_WARNED:
         _SKIPPED_WARNED.add(want.name)
-        log.warning("%s; the wheel registry answers 503 until it exists (lower PYOCO_WHEEL_MAX_BYTES or give JetStream more storage)", why)
+        if want.name in OPTIONAL_STREAMS:
+            log.error("%s; task output is dropped (counted in pyoco_log_lines_dropped) until it exists "
+                      "(lower PYOCO_LOGS_MAX_BYTES or give JetStream more storage)", why)
+        else:
+            log.warning("%s; the wheel registry answers 503 until it exists (lower PYOCO_WHEEL_MAX_BYTES or give JetStream more storage)", why)
     return f"skipped {why}"
 
 
@@ -295,6 +282,29 @@ def _shrinks_object_store(want: api.StreamConfig, diff: dict[str, tuple[Any, Any
         return False
     have, wanted = diff["max_bytes"]
     return bool(wanted is not None and wanted >= 0 and (have is None or have < 0 or have > wanted))
+async def _ensure_stream(js: Any, want: api.StreamConfig, cfg: ResourceConfig) -> list[str]:  # noqa: ANN401 - nats-py's JetStream context
+    try:
+        info = await js.stream_info(want.name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(want)
+        return [f"created {want.name}"]
+    diff = _diff(want, info.config)
+    if cfg.replicas is None:
+        diff.pop("num_replicas", None)
+        want.num_replicas = info.config.num_replicas
+    if diff.get("deny_purge") == (True, False):  # NATS refuses to lift it (10052)
+        del diff["deny_purge"]
+        want.deny_purge = True
+        log.warning("stream %s denies purge and NATS cannot lift that: retention cannot remove events from it", want.name)
+    if _shrinks_object_store(want, diff):
+        # Lowering an object store's max_bytes below its use would make JetStream drop
+        # stored wheels; keep the larger cap and say so.
+        log.warning("not lowering %s max_bytes %s -> %s: stored objects could be lost", want.name, *diff.pop("max_bytes"))
+    if not diff:
+        return []
+    log.warning("stream %s config changed, updating: %s", want.name, diff)
+    await js.update_stream(attrs_merge(info.config, want))
+    return [f"updated {want.name}: {sorted(diff)}"]
 
 
 def attrs_merge(have: api.StreamConfig, want: api.StreamConfig) -> api.StreamConfig:

@@ -45,7 +45,6 @@ FRAME_LINES: Final = 500  # lines per frame at most
 FRAME_CHARS: Final = 256 * 1024  # text per frame at most (roughly)
 QUEUE_LINES: Final = 20000  # lines waiting for the sender at most; more are dropped (counted)
 LINE_MAX: Final = 16384  # characters kept of one line (the rest is cut, with a note)
-STREAMS: Final = ("stdout", "stderr")
 
 Line = list[Any]  # [task, try, stream, ts, text]
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_WAIT: Final = 5.0  # seconds an ending attempt waits for its lines to be stored, at most
 FORGET_AFTER: Final = 600.0  # an attempt quiet this long with nothing pending is forgotten (one that never ended: lost)
+GIVE_UP_AFTER: Final = 60.0  # an ended attempt whose marker NATS keeps refusing is forgotten (the metric keeps the count)
 
 Key = tuple[str, int]  # (run id, attempt)
 
@@ -118,8 +119,17 @@ class LogShipper:
         """This round's chunks: (attempt, its state, body, lines in it, lines a marker reports),
         a run's marker before its lines."""
         out: list[tuple[Key, _AttemptLog, bytes, int, int]] = []
-        quiet = trio.current_time() - FORGET_AFTER
-        for key in [k for k, s in self._attempts.items() if (s.ending or s.touched < quiet) and not (s.lines or s.dropped or s.in_flight)]:
+        now_t = trio.current_time()
+
+        def done(s: _AttemptLog) -> bool:
+            if s.in_flight:
+                return False
+            if s.ending and s.refused and s.touched < now_t - GIVE_UP_AFTER:
+                return True  # NATS keeps refusing (no room, no stream): stop retrying its marker
+            return (s.ending or s.touched < now_t - FORGET_AFTER) and not (s.lines or s.dropped)
+
+        for key in [k for k, s in self._attempts.items() if done(s)]:
+            self._buffered -= len(self._attempts[key].lines)
             del self._attempts[key]  # ended and stored, or quiet and never ended (lost, killed)
         for key, state in self._attempts.items():
             if state.dropped and (not state.limited or state.ending):

@@ -1032,7 +1032,8 @@
     clear(root);
     root.appendChild(head);
     root.appendChild(grid);
-    if (window.PYOCO_LOGS) root.appendChild(window.PYOCO_LOGS.pane(run, { h, clear, t, EventStream })); // static/logs.js
+    const logsPane = window.PYOCO_LOGS && window.PYOCO_LOGS.pane(run, { h, clear, t, EventStream }); // static/logs.js
+    if (logsPane && root.nextElementSibling !== logsPane) root.after(logsPane); // outside root: re-renders keep it as it is
     for (const d of root.querySelectorAll("details[data-key]")) {
       if (open.has(d.dataset.key)) d.open = true;
       else if (closed.has(d.dataset.key)) d.open = false;

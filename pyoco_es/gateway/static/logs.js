@@ -111,7 +111,7 @@
   function open(run, ui) {
     const { h, t, EventStream } = ui;
     const runId = run.run_id;
-    const p = { runId, ui, lines: [], tasks: [], task: null, query: "", state: "connecting", ended: false, stick: true, savedTop: 0, searchFocused: false };
+    const p = { runId, ui, lines: [], tasks: [], task: null, query: "", state: "connecting", ended: false };
     p.tabs = h("div", { class: "log-tabs", role: "group" });
     p.search = h("input", { type: "search", class: "log-search", id: "logs-search", autocomplete: "off", spellcheck: "false" });
     p.search.addEventListener("input", () => { p.query = p.search.value.trim().toLowerCase(); renderLines(p); });
@@ -120,15 +120,6 @@
     p.title = h("h2", null);
     p.body = h("div", { class: "log-body mono", id: "logs-body", role: "log", "aria-live": "off", tabindex: "0" });
     p.empty = h("p", { class: "muted", id: "logs-empty" });
-    // The run view re-renders (and detaches this pane) on every change of the run: keep where
-    // the reader was, and the search box's focus.
-    p.body.addEventListener("scroll", () => {
-      if (!p.body.isConnected) return;
-      p.savedTop = p.body.scrollTop;
-      p.stick = p.body.scrollHeight - p.body.scrollTop - p.body.clientHeight < 24;
-    });
-    p.search.addEventListener("focus", () => { p.searchFocused = true; });
-    p.search.addEventListener("blur", () => { if (p.search.isConnected) p.searchFocused = false; });
     p.el = h("section", { class: "card logs-card", id: "logs-card" },
       h("div", { class: "logs-head" }, p.title, p.stateEl, p.tabs, p.search, p.downloadBtn), p.body, p.empty);
     p.stream = new EventStream(() => "/runs/" + encodeURIComponent(runId) + "/logs/stream?timeout_sec=600", {
@@ -161,7 +152,8 @@
   }
 
   window.PYOCO_LOGS = {
-    /** The open run's output pane (the same element across re-renders of the run view). */
+    /** The open run's output pane: the same element across re-renders of the run view, which
+     * places it after (not inside) the re-rendered part, so scroll and focus are kept. */
     pane(run, ui) {
       if (!pane || pane.runId !== run.run_id) {
         this.close();
@@ -169,16 +161,13 @@
       }
       pane.ui = ui;
       relabel(pane, run);
-      const p = pane;
-      requestAnimationFrame(() => {
-        if (pane !== p || !p.el.isConnected) return;
-        p.body.scrollTop = p.stick ? p.body.scrollHeight : p.savedTop;
-        if (p.searchFocused && document.activeElement !== p.search) p.search.focus();
-      });
       return pane.el;
     },
     close() {
-      if (pane) pane.stream.stop();
+      if (pane) {
+        pane.stream.stop();
+        pane.el.remove();
+      }
       pane = null;
     },
     escapeControls,
