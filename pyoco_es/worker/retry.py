@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from pyoco.core.models import Flow
 
 from ..flows.policy import TaskPolicy, policy_of
+from .capture import set_try
 from .describe import describe_error
 
 ERROR_MAX = 4000  # characters of a failed try's error in its frame
@@ -154,6 +155,7 @@ def _one_try(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str, n: int, policy: TaskPolicy, p: Prepared, channel: Sender
 ) -> Any:  # noqa: ANN401
     timeout = policy.timeout_sec
+    set_try(n)  # this try's output lines carry its number (worker/capture.py)
     if timeout is None:
         return func(*args, **kwargs)
     channel.send({"ev": "task.try", "run_id": p.run_id, "task": name, "try_number": n, "timeout_sec": timeout})
