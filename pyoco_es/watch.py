@@ -70,8 +70,10 @@ class BucketFollower:
                             self.on_entry(item)
                     log.warning("KV watch on %s ended; restarting", self.bucket)
                     nursery.cancel_scope.cancel()
-            except PyocoError as exc:
-                log.warning("KV watch on %s failed (%s); retrying in %.1fs", self.bucket, exc.message, backoff)
+            except* PyocoError as group:
+                # Grouped: a watch that cannot start (its consumer cannot be created while a
+                # cluster elects a leader) fails inside the nursery; it used to end the process.
+                log.warning("KV watch on %s failed (%s); retrying in %.1fs", self.bucket, _messages(group), backoff)
             finally:
                 self.watching = False
             if not started:
@@ -99,3 +101,11 @@ class BucketFollower:
                 watch_scope.cancel()
                 return
             owed = last if last > self.revision else None
+
+
+def _messages(group: BaseExceptionGroup[PyocoError]) -> str:
+    """The messages of every error in ``group`` (nested groups flattened)."""
+    out: list[str] = []
+    for exc in group.exceptions:
+        out.append(_messages(exc) if isinstance(exc, BaseExceptionGroup) else exc.message)
+    return "; ".join(out)
