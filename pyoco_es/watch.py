@@ -99,8 +99,10 @@ async def follow_forever(
         try:
             await attempt(loaded)
             log.warning("%s ended; restarting", what)
-        except PyocoError as exc:
-            log.warning("%s failed (%s); retrying in %.1fs", what, exc.message, backoff)
+        except* PyocoError as group:
+            # Grouped: a watch that cannot start (its consumer cannot be created while a cluster
+            # elects a leader) fails inside the attempt's nursery; it used to end the process.
+            log.warning("%s failed (%s); retrying in %.1fs", what, _messages(group), backoff)
         finally:
             owner.watching = False
         if not started:
@@ -127,3 +129,11 @@ async def watch_stalled(nats: NatsClient, bucket: str, interval: float, delivere
             log.warning("KV watch on %s stalled at revision %d (bucket at %d); restarting it", bucket, revision, last)
             return True
         owed = last if last > revision else None
+
+
+def _messages(group: BaseExceptionGroup[PyocoError]) -> str:
+    """The messages of every error in ``group`` (nested groups flattened)."""
+    out: list[str] = []
+    for exc in group.exceptions:
+        out.append(_messages(exc) if isinstance(exc, BaseExceptionGroup) else exc.message)
+    return "; ".join(out)

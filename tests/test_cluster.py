@@ -130,7 +130,9 @@ def test_two_gateways_two_conductors_three_workers_behave_as_one(cluster_system:
     assert set(figures.claims_by_worker) == {"w1", "w2", "w3"}, figures.claims_by_worker
     with httpx.Client(timeout=15) as client:
         for rid in list(ledger.ok.values())[:10]:
-            a, b = client.get(f"{g1}/runs/{rid}").json(), client.get(f"{g2}/runs/{rid}").json()
+            # The same stored run; the worker_* liveness fields are each gateway's own live view.
+            a, b = ({k: v for k, v in client.get(f"{g}/runs/{rid}").json().items() if k == "worker_id" or not k.startswith("worker_")}
+                    for g in (g1, g2))  # fmt: skip
             assert a == b and a["status"] == "COMPLETED", (a, b)
             ea, eb = client.get(f"{g1}/runs/{rid}/events").json(), client.get(f"{g2}/runs/{rid}/events").json()
             assert ea == eb

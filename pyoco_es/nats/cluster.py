@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
-import nats
+from nats.aio.client import Client as NATS
 
 from ..core.errors import InfraError
 from .embedded import SYNC_CHOICES, nats_server_path, spawn_bound_to_parent, terminate
@@ -62,6 +62,7 @@ class ClusterNode:
     cluster_port: int
     http_port: int
     proc: subprocess.Popen[bytes] | None = None
+    frozen: bool = False
 
     @property
     def url(self) -> str:
@@ -169,6 +170,7 @@ class NatsCluster:
         conf = node.data_dir / "nats.conf"
         conf.write_text(self._config(node))
         cmd = [nats_server_path(), "-c", str(conf), "-l", str(node.data_dir / "nats-server.log")]
+        node.frozen = False
         node.proc = spawn_bound_to_parent(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
@@ -199,11 +201,15 @@ class NatsCluster:
 
     def freeze(self, name: str) -> None:
         """SIGSTOP one node (a stalled VM, a long GC pause): it keeps its sockets, answers nothing."""
-        os.kill(self.node(name).pid, signal.SIGSTOP)
+        node = self.node(name)
+        os.kill(node.pid, signal.SIGSTOP)
+        node.frozen = True
 
     def thaw(self, name: str) -> None:
         """SIGCONT a frozen node."""
-        os.kill(self.node(name).pid, signal.SIGCONT)
+        node = self.node(name)
+        os.kill(node.pid, signal.SIGCONT)
+        node.frozen = False
 
     def restart(self, name: str, *, graceful: bool = False, timeout: float = 30.0) -> None:
         """Start one node again on its ports and store (after :meth:`kill`, or stop it first:
@@ -269,11 +275,12 @@ class NatsCluster:
         Raises:
             InfraError: no node answered.
         """
-        urls = [n.url for n in self.nodes if n.running]
+        urls = [n.url for n in self.nodes if n.running and not n.frozen]
 
         async def go() -> dict[str, Any]:
-            nc = await nats.connect(urls, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+            nc = NATS()
             try:
+                await nc.connect(urls, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
                 msg = await nc.request(f"$JS.API.{endpoint}", body, timeout=timeout)
                 doc = json.loads(msg.data)
                 return doc if isinstance(doc, dict) else {"error": doc}
