@@ -533,9 +533,9 @@ async def events_cmd(api: Api, run_id: str, after_seq: int, output: str | None) 
             write_json(item)
 
 
-from . import client_wheels
 client.add_command(logs_cmd)  # `logs` (cli/client_logs.py)
 register(client)  # submit-batch, dlq (cli/client_bulk.py)
+client_wheels.register(client)  # wheels, wheel-history, wheel-upload, wheel-delete
 
 
 # -- entry point ------------------------------------------------------------------------------
