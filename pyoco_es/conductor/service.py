@@ -11,6 +11,7 @@ import trio
 from ..config import Settings
 from ..nats.client import NatsClient
 from ..nats.resources import ResourceConfig, ensure_resources
+from .foreign import run_foreign_consumer_guard
 from .projector import Projector, run_projector
 from .reaper import Reaper, run_reaper
 from .reconcile import Reconciler, run_reconciler
@@ -58,4 +59,5 @@ async def run_conductor(
             heal=heal,
         )
         await nursery.start(lambda task_status: run_reconciler(reconciler, interval=settings.reconcile_interval, task_status=task_status))
+        await nursery.start(run_foreign_consumer_guard, nats)  # pyoco-server workers: docs/library.md
         task_status.started(Conductor(projector, reaper, reconciler))
