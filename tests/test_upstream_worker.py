@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import trio
@@ -23,7 +22,6 @@ import trio
 from pyoco_es.config import Settings
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
-from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.nats.resources import ensure_resources
 from pyoco_es.testing.upstream import WORKER_SHIM as SHIM
 from pyoco_es.worker.supervisor import consumer_config
@@ -41,10 +39,11 @@ def _env(nats_url: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")} | {"PYOCO_LOAD_DOTENV": "0", "PYOCO_NATS_URL": nats_url}
 
 
-async def _run_upstream_worker(nats_url: str, tag: str, cwd: Path) -> trio.CompletedProcess[bytes]:
+async def _run_upstream_worker(nats_url: str, tag: str, cwd: Path, *, once: bool = True) -> trio.CompletedProcess[bytes]:
+    """Run it to its end (with ``once``: one poll of 1 s, then exit 0 if nothing stopped it)."""
     with trio.fail_after(60):
         return await trio.run_process(
-            _upstream_worker(tag, "--poll-timeout", "1", "--run-once"),
+            _upstream_worker(tag, "--poll-timeout", "1", "--run-once") if once else _upstream_worker(tag, "--poll-timeout", "0.2"),
             cwd=cwd, env=_env(nats_url), capture_stdout=True, capture_stderr=True, check=False,
         )
 
@@ -59,8 +58,7 @@ async def _consumers(nats: NatsClient) -> set[str]:
 async def test_upstream_worker_fails_at_start_and_leaves_our_run_alone(tmp_path: Path) -> None:
     settings = Settings(sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0)
     async with open_gateway(tmp_path, settings=settings) as g:
-        # as a pyoco-es worker serving "shared" leaves it: our consumer, no worker running
-        await g.nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable("shared"), consumer_config("shared", settings))
+        # no pyoco-es worker has served "shared": the gateway made our consumer before the item
         r = await g.client.post("/runs", json={"flow_name": "hello", "tag": "shared"})
         assert r.status_code == 200, r.text
         run_id = r.json()["run_id"]
@@ -101,27 +99,20 @@ async def test_healing_deletes_pyoco_servers_consumer_name(nats: NatsClient) -> 
     assert "deleted consumer" not in " ".join(await ensure_resources(nats))  # ours stays
 
 
-async def test_upstream_worker_first_on_a_tag_loses_its_consumer_to_healing(tmp_path: Path, nats: NatsClient, nats_server: EmbeddedNats) -> None:
-    """On a tag no pyoco-es worker has served yet, pyoco-server's worker can make its consumer; the
-    next resource healing (every process start, every conductor reconcile sweep) deletes it, and
-    the worker dies on its next fetch (exit code 1, the error on stderr)."""
-    with open(tmp_path / "err", "wb") as err:
-        proc = await trio.lowlevel.open_process(_upstream_worker("fresh", "--poll-timeout", "0.2"), env=_env(nats_server.url),
-                                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        async def bound() -> bool:
-            return "pyoco_workers_fresh" in await _consumers(nats)
+async def test_upstream_worker_first_on_an_idle_tag_is_stopped_by_the_conductor(tmp_path: Path) -> None:
+    """pyoco-server's worker started on a tag that has no consumer yet creates one; the conductor
+    deletes it at once (consumer-created advisory) and the worker dies on its next fetch (exit 1,
+    the error on stderr).  A run then submitted for the tag waits for a pyoco-es worker."""
+    async with open_gateway(tmp_path) as g:
+        done = await _run_upstream_worker(g.stack.nats_url, "fresh", tmp_path, once=False)  # it serves until it fails
+        assert done.returncode == 1 and b"Error" in done.stderr, done.stderr
+        r = await g.client.post("/runs", json={"flow_name": "hello", "tag": "fresh"})
+        assert r.status_code == 200, r.text
+        run_id = r.json()["run_id"]
 
-        await wait_until(bound, timeout=30, what="pyoco-server's worker to make its consumer")
-        assert "deleted consumer pyoco_workers_fresh" in await ensure_resources(nats)
-        with trio.fail_after(20):
-            await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 1
-    assert "ServiceUnavailableError" in (tmp_path / "err").read_text(errors="replace")
-    settings = Settings()
-    await nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable("fresh"), consumer_config("fresh", settings))
-    assert await _consumers(nats) == {"pyoco_es_work_fresh"}
+        async def waiting() -> bool:
+            return (run_id, 1) in await g.nats.work_items(subjects.work_subject("fresh"))
+
+        await wait_until(waiting, what="the run's work item")
+        assert await _consumers(g.nats) == {"pyoco_es_work_fresh"}
+        assert (await g.client.get(f"/runs/{run_id}")).json()["status"] == "PENDING"

@@ -11,6 +11,7 @@ import trio
 from ..config import Settings
 from ..nats.client import NatsClient
 from ..nats.resources import ResourceConfig, ensure_resources
+from .foreign import run_foreign_consumer_guard
 from .projector import Projector, run_projector
 from .reaper import Reaper, run_reaper
 from .reconcile import Reconciler, run_reconciler
@@ -62,4 +63,5 @@ async def run_conductor(
         await nursery.start(lambda task_status: run_retention(
             nats, days=settings.run_retention_days, directory=settings.archive_directory(), holder=cid,
             interval=settings.run_retention_interval, task_status=task_status))
+        await nursery.start(run_foreign_consumer_guard, nats)  # pyoco-server workers: docs/library.md
         task_status.started(Conductor(projector, reaper, reconciler))

@@ -37,6 +37,7 @@ from .params import QUERY_STR_MAX, RequestInvalid, check_flow_name, check_tag, c
 from .snapshot import valid_run_id
 from .submit import (
     INLINE_PARSE_BYTES,
+    ensure_work_queue,
     first_dispatch,
     parse_submit_body,
     prepare_submit,
@@ -163,6 +164,8 @@ async def submit_batch(gw: Gateway, items: list[object], principal: Principal | 
         first.append((i, run_id, prepared, (event, fingerprint, key)))
     if first:
         await gw.await_nats()
+        for tag in sorted({ev.tag for _, _, ev, _ in first}):
+            await ensure_work_queue(gw, tag)  # before the tag's first item (a pyoco-server worker cannot bind it)
         now = gw.clock()
         event_id = iter(fresh_event_ids(len(first))).__next__
         batches = [

@@ -54,6 +54,7 @@ class Gateway:
     allowed_origins: frozenset[str] = frozenset()  # PYOCO_HTTP_ALLOWED_ORIGINS, normalised (see .guard)
     allowed_hosts: frozenset[str] | None = None  # Host names served; None: any (set by run_gateway on a loopback bind)
     keys: KeyRing | None = None  # API keys (PYOCO_HTTP_AUTH_MODE=api_key); None: auth off
+    work_queues: set[str] = attrs.Factory(set)  # tags whose work consumer exists (.submit.ensure_work_queue)
 
     def require_nats(self) -> None:
         """Fail fast (503) instead of waiting for a publish timeout while NATS is down."""

@@ -8,6 +8,7 @@ stream seq) and answers only after the PubAck; an Idempotency-Key maps to one ru
 from __future__ import annotations
 
 import functools
+import logging
 import hashlib
 import json
 import uuid
@@ -17,12 +18,13 @@ import attrs
 
 from ..core import decide
 from ..core.codec import dumps, event_data
-from ..core.errors import OutcomeUnknown, PayloadTooLarge, RunAlreadyExists, ValidationError
+from ..core.errors import OutcomeUnknown, PayloadTooLarge, PyocoError, RunAlreadyExists, ValidationError
 from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..core.work import WorkItem
 from ..flows.yaml import WorkflowDoc, parse_workflow_yaml
 from ..nats import subjects
 from ..ports import OnStored
+from ..nats.resources import ensure_work_consumer
 from ..service import new_run_id
 from .auth import Principal
 from .context import MULTIPART_SLACK, Gateway
@@ -40,7 +42,10 @@ from .params import (
 )
 from .snapshot import read_snapshot
 
+log = logging.getLogger(__name__)
+
 IDEMPOTENCY_NAMESPACE: Final = uuid.UUID("5b0f8a51-3f0c-4c55-9d55-70796f636f65")
+WORK_QUEUES_REMEMBERED: Final = 10_000  # tags whose consumer this gateway made sure of
 INLINE_PARSE_BYTES: Final = 16 * 1024  # smaller YAML documents are parsed on the event loop
 
 
@@ -278,6 +283,7 @@ async def submit_event(
     """
     run_id, event = prepare_submit(gw, event, fingerprint, key, principal)
     await gw.await_nats()
+    await ensure_work_queue(gw, event.tag)
     try:
         outcome = await gw.store.execute(
             run_id,
@@ -301,6 +307,25 @@ async def submit_event(
         gw.index.note(outcome.snapshot.to_json())
     return {"run_id": run_id, "status": "PENDING", "bundle_hash": None}, {}
 
+
+
+async def ensure_work_queue(gw: Gateway, tag: str) -> None:
+    """Our consumer for ``tag`` exists before the tag's first work item is published (once per tag
+    per gateway), so a pyoco-server worker cannot bind the tag and take the item (issue 15).  It
+    is created, never changed: the workers' settings decide its limits.  Best effort: the submit
+    goes on when it cannot be made (the work stream is gone, say: the item is then re-derived by
+    the conductor once the stream is back), and the next submit of the tag tries again.
+    """
+    if tag in gw.work_queues:
+        return
+    try:
+        await ensure_work_consumer(gw.nats, tag, gw.settings, update=False)
+    except PyocoError as exc:
+        log.warning("cannot make sure the work consumer of tag %s exists (%s); submitting anyway", tag, exc.message)
+        return
+    if len(gw.work_queues) >= WORK_QUEUES_REMEMBERED:
+        gw.work_queues.clear()
+    gw.work_queues.add(tag)
 
 
 async def replayed_answer(gw: Gateway, run_id: str) -> tuple[JSONObject, dict[str, str]]:

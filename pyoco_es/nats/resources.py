@@ -14,6 +14,7 @@ import nats.js.errors
 from nats.js import api
 
 from ..config import Settings
+from ..core.errors import PyocoError
 from . import subjects
 from .client import DEFAULT_MAX_MSG_SIZE, NatsClient
 from .connection import NO_ROOM
@@ -226,6 +227,35 @@ async def ensure_resources(client: NatsClient, cfg: ResourceConfig | None = None
         return done
 
     return await client.run("ensure resources", go)
+
+
+def work_consumer_config(tag: str, settings: Settings) -> dict[str, Any]:
+    """The per-tag work consumer ``pyoco_es_work_<tag>`` (shared by the tag's workers)."""
+    return {
+        "filter_subject": subjects.work_subject(tag, settings.work_subject_prefix),
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": settings.consumer_ack_wait,
+        "max_deliver": settings.consumer_max_deliver,
+        "max_ack_pending": settings.consumer_max_ack_pending,
+    }
+
+
+async def ensure_work_consumer(client: NatsClient, tag: str, settings: Settings, *, update: bool = True) -> None:
+    """Make ``pyoco_es_work_<tag>`` exist (``update``: with ``settings``' values), taking the
+    tag's filter from a pyoco-server work consumer if one holds it.  The gateway calls it (without
+    ``update``) before a tag's first work item, so a tag with items always has our consumer and a
+    pyoco-server worker's bind on it is refused (docs/library.md).
+
+    Raises:
+        InfraError: NATS is unavailable, or the consumer cannot be created.
+    """
+    try:
+        await client.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), work_consumer_config(tag, settings), update=update)
+    except PyocoError:
+        if not await drop_foreign_work_consumers(client):
+            raise
+        await client.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), work_consumer_config(tag, settings), update=update)
 
 
 async def drop_foreign_work_consumers(client: NatsClient) -> list[str]:

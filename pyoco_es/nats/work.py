@@ -161,8 +161,8 @@ class NatsWorkQueue(NatsConnection):
 
     # -- consumers ------------------------------------------------------------------------------
 
-    async def ensure_pull_consumer(self, stream: str, durable: str, config: dict[str, Any]) -> None:
-        """Create the durable pull consumer, or update it when its config differs.
+    async def ensure_pull_consumer(self, stream: str, durable: str, config: dict[str, Any], *, update: bool = True) -> None:
+        """Create the durable pull consumer, or (with ``update``) update it when its config differs.
 
         ``config`` holds ConsumerConfig fields; ``ack_policy`` / ``deliver_policy`` may be given
         as plain strings ("explicit", "all", ...), so callers need no nats import.
@@ -181,7 +181,7 @@ class NatsWorkQueue(NatsConnection):
                 await self._js.add_consumer(stream, cfg)
                 return
             current = info.config
-            changed = {k: v for k, v in config.items() if getattr(current, k, None) != v}
+            changed = {k: v for k, v in config.items() if getattr(current, k, None) != v} if update else {}
             if changed:
                 log.info("updating consumer %s on %s: %s", durable, stream, sorted(changed))
                 try:

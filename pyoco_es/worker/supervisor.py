@@ -21,7 +21,7 @@ from ..core.errors import PyocoError
 from ..core.work import WORKER_IDLE, WORKER_STOPPED
 from ..nats import subjects
 from ..nats.client import NatsClient, PullSubscription
-from ..nats.resources import drop_foreign_work_consumers
+from ..nats.resources import ensure_work_consumer, work_consumer_config
 from .actor import WorkerActor
 from .scratch import open_scratch_root
 from .trust import check_allowed_modules, check_env_names
@@ -56,15 +56,7 @@ def normalize_tags(tags: Sequence[str], default_tag: str) -> tuple[str, ...]:
     return tuple(out) or (default_tag,)
 
 
-def consumer_config(tag: str, settings: Settings) -> dict[str, Any]:
-    return {
-        "filter_subject": subjects.work_subject(tag, settings.work_subject_prefix),
-        "ack_policy": "explicit",
-        "deliver_policy": "all",
-        "ack_wait": settings.consumer_ack_wait,
-        "max_deliver": settings.consumer_max_deliver,
-        "max_ack_pending": settings.consumer_max_ack_pending,
-    }
+consumer_config = work_consumer_config  # the per-tag work consumer (nats/resources.py)
 
 
 def resolver_spec(flow_resolver: Callable[..., Any] | str | None) -> str | None:
@@ -141,9 +133,8 @@ async def run_worker(
             scratch_root=scratch_root,
             clock=clock or offset_clock(settings.worker_clock_offset),
         )
-        await drop_foreign_work_consumers(nats)  # they would hold the filters our consumers need
         for tag in tag_list:
-            await nats.ensure_pull_consumer(subjects.WORK_STREAM, subjects.work_durable(tag), consumer_config(tag, settings))
+            await ensure_work_consumer(nats, tag, settings)
         try:
             await serve_worker(actor, stop=stop, task_status=task_status)
         finally:
