@@ -28,7 +28,7 @@ import attrs
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2  # 2: the error text search index (FTS5 trigram)
+SCHEMA_VERSION: Final = 3  # 2: the error text search index (FTS5 trigram); 3: its update trigger
 ERROR_TEXT_MAX: Final = 1000  # characters of error + failure_reason kept for the error search
 SUMMARY_KEYS: Final = (
     "run_id",
@@ -98,12 +98,15 @@ CREATE TRIGGER IF NOT EXISTS runs_error_ai AFTER INSERT ON runs WHEN new.error_t
     BEGIN INSERT INTO runs_error (rowid, error_text) VALUES (new.rowid, new.error_text); END;
 CREATE TRIGGER IF NOT EXISTS runs_error_ad AFTER DELETE ON runs WHEN old.error_text IS NOT NULL
     BEGIN INSERT INTO runs_error (runs_error, rowid, error_text) VALUES ('delete', old.rowid, old.error_text); END;
-CREATE TRIGGER IF NOT EXISTS runs_error_ud AFTER UPDATE OF error_text ON runs WHEN old.error_text IS NOT NULL
-    BEGIN INSERT INTO runs_error (runs_error, rowid, error_text) VALUES ('delete', old.rowid, old.error_text); END;
-CREATE TRIGGER IF NOT EXISTS runs_error_ui AFTER UPDATE OF error_text ON runs WHEN new.error_text IS NOT NULL
-    BEGIN INSERT INTO runs_error (rowid, error_text) VALUES (new.rowid, new.error_text); END;
+CREATE TRIGGER IF NOT EXISTS runs_error_au AFTER UPDATE OF error_text ON runs WHEN old.error_text IS NOT new.error_text
+    BEGIN
+        INSERT INTO runs_error (runs_error, rowid, error_text) SELECT 'delete', old.rowid, old.error_text WHERE old.error_text IS NOT NULL;
+        INSERT INTO runs_error (rowid, error_text) SELECT new.rowid, new.error_text WHERE new.error_text IS NOT NULL;
+    END;
 """
-_FTS_TRIGGER_NAMES: Final = ("runs_error_ai", "runs_error_ad", "runs_error_ud", "runs_error_ui")
+# one update trigger, delete then insert in that order (two triggers would run newest first,
+# and deleting after inserting drops the trigrams old and new texts share)
+_FTS_TRIGGER_NAMES: Final = ("runs_error_ai", "runs_error_ad", "runs_error_au")
 _SET = ", ".join(
     f"{c} = CASE WHEN {{cond}} THEN excluded.{c} ELSE runs.{c} END" for c in _COLUMNS if c not in ("run_id", "revision")
 )
@@ -193,8 +196,10 @@ def where(q: Query, *, fts: bool = False) -> tuple[str, list[Any]]:
         conds.append("run_id >= ? AND run_id < ?")
         args.extend((q.run_id_prefix, q.run_id_prefix + "\U0010ffff"))
     if q.error_contains and fts and len(q.error_contains) >= 3:
-        conds.append("rowid IN (SELECT rowid FROM runs_error WHERE error_text LIKE ? ESCAPE '\\')")
-        args.append(f"%{_like_escape(q.error_contains)}%")
+        # a trigram phrase MATCH is a case-insensitive substring search served by the index
+        # (a LIKE with ESCAPE is not: SQLite then scans the whole FTS table)
+        conds.append("rowid IN (SELECT rowid FROM runs_error WHERE runs_error MATCH ?)")
+        args.append('"' + q.error_contains.replace('"', '""') + '"')
     elif q.error_contains:
         conds.append("error_text LIKE ? ESCAPE '\\'")
         args.append(f"%{_like_escape(q.error_contains)}%")

@@ -10,7 +10,7 @@ from ..core.errors import DomainError, PyocoError, RunNotFound
 from ..core.events import JSONObject
 from ..nats import subjects
 from .context import Gateway, check_tenant
-from .snapshot import read_existing
+from .snapshot import read_existing, valid_run_id
 
 
 class RunArchived(DomainError):
@@ -33,6 +33,8 @@ async def read_or_gone(gw: Gateway, run_id: str) -> JSONObject:
     try:
         return await read_existing(gw, run_id)
     except RunNotFound:
+        if not valid_run_id(run_id):  # never a subject made of client text (a bad one ends the NATS connection)
+            raise
         try:
             entry = await gw.nats.kv_get(subjects.ARCHIVED_BUCKET, run_id)
             record = json.loads(entry.value) if entry is not None and entry.value else None

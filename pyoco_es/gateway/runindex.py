@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import tempfile
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,8 +59,8 @@ class RunIndex:
         self.nats = nats
         self.bucket = bucket
         self.check_interval = check_interval
-        self._tempdir = None if path is not None else tempfile.mkdtemp(prefix="pyoco-read-model-")
-        self.path = path if path is not None else Path(self._tempdir or ".") / "runs.sqlite3"
+        self._tempdir: str | None = None
+        self.path = path  # None: a temporary file, made when the index opens and removed with it
         self.store: ReadModelStore | None = None
         self.rebuilt: str | None = None  # why the file was (re)built at start, None if reused
         self.ready = trio.Event()
@@ -88,7 +89,7 @@ class RunIndex:
     async def run(self, *, task_status: trio.TaskStatus[RunIndex] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the file, catch up, then follow the bucket until cancelled; ``started`` once
         caught up (or after the first failed attempt, so the gateway starts and answers 503)."""
-        self.store, self.rebuilt = await trio.to_thread.run_sync(functools.partial(open_store, self.path, identity=self.bucket))
+        self.store, self.rebuilt = await trio.to_thread.run_sync(functools.partial(open_store, self._file(), identity=self.bucket))
         if self.rebuilt:
             log.info("run index: %s", self.rebuilt)
         self.revision = await self._on_writer(self.store.checkpoint)
@@ -101,6 +102,13 @@ class RunIndex:
         finally:
             with trio.CancelScope(shield=True):
                 await self._close()
+
+    def _file(self) -> Path:
+        if self.path is None:
+            self._tempdir = tempfile.mkdtemp(prefix="pyoco-read-model-")
+            weakref.finalize(self, shutil.rmtree, self._tempdir, True)
+            self.path = Path(self._tempdir) / "runs.sqlite3"
+        return self.path
 
     async def _close(self) -> None:
         if self.store is not None:
@@ -165,8 +173,8 @@ class RunIndex:
         store = self.store_or_fail()
         await self._on_writer(store.close)
         for suffix in ("", "-wal", "-shm"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        self.store, self.rebuilt = await trio.to_thread.run_sync(functools.partial(open_store, self.path, identity=self.bucket))
+            Path(f"{self._file()}{suffix}").unlink(missing_ok=True)
+        self.store, self.rebuilt = await trio.to_thread.run_sync(functools.partial(open_store, self._file(), identity=self.bucket))
         self.revision = 0
         self._runs = 0
         self._docs.clear()
@@ -209,7 +217,7 @@ class RunIndex:
     def open_offline(self) -> RunIndex:
         """Open the file now and write every change at once, on the calling thread (no NATS, no
         writer task): for units fed by hand."""
-        self.store, self.rebuilt = open_store(self.path, identity=self.bucket)
+        self.store, self.rebuilt = open_store(self._file(), identity=self.bucket)
         self._offline = True
         self.ready.set()
         return self

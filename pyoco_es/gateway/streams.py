@@ -63,6 +63,7 @@ async def open_run_list_stream(
     deadline = trio.current_time() + pace.timeout
     sent = after if after is not None else index.revision
     # A tenant (API keys on) counts only its own runs; others' are not to be known.
+    await index.synced()  # the runs it has received are in the file (and in its count)
     runs = await index.count(filters={"tenant_id": filters["tenant_id"]}) if "tenant_id" in filters else len(index)
     if after is None:
         yield sse.frame("ready", {"revision": sent, "runs": runs}, id=sent, retry_ms=1000)
