@@ -32,7 +32,7 @@ import trio
 from ..core.events import JSONObject
 from ..nats import subjects
 from ..nats.client import KVEntry, NatsClient
-from ..readmodel import Change, Query, ReadModelStore, open_store
+from ..readmodel import Change, Query, ReadModelStore, open_store, summarize
 from ..watch import follow_forever, watch_stalled
 from .index import IndexStatistics, Page, RunSlot, SortKey, encode_cursor
 
@@ -69,6 +69,7 @@ class RunIndex:
         self.stalls = 0
         self.revision = 0  # highest KV revision received
         self._pending: list[Change] = []
+        self._writing: list[Change] = []  # the batch the writer thread is putting in the file
         self._queued = 0  # changes queued so far (a sequence number)
         self._written = 0  # ... of which written to the file
         self._wrote = trio.Event()
@@ -199,7 +200,11 @@ class RunIndex:
                 queued = self._queued
                 checkpoint = max((c.revision for c in batch), default=0)
                 store = self.store_or_fail()
-                self._runs = await self._on_writer(store.write, batch, checkpoint)
+                self._writing = batch  # still readable by get() until the file has it
+                try:
+                    self._runs = await self._on_writer(store.write, batch, checkpoint)
+                finally:
+                    self._writing = []
                 self._written = queued
                 self._wrote.set()
                 self._wrote = trio.Event()
@@ -337,6 +342,11 @@ class RunIndex:
         return Page(items, encode_cursor(keys[-1]) if more and keys else None, keys)
 
     def get(self, run_id: str) -> JSONObject | None:
+        """The run's summary, including changes queued for the file but not in it yet (a submit
+        just answered must be found by the next one: idempotency keys, read-your-writes)."""
+        for change in reversed([*self._writing, *self._pending]):
+            if change.run_id == run_id:
+                return summarize(change.doc) if change.doc is not None else None
         return self.store_or_fail().get(run_id)
 
     def counts(self) -> dict[str, int]:

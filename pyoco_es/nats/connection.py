@@ -223,6 +223,10 @@ class NatsConnection:
             return await self._thread.call(run)
         except asyncio.CancelledError as exc:  # the loop is shutting down under us
             raise EventLogUnavailable(f"{what}: NATS client is closing") from exc
+        except RuntimeError as exc:  # the loop is already closed: a watch unwinding after its client
+            if not self._thread.loop.is_closed():
+                raise
+            raise EventLogUnavailable(f"{what}: NATS client is closed") from exc
 
     @property
     def is_connected(self) -> bool:
