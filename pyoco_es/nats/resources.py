@@ -6,6 +6,8 @@ the existing stream, and a setting that JetStream cannot change in place is repo
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 from typing import Any, Final
 
@@ -356,6 +358,13 @@ async def recreate_bucket(client: NatsClient, bucket: str, cfg: ResourceConfig |
         except nats.js.errors.NotFoundError:
             pass
         await js.add_stream(_kv_config(bucket, cfg, history=1))
+        # On a cluster a new stream answers writes once its leader is elected: wait for that
+        # (a write before it finds no responder), up to 10 s; on one server it has one at once.
+        for _ in range(100):
+            info = await js.stream_info(subjects.kv_stream(bucket))
+            if info.cluster is None or info.cluster.leader:
+                return
+            await asyncio.sleep(0.1)
 
     await client.run("recreate bucket", go)
 
