@@ -32,3 +32,14 @@ def ignore_cancel(seconds: float = 60.0) -> str:
     """Ignores cancellation entirely (the worker has to kill the process)."""
     time.sleep(seconds)
     return "slept"
+
+
+def chatty(lines: int = 20, interval: float = 0.2) -> int:
+    """Prints a numbered line every ``interval`` seconds (watch it live: ``pyoco-client logs RUN_ID
+    --follow``, or the dashboard's task output pane). At most 1,000 lines, 10 s apart."""
+    lines = max(0, min(int(lines), 1000))
+    interval = max(0.0, min(float(interval), 10.0))
+    for i in range(lines):
+        print(f"line {i + 1} of {lines}", flush=True)
+        time.sleep(interval)
+    return lines
