@@ -510,3 +510,19 @@ def test_bash_and_zsh_completion_scripts() -> None:
         capture_output=True, text=True, timeout=20,
     )  # fmt: skip
     assert "submit" in words.stdout and "submit-yaml" in words.stdout
+
+
+def test_a_closed_pipe_ends_quietly_with_141(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pyoco-client logs RUN --follow | head` must not print ERR-PYOCO-UNEXPECTED when head exits."""
+    import asyncclick as click
+
+    from pyoco_es.cli import client_command
+    from pyoco_es.cli.client_command import EXIT_BROKEN_PIPE, _translate
+
+    silenced: list[bool] = []
+    monkeypatch.setattr(client_command, "_silence_stdout", lambda: silenced.append(True))  # not the test runner's fd 1
+
+    out = _translate(BaseExceptionGroup("g", [BrokenPipeError(32, "Broken pipe")]))
+    assert isinstance(out, click.exceptions.Exit) and out.exit_code == EXIT_BROKEN_PIPE == 141 and silenced == [True]
+    other = _translate(ValueError("x"))
+    assert not isinstance(other, click.exceptions.Exit)

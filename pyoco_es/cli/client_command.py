@@ -7,8 +7,9 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import asyncclick as click
 import trio
@@ -25,11 +26,29 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
+EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader left
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (tests capture it): nothing to silence
+        pass
+
+
 def _translate(exc: BaseException) -> BaseException:
     """Map what a command raised to what asyncclick should see (CliError, Exit) or re-raise."""
     leaves = list(_leaves(exc))
     if any(isinstance(e, KeyboardInterrupt) for e in leaves):
         return click.exceptions.Exit(EXIT_INTERRUPTED)
+    if any(isinstance(e, BrokenPipeError) for e in leaves):
+        # Whoever read our output stopped (`pyoco-client logs RUN --follow | head`): end quietly, as
+        # a Unix tool killed by SIGPIPE does (exit 141), with stdout pointed away from the pipe so
+        # the interpreter's last flush cannot fail again.
+        _silence_stdout()
+        return click.exceptions.Exit(EXIT_BROKEN_PIPE)
     for e in leaves:
         if isinstance(e, (click.ClickException, click.exceptions.Exit, click.Abort)):
             return e
