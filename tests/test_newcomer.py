@@ -36,7 +36,8 @@ def test_every_example_flow_is_valid_and_only_calls_examples() -> None:
             assert call.startswith("examples.tasks:"), (f.name, call)
 
 
-def test_chatty_prints_a_line_at_a_time_within_its_bounds(capsys: object) -> None:
+def test_chatty_prints_a_line_at_a_time_within_its_bounds(capsys: object, monkeypatch: object) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))  # type: ignore[attr-defined] # examples/ is not installed: a worker runs from the project root
     from examples.tasks import chatty
 
     assert chatty(lines=3, interval=0) == 3
