@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Final
 
 WORKER_SHIM: Final = """
-import asyncio, runpy, sys
+import runpy, sys, asyncio  # (a program for pyoco-server's interpreter; pyoco-es itself keeps asyncio in pyoco_es/nats)
 async def wait_for(fut, timeout):
     if timeout is None:
         return await fut
