@@ -78,6 +78,7 @@ def test_dead_letters_page_resubmit_and_drop(page: Page, http: httpx.Client) -> 
     entry = pg.locator(f'.dlq-item[data-dlq-id="{item["id"]}"]')
     entry.wait_for()
     assert "execution_error" in entry.inner_text() and run_id in entry.inner_text()
+    pg.wait_for_function("document.title.includes('Dead letters')")  # not "Runs": the page names itself
     entry.locator(".dlq-toggle").click()
     payload = entry.locator(".dlq-payload")
     payload.wait_for()

@@ -140,7 +140,7 @@
   }
 
   function setTitle() {
-    let title = t("app.title") + " · " + t(pages[route.view] ? pages[route.view].title : route.view === "workers" ? "nav.workers" : "nav.runs");
+    let title = t("app.title") + " · " + t(pages[route.view] ? pages[route.view].title : extViews[route.view] ? "nav." + route.view : route.view === "workers" ? "nav.workers" : "nav.runs");
     if (route.view === "run" && detail.run) title = statusLabel(detail.run.status) + " · " + (detail.run.flow_name || "") + " · " + t("app.title");
     if (document.title !== title) document.title = title;
   }
