@@ -96,12 +96,24 @@ async def test_cancel_by_ids_reports_each_run(gw: GW) -> None:  # noqa: F811
         assert [e["type"] for e in events] == ["run.submitted", "run.cancelled"]
 
 
+# Each run lasts ~0.3 s (a cooperative task): with 4 run processes, 80 runs take ~6 s, so the
+# filter cancel always meets runs still active while others complete (trivial runs could all
+# finish before the first cancel on a fast machine: the test then asked to cancel nothing).
+RACE_YAML = b"""\
+version: 1
+flow:
+  graph: wait_for_cancel
+tasks:
+  wait_for_cancel: {callable: "examples.tasks:wait_for_cancel", inputs: {seconds: 0.3}}
+"""
+
+
 async def test_bulk_cancel_over_a_filter_while_runs_complete_ends_each_run_once(tmp_path: Path) -> None:
     settings = Settings(sse_heartbeat_interval=0.2, nats_unavailable_wait=1.0)
     async with open_stack(tmp_path, settings=settings, worker=True, concurrency=4) as stack:
         async with httpx.AsyncClient(base_url=stack.url, timeout=20.0) as client:
             with trio.fail_after(60):
-                items = [{"flow_name": "race", "workflow_yaml": FLOW_YAML.decode()} for _ in range(80)]
+                items = [{"flow_name": "race", "workflow_yaml": RACE_YAML.decode()} for _ in range(80)]
                 items += [{"flow_name": "keep", "workflow_yaml": FLOW_YAML.decode()} for _ in range(5)]
                 results = (await client.post("/runs/batch", json={"items": items})).json()["results"]
                 race = [x["run_id"] for x in results[:80]]
