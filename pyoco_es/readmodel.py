@@ -66,6 +66,7 @@ _COLUMNS: Final = (
     "run_id", "updated_at", "status", "flow_name", "tag", "tenant_id", "worker_id", "schedule_id", "yaml_sha",
     "error_text", "projection_error", "version", "revision", "summary",
 )
+_AT: Final = {c: i for i, c in enumerate(_COLUMNS)}  # a column's place in a row
 _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -113,7 +114,11 @@ _SET = ", ".join(
 _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (run_id) DO UPDATE SET "
 # a KV value replaces a summary unless this gateway noted a newer version; a note only a newer one
 UPSERT_VALUE: Final = _INSERT + _SET.format(cond="excluded.version IS NULL OR runs.version IS NULL OR excluded.version >= runs.version") + ", revision = max(runs.revision, excluded.revision)"
-UPSERT_NOTE: Final = _INSERT + _SET.format(cond="excluded.version > coalesce(runs.version, -1)") + ", revision = runs.revision"
+# (an ignored note changes nothing: no index entry is rewritten)
+UPSERT_NOTE: Final = _INSERT + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in ("run_id", "revision")) + " WHERE excluded.version > coalesce(runs.version, -1)"
+# a KV value the file already holds (this gateway's note of the same version): only the revision
+# moves, so no list index is rewritten (the summary holds every other column but yaml_sha)
+SAME_VALUE: Final = "UPDATE runs SET revision = max(revision, ?) WHERE run_id = ? AND version = ? AND summary = ? AND yaml_sha IS ?"
 
 
 class ReadModelBroken(Exception):
@@ -283,8 +288,13 @@ class ReadModelStore:
             for change in changes:
                 if change.doc is None:
                     conn.execute("DELETE FROM runs WHERE run_id = ?", (change.run_id,))
+                elif change.revision == 0:
+                    conn.execute(UPSERT_NOTE, _row(change))
                 else:
-                    conn.execute(UPSERT_NOTE if change.revision == 0 else UPSERT_VALUE, _row(change))
+                    row = _row(change)
+                    run_id, version, revision, summary, yaml_sha = (row[_AT[c]] for c in ("run_id", "version", "revision", "summary", "yaml_sha"))
+                    if version is None or not conn.execute(SAME_VALUE, (revision, run_id, version, summary, yaml_sha)).rowcount:
+                        conn.execute(UPSERT_VALUE, row)
             conn.execute(
                 "UPDATE meta SET value = CAST(max(CAST(value AS INTEGER), ?) AS TEXT) WHERE key = 'checkpoint'", (checkpoint,)
             )

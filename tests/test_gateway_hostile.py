@@ -207,8 +207,14 @@ async def test_cross_site_writes_are_refused(gw: GW) -> None:
             assert r.status_code == 200, (headers, r.text)
             r = await submit_yaml(gw.client, headers=headers)
             assert r.status_code == 200, (headers, r.text)
-        r = await gw.client.post("/runs", json={"flow_name": "x"}, headers={"Origin": "https://dash.example:8443"})
+        listed = {"Origin": "https://dash.example:8443"}
+        r = await gw.client.post("/runs", json={"flow_name": "x"}, headers=listed)
         assert r.headers["Access-Control-Allow-Origin"] == "https://dash.example:8443"
+        # the same on the routes also answered in front of Quart (the fast path)
+        r = await submit_yaml(gw.client, headers=listed)
+        assert r.headers["Access-Control-Allow-Origin"] == "https://dash.example:8443"
+        r = await gw.client.get(f"/runs/{r.json()['run_id']}", headers=listed)
+        assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == "https://dash.example:8443"
         r = await gw.client.options("/runs", headers={"Origin": "https://dash.example:8443", "Access-Control-Request-Method": "POST"})
         assert r.status_code == 200 and "Idempotency-Key" in r.headers["Access-Control-Allow-Headers"]
         r = await gw.client.options("/runs", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})

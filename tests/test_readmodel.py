@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,16 +19,18 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyoco_es.cli.readmodel_check import check_read_model
 from pyoco_es.config import Settings
 from pyoco_es.core.model import RunSnapshot
 from pyoco_es.gateway.index import decode_cursor
-from pyoco_es.gateway.runindex import RunIndex
+from pyoco_es.gateway.runindex import RunIndex, coalesce
 from pyoco_es.gateway.server import run_gateway
 from pyoco_es.nats.client import NatsClient, open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.readmodel import summarize
+from pyoco_es.readmodel import Change, open_store, summarize
 from pyoco_es.testing.history import fill
 from test_gateway_support import wait_until
 
@@ -247,3 +250,37 @@ def test_error_text_search_follows_updates_and_deletes(tmp_path: Path, build: bo
     store.write([Change("c", doc("c", 2, "OSError: delta"), 6)], 6)
     assert found("delta") == ["c"] and found("er") == ["c", "a"]  # 2 characters: the column scan
     store.close()
+
+
+
+_change = st.tuples(st.integers(0, 2), st.sampled_from(["value", "note", "delete"]), st.integers(1, 6))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_change, max_size=4), st.lists(_change, max_size=14))
+def test_a_coalesced_batch_leaves_the_file_as_the_whole_batch_does(before: list[Any], batch: list[Any]) -> None:
+    """The run index's writer drops changes a later one makes moot (``coalesce``): the file ends
+    row for row as if every change had been written, whatever mix of values, notes (this
+    gateway's own writes, revision 0) and deletes, in whatever version order."""
+    revision = 0
+
+    def changes(specs: list[Any]) -> list[Change]:
+        nonlocal revision
+        out = []
+        for run, kind, version in specs:
+            revision += 1
+            doc = {"run_id": f"run-{run}", "status": f"S{version}", "updated_at": float(version), "version": version}
+            out.append(Change(f"run-{run}", None if kind == "delete" else doc, 0 if kind == "note" else revision))
+        return out
+
+    first, second = changes(before), changes(batch)
+    rows = []
+    for shrink in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            store, _ = open_store(Path(tmp) / "r.sqlite3", identity="x")
+            store.write(first, revision)
+            store.write(coalesce(second) if shrink else second, revision)
+            rows.append(store._writer.execute("SELECT run_id, status, version, revision, summary FROM runs ORDER BY run_id").fetchall())
+            store.close()
+    assert rows[0] == rows[1]
+    assert len(coalesce(second)) <= len(second)

@@ -264,13 +264,13 @@ def _cancel_targets(body: object) -> tuple[list[str] | None, dict[str, str]]:
 
 async def _filtered(gw: Gateway, filters: dict[str, str]) -> tuple[list[str], bool]:
     """Active (not terminal, not already CANCELLING) runs matching ``filters``: up to BATCH_MAX, and
-    whether more remain.  Read through the run index's ``page`` (its list interface)."""
+    whether more remain.  Read through the run index's list (after this gateway's own writes)."""
     await gw.wait_index_ready()
     out: list[str] = []
     before = None
     done = {s.value for s in TERMINAL_STATUSES} | {RunStatus.CANCELLING.value}
     while True:
-        page = gw.index.page(limit=200, filters={**filters, **tenant_filter()}, before=before)
+        page = await gw.index.list_page(limit=200, filters={**filters, **tenant_filter()}, before=before)
         for item in page.items:
             if item.get("status") in done:
                 continue

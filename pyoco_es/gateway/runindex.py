@@ -42,7 +42,30 @@ DOC_CACHE_SIZE: Final = 4096  # full snapshots kept for GET /runs/{id}
 VERSION_CACHE_SIZE: Final = 65536  # newest versions of recently changed runs
 PULL_BATCH: Final = 2000
 MAX_PENDING: Final = 5000  # changes queued for SQLite before the follower waits for the writer
+LINGER: Final = 0.02  # s the writer waits for more changes before a small write (unless a reader waits)
+LINGER_BATCH: Final = 200  # ... a batch this big is written at once
 T = TypeVar("T")
+
+
+def coalesce(changes: list[Change]) -> list[Change]:
+    """``changes`` without those a later one in the list makes moot: a value or note whose run
+    gets a later value with the same or a newer version (the upserts keep the newest version,
+    so the file ends the same).  Deletes stay, and so does everything without a version."""
+    newest: dict[str, int] = {}  # run -> the newest version of a later value change
+    kept: list[Change] = []
+    for change in reversed(changes):
+        version = change.doc.get("version") if change.doc is not None else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            kept.append(change)
+            continue
+        later = newest.get(change.run_id)
+        if later is not None and later >= version:
+            continue
+        kept.append(change)
+        if change.revision > 0:
+            newest[change.run_id] = version
+    kept.reverse()
+    return kept
 
 
 class RunIndex:
@@ -74,6 +97,8 @@ class RunIndex:
         self._written = 0  # ... of which written to the file
         self._wrote = trio.Event()
         self._work = trio.Event()
+        self._hurry = trio.Event()  # a reader waits for the file: write now
+        self.linger = LINGER
         self._changed = trio.Event()
         self._slots: dict[str, set[RunSlot]] = {}
         self._docs: OrderedDict[str, JSONObject] = OrderedDict()
@@ -195,10 +220,16 @@ class RunIndex:
         while True:
             await self._work.wait()
             self._work = trio.Event()
+            if len(self._pending) < LINGER_BATCH:
+                # a change rarely comes alone under load: one transaction for a few ms of them
+                # costs a fraction of one each (and a run's several revisions fold into one row)
+                with trio.move_on_after(self.linger):
+                    await self._hurry.wait()
             while self._pending:
-                batch, self._pending = self._pending, []
+                self._hurry = trio.Event()
+                checkpoint = max((c.revision for c in self._pending), default=0)
+                batch, self._pending = coalesce(self._pending), []
                 queued = self._queued
-                checkpoint = max((c.revision for c in batch), default=0)
                 store = self.store_or_fail()
                 self._writing = batch  # still readable by get() until the file has it
                 try:
@@ -215,6 +246,7 @@ class RunIndex:
         """Wait until every change queued before this call is in the file."""
         target = self._queued
         while self._written < target:
+            self._hurry.set()
             await self._wrote.wait()
 
     # -- feeding ----------------------------------------------------------------------------
@@ -236,6 +268,8 @@ class RunIndex:
         self._pending.append(change)
         self._queued += 1
         self._work.set()
+        if len(self._pending) >= LINGER_BATCH:
+            self._hurry.set()
 
     def apply(self, entry: KVEntry) -> None:
         """One KV change (a value, or a delete when ``entry.value`` is None)."""
@@ -337,6 +371,8 @@ class RunIndex:
         updated_after: float | None = None,
         before: SortKey | None = None,
     ) -> Page:
+        """The file as it is, read on the calling thread (units fed with :meth:`open_offline`); a
+        handler uses :meth:`list_page`, which first waits for the writes queued before it."""
         q = Query(limit=limit, exact={k: v for k, v in (filters or {}).items() if v is not None}, updated_after=updated_after, before=before)
         items, keys, more = self.store_or_fail().page(q)
         return Page(items, encode_cursor(keys[-1]) if more and keys else None, keys)

@@ -24,7 +24,7 @@ from .context import Gateway, caller, check_tenant, current_gateway, includes, r
 from .index import decode_cursor
 from .params import RequestInvalid, check_run_timeout, json_loads, query_float, query_int, query_str
 from .snapshot import FULL_INCLUDES, enrich, filter_snapshot, read_existing, valid_run_id
-from .submit import INLINE_PARSE_BYTES, check_yaml_length, parse_submit_body, submit_event, yaml_document, yaml_event, yaml_form
+from .submit import INLINE_PARSE_BYTES, check_yaml_length, named_event, submit_event, yaml_document, yaml_event, yaml_form
 
 blueprint = Blueprint("runs", __name__)
 
@@ -39,23 +39,7 @@ async def submit(gw: Gateway, event: RunSubmitted, fingerprint: JSONObject) -> R
 async def submit_run() -> Response:
     gw = current_gateway()
     await gw.await_nats()
-    body = json_loads(await request_body())
-    flow_name, params, tag, tags = parse_submit_body(
-        body, default_tag=gw.settings.default_tag, max_params_bytes=gw.settings.max_params_bytes
-    )
-    timeout = check_run_timeout(body.get("timeout_sec"), ("body", "timeout_sec"))  # type: ignore[union-attr]
-    event = RunSubmitted(
-        flow_name=flow_name,
-        params=params,
-        tag=tag,
-        tags=tuple(tags),
-        submitted_at=gw.clock(),
-        max_attempts=gw.settings.max_attempts,
-        timeout_sec=timeout,
-    )
-    fingerprint: JSONObject = {"kind": "flow", "flow_name": flow_name, "params": params, "tag": tag, "tags": list[JSONValue](tags)}
-    if timeout is not None:
-        fingerprint["timeout_sec"] = timeout
+    event, fingerprint = named_event(gw, json_loads(await request_body()))
     return await submit(gw, event, fingerprint)
 
 

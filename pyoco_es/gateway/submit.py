@@ -204,6 +204,31 @@ def yaml_event(gw: Gateway, name: str, tag: str, doc: WorkflowDoc, timeout_sec: 
     return event, fingerprint
 
 
+def named_event(gw: Gateway, body: object) -> tuple[RunSubmitted, JSONObject]:
+    """The ``run.submitted`` of a ``POST /runs`` body (already JSON-decoded) and its idempotency
+    fingerprint.
+
+    Raises:
+        RequestInvalid: a missing or bad field (one item per problem).
+        PayloadTooLarge: params over PYOCO_MAX_PARAMS_BYTES.
+    """
+    flow_name, params, tag, tags = parse_submit_body(body, default_tag=gw.settings.default_tag, max_params_bytes=gw.settings.max_params_bytes)
+    timeout = check_run_timeout(body.get("timeout_sec"), ("body", "timeout_sec"))  # type: ignore[union-attr]
+    event = RunSubmitted(
+        flow_name=flow_name,
+        params=params,
+        tag=tag,
+        tags=tuple(tags),
+        submitted_at=gw.clock(),
+        max_attempts=gw.settings.max_attempts,
+        timeout_sec=timeout,
+    )
+    fingerprint: JSONObject = {"kind": "flow", "flow_name": flow_name, "params": params, "tag": tag, "tags": list[JSONValue](tags)}
+    if timeout is not None:
+        fingerprint["timeout_sec"] = timeout
+    return event, fingerprint
+
+
 # -- the gateway's operations -------------------------------------------------------------------
 
 
