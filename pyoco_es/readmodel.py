@@ -237,6 +237,7 @@ class ReadModelStore:
         self.identity = identity
         self._writer = _connect(path)
         self.fts = False
+        self.building = False  # between drop_indexes and create_indexes
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -293,7 +294,7 @@ class ReadModelStore:
                 else:
                     row = _row(change)
                     run_id, version, revision, summary, yaml_sha = (row[_AT[c]] for c in ("run_id", "version", "revision", "summary", "yaml_sha"))
-                    if version is None or not conn.execute(SAME_VALUE, (revision, run_id, version, summary, yaml_sha)).rowcount:
+                    if self.building or version is None or not conn.execute(SAME_VALUE, (revision, run_id, version, summary, yaml_sha)).rowcount:
                         conn.execute(UPSERT_VALUE, row)
             conn.execute(
                 "UPDATE meta SET value = CAST(max(CAST(value AS INTEGER), ?) AS TEXT) WHERE key = 'checkpoint'", (checkpoint,)
@@ -319,6 +320,7 @@ class ReadModelStore:
 
     def drop_indexes(self) -> None:
         """Before building from revision 0 (see :meth:`create_indexes`)."""
+        self.building = True  # no notes to match while building: values go straight in
         for name in ("order", "revision", "unprojectable", *_INDEXED):
             self._writer.execute(f"DROP INDEX IF EXISTS runs_{name}")
         for name in _FTS_TRIGGER_NAMES:
@@ -333,6 +335,7 @@ class ReadModelStore:
             self._writer.executescript(_FTS_TRIGGERS)
         self._writer.execute("DELETE FROM meta WHERE key = 'fts'")
         self._writer.execute("ANALYZE")
+        self.building = False
 
     # -- reading ------------------------------------------------------------------------------------
 
