@@ -165,7 +165,7 @@ class NatsSnapshotStore(NatsConnection):
                 except nats.errors.TimeoutError:
                     return [], 0
                 out = [_kv_entry(m, prefix) for m in msgs]
-                return out, (int(msgs[-1].metadata.num_pending) if msgs else 0)
+                return out, (subjects.ack_metadata(msgs[-1].reply)[2] if msgs else 0)
 
             return await self._call("kv pull", go)
 
@@ -213,4 +213,4 @@ class NatsSnapshotStore(NatsConnection):
 def _kv_entry(msg: Any, prefix: str) -> KVEntry:
     hdrs = msg.headers or {}
     deleted = hdrs.get("KV-Operation") in ("DEL", "PURGE") or hdrs.get("Nats-Marker-Reason") in ("MaxAge", "Purge", "Remove")
-    return KVEntry(key=msg.subject[len(prefix):], value=None if deleted else msg.data, revision=int(msg.metadata.sequence.stream))
+    return KVEntry(key=msg.subject[len(prefix):], value=None if deleted else msg.data, revision=subjects.ack_metadata(msg.reply)[0])

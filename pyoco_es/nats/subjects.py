@@ -96,3 +96,11 @@ def obj_stream(bucket: str) -> str:
 def obj_subjects(bucket: str) -> list[str]:
     """An object store's chunk and meta subjects."""
     return [f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"]
+
+
+def ack_metadata(reply: str) -> tuple[int, int, int]:
+    """(stream seq, num delivered, num pending) from a JetStream ack subject (v1 and v2 forms)."""
+    t = reply.split(".")
+    if len(t) == 9:
+        return int(t[5]), int(t[4]), int(t[8])
+    return int(t[7]), int(t[6]), int(t[10])

@@ -22,14 +22,6 @@ from . import subjects
 from .connection import NatsConnection, log
 
 
-def _ack_metadata(reply: str) -> tuple[int, int, int]:
-    """(stream seq, num delivered, num pending) from a JetStream ack subject (v1 and v2 forms)."""
-    t = reply.split(".")
-    if len(t) == 9:
-        return int(t[5]), int(t[4]), int(t[8])
-    return int(t[7]), int(t[6]), int(t[10])
-
-
 class _Puller:
     """Pull-consumer fetches without nats-py's per-message ``wait_for`` (its cost dominated the
     projector: ~65 µs per message).  One persistent inbox; a fetch first asks for what is
@@ -89,7 +81,7 @@ class _Puller:
             raise EventLogUnavailable(f"no consumer answered on {self._api} (deleted with its stream?)")
         out = []
         for m in self._take(batch):
-            seq, delivered, pending = _ack_metadata(m.reply)
+            seq, delivered, pending = subjects.ack_metadata(m.reply)
             out.append(Delivered(data=m.data, subject=m.subject, headers=m.headers, stream_seq=seq, num_delivered=delivered, num_pending=pending, msg=m))
         return out
 
