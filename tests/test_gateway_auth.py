@@ -153,6 +153,26 @@ async def test_metrics_public_is_an_explicit_opt_in(tmp_path: Path) -> None:
         assert (await g.client.get("/workers")).status_code == 401
 
 
+async def test_a_listed_origins_page_can_read_a_refusal(tmp_path: Path) -> None:
+    """A dashboard served from a listed origin (PYOCO_HTTP_ALLOWED_ORIGINS) sent without a key or
+    with a wrong one gets the 401/403 with its CORS header, so the page can show "API key
+    required" instead of a bare network error; another origin gets no CORS header."""
+    import attrs
+
+    listed = "https://dash.example:8443"
+    async with open_gateway(tmp_path, settings=attrs.evolve(AUTH, http_allowed_origins=(listed,))) as g:
+        with trio.fail_after(10):
+            r = await g.client.get("/runs", headers={"Origin": listed})
+            assert r.status_code == 401 and r.headers["Access-Control-Allow-Origin"] == listed
+            r = await g.client.post("/runs", json={"flow_name": "x"}, headers={"Origin": listed, "X-API-Key": "pyoco_nope"})
+            assert r.status_code in (401, 403) and r.headers["Access-Control-Allow-Origin"] == listed
+            r = await g.client.get("/runs", headers={"Origin": "https://evil.example"})
+            assert r.status_code == 401 and "Access-Control-Allow-Origin" not in r.headers
+            key, _ = await _key(g)
+            r = await g.client.get("/runs", headers={"Origin": listed, "X-API-Key": key})
+            assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == listed
+
+
 def test_unknown_auth_mode_refused_at_start() -> None:
     from pyoco_es.core.errors import ValidationError
 

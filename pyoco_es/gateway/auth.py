@@ -42,6 +42,7 @@ from ..nats.client import NatsClient
 from ..nats.keystore import record_from_entry
 from ..ports import KVEntry
 from ..watch import BucketFollower
+from .guard import cors_headers
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,11 @@ class AuthLayer:
         public_metrics: bool = False,
         free_failures: int = 10,
         observe: Callable[[str, str, int, float], None] | None = None,
+        allowed_origins: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.keys = keys
+        self.allowed_origins = allowed_origins  # a listed origin's page must be able to read the refusal
         self.header = header.lower().encode("latin-1")
         self.public = public_rules(public_metrics=public_metrics)
         self.adapter = url_map.bind("localhost")
@@ -258,6 +261,8 @@ class AuthLayer:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if scope["method"] in ("POST", "PUT", "PATCH"):
             headers.append((b"connection", b"close"))  # the unread body must not become the next request
+        origin = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"origin"), None)
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in cors_headers(origin, self.allowed_origins, preflight=False).items()]
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         if self.observe is not None:

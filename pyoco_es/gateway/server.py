@@ -58,6 +58,7 @@ async def run_gateway(
                 asgi, app.url_map, keys,
                 header=settings.api_key_header, public_metrics=settings.http_metrics_public,
                 free_failures=settings.http_auth_free_failures, observe=gw.http.observe,
+                allowed_origins=gw.allowed_origins,
             )
         binds = await nursery.start(lambda task_status: serve(asgi, config, task_status=task_status))  # type: ignore[arg-type]
         url = urlsplit(binds[0])
