@@ -24,32 +24,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import leanhttp  # noqa: E402
-from bench_e2e import FLOW, Procs, ours, theirs  # noqa: E402
-
-JSON = b"application/json"
-
-
-async def singles(url: str, n: int, clients: int, kind: str) -> float:
-    """Single submits/s (``yaml``: POST /runs/yaml with the 2-task flow; ``named``: POST /runs)."""
-    if kind == "yaml":
-        body, ctype = leanhttp.multipart({"flow_name": "main", "tag": "nobody"}, {"workflow": ("flow.yaml", FLOW)})
-        path = "/runs/yaml"
-    else:
-        body, ctype, path = json.dumps({"flow_name": "main", "tag": "nobody", "params": {"x": 1}}).encode(), JSON, "/runs"
-    async with leanhttp.Client(url) as client:
-        (await client.post(path, body, ctype)).raise_for_status()  # warm-up
-        todo = iter(range(n))
-        t0 = time.perf_counter()
-
-        async def submitter() -> None:
-            for _ in todo:
-                (await client.post(path, body, ctype)).raise_for_status()
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(clients):
-                nursery.start_soon(submitter)
-        return n / (time.perf_counter() - t0)
-
+from bench_e2e import FLOW, JSON, Procs, ours, singles, theirs  # noqa: E402
 
 async def batches(url: str, n: int, size: int, clients: int, kind: str) -> float:
     """Runs/s accepted through POST /runs/batch (``size`` items a request)."""

@@ -5,7 +5,8 @@ Both systems run on this machine, each with its own NATS, driven over HTTP only:
 - completed runs/s for a trivial 2-task YAML flow (submit N with C concurrent clients, then
   read each run's snapshot; rate = N / (last end_time - first submit));
 - idle end-to-end latency (one run at a time; end_time - client submit time);
-- submit throughput (POST /runs/yaml, C concurrent clients);
+- submit throughput (POST /runs/yaml, C concurrent clients), while the workers complete runs and
+  with no worker at all (the submit path alone, POST /runs/yaml and POST /runs);
 - SSE delivery latency (a watcher on a PENDING run, time from cancel to the changed frame);
 - GET /runs?limit=50 latency with many runs stored.
 
@@ -55,6 +56,7 @@ THEIR_VENV = REPO / "benchmarks" / ".pyoco-server-venv"
 FLOW = (REPO / "examples" / "flow.yaml").read_bytes()  # the trivial 2-task flow
 SHIM = WORKER_SHIM  # pyoco-server's worker needs it on Python 3.11
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+JSON = b"application/json"
 
 
 def free_port() -> int:
@@ -285,6 +287,28 @@ async def submit(client: leanhttp.Client, tag: str = "default") -> tuple[str, fl
     return r.json()["run_id"], t
 
 
+async def singles(url: str, n: int, clients: int, kind: str) -> float:
+    """Single submits/s (``yaml``: POST /runs/yaml with the 2-task flow; ``named``: POST /runs)."""
+    if kind == "yaml":
+        body, ctype = leanhttp.multipart({"flow_name": "main", "tag": "nobody"}, {"workflow": ("flow.yaml", FLOW)})
+        path = "/runs/yaml"
+    else:
+        body, ctype, path = json.dumps({"flow_name": "main", "tag": "nobody", "params": {"x": 1}}).encode(), JSON, "/runs"
+    async with leanhttp.Client(url) as client:
+        (await client.post(path, body, ctype)).raise_for_status()  # warm-up
+        todo = iter(range(n))
+        t0 = time.perf_counter()
+
+        async def submitter() -> None:
+            for _ in todo:
+                (await client.post(path, body, ctype)).raise_for_status()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(submitter)
+        return n / (time.perf_counter() - t0)
+
+
 async def wait_terminal(client: leanhttp.Client, run_id: str, poll: float = 0.002, timeout: float = 120) -> dict:  # type: ignore[type-arg]
     deadline = trio.current_time() + timeout
     while trio.current_time() < deadline:
@@ -410,6 +434,13 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def measure(name: str, start, args: argparse.Namespace, results: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
+    # The submit path alone: no worker takes CPU from the server meanwhile (with workers, the
+    # system that completes more runs also spends more of the two cores doing so while submits run).
+    with tempfile.TemporaryDirectory() as tmp, start(Path(tmp), 0) as (url, procs):
+        for kind, route in (("yaml", "POST /runs/yaml"), ("named", "POST /runs")):
+            cpu0 = procs.cpu()
+            results[(name, f"submit-only runs/s, {route} (C={args.clients}, no worker)")] = trio.run(singles, url, args.runs, args.clients, kind)
+            results[(name, f"  server CPU ms per {route} (no worker)")] = (procs.cpu() - cpu0) * 1000 / (args.runs + 1)
     for workers in (1, 2):
         with tempfile.TemporaryDirectory() as tmp, start(Path(tmp), workers) as (url, procs):
             if args.warm_up:
