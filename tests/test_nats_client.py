@@ -49,8 +49,8 @@ async def test_cancelling_a_call_cancels_it_on_the_asyncio_side(nats: NatsClient
 
 
 async def test_an_append_hook_runs_on_the_nats_thread_before_the_caller_resumes(nats: NatsClient) -> None:
-    """``on_stored`` sees the stored seqs before ``append`` returns; ``publish_soon`` from it
-    publishes (deduplicated by its Msg-Id); a hook that fails does not undo the append; no hook
+    """``on_stored`` sees the stored seqs before ``append`` returns; ``publish_unacked_soon`` from
+    it publishes (deduplicated by its Msg-Id); a hook that fails does not undo the append; no hook
     runs for an append that conflicted."""
     import threading
     import time
@@ -70,7 +70,7 @@ async def test_an_append_hook_runs_on_the_nats_thread_before_the_caller_resumes(
 
     def hook(seqs: list[int]) -> None:
         seen.append((list(seqs), threading.current_thread() is threading.main_thread()))
-        nats.publish_soon("pyoco.work.hook", b"{}", "hookrun:1")
+        nats.publish_unacked_soon("pyoco.work.hook", b"{}", "hookrun:1")
         raise RuntimeError("a broken follow-up")
 
     with trio.fail_after(10):

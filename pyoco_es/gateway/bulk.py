@@ -169,7 +169,7 @@ async def submit_batch(gw: Gateway, items: list[object], principal: Principal | 
         now = gw.clock()
         event_id = iter(fresh_event_ids(len(first))).__next__
         batches = [
-            (decide.stamp(None, [ev], run_id=run_id, producer=gw.producer, now=now, new_id=event_id)[0], first_dispatch(gw, ev, run_id, acked=False))
+            (decide.stamp(None, [ev], run_id=run_id, producer=gw.producer, now=now, new_id=event_id)[0], first_dispatch(gw, ev, run_id))
             for _, run_id, ev, _ in first
         ]
         stored = await gw.nats.append_first_many(batches)

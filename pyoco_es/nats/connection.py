@@ -201,7 +201,7 @@ class NatsConnection:
         self._nc = nc
         self._js = nc.jetstream(timeout=op_timeout)
         self._pub = _FastPublisher(nc)
-        self._soon: set[asyncio.Task[Any]] = set()  # publish_soon tasks (kept referenced)
+        self._soon: set[asyncio.Task[Any]] = set()  # publish_unacked_soon tasks (kept referenced)
         self._unacked: list[tuple[str, bytes, str]] = []  # publish_unacked_soon's queue
         self.url = url
         self.op_timeout = op_timeout

@@ -33,7 +33,7 @@ class NatsEventLog(NatsConnection):
 
         Returns the stream seqs.  ``on_stored(seqs)`` runs on the NATS thread as soon as the last
         PubAck is in, before the caller resumes: follow-up I/O that must not wait for a thread hop
-        (:meth:`publish_soon`, a write to a pipe).  It must not block, must not touch Trio state,
+        (:meth:`publish_unacked_soon`, a write to a pipe).  It must not block, must not touch Trio state,
         and its exceptions are logged, not raised.
 
         Raises:
@@ -231,19 +231,12 @@ class NatsEventLog(NatsConnection):
                     )
                 raise EventLogUnavailable(f"append to {subject}: NATS unavailable ({why}); nothing was stored")
 
-    def publish_soon(self, subject: str, data: bytes, msg_id: str) -> None:
-        """Start a JetStream publish from the NATS thread (inside an ``on_stored`` hook) without
-        waiting for it; a failure is logged.  For best-effort fast paths whose publish someone
-        else also makes (deduplicated by ``msg_id``)."""
-        task = asyncio.get_running_loop().create_task(_guard("publish", self._publish_one, subject, data, msg_id))
-        self._soon.add(task)
-        task.add_done_callback(self._soon_done)
-
     def publish_unacked_soon(self, subject: str, data: bytes, msg_id: str) -> None:
-        """:meth:`publish_soon` without waiting for a PubAck (from the NATS thread): queued, and
-        sent by one task with every other item queued meanwhile (a batch's work items: no future,
-        task or ack per item).  Only for hand-offs someone else makes good when lost (the
-        conductor's reconcile re-publishes a PENDING run's missing item)."""
+        """Start a JetStream publish from the NATS thread (inside an ``on_stored`` hook) without
+        waiting for a PubAck: queued, and sent by one task with every other item queued meanwhile
+        (no future, task or ack per item; a send that fails is logged).  Only for hand-offs
+        someone else makes good when lost (the conductor's reconcile re-publishes a PENDING run's
+        missing item), deduplicated by ``msg_id``."""
         self._unacked.append((subject, data, msg_id))
         if len(self._unacked) == 1:
             task = asyncio.get_running_loop().create_task(self._send_unacked())
