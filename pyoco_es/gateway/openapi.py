@@ -143,11 +143,11 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
                                  errors=_WRITE_ERRORS, body=_body("application/json", {"$ref": "#/components/schemas/RunBatch"})),
     ("POST", "/runs/cancel"): _op("Cancel many runs: by run_ids, or every active run matching a filter (status, flow_name, tag)",
                                   errors=_WRITE_ERRORS, body=_body("application/json", {"$ref": "#/components/schemas/RunCancelMany"})),
-    ("GET", "/dlq"): _op("Dead letters, newest first (reason, run, flow, when, size)", params=[
+    ("GET", "/dlq"): _op("Dead letters, newest first (reason, run, flow, when, size, resubmitted: [{run_id, at, key_id}])", params=[
         _q("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
         _q("before", {"type": "integer", "minimum": 1}, "next_cursor of the previous page: entries with a smaller id")],
         errors=(422, 503)),
-    ("GET", "/dlq/<int:dlq_id>"): _op("One dead letter with its payload (as text or JSON, never executed)", params=[_DLQ_ID], errors=(404, 503)),
+    ("GET", "/dlq/<int:dlq_id>"): _op("One dead letter with its payload (as text or JSON, never executed) and its re-submissions", params=[_DLQ_ID], errors=(404, 503)),
     ("DELETE", "/dlq/<int:dlq_id>"): _op("Drop a dead letter (recorded in the audit history)", params=[_DLQ_ID], errors=(403, 404, 503)),
     ("POST", "/dlq/<int:dlq_id>/resubmit"): _op("Re-submit a dead letter's run as a new run (recorded; the new run's events name the dead letter)",
                                                 params=[_DLQ_ID], ok=_SUBMIT_OK, errors=(403, 404, 409, 413, 422, 503)),
