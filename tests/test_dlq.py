@@ -15,6 +15,7 @@ import trio
 from pyoco_es.config import Settings
 from pyoco_es.gateway import dlq
 from pyoco_es.nats import deadletter, keystore, subjects
+from pyoco_es.nats.audit import append_audit
 from pyoco_es.testing.stack import Stack, open_stack
 from test_gateway_support import wait_status, wait_until
 
@@ -99,6 +100,8 @@ async def test_dead_letter_list_show_resubmit_drop_and_audit(dlq_stack: tuple[St
         assert r.status_code == 409 and "names no run" in r.json()["detail"]
 
         # Resubmit: a NEW run from the dead run's request; once the gate exists it completes.
+        assert [i["resubmitted"] for i in (await client.get("/dlq")).json()["items"]] == [[], []]  # read before: the catch-up starts
+        await append_audit(stack.nats, subjects.DLQ_AUDIT_SUBJECT, ["not", "an", "object"])  # type: ignore[arg-type] - skipped
         gate.write_text("open")
         r = await client.post(f"/dlq/{dead['id']}/resubmit")
         assert r.status_code == 200, r.text

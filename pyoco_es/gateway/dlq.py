@@ -22,11 +22,14 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Final
 
-from quart import Blueprint, Response, request
+import attrs
+import trio
+from quart import Blueprint, Response, current_app, request
 
 from ..core.errors import DomainError
 from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..nats import deadletter, subjects
+from ..nats.client import NatsClient
 from .answer import json_response
 from .context import Gateway, caller, current_gateway, request_idempotency_key
 from .params import ResourceNotFound, query_int
@@ -39,6 +42,7 @@ SHOW_BYTES_MAX: Final = 64 * 1024  # of an unreadable payload shown as text
 SCAN_WINDOWS: Final = 40  # windows walked per list request (a tenant's sparse page ends early, with a cursor)
 _TEXT_FIELDS: Final = ("reason", "error", "run_id", "flow_name", "tag", "tenant_id", "worker_id", "subject")
 SEQ_MAX: Final = 2**63 - 1
+MARKS_KEY: Final = "pyoco.dlq_marks"  # this app's ResubmissionMarks, in app.extensions
 
 
 class NothingToResubmit(DomainError):
@@ -94,12 +98,13 @@ def entry_view(gw: Gateway, letter: deadletter.DeadLetter, *, full: bool = False
 Resubmissions = dict[tuple[int, str], list[JSONValue]]
 
 
-def resubmissions(audit: Iterable[Mapping[str, Any]]) -> Resubmissions:
+def resubmissions(audit: Iterable[Mapping[str, Any]], into: Resubmissions | None = None) -> Resubmissions:
     """The re-submissions ``pyoco.evt.audit.dlq`` records, oldest first, keyed by (dead letter id,
     the run it names): the run too, so a dead letter whose id a recreated stream reused is not
     credited with an older one's.  Each: ``{"run_id": new run, "at": epoch s, "key_id": the API
-    key's id, or None with auth off}``; entries missing a field are skipped."""
-    out: Resubmissions = {}
+    key's id, or None with auth off}``; entries missing a field are skipped.  ``into``: marks
+    read before, to add the newer entries to."""
+    out: Resubmissions = {} if into is None else into
     for doc in audit:
         dlq_id, run_id, new_run = doc.get("dlq_id"), doc.get("run_id"), doc.get("new_run_id")
         if doc.get("type") != "dlq.resubmitted" or type(dlq_id) is not int or not isinstance(run_id, str) or not isinstance(new_run, str):
@@ -118,8 +123,31 @@ def _with_resubmissions(view: JSONObject, marks: Resubmissions) -> JSONObject:
     return view
 
 
+@attrs.define(eq=False)
+class ResubmissionMarks:
+    """The re-submissions this gateway has read from the audit: each read first catches up on
+    the entries appended since (one round trip when there are none), so a list request does not
+    re-read the whole audit history."""
+
+    nats: NatsClient
+    _reading: trio.Lock = attrs.Factory(trio.Lock)
+    _after: int = 0
+    _marks: Resubmissions = attrs.Factory(dict)
+
+    async def current(self) -> Resubmissions:
+        async with self._reading:  # two readers must not both add the same entries
+            entries = await deadletter.read_dlq_audit_after(self.nats, self._after)
+            if entries:
+                resubmissions((doc for _, doc in entries), into=self._marks)
+                self._after = entries[-1][0]
+        return self._marks
+
+
 async def _marks(gw: Gateway) -> Resubmissions:
-    return resubmissions(await deadletter.read_dlq_audit(gw.nats))
+    found = current_app.extensions.get(MARKS_KEY)
+    if found is None:
+        found = current_app.extensions[MARKS_KEY] = ResubmissionMarks(gw.nats)
+    return await found.current()  # type: ignore[no-any-return]
 
 
 def _visible(view: JSONObject) -> bool:
