@@ -34,25 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402 - starts pyoco-es the way the end-to-end benchmark does
 from logtasks import spew  # noqa: E402
 
+from pyoco_es.testing.flows import one_task_flow, submit_yaml  # noqa: E402
+
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
-
-
-def flow(task: str, callable_: str, defaults: dict[str, object]) -> bytes:
-    return f"""\
-version: 1
-flow:
-  graph: |
-    {task}
-  defaults: {json.dumps(defaults)}
-tasks:
-  {task}: {{callable: "{callable_}"}}
-""".encode()
-
-
-async def submit(http: httpx.AsyncClient, text: bytes) -> str:
-    r = await http.post("/runs/yaml", files={"workflow": ("flow.yaml", text)}, data={"flow_name": "bench-logs"})
-    r.raise_for_status()
-    return str(r.json()["run_id"])
+FLOW_NAME = "bench-logs"
 
 
 async def wait_end(http: httpx.AsyncClient, run_id: str) -> dict:  # type: ignore[type-arg]
@@ -66,7 +51,7 @@ async def wait_end(http: httpx.AsyncClient, run_id: str) -> dict:  # type: ignor
 async def latency(url: str, pings: int) -> list[float]:
     out: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-        run_id = await submit(http, flow("ping", "benchmarks.logtasks:ping", {"count": pings, "interval": 0.02}))
+        run_id = await submit_yaml(http, one_task_flow("ping", "benchmarks.logtasks:ping", {"count": pings, "interval": 0.02}), flow_name=FLOW_NAME)
         async with http.stream("GET", f"/runs/{run_id}/logs/stream") as resp:
             async for raw in resp.aiter_lines():
                 now = time.time()
@@ -86,7 +71,7 @@ async def cost(url: str, lines: int, work: int, devnull: bool) -> tuple[float, f
     """(the task's loop seconds, the run's submit-to-end seconds, lines stored, run process CPU s)."""
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         t0 = time.time()
-        run_id = await submit(http, flow("spew", "benchmarks.logtasks:spew", {"lines": lines, "work": work, "devnull": devnull}))
+        run_id = await submit_yaml(http, one_task_flow("spew", "benchmarks.logtasks:spew", {"lines": lines, "work": work, "devnull": devnull}), flow_name=FLOW_NAME)
         doc = await wait_end(http, run_id)
         wall = float(doc.get("end_time") or time.time()) - t0
         out = doc["task_records"]["spew"]["output"]
@@ -171,7 +156,7 @@ def _nats_url(tmp: Path) -> str:
 async def _warm(url: str) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         for _ in range(3):
-            await wait_end(http, await submit(http, flow("ping", "benchmarks.logtasks:ping", {"count": 1, "interval": 0})))
+            await wait_end(http, await submit_yaml(http, one_task_flow("ping", "benchmarks.logtasks:ping", {"count": 1, "interval": 0}), flow_name=FLOW_NAME))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -94,6 +94,25 @@ async def wait_for_stop_signal(stop: trio.Event, *, task_status: trio.TaskStatus
                 raise KeyboardInterrupt
             log.warning("received %s: shutting down (again to force)", signal.Signals(signum).name)
             stop.set()
+
+
+async def serve_until_stopped(settings: Settings, *, name: str, start: Callable[[NatsClient, trio.Nursery], Awaitable[str]]) -> None:
+    """Run one service (``pyoco-es gateway``, ``pyoco-es conductor``) until SIGINT/SIGTERM.
+
+    Opens the system's NATS as ``name``, watches for the stop signal, calls ``start(nats,
+    nursery)`` (it starts the service in ``nursery`` and returns the line to announce), then
+    cancels the service on the first signal.
+
+    Raises:
+        ExceptionGroup: whatever the service or NATS raised (``PyocoError`` for a known failure).
+    """
+    stop = trio.Event()
+    async with open_system_nats(settings, name=name, announce=True) as nats:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(wait_for_stop_signal, stop)
+            logs.announce(await start(nats, nursery))
+            await stop.wait()
+            nursery.cancel_scope.cancel()
 
 
 PARENT_FD_ENV = "PYOCO_ES_PARENT_FD"

@@ -6,6 +6,7 @@ list/show/resubmit/drop``."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import trio
@@ -13,7 +14,7 @@ import trio
 from pyoco_es.cli import client_bulk
 from pyoco_es.nats import subjects
 from pyoco_es.testing.stack import Stack
-from test_cli_e2e import ok_json, pyoco, stack, wait_for  # noqa: F401 - stack is a fixture
+from test_cli_e2e import CLIENT, ok_json, pyoco, stack, wait_for  # noqa: F401 - stack is a fixture
 
 
 def test_chunks_respect_the_item_and_byte_limits() -> None:
@@ -65,6 +66,14 @@ async def test_submit_batch_cancel_filter_and_dlq(stack: Stack, tmp_path: Path) 
         assert shown["body"]["run_id"] == missing
         again = ok_json(await pyoco(url, "dlq", "resubmit", str(dead["id"])))
         assert again["resubmitted_from"] == missing and again["run_id"] != missing
+        marked = ok_json(await pyoco(url, "dlq", "show", str(dead["id"])))["resubmitted"]
+        assert [(m["run_id"], m["key_id"]) for m in marked] == [(again["run_id"], None)]
+        twice = ok_json(await pyoco(url, "dlq", "resubmit", str(dead["id"])))["run_id"]
+        wide = await trio.run_process([CLIENT, "--server", url, "dlq", "list"], capture_stdout=True, env={**os.environ, "COLUMNS": "200"})
+        row = next(line for line in wide.stdout.decode().splitlines() if line.startswith(str(dead["id"]) + " "))
+        assert f"{twice[:8]} (+1)" in row  # the newest re-submission (short id), and how many more
+        narrow = (await pyoco(url, "dlq", "list")).stdout.splitlines()[0].split()  # 100 columns: clipped, still there
+        assert narrow[:3] == ["id", "reason", "run_id"] and narrow[6].startswith("resub")
         assert ok_json(await pyoco(url, "dlq", "drop", str(dead["id"]))) == {"id": dead["id"], "dropped": True}
         gone = await pyoco(url, "dlq", "show", str(dead["id"]))
         assert gone.returncode == 1 and "404" in gone.stderr and "not found" in gone.stderr and "dlq list" in gone.stderr

@@ -318,6 +318,15 @@ def test_json_logs_of_conductor_and_gateway_alone(tmp_path: Path, command: str, 
     assert any(d["level"] == "DEBUG" for d in docs)  # PYOCO_LOG_LEVEL honoured
 
 
+@pytest.mark.parametrize(("command", "hint"), [("conductor", ""), ("gateway", "hint: pyoco-es gateway --help")])
+def test_conductor_and_gateway_alone_refuse_a_bad_nats_url_cleanly(tmp_path: Path, command: str, hint: str) -> None:
+    """Both run through runtime.serve_until_stopped: a NATS failure is one clean line, exit 1."""
+    bad = subprocess.run([*PYOCO_ES, command, "--nats-url", "nats://a:1,http://b:2", "--data-dir", str(tmp_path / "d")],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 1 and "bad NATS server URL 'http://b:2'" in bad.stderr and hint in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_pyoco_servers_configure_logging_reads_the_environment(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PYOCO_LOAD_DOTENV", "0")
     monkeypatch.setenv("PYOCO_LOG_FORMAT", "json")

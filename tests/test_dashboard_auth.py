@@ -113,6 +113,9 @@ def test_api_docs_pages_render_the_openapi_document_offline(browser: Any, auth_s
             yaml_op = pg.locator('.ad-op[data-method="post"][data-path="/runs/yaml"]').text_content() or ""
             assert "multipart/form-data" in yaml_op and "workflow*: string" in yaml_op
             assert "WhoAmI" in pg.locator("#schema-WhoAmI").inner_text()
+            # the document's key scheme: protected operations name the header, public ones do not
+            assert op.locator("summary .ad-key").inner_text() == "X-API-Key"
+            assert pg.locator('.ad-op[data-method="get"][data-path="/health"] .ad-key').count() == 0
             page.shot(f"apidocs-{layout}")
         pg.fill("#ad-filter", "whoami")
         assert pg.locator(".ad-op:not([hidden])").count() == 1

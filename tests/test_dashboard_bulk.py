@@ -88,6 +88,18 @@ def test_dead_letters_page_resubmit_and_drop(page: Page, http: httpx.Client) -> 
     entry.get_by_role("link", name="New run").wait_for()
     new_href = entry.get_by_role("link", name="New run").get_attribute("href")
     assert new_href and new_href.startswith("#/runs/") and run_id not in new_href
+    # the server's mark (new run, when, no key with auth off) shows under the entry, and after a reload
+    new_run = http.get(f"/dlq/{item['id']}").json()["resubmitted"][0]["run_id"]
+    mark = entry.locator(".dlq-resubmitted")
+    mark.wait_for()
+    assert "Re-submitted (1×)" in mark.inner_text() and "no key" in mark.inner_text()
+    assert mark.locator("a").get_attribute("href") == f"#/runs/{new_run}" and new_href == f"#/runs/{new_run}"
+    pg.click("#dlq-refresh")
+    pg.wait_for_function(f"document.querySelector('.dlq-item[data-dlq-id=\"{item['id']}\"] .dlq-resubmitted') !== null")
+    pg.click('#lang-switch button[data-lang="ja"]')
+    assert "再投入済み (1 回)" in entry.locator(".dlq-resubmitted").inner_text()
+    pg.click('#lang-switch button[data-lang="en"]')
+    page.shot("dlq-resubmitted")
     entry.get_by_role("button", name="Drop").click()
     pg.locator("#dlq-drop-dialog").wait_for(state="visible")
     pg.click("#dlq-drop-yes")

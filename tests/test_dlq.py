@@ -13,7 +13,9 @@ import pytest
 import trio
 
 from pyoco_es.config import Settings
+from pyoco_es.gateway import dlq
 from pyoco_es.nats import deadletter, keystore, subjects
+from pyoco_es.nats.audit import append_audit
 from pyoco_es.testing.stack import Stack, open_stack
 from test_gateway_support import wait_status, wait_until
 
@@ -98,6 +100,8 @@ async def test_dead_letter_list_show_resubmit_drop_and_audit(dlq_stack: tuple[St
         assert r.status_code == 409 and "names no run" in r.json()["detail"]
 
         # Resubmit: a NEW run from the dead run's request; once the gate exists it completes.
+        assert [i["resubmitted"] for i in (await client.get("/dlq")).json()["items"]] == [[], []]  # read before: the catch-up starts
+        await append_audit(stack.nats, subjects.DLQ_AUDIT_SUBJECT, ["not", "an", "object"])  # type: ignore[arg-type] - skipped
         gate.write_text("open")
         r = await client.post(f"/dlq/{dead['id']}/resubmit")
         assert r.status_code == 200, r.text
@@ -108,6 +112,16 @@ async def test_dead_letter_list_show_resubmit_drop_and_audit(dlq_stack: tuple[St
         first = (await client.get(f"/runs/{new_id}/events")).json()["events"][0]
         assert first["type"] == "run.submitted" and first["correlation_id"] == f"dlq:{dead['id']}"
 
+        # Marked: show and list name the new run, when and (auth off) no key; again adds a second
+        # entry, an idempotent replay none; the other dead letter has none.
+        shown = (await client.get(f"/dlq/{dead['id']}")).json()["resubmitted"]
+        assert [(m["run_id"], m["key_id"]) for m in shown] == [(new_id, None)] and isinstance(shown[0]["at"], float)
+        again = [(await client.post(f"/dlq/{dead['id']}/resubmit", headers={"Idempotency-Key": "k1"})).json()["run_id"] for _ in range(2)]
+        assert again[0] == again[1] != new_id
+        listed = {i["id"]: i["resubmitted"] for i in (await client.get("/dlq")).json()["items"]}
+        assert [m["run_id"] for m in listed[dead["id"]]] == [new_id, again[0]] and listed[poison["id"]] == []
+        assert listed[dead["id"]][0]["at"] <= listed[dead["id"]][1]["at"]
+
         # Drop: gone from the list and from show; a second drop is a 404.
         assert (await client.delete(f"/dlq/{dead['id']}")).json() == {"id": dead["id"], "dropped": True}
         assert (await client.get(f"/dlq/{dead['id']}")).status_code == 404
@@ -116,7 +130,7 @@ async def test_dead_letter_list_show_resubmit_drop_and_audit(dlq_stack: tuple[St
         assert dead["id"] not in [i["id"] for i in remaining]
 
         audit = await deadletter.read_dlq_audit(stack.nats)
-        assert [(a["type"], a["dlq_id"]) for a in audit] == [("dlq.resubmitted", dead["id"]), ("dlq.dropped", dead["id"])]
+        assert [(a["type"], a["dlq_id"]) for a in audit] == [("dlq.resubmitted", dead["id"])] * 2 + [("dlq.dropped", dead["id"])]
         assert audit[0]["new_run_id"] == new_id and audit[0]["run_id"] == run_id and audit[1]["actor"] == "http"
 
         # Bad ids: 404 (never 5xx), bad paging: 422.
@@ -131,7 +145,8 @@ async def test_dead_letter_list_show_resubmit_drop_and_audit(dlq_stack: tuple[St
 async def test_tenant_sees_only_its_dead_letters(tmp_path: Path) -> None:
     async for stack, client in _open(tmp_path, _settings(http_auth_mode="api_key", auth_pepper=PEPPER, http_auth_free_failures=10_000)):
         with trio.fail_after(60):
-            acme, _ = await keystore.create_key(stack.nats, tenant_id="acme", now=1.0, pepper=PEPPER, actor="test")
+            acme, acme_rec = await keystore.create_key(stack.nats, tenant_id="acme", now=1.0, pepper=PEPPER, actor="test")
+            acme_id = acme_rec.key_id
             other, _ = await keystore.create_key(stack.nats, tenant_id="other", now=1.0, pepper=PEPPER, actor="test")
             assert (await client.get("/dlq")).status_code == 401
             mine = {"X-API-Key": acme}
@@ -150,7 +165,26 @@ async def test_tenant_sees_only_its_dead_letters(tmp_path: Path) -> None:
             assert (await client.get(f"/runs/{r.json()['run_id']}", headers=mine)).json()["tenant_id"] == "acme"
             audit = await deadletter.read_dlq_audit(stack.nats)
             assert audit[-1]["actor"].startswith("api_key:") and audit[-1]["tenant_id"] == "acme"
+            marks = (await client.get(f"/dlq/{item['id']}", headers=mine)).json()["resubmitted"]
+            assert [(m["run_id"], m["key_id"]) for m in marks] == [(r.json()["run_id"], acme_id)]
 
 
 async def _count(stack: Stack) -> bool:
     return (await stack.nats.stream_info(subjects.DLQ_STREAM))["messages"] >= 2
+
+
+def test_resubmissions_come_from_the_audit_and_skip_what_does_not_fit() -> None:
+    audit = [
+        {"type": "dlq.resubmitted", "dlq_id": 3, "run_id": "r1", "new_run_id": "n1", "actor": "http", "at": 1.5},
+        {"type": "dlq.dropped", "dlq_id": 3, "run_id": "r1", "actor": "http", "at": 2.0},
+        {"type": "dlq.resubmitted", "dlq_id": 3, "run_id": "r1", "new_run_id": "n2", "actor": "api_key:k9", "at": 3},
+        {"type": "dlq.resubmitted", "dlq_id": 3, "run_id": "r0", "new_run_id": "old", "actor": "http", "at": 0.5},  # a reused id
+        {"type": "dlq.resubmitted", "dlq_id": True, "run_id": "r1", "new_run_id": "x"},
+        {"type": "dlq.resubmitted", "dlq_id": 4, "run_id": "r4", "new_run_id": None},
+        {"type": "dlq.resubmitted", "dlq_id": 5, "run_id": "r5", "new_run_id": "n5", "at": "later", "actor": ["api_key:x"]},
+    ]
+    assert dlq.resubmissions(audit) == {
+        (3, "r1"): [{"run_id": "n1", "at": 1.5, "key_id": None}, {"run_id": "n2", "at": 3, "key_id": "k9"}],
+        (3, "r0"): [{"run_id": "old", "at": 0.5, "key_id": None}],
+        (5, "r5"): [{"run_id": "n5", "at": None, "key_id": None}],
+    }

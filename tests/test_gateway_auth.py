@@ -70,6 +70,36 @@ async def test_every_protected_route_needs_a_valid_key(agw: GW) -> None:
         assert (await agw.client.get(path)).status_code == 200, path
 
 
+async def _openapi_matches_the_gateway(g: GW) -> dict[str, object]:
+    """``/openapi.json`` (public) against what the gateway does: an operation carries the ApiKey
+    requirement exactly when a request to it without a key gets 401; the scheme names the header."""
+    r = await g.client.get("/openapi.json")
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["components"]["securitySchemes"] == {"ApiKey": {**doc["components"]["securitySchemes"]["ApiKey"],
+                                                               "type": "apiKey", "in": "header", "name": "X-API-Key"}}  # fmt: skip
+    guarded = {}
+    for path, methods in doc["paths"].items():
+        concrete = re.sub(r"\{(\w+)\}", lambda m: {"run_id": RUN_ID, "worker_id": "w1", "dlq_id": "1", "wheel_name": "demo-1.0-py3-none-any.whl", "filename": "app.js"}[m.group(1)], path)
+        for method, op in methods.items():
+            status = (await g.client.request(method.upper(), concrete)).status_code
+            assert ("security" in op) == (status == 401), (method, path, status)
+            if "security" in op:
+                assert op["security"] == [{"ApiKey": []}] and {"401", "403"} <= set(op["responses"]), (method, path)
+            guarded[f"{method.upper()} {path}"] = "security" in op
+    return guarded
+
+
+async def test_openapi_declares_the_api_key_on_exactly_the_protected_routes(agw: GW) -> None:
+    guarded = await _openapi_matches_the_gateway(agw)
+    assert not any(guarded[f"GET {p}"] for p in ("/health", "/ready", "/openapi.json", "/docs", "/redoc", "/", "/static/{filename}"))
+    assert all(guarded[k] for k in ("GET /runs", "POST /runs", "GET /metrics", "POST /dlq/{dlq_id}/resubmit", "DELETE /wheels/{wheel_name}"))
+    import schemathesis  # the fuzz test's reader takes the document with its scheme
+
+    schema = schemathesis.openapi.from_dict((await agw.client.get("/openapi.json")).json())
+    assert len([result.ok() for result in schema.get_all_operations()]) == len(guarded)
+
+
 async def test_valid_key_submits_and_reads_also_on_the_fast_path(agw: GW) -> None:
     key, _ = await _key(agw)
     keyed = {"X-API-Key": key}
@@ -151,6 +181,8 @@ async def test_metrics_public_is_an_explicit_opt_in(tmp_path: Path) -> None:
     async with open_gateway(tmp_path, settings=attrs.evolve(AUTH, http_metrics_public=True)) as g:
         assert (await g.client.get("/metrics")).status_code == 200
         assert (await g.client.get("/workers")).status_code == 401
+        guarded = await _openapi_matches_the_gateway(g)  # the document follows the same switch
+        assert not guarded["GET /metrics"] and guarded["GET /workers"]
 
 
 async def test_a_listed_origins_page_can_read_a_refusal(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from pyoco_es.config import Settings
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.logs import decode_chunk, read_chunks
 from pyoco_es.nats.resources import ResourceConfig, ensure_resources
+from pyoco_es.testing.flows import one_task_flow, submit_yaml
 from pyoco_es.testing.stack import Stack, open_stack
 from pyoco_es.worker.logship import LogShipper
 
@@ -33,24 +34,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Async generator 'httpx.:ResourceWarning"),
     pytest.mark.filterwarnings("ignore:Async generator 'httpcore.:ResourceWarning"),
 ]
-
-
-def flow(task: str, callable_: str, defaults: dict[str, Any]) -> str:
-    return f"""\
-version: 1
-flow:
-  graph: |
-    {task}
-  defaults: {json.dumps(defaults)}
-tasks:
-  {task}: {{callable: "{callable_}"}}
-"""
-
-
-async def submit(http: httpx.AsyncClient, text: str) -> str:
-    r = await http.post("/runs/yaml", files={"workflow": ("flow.yaml", text)}, data={"flow_name": "main"})
-    assert r.status_code == 200, r.text
-    return str(r.json()["run_id"])
 
 
 async def status(http: httpx.AsyncClient, run_id: str) -> str:
@@ -87,7 +70,7 @@ async def test_follow_prints_lines_while_the_task_runs(stack: Stack, http: httpx
     """`pyoco-client logs --follow` shows a task's lines while it is still running, then ends
     with the run, every line once and in order."""
     release = tmp_path / "release"
-    run_id = await submit(http, flow("talk", "tests.tasks:chatter_until", {"path": str(release), "text": "tick"}))
+    run_id = await submit_yaml(http, one_task_flow("talk", "tests.tasks:chatter_until", {"path": str(release), "text": "tick"}))
     proc = await trio.lowlevel.open_process(
         [CLIENT, "--server", stack.url, "logs", run_id, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
     )
@@ -124,7 +107,7 @@ async def test_follow_prints_lines_while_the_task_runs(stack: Stack, http: httpx
 async def test_every_way_of_writing_is_captured_and_shown_escaped(stack: Stack, http: httpx.AsyncClient) -> None:
     """print, stderr, logging and a subprocess's output (fd level) all reach the run's log,
     tagged; the CLI never passes a terminal control sequence through."""
-    run_id = await submit(http, flow("noisy", "tests.tasks:noisy", {"text": "hi"}))
+    run_id = await submit_yaml(http, one_task_flow("noisy", "tests.tasks:noisy", {"text": "hi"}))
     await wait_for(lambda: _done(http, run_id), "the run to end")
     lines = await all_lines(http, run_id)
     by_text = {line["text"]: line for line in lines}
@@ -155,7 +138,7 @@ async def _done(http: httpx.AsyncClient, run_id: str) -> bool:
 async def test_sse_resume_gives_no_duplicates_and_no_gaps(stack: Stack, http: httpx.AsyncClient) -> None:
     """A client that drops the stream mid-run and resumes with Last-Event-ID gets every line
     exactly once."""
-    run_id = await submit(http, flow("talk", "tests.tasks:chatter", {"count": 25, "interval": 0.04}))
+    run_id = await submit_yaml(http, one_task_flow("talk", "tests.tasks:chatter", {"count": 25, "interval": 0.04}))
     got: list[int] = []
     last_id: str | None = None
     with trio.fail_after(30):
@@ -202,7 +185,7 @@ async def test_drop_marker_when_a_run_reaches_its_log_limit(tmp_path: Path) -> N
     settings = Settings(**{**_fast_kwargs(), "logs_max_msgs_per_run": 3})
     async with open_stack(tmp_path, settings=settings, worker=True, concurrency=1, allowed_modules=("tests.tasks",)) as st:
         async with httpx.AsyncClient(base_url=st.url, timeout=30) as http:
-            run_id = await submit(http, flow("flood", "tests.tasks:flood", {"lines": 3000}))
+            run_id = await submit_yaml(http, one_task_flow("flood", "tests.tasks:flood", {"lines": 3000}))
             await wait_for(lambda: _done(http, run_id), "the run to end")
             assert await status(http, run_id) == "COMPLETED"
 

@@ -282,6 +282,25 @@ def test_sha_and_member_checks() -> None:
     assert unsafe_members(["ok/a.py", "../x.py", "/etc/passwd", "a/../../b", "C:/x"]) == ["../x.py", "/etc/passwd", "a/../../b", "C:/x"]
 
 
+def test_sync_reads_the_store_with_the_registrys_parser() -> None:
+    """One parser for names, headers and digests: the sync installs exactly the names ``GET
+    /wheels`` lists, reads Go-style list and bytes header values like the registry does, and
+    keeps upstream's one difference (a worker drops an invalid tag, the server drops them all)."""
+    from pyoco_es.core import wheels
+
+    names = ["a-1.0-py3-none-any.whl", " a-1.1-py3-none-any.whl", "a..b-1.0-py3-none-any.whl", "junk.whl",
+             "x" * 250 + "-1.0-py3-none-any.whl", "b-1.0-py3-none-any.whl", "_c-1.0-py3-none-any.whl"]  # fmt: skip
+    chosen = {c.wheel.name for c in select_wheels([_stored(n) for n in names], [], {Tag("py3", "none", "any")}).chosen}
+    assert chosen == {n for n in names if wheels.is_valid_name(n) and wheels.try_parse_name(n)} == {names[0], names[5]}
+    sha = hashlib.sha256(b"x").hexdigest()
+    go_style = StoredWheel(name=names[0], nuid="n", size=1, digest="sha-256=" + wheels.hex_to_digest(sha).split("=", 1)[1],
+                           headers={"Sha256": [sha.upper().encode()], "X-Pyoco-Wheel-Tags": [b"gpu,bad tag!"]})  # fmt: skip
+    assert go_style.sha256 == wheels.sha256_from_headers(go_style.headers) == sha
+    assert go_style.digest_sha256 == sha
+    assert go_style.tags == {"gpu"} and wheels.tags_from_headers(go_style.headers) == ()
+    assert unsafe_members(["ok", "a\x01b", ""]) == ["a\x01b", ""]  # the registry's member rule
+
+
 def test_claimed_wheels_survive_the_codec() -> None:
     wheels = ({"name": "a", "version": "1.0", "sha256": "f" * 64, "wheel_name": "a-1.0-py3-none-any.whl"},)
     env = Envelope(event_id="e", run_id="r", seq=2, occurred_at=1.0, producer=Producer(kind="worker", id="w", attempt=1),

@@ -30,7 +30,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 CHUNK_ITEMS: Final = 1000  # the gateway's limit per POST /runs/batch
 CHUNK_BYTES: Final = 900 * 1024  # under the gateway's 1 MiB body limit
 FILTER_KEYS: Final = {"status": "status", "flow_name": "flow_name", "flow": "flow_name", "tag": "tag"}
-DLQ_COLUMNS: Final = ("id", "reason", "run_id", "flow_name", "when", "size", "error")
+DLQ_COLUMNS: Final = ("id", "reason", "run_id", "flow_name", "when", "size", "resubmitted", "error")
 
 
 def _progress(text: str) -> None:
@@ -181,9 +181,18 @@ def dlq_group() -> None:
     """
 
 
+def _resubmitted(item: dict[str, Any]) -> str:
+    """The newest run made from the dead letter (its first 8 characters, as the dashboard's short
+    ids; ``dlq show`` has them whole) and how many more there were: ``"eb2f77a4 (+1)"``."""
+    runs = [r for r in item.get("resubmitted") or [] if isinstance(r, dict)]
+    if not runs:
+        return ""
+    return str(runs[-1].get("run_id") or "")[:8] + (f" (+{len(runs) - 1})" if len(runs) > 1 else "")
+
+
 def _dlq_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
     return [[it.get("id"), it.get("reason"), it.get("run_id"), it.get("flow_name"), fmt_time(it.get("timestamp", it.get("stored_at"))),
-             it.get("size"), (str(it.get("error") or "")).splitlines()[0] if it.get("error") else ""] for it in items]
+             it.get("size"), _resubmitted(it), (str(it.get("error") or "")).splitlines()[0] if it.get("error") else ""] for it in items]
 
 
 @dlq_group.command("list")
@@ -192,13 +201,20 @@ def _dlq_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
 @click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @api_command
 async def dlq_list_cmd(api: Api, limit: int, before: int | None, output: str) -> None:
-    """List dead letters, newest first: id, reason, run, flow, when, size, error."""
+    """List dead letters, newest first: id, reason, run, flow, when, size, error; and when one on
+    the page was re-submitted, the run it was last re-submitted as (with how many more)."""
     params: list[tuple[str, Any]] = [("limit", limit)] + ([("before", before)] if before else [])
     body = await api.get_json("/dlq", params=params)
     if output == "json":
         write_json(body)
         return
-    write_text(render_table(DLQ_COLUMNS, _dlq_rows(list(body.get("items", []))), terminal_width()))
+    items = list(body.get("items", []))
+    rows = _dlq_rows(items)
+    columns = DLQ_COLUMNS
+    if not any(_resubmitted(it) for it in items):  # the column only when a dead letter on the page has one
+        at = DLQ_COLUMNS.index("resubmitted")
+        columns, rows = DLQ_COLUMNS[:at] + DLQ_COLUMNS[at + 1 :], [r[:at] + r[at + 1 :] for r in rows]
+    write_text(render_table(columns, rows, terminal_width()))
     if body.get("next_cursor"):
         write_text(f"(more: --before {body['next_cursor']})")
 

@@ -22,7 +22,7 @@ EVENT_COLUMNS: Final = ("seq", "time", "type", "producer", "details")
 _GAP: Final = "  "
 # When a table is too wide, shrink these columns first (most droppable first).
 # run_id last: it is the column people copy.
-_SHRINK_ORDER: Final = ("details", "error", "tags", "flow_name", "tag", "last_run_id", "producer", "type", "heartbeat", "time", "run_id")
+_SHRINK_ORDER: Final = ("details", "error", "resubmitted", "tags", "flow_name", "tag", "last_run_id", "producer", "type", "heartbeat", "time", "run_id")
 _MIN_WIDTH: Final = 6
 
 

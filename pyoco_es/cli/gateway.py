@@ -8,9 +8,9 @@ import asyncclick as click
 import trio
 
 from ..core.errors import PyocoError
-from ..logs import announce
-from ..runtime import configure_logging, open_system_nats, wait_for_stop_signal
-from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, settings_with
+from ..nats.client import NatsClient
+from ..runtime import configure_logging, serve_until_stopped
+from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, first_error, settings_with
 
 
 @click.command()
@@ -38,14 +38,11 @@ async def gateway(
     configure_logging(settings, log_level, service="pyoco-server:http")
     from ..gateway.server import run_gateway
 
-    stop = trio.Event()
+    async def start(nats: NatsClient, nursery: trio.Nursery) -> str:
+        bound = await nursery.start(lambda task_status: run_gateway(nats, settings, host=host, port=port, task_status=task_status))
+        return f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)"
+
     try:
-        async with open_system_nats(settings, name="pyoco-gateway", announce=True) as nats:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(wait_for_stop_signal, stop)
-                bound = await nursery.start(lambda task_status: run_gateway(nats, settings, host=host, port=port, task_status=task_status))
-                announce(f"pyoco-es gateway on http://{bound[0]}:{bound[1]}/ (Ctrl-C to stop)")
-                await stop.wait()
-                nursery.cancel_scope.cancel()
-    except PyocoError as exc:
-        fail(exc.message, hint="pyoco-es gateway --help")
+        await serve_until_stopped(settings, name="pyoco-gateway", start=start)
+    except* PyocoError as group:
+        fail(first_error(group).message, hint="pyoco-es gateway --help")  # type: ignore[attr-defined]

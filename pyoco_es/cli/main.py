@@ -19,7 +19,8 @@ import trio
 from ..core.codec import compact_json, envelope_to_json
 from ..core.errors import PyocoError
 from ..logs import announce
-from ..runtime import configure_logging, open_system_nats, run_child_service, wait_for_stop_signal
+from ..nats.client import NatsClient
+from ..runtime import configure_logging, open_system_nats, run_child_service, serve_until_stopped, wait_for_stop_signal
 from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, first_error, nats_address, settings_with
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -157,15 +158,12 @@ async def conductor(nats_url: str | None, data_dir: Path, nats_sync: str, log_le
     configure_logging(settings, log_level, service="pyoco-es:conductor")
     from ..conductor.service import run_conductor
 
-    stop = trio.Event()
+    async def start(nats: NatsClient, nursery: trio.Nursery) -> str:
+        await nursery.start(run_conductor, nats, settings)
+        return "conductor running (Ctrl-C to stop)"
+
     try:
-        async with open_system_nats(settings, name="pyoco-conductor", announce=True) as nats:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(wait_for_stop_signal, stop)
-                await nursery.start(run_conductor, nats, settings)
-                announce("conductor running (Ctrl-C to stop)")
-                await stop.wait()
-                nursery.cancel_scope.cancel()
+        await serve_until_stopped(settings, name="pyoco-conductor", start=start)
     except* PyocoError as group:
         fail(first_error(group).message)  # type: ignore[attr-defined]
 

@@ -163,6 +163,14 @@ def try_parse_name(raw: object) -> WheelName | None:
         return None
 
 
+def stored_name(name: str) -> WheelName | None:
+    """The wheel a stored object's name is, or None: the name must parse and already be in the
+    form ``normalize_name`` keeps.  The registry's version policy and the worker's sync both
+    read a store this way, so they see the same wheels."""
+    wheel = try_parse_name(name)
+    return wheel if wheel is not None and wheel.filename == name else None
+
+
 def parse_tags(raw: str | None) -> tuple[str, ...]:
     """A comma-separated tag list: blanks dropped, duplicates removed, order kept (as upstream).
 
@@ -190,27 +198,30 @@ def format_tags(tags: Iterable[str]) -> str:
     return ",".join(tags)
 
 
-def _header(headers: Mapping[str, object] | None, name: str) -> str | None:
-    """A header value by upstream's lookup (exact name, then Title-Case); bytes decoded."""
+def header_value(headers: Mapping[str, object] | None, name: str) -> str | None:
+    """An object header's value, the one lookup both sides use: the exact name, then Title-Case
+    (upstream's lookup), then UPPER-CASE; a list of values (Go clients, nats-py) gives its first;
+    bytes are decoded.  None when absent or ``headers`` is not a mapping."""
     if not isinstance(headers, Mapping):
         return None
-    raw = headers.get(name)
-    if raw is None:
-        raw = headers.get(name.title())
+    raw = None
+    for key in (name, name.title(), name.upper()):
+        raw = headers.get(key)
+        if raw is not None:
+            break
+    if isinstance(raw, list | tuple):
+        raw = raw[0] if raw else None
     if raw is None:
         return None
-    if isinstance(raw, list | tuple):  # nats-py may hand a header's values as a list
-        raw = raw[0] if raw else None
-        if raw is None:
-            return None
     if isinstance(raw, bytes | bytearray):
         return bytes(raw).decode("utf-8", errors="replace")
     return str(raw)
 
 
 def tags_from_headers(headers: Mapping[str, object] | None) -> tuple[str, ...]:
-    """The tags an object carries; () when absent or unreadable (as upstream)."""
-    raw = _header(headers, TAGS_HEADER)
+    """The tags an object carries, as the registry lists them: () when absent or when any tag is
+    invalid (as upstream's server)."""
+    raw = header_value(headers, TAGS_HEADER)
     if raw is None:
         return ()
     try:
@@ -219,9 +230,16 @@ def tags_from_headers(headers: Mapping[str, object] | None) -> tuple[str, ...]:
         return ()
 
 
+def worker_tags_from_headers(headers: Mapping[str, object] | None) -> frozenset[str]:
+    """The tags an object carries, as a worker's sync reads them: invalid entries dropped, the
+    rest kept (as upstream's worker, which is more lenient than its server)."""
+    raw = header_value(headers, TAGS_HEADER) or ""
+    return frozenset(t for t in (p.strip() for p in raw.split(",")) if t and TAG_RE.fullmatch(t))
+
+
 def sha256_from_headers(headers: Mapping[str, object] | None) -> str | None:
     """The hex sha256 an object carries, lowercased; None when absent or not 64 hex digits."""
-    raw = _header(headers, SHA256_HEADER)
+    raw = header_value(headers, SHA256_HEADER)
     if raw is None:
         return None
     value = raw.strip().lower()
@@ -238,8 +256,9 @@ def object_headers(*, sha256_hex: str, tags: Iterable[str], content_type: str | 
 
 
 def digest_to_hex(digest: str | None) -> str | None:
-    """``"SHA-256=<urlsafe b64>"`` (the object store's digest) as hex; None when not in that form."""
-    if not digest or not digest.startswith(DIGEST_PREFIX):
+    """``"SHA-256=<urlsafe b64>"`` (the object store's digest; the prefix in any case) as hex; None
+    when not in that form or not 32 bytes."""
+    if not digest or digest[: len(DIGEST_PREFIX)].upper() != DIGEST_PREFIX:
         return None
     b64 = digest[len(DIGEST_PREFIX) :]
     try:
@@ -264,8 +283,8 @@ def check_new_version(new: WheelName, existing: Iterable[str]) -> None:
     """
     newest: Version | None = None
     for name in existing:
-        other = try_parse_name(name)
-        if other is None or other.filename != name or other.distribution != new.distribution:
+        other = stored_name(name)
+        if other is None or other.distribution != new.distribution:
             continue
         if other.version == new.version:
             raise WheelConflict(SAME_VERSION)

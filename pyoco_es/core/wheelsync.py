@@ -1,7 +1,7 @@
 """Which registry wheels a worker installs, and the ``wheel_sync`` record it reports.
 
 pyoco-server 0.5.1's rules (contract §4.9), as pure functions over what the object store
-``pyoco_wheels`` lists: keep valid ``.whl`` names; keep a wheel whose ``x-pyoco-wheel-tags``
+``pyoco_wheels`` lists: keep the wheel names the registry lists (``wheels.stored_name``); keep a wheel whose ``x-pyoco-wheel-tags``
 intersect the worker's tags, or that has no tags (it is for every worker); skip (and report) a
 wheel whose platform tags the interpreter cannot run; per distribution keep only the highest
 version (ties broken by the larger file name).
@@ -11,72 +11,52 @@ wheel whose top-level modules would shadow the run process's own (the standard l
 ``pyoco``, ``pyoco_es``) is refused, so a wheel can never replace the allow-list
 (``worker/trust.py``) or the runner itself.
 
-Pure: no trio, no NATS (``packaging`` parses names, versions and platform tags).
+Pure: no trio, no NATS.  Wheel names, object headers, digests and member names are read by the
+registry's functions in ``core/wheels.py`` (one parser for both sides).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
 from packaging.tags import Tag
-from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
-WHEEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9._+-]+\.whl$")
-WHEEL_TAG_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
-TAGS_HEADER: Final = "x-pyoco-wheel-tags"  # pyoco-server's object header (CSV)
-SHA256_HEADER: Final = "sha256"  # pyoco-server's object header (hex)
+from . import wheels
+
 STATUS_MAX_ITEMS: Final = 50  # pyoco-server caps every list of the record at 50
 ERROR_MAX_CHARS: Final = 2000
-_HEX64: Final = re.compile(r"[0-9a-f]{64}")
 # Top-level names a synced wheel may not ship: the run process's own packages.
 RUNNER_PACKAGES: Final = frozenset({"pyoco", "pyoco_es"})
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    for key in (name, name.title(), name.upper()):
-        value = headers.get(key)
-        if value is not None:
-            return str(value)
-    return None
-
-
 @attrs.frozen(kw_only=True)
 class StoredWheel:
-    """One object of the registry's object store, as listed (no bytes)."""
+    """One object of the registry's object store, as listed (no bytes).  Names, headers and
+    digests are read with the registry's own functions (``core/wheels.py``)."""
 
     name: str
     nuid: str
     size: int
     digest: str  # the object store's own "SHA-256=<urlsafe base64>"
-    headers: Mapping[str, str] = attrs.field(factory=dict)
+    headers: Mapping[str, object] = attrs.field(factory=dict)
 
     @property
     def tags(self) -> frozenset[str]:
         """The wheel's worker tags (invalid entries dropped, as pyoco-server's worker does)."""
-        raw = _header(self.headers, TAGS_HEADER) or ""
-        return frozenset(t for t in (p.strip() for p in raw.split(",")) if t and WHEEL_TAG_RE.fullmatch(t))
+        return wheels.worker_tags_from_headers(self.headers)
 
     @property
     def sha256(self) -> str | None:
         """The hex sha256 the registry recorded (header ``sha256``), if well-formed."""
-        raw = (_header(self.headers, SHA256_HEADER) or "").strip().lower()
-        return raw if _HEX64.fullmatch(raw) else None
+        return wheels.sha256_from_headers(self.headers)
 
     @property
     def digest_sha256(self) -> str | None:
         """The object store's digest as hex, if it is a SHA-256 digest."""
-        if not self.digest.upper().startswith("SHA-256="):
-            return None
-        try:
-            return base64.urlsafe_b64decode(self.digest.split("=", 1)[1] + "==").hex()
-        except (binascii.Error, ValueError):
-            return None
+        return wheels.digest_to_hex(self.digest)
 
 
 @attrs.frozen(kw_only=True)
@@ -94,30 +74,19 @@ class Selection:
     skipped_incompatible: tuple[dict[str, Any], ...]
 
 
-def parse_wheel_name(name: str) -> tuple[str, Version, frozenset[Tag]] | None:
-    """(distribution, version, platform tags) of a wheel file name, or None if it is not one."""
-    if not WHEEL_NAME_RE.fullmatch(name):
-        return None
-    try:
-        dist, version, _build, tags = parse_wheel_filename(name)
-    except (InvalidWheelFilename, ValueError):
-        return None
-    return str(dist), version, frozenset(tags)
-
-
 def select_wheels(objects: Iterable[StoredWheel], worker_tags: Collection[str], supported: Collection[Tag]) -> Selection:
     """pyoco-server's selection (module docstring): newest matching version per distribution."""
     mine = set(worker_tags)
     best: dict[str, Candidate] = {}
     skipped: list[dict[str, Any]] = []
     for obj in objects:
-        parsed = parse_wheel_name(obj.name)
+        parsed = wheels.stored_name(obj.name)
         if parsed is None:
             continue
         tags = obj.tags
         if tags and mine.isdisjoint(tags):
             continue
-        dist, version, file_tags = parsed
+        dist, version, file_tags = parsed.distribution, parsed.version, parsed.tags
         if file_tags and not any(t in supported for t in file_tags):
             skipped.append({"wheel_name": obj.name, "package_name": dist, "package_version": str(version), "reason": "unsupported_wheel_tags"})
             continue
@@ -156,13 +125,9 @@ def shadowed_modules(members: Iterable[str], stdlib: Collection[str]) -> list[st
 
 
 def unsafe_members(members: Iterable[str]) -> list[str]:
-    """Zip members with an absolute path or a ``..`` component (never written anywhere)."""
-    bad = []
-    for member in members:
-        norm = member.replace("\\", "/")
-        if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm) or ".." in norm.split("/"):
-            bad.append(member)
-    return bad
+    """Zip members that are never written anywhere: the registry's rule (``wheels.member_problem``:
+    absolute paths, ``..`` components, control characters, empty or overlong names)."""
+    return [m for m in members if wheels.member_problem(m) is not None]
 
 
 @attrs.frozen(kw_only=True)
@@ -296,7 +261,6 @@ __all__ = [
     "StoredWheel",
     "WheelRef",
     "initial_state",
-    "parse_wheel_name",
     "pass_state",
     "select_wheels",
     "shadowed_modules",

@@ -6,7 +6,9 @@ payload is untrusted bytes: it is shown as JSON data or as text (invalid UTF-8 r
 interpreted.  A re-submission is a *new* run made through the normal submit path from the dead
 run's own ``run.submitted`` (its flow, params, tags, workflow text), whose envelope carries
 ``correlation_id = "dlq:<id>"``; re-submissions and drops are appended to the event stream on
-``pyoco.evt.audit.dlq``.
+``pyoco.evt.audit.dlq``.  Those audit entries are also the dead letter's record of being
+re-submitted: ``GET /dlq`` and ``GET /dlq/{id}`` show each re-submission (the new run, when, the
+key that did it) as ``resubmitted``, read from the audit, never stored twice.
 
 Tenants (``PYOCO_HTTP_AUTH_MODE=api_key``): a dead letter belongs to the tenant its body names,
 else to the tenant of the run it names; a key sees only its tenant's dead letters (404
@@ -17,13 +19,17 @@ seen by no key, as such runs are not.
 from __future__ import annotations
 
 import json
-from typing import ClassVar, Final
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Final
 
-from quart import Blueprint, Response, request
+import attrs
+import trio
+from quart import Blueprint, Response, current_app, request
 
 from ..core.errors import DomainError
 from ..core.events import JSONObject, JSONValue, RunSubmitted
 from ..nats import deadletter, subjects
+from ..nats.client import NatsClient
 from .answer import json_response
 from .context import Gateway, caller, current_gateway, request_idempotency_key
 from .params import ResourceNotFound, query_int
@@ -36,6 +42,7 @@ SHOW_BYTES_MAX: Final = 64 * 1024  # of an unreadable payload shown as text
 SCAN_WINDOWS: Final = 40  # windows walked per list request (a tenant's sparse page ends early, with a cursor)
 _TEXT_FIELDS: Final = ("reason", "error", "run_id", "flow_name", "tag", "tenant_id", "worker_id", "subject")
 SEQ_MAX: Final = 2**63 - 1
+MARKS_KEY: Final = "pyoco.dlq_marks"  # this app's ResubmissionMarks, in app.extensions
 
 
 class NothingToResubmit(DomainError):
@@ -88,6 +95,61 @@ def entry_view(gw: Gateway, letter: deadletter.DeadLetter, *, full: bool = False
     return view
 
 
+Resubmissions = dict[tuple[int, str], list[JSONValue]]
+
+
+def resubmissions(audit: Iterable[Mapping[str, Any]], into: Resubmissions | None = None) -> Resubmissions:
+    """The re-submissions ``pyoco.evt.audit.dlq`` records, oldest first, keyed by (dead letter id,
+    the run it names): the run too, so a dead letter whose id a recreated stream reused is not
+    credited with an older one's.  Each: ``{"run_id": new run, "at": epoch s, "key_id": the API
+    key's id, or None with auth off}``; entries missing a field are skipped.  ``into``: marks
+    read before, to add the newer entries to."""
+    out: Resubmissions = {} if into is None else into
+    for doc in audit:
+        dlq_id, run_id, new_run = doc.get("dlq_id"), doc.get("run_id"), doc.get("new_run_id")
+        if doc.get("type") != "dlq.resubmitted" or type(dlq_id) is not int or not isinstance(run_id, str) or not isinstance(new_run, str):
+            continue
+        at, actor = doc.get("at"), doc.get("actor")
+        key_id = actor.removeprefix("api_key:") if isinstance(actor, str) and actor.startswith("api_key:") else None
+        out.setdefault((dlq_id, run_id), []).append(
+            {"run_id": new_run, "at": at if isinstance(at, (int, float)) and not isinstance(at, bool) else None, "key_id": key_id})
+    return out
+
+
+def _with_resubmissions(view: JSONObject, marks: Resubmissions) -> JSONObject:
+    dlq_id, run_id = view.get("id"), view.get("run_id")
+    found = marks.get((dlq_id, run_id), []) if isinstance(dlq_id, int) and isinstance(run_id, str) else []
+    view["resubmitted"] = list(found)
+    return view
+
+
+@attrs.define(eq=False)
+class ResubmissionMarks:
+    """The re-submissions this gateway has read from the audit: each read first catches up on
+    the entries appended since (one round trip when there are none), so a list request does not
+    re-read the whole audit history."""
+
+    nats: NatsClient
+    _reading: trio.Lock = attrs.Factory(trio.Lock)
+    _after: int = 0
+    _marks: Resubmissions = attrs.Factory(dict)
+
+    async def current(self) -> Resubmissions:
+        async with self._reading:  # two readers must not both add the same entries
+            entries = await deadletter.read_dlq_audit_after(self.nats, self._after)
+            if entries:
+                resubmissions((doc for _, doc in entries), into=self._marks)
+                self._after = entries[-1][0]
+        return self._marks
+
+
+async def _marks(gw: Gateway) -> Resubmissions:
+    found = current_app.extensions.get(MARKS_KEY)
+    if found is None:
+        found = current_app.extensions[MARKS_KEY] = ResubmissionMarks(gw.nats)
+    return await found.current()  # type: ignore[no-any-return]
+
+
 def _visible(view: JSONObject) -> bool:
     who = caller()
     return who is None or view.get("tenant_id") == who.tenant_id
@@ -136,6 +198,9 @@ async def list_dead_letters() -> Response:
     if cursor is None and before > first:
         cursor = before  # the walk's budget ended: the next page goes on from here
     info = await gw.nats.stream_info(subjects.DLQ_STREAM)
+    if items:
+        marks = await _marks(gw)
+        items = [_with_resubmissions(view, marks) for view in items if isinstance(view, dict)]
     return json_response({"items": items, "next_cursor": cursor if cursor is None or cursor > first else None, "total": info["messages"]})
 
 
@@ -143,7 +208,8 @@ async def list_dead_letters() -> Response:
 async def show_dead_letter(dlq_id: int) -> Response:
     gw = current_gateway()
     gw.require_nats()
-    return json_response(await _one(gw, dlq_id, full=True))
+    view = await _one(gw, dlq_id, full=True)
+    return json_response(_with_resubmissions(view, await _marks(gw)))
 
 
 @blueprint.post("/dlq/<int:dlq_id>/resubmit")

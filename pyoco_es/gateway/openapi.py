@@ -5,12 +5,17 @@ routes), and each operation's request description from :data:`OPERATIONS`, whose
 the constants the validators in :mod:`.params` enforce.  A route without an entry here is an
 error (a test builds the document from the real app), so the document cannot drift from the
 routes.  ``tests/test_fuzz_api.py`` generates requests from this very document.
+
+With API keys on (``PYOCO_HTTP_AUTH_MODE=api_key``) the document declares the key header as the
+security scheme :data:`API_KEY_SCHEME` and puts it on every route the auth layer guards: the
+caller passes the same public rules the layer uses (``auth.public_rules``), so the two cannot
+disagree.  Without keys the document names no scheme (no route asks for one).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Final
 
 from .. import __version__
@@ -138,11 +143,11 @@ OPERATIONS: Final[dict[tuple[str, str], JSONSchema]] = {
                                  errors=_WRITE_ERRORS, body=_body("application/json", {"$ref": "#/components/schemas/RunBatch"})),
     ("POST", "/runs/cancel"): _op("Cancel many runs: by run_ids, or every active run matching a filter (status, flow_name, tag)",
                                   errors=_WRITE_ERRORS, body=_body("application/json", {"$ref": "#/components/schemas/RunCancelMany"})),
-    ("GET", "/dlq"): _op("Dead letters, newest first (reason, run, flow, when, size)", params=[
+    ("GET", "/dlq"): _op("Dead letters, newest first (reason, run, flow, when, size, resubmitted: [{run_id, at, key_id}])", params=[
         _q("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
         _q("before", {"type": "integer", "minimum": 1}, "next_cursor of the previous page: entries with a smaller id")],
         errors=(422, 503)),
-    ("GET", "/dlq/<int:dlq_id>"): _op("One dead letter with its payload (as text or JSON, never executed)", params=[_DLQ_ID], errors=(404, 503)),
+    ("GET", "/dlq/<int:dlq_id>"): _op("One dead letter with its payload (as text or JSON, never executed) and its re-submissions", params=[_DLQ_ID], errors=(404, 503)),
     ("DELETE", "/dlq/<int:dlq_id>"): _op("Drop a dead letter (recorded in the audit history)", params=[_DLQ_ID], errors=(403, 404, 503)),
     ("POST", "/dlq/<int:dlq_id>/resubmit"): _op("Re-submit a dead letter's run as a new run (recorded; the new run's events name the dead letter)",
                                                 params=[_DLQ_ID], ok=_SUBMIT_OK, errors=(403, 404, 409, 413, 422, 503)),
@@ -197,11 +202,34 @@ _SCHEMAS: Final = {
         "run_id": {"type": "string"}, "status": {"type": "string"}, "bundle_hash": {"type": ["string", "null"]}}},
 }
 
+API_KEY_SCHEME: Final = "ApiKey"
+_AUTH_ERRORS: Final = {"401": {**_ERROR, "description": "No API key (\"api key required\")"},
+                       "403": {**_ERROR, "description": "A wrong, unknown or revoked API key (\"invalid api key\")"}}
+
+
+def _security_scheme(header: str) -> JSONSchema:
+    return {"type": "apiKey", "in": "header", "name": header,
+            "description": "An API key (made with pyoco-server-admin api-key create). "
+                           "Without it a protected route answers 401, with a bad one 403."}
+
+
+def _guarded(op: JSONSchema) -> JSONSchema:
+    """``op`` as a route the auth layer guards: the key required, its 401/403 answers listed."""
+    return {**op, "security": [{API_KEY_SCHEME: []}], "responses": {**op["responses"], **_AUTH_ERRORS}}
+
+
 _CONVERTER: Final = re.compile(r"<(?:[a-z]+:)?([A-Za-z_][A-Za-z0-9_]*)>")
 
 
-def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
+def openapi_document(
+    routes: Iterable[tuple[str, str]], *, api_key_header: str | None = None, public: Collection[str] = ()
+) -> dict[str, Any]:
     """The document for ``routes`` ((method, werkzeug rule) pairs, e.g. from the app's URL map).
+
+    Args:
+        api_key_header: with API keys on, their header (``X-API-Key``): declared as the security
+            scheme and required on every route whose rule is not in ``public``.  None: keys off.
+        public: the rules the auth layer serves without a key (``auth.public_rules``).
 
     Raises:
         KeyError: a route has no entry in :data:`OPERATIONS` (document it there).
@@ -213,14 +241,19 @@ def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
         op = OPERATIONS.get((method, rule))
         if op is None:
             raise KeyError(f"route {method} {rule} has no OpenAPI entry in pyoco_es/gateway/openapi.py")
+        if api_key_header is not None and rule not in public:
+            op = _guarded(op)
         paths.setdefault(_CONVERTER.sub(r"{\1}", rule), {})[method.lower()] = op
+    components: dict[str, Any] = {"schemas": _SCHEMAS}
+    if api_key_header is not None:
+        components["securitySchemes"] = {API_KEY_SCHEME: _security_scheme(api_key_header)}
     return {
         "openapi": "3.1.0",
         "info": {"title": "pyoco-es gateway", "version": __version__,
                  "description": "pyoco-server compatible HTTP API on an event-sourced backend (NATS JetStream). "
                                 "Browsers' cross-site writes are refused (403) unless their origin is in PYOCO_HTTP_ALLOWED_ORIGINS."},
         "paths": paths,
-        "components": {"schemas": _SCHEMAS},
+        "components": components,
     }
 
 
@@ -229,4 +262,4 @@ def app_routes(url_map: Any) -> list[tuple[str, str]]:  # noqa: ANN401 - werkzeu
     return [(m, r.rule) for r in url_map.iter_rules() for m in sorted(r.methods or ()) if m not in ("HEAD", "OPTIONS")]
 
 
-__all__ = ["OPERATIONS", "app_routes", "openapi_document"]
+__all__ = ["API_KEY_SCHEME", "OPERATIONS", "app_routes", "openapi_document"]

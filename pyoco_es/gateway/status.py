@@ -12,6 +12,7 @@ from ..core.errors import PyocoError
 from ..core.events import JSONObject
 from ..nats import subjects
 from .answer import json_response
+from .auth import public_rules
 from .context import Gateway, current_gateway
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricValues, local_day_bounds, render
@@ -45,7 +46,13 @@ async def ready() -> Response:
 
 @blueprint.get("/openapi.json")
 async def openapi() -> Response:
-    return json_response(openapi_document(app_routes(current_app.url_map)))
+    gw = current_gateway()
+    keys_on = gw.keys is not None  # as server.py: the auth layer guards the app exactly when there is a key ring
+    return json_response(openapi_document(
+        app_routes(current_app.url_map),
+        api_key_header=gw.settings.api_key_header if keys_on else None,
+        public=public_rules(public_metrics=gw.settings.http_metrics_public),
+    ))
 
 
 @blueprint.get("/metrics")

@@ -16,7 +16,7 @@ import attrs
 import nats.js.errors
 
 from . import subjects
-from .audit import append_audit, read_audit
+from .audit import append_audit, read_audit, read_audit_after
 from .client import NatsClient
 
 WINDOW: Final = 128  # sequences fetched per crossing when walking back
@@ -96,6 +96,11 @@ async def read_dlq_audit(client: NatsClient) -> list[dict[str, Any]]:
     return await read_audit(client, subjects.DLQ_AUDIT_SUBJECT)
 
 
+async def read_dlq_audit_after(client: NatsClient, after: int) -> list[tuple[int, dict[str, Any]]]:
+    """The audit entries after stream sequence ``after``, with their sequences (to catch up)."""
+    return await read_audit_after(client, subjects.DLQ_AUDIT_SUBJECT, after)
+
+
 __all__ = [
     "DeadLetter",
     "WINDOW",
@@ -104,5 +109,6 @@ __all__ = [
     "drop_dead_letter",
     "get_dead_letter",
     "read_dlq_audit",
+    "read_dlq_audit_after",
     "record_dlq_audit",
 ]

@@ -4,27 +4,11 @@ writer side (uploads, deletes) lives with the gateway."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import nats.js.errors
 
 from ..core.errors import InfraError
 from ..core.wheelsync import StoredWheel
 from .connection import NatsConnection
-
-
-def _headers(raw: Any) -> dict[str, str]:
-    """Object headers as ``name -> value`` (Go clients store lists of values: take the first)."""
-    if not isinstance(raw, dict):
-        return {}
-    out: dict[str, str] = {}
-    for key, value in raw.items():
-        if isinstance(value, list):
-            value = value[0] if value else ""
-        if isinstance(value, (bytes, bytearray)):
-            value = value.decode("utf-8", errors="replace")
-        out[str(key)] = str(value)
-    return out
 
 
 async def list_wheels(nats_client: NatsConnection, bucket: str) -> list[StoredWheel]:
@@ -46,7 +30,7 @@ async def list_wheels(nats_client: NatsConnection, bucket: str) -> list[StoredWh
                 nuid=str(info.nuid or ""),
                 size=int(info.size or 0),
                 digest=str(info.digest or ""),
-                headers=_headers(info.headers),
+                headers=dict(info.headers) if isinstance(info.headers, dict) else {},  # read by core/wheels.header_value
             )
             for info in infos
             if not info.deleted

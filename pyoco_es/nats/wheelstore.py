@@ -25,6 +25,7 @@ from nats.js.object_store import ObjectStore
 from ..core import wheels
 from ..core.errors import InfraError, PyocoError, WritesRefused
 from . import subjects
+from .audit import read_audit_after
 from .client import NatsClient
 from .connection import NO_ROOM
 
@@ -229,19 +230,7 @@ class WheelStore:
 
     async def events(self, *, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """Registry events after stream sequence ``after``, oldest first (unreadable ones skipped)."""
-        out: list[tuple[int, dict[str, Any]]] = []
-        while batch := await self.client.read_events(subjects.WHEEL_AUDIT_SUBJECT, after_stream_seq=after):
-            for seq, raw in batch:
-                try:
-                    doc = json.loads(raw)
-                except ValueError:
-                    doc = None
-                if isinstance(doc, dict):
-                    out.append((seq, doc))
-                else:
-                    log.warning("wheel event at stream seq %d is not a JSON object; skipped", seq)
-            after = batch[-1][0]
-        return out
+        return await read_audit_after(self.client, subjects.WHEEL_AUDIT_SUBJECT, after)
 
     async def upstream_history(self) -> list[dict[str, Any]]:
         """Every readable entry of pyoco-server's history KV (written by either gateway): one

@@ -76,7 +76,19 @@
     return table;
   }
 
-  function operation(path, method, op) {
+  /** The header names an operation's security requirement asks for (apiKey schemes). */
+  function keyHeaders(op, schemes) {
+    const out = [];
+    for (const req of op.security || []) {
+      for (const name of Object.keys(req || {})) {
+        const s = schemes[name];
+        if (s && s.type === "apiKey" && typeof s.name === "string") out.push(s.name);
+      }
+    }
+    return out;
+  }
+
+  function operation(path, method, op, schemes) {
     const detail = h("div", { class: "ad-detail" });
     const params = op.parameters || [];
     if (params.length) {
@@ -98,7 +110,9 @@
     }
     detail.append(h("h3", null, "Responses"), responses);
     const summary = h("summary", null, h("span", { class: "ad-method", dataset: { method } }, method.toUpperCase()),
-      h("span", { class: "ad-path" }, path), h("span", { class: "ad-summary" }, op.summary || ""));
+      h("span", { class: "ad-path" }, path),
+      ...keyHeaders(op, schemes).map((name) => h("span", { class: "ad-key", title: "needs an API key in this header" }, name)),
+      h("span", { class: "ad-summary" }, op.summary || ""));
     const el = h("details", { class: "ad-op", id: opId(method, path), dataset: { method, path } }, summary, detail);
     if (LAYOUT === "redoc") el.open = true;
     return el;
@@ -116,7 +130,7 @@
       for (const method of METHODS) {
         const op = doc.paths[path][method];
         if (!op) continue;
-        ops.appendChild(operation(path, method, op));
+        ops.appendChild(operation(path, method, op, (doc.components && doc.components.securitySchemes) || {}));
         nav.appendChild(h("a", { href: "#" + opId(method, path), dataset: { method, path } }, method.toUpperCase() + " " + path));
       }
     }

@@ -2,7 +2,8 @@
  *
  * Lists GET /dlq (newest first, "Show more" follows next_cursor), shows one dead letter's payload
  * (GET /dlq/{id}) as text, re-submits it as a new run (POST /dlq/{id}/resubmit) and drops it
- * (DELETE /dlq/{id}) after a confirmation.  Same safety rule as app.js: server text reaches the
+ * (DELETE /dlq/{id}) after a confirmation.  A dead letter already re-submitted lists each new run
+ * (with when and which key) from the server's "resubmitted" field.  Same safety rule as app.js: server text reaches the
  * page only through textContent (h() children) and inert attributes; nothing assigns HTML.
  */
 "use strict";
@@ -81,12 +82,34 @@
       const res = await api("/dlq/" + encodeURIComponent(item.id) + "/resubmit", { method: "POST" });
       toast(t("dlq.resubmitted", { run: res.run_id }), "ok");
       state.resubmitted = { ...(state.resubmitted || {}), [item.id]: res.run_id };
+      await refreshMarks(item);
     } catch (e) {
       toast(e instanceof ApiError ? (e.status === 409 ? asText(e.detail) : e.describe()) : String(e), "error");
     } finally {
       state.busy.delete(item.id);
       render();
     }
+  }
+
+  async function refreshMarks(item) {
+    // the server's record of the re-submissions (who, when), as a reload would show it
+    try {
+      const fresh = await api("/dlq/" + encodeURIComponent(item.id));
+      state.items = state.items.map((x) => (x.id === item.id ? { ...x, resubmitted: fresh.resubmitted } : x));
+    } catch (e) {
+      /* the toast said it worked; the list shows the mark on the next refresh */
+    }
+  }
+
+  function marks(item) {
+    const list = Array.isArray(item.resubmitted) ? item.resubmitted : [];
+    if (!list.length) return null;
+    return h("div", { class: "dlq-resubmitted muted" },
+      h("span", {}, t("dlq.resubmitted_label", { n: list.length })),
+      ...list.map((m) => h("span", { class: "dlq-mark" },
+        h("a", { class: "mono", href: runHref(asText(m.run_id)), title: asText(m.run_id) }, asText(m.run_id)),
+        m.at ? h("span", {}, " · ", relTime(m.at)) : null,
+        h("span", {}, " · " + (m.key_id ? t("dlq.by_key", { key: asText(m.key_id) }) : t("dlq.by_no_key"))))));
   }
 
   function confirmDrop(item) {
@@ -129,6 +152,7 @@
           newRun ? h("a", { class: "btn btn-link", href: runHref(newRun) }, t("dlq.new_run")) : null,
           h("button", { type: "button", class: "btn", disabled: busy || !item.run_id, title: item.run_id ? "" : t("dlq.no_run"), onclick: () => resubmit(item) }, t("dlq.resubmit")),
           h("button", { type: "button", class: "btn btn-danger", disabled: busy, onclick: () => confirmDrop(item) }, t("dlq.drop")))),
+      marks(item),
       item.error ? h("div", { class: "c-error dlq-error", title: asText(item.error) }, asText(item.error)) : null,
       state.open === item.id ? h("pre", { class: "mono dlq-payload" },
         state.openBody === null ? t("runs.loading") : state.openBody.failed ? state.openBody.failed : prettyJson(state.openBody.body ?? state.openBody.raw)) : null);
