@@ -99,6 +99,8 @@ def test_api_docs_pages_render_the_openapi_document_offline(browser: Any, auth_s
     """/docs and /redoc are public (no key on this api_key gateway), fetch nothing outside the
     gateway (Page checks every request) and list the routes with their parameters and schemas."""
     page = Page(browser, auth_stack["url"])
+    console: list[str] = []
+    page.page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
     try:
         for path, layout in (("docs", "docs"), ("redoc", "redoc")):
             pg = page.goto(path)
@@ -119,5 +121,6 @@ def test_api_docs_pages_render_the_openapi_document_offline(browser: Any, auth_s
             page.shot(f"apidocs-{layout}")
         pg.fill("#ad-filter", "whoami")
         assert pg.locator(".ad-op:not([hidden])").count() == 1
+        assert not console, console  # no failed load, no script error
     finally:
         page.close()
