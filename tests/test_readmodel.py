@@ -284,3 +284,36 @@ def test_a_coalesced_batch_leaves_the_file_as_the_whole_batch_does(before: list[
             store.close()
     assert rows[0] == rows[1]
     assert len(coalesce(second)) <= len(second)
+
+
+def test_a_common_error_text_is_found_by_walking_the_newest_runs_and_the_index_answers_the_rest(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """An error text in many runs is searched newest first within a bounded walk (fast at a
+    million runs); a common text found only in older runs, a rare one, a mixed-case one and one
+    combined with a filter all give the same pages as a reference filtering every run."""
+    from pyoco_es import readmodel
+    from pyoco_es.readmodel import Query
+
+    monkeypatch.setattr(readmodel, "WALK_ROWS", 2000)
+    store, _ = open_store(tmp_path / "r.sqlite3", identity="x")
+    docs = []
+    for i in range(5000):
+        error = ("Timeout in step %d" % i) if i >= 4000 and i % 2 else ("OldFailure %d" % i) if i < 1200 else ("rare %d" % i) if i % 97 == 0 else None
+        docs.append({"run_id": f"r{i:05d}", "status": "FAILED" if error else "COMPLETED", "updated_at": float(i), "version": 2,
+                     "flow_name": f"flow{i % 3}", "error": error})
+    store.write([Change(d["run_id"], d, n + 1) for n, d in enumerate(docs)], len(docs))
+
+    def reference(text: str, flow: str | None = None) -> list[str]:
+        hits = [d for d in docs if d["error"] and text.lower() in d["error"].lower() and (flow is None or d["flow_name"] == flow)]
+        return [d["run_id"] for d in sorted(hits, key=lambda d: d["updated_at"], reverse=True)][:50]
+
+    cases = [("Timeout in", None), ("timeout IN step", None), ("OldFailure", None), ("rare 1", None), ("Timeout", "flow1"), ("OldFailure 11", "flow2")]
+    for text, flow in cases:
+        items, _, _ = store.page(Query(limit=50, error_contains=text, exact={"flow_name": flow} if flow else {}))
+        assert [i["run_id"] for i in items] == reference(text, flow), (text, flow)
+    with store._reader() as conn:  # the branches taken: a walk for the recent common text, the index for the old one
+        assert store._common_text(conn, "Timeout in") and store._walk_for_text(conn, Query(limit=50, error_contains="Timeout in")) is not None
+        assert store._common_text(conn, "OldFailure") and store._walk_for_text(conn, Query(limit=50, error_contains="OldFailure")) is None
+        assert not store._common_text(conn, "rare 1")
+    store.close()
