@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -135,6 +135,54 @@ def exit_with_parent() -> None:
             os._exit(EXIT_PARENT_GONE)
 
     threading.Thread(target=watch, name="pyoco-es-parent-watch", daemon=True).start()
+
+
+_lifeline: tuple[int, int] | None = None  # (our pid, read end): one pipe a process, its write end held for life
+_lifeline_lock = threading.Lock()
+
+
+def tied_to_this_process(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``env`` and ``pass_fds`` for ``subprocess.Popen`` / ``trio.lowlevel.open_process`` /
+    ``trio.run_process`` so that the child exits at once when this process dies, even by SIGKILL.
+
+    The same parent-watch pipe as ``up``'s children (:func:`exit_with_parent`, which every
+    pyoco-es console script calls first), but one pipe for all of this process's children: its
+    write end stays open until this process is gone.  ``env`` (default: ours) gets the pipe's
+    fd.  A Python program that is not ours watches it if started through
+    :data:`PARENT_WATCH_PROLOGUE`; a binary such as nats-server uses
+    :func:`~pyoco_es.nats.embedded.spawn_bound_to_parent` instead.
+    """
+    global _lifeline
+    with _lifeline_lock:
+        if _lifeline is None or _lifeline[0] != os.getpid():  # a forked copy of us needs its own
+            read_end, _write_end = os.pipe()  # both non-inheritable: children get the read end by pass_fds
+            _lifeline = (os.getpid(), read_end)
+        fd = _lifeline[1]
+    return {"env": {**(os.environ if env is None else env), PARENT_FD_ENV: str(fd)}, "pass_fds": (fd,)}
+
+
+# The watch of exit_with_parent in stdlib-only code, for a ``python -c`` program that is not ours
+# (pyoco-server 0.5.1's gateway or worker under test): prepend it to the program.
+PARENT_WATCH_PROLOGUE = f"""
+import os as _os, threading as _threading
+def _pyoco_es_parent_watch(fd=int(_os.environ.pop("{PARENT_FD_ENV}", "-1"))):
+    if fd < 0:
+        return
+    _os.set_inheritable(fd, False)
+    def watch():
+        while True:
+            try:
+                if not _os.read(fd, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        _os.write(2, b"parent process is gone: exiting now\\n")
+        _os._exit({EXIT_PARENT_GONE})
+    _threading.Thread(target=watch, daemon=True).start()
+_pyoco_es_parent_watch()
+"""
 
 
 @attrs.frozen

@@ -1,7 +1,8 @@
 """A fleet of pyoco-es processes (gateways, conductors, workers) as separate OS processes, for tests
 that kill them: each is started the way an operator starts it (``pyoco-es gateway``,
 ``conductor``, ``worker``), waited for until it announces itself, and can be SIGKILLed and started
-again under the same name."""
+again under the same name.  Each dies with the process that started it, even when that one is
+SIGKILLed (:func:`~pyoco_es.runtime.tied_to_this_process`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import attrs
+
+from ..runtime import tied_to_this_process
 
 T = TypeVar("T")
 ENTRY = "from pyoco_es.cli.main import main; main()"
@@ -88,7 +91,7 @@ class Fleet:
             out.write(f"--- start {' '.join(m.argv[3:])}\n".encode())
             out.flush()
             start_at = out.tell()
-            m.proc = subprocess.Popen(m.argv, cwd=self.cwd, env=self._environ(nats_url),
+            m.proc = subprocess.Popen(m.argv, cwd=self.cwd, **tied_to_this_process(self._environ(nats_url)),
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)  # fmt: skip
         m.url = ""
         marker = READY[m.kind]
