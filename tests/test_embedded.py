@@ -13,6 +13,7 @@ import pytest
 
 from pyoco_es.core.errors import InfraError
 from pyoco_es.nats.embedded import DataDirInUse, EmbeddedNats, running_server_url
+from pyoco_es.runtime import tied_to_this_process
 
 
 def _alive(pid: int) -> bool:
@@ -56,7 +57,7 @@ def _spawn_conductor(data_dir: Path) -> subprocess.Popen[bytes]:
         [sys.executable, "-c", "from pyoco_es.cli.main import main; main()", "conductor", "--data-dir", str(data_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=env,
+        **tied_to_this_process(env),
     )
 
 

@@ -24,6 +24,7 @@ from pyoco_es.config import Settings
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.logs import decode_chunk, read_chunks
 from pyoco_es.nats.resources import ResourceConfig, ensure_resources
+from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.testing.stack import Stack, open_stack
 from pyoco_es.worker.logship import LogShipper
 
@@ -89,7 +90,7 @@ async def test_follow_prints_lines_while_the_task_runs(stack: Stack, http: httpx
     release = tmp_path / "release"
     run_id = await submit(http, flow("talk", "tests.tasks:chatter_until", {"path": str(release), "text": "tick"}))
     proc = await trio.lowlevel.open_process(
-        [CLIENT, "--server", stack.url, "logs", run_id, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
+        [CLIENT, "--server", stack.url, "logs", run_id, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, **tied_to_this_process()
     )
     try:
         assert proc.stdout is not None

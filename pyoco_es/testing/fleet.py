@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import attrs
 
-from ..runtime import tied_to_this_process
+from ..runtime import PARENT_WATCH_PROLOGUE, tied_to_this_process
 
 T = TypeVar("T")
 ENTRY = "from pyoco_es.cli.main import main; main()"
@@ -151,3 +151,15 @@ class Fleet:
         """Members whose log shows a Python traceback (the tail of each)."""
         return {m.name: m.log_text()[-2000:] for m in self.members.values() if "Traceback" in m.log_text()}
 
+
+
+RUN_SCRIPT = "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def watched_python(python: str, *args: str) -> list[str]:
+    """``[python, *args]`` (``-c CODE ...`` or ``script.py ...``) for a Python program that is not a
+    pyoco-es console script: run under :data:`~pyoco_es.runtime.PARENT_WATCH_PROLOGUE`, so that
+    with :func:`~pyoco_es.runtime.tied_to_this_process` it dies with us too."""
+    if args and args[0] == "-c":
+        return [python, "-c", PARENT_WATCH_PROLOGUE + args[1], *args[2:]]
+    return [python, "-c", PARENT_WATCH_PROLOGUE + RUN_SCRIPT, *args]

@@ -209,7 +209,7 @@ async def _write_stopped(actor: WorkerActor) -> None:
         log.warning("could not write STOPPED_GRACEFUL: NATS did not answer in time (the registry entry goes stale instead)")
 
 
-STOPPED_WRITE_MIN = 1.0  # seconds the STOPPED_GRACEFUL write always gets, even past the hand-back wait
+STOPPED_WRITE_MIN = 0.5  # seconds the STOPPED_GRACEFUL write always gets, even past the hand-back wait
 
 
 async def serve_runs(
