@@ -231,8 +231,9 @@ async def serve_runs(
                 await actor.drain()
                 # the pull loops end on their own (within one poll), so no pull request is
                 # left lingering on the server to capture an item; a fetch that a frozen NATS
-                # never answers is cut at the hand-back deadline (an item it brought is redelivered)
-                pulls.cancel_scope.deadline = actor.handback_by
+                # never answers is cut at the hand-back deadline, and with NATS disconnected at
+                # once (nothing can come; an item a cut fetch brought is redelivered)
+                pulls.cancel_scope.deadline = actor.handback_by if actor.nats.is_connected else trio.current_time()
         attempts.cancel_scope.cancel()  # only what outlived the drain and the release
 
 class _bound:
