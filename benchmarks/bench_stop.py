@@ -78,6 +78,7 @@ def _fault_then_stop(nats_pid: int, nats_state: str, proc: subprocess.Popen[byte
         os.kill(nats_pid, signal.SIGKILL)
     elif nats_state == "frozen":
         os.kill(nats_pid, signal.SIGSTOP)
+    time.sleep(GONE_FOR)  # how long NATS has been away when the stop comes
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -125,17 +126,22 @@ def one(kind: str, nats_state: str, running: bool, root: Path) -> tuple[float, i
 
 
 VERBOSE = False
+GONE_FOR = 0.0
 
 
 def main() -> None:
-    global VERBOSE
+    global VERBOSE, GONE_FOR
     ap = argparse.ArgumentParser()
     ap.add_argument("--kinds", default="worker,conductor,gateway,up")
     ap.add_argument("--nats", default="fine,killed,frozen")
     ap.add_argument("--runs", default="idle,running")
     ap.add_argument("--verbose", action="store_true", help="print each stopped process's log tail")
+    ap.add_argument("--drain", type=float, default=3.0, help="PYOCO_WORKER_DRAIN_TIMEOUT_SEC (default 3; pyoco-es's own default is 30)")
+    ap.add_argument("--gone-for", type=float, default=0.0, help="seconds between killing/freezing NATS and the SIGTERM")
     ns = ap.parse_args()
     VERBOSE = ns.verbose
+    GONE_FOR = ns.gone_for
+    ENV["PYOCO_WORKER_DRAIN_TIMEOUT_SEC"] = str(ns.drain)
     for kind in ns.kinds.split(","):
         for state in ns.nats.split(","):
             for run in ns.runs.split(","):

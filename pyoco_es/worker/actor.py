@@ -54,7 +54,7 @@ So a run that kills its process every time ends FAILED after ``max_attempts``, w
 Graceful stop (``stop`` set): stop fetching, NAK what is queued but not claimed, let running runs
 finish within ``worker_drain_timeout``, then release the rest (``run.released``), write
 ``STOPPED_GRACEFUL`` and return.  What follows the drain (the releases, the last acks, the
-registry write) shares one budget, :data:`HANDBACK_WAIT`: with NATS gone or frozen the worker
+registry write) shares one budget, :data:`~.stopping.HANDBACK_WAIT`: with NATS gone or frozen the worker
 still exits, logging what it could not hand back (nothing is lost: an unreleased run is re-delivered
 when its lease expires, an unsent ack's item is redelivered and found obsolete).
 """
@@ -88,14 +88,12 @@ from .logship import LogShipper
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 from .protocol import Abort, Go, Prepare
 from .registry import Registry
+from .stopping import HANDBACK_WAIT, wait_drained
 from .wheels import WheelSync
 
 log = logging.getLogger(__name__)
 
 NAK_DELAY: Final = 2.0
-# Seconds a stopping worker gives, after its drain, to hand back what it holds (run.released, the
-# last acks, STOPPED_GRACEFUL) before it exits regardless: NATS may be gone or frozen.
-HANDBACK_WAIT: Final = 3.0
 
 
 class WorkerActor:
@@ -468,8 +466,7 @@ class WorkerActor:
         """Stop pulling, let what was accepted finish within ``drain_timeout``, then release the
         attempts still running and wait (a bounded time) for them to settle."""
         self.intake.stop_pulling()
-        with trio.move_on_after(self.drain_timeout):
-            await self.intake.wait_idle()
+        await wait_drained(self.intake, self.nats, self.drain_timeout, lambda: len(self.active), worker_id=self.worker_id)
         self.handback_by = trio.current_time() + HANDBACK_WAIT
         if self.intake.pending:
             log.warning("drain timeout: releasing %d run(s)", len(self.active))
@@ -488,4 +485,5 @@ class WorkerActor:
                     extra=log_ids(NATS_UNAVAILABLE, run_id=run_id, worker_id=self.worker_id),
                 )  # fmt: skip
 
-__all__ = ["HANDBACK_WAIT", "WorkerActor"]
+
+__all__ = ["WorkerActor"]

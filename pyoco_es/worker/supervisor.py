@@ -22,7 +22,8 @@ from ..core.work import WORKER_IDLE, WORKER_STOPPED
 from ..nats import subjects
 from ..nats.client import NatsClient, PullSubscription
 from ..nats.resources import ensure_work_consumer, work_consumer_config
-from .actor import HANDBACK_WAIT, WorkerActor
+from .actor import WorkerActor
+from .stopping import HANDBACK_WAIT
 from .scratch import open_scratch_root
 from .trust import check_allowed_modules, check_env_names
 
@@ -156,7 +157,7 @@ async def serve_worker(
     3. **Liveness** (heartbeat, in-progress acks) and the read/append batchers are cancelled: no
        attempt is held any more.
     4. **Registry**: ``STOPPED_GRACEFUL`` is written (shielded, within what is left of
-       :data:`~.actor.HANDBACK_WAIT`, at least 1 s; skipped when NATS is not connected).
+       :data:`~.stopping.HANDBACK_WAIT`, at least 0.5 s; skipped when NATS is not connected).
     5. **Pool**: warming and wheel sync stop; :func:`run_worker` then closes the children and
        removes the scratch directory.
 
@@ -187,7 +188,7 @@ async def serve_worker(
 
 
 def _handback_deadline(actor: WorkerActor) -> float:
-    """When a stopping worker gives up handing back (:data:`~.actor.HANDBACK_WAIT` after the
+    """When a stopping worker gives up handing back (:data:`~.stopping.HANDBACK_WAIT` after the
     drain; a worker cancelled without a drain gets the whole wait from now)."""
     return min(actor.handback_by, trio.current_time() + HANDBACK_WAIT)
 
