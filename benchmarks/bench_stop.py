@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pyoco_es.nats.embedded import EmbeddedNats  # noqa: E402
-from pyoco_es.runtime import tied_to_this_process  # noqa: E402
+from pyoco_es.lifeline import tied_to_this_process  # noqa: E402
 from pyoco_es.testing.fleet import Fleet, wait_for  # noqa: E402
 
 SLEEPY = """\

@@ -16,10 +16,10 @@ from pyoco_es.core import decide
 from pyoco_es.core.codec import encode_envelope
 from pyoco_es.core.errors import PyocoError
 from pyoco_es.core.events import Producer, RunSubmitted
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import tied_to_this_process
 
 PYOCO_ES = str(Path(sys.executable).parent / "pyoco-es")
 SCRATCH = subjects.kv_stream("pyoco_runs_replay")

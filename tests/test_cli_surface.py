@@ -23,7 +23,8 @@ import trio
 from pyoco_es import logs
 from pyoco_es.config import Settings, refused_settings
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import open_system_nats, tied_to_this_process
+from pyoco_es.lifeline import tied_to_this_process
+from pyoco_es.runtime import open_system_nats
 from pyoco_es.worker.supervisor import consumer_config
 
 ROOT = Path(__file__).resolve().parent.parent

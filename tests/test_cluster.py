@@ -18,7 +18,8 @@ import trio
 
 from pyoco_es.config import Settings
 from pyoco_es.nats.client import NatsClient
-from pyoco_es.runtime import open_system_nats, tied_to_this_process
+from pyoco_es.lifeline import tied_to_this_process
+from pyoco_es.runtime import open_system_nats
 from pyoco_es.testing.ledger import Ledger, Submitter, check, listed_runs, side_effect_flow
 
 from conftest import ClusterSystem

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from pyoco_es.runtime import tied_to_this_process
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.testing.fleet import watched_python
 
 ROOT = Path(__file__).resolve().parents[1]

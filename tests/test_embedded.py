@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pyoco_es.core.errors import InfraError
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.embedded import DataDirInUse, EmbeddedNats, running_server_url
-from pyoco_es.runtime import tied_to_this_process
 
 
 def _alive(pid: int) -> bool:

@@ -14,9 +14,9 @@ import httpx
 import trio
 
 from pyoco_es.gateway.server import run_gateway
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import tied_to_this_process
 from test_gateway_support import HTTPX_STREAM_WARNINGS, open_gateway, open_sse, wait_until
 
 pytestmark = HTTPX_STREAM_WARNINGS

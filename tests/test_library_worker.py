@@ -19,8 +19,8 @@ import trio
 
 from pyoco_es import AsyncPyocoHttpClient, NatsBackendConfig, PyocoNatsWorker, WorkerStopped, ensure_resources
 from pyoco_es.core.errors import EventLogUnavailable
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.testing.fleet import watched_python
 from pyoco_es.testing.stack import open_stack
 from test_cli_e2e import fast_settings

@@ -24,7 +24,7 @@ HELPER = r"""
 import subprocess, sys, time
 from pathlib import Path
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import PARENT_WATCH_PROLOGUE, tied_to_this_process
+from pyoco_es.lifeline import PARENT_WATCH_PROLOGUE, tied_to_this_process
 from pyoco_es.testing.fleet import Fleet, wait_for
 
 root, cwd, server_bin = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]

@@ -21,10 +21,10 @@ import trio
 
 from pyoco_es.cli.client_logs import escape_terminal, render_line
 from pyoco_es.config import Settings
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.logs import decode_chunk, read_chunks
 from pyoco_es.nats.resources import ResourceConfig, ensure_resources
-from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.testing.stack import Stack, open_stack
 from pyoco_es.worker.logship import LogShipper
 

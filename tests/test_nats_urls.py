@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.nats.resources import ensure_resources
 from pyoco_es.nats.urls import NatsUrlError, split_nats_urls
-from pyoco_es.runtime import tied_to_this_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

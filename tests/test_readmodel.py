@@ -25,10 +25,10 @@ from pyoco_es.core.model import RunSnapshot
 from pyoco_es.gateway.index import decode_cursor
 from pyoco_es.gateway.runindex import RunIndex
 from pyoco_es.gateway.server import run_gateway
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import NatsClient, open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.readmodel import summarize
-from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.testing.history import fill
 from test_gateway_support import wait_until
 

@@ -28,7 +28,7 @@ from pyoco.dsl import expressions
 from pyoco_es.config import Settings
 from pyoco_es.core.errors import ValidationError
 from pyoco_es.flows.yaml import parse_workflow_yaml
-from pyoco_es.runtime import tied_to_this_process
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.worker import child
 from pyoco_es.worker.supervisor import run_worker
 from pyoco_es.worker.trust import RefusedCallable, check_allowed_modules, check_env_names, module_allowed, resolve_callable

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pyoco_es.runtime import tied_to_this_process
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.testing.fleet import wait_for as _poll
 from pyoco_es.testing.ledger import listed_runs
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pyoco_es.runtime import tied_to_this_process
+from pyoco_es.lifeline import tied_to_this_process
 
 ROOT = Path(__file__).resolve().parent.parent
 

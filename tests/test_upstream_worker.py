@@ -20,10 +20,10 @@ from pathlib import Path
 import trio
 
 from pyoco_es.config import Settings
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.resources import ensure_resources
-from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.testing.fleet import watched_python
 from pyoco_es.testing.upstream import WORKER_SHIM as SHIM
 from pyoco_es.worker.supervisor import consumer_config

@@ -27,10 +27,10 @@ from pyoco_es.core.codec import decode_envelope, encode_envelope
 from pyoco_es.core.events import Envelope, Producer, RunClaimed
 from pyoco_es.core.model import RunStatus
 from pyoco_es.core.wheelsync import StoredWheel, select_wheels, shadowed_modules, unsafe_members, verify_sha256
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.service import RunStore
 
 from test_worker import ROOT, TERMINAL, fast_settings, start_stack, submit, wait_for, wait_status, worker_env

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from pyoco_es.config import Settings
-from pyoco_es.runtime import tied_to_this_process
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.testing.fleet import watched_python
 
 from test_apikey import upstream_python

@@ -20,10 +20,10 @@ from pyoco_es.config import Settings
 from pyoco_es.core import decide
 from pyoco_es.core.events import Producer, RunSubmitted
 from pyoco_es.core.model import RunSnapshot, RunStatus, TaskState
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.service import RunStore, new_run_id
 from pyoco_es.worker.actor import WorkerActor
 from pyoco_es.worker.supervisor import run_worker

@@ -26,10 +26,10 @@ from pyoco_es.core import decide
 from pyoco_es.core.errors import ConcurrencyConflict
 from pyoco_es.core.events import Envelope, Producer, RunClaimed
 from pyoco_es.core.model import RunStatus
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.service import RunStore, new_run_id
 from pyoco_es.worker.attempt import CANCEL_WATCH_DELAY
 from pyoco_es.worker.supervisor import run_worker

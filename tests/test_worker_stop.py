@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from pyoco_es.core.model import RunStatus
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
-from pyoco_es.runtime import tied_to_this_process
 from pyoco_es.worker.stopping import DRAIN_WITHOUT_NATS, HANDBACK_WAIT
 from pyoco_es.worker.supervisor import run_worker
 from test_worker import ROOT, submit, task_running, wait_for, wait_status, worker_env

@@ -19,7 +19,8 @@ import trio
 from ..core.codec import compact_json, envelope_to_json
 from ..core.errors import PyocoError
 from ..logs import announce
-from ..runtime import configure_logging, exit_with_parent, open_system_nats, run_child_service, wait_for_stop_signal
+from ..lifeline import exit_with_parent
+from ..runtime import configure_logging, open_system_nats, run_child_service, wait_for_stop_signal
 from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, first_error, nats_address, settings_with
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,7 +27,8 @@ from ..logs import announce
 from ..nats import subjects
 from ..nats.client import NatsClient, open_nats
 from ..nats.resources import ensure_resources
-from ..runtime import configure_logging, exit_with_parent, resource_config, wait_for_stop_signal
+from ..lifeline import exit_with_parent
+from ..runtime import configure_logging, resource_config, wait_for_stop_signal
 from .options import LOG_LEVEL
 from ..worker.supervisor import normalize_tags, run_worker
 from ..worker.trust import check_allowed_modules, check_env_names

@@ -2,7 +2,7 @@
 that kill them: each is started the way an operator starts it (``pyoco-es gateway``,
 ``conductor``, ``worker``), waited for until it announces itself, and can be SIGKILLed and started
 again under the same name.  Each dies with the process that started it, even when that one is
-SIGKILLed (:func:`~pyoco_es.runtime.tied_to_this_process`)."""
+SIGKILLed (:func:`~pyoco_es.lifeline.tied_to_this_process`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import attrs
 
-from ..runtime import PARENT_WATCH_PROLOGUE, tied_to_this_process
+from ..lifeline import PARENT_WATCH_PROLOGUE, tied_to_this_process
 
 T = TypeVar("T")
 ENTRY = "from pyoco_es.cli.main import main; main()"
@@ -158,8 +158,8 @@ RUN_SCRIPT = "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path[0] = os.p
 
 def watched_python(python: str, *args: str) -> list[str]:
     """``[python, *args]`` (``-c CODE ...`` or ``script.py ...``) for a Python program that is not a
-    pyoco-es console script: run under :data:`~pyoco_es.runtime.PARENT_WATCH_PROLOGUE`, so that
-    with :func:`~pyoco_es.runtime.tied_to_this_process` it dies with us too."""
+    pyoco-es console script: run under :data:`~pyoco_es.lifeline.PARENT_WATCH_PROLOGUE`, so that
+    with :func:`~pyoco_es.lifeline.tied_to_this_process` it dies with us too."""
     if args and args[0] == "-c":
         return [python, "-c", PARENT_WATCH_PROLOGUE + args[1], *args[2:]]
     return [python, "-c", PARENT_WATCH_PROLOGUE + RUN_SCRIPT, *args]

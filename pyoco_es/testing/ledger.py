@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import httpx
 
-from ..runtime import tied_to_this_process
+from ..lifeline import tied_to_this_process
 from .fleet import wait_for
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
