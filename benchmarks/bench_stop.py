@@ -1,9 +1,10 @@
 """How long each pyoco-es process takes to exit after SIGTERM, with NATS fine, killed
 (SIGKILL) or frozen (SIGSTOP), idle or with a run in progress (a worker's run is a task that
 sleeps 60 s, so it never ends on its own within the drain).  ``up`` is ``pyoco-server up
---with-worker``; its NATS is its own nats-server child, killed or frozen.
+--with-worker``; its NATS is its own nats-server child, killed or frozen; ``up-ext`` is the same
+on a separate nats-server (``--nats-url``).
 
-    .venv/bin/python benchmarks/bench_stop.py [--kinds worker,conductor,gateway,up] [--nats fine,killed,frozen]
+    .venv/bin/python benchmarks/bench_stop.py [--kinds worker,conductor,gateway,up,up-ext] [--nats fine,killed,frozen]
 
 Prints one line per case: the process, NATS's state, idle/running, seconds from SIGTERM to exit,
 the exit code.  The timers are the defaults except ``PYOCO_CANCEL_GRACE_PERIOD_SEC`` (2) and
@@ -52,11 +53,12 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def up_case(nats_state: str, running: bool, root: Path) -> tuple[float, int | None]:
-    """``pyoco-server up --with-worker``; NATS is its own nats-server child."""
+def up_case(nats_state: str, running: bool, root: Path, external: EmbeddedNats | None = None) -> tuple[float, int | None]:
+    """``pyoco-server up --with-worker``; NATS is its own nats-server child, or ``external``."""
     log = root / "up.log"
+    where = ["--nats-url", external.url] if external is not None else ["--data-dir", str(root / "d")]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "pyoco-server"), "--port", "0", "--data-dir", str(root / "d"), "--with-worker",
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "pyoco-server"), "--port", "0", *where, "--with-worker",
                                  "--allow-module", "tests.tasks"], cwd=ROOT, **tied_to_this_process({**os.environ, **ENV}),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out)  # fmt: skip
     try:
@@ -64,7 +66,10 @@ def up_case(nats_state: str, running: bool, root: Path) -> tuple[float, int | No
         g = wait_for("the gateway URL", lambda: next((ln.split("gateway on ")[1].split()[0].rstrip("/") for ln in log.read_text().splitlines() if "gateway on" in ln), None), 60)
         if running:
             _run_something(g)
-        nats_pid = next(p for p in _children(proc.pid) if "nats-server" in Path(f"/proc/{p}/cmdline").read_text(errors="replace"))
+        if external is not None and external.proc is not None:
+            nats_pid = external.proc.pid
+        else:
+            nats_pid = next(p for p in _children(proc.pid) if "nats-server" in Path(f"/proc/{p}/cmdline").read_text(errors="replace"))
         return _fault_then_stop(nats_pid, nats_state, proc, log.read_text)
     finally:
         if proc.poll() is None:
@@ -102,6 +107,15 @@ def _run_something(g: str) -> None:
 def one(kind: str, nats_state: str, running: bool, root: Path) -> tuple[float, int | None]:
     if kind == "up":
         return up_case(nats_state, running, root)
+    if kind == "up-ext":
+        server = EmbeddedNats(data_dir=root / "nats")
+        server.start()
+        try:
+            return up_case(nats_state, running, root, server)
+        finally:
+            if server.proc is not None and server.proc.poll() is None:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            server.stop()
     server = EmbeddedNats(data_dir=root / "nats")
     server.start()
     fleet = Fleet(server.url, root / "logs", ROOT, ENV)
@@ -132,7 +146,7 @@ GONE_FOR = 0.0
 def main() -> None:
     global VERBOSE, GONE_FOR
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kinds", default="worker,conductor,gateway,up")
+    ap.add_argument("--kinds", default="worker,conductor,gateway,up,up-ext")
     ap.add_argument("--nats", default="fine,killed,frozen")
     ap.add_argument("--runs", default="idle,running")
     ap.add_argument("--verbose", action="store_true", help="print each stopped process's log tail")
@@ -145,7 +159,7 @@ def main() -> None:
     for kind in ns.kinds.split(","):
         for state in ns.nats.split(","):
             for run in ns.runs.split(","):
-                if run == "running" and kind not in ("worker", "up"):
+                if run == "running" and kind not in ("worker", "up", "up-ext"):
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
                     took, code = one(kind, state, run == "running", Path(tmp))
