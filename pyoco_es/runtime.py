@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ import attrs
 import trio
 
 from . import logs
+from .lifeline import PARENT_FD_ENV
 from .config import Settings
 from .core.errors import PyocoError
 from .nats.client import NatsClient, open_nats
@@ -115,45 +115,7 @@ async def serve_until_stopped(settings: Settings, *, name: str, start: Callable[
             nursery.cancel_scope.cancel()
 
 
-PARENT_FD_ENV = "PYOCO_ES_PARENT_FD"
-EXIT_PARENT_GONE = 70
-CLI_ENTRY = "from pyoco_es.runtime import exit_with_parent; exit_with_parent(); from pyoco_es.cli.main import main; main()"
-
-
-def exit_with_parent() -> None:
-    """In a child started by :func:`run_child_service`: exit at once when the parent dies.
-
-    The parent holds the write end of a pipe whose read end we inherit (fd in
-    ``PYOCO_ES_PARENT_FD``); nobody ever writes, so the read returns EOF exactly when the last
-    holder of the write end is gone: the parent exited or was SIGKILLed.  Unlike
-    ``PR_SET_PDEATHSIG`` this does not depend on which of the parent's threads forked us (issue 11).
-    A lost parent means the embedded NATS is gone too, so there is nothing to drain: the process
-    ends with code 70, and its run processes end because their command pipes close.
-    """
-    raw = os.environ.pop(PARENT_FD_ENV, None)
-    if not raw:
-        return
-    try:
-        fd = int(raw)
-        os.set_inheritable(fd, False)  # our own children must not keep it
-    except (ValueError, OSError):
-        return
-
-    def watch() -> None:
-        while True:
-            try:
-                if not os.read(fd, 1):
-                    break
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-        try:
-            os.write(2, b"parent process is gone: exiting now\n")
-        finally:
-            os._exit(EXIT_PARENT_GONE)
-
-    threading.Thread(target=watch, name="pyoco-es-parent-watch", daemon=True).start()
+CLI_ENTRY = "from pyoco_es.lifeline import exit_with_parent; exit_with_parent(); from pyoco_es.cli.main import main; main()"
 
 
 @attrs.frozen
@@ -190,7 +152,7 @@ async def run_child_service(
 
     Started (``task_status``) once the child's stderr shows ``ready_marker``; its stderr is
     forwarded to ours.  Each child exits at once if we die, even by SIGKILL
-    (:func:`exit_with_parent`).  A child that exits on its own (a crash, a SIGKILL) is logged and
+    (:func:`~pyoco_es.lifeline.exit_with_parent`).  A child that exits on its own (a crash, a SIGKILL) is logged and
     restarted after :class:`RestartBackoff`'s wait.  When cancelled, the child gets SIGTERM (a
     worker drains its runs), then SIGKILL after ``stop_timeout``.
 

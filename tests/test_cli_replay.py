@@ -16,6 +16,7 @@ from pyoco_es.core import decide
 from pyoco_es.core.codec import encode_envelope
 from pyoco_es.core.errors import PyocoError
 from pyoco_es.core.events import Producer, RunSubmitted
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
@@ -45,7 +46,7 @@ async def test_ctrl_c_during_replay_removes_the_scratch_bucket(nats_server: Embe
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")}
     with trio.fail_after(120):  # a hang guard; the test is paced by what it observes
         proc = await trio.lowlevel.open_process(
-            [PYOCO_ES, "replay", "--nats-url", nats_server.url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+            [PYOCO_ES, "replay", "--nats-url", nats_server.url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **tied_to_this_process(env)
         )
         try:
             while not await _exists(nats, SCRATCH):  # replay has folded and is writing its bucket

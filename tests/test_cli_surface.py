@@ -23,6 +23,7 @@ import trio
 from pyoco_es import logs
 from pyoco_es.config import Settings, refused_settings
 from pyoco_es.nats.embedded import EmbeddedNats
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.runtime import open_system_nats
 from pyoco_es.worker.supervisor import consumer_config
 
@@ -57,7 +58,7 @@ def _start(log: Path, *args: str, env: dict[str, str] | None = None, json_logs: 
     ``log`` + ``.err``)."""
     with open(log, "wb") as out, open(log.with_suffix(".err"), "wb") as err:
         streams = {"stdout": out, "stderr": err} if json_logs else {"stdout": subprocess.DEVNULL, "stderr": out}
-        proc = subprocess.Popen([*SERVER, "--port", "0", *args], cwd=ROOT, env=env or ENV, **streams)
+        proc = subprocess.Popen([*SERVER, "--port", "0", *args], cwd=ROOT, **tied_to_this_process(env or ENV), **streams)
     url = nats_url = ""
     deadline = time.monotonic() + 60
     while not url and time.monotonic() < deadline:
@@ -302,7 +303,7 @@ def test_json_logs_of_conductor_and_gateway_alone(tmp_path: Path, command: str, 
     log = tmp_path / "out.log"
     extra = ["--port", "0"] if command == "gateway" else []
     with open(log, "wb") as out, open(tmp_path / "err.log", "wb") as err:
-        proc = subprocess.Popen([*PYOCO_ES, command, "--data-dir", str(tmp_path / "d"), *extra], cwd=ROOT, env=env,
+        proc = subprocess.Popen([*PYOCO_ES, command, "--data-dir", str(tmp_path / "d"), *extra], cwd=ROOT, **tied_to_this_process(env),
                                 stdout=out, stderr=err)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -385,7 +386,7 @@ def test_json_logs_on_stdout_carry_pyoco_servers_err_and_msg_ids(tmp_path: Path)
     env = ENV | {"PYOCO_LOG_FORMAT": "json", "PYOCO_LOG_LEVEL": "WARN", "PYOCO_HTTP_AUTH_MODE": "api_key"}
     log, err = tmp_path / "out.log", tmp_path / "err.log"
     with open(log, "wb") as out, open(err, "wb") as errf:
-        proc = subprocess.Popen([*PYOCO_ES, "gateway", "--data-dir", str(tmp_path / "d"), "--port", "0"], cwd=ROOT, env=env,
+        proc = subprocess.Popen([*PYOCO_ES, "gateway", "--data-dir", str(tmp_path / "d"), "--port", "0"], cwd=ROOT, **tied_to_this_process(env),
                                 stdout=out, stderr=errf)  # fmt: skip
     try:
         deadline = time.monotonic() + 60

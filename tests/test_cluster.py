@@ -18,6 +18,7 @@ import trio
 
 from pyoco_es.config import Settings
 from pyoco_es.nats.client import NatsClient
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.runtime import open_system_nats
 from pyoco_es.testing.ledger import Ledger, Submitter, check, listed_runs, side_effect_flow
 
@@ -50,7 +51,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 async def test_dev_cluster_runs_three_nodes_and_an_r1_deployment_moves_to_r3(tmp_path: Path) -> None:
-    proc = subprocess.Popen([str(BIN / "pyoco-es"), "dev-cluster", "--dir", str(tmp_path / "c")], env=ENV,
+    proc = subprocess.Popen([str(BIN / "pyoco-es"), "dev-cluster", "--dir", str(tmp_path / "c")], **tied_to_this_process(ENV),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stderr is not None

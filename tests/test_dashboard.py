@@ -24,6 +24,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from pyoco_es.lifeline import tied_to_this_process
+from pyoco_es.testing.fleet import watched_python
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 CHROMIUM = "/usr/bin/chromium"
@@ -126,9 +129,9 @@ def child_stack(script: str, data_dir: Path) -> Iterator[dict[str, str]]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYOCO_LOAD_DOTENV="0")
     log = open(data_dir / "stack.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, script, "--serve", str(data_dir)],
+        watched_python(sys.executable, script, "--serve", str(data_dir)),
         cwd=ROOT,
-        env=env,
+        **tied_to_this_process(env),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=log,

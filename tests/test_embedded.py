@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pyoco_es.core.errors import InfraError
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.embedded import DataDirInUse, EmbeddedNats, running_server_url
 
 
@@ -56,7 +57,7 @@ def _spawn_conductor(data_dir: Path) -> subprocess.Popen[bytes]:
         [sys.executable, "-c", "from pyoco_es.cli.main import main; main()", "conductor", "--data-dir", str(data_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=env,
+        **tied_to_this_process(env),
     )
 
 

@@ -14,6 +14,7 @@ import httpx
 import trio
 
 from pyoco_es.gateway.server import run_gateway
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
 from test_gateway_support import HTTPX_STREAM_WARNINGS, open_gateway, open_sse, wait_until
@@ -59,7 +60,7 @@ async def test_gateway_command_serves_and_stops_on_sigint(tmp_path: Path) -> Non
             env = {**os.environ, "PYOCO_LOAD_DOTENV": "0"}
             async with trio.open_nursery() as nursery:
                 proc = await nursery.start(
-                    lambda task_status: trio.run_process(cmd, env=env, stderr=subprocess.PIPE, check=False, task_status=task_status)
+                    lambda task_status: trio.run_process(cmd, **tied_to_this_process(env), stderr=subprocess.PIPE, check=False, task_status=task_status)
                 )
                 url = None
                 buf = b""

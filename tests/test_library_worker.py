@@ -19,7 +19,9 @@ import trio
 
 from pyoco_es import AsyncPyocoHttpClient, NatsBackendConfig, PyocoNatsWorker, WorkerStopped, ensure_resources
 from pyoco_es.core.errors import EventLogUnavailable
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.embedded import EmbeddedNats
+from pyoco_es.testing.fleet import watched_python
 from pyoco_es.testing.stack import open_stack
 from test_cli_e2e import fast_settings
 
@@ -117,9 +119,9 @@ async def test_upstream_run_worker_example(tmp_path: Path) -> None:
             log = tmp_path / "run_worker.log"
             with open(log, "wb") as err:  # a file, not an unread pipe that fills and blocks the worker
                 proc = await trio.lowlevel.open_process(
-                    [sys.executable, str(UPSTREAM / "run_worker.py"), "--nats-url", stack.nats_url, "--tags", "hello", "--worker-id", "up1"],
+                    watched_python(sys.executable, str(UPSTREAM / "run_worker.py"), "--nats-url", stack.nats_url, "--tags", "hello", "--worker-id", "up1"),
                     cwd=str(UPSTREAM),
-                    env=env,
+                    **tied_to_this_process(env),
                     stderr=err,
                     # A shell that runs the suite in the background ignores SIGINT, and the child
                     # would inherit that: give it Ctrl-C back, as a terminal would.

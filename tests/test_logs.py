@@ -21,6 +21,7 @@ import trio
 
 from pyoco_es.cli.client_logs import escape_terminal, render_line
 from pyoco_es.config import Settings
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.logs import decode_chunk, read_chunks
 from pyoco_es.nats.resources import ResourceConfig, ensure_resources
@@ -72,7 +73,7 @@ async def test_follow_prints_lines_while_the_task_runs(stack: Stack, http: httpx
     release = tmp_path / "release"
     run_id = await submit_yaml(http, one_task_flow("talk", "tests.tasks:chatter_until", {"path": str(release), "text": "tick"}))
     proc = await trio.lowlevel.open_process(
-        [CLIENT, "--server", stack.url, "logs", run_id, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
+        [CLIENT, "--server", stack.url, "logs", run_id, "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, **tied_to_this_process()
     )
     try:
         assert proc.stdout is not None

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.nats.resources import ensure_resources
@@ -62,7 +63,7 @@ def test_up_worker_admin_and_events_take_a_list_and_start_no_embedded_server(nat
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen([str(BIN / "pyoco-server"), "up", "--port", "0", "--data-dir", str(data), "--with-worker",
-                               "--allow-module", "examples"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out)  # fmt: skip
+                               "--allow-module", "examples"], cwd=ROOT, **tied_to_this_process(env), stdout=subprocess.DEVNULL, stderr=out)  # fmt: skip
     try:
         url = ""
         deadline = time.monotonic() + 60

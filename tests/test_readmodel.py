@@ -28,6 +28,7 @@ from pyoco_es.core.model import RunSnapshot
 from pyoco_es.gateway.index import decode_cursor
 from pyoco_es.gateway.runindex import RunIndex, coalesce
 from pyoco_es.gateway.server import run_gateway
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import NatsClient, open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.readmodel import Change, open_store, summarize
@@ -79,7 +80,7 @@ def free_port() -> int:
 async def gateway_process(nats_url: str, path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], httpx.AsyncClient]]:
     port = free_port()
     env = {**os.environ, "PYOCO_LOAD_DOTENV": "0", "PYOCO_READ_MODEL_PATH": str(path)}
-    proc = subprocess.Popen([PYOCO_ES, "gateway", "--nats-url", nats_url, "--port", str(port)], env=env,
+    proc = subprocess.Popen([PYOCO_ES, "gateway", "--nats-url", nats_url, "--port", str(port)], **tied_to_this_process(env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:

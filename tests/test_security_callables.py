@@ -28,6 +28,7 @@ from pyoco.dsl import expressions
 from pyoco_es.config import Settings
 from pyoco_es.core.errors import ValidationError
 from pyoco_es.flows.yaml import parse_workflow_yaml
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.worker import child
 from pyoco_es.worker.supervisor import run_worker
 from pyoco_es.worker.trust import RefusedCallable, check_allowed_modules, check_env_names, module_allowed, resolve_callable
@@ -342,7 +343,7 @@ def test_up_passes_expose_env_to_its_worker(tmp_path: Path) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-c", "from pyoco_es.cli.main import server_main; server_main()", "--port", "0",
              "--data-dir", str(tmp_path / "data"), "--with-worker", "--allow-module", "examples", "--expose-env", "SOME_SECRET"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out,
+            cwd=ROOT, **tied_to_this_process(env), stdout=subprocess.DEVNULL, stderr=out,
         )
     try:
         url = ""

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.testing.fleet import wait_for as _poll
 from pyoco_es.testing.ledger import listed_runs
 
@@ -130,7 +131,7 @@ def test_the_readme_stack_survives_past_every_timer_with_faults(tmp_path: Path) 
         up = subprocess.Popen(
             [sys.executable, "-c", "from pyoco_es.cli.main import server_main; server_main()", "up",
              "--port", "0", "--data-dir", str(data), "--with-worker", "--allow-module", "examples"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
+            cwd=ROOT, **tied_to_this_process(env), stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
         )
     procs.append(up)
     stop = threading.Event()
@@ -152,7 +153,7 @@ def test_the_readme_stack_survives_past_every_timer_with_faults(tmp_path: Path) 
             w2 = subprocess.Popen(
                 [sys.executable, "-c", "from pyoco_es.cli.main import worker_main; worker_main()",
                  "--nats-url", nats_url, "--worker-id", "soak-w2", "--allow-module", "examples", "--log-level", "info"],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
+                cwd=ROOT, **tied_to_this_process(env), stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
             )
         procs.append(w2)
 

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from pyoco_es.lifeline import tied_to_this_process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,7 +47,7 @@ def _project(tmp_path: Path) -> Path:
 def _start_up(log: Path, *args: str, cwd: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
     """``pyoco-server ARGS`` with stderr in ``log``; returns the process and its gateway URL."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*SERVER, "--port", "0", *args], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=out)
+        proc = subprocess.Popen([*SERVER, "--port", "0", *args], cwd=cwd, **tied_to_this_process(ENV), stdout=subprocess.DEVNULL, stderr=out)
     url = ""
     deadline = time.monotonic() + 60
     while not url and time.monotonic() < deadline:

@@ -20,9 +20,11 @@ from pathlib import Path
 import trio
 
 from pyoco_es.config import Settings
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.resources import ensure_resources
+from pyoco_es.testing.fleet import watched_python
 from pyoco_es.testing.upstream import WORKER_SHIM as SHIM
 from pyoco_es.worker.supervisor import consumer_config
 
@@ -32,7 +34,7 @@ from test_gateway_support import open_gateway, wait_until
 
 
 def _upstream_worker(tag: str, *extra: str) -> list[str]:
-    return [str(upstream_python()), "-c", SHIM, "--tags", tag, "--worker-id", "upstream-w", *extra]
+    return watched_python(str(upstream_python()), "-c", SHIM, "--tags", tag, "--worker-id", "upstream-w", *extra)
 
 
 def _env(nats_url: str) -> dict[str, str]:
@@ -44,7 +46,7 @@ async def _run_upstream_worker(nats_url: str, tag: str, cwd: Path, *, once: bool
     with trio.fail_after(60):
         return await trio.run_process(
             _upstream_worker(tag, "--poll-timeout", "1", "--run-once") if once else _upstream_worker(tag, "--poll-timeout", "0.2"),
-            cwd=cwd, env=_env(nats_url), capture_stdout=True, capture_stderr=True, check=False,
+            cwd=cwd, **tied_to_this_process(_env(nats_url)), capture_stdout=True, capture_stderr=True, check=False,
         )
 
 

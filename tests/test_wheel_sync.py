@@ -27,6 +27,7 @@ from pyoco_es.core.codec import decode_envelope, encode_envelope
 from pyoco_es.core.events import Envelope, Producer, RunClaimed
 from pyoco_es.core.model import RunStatus
 from pyoco_es.core.wheelsync import StoredWheel, select_wheels, shadowed_modules, unsafe_members, verify_sha256
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
@@ -365,7 +366,7 @@ async def test_pyoco_worker_flags_and_a_restart_reuses_the_installed_directory(
                 "--wheel-sync-dir", str(tmp_path / "wheels"), "--wheel-install-timeout-sec", "60"]  # fmt: skip
         seen: list[float] = []
         for _ in range(2):
-            proc = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, **tied_to_this_process(env), cwd=ROOT, stderr=subprocess.DEVNULL)
             try:
                 snap, _ = await run_output(store)
                 assert snap.tasks["which"].output == "v1.0", snap.error

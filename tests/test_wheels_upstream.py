@@ -16,6 +16,8 @@ from pathlib import Path
 import trio
 
 from pyoco_es.config import Settings
+from pyoco_es.lifeline import tied_to_this_process
+from pyoco_es.testing.fleet import watched_python
 
 from test_apikey import upstream_python
 from test_gateway_support import open_gateway
@@ -75,8 +77,8 @@ async def test_registry_shared_with_an_upstream_gateway(tmp_path: Path) -> None:
         def run_upstream() -> subprocess.CompletedProcess[str]:
             env = {"PYOCO_NATS_URL": g.stack.nats_url, "PATH": "/usr/bin:/bin"}
             return subprocess.run(
-                [str(upstream_python()), "-c", UPSTREAM_GATEWAY, theirs.name, str(theirs), ours_name],
-                capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+                watched_python(str(upstream_python()), "-c", UPSTREAM_GATEWAY, theirs.name, str(theirs), ours_name),
+                capture_output=True, text=True, timeout=120, **tied_to_this_process(env), cwd=tmp_path,
             )
 
         out = await trio.to_thread.run_sync(run_upstream)

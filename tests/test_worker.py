@@ -20,6 +20,7 @@ from pyoco_es.config import Settings
 from pyoco_es.core import decide
 from pyoco_es.core.events import Producer, RunSubmitted
 from pyoco_es.core.model import RunSnapshot, RunStatus, TaskState
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
@@ -459,7 +460,7 @@ tasks:
         proc = subprocess.Popen(
             [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()",
              "--nats-url", nats_server.url, "--worker-id", "victim", "--concurrency", "1", "--allow-module", "examples", "--allow-module", "tests.tasks"],
-            env=worker_env(nats_server),
+            **tied_to_this_process(worker_env(nats_server)),
             cwd=ROOT,
             stderr=subprocess.DEVNULL,
         )
@@ -519,7 +520,7 @@ async def test_a_sigkilled_workers_scratch_directory_is_removed_by_the_next_work
         proc = subprocess.Popen(
             [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()",
              "--nats-url", nats_server.url, "--worker-id", "victim", "--concurrency", "1"],
-            env=env,
+            **tied_to_this_process(env),
             cwd=ROOT,
             stderr=subprocess.DEVNULL,
         )

@@ -26,6 +26,7 @@ from pyoco_es.core import decide
 from pyoco_es.core.errors import ConcurrencyConflict
 from pyoco_es.core.events import Envelope, Producer, RunClaimed
 from pyoco_es.core.model import RunStatus
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient
 from pyoco_es.nats.embedded import EmbeddedNats
@@ -123,7 +124,7 @@ def cli_worker(nats_server: EmbeddedNats, worker_id: str, *, concurrency: int = 
     return subprocess.Popen(
         [sys.executable, "-c", "from pyoco_es.cli.worker import worker_main; worker_main()",
          "--nats-url", nats_server.url, "--worker-id", worker_id, "--concurrency", str(concurrency), "--allow-module", "examples", "--allow-module", "tests.tasks"],
-        env={**worker_env(nats_server), **(env or {})},
+        **tied_to_this_process({**worker_env(nats_server), **(env or {})}),
         cwd=ROOT,
         stderr=subprocess.DEVNULL,
     )
@@ -529,7 +530,7 @@ def cli_conductor(nats_server: EmbeddedNats, log: Path) -> subprocess.Popen[byte
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", "from pyoco_es.cli.main import main; main()", "conductor", "--nats-url", nats_server.url],
-            env=worker_env(nats_server), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out,
+            **tied_to_this_process(worker_env(nats_server)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out,
         )
     return proc
 

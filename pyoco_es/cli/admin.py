@@ -21,6 +21,7 @@ import asyncclick as click
 
 from ..core.apikey import ApiKeyFormatError, check_key_id, check_tenant
 from ..core.errors import PyocoError
+from ..lifeline import exit_with_parent
 from ..runtime import configure_logging, open_system_nats
 from .options import DATA_DIR, NATS_URL, fail, settings_with
 
@@ -148,4 +149,5 @@ async def revoke(ctx: click.Context, key_id: str, output: str) -> None:
 
 
 def main() -> None:
+    exit_with_parent()  # a parent that asked (PYOCO_ES_PARENT_FD): die with it
     admin(_anyio_backend="trio")

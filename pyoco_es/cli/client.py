@@ -17,6 +17,7 @@ from typing import Any, Final, TypeVar
 
 import asyncclick as click
 
+from ..lifeline import exit_with_parent
 from . import client_wheels
 from .client_bulk import cancel_by_filter, cancel_filter_options, register
 from .client_command import ClientGroup, api_command
@@ -543,6 +544,7 @@ client_wheels.register(client)  # wheels, wheel-history, wheel-upload, wheel-del
 
 def main() -> None:
     """The ``pyoco-client`` console script: run the group on Trio."""
+    exit_with_parent()  # a parent that asked (PYOCO_ES_PARENT_FD): die with it
     try:
         client(prog_name="pyoco-client", _anyio_backend="trio")
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import trio
 from ..core.codec import compact_json, envelope_to_json
 from ..core.errors import PyocoError
 from ..logs import announce
+from ..lifeline import exit_with_parent
 from ..nats.client import NatsClient
 from ..runtime import configure_logging, open_system_nats, run_child_service, serve_until_stopped, wait_for_stop_signal
 from .options import DATA_DIR, LOG_LEVEL, NATS_SYNC, NATS_URL, fail, first_error, nats_address, settings_with
@@ -346,11 +347,13 @@ _mount_optional()
 
 
 def main() -> None:
+    exit_with_parent()  # a parent that asked (PYOCO_ES_PARENT_FD): die with it, even when it is SIGKILLed
     cli(_anyio_backend="trio")
 
 
 def server_main() -> None:
     """``pyoco-server``: like pyoco-server, no sub-command (or flags first) means ``up``."""
+    exit_with_parent()
     args = sys.argv[1:]
     if not args or args[0].startswith("-") and args[0] not in ("-h", "--help"):
         args = ["up", *args]

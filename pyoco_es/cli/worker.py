@@ -27,6 +27,7 @@ from ..logs import announce
 from ..nats import subjects
 from ..nats.client import NatsClient, open_nats
 from ..nats.resources import ensure_resources
+from ..lifeline import exit_with_parent
 from ..runtime import configure_logging, resource_config, wait_for_stop_signal
 from .options import LOG_LEVEL
 from ..worker.supervisor import normalize_tags, run_worker
@@ -257,6 +258,7 @@ def _fail(message: str) -> None:
 
 def worker_main() -> None:
     """Console-script entry point (``pyoco-worker``); Ctrl-C twice exits 130."""
+    exit_with_parent()  # a parent that asked (PYOCO_ES_PARENT_FD): die with it
     try:
         worker(_anyio_backend="trio")
     except KeyboardInterrupt:

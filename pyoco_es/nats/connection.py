@@ -39,6 +39,7 @@ NO_ROOM: Final = frozenset({10023, 10028, 10047, 10077})
 DEFAULT_MAX_MSG_SIZE: Final = 4 * 1024 * 1024  # the streams' max_msg_size (see resources.py)
 HEADER_HEADROOM: Final = 2048  # headers (Nats-Msg-Id, expected seqs) count toward max_payload
 WRITE_FAILURE_MEMORY: Final = 60.0  # seconds a refused write keeps /ready "not ready"
+CLOSE_WAIT: Final = 2.0  # seconds close() waits for the server (a frozen one never answers)
 # What the NATS client raises when the server did not answer; translated to EventLogUnavailable
 # (core.errors.TRANSIENT_ERRORS), never caught as the root error.
 NATS_TRANSIENT_ERRORS: Final = (
@@ -494,7 +495,8 @@ class NatsConnection:
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
 
-        with trio.CancelScope(shield=True):
+        # Shielded (a cancelled owner still closes), but bounded: a frozen server never answers.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_WAIT):
             try:
                 await self._thread.call(go)
             except BaseException:  # noqa: BLE001 - the loop may already be gone

@@ -202,7 +202,7 @@ def spawn_bound_to_parent(argv: Sequence[str], **kwargs: Any) -> subprocess.Pope
     on one spawner thread that lives as long as the process (a one-thread executor never retires
     its thread), and the child checks, once the signal is armed, that its parent is still the
     process that started it.  Children written in Python may watch a pipe instead
-    (:func:`pyoco_es.runtime.exit_with_parent`); this is for binaries such as nats-server.
+    (:func:`pyoco_es.lifeline.exit_with_parent`); this is for binaries such as nats-server.
     """
     global _spawner
     with _spawner_lock:

@@ -1,7 +1,8 @@
 """A fleet of pyoco-es processes (gateways, conductors, workers) as separate OS processes, for tests
 that kill them: each is started the way an operator starts it (``pyoco-es gateway``,
 ``conductor``, ``worker``), waited for until it announces itself, and can be SIGKILLed and started
-again under the same name."""
+again under the same name.  Each dies with the process that started it, even when that one is
+SIGKILLed (:func:`~pyoco_es.lifeline.tied_to_this_process`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import attrs
+
+from ..lifeline import PARENT_WATCH_PROLOGUE, tied_to_this_process
 
 T = TypeVar("T")
 ENTRY = "from pyoco_es.cli.main import main; main()"
@@ -88,7 +91,7 @@ class Fleet:
             out.write(f"--- start {' '.join(m.argv[3:])}\n".encode())
             out.flush()
             start_at = out.tell()
-            m.proc = subprocess.Popen(m.argv, cwd=self.cwd, env=self._environ(nats_url),
+            m.proc = subprocess.Popen(m.argv, cwd=self.cwd, **tied_to_this_process(self._environ(nats_url)),
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)  # fmt: skip
         m.url = ""
         marker = READY[m.kind]
@@ -148,3 +151,15 @@ class Fleet:
         """Members whose log shows a Python traceback (the tail of each)."""
         return {m.name: m.log_text()[-2000:] for m in self.members.values() if "Traceback" in m.log_text()}
 
+
+
+RUN_SCRIPT = "import os, runpy, sys; sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def watched_python(python: str, *args: str) -> list[str]:
+    """``[python, *args]`` (``-c CODE ...`` or ``script.py ...``) for a Python program that is not a
+    pyoco-es console script: run under :data:`~pyoco_es.lifeline.PARENT_WATCH_PROLOGUE`, so that
+    with :func:`~pyoco_es.lifeline.tied_to_this_process` it dies with us too."""
+    if args and args[0] == "-c":
+        return [python, "-c", PARENT_WATCH_PROLOGUE + args[1], *args[2:]]
+    return [python, "-c", PARENT_WATCH_PROLOGUE + RUN_SCRIPT, *args]

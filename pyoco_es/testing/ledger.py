@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import httpx
 
+from ..lifeline import tied_to_this_process
 from .fleet import wait_for
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
@@ -171,7 +172,7 @@ def replay_differences(nats_url: str, *, cwd: Path | None = None, timeout: float
     cmd = [sys.executable, "-c", "from pyoco_es.cli.main import main; main()", "replay", "--nats-url", nats_url, "--output", "json"]
     deadline = time.monotonic() + timeout
     while True:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd, **tied_to_this_process(env))
         assert out.stdout.strip(), out.stderr
         diffs = list(json.loads(out.stdout)["differences"])
         if not diffs and out.returncode == 0:

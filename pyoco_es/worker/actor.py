@@ -53,7 +53,10 @@ So a run that kills its process every time ends FAILED after ``max_attempts``, w
 
 Graceful stop (``stop`` set): stop fetching, NAK what is queued but not claimed, let running runs
 finish within ``worker_drain_timeout``, then release the rest (``run.released``), write
-``STOPPED_GRACEFUL`` and return.
+``STOPPED_GRACEFUL`` and return.  What follows the drain (the releases, the last acks, the
+registry write) shares one budget, :data:`~.stopping.HANDBACK_WAIT`: with NATS gone or frozen the worker
+still exits, logging what it could not hand back (nothing is lost: an unreleased run is re-delivered
+when its lease expires, an unsent ack's item is redelivered and found obsolete).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ from .logship import LogShipper
 from .pool import ChildDied, ChildPool, ChildProcess, ChildProtocolError
 from .protocol import Abort, Go, Prepare
 from .registry import Registry
+from .stopping import HANDBACK_WAIT, wait_drained
 from .wheels import WheelSync
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,7 @@ class WorkerActor:
         self.worker_id = worker_id
         self.tags = tuple(tags)
         self.drain_timeout = drain_timeout
+        self.handback_by = math.inf  # the hand-back's deadline (Trio time), set when the drain ends
         self.instance_id = uuid.uuid4().hex
         self.clock = clock  # wall clock for stamps; nothing judges liveness from it (tests skew it)
         self.store = RunStore(nats, clock=clock)
@@ -461,8 +466,8 @@ class WorkerActor:
         """Stop pulling, let what was accepted finish within ``drain_timeout``, then release the
         attempts still running and wait (a bounded time) for them to settle."""
         self.intake.stop_pulling()
-        with trio.move_on_after(self.drain_timeout):
-            await self.intake.wait_idle()
+        await wait_drained(self.intake, self.nats, self.drain_timeout, lambda: len(self.active), worker_id=self.worker_id)
+        self.handback_by = trio.current_time() + HANDBACK_WAIT
         if self.intake.pending:
             log.warning("drain timeout: releasing %d run(s)", len(self.active))
             for active in list(self.active.values()):
@@ -470,7 +475,15 @@ class WorkerActor:
                     active.inbox.send_nowait(("release", None))
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     pass
-            with trio.move_on_after(max(5.0, self.settings.cancel_grace_period)):
+            with trio.move_on_at(self.handback_by):
                 await self.intake.wait_idle()
+            for run_id, attempt in list(self.active):
+                log.warning(
+                    "run %s attempt %d: could not hand it back (run.released not confirmed within %g s: NATS unreachable?); "
+                    "its run process is stopped and the run is re-delivered when its lease expires (%g s)",
+                    run_id, attempt, HANDBACK_WAIT, self.settings.run_lease_seconds,
+                    extra=log_ids(NATS_UNAVAILABLE, run_id=run_id, worker_id=self.worker_id),
+                )  # fmt: skip
+
 
 __all__ = ["WorkerActor"]

@@ -23,6 +23,7 @@ from ..nats import subjects
 from ..nats.client import NatsClient, PullSubscription
 from ..nats.resources import ensure_work_consumer, work_consumer_config
 from .actor import WorkerActor
+from .stopping import HANDBACK_WAIT
 from .scratch import open_scratch_root
 from .trust import check_allowed_modules, check_env_names
 
@@ -155,7 +156,8 @@ async def serve_worker(
     2. **Acks**: the ack loop flushes the acks of the attempts that just ended, then returns.
     3. **Liveness** (heartbeat, in-progress acks) and the read/append batchers are cancelled: no
        attempt is held any more.
-    4. **Registry**: ``STOPPED_GRACEFUL`` is written (shielded, at most 5 s).
+    4. **Registry**: ``STOPPED_GRACEFUL`` is written (shielded, within what is left of
+       :data:`~.stopping.HANDBACK_WAIT`, at least 0.5 s; skipped when NATS is not connected).
     5. **Pool**: warming and wheel sync stop; :func:`run_worker` then closes the children and
        removes the scratch directory.
 
@@ -176,13 +178,39 @@ async def serve_worker(
                 acks.start_soon(actor.intake.run_acks)
                 await serve_runs(actor, stop=stop, task_status=task_status)
                 actor.intake.close_acks()  # the ack loop flushes what is left, then ends
+                acks.cancel_scope.deadline = _handback_deadline(actor)
+            if acks.cancel_scope.cancelled_caught:
+                log.warning("stopping: the last acks were not confirmed within the hand-back wait "
+                            "(their items are redelivered and found obsolete)")  # fmt: skip
             liveness.cancel_scope.cancel()
-        with trio.move_on_after(5), trio.CancelScope(shield=True):
-            try:
-                await actor.registry.write(WORKER_STOPPED)
-            except PyocoError as exc:
-                log.warning("could not write STOPPED_GRACEFUL: %s", exc)
+        await _write_stopped(actor)
         pool_nursery.cancel_scope.cancel()
+
+
+def _handback_deadline(actor: WorkerActor) -> float:
+    """When a stopping worker gives up handing back (:data:`~.stopping.HANDBACK_WAIT` after the
+    drain; a worker cancelled without a drain gets the whole wait from now)."""
+    return min(actor.handback_by, trio.current_time() + HANDBACK_WAIT)
+
+
+async def _write_stopped(actor: WorkerActor) -> None:
+    """``STOPPED_GRACEFUL`` in the registry, within what is left of the hand-back wait (at least
+    :data:`STOPPED_WRITE_MIN` s); skipped when NATS is not connected.  Not written, the entry keeps
+    its last state until the conductor judges it by its stale heartbeat."""
+    if not actor.nats.is_connected:
+        log.warning("could not write STOPPED_GRACEFUL: not connected to NATS (the registry entry goes stale instead)")
+        return
+    deadline = max(_handback_deadline(actor), trio.current_time() + STOPPED_WRITE_MIN)
+    with trio.CancelScope(shield=True, deadline=deadline) as scope:  # the deadline binds inside the shield
+        try:
+            await actor.registry.write(WORKER_STOPPED)
+        except PyocoError as exc:
+            log.warning("could not write STOPPED_GRACEFUL: %s", exc)
+    if scope.cancelled_caught:
+        log.warning("could not write STOPPED_GRACEFUL: NATS did not answer in time (the registry entry goes stale instead)")
+
+
+STOPPED_WRITE_MIN = 0.5  # seconds the STOPPED_GRACEFUL write always gets, even past the hand-back wait
 
 
 async def serve_runs(
@@ -203,7 +231,10 @@ async def serve_runs(
                     await stop.wait()
                 await actor.drain()
                 # the pull loops end on their own (within one poll), so no pull request is
-                # left lingering on the server to capture an item
+                # left lingering on the server to capture an item; a fetch that a frozen NATS
+                # never answers is cut at the hand-back deadline, and with NATS disconnected at
+                # once (nothing can come; an item a cut fetch brought is redelivered)
+                pulls.cancel_scope.deadline = actor.handback_by if actor.nats.is_connected else trio.current_time()
         attempts.cancel_scope.cancel()  # only what outlived the drain and the release
 
 class _bound:
