@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from conftest import CLUSTER_ENV, ClusterSystem
+from pyoco_es.core.errors import InfraError
 from pyoco_es.testing.fleet import wait_for
 from pyoco_es.testing.ledger import Figures, Ledger, Submitter, check, side_effect_flow
 
@@ -57,7 +58,10 @@ def _all_current(system: ClusterSystem) -> None:
     streams = system.cluster.stream_names()
 
     def current() -> bool:
-        return all(len(system.cluster.replicas(s)[1]) == 3 for s in streams)
+        try:
+            return all(len(system.cluster.replicas(s)[1]) == 3 for s in streams)
+        except InfraError:  # no node answered the stream info (an election under way): not yet
+            return False
 
     wait_for("every stream's replicas to be current", current, 60, every=0.2)
 
