@@ -179,6 +179,11 @@ def _row(change: Change) -> tuple[Any, ...]:
     )
 
 
+def _phrase(text: str) -> str:
+    """``text`` as one FTS5 phrase (a substring for the trigram tokenizer)."""
+    return '"' + text.replace('"', '""') + '"'
+
+
 def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -206,7 +211,7 @@ def where(q: Query, *, fts: bool = False) -> tuple[str, list[Any]]:
         # a trigram phrase MATCH is a case-insensitive substring search served by the index
         # (a LIKE with ESCAPE is not: SQLite then scans the whole FTS table)
         conds.append("rowid IN (SELECT rowid FROM runs_error WHERE runs_error MATCH ?)")
-        args.append('"' + q.error_contains.replace('"', '""') + '"')
+        args.append(_phrase(q.error_contains))
     elif q.error_contains:
         conds.append("error_text LIKE ? ESCAPE '\\'")
         args.append(f"%{_like_escape(q.error_contains)}%")
@@ -394,7 +399,7 @@ class ReadModelStore:
             return False
         found = conn.execute(
             "SELECT count(*) FROM (SELECT 1 FROM runs_error WHERE runs_error MATCH ? LIMIT ?)",
-            ('"' + text.replace('"', '""') + '"', COMMON_TEXT),
+            (_phrase(text), COMMON_TEXT),
         ).fetchone()[0]
         return bool(found >= COMMON_TEXT)
 

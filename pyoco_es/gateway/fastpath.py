@@ -135,7 +135,7 @@ class FastPath:
 
 
 def _has_origin(scope: dict[str, Any]) -> bool:
-    return any(k == b"origin" or k.lower() == b"origin" for k, _ in scope["headers"])
+    return any(k.lower() == b"origin" for k, _ in scope["headers"])
 
 
 async def _read_body(receive: Receive, length: int) -> tuple[bytes, bool, bool]:

@@ -98,7 +98,6 @@ class RunIndex:
         self._wrote = trio.Event()
         self._work = trio.Event()
         self._hurry = trio.Event()  # a reader waits for the file: write now
-        self.linger = LINGER
         self._changed = trio.Event()
         self._slots: dict[str, set[RunSlot]] = {}
         self._docs: OrderedDict[str, JSONObject] = OrderedDict()
@@ -223,7 +222,7 @@ class RunIndex:
             if len(self._pending) < LINGER_BATCH:
                 # a change rarely comes alone under load: one transaction for a few ms of them
                 # costs a fraction of one each (and a run's several revisions fold into one row)
-                with trio.move_on_after(self.linger):
+                with trio.move_on_after(LINGER):
                     await self._hurry.wait()
             while self._pending:
                 self._hurry = trio.Event()
