@@ -72,12 +72,18 @@ class AsyncioThread:
         finally:
             self.loop.close()
 
+    @trio.lowlevel.enable_ki_protection
     async def call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run ``fn(*args)`` on the asyncio loop and wait for it from Trio.
 
         Cancelling the Trio caller cancels the asyncio task; the caller then sees
         ``trio.Cancelled``.  (A cancelled publish may still have been sent: callers always set
         a ``Nats-Msg-Id`` so a retry deduplicates.)
+
+        KI-protected: a Ctrl-C between queueing the call and waiting for it would leave a call
+        whose answer later reschedules a task that has moved on (a TrioInternalError, seen on
+        Ctrl-C during ``pyoco-es replay``); protected, the KeyboardInterrupt arrives through
+        the wait's abort like a cancel.
         """
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
