@@ -192,6 +192,33 @@ async def test_replay_rebuilds_byte_identical_snapshots(nats: NatsClient) -> Non
         assert (await replay(nats)).ok
 
 
+async def test_replay_names_a_changed_snapshot_and_a_key_without_events(nats: NatsClient) -> None:
+    """Replay's one pass over the live bucket: a snapshot edited by hand is "different" (status
+    first, live → replayed), a key with no events is "extra", the rest match; --rebuild restores
+    the edited one and leaves the extra key alone."""
+    from pyoco_es.conductor.replay import replay
+
+    store = RunStore(nats)
+    with trio.fail_after(30):
+        ids = await submit(store, 5)
+        async with trio.open_nursery() as n:
+            await n.start(run_projector, nats)
+            await wait_until(lambda: snapshots_match_fold(nats, ids), "projection")
+            n.cancel_scope.cancel()
+        original = await nats.kv_get(subjects.RUNS_BUCKET, ids[2])
+        assert original is not None and original.value is not None
+        edited = {**json.loads(original.value), "status": "COMPLETED"}
+        await nats.kv_put(subjects.RUNS_BUCKET, ids[2], json.dumps(edited).encode())
+        await nats.kv_put(subjects.RUNS_BUCKET, "no-events-here", b'{"status": "PENDING"}')
+        report = await replay(nats, rebuild=True)
+        assert report.runs == 5
+        assert [(d.run_id, d.kind) for d in report.differences] == [(ids[2], "different"), ("no-events-here", "extra")]
+        assert report.differences[0].detail.startswith("status COMPLETED → PENDING")
+        restored = await nats.kv_get(subjects.RUNS_BUCKET, ids[2])
+        assert restored is not None and restored.value == original.value
+        assert [d.kind for d in (await replay(nats)).differences] == ["extra"]
+
+
 async def _claimed_run(nats: NatsClient, store: RunStore, worker_id: str, *, lease: float, max_attempts: int = 3) -> str:
     run_id = new_run_id()
     ev = RunSubmitted(flow_name="main", params={}, tag="t", tags=["t"], submitted_at=time.time(), max_attempts=max_attempts)

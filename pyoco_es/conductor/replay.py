@@ -19,6 +19,7 @@ from ..nats.wheelstore import WheelStore
 
 log = logging.getLogger(__name__)
 REPLAY_BUCKET = "pyoco_runs_replay"
+WRITE_CHUNK = 1024  # snapshots written (and live values read) per round trip
 
 
 @attrs.frozen
@@ -85,13 +86,10 @@ async def replay(
     """
     snaps: dict[str, RunSnapshot | None] = {}
     corrupt: dict[str, str] = {}
-    after = 0
     events = 0
     total = (await nats.stream_info(subjects.EVENTS_STREAM))["last_seq"]
-    while True:
-        batch = await nats.read_events(subjects.RUN_EVENTS_WILDCARD, after_stream_seq=after, limit=1024)
-        if not batch:
-            break
+    after = 0
+    while batch := await nats.read_events(subjects.RUN_EVENTS_WILDCARD, after_stream_seq=after, limit=1024):
         for seq, data in batch:
             events += 1
             # The subject is not in the batch; the envelope names its run.
@@ -111,40 +109,60 @@ async def replay(
             progress(after, total)
     await recreate_bucket(nats, out_bucket)
     limit = min(max_snapshot_bytes, nats.max_message_bytes) if max_snapshot_bytes > 0 else nats.max_message_bytes
-    encoded = {r: encode_snapshot(s, max_bytes=limit) for r, s in snaps.items() if s is not None and r not in corrupt}
-    ids = sorted(encoded)
+    runs = len(snaps)
+    encoded: dict[str, bytes] = {}
+    for run_id in sorted(snaps):  # encoded as the objects are let go: both are never held in full
+        snap = snaps.pop(run_id)
+        if snap is not None and run_id not in corrupt:
+            encoded[run_id] = encode_snapshot(snap, max_bytes=limit)
     diffs: list[Difference] = [Difference(r, "corrupt", why) for r, why in sorted(corrupt.items())]
-    chunk = 256
-    to_fix: list[tuple[str, bytes]] = []
-    for i in range(0, len(ids), chunk):
-        part = ids[i : i + chunk]
-        for run_id in part:
-            try:
-                await nats.kv_put(out_bucket, run_id, encoded[run_id])
-            except InfraError:
-                raise
-            except PyocoError as exc:  # this run only: report it and go on
-                diffs.append(Difference(run_id, "unwritable", exc.message))
-        live = await nats.kv_get_many(subjects.RUNS_BUCKET, part)
-        for run_id, entry in zip(part, live, strict=True):
-            if entry is None:
-                diffs.append(Difference(run_id, "missing", "no live snapshot"))
-                to_fix.append((run_id, encoded[run_id]))
-            elif entry.value != encoded[run_id]:
-                diffs.append(Difference(run_id, "different", _first_difference(entry.value or b"", encoded[run_id])))
-                to_fix.append((run_id, encoded[run_id]))
-    for key in await nats.kv_keys(subjects.RUNS_BUCKET):
-        if key not in encoded and key not in corrupt:
-            diffs.append(Difference(key, "extra", "live snapshot without events"))
+    ids = list(encoded)
+    for i in range(0, len(ids), WRITE_CHUNK):  # pipelined: one round trip per chunk, not per run
+        part = ids[i : i + WRITE_CHUNK]
+        written = await nats.kv_update_many(out_bucket, [(run_id, encoded[run_id], 0) for run_id in part])
+        for run_id, res in zip(part, written, strict=True):
+            if isinstance(res, InfraError):
+                raise res
+            if isinstance(res, PyocoError):  # this run only: report it and go on
+                diffs.append(Difference(run_id, "unwritable", res.message))
+    found, extra = await _compare_live(nats, encoded, corrupt)
+    diffs += found + extra
+    to_fix = [(d.run_id, encoded[d.run_id]) for d in found]
     if rebuild:
         for run_id, value in to_fix:
             await nats.kv_put(subjects.RUNS_BUCKET, run_id, value)
     await delete_bucket(nats, out_bucket)  # scratch only (the CLI also drops it on an error)
     wheel_events, wheel_count, wheel_diffs = await replay_wheels(wheel_store or WheelStore(nats))
     return ReplayReport(
-        events=events, runs=len(snaps), differences=tuple(diffs),
+        events=events, runs=runs, differences=tuple(diffs),
         wheel_events=wheel_events, wheels=wheel_count, wheel_differences=wheel_diffs,
     )
+
+
+async def _compare_live(nats: NatsClient, encoded: dict[str, bytes], corrupt: dict[str, str]) -> tuple[list[Difference], list[Difference]]:
+    """One pass over the live bucket's values (history 1: each key once), instead of a get per
+    run and a key listing: (missing and different runs, by run id; live keys without events)."""
+    found: list[Difference] = []
+    extra: list[Difference] = []
+    seen: set[str] = set()
+    if (await nats.stream_info(subjects.kv_stream(subjects.RUNS_BUCKET)))["messages"]:
+        async with nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
+            while True:
+                entries, pending = await fetch(WRITE_CHUNK)
+                for entry in entries:
+                    if entry.value is None:  # a delete marker
+                        continue
+                    seen.add(entry.key)
+                    replayed = encoded.get(entry.key)
+                    if replayed is None:
+                        if entry.key not in corrupt:
+                            extra.append(Difference(entry.key, "extra", "live snapshot without events"))
+                    elif entry.value != replayed:
+                        found.append(Difference(entry.key, "different", _first_difference(entry.value, replayed)))
+                if not entries or not pending:
+                    break
+    found += [Difference(run_id, "missing", "no live snapshot") for run_id in encoded if run_id not in seen]
+    return sorted(found, key=lambda d: d.run_id), sorted(extra, key=lambda d: d.run_id)
 
 
 def _first_difference(live: bytes, replayed: bytes) -> str:
