@@ -205,9 +205,9 @@ async def replay(
     try:
         async with open_system_nats(settings, name="pyoco-replay", attach=True) as nats:
 
-            def progress(done: int, total: int) -> None:
+            def progress(stage: str, done: int, total: int) -> None:
                 if sys.stderr.isatty():
-                    print(f"\rreplayed up to stream seq {done}/{total}", end="", file=sys.stderr, flush=True)
+                    print(f"\r{stage} {done}/{total}\x1b[K", end="", file=sys.stderr, flush=True)
 
             try:
                 store = WheelStore(nats, bucket=settings.wheel_object_store_bucket, history_bucket=settings.wheel_history_kv_bucket)

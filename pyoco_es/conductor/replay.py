@@ -74,7 +74,7 @@ async def replay(
     rebuild: bool = False,
     out_bucket: str = REPLAY_BUCKET,
     max_snapshot_bytes: int = 262144,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     wheel_store: WheelStore | None = None,
 ) -> ReplayReport:
     """Fold every run event into ``out_bucket`` (recreated empty) and diff it with ``pyoco_runs``.
@@ -106,7 +106,7 @@ async def replay(
                 corrupt[env.run_id] = str(exc) if isinstance(exc, CorruptStreamError) else f"{type(exc).__name__}: {exc}"
         after = batch[-1][0]
         if progress is not None:
-            progress(after, total)
+            progress("folded up to stream seq", after, total)
     await recreate_bucket(nats, out_bucket)
     limit = min(max_snapshot_bytes, nats.max_message_bytes) if max_snapshot_bytes > 0 else nats.max_message_bytes
     runs = len(snaps)
@@ -125,7 +125,9 @@ async def replay(
                 raise res
             if isinstance(res, PyocoError):  # this run only: report it and go on
                 diffs.append(Difference(run_id, "unwritable", res.message))
-    found, extra = await _compare_live(nats, encoded, corrupt)
+        if progress is not None:
+            progress("snapshots written", i + len(part), len(ids))
+    found, extra = await _compare_live(nats, encoded, corrupt, progress)
     diffs += found + extra
     to_fix = [(d.run_id, encoded[d.run_id]) for d in found]
     if rebuild:
@@ -139,16 +141,21 @@ async def replay(
     )
 
 
-async def _compare_live(nats: NatsClient, encoded: dict[str, bytes], corrupt: dict[str, str]) -> tuple[list[Difference], list[Difference]]:
+async def _compare_live(
+    nats: NatsClient, encoded: dict[str, bytes], corrupt: dict[str, str], progress: Callable[[str, int, int], None] | None
+) -> tuple[list[Difference], list[Difference]]:
     """One pass over the live bucket's values (history 1: each key once), instead of a get per
     run and a key listing: (missing and different runs, by run id; live keys without events)."""
     found: list[Difference] = []
     extra: list[Difference] = []
     seen: set[str] = set()
-    if (await nats.stream_info(subjects.kv_stream(subjects.RUNS_BUCKET)))["messages"]:
+    read = 0
+    live = (await nats.stream_info(subjects.kv_stream(subjects.RUNS_BUCKET)))["messages"]
+    if live:
         async with nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
             while True:
                 entries, pending = await fetch(WRITE_CHUNK)
+                read += len(entries)
                 for entry in entries:
                     if entry.value is None:  # a delete marker
                         continue
@@ -159,6 +166,8 @@ async def _compare_live(nats: NatsClient, encoded: dict[str, bytes], corrupt: di
                             extra.append(Difference(entry.key, "extra", "live snapshot without events"))
                     elif entry.value != replayed:
                         found.append(Difference(entry.key, "different", _first_difference(entry.value, replayed)))
+                if progress is not None:
+                    progress("live snapshots compared", read, live)
                 if not entries or not pending:
                     break
     found += [Difference(run_id, "missing", "no live snapshot") for run_id in encoded if run_id not in seen]
