@@ -9,7 +9,7 @@ import attrs
 
 from ..core import wheels
 from ..core.codec import decode_envelope, encode_snapshot
-from ..core.errors import CorruptStreamError, InfraError, PyocoError
+from ..core.errors import ConcurrencyConflict, CorruptStreamError, InfraError, PyocoError
 from ..core.fold import apply
 from ..core.model import RunSnapshot
 from ..nats import subjects
@@ -127,12 +127,10 @@ async def replay(
                 diffs.append(Difference(run_id, "unwritable", res.message))
         if progress is not None:
             progress("snapshots written", i + len(part), len(ids))
-    found, extra = await _compare_live(nats, encoded, corrupt, progress)
+    found, extra, revisions = await _compare_live(nats, encoded, corrupt, progress)
     diffs += found + extra
-    to_fix = [(d.run_id, encoded[d.run_id]) for d in found]
     if rebuild:
-        for run_id, value in to_fix:
-            await nats.kv_put(subjects.RUNS_BUCKET, run_id, value)
+        await _rebuild(nats, [(d.run_id, encoded[d.run_id], revisions.get(d.run_id, 0)) for d in found])
     await delete_bucket(nats, out_bucket)  # scratch only (the CLI also drops it on an error)
     wheel_events, wheel_count, wheel_diffs = await replay_wheels(wheel_store or WheelStore(nats))
     return ReplayReport(
@@ -141,11 +139,26 @@ async def replay(
     )
 
 
+async def _rebuild(nats: NatsClient, fixes: list[tuple[str, bytes, int]]) -> None:
+    """Write the replayed snapshots of ``fixes`` (run id, value, the live revision compared, 0 for
+    missing) into the live bucket, pipelined; a key written meanwhile (a running conductor) is
+    overwritten as before, one by one."""
+    for i in range(0, len(fixes), WRITE_CHUNK):
+        part = fixes[i : i + WRITE_CHUNK]
+        for (run_id, value, _), res in zip(part, await nats.kv_update_many(subjects.RUNS_BUCKET, part), strict=True):
+            if isinstance(res, ConcurrencyConflict):
+                await nats.kv_put(subjects.RUNS_BUCKET, run_id, value)
+            elif isinstance(res, PyocoError):
+                raise res
+
+
 async def _compare_live(
     nats: NatsClient, encoded: dict[str, bytes], corrupt: dict[str, str], progress: Callable[[str, int, int], None] | None
-) -> tuple[list[Difference], list[Difference]]:
+) -> tuple[list[Difference], list[Difference], dict[str, int]]:
     """One pass over the live bucket's values (history 1: each key once), instead of a get per
-    run and a key listing: (missing and different runs, by run id; live keys without events)."""
+    run and a key listing: (missing and different runs, by run id; live keys without events;
+    the revision of each different one)."""
+    revisions: dict[str, int] = {}
     found: list[Difference] = []
     extra: list[Difference] = []
     seen: set[str] = set()
@@ -166,12 +179,13 @@ async def _compare_live(
                             extra.append(Difference(entry.key, "extra", "live snapshot without events"))
                     elif entry.value != replayed:
                         found.append(Difference(entry.key, "different", _first_difference(entry.value, replayed)))
+                        revisions[entry.key] = entry.revision
                 if progress is not None:
                     progress("live snapshots compared", read, live)
                 if not entries or not pending:
                     break
     found += [Difference(run_id, "missing", "no live snapshot") for run_id in encoded if run_id not in seen]
-    return sorted(found, key=lambda d: d.run_id), sorted(extra, key=lambda d: d.run_id)
+    return sorted(found, key=lambda d: d.run_id), sorted(extra, key=lambda d: d.run_id), revisions
 
 
 def _first_difference(live: bytes, replayed: bytes) -> str:
