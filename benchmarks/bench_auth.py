@@ -23,6 +23,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402
 import leanhttp  # noqa: E402
+from pyoco_es.lifeline import tied_to_this_process  # noqa: E402
 
 
 def one_round(auth: bool, args: argparse.Namespace) -> float:
@@ -40,7 +41,7 @@ def one_round(auth: bool, args: argparse.Namespace) -> float:
                 nats = next(line.split()[3] for line in log.splitlines() if "embedded NATS at" in line)
                 out = subprocess.run(
                     [str(bench_e2e.VENV / "pyoco-server-admin"), "--nats-url", nats, "api-key", "create", "--tenant", "bench"],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True, text=True, check=True, **tied_to_this_process(),
                 )
                 leanhttp.Client.extra_headers = b"X-API-Key: " + json.loads(out.stdout)["api_key"].encode() + b"\r\n"
             done, _, failed = trio.run(bench_e2e.throughput, url, args.runs, args.clients)

@@ -48,6 +48,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import leanhttp  # noqa: E402 - the benchmark's own cheap HTTP client
+from pyoco_es.lifeline import tied_to_this_process  # noqa: E402
+from pyoco_es.nats.embedded import spawn_bound_to_parent  # noqa: E402
+from pyoco_es.testing.fleet import watched_python  # noqa: E402
 from pyoco_es.testing.upstream import WORKER_SHIM  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,8 +155,11 @@ class Procs:
                 out[role] = out.get(role, 0.0) + _cpu_seconds(pid)
         return out
 
-    def start(self, cmd: list[str], **kw: object) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, **kw)  # type: ignore[call-overload]
+    def start(self, cmd: list[str], env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen[bytes]:
+        """Start ``cmd``; it dies with this process, SIGKILL included: pyoco-es's scripts watch the
+        lifeline pipe, pyoco-server's Python programs too (started through ``watched_python``), and
+        a binary (nats-server) gets PR_SET_PDEATHSIG.  No wrapper process: the CPU counts stay whole."""
+        p = spawn_bound_to_parent(cmd, stdout=subprocess.DEVNULL, start_new_session=True, **tied_to_this_process(env), **kw)
         self.procs.append(p)
         return p
 
@@ -264,11 +270,11 @@ def theirs(tmp: Path, workers: int) -> Iterator[tuple[str, Procs]]:
     try:
         procs.start([str(bin_ / "nats-server"), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(tmp / "theirs-js")], stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-        procs.start([str(bin_ / "pyoco-server"), "up", "--host", "127.0.0.1", "--port", str(http_port), "--nats-url", nats_url], stderr=subprocess.DEVNULL, cwd=REPO, env=env)
+        procs.start(watched_python(str(bin_ / "python"), str(bin_ / "pyoco-server"), "up", "--host", "127.0.0.1", "--port", str(http_port), "--nats-url", nats_url), stderr=subprocess.DEVNULL, cwd=REPO, env=env)
         url = f"http://127.0.0.1:{http_port}"
         wait_http(url)
         for i in range(workers):
-            procs.start([str(bin_ / "python"), str(shim), "--nats-url", nats_url, "--tags", "default", "--worker-id", f"w{i}"], stderr=subprocess.DEVNULL, cwd=REPO, env=env)
+            procs.start(watched_python(str(bin_ / "python"), str(shim), "--nats-url", nats_url, "--tags", "default", "--worker-id", f"w{i}"), stderr=subprocess.DEVNULL, cwd=REPO, env=env)
         yield url, procs
     finally:
         procs.stop()

@@ -31,6 +31,7 @@ from pyoco_es.core import decide
 from pyoco_es.core.codec import encode_snapshot
 from pyoco_es.core.events import Event, Producer
 from pyoco_es.core.model import RunSnapshot, RunStatus
+from pyoco_es.lifeline import exit_with_parent, tied_to_this_process
 from pyoco_es.nats import subjects
 from pyoco_es.service import RunStore
 from pyoco_es.testing.stack import open_stack
@@ -87,7 +88,7 @@ async def bench_submits(n: int, concurrency: int) -> None:
         for conc, keyed in ((1, False), (concurrency, False), (concurrency, True)):
             count = max(conc, n // (4 if conc == 1 else 1))
             cmd = [sys.executable, __file__, "--load-client", stack.url, str(conc), str(count), "1" if keyed else "0"]
-            result = await trio.run_process(cmd, capture_stdout=True)
+            result = await trio.run_process(cmd, capture_stdout=True, **tied_to_this_process())  # it dies with us
             rate, p50, p99 = result.stdout.decode().split()
             label = f"{conc} concurrent connection{'s' if conc > 1 else ''}" + (", Idempotency-Key" if keyed else "")
             print(f"submit POST /runs ({label}; conductor in the same process): {float(rate):,.0f} runs/s, "
@@ -162,6 +163,7 @@ async def bench_sse(samples: int) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     if args.load_client:
+        exit_with_parent()
         url, conc, n, keyed = args.load_client
         await load_client(url, int(conc), int(n), keyed == "1")
         return

@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import trio
 
+from pyoco_es.lifeline import tied_to_this_process
 from pyoco_es.nats.client import open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
 from pyoco_es.nats.resources import ensure_resources
@@ -76,7 +77,7 @@ async def measure(cmd: list[str], env: dict[str, str], label: str, samples: int,
     port = free_port()
     out: dict[str, Any] = {"label": label}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*cmd, "--port", str(port)], **tied_to_this_process(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             while True:
@@ -126,7 +127,7 @@ async def measure(cmd: list[str], env: dict[str, str], label: str, samples: int,
 
 def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, **tied_to_this_process(env), capture_output=True, text=True)
     return time.perf_counter() - t0, (res.stdout + res.stderr).strip().splitlines()[-1] if (res.stdout + res.stderr).strip() else ""
 
 

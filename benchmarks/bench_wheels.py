@@ -35,6 +35,13 @@ def _status_mib(pid: int, field: str) -> int:
     return -1
 
 
+def _reset_peak(pid: int) -> int:
+    """Start the process's peak RSS (VmHWM) again from its RSS now; returns that RSS (MiB)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib(pid, "VmRSS")
+
+
 def _gateway_pid(procs: bench_e2e.Procs) -> int:
     for p in procs.procs:
         with open(f"/proc/{p.pid}/cmdline", "rb") as f:
@@ -47,17 +54,21 @@ def measure(system: str, url: str, pid: int, wheels: list[tuple[str, bytes]]) ->
     with httpx.Client(base_url=url, timeout=600) as c:
         for name, data in wheels:
             mib = len(data) / 1024 / 1024
+            rss = _reset_peak(pid)
             t = time.perf_counter()
             r = c.post("/wheels", files={"wheel": (name, data, "application/octet-stream")}, data={"tags": "bench"})
             up = time.perf_counter() - t
             r.raise_for_status()
+            up_peak = _status_mib(pid, "VmHWM") - rss
+            rss = _reset_peak(pid)
             t = time.perf_counter()
             got = c.get(f"/wheels/{name}")
             down = time.perf_counter() - t
             assert got.content == data, "downloaded bytes differ"
             print(
                 f"{system:<7} {mib:7.1f} MiB  upload {up:6.2f} s ({mib / up:6.1f} MiB/s)  download {down:6.2f} s "
-                f"({mib / down:6.1f} MiB/s)  gateway RSS {_status_mib(pid, 'VmRSS')} MiB, peak {_status_mib(pid, 'VmHWM')} MiB",
+                f"({mib / down:6.1f} MiB/s)  gateway RSS {rss} MiB; its peak above that: upload +{up_peak} MiB, "
+                f"download +{_status_mib(pid, 'VmHWM') - rss} MiB",
                 flush=True,
             )
         for path in ("/wheels", "/wheels/history"):

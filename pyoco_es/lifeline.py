@@ -98,8 +98,10 @@ def _pyoco_es_parent_watch(fd=int(_os.environ.pop("{PARENT_FD_ENV}", "-1"))):
                 continue
             except OSError:
                 break
-        _os.write(2, b"parent process is gone: exiting now\\n")
-        _os._exit({EXIT_PARENT_GONE})
+        try:  # stderr may be a pipe to the parent that is gone (EPIPE): exit all the same
+            _os.write(2, b"parent process is gone: exiting now\\n")
+        finally:
+            _os._exit({EXIT_PARENT_GONE})
     _threading.Thread(target=watch, daemon=True).start()
 _pyoco_es_parent_watch()
 """

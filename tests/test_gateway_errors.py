@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -240,15 +242,32 @@ async def test_watchers_recover_after_a_nats_restart(tmp_path: Path) -> None:
                     restarted.stop()
 
 
-async def test_a_large_yaml_does_not_stall_other_requests(tmp_path: Path) -> None:
-    """Parsing a big flow.yaml takes a while (pure-Python YAML); it runs off the event loop, so a
-    health probe and an SSE heartbeat keep their latency meanwhile."""
-    tasks = "".join(f"  t{i}:\n    callable: examples.tasks:add_one\n    inputs:\n      x: {i}\n" for i in range(3000))
+async def test_a_large_yaml_does_not_stall_other_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing a big flow.yaml takes a while (pure-Python YAML); it runs off the event loop, so
+    health probes keep being answered meanwhile.  Judged by probes answered *during* the parse
+    (timed where it runs): a parse on the event loop lets none through, however fast the machine,
+    while a loaded machine slows the probes and the parse alike (an absolute bound on a probe's
+    latency failed under load: 0.51 s against 0.5).  8,000 tasks: ~1 s of parsing, during which
+    14-29 probes were answered here, idle or loaded; none with the parse moved onto the loop."""
+    from pyoco_es.gateway import runs
+
+    tasks = "".join(f"  t{i}:\n    callable: examples.tasks:add_one\n    inputs:\n      x: {i}\n" for i in range(8000))
     doc = f"version: 1\nflow:\n  graph: t0 >> t1\n  defaults:\n    x: 1\ntasks:\n{tasks}".encode()
-    settings = Settings(sse_heartbeat_interval=0.2, workflow_yaml_max_bytes=len(doc) + 1)
+    settings = Settings(workflow_yaml_max_bytes=len(doc) + 1)
+    parses: list[tuple[float, float]] = []
+    parse = runs.yaml_document
+
+    def timed_parse(*args: Any) -> Any:  # noqa: ANN401 - whatever the gateway's parse takes and gives
+        started = time.perf_counter()
+        try:
+            return parse(*args)
+        finally:
+            parses.append((started, time.perf_counter()))
+
+    monkeypatch.setattr(runs, "yaml_document", timed_parse)
     with trio.fail_after(30):
         async with open_gateway(tmp_path, settings=settings) as gw:
-            probes: list[float] = []
+            answered: list[float] = []  # when each probe's answer came back
             done = trio.Event()
 
             async def upload() -> None:
@@ -259,12 +278,12 @@ async def test_a_large_yaml_does_not_stall_other_requests(tmp_path: Path) -> Non
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(upload)
                 while not done.is_set():
-                    t0 = trio.current_time()
                     assert (await gw.client.get("/health")).status_code == 200
-                    probes.append(trio.current_time() - t0)
+                    answered.append(time.perf_counter())
                     await trio.sleep(0.02)
-            assert len(probes) >= 3, probes  # the parse really took a while
-            assert max(probes) < 0.5, probes
+            [(started, ended)] = parses
+            during = [t for t in answered if started < t < ended]
+            assert len(during) >= 3, (f"{len(during)} of {len(answered)} probes answered during the {ended - started:.2f} s parse")
 
 
 async def test_a_chunked_upload_without_length_is_capped(gw: GW) -> None:

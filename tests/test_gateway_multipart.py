@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import httpx
 import pytest
 
@@ -44,3 +46,24 @@ def test_urlencoded_form_has_fields_and_no_files() -> None:
 def test_malformed_uploads_are_named(body: bytes, ctype: str, match: str) -> None:
     with pytest.raises(ValidationError, match=match):
         parse_form(body, ctype)
+
+
+def test_in_place_keeps_the_file_as_the_body_cut_down() -> None:
+    """The wheel route's parse: the file's content is the body object itself afterwards (no copy
+    beside it), the fields are read, other files dropped; a bytes body cannot be cut."""
+    wheel = b"PK\x03\x04" + bytes(range(256)) * 4000 + b"\r\n--not-the-boundary"
+    encoded_body, ctype = encoded({"other": ("x.bin", b"other file"), "wheel": ("demo-1.0-py3-none-any.whl", wheel)}, {"tags": "a,b"})
+    body = bytearray(encoded_body)
+    tracemalloc.start()
+    try:
+        form = parse_form(body, ctype, in_place="wheel")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert form.files["wheel"].data is body and body == wheel
+    assert form.files["wheel"].filename == "demo-1.0-py3-none-any.whl"
+    assert form.fields == {"tags": "a,b"} and set(form.files) == {"wheel"}
+    assert peak < len(wheel) // 10, peak  # nothing of the file's size was allocated
+    with pytest.raises(TypeError, match="bytearray"):
+        parse_form(encoded_body, ctype, in_place="wheel")
+    assert parse_form(bytearray(encoded_body), ctype, in_place="missing").files == {}

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pyoco_es.testing.fleet import wait_for
@@ -82,21 +83,18 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def test_everything_a_sigkilled_test_process_started_dies_with_it(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")} | {"PYOCO_LOAD_DOTENV": "0"}
+def _kill_helper_then_nothing_it_started_lives(tmp_path: Path, argv: list[str], check: Callable[[dict[int, str]], None],
+                                               env: dict[str, str] | None = None) -> None:
+    """Run ``argv`` (a helper that prints ``ready`` once it has started its processes), ``check``
+    what it started, SIGKILL it, and assert that every process it started ends within 10 s."""
     errors = tmp_path / "helper.log"
     started: dict[int, str] = {}
-    with open(errors, "wb") as err, subprocess.Popen([sys.executable, "-c", HELPER, str(tmp_path), str(ROOT), str(BIN / "pyoco-server")],
-                                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err) as helper:  # fmt: skip
+    with open(errors, "wb") as err, subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err) as helper:
         try:
             assert helper.stdout is not None
             assert helper.stdout.readline() == b"ready\n", errors.read_text()
             started = _descendants(helper.pid)
-            commands = " | ".join(_cmdline(p) for p in started)
-            # nats-server; gateway, conductor, worker (+ the run processes it is warming); up and its
-            # nats-server; the foreign program
-            assert sum("nats-server" in _cmdline(p) for p in started) == 2, commands
-            assert len(started) >= 7, commands
+            check(started)
             helper.kill()
             helper.wait()
             wait_for("every process the helper started to end", lambda: not any(_alive(p, s) for p, s in started.items()), 10)
@@ -106,3 +104,43 @@ def test_everything_a_sigkilled_test_process_started_dies_with_it(tmp_path: Path
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
             assert not left, [_cmdline(p) for p in left]
+
+
+def test_everything_a_sigkilled_test_process_started_dies_with_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")} | {"PYOCO_LOAD_DOTENV": "0"}
+
+    def check(started: dict[int, str]) -> None:
+        commands = " | ".join(_cmdline(p) for p in started)
+        # nats-server; gateway, conductor, worker (+ the run processes it is warming); up and its
+        # nats-server; the foreign program
+        assert sum("nats-server" in _cmdline(p) for p in started) == 2, commands
+        assert len(started) >= 7, commands
+
+    _kill_helper_then_nothing_it_started_lives(tmp_path, [sys.executable, "-c", HELPER, str(tmp_path), str(ROOT), str(BIN / "pyoco-server")], check, env)
+
+
+# The benchmarks' launcher (benchmarks/bench_e2e.py's Procs.start, which bench_batch, bench_auth
+# and bench_http_floor share): a binary (PR_SET_PDEATHSIG) and a Python program that is not ours
+# and ignores SIGTERM, as a server busy shutting down gracefully would (only the prologue's pipe
+# ends it), its stderr a pipe to the killed process (the prologue's goodbye line then fails: EPIPE).
+BENCH_HELPER = r"""
+import signal, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from bench_e2e import Procs
+from pyoco_es.testing.fleet import watched_python
+
+procs = Procs()
+procs.start(["sleep", "600"])
+procs.start(watched_python(sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', file=sys.stderr, flush=True); time.sleep(600)"),
+            stderr=subprocess.PIPE)
+assert procs.procs[1].stderr.readline() == b"x\n"
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_what_a_sigkilled_benchmark_started_dies_with_it(tmp_path: Path) -> None:
+    def check(started: dict[int, str]) -> None:
+        assert len(started) == 2, [_cmdline(p) for p in started]
+
+    _kill_helper_then_nothing_it_started_lives(tmp_path, [sys.executable, "-c", BENCH_HELPER, str(ROOT / "benchmarks")], check)

@@ -9,9 +9,11 @@ import pytest
 import trio
 
 from pyoco_es.core.errors import ConcurrencyConflict, EventLogUnavailable
+from pyoco_es.core.events import Envelope, Producer, RunSubmitted
 from pyoco_es.nats import subjects
 from pyoco_es.nats.client import NatsClient, open_nats
 from pyoco_es.nats.embedded import EmbeddedNats
+from pyoco_es.testing.faults import frozen, process_state
 
 from test_gateway_support import wait_until
 
@@ -87,26 +89,24 @@ async def test_an_append_hook_runs_on_the_nats_thread_before_the_caller_resumes(
         assert len(seen) == 1
 
 
-async def test_first_appends_pipelined_across_a_freeze_are_stored_once(nats_server: EmbeddedNats) -> None:
+def _first(run_id: str, event_id: str | None = None) -> Envelope:
+    """A run's first event (``run.submitted``), event id ``e-<run_id>`` unless given."""
+    event = RunSubmitted(flow_name="f", params={}, tag="t", tags=("t",), submitted_at=1.0)
+    return Envelope(event_id=event_id or f"e-{run_id}", run_id=run_id, seq=1, occurred_at=1.0, producer=Producer(kind="gateway", id="g"), event=event)
+
+
+async def test_first_appends_pipelined_across_a_freeze_are_stored_once(nats_server: EmbeddedNats, nats: NatsClient) -> None:
     """``append_first_many`` (the batch submit's append): nats-server frozen longer than the
     PubAck timeout while the events are in flight; afterwards every event is reported stored
     with its real stream seq, each run holds exactly that one event, and a run that already had
-    events is a conflict (never a second first event)."""
-    from pyoco_es.core.events import Envelope, Producer, RunSubmitted
-    from pyoco_es.nats.resources import ensure_resources
-    from pyoco_es.testing.faults import frozen
-
-    def first(run_id: str, event_id: str | None = None) -> Envelope:
-        event = RunSubmitted(flow_name="f", params={}, tag="t", tags=("t",), submitted_at=1.0)
-        return Envelope(event_id=event_id or f"e-{run_id}", run_id=run_id, seq=1, occurred_at=1.0, producer=Producer(kind="gateway", id="g"), event=event)
-
+    events is a conflict (never a second first event).  Only the appends use the short timeout
+    (``nats``, the fixture's client, created the streams and reads the runs back)."""
     assert nats_server.proc is not None
     with trio.fail_after(30):
         async with open_nats(nats_server.url, name="t", op_timeout=0.5, unavailable_wait=8.0) as client:
-            await ensure_resources(client)
-            assert await client.append_first_many([(first("taken"), None)]) == [[1]]
+            assert await client.append_first_many([(_first("taken"), None)]) == [[1]]
             hooked: list[list[int]] = []
-            envs = [(first(f"r{i}"), hooked.append) for i in range(40)] + [(first("taken", "another"), None)]
+            envs = [(_first(f"r{i}"), hooked.append) for i in range(40)] + [(_first("taken", "another"), None)]
             results: list[object] = []
 
             async def go() -> None:
@@ -119,6 +119,52 @@ async def test_first_appends_pipelined_across_a_freeze_are_stored_once(nats_serv
             assert isinstance(results[-1], ConcurrencyConflict), results[-1]
             for i, res in enumerate(results[:-1]):
                 assert isinstance(res, list), (i, res)
-                stored = await client.read_run(f"r{i}")
+                stored = await nats.read_run(f"r{i}")
                 assert [(e.event_id, e.stream_seq) for e in stored] == [(f"e-r{i}", res[0])]
             assert sorted(hooked) == sorted(results[:-1])  # each follow-up ran once, with the seq
+
+
+async def test_an_append_whose_read_back_meets_a_stall_is_reported_stored(nats_server: EmbeddedNats, nats: NatsClient) -> None:
+    """The first send of a batch item goes unanswered (a freeze), its re-send is refused as
+    'wrong last sequence', and the server stalls again just as the append reads the run back to
+    see whether the stored event is its own: the read is tried again within ``unavailable_wait``
+    and the event is reported stored, once (it failed 'NATS unavailable (TimeoutError)', for an
+    event that was stored, when a busy machine stalled nats-server past the 0.5 s timeout)."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    proc = nats_server.proc
+    assert proc is not None
+    stalls: list[float] = []
+    with trio.fail_after(30):
+        async with open_nats(nats_server.url, name="t", op_timeout=0.5, unavailable_wait=8.0) as client:
+            read_subject = client._read_subject
+
+            async def stalled_read(*args: object) -> list[tuple[int, bytes]]:  # on the NATS thread
+                if not stalls:  # the first read back: stop the server for 1.2 s first
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    deadline = time.monotonic() + 5
+                    while process_state(proc.pid) != "T" and time.monotonic() < deadline:
+                        pass  # signal delivery is asynchronous: wait until it is really stopped
+                    stalls.append(asyncio.get_running_loop().time())
+                    asyncio.get_running_loop().call_later(1.2, os.kill, proc.pid, signal.SIGCONT)
+                return await read_subject(*args)  # type: ignore[arg-type]
+
+            client._read_subject = stalled_read  # type: ignore[method-assign]
+            hooked: list[list[int]] = []
+            results: list[object] = []
+
+            async def go() -> None:
+                results.extend(await client.append_first_many([(_first("r"), hooked.append)]))
+
+            async with trio.open_nursery() as nursery:
+                with frozen(proc.pid):
+                    nursery.start_soon(go)
+                    await trio.sleep(0.7)  # the first fault: the batch's PubAck wait (0.5 s) ends unanswered
+            assert stalls, "the append never read the run back"
+            [res] = results
+            assert isinstance(res, list), res
+            assert [(e.event_id, e.stream_seq) for e in await nats.read_run("r")] == [("e-r", res[0])]
+            assert hooked == [res]

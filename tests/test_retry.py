@@ -116,6 +116,11 @@ async def stack_with_worker(
             yield stack, client
 
 
+def one_task(task: str, spec: str, more: str = "") -> str:
+    """A flow of the one task ``task`` (``spec``: its YAML mapping's entries), then ``more`` YAML."""
+    return f"flow:\n  graph: {task}\ntasks:\n  {task}: {{{spec}}}\n{more}"
+
+
 async def submit_yaml(client: httpx.AsyncClient, text: str, **form: str) -> str:
     r = await client.post("/runs/yaml", data={"flow_name": "main", **form}, files={"workflow": ("flow.yaml", text.encode())})
     assert r.status_code == 200, r.text
@@ -192,12 +197,7 @@ async def test_a_busy_task_is_interrupted_at_its_timeout_and_retried(tmp_path: P
     process that had an exception raised into it is retired after the run."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    flow = f"""\
-flow:
-  graph: spin
-tasks:
-  spin: {{callable: "tests.tasks:spin", inputs: {{seconds: 30, marker_dir: "{markers}"}}, timeout_sec: 0.3, retries: 1, retry_delay_sec: 0.05}}
-"""
+    flow = one_task("spin", f'callable: "tests.tasks:spin", inputs: {{seconds: 30, marker_dir: "{markers}"}}, timeout_sec: 0.3, retries: 1, retry_delay_sec: 0.05')
     with trio.fail_after(40):
         async with stack_with_worker(tmp_path) as (_stack, client):
             started = time.monotonic()
@@ -224,12 +224,7 @@ async def test_a_task_ignoring_its_timeout_is_stopped_with_its_process(tmp_path:
     process is gone."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    flow = f"""\
-flow:
-  graph: stubborn
-tasks:
-  stubborn: {{callable: "tests.tasks:stubborn", inputs: {{marker_dir: "{markers}", seconds: 30}}, timeout_sec: 1, retries: 2}}
-"""
+    flow = one_task("stubborn", f'callable: "tests.tasks:stubborn", inputs: {{marker_dir: "{markers}", seconds: 30}}, timeout_sec: 1, retries: 2')
     with trio.fail_after(40):
         async with stack_with_worker(tmp_path) as (_stack, client):
             run_id = await submit_yaml(client, flow)
@@ -257,12 +252,7 @@ async def test_the_run_deadline_holds_after_its_worker_was_sigkilled(tmp_path: P
     the deadline; the conductor ends the run FAILED (timeout) at its deadline from the events."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    flow = f"""\
-flow:
-  graph: hold
-tasks:
-  hold: {{callable: "tests.tasks:stubborn", inputs: {{marker_dir: "{markers}", seconds: 60}}}}
-"""
+    flow = one_task("hold", f'callable: "tests.tasks:stubborn", inputs: {{marker_dir: "{markers}", seconds: 60}}')
     with trio.fail_after(60):
         async with stack_with_worker(tmp_path, worker=False, lease=30.0) as (stack, client):
             proc = cli_worker(stack.server, "victim")
@@ -290,14 +280,7 @@ async def test_a_live_worker_stops_the_run_at_its_deadline(tmp_path: Path) -> No
     the run process at the deadline and the run is FAILED (timeout), by the worker."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    flow = f"""\
-flow:
-  graph: hold
-tasks:
-  hold: {{callable: "tests.tasks:stubborn", inputs: {{marker_dir: "{markers}", seconds: 60}}}}
-runtime:
-  timeout_sec: 1.5
-"""
+    flow = one_task("hold", f'callable: "tests.tasks:stubborn", inputs: {{marker_dir: "{markers}", seconds: 60}}', "runtime:\n  timeout_sec: 1.5\n")
     with trio.fail_after(40):
         async with stack_with_worker(tmp_path) as (_stack, client):
             run_id = await submit_yaml(client, flow)
@@ -318,12 +301,7 @@ runtime:
 async def test_a_cancel_stops_retries(tmp_path: Path) -> None:
     """A task waiting 5 s for its next try: a cancel ends the wait and the run at once."""
     counter = tmp_path / "calls"
-    flow = f"""\
-flow:
-  graph: flaky
-tasks:
-  flaky: {{callable: "tests.tasks:flaky", inputs: {{counter: "{counter}", fail_times: 100}}, retries: 5, retry_delay_sec: 5}}
-"""
+    flow = one_task("flaky", f'callable: "tests.tasks:flaky", inputs: {{counter: "{counter}", fail_times: 100}}, retries: 5, retry_delay_sec: 5')
     with trio.fail_after(40):
         async with stack_with_worker(tmp_path) as (_stack, client):
             run_id = await submit_yaml(client, flow)

@@ -155,3 +155,29 @@ def test_history_document_has_upstream_fields() -> None:
     assert wheels.parse_action(" Upload ") == "upload" and wheels.parse_action("") is None
     with pytest.raises(InvalidWheel, match="^invalid action$"):
         wheels.parse_action("purge")
+
+
+def test_a_bytearray_wheel_is_read_in_place() -> None:
+    """An upload is held as a bytearray (the request body cut down to the file): the archive
+    check reads it through BufferFile, the same answers as for bytes, and BufferFile behaves as
+    a read-only seekable file over the same memory (no copy: a change to the bytes shows)."""
+    from pyoco_es.core.bufferfile import BufferFile
+
+    name, data = make_wheel("demo", "1.0")
+    held = bytearray(data)
+    assert wheels.inspect_archive(held, wheels.parse_name(name)) == wheels.inspect_archive(data, wheels.parse_name(name))
+    with pytest.raises(InvalidWheel, match="not a zip file"):
+        wheels.inspect_archive(bytearray(b"not a zip"), wheels.parse_name(name))
+    buf = bytearray(b"0123456789")
+    with BufferFile(buf) as f:
+        assert f.read(3) == b"012" and f.tell() == 3
+        assert f.seek(-2, io.SEEK_END) == 8 and f.read() == b"89" and f.read(5) == b""
+        f.seek(1)
+        buf[1] = ord("x")
+        assert f.read(2) == b"x2"
+        chunk = bytearray(4)
+        f.seek(7)
+        assert f.readinto(chunk) == 3 and chunk[:3] == b"789"
+        with pytest.raises(ValueError):
+            f.seek(-1)
+    buf.append(0)  # closed: the memory is released (a bytearray with a live view cannot grow)

@@ -179,6 +179,24 @@ async def test_oversize_is_413_before_the_body_is_read(wgw: GW) -> None:
     assert await stored_names(wgw) == []
 
 
+async def test_a_chunked_upload_is_stored_intact(wgw: GW) -> None:
+    """No Content-Length (the body arrives in chunks of unknown total): the body grows as it
+    comes and the wheel, cut out of it in place, is stored byte for byte (the form's fields and
+    a second file around it do not leak into it)."""
+    name, data = make_wheel("demo", "1.0", extra_members={"demo/blob.bin": os.urandom(20_000)})
+    req = httpx.Request("POST", "http://x/wheels", files={"other": ("x.txt", b"x" * 5000), "wheel": (name, data)}, data={"tags": "a"})
+    body = req.read()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 7000):
+            yield body[i : i + 7000]
+
+    r = await wgw.client.post("/wheels", content=chunks(), headers={"Content-Type": req.headers["Content-Type"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["sha256_hex"] == hashlib.sha256(data).hexdigest() and r.json()["tags"] == ["a"]
+    assert (await wgw.client.get(f"/wheels/{name}")).content == data
+
+
 async def test_malformed_forms_and_paths(wgw: GW) -> None:
     c = wgw.client
     r = await c.post("/wheels", data={"tags": "a"})

@@ -31,6 +31,7 @@ from packaging.utils import InvalidWheelFilename as _PackagingInvalidWheelFilena
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from . import bufferfile
 from .errors import DomainError, ValidationError
 
 NAME_RE: Final = re.compile(r"[A-Za-z0-9._+-]+\.whl")  # fullmatch only (pyoco-server's _WHEEL_NAME_RE)
@@ -364,7 +365,7 @@ def _dist_info_dir(names: list[str], wheel: WheelName) -> str:
     return dist_info
 
 
-def inspect_archive(data: bytes, wheel: WheelName) -> WheelArchive:
+def inspect_archive(data: bytes | bytearray, wheel: WheelName) -> WheelArchive:
     """Check that ``data`` is a wheel for ``wheel`` a worker can safely install.
 
     Checks: a readable zip; at most ``MEMBERS_MAX`` members, each with a safe relative name
@@ -375,7 +376,7 @@ def inspect_archive(data: bytes, wheel: WheelName) -> WheelArchive:
         InvalidWheel: ``"invalid wheel archive: <what is wrong>"``.
     """
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(bufferfile.reader(data))  # read in place: no copy of the upload
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
         raise _archive_error("not a zip file") from exc
     with zf:

@@ -74,7 +74,7 @@ class Upload:
     """An upload that passed every check not needing NATS."""
 
     wheel: WheelName
-    data: bytes = attrs.field(repr=False)
+    data: bytes | bytearray = attrs.field(repr=False)  # a bytearray: the request body, cut down to the file
     tags: tuple[str, ...]
     replace: bool
     sha256_hex: str
@@ -100,7 +100,7 @@ class WheelRegistry:
         return sorted(items, key=lambda x: str(x["name"]))
 
     async def check(
-        self, *, filename: str, data: bytes, tags: str | None, replace: bool, content_type: str | None
+        self, *, filename: str, data: bytes | bytearray, tags: str | None, replace: bool, content_type: str | None
     ) -> Upload:
         """The checks an upload passes before NATS is involved (in upstream's order, then ours).
         Hashing and reading the archive run in a worker thread: a large wheel does not stall

@@ -18,12 +18,14 @@ out larger (chunked) is cut off at the limit.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Final
 
 import trio
 from quart import Blueprint, Response, current_app, request
 from quart.wrappers import Request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
 from ..config import Settings
 from ..core import wheels
@@ -80,16 +82,32 @@ def _actor() -> Actor:
     return Actor(principal=caller(), source=source)
 
 
-async def _upload_body() -> bytes:
+async def _upload_body() -> bytearray:
+    """The body, read as it arrives into one bytearray: the wheel is then cut out of it in place
+    (``parse_form(in_place=...)``), so the upload is held once.  ``get_data`` would hold it twice
+    at its end (Quart's buffer and the ``bytes`` made of it), and the form's copy of the file a
+    second time."""
     limit = upload_body_limit(current_gateway().settings)
     if limit is not None and request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(wheels.TOO_LARGE)  # refused before reading any of it
-    try:
-        raw = await request.get_data(cache=False)
-    except RequestEntityTooLarge:
-        raise PayloadTooLarge(wheels.TOO_LARGE) from None
-    request.body.clear()  # Quart keeps its own buffer of the body until the request ends: one copy is enough
-    return raw if isinstance(raw, bytes) else raw.encode("utf-8")
+    # The announced size at once (memory is used only as it is written): growing a bytearray
+    # moves it now and then, old and new copy side by side.
+    body = bytearray(request.content_length or 0)
+    filled = 0
+    with trio.move_on_after(math.inf if request.body_timeout is None else request.body_timeout) as waited:
+        try:
+            async for chunk in request.body:  # what arrived since the last chunk (Quart's buffer is emptied)
+                end = filled + len(chunk)
+                if limit is not None and end > limit:  # Quart's own cap sees only its buffer
+                    raise PayloadTooLarge(wheels.TOO_LARGE)
+                body[filled:end] = chunk  # in place; past the announced size (chunked), it grows
+                filled = end
+        except RequestEntityTooLarge:
+            raise PayloadTooLarge(wheels.TOO_LARGE) from None
+    if waited.cancelled_caught:
+        raise RequestTimeout()
+    del body[filled:]  # fewer bytes than announced
+    return body
 
 
 @blueprint.get("/wheels")
@@ -102,8 +120,8 @@ async def list_wheels() -> Response:
 async def upload_wheel() -> Response:
     gw = current_gateway()
     body = await _upload_body()
-    form = await trio.to_thread.run_sync(parse_form, body, request.headers.get("Content-Type"))
-    del body
+    form = await trio.to_thread.run_sync(functools.partial(parse_form, body, request.headers.get("Content-Type"), in_place="wheel"))
+    del body  # now the wheel's bytes (or dropped, when there is no wheel field)
     part = form.files.get("wheel")
     if part is None:
         raise RequestInvalid([field_error("missing", ("body", "wheel"), "Field required: wheel (the .whl file, multipart)")])

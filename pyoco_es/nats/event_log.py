@@ -133,10 +133,31 @@ class NatsEventLog(NatsConnection):
         try:
             return await self._append(run_id, [(event_id, data)], 0, on_stored)
         except ConcurrencyConflict:
-            first = await self._read_subject(subject, 0, 1, True)
-            if first and first[0][1] == data:
-                return self._stored([first[0][0]], subject, on_stored)
+            wait = max(self.unavailable_wait, self.op_timeout)
+            seq = await self._stored_copy(subject, 0, data, asyncio.get_running_loop().time() + wait)
+            if seq is not None:
+                return self._stored([seq], subject, on_stored)
             raise
+
+    async def _stored_copy(self, subject: str, after: int, data: bytes, deadline: float) -> int | None:
+        """The stream seq of ``subject``'s first message after ``after`` if it holds ``data`` (an
+        earlier send of this very event was stored after all), else None.  A read with no answer
+        is tried again until ``deadline`` (loop time): the server may stall again right after it
+        refused the re-send, and the event, stored, must not be reported as NATS unavailable.
+
+        Raises:
+            OutcomeUnknown: no read was answered by ``deadline``.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                got = await self._read_subject(subject, after, 1, True)
+            except (TimeoutError, nats.errors.TimeoutError) as exc:
+                if loop.time() < deadline:
+                    continue
+                self.writes_outcome_unknown += 1
+                raise OutcomeUnknown(f"append to {subject}: sent, and reading it back got no answer in time; the event may or may not be stored", subject=subject) from exc
+            return got[0][0] if got and got[0][1] == data else None
 
     def _stored(self, seqs: list[int], subject: str, on_stored: OnStored | None) -> list[int]:
         if on_stored is not None:
@@ -197,11 +218,9 @@ class NatsEventLog(NatsConnection):
                 return seq
             except JetStreamAckError as exc:
                 if exc.err_code in WRONG_LAST_SEQUENCE:
-                    if unanswered:
-                        stored = await self._read_subject(subject, expected, 1, True)
-                        if stored and stored[0][1] == data:
-                            self._note_write(None)
-                            return stored[0][0]
+                    if unanswered and (seq := await self._stored_copy(subject, expected, data, deadline)) is not None:
+                        self._note_write(None)
+                        return seq
                     raise ConcurrencyConflict(subject, expected, appended=appended) from exc
                 error = exc.translate(f"append to {subject}")
                 if isinstance(error, WritesRefused):

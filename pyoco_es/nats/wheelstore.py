@@ -23,6 +23,7 @@ from nats.js import api
 from nats.js.object_store import ObjectStore
 
 from ..core import wheels
+from ..core.bufferfile import BufferFile
 from ..core.errors import InfraError, PyocoError, WritesRefused
 from . import subjects
 from .audit import read_audit_after
@@ -162,9 +163,10 @@ class WheelStore:
 
         return await self.client.run("read wheel", go)
 
-    async def put(self, name: str, data: bytes, headers: Mapping[str, str]) -> WheelObject:
+    async def put(self, name: str, data: bytes | bytearray, headers: Mapping[str, str]) -> WheelObject:
         """Store ``data`` as ``name`` with pyoco-server's meta headers.  On a failure nats-py
-        purges the chunks already sent, so no partial object is left.
+        purges the chunks already sent, so no partial object is left.  A bytearray is read in
+        place (nats-py would copy it: it takes ``bytes`` or a file).
 
         Raises:
             WheelStoreFull: JetStream refused the bytes for lack of room.
@@ -185,7 +187,10 @@ class WheelStore:
         async def go() -> WheelObject:
             meta = api.ObjectMeta(name=name, headers=dict(headers))
             try:
-                return _object(await self._store().put(name, data, meta=meta))
+                if isinstance(data, bytes):
+                    return _object(await self._store().put(name, data, meta=meta))
+                with BufferFile(data) as source:
+                    return _object(await self._store().put(name, source, meta=meta))
             except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as exc:
                 raise missing() from exc
             except nats.js.errors.APIError as exc:
