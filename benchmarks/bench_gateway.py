@@ -58,7 +58,7 @@ async def load_client(url: str, conc: int, n: int, keyed: bool) -> None:
         for i in range(start, start + count):
             body = json.dumps({"flow_name": "bench", "params": {"i": i}}).encode()
             key = f"Idempotency-Key: bench-{i}\r\n" if keyed else ""
-            head = f"POST /runs HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n{key}Content-Length: {len(body)}\r\n\r\n"
+            head = f"POST /runs HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n{key}Content-Length: {len(body)}\r\n\r\n"
             t0 = time.perf_counter()
             await stream.send_all(head.encode() + body)
             while True:
