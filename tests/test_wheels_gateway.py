@@ -414,3 +414,40 @@ async def test_no_room_for_the_wheel_store_does_not_keep_runs_from_starting(tmp_
                 nursery.cancel_scope.cancel()
     finally:
         server.stop()
+
+
+async def test_an_upload_that_announces_a_size_holds_only_what_arrived(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body is held as it arrives, never allocated from Content-Length: a client announcing
+    the limit and sending a few bytes pins nothing (allocated from the announced size, five such
+    stalled requests held 477 MiB of a gateway)."""
+    import tracemalloc
+
+    from pyoco_es.gateway import wheels as wheel_routes
+
+    announced = 48 * 1024 * 1024
+    entered = trio.Event()
+    limit_of = wheel_routes.upload_body_limit
+
+    def noting(settings: Settings) -> int | None:  # called as the route starts reading the body
+        entered.set()
+        return limit_of(settings)
+
+    settings = Settings(nats_unavailable_wait=1.0, wheel_max_bytes=64 * 1024 * 1024)
+    async with open_gateway(tmp_path, settings=settings, conductor=False) as g:
+        monkeypatch.setattr(wheel_routes, "upload_body_limit", noting)
+        host, port = g.url.removeprefix("http://").split(":")
+        tracemalloc.start()
+        try:
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream(host, int(port))
+                async with stream:
+                    await stream.send_all(
+                        b"POST /wheels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                        + f"Content-Length: {announced}\r\n\r\n--b\r\n".encode()
+                    )
+                    await entered.wait()
+                    await trio.testing.wait_all_tasks_blocked(0.05)  # the route waits for more body
+                    held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert held < announced // 8, held
