@@ -95,6 +95,10 @@ class EventLog(Protocol):
         """Up to ``limit`` raw (stream seq, bytes) events on a subject filter after a position."""
         ...
 
+    async def read_stream(self, *, after_stream_seq: int, limit: int = 1024) -> list[tuple[int, str, bytes]]:
+        """Up to ``limit`` raw (stream seq, subject, bytes) events of any subject after a position."""
+        ...
+
 
 class SnapshotStore(Protocol):
     """Key/value buckets (the run snapshots, the worker registry) with compare-and-swap writes."""

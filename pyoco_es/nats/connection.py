@@ -307,8 +307,11 @@ class NatsConnection:
         return await self._call(what, fn, *args)
 
     async def _read_subject(
-        self, subject: str, after: int, batch: int = 256, once: bool = False, stream: str = subjects.EVENTS_STREAM
+        self, subject: str, after: int, batch: int = 256, once: bool = False, stream: str = subjects.EVENTS_STREAM,
+        names: list[str] | None = None,
     ) -> list[tuple[int, bytes]]:
+        """Messages on ``subject`` after ``after`` by batched direct gets (``names``, if given,
+        gets each one's subject)."""
         out: list[tuple[int, bytes]] = []
         start = after + 1
         api_subject = subjects.direct_get_subject(stream)
@@ -329,6 +332,8 @@ class NatsConnection:
                         raise InfraError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
                     seq = int(hdrs["Nats-Sequence"])
                     out.append((seq, msg.data))
+                    if names is not None:
+                        names.append(hdrs.get("Nats-Subject", ""))
                     got += 1
                     start = seq + 1
                     if hdrs.get("Nats-Num-Pending") == "0":

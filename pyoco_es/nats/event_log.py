@@ -320,6 +320,19 @@ class NatsEventLog(NatsConnection):
         """Up to ``limit`` raw events on ``subject_filter`` (wildcards allowed) after a position."""
         return await self._call("read events", self._read_subject, subject_filter, after_stream_seq, limit, True)
 
+    async def read_stream(self, *, after_stream_seq: int, limit: int = 1024) -> list[tuple[int, str, bytes]]:
+        """Up to ``limit`` events of any subject after a position, in stream order: (seq, subject,
+        raw event).  For walks of the whole stream: a wildcard filter (``read_events``) makes the
+        server look through the stream's subjects for every batch, ~0.1-0.8 s a batch with a
+        million runs' subjects, while the stream read in order costs the same at any size."""
+
+        async def go() -> list[tuple[int, str, bytes]]:
+            names: list[str] = []
+            got = await self._read_subject(">", after_stream_seq, limit, True, names=names)
+            return [(seq, name, data) for (seq, data), name in zip(got, names, strict=True)]
+
+        return await self._call("read events", go)
+
     async def purge_run_events(self, run_id: str) -> None:
         """Remove every event of ``run_id`` from the event stream (retention, after archiving).
 
