@@ -109,14 +109,16 @@ async def replay(
             run_id = env.run_id
             if run_id in corrupt:
                 continue
+            prev = snaps.get(run_id)
             try:
-                prev = snaps.get(run_id)
                 if prev is None and run_id in parked:
                     prev = decode_snapshot(parked.pop(run_id))
                 snaps[run_id] = apply(prev, env)
                 touched.add(run_id)
             except Exception as exc:  # noqa: BLE001 - one run's trouble is reported, never aborts the replay
                 corrupt[run_id] = str(exc) if isinstance(exc, CorruptStreamError) else f"{type(exc).__name__}: {exc}"
+                if prev is not None:
+                    snaps[run_id] = prev  # counted among the runs, as a run that never got parked
         for run_id in touched:
             snap = snaps.get(run_id)
             if snap is not None and snap.terminal and run_id not in corrupt:
