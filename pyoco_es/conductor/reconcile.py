@@ -73,19 +73,23 @@ class Reconciler:
 
     async def load_pending(self) -> int:
         """Once at start: the PENDING runs in the runs bucket (runs this projector never saw)."""
-        keys = await self.nats.kv_keys(subjects.RUNS_BUCKET)
         since = time.monotonic() - self.min_age
-        for i in range(0, len(keys), 256):
-            part = keys[i : i + 256]
-            for key, entry in zip(part, await self.nats.kv_get_many(subjects.RUNS_BUCKET, part), strict=True):
-                if entry is None or not entry.value:
-                    continue
-                try:
-                    doc = json.loads(entry.value)
-                    if doc.get("status") == RunStatus.PENDING.value:
-                        self.found_at_start[key] = (str(doc["tag"]), int(doc.get("attempt") or 1), since)
-                except (ValueError, KeyError, TypeError):
-                    continue
+        # One pass over the bucket's values (was a key listing, then a get per run).
+        async with self.nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
+            while True:
+                entries, left = await fetch(1024)
+                for entry in entries:
+                    self.found_at_start.pop(entry.key, None)  # a later revision of a key decides
+                    if not entry.value:
+                        continue
+                    try:
+                        doc = json.loads(entry.value)
+                        if doc.get("status") == RunStatus.PENDING.value:
+                            self.found_at_start[entry.key] = (str(doc["tag"]), int(doc.get("attempt") or 1), since)
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                if not entries or not left:
+                    break
         return len(self.found_at_start)
 
     def _candidates(self) -> dict[str, tuple[str, int]]:

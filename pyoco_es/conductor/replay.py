@@ -188,27 +188,26 @@ async def _compare_live(
     extra: list[Difference] = []
     seen: set[str] = set()
     read = 0
-    live = (await nats.stream_info(subjects.kv_stream(subjects.RUNS_BUCKET)))["messages"]
-    if live:
-        async with nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
-            while True:
-                entries, pending = await fetch(WRITE_CHUNK)
-                read += len(entries)
-                for entry in entries:
-                    if entry.value is None:  # a delete marker
-                        continue
-                    seen.add(entry.key)
-                    replayed = encoded.get(entry.key)
-                    if replayed is None:
-                        if entry.key not in corrupt:
-                            extra.append(Difference(entry.key, "extra", "live snapshot without events"))
-                    elif entry.value != replayed:
-                        found.append(Difference(entry.key, "different", _first_difference(entry.value, replayed)))
-                        revisions[entry.key] = entry.revision
-                if progress is not None:
-                    progress("live snapshots compared", read, live)
-                if not entries or not pending:
-                    break
+    live = (await nats.stream_info(subjects.kv_stream(subjects.RUNS_BUCKET)))["messages"]  # for the progress
+    async with nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
+        while True:
+            entries, pending = await fetch(WRITE_CHUNK)
+            read += len(entries)
+            for entry in entries:
+                if entry.value is None:  # a delete marker
+                    continue
+                seen.add(entry.key)
+                replayed = encoded.get(entry.key)
+                if replayed is None:
+                    if entry.key not in corrupt:
+                        extra.append(Difference(entry.key, "extra", "live snapshot without events"))
+                elif entry.value != replayed:
+                    found.append(Difference(entry.key, "different", _first_difference(entry.value, replayed)))
+                    revisions[entry.key] = entry.revision
+            if progress is not None:
+                progress("live snapshots compared", read, live)
+            if not entries or not pending:
+                break
     found += [Difference(run_id, "missing", "no live snapshot") for run_id in encoded if run_id not in seen]
     return sorted(found, key=lambda d: d.run_id), sorted(extra, key=lambda d: d.run_id), revisions
 
