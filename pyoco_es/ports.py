@@ -9,7 +9,7 @@ these signatures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Callable, Protocol
 
@@ -116,6 +116,10 @@ class SnapshotStore(Protocol):
     async def kv_update_many(self, bucket: str, items: Sequence[KVWrite]) -> list[int | PyocoError]: ...
 
     async def kv_keys(self, bucket: str) -> list[str]: ...
+
+    def kv_batches(self, bucket: str, *, batch: int = 1024) -> AbstractAsyncContextManager[AsyncIterator[list[KVEntry]]]:
+        """Every value of a bucket (a delete: value None), in batches, one pass."""
+        ...
 
     def kv_watch(self, bucket: str, key: str = ">") -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[KVEntry | None]]:
         """Every key's current value, then ``None`` once caught up, then each change."""

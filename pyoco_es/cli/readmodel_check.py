@@ -54,9 +54,8 @@ async def check_read_model(nats: NatsClient, path: Path, *, rebuild: bool = Fals
         differences: list[tuple[str, str, str]] = []
         seen: set[str] = set()
         checked = behind = 0
-        async with nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
-            while True:
-                entries, pending = await fetch(BATCH)
+        async with nats.kv_batches(subjects.RUNS_BUCKET, batch=BATCH) as batches:
+            async for entries in batches:
                 live = [e for e in entries if e.value is not None]
                 held = await trio.to_thread.run_sync(store.rows, [e.key for e in live])
                 for e in live:
@@ -71,8 +70,6 @@ async def check_read_model(nats: NatsClient, path: Path, *, rebuild: bool = Fals
                         differences.append((e.key, "missing", f"bucket revision {e.revision}"))
                     elif row[1] != want:
                         differences.append((e.key, "different", f"file revision {row[0]}, bucket revision {e.revision}"))
-                if not entries or not pending:
-                    break
         for run_id in await trio.to_thread.run_sync(lambda: [r for r in store.all_run_ids() if r not in seen]):
             if not await nats.kv_get(subjects.RUNS_BUCKET, run_id):
                 differences.append((run_id, "extra", "in the file, not in the bucket"))

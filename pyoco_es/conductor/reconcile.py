@@ -75,9 +75,8 @@ class Reconciler:
         """Once at start: the PENDING runs in the runs bucket (runs this projector never saw)."""
         since = time.monotonic() - self.min_age
         # One pass over the bucket's values (was a key listing, then a get per run).
-        async with self.nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
-            while True:
-                entries, left = await fetch(1024)
+        async with self.nats.kv_batches(subjects.RUNS_BUCKET) as batches:
+            async for entries in batches:
                 for entry in entries:
                     self.found_at_start.pop(entry.key, None)  # a later revision of a key decides
                     if not entry.value:
@@ -88,8 +87,6 @@ class Reconciler:
                             self.found_at_start[entry.key] = (str(doc["tag"]), int(doc.get("attempt") or 1), since)
                     except (ValueError, KeyError, TypeError):
                         continue
-                if not entries or not left:
-                    break
         return len(self.found_at_start)
 
     def _candidates(self) -> dict[str, tuple[str, int]]:

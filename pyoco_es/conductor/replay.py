@@ -189,9 +189,8 @@ async def _compare_live(
     seen: set[str] = set()
     read = 0
     live = (await nats.stream_info(subjects.kv_stream(subjects.RUNS_BUCKET)))["messages"]  # for the progress
-    async with nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
-        while True:
-            entries, pending = await fetch(WRITE_CHUNK)
+    async with nats.kv_batches(subjects.RUNS_BUCKET, batch=WRITE_CHUNK) as batches:
+        async for entries in batches:
             read += len(entries)
             for entry in entries:
                 if entry.value is None:  # a delete marker
@@ -206,8 +205,6 @@ async def _compare_live(
                     revisions[entry.key] = entry.revision
             if progress is not None:
                 progress("live snapshots compared", read, live)
-            if not entries or not pending:
-                break
     found += [Difference(run_id, "missing", "no live snapshot") for run_id in encoded if run_id not in seen]
     return sorted(found, key=lambda d: d.run_id), sorted(extra, key=lambda d: d.run_id), revisions
 

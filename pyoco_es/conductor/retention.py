@@ -47,9 +47,8 @@ class ArchiveReport:
 async def candidates(nats: NatsClient, cutoff: float) -> list[tuple[str, float, str | None]]:
     """(run_id, updated_at, tenant_id) of the terminal runs last updated before ``cutoff``."""
     out = []
-    async with nats.kv_pull(subjects.RUNS_BUCKET, 0) as fetch:
-        while True:
-            entries, pending = await fetch(2000)
+    async with nats.kv_batches(subjects.RUNS_BUCKET, batch=2000) as batches:
+        async for entries in batches:
             for e in entries:
                 if e.value is None:
                     continue
@@ -60,8 +59,7 @@ async def candidates(nats: NatsClient, cutoff: float) -> list[tuple[str, float, 
                 updated = doc.get("updated_at")
                 if doc.get("status") in TERMINAL and isinstance(updated, (int, float)) and updated < cutoff:
                     out.append((e.key, float(updated), doc.get("tenant_id")))
-            if not entries or not pending:
-                return out
+    return out
 
 
 async def archive_runs(

@@ -92,13 +92,10 @@ class NatsSnapshotStore(NatsConnection):
         value when that value is delivered during its consumer info call ([] for a 1-key bucket,
         seen in a test run)."""
         alive: dict[str, bool] = {}
-        async with self.kv_pull(bucket, 0) as fetch:
-            while True:
-                entries, pending = await fetch(1024)
+        async with self.kv_batches(bucket) as batches:
+            async for entries in batches:
                 for entry in entries:
                     alive[entry.key] = entry.value is not None
-                if not entries or not pending:
-                    break
         return [key for key, live in alive.items() if live]
 
     @asynccontextmanager
@@ -135,6 +132,23 @@ class NatsSnapshotStore(NatsConnection):
         return await self._call("kv purge", go)
 
     # -- following a bucket from a revision (the gateway's persistent read model) -----------------
+
+    @asynccontextmanager
+    async def kv_batches(self, bucket: str, *, batch: int = 1024) -> AsyncIterator[AsyncIterator[list[KVEntry]]]:
+        """Every value of ``bucket`` (history 1: each key's latest; value None for a delete), in
+        batches of up to ``batch`` read by :meth:`kv_pull` until none is pending: the one walk of a
+        whole bucket (one pass, no get per key)."""
+        async with self.kv_pull(bucket, 0) as fetch:
+
+            async def batches() -> AsyncIterator[list[KVEntry]]:
+                while True:
+                    entries, pending = await fetch(batch)
+                    if entries:
+                        yield entries
+                    if not entries or not pending:
+                        return
+
+            yield batches()
 
     @asynccontextmanager
     async def kv_pull(
