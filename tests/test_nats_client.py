@@ -168,3 +168,18 @@ async def test_an_append_whose_read_back_meets_a_stall_is_reported_stored(nats_s
             assert isinstance(res, list), res
             assert [(e.event_id, e.stream_seq) for e in await nats.read_run("r")] == [("e-r", res[0])]
             assert hooked == [res]
+
+
+async def test_a_check_cut_short_by_a_frozen_server_leaves_the_connection_whole(nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture) -> None:
+    """``answers`` is a request, never a flush: a flush cut short left its PONG waiter in nats-py's
+    queue, and the late PONG failed nats-py's read loop ('InvalidStateError', the connection
+    dropped: a worker's graceful stop then could not write STOPPED_GRACEFUL, seen in CI)."""
+    proc = nats_server.proc
+    assert proc is not None
+    with trio.fail_after(30):
+        async with open_nats(nats_server.url, name="t", op_timeout=2.0) as client:
+            with frozen(proc.pid):
+                assert not await client.answers(0.3)
+            assert await client.answers(5)  # answered after the frozen one's late reply: it has arrived
+            assert client.is_connected
+    assert not [r for r in caplog.records if r.name.startswith("nats") and r.levelname == "ERROR"], caplog.text

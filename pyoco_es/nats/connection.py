@@ -410,8 +410,22 @@ class NatsConnection:
         async with self._forward(produce, cleanup=sub.unsubscribe) as channel:
             yield channel
 
-    async def flush(self) -> None:
-        await self._call("flush", self._nc.flush)
+    async def answers(self, timeout: float) -> bool:
+        """Whether the server answers a request within ``timeout`` seconds.  A request, never a
+        flush: a flush cut short (by its timeout or a cancel) leaves its PONG waiter in nats-py's
+        queue, and the late PONG then fails nats-py's read loop, which drops the connection (a
+        worker's graceful stop then could not write STOPPED_GRACEFUL, seen in a CI run)."""
+        if not self.is_connected:
+            return False
+
+        async def ask() -> None:
+            await self._nc.request("$JS.API.INFO", b"", timeout=timeout)
+
+        try:
+            await self._call("ping", ask)
+        except PyocoError:
+            return False
+        return True
 
     @asynccontextmanager
     async def _forward(

@@ -12,7 +12,6 @@ from typing import Final
 
 import trio
 
-from ..core.errors import PyocoError
 from ..logs import NATS_UNAVAILABLE, ids as log_ids
 from ..nats.client import NatsClient
 from .intake import Intake
@@ -52,16 +51,8 @@ async def wait_drained(intake: Intake, nats: NatsClient, drain_timeout: float, r
 
 
 async def nats_answers(nats: NatsClient) -> bool:
-    """Connected, and a ping is answered within :data:`NATS_CHECK` × 4 s."""
-    if not nats.is_connected:
-        return False
-    with trio.move_on_after(NATS_CHECK * 4):
-        try:
-            await nats.flush()
-        except PyocoError:
-            return False
-        return True
-    return False
+    """Connected, and a request is answered within :data:`NATS_CHECK` × 4 s."""
+    return await nats.answers(NATS_CHECK * 4)
 
 
 __all__ = ["DRAIN_WITHOUT_NATS", "HANDBACK_WAIT", "NATS_CHECK", "nats_answers", "wait_drained"]
