@@ -79,11 +79,11 @@ async def test_follow_prints_lines_while_the_task_runs(stack: Stack, http: httpx
         assert proc.stdout is not None
         buf = b""
         with trio.fail_after(20):
-            while b"[talk] tick 0\n" not in buf:
+            while b"[talk] tick 1\n" not in buf:  # two lines seen before the release (it checks every 0.1 s)
                 chunk = await proc.stdout.receive_some(4096)
                 assert chunk, "the follower ended before printing a line"
                 buf += chunk
-        # The first line arrived while the run was still running.
+        # The first lines arrived while the run was still running.
         assert await status(http, run_id) == "RUNNING"
         release.touch()
         with trio.fail_after(20):
