@@ -160,6 +160,18 @@ class NatsSnapshotStore(NatsConnection):
         million-key catch-up holds one batch in memory at a time."""
 
         async def start() -> Any:
+            # JetStream answers 503 for a moment while a clustered stream elects or catches up:
+            # tried again until unavailable_wait, as appends are.
+            deadline = asyncio.get_running_loop().time() + max(self.unavailable_wait, self.op_timeout)
+            while True:
+                try:
+                    return await subscribe()
+                except nats.js.errors.ServiceUnavailableError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+
+        async def subscribe() -> Any:
             if (await self._js.stream_info(subjects.kv_stream(bucket))).state.last_seq <= after:
                 return None  # nothing to read: no consumer, and no fetch waiting out its timeout
             policy = DeliverPolicy.ALL if after <= 0 else DeliverPolicy.BY_START_SEQUENCE
